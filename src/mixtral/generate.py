@@ -1,0 +1,186 @@
+"""Text generation in three tiers, each built on the one below:
+
+- `generate_step`: token ids in, one (token id, log-prob) per row per step out; prefill then decode with a KV cache;
+- `stream_generate`: one prompt, events with the new text, ids, log-probs, finish reason and speed;
+- `generate`: a prompt (or a batch of prompts) in, the generated string(s) out.
+
+`TextTracker` turns one sequence's token ids into text deltas and applies the stop rules (EOS, stop strings,
+token budget); the server's engine uses it too, so every front end stops in the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MixtralError
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
+
+
+@torch.inference_mode()
+def generate_step(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    samplers: Sequence[Sampler],
+    max_new_tokens: int,
+    routing: list | None = None,
+) -> Iterator[list[tuple[int, float]]]:
+    """Generate for a batch of token-id prompts (of any lengths) until the caller stops iterating.
+
+    Yields, once per step, one `(token_id, logprob)` per row; logprob is the model's own log-probability of the
+    token (before any sampling filter). Runs at most `max_new_tokens` steps. `routing`, if given, receives the
+    `Routing` of every MoE layer of every forward pass. Raises MixtralError if a prompt is empty or too long.
+    """
+    args = model.args
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) == 0:
+        raise MixtralError("cannot generate from an empty prompt")
+    if max(lengths) + max_new_tokens > args.max_seq_len:
+        raise MixtralError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                           f"model's context of {args.max_seq_len} tokens")
+    B, T, device = len(prompts), max(lengths), model.device
+    cache = KVCache(args, B, T + max_new_tokens, model.dtype, device)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    ids = ids.to(device)
+    positions = torch.arange(T, device=device).expand(B, T)
+    last = torch.tensor(lengths, device=device) - 1  # (B,) index of each row's last prompt token
+    logits = torch.empty(B, args.vocab_size, dtype=model.dtype, device=device)
+    for start in range(0, T, PREFILL_CHUNK):  # chunked prefill; rows are right-padded, positions per row
+        end = min(start + PREFILL_CHUNK, T)
+        chunk_logits = model(ids[:, start:end], positions[:, start:end], cache, n_keys=end,
+                             logits_at=(last - start).clamp(0, end - start - 1), routing=routing)[:, 0]
+        ends_here = (last >= start) & (last < end)
+        logits[ends_here] = chunk_logits[ends_here]
+
+    history = [list(p) for p in prompts]
+    generated: list[list[int]] = [[] for _ in prompts]
+    pos = torch.tensor(lengths, device=device)[:, None]  # (B, 1) where each row's next token goes
+    for _ in range(max_new_tokens):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        step = []
+        for row, sampler in enumerate(samplers):
+            token = sampler(logits[row], history[row], generated[row])
+            generated[row].append(token)
+            step.append((token, float(logprobs[row, token])))
+        yield step
+        tokens = torch.tensor([[token] for token, _ in step], device=device)
+        logits = model(tokens, pos, cache, n_keys=int(pos.max()) + 1, routing=routing)[:, -1]
+        pos = pos + 1
+        for row, (token, _) in enumerate(step):
+            history[row].append(token)
+
+
+@dataclass
+class GenerationEvent:
+    """One generated token, as `stream_generate` reports it."""
+
+    text: str  # new text since the previous event ("" while a character or a possible stop string is pending)
+    token_id: int
+    logprob: float
+    finish_reason: str | None  # None until the last event: "eos_token", "stop_sequence" or "length"
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_tps: float  # prompt tokens per second of prefill
+    generation_tps: float  # generated tokens per second since the first token
+
+
+class TextTracker:
+    """Ids of one sequence -> text deltas, with the stop rules: EOS token, stop strings, token budget.
+
+    Text that could be the start of a stop string is held back until it is known not to be one, so a stop
+    string never reaches the client; the text ends just before it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_ids: set[int] | None = None):
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.stop = params.stop
+        self.max_new_tokens = params.max_new_tokens
+        self.eos_ids = set(eos_ids if eos_ids is not None else tokenizer.eos_ids)
+        self.pending = ""
+        self.text = ""  # everything emitted so far
+        self.n_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token_id: int) -> str:
+        """Take the next token; return the text that is now safe to show. Sets `finish_reason` when done."""
+        self.n_tokens += 1
+        if token_id in self.eos_ids:
+            self.finish_reason = "eos_token"
+            return self._emit(self.pending + self.detok.flush())
+        self.pending += self.detok.add(token_id)
+        for stop in self.stop:
+            if (at := self.pending.find(stop)) >= 0:
+                self.finish_reason = "stop_sequence"
+                return self._emit(self.pending[:at])
+        if self.n_tokens >= self.max_new_tokens:
+            self.finish_reason = "length"
+            return self._emit(self.pending + self.detok.flush())
+        hold = max((n for stop in self.stop for n in range(1, len(stop)) if self.pending.endswith(stop[:n])),
+                   default=0)
+        ready, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return self._emit(ready)
+
+    def _emit(self, text: str) -> str:
+        if self.finish_reason:
+            self.pending = ""
+        self.text += text
+        return text
+
+
+def _encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_bos=True)
+    return list(prompt)
+
+
+def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int],
+                    params: SamplingParams | None = None, routing: list | None = None) -> Iterator[GenerationEvent]:
+    """Generate from one prompt (text, encoded with one BOS, or token ids) and yield an event per token."""
+    params = params or SamplingParams()
+    prompt_ids = _encode_prompt(tokenizer, prompt)
+    tracker = TextTracker(tokenizer, params, eos_ids=tokenizer.eos_ids | {model.args.eos_token_id})
+    start = time.perf_counter()
+    first = None
+    for [(token, logprob)] in generate_step(model, [prompt_ids], [Sampler(params)], params.max_new_tokens,
+                                            routing=routing):
+        now = time.perf_counter()
+        first = first or now
+        text = tracker.add(token)
+        yield GenerationEvent(text, token, logprob, tracker.finish_reason, len(prompt_ids), tracker.n_tokens,
+                              prompt_tps=len(prompt_ids) / max(first - start, 1e-9),
+                              generation_tps=tracker.n_tokens / max(now - start, 1e-9) if tracker.n_tokens < 2
+                              else (tracker.n_tokens - 1) / max(now - first, 1e-9))
+        if tracker.finish_reason:
+            return
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int] | list,
+             params: SamplingParams | None = None) -> str | list[str]:
+    """The generated text for one prompt, or a list of texts for a list of prompts (run as one batch).
+
+    A prompt is a string (encoded with one BOS) or a list of token ids. Each row stops on its own rules.
+    """
+    params = params or SamplingParams()
+    batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+    prompts = [_encode_prompt(tokenizer, p) for p in (prompt if batched else [prompt])]
+    eos = tokenizer.eos_ids | {model.args.eos_token_id}
+    trackers = [TextTracker(tokenizer, params, eos_ids=eos) for _ in prompts]
+    samplers = [Sampler(params) for _ in prompts]
+    for step in generate_step(model, prompts, samplers, params.max_new_tokens):
+        for tracker, (token, _) in zip(trackers, step):
+            if not tracker.finish_reason:
+                tracker.add(token)
+        if all(t.finish_reason for t in trackers):
+            break
+    texts = [t.text for t in trackers]
+    return texts if batched else texts[0]

@@ -1,0 +1,83 @@
+"""From a name to a ready model: resolve a local directory or a Hugging Face Hub id, then load it.
+
+A Hub id (`mistralai/Mixtral-8x7B-Instruct-v0.1`) is looked up in the local Hugging Face cache first; only if
+it is absent there (and HF_HUB_OFFLINE is not set) is the Hub asked, and only for safetensors, JSON and
+tokenizer files. Without the model and without the Hub, the error says how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelArgs, load_config
+from .errors import MixtralError
+from .model import Transformer
+from .tokenizer import Tokenizer, load_tokenizer
+from .weights import load_weights, resolve_dtype
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package, used when no model is named."""
+    shipped = sorted(p for p in MODELS_DIR.glob("*") if (p / "config.json").is_file()) if MODELS_DIR.is_dir() else []
+    if not shipped:
+        raise MixtralError("no model given and no model is shipped with this installation; pass --model DIR")
+    return shipped[0]
+
+
+def resolve_model(name: str | os.PathLike | None) -> Path:
+    """A model directory for a local path, a Hub id, or None (the shipped model)."""
+    if name is None:
+        return default_model_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MixtralError(f"{path} is a file; pass the model directory that holds config.json and the weights")
+        return path
+    text = str(name)
+    if text.count("/") != 1 or text.startswith((".", "/")) or any(c in text for c in " \\:"):
+        raise MixtralError(f"model directory not found: {path}")
+    return _from_hub_cache(text)
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several types for this)
+        pass
+    hint = (f"download it on a machine with access: `hf download {repo_id} --include '*.safetensors' '*.json' "
+            f"tokenizer.model`, then pass the directory or copy the Hugging Face cache over")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise MixtralError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as exc:
+        raise MixtralError(f"{repo_id} is not in the local Hugging Face cache and could not be downloaded "
+                           f"({type(exc).__name__}); {hint}") from None
+
+
+def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloat16",
+               device: str = "cpu", progress: bool = True) -> Transformer:
+    """Just the model (no tokenizer) from a model directory or Hub id."""
+    model_dir = resolve_model(path)
+    args: ModelArgs = load_config(model_dir)
+    return load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
+
+
+def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
+         device: str = "cpu", progress: bool = True) -> tuple[Transformer, Tokenizer]:
+    """`model, tokenizer = load(path_or_id)`: the model in `dtype` on `device`, and its tokenizer.
+
+    path: a directory with config.json, *.safetensors and tokenizer files; a Hub id; or None for the
+    shipped model. Raises MixtralError for anything missing or malformed.
+    """
+    model_dir = resolve_model(path)
+    tokenizer = load_tokenizer(model_dir)
+    return load_model(model_dir, dtype, device, progress), tokenizer

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself (the reference implementation)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral.tokenizer import mistral_v1_tokenizer_path
+
+TOKENIZER_V1 = mistral_v1_tokenizer_path()
+
+
+def make_hf_model(model_type: str = "mixtral", seed: int = 0, **overrides):
+    """A random transformers Mixtral/Mistral model (fp32, eval mode) with peaked logits (std 0.1 init)."""
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    settings = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, initializer_range=0.1,
+                    rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    if model_type == "mixtral":
+        settings.update(num_local_experts=4, num_experts_per_tok=2)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    if model_type == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**settings))
+    else:
+        model = MistralForCausalLM(MistralConfig(**settings))
+    model.generation_config.eos_token_id = None  # generate exactly the requested number of tokens
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def save_hf_model(model, out_dir: Path, with_tokenizer: bool = False, **save_kwargs) -> Path:
+    model.save_pretrained(out_dir, **save_kwargs)
+    if with_tokenizer:
+        shutil.copy(TOKENIZER_V1, out_dir / "tokenizer.model")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A tiny random Mixtral with the real v1 tokenizer (vocab 32000): for CLI and generation tests."""
+    out = tmp_path_factory.mktemp("tiny_chat")
+    model = make_hf_model(vocab_size=32000, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                          num_key_value_heads=2, seed=1)
+    return save_hf_model(model, out, with_tokenizer=True)

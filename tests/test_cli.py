@@ -1,0 +1,146 @@
+"""The `mixtral` command as a user runs it: real subprocesses, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import make_hf_model, save_hf_model
+
+from mixtral import load
+from mixtral.generate import generate_step
+from mixtral.sampling import Sampler, SamplingParams
+
+
+def run_cli(*args, stdin: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "mixtral", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_info_preset_prints_the_published_numbers():
+    out = run_cli("info", "--preset", "mixtral-8x7b")
+    assert out.returncode == 0, out.stderr
+    assert "46,702,792,704" in out.stdout and "12,879,925,248" in out.stdout and "93.4 GB" in out.stdout
+    data = json.loads(run_cli("info", "--preset", "mixtral-8x7b", "--json").stdout)
+    assert data["total_params"] == 46_702_792_704 and data["active_params"] == 12_879_925_248
+    assert data["kv_cache_bytes_per_token_bf16"] == 128 * 1024
+
+
+def test_info_counts_match_a_real_model(tiny_chat_model):
+    data = json.loads(run_cli("info", str(tiny_chat_model), "--json").stdout)
+    model, _ = load(tiny_chat_model, dtype="float32", progress=False)
+    assert data["total_params"] == sum(p.numel() for p in model.parameters())
+    data = json.loads(run_cli("info", str(tiny_chat_model / "config.json"), "--json").stdout)
+    assert data["total_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_generate_json_matches_the_library(tiny_chat_model):
+    out = run_cli("generate", "--model", str(tiny_chat_model), "--dtype", "float32", "--prompt", "Who goes there?",
+                  "--temperature", "0", "--max-new-tokens", "10", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) == {"text", "token_ids", "prompt_token_ids", "finish_reason"}
+    model, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who goes there?"}])
+    assert result["prompt_token_ids"] == prompt and prompt.count(1) == 1
+    steps = generate_step(model, [prompt], [Sampler(SamplingParams(temperature=0))], 10)
+    expected = [step[0][0] for step in steps]
+    n = len(result["token_ids"])
+    assert result["token_ids"] == expected[:n]
+    assert result["finish_reason"] == ("eos_token" if n < 10 else "length")
+
+
+def test_chat_reads_piped_stdin(tiny_chat_model):
+    out = run_cli("chat", "--model", str(tiny_chat_model), "--max-new-tokens", "5", "--temperature", "0",
+                  stdin="Who goes there?\n/reset\nNay, answer me.\n")
+    assert out.returncode == 0, out.stderr
+    assert "conversation cleared" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def _corrupt(kind, src, dst):
+    shutil.copytree(src, dst)
+    if kind == "missing-config":
+        (dst / "config.json").unlink()
+    elif kind == "truncated":
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif kind == "unknown-model-type":
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "model_type": "llama4"}))
+    elif kind == "bin-only":
+        (dst / "model.safetensors").unlink()
+        (dst / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    elif kind == "wrong-shape":
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 8}))
+    return dst
+
+
+EXPECTED = {
+    "missing-config": "config.json not found",
+    "truncated": "truncated or corrupted",
+    "unknown-model-type": "unsupported model_type 'llama4'",
+    "bin-only": "safetensors only",
+    "wrong-shape": "has shape",
+    "missing-shard": "missing",
+    "no-such-dir": "not found",
+}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    return save_hf_model(make_hf_model(), out, with_tokenizer=True, max_shard_size="100KB")
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_bad_model_directories_give_one_line_errors(kind, tiny_chat_model, sharded, tmp_path):
+    if kind == "missing-shard":
+        target = tmp_path / "m"
+        shutil.copytree(sharded, target)
+        sorted(target.glob("model-*.safetensors"))[1].unlink()
+    elif kind == "no-such-dir":
+        target = tmp_path / "nowhere"
+    else:
+        target = _corrupt(kind, tiny_chat_model, tmp_path / "m")
+    out = run_cli("generate", "--model", str(target), "--prompt", "hi", "--max-new-tokens", "2")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mixtral: error: "), out.stderr
+    assert EXPECTED[kind] in lines[0]
+
+
+def test_bad_sampling_parameter_is_a_clear_error(tiny_chat_model):
+    out = run_cli("generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--temperature", "nan")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "temperature" in out.stderr and out.stderr.startswith("mixtral: error:")
+
+
+def test_hub_id_not_cached_offline_says_how_to_get_it(tmp_path):
+    env_home = {"HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "mixtral", "info", "mistralai/Mixtral-8x7B-Instruct-v0.1"],
+                         capture_output=True, text=True, timeout=120,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **env_home})
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "not in the local Hugging Face cache" in out.stderr and "hf download" in out.stderr
+
+
+def test_a_hub_id_is_found_in_the_local_cache(tmp_path, tiny_chat_model):
+    """A model in the huggingface_hub cache layout is found by its id, without any network."""
+    repo = tmp_path / "hub" / "models--someone--tiny-mixtral"
+    shutil.copytree(tiny_chat_model, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    out = subprocess.run([sys.executable, "-m", "mixtral", "generate", "--model", "someone/tiny-mixtral", "--prompt",
+                          "hi", "--max-new-tokens", "3", "--temperature", "0", "--json"],
+                         capture_output=True, text=True, timeout=120,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert out.returncode == 0, out.stderr
+    direct = run_cli("generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "3",
+                     "--temperature", "0", "--json")
+    assert json.loads(out.stdout) == json.loads(direct.stdout)

@@ -1,0 +1,73 @@
+"""Training: a short CPU run lowers held-out loss, exports a checkpoint transformers loads, and resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixtral import load
+from mixtral.config import ModelArgs
+from mixtral.data import load_split, prepare
+from mixtral.train import TrainConfig, load_balancing_loss, reply_chars_tensor, reply_nats_per_char, train
+
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=64, n_experts=4, top_k=2,
+                 vocab_size=32000, max_seq_len=256, tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    prepare(out, plays=["julius_caesar", "macbeth"], progress=False)
+    return out
+
+
+def _val_nats(model, data_dir):
+    ids, mask, meta = load_split(data_dir, "val")
+    return reply_nats_per_char(model, ids, mask, reply_chars_tensor(ids, mask, meta), max_tokens=4000)["nats_per_char"]
+
+
+def test_short_run_lowers_heldout_loss_and_exports_a_real_mixtral(data_dir, tmp_path):
+    from transformers import MixtralForCausalLM
+
+    from mixtral.cli import export_shipped
+
+    cfg = TrainConfig(steps=60, batch_size=8, seq_len=64, lr=3e-3, warmup=10, eval_every=1000, ckpt_every=1000,
+                      dropout=0.0)
+    untrained = train(TINY, cfg.__class__(**{**cfg.__dict__, "steps": 0}), data_dir, tmp_path / "run0", log=str)
+    trained = train(TINY, cfg, data_dir, tmp_path / "run", log=str)
+    before, after = _val_nats(untrained, data_dir), _val_nats(trained, data_dir)
+    assert after < before - 1.0, (before, after)
+
+    out = export_shipped(trained, tmp_path / "export")
+    model, tokenizer = load(out, dtype="float32", progress=False)
+    reference = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Who goes there?"}])])
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max().item() < 1e-4
+
+
+def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, warmup=2, eval_every=1000, ckpt_every=2, dropout=0.0)
+    straight = train(TINY, cfg, data_dir, tmp_path / "straight", log=str)
+    logs = []
+    interrupted = TrainConfig(**{**cfg.__dict__, "time_limit_min": 0.0})  # stops after its first step
+    train(TINY, interrupted, data_dir, tmp_path / "resumed", log=logs.append)
+    assert any("time limit" in m for m in logs)
+    logs.clear()
+    resumed = train(TINY, cfg, data_dir, tmp_path / "resumed", log=logs.append)
+    assert any("resumed" in m and "step 1" in m for m in logs)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_balancing_loss_is_per_layer():
+    """Two layers unbalanced in opposite directions are balanced when pooled, but not per layer."""
+    from mixtral.model import Routing
+
+    logits = torch.tensor([[4.0, 0, 0, 0]] * 8)
+    ids = torch.tensor([[0, 1]] * 8)
+    mirror = torch.tensor([[0, 0, 0, 4.0]] * 8)
+    layers = [Routing(logits[None], ids[None], torch.ones(1, 8, 2)),
+              Routing(mirror[None], torch.tensor([[3, 2]] * 8)[None], torch.ones(1, 8, 2))]
+    even = Routing(torch.zeros(1, 8, 4), torch.tensor([[0, 1], [2, 3]] * 4)[None], torch.ones(1, 8, 2))
+    assert load_balancing_loss(layers, 4) > 1.5 * load_balancing_loss([even, even], 4)

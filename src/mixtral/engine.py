@@ -1,0 +1,428 @@
+"""The serving engine: one worker thread owns the model and runs every request with continuous batching.
+
+    engine = Engine(model, tokenizer, max_batch_size=8, max_queue=64)
+    handle = engine.submit(prompt_ids, SamplingParams(temperature=0, max_new_tokens=32))
+    for event in handle.events():          # or: async for event in handle.aevents()
+        print(event.text, end="")
+
+How a step works (`Engine._step`): cancelled requests are dropped and their cache rows freed; waiting requests
+are admitted into free rows of one shared `KVCache`; prompts are prefilled alone, at most `prefill_chunk`
+prompt tokens per step so a long prompt never stalls the others for long; then ONE batched decode step runs
+for every sequence that has a token to feed (`slots=` picks the cache rows, each row at its own position);
+each row samples with its own `Sampler` and stops by `generate.TextTracker`, the rules every front end shares.
+A failure inside a step fails only the requests it touched (a failed batch is retried row by row to find
+them); the worker thread never dies of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MixtralError
+from .generate import TextTracker
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("mixtral.engine")
+
+OUTCOMES = ("finished", "cancelled", "failed", "rejected")
+QUEUE_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Overloaded(MixtralError):
+    """The engine already holds `max_queue` requests (waiting + running); retry later."""
+
+
+@dataclass
+class Event:
+    """One thing that happened to a request: a generated token, or the end of it.
+
+    A token event has `token_id`, its `text` delta (the text now safe to show: "" while a character is
+    incomplete or a possible stop string is held back), `logprob` (the model's, before sampling filters),
+    `special` and `top_tokens` ((id, logprob) alternatives, best first, when asked for). `finish_reason` is
+    None until the last token: "eos_token" | "stop_sequence" | "length". A request that fails or is cancelled
+    ends with an event whose `error` says why and `error_type` is "generation", "cancelled" or "shutdown".
+    """
+
+    token_id: int | None
+    text: str
+    logprob: float | None
+    special: bool
+    finish_reason: str | None
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None  # the sampler's seed; None for greedy decoding
+    top_tokens: list[tuple[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None  # on the first event, when asked for
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class RequestHandle:
+    """A submitted request: read its events (sync or async), or cancel it. Safe to use from any thread."""
+
+    def __init__(self, request_id: int):
+        self.id = request_id
+        self._lock = threading.Lock()
+        self._sync: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._async: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; its cache row is freed at the next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _push(self, event: Event) -> None:  # called by the engine thread
+        with self._lock:
+            if self._loop is None:
+                self._sync.put(event)
+            else:
+                try:
+                    self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+                except RuntimeError:  # the reader's event loop is gone: nobody listens any more
+                    self.cancel()
+        if event.done:
+            self.finished.set()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Yield events until the last one (inclusive). `timeout`: seconds to wait for each, else TimeoutError."""
+        while True:
+            try:
+                event = self._sync.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id}: no event within {timeout} s") from None
+            yield event
+            if event.done:
+                return
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """Async version of `events()`, for one event loop. Stopping early (break, or the task being
+        cancelled, e.g. by a client disconnect) cancels the request."""
+        with self._lock:
+            if self._loop is None:
+                self._loop, self._async = asyncio.get_running_loop(), asyncio.Queue()
+                while not self._sync.empty():
+                    self._async.put_nowait(self._sync.get_nowait())
+        done = False
+        try:
+            while not done:
+                event = await self._async.get()
+                done = event.done
+                yield event
+        finally:
+            if not done:
+                self.cancel()
+
+
+class _Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics), kept by the engine without a metrics library."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def snapshot(self) -> dict:
+        cumulative = list(itertools.accumulate(self.counts))
+        return {"buckets": list(zip([*self.buckets, float("inf")], cumulative)), "sum": self.sum,
+                "count": self.count}
+
+
+@dataclass(eq=False)
+class _Request:
+    handle: RequestHandle
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    tracker: TextTracker
+    top_n: int
+    want_prompt_logprobs: bool
+    submitted: float
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # the last sampled token, fed to the model at the next decode step
+    first_token_at: float | None = None
+    prompt_logprobs: list[float | None] | None = None
+
+    @property
+    def position(self) -> int:  # where the pending token goes in the cache
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+
+class Engine:
+    """Continuous batching over one model. See the module docstring for how a step works.
+
+    max_batch_size: sequences decoded together (KV cache rows). max_queue: requests held at once (waiting +
+    running); past it `submit` raises `Overloaded`. max_total_tokens: prompt + new tokens of one request, and
+    the cache length (default: the model's context). prefill_chunk: prompt tokens prefilled per step.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8, max_queue: int = 64,
+                 max_total_tokens: int | None = None, prefill_chunk: int = 256):
+        if max_batch_size < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise MixtralError("max_batch_size, max_queue and prefill_chunk must be >= 1")
+        context = model.args.max_seq_len
+        self.max_total_tokens = context if max_total_tokens is None else max_total_tokens
+        if not 2 <= self.max_total_tokens <= context:
+            raise MixtralError(f"max_total_tokens must be between 2 and the model's context ({context}), "
+                               f"got {self.max_total_tokens}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.eos_ids = tokenizer.eos_ids | {model.args.eos_token_id}
+        self.cache = KVCache(model.args, max_batch_size, self.max_total_tokens, model.dtype, model.device)
+        self._free_slots = list(range(max_batch_size))
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._outcomes = dict.fromkeys(OUTCOMES, 0)
+        self._tokens_generated = 0
+        self._prompt_tokens = 0
+        self._steps = 0
+        self._queue_time = _Histogram(QUEUE_TIME_BUCKETS)
+        self._time_per_token = _Histogram(TOKEN_TIME_BUCKETS)
+        self._thread = threading.Thread(target=self._run, name="mixtral-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the client side ------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, top_n: int = 0,
+               prompt_logprobs: bool = False) -> RequestHandle:
+        """Queue a request; return its handle at once. `top_n`: alternatives per token in events;
+        `prompt_logprobs`: the first event carries the log-prob of every prompt token (None for the first).
+
+        Raises `Overloaded` when the engine is full, MixtralError for an empty prompt, ids outside the
+        vocabulary, prompt + max_new_tokens over max_total_tokens, or a closed engine.
+        """
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise MixtralError("cannot generate from an empty prompt")
+        vocab = self.model.args.vocab_size
+        if any(not 0 <= i < vocab for i in prompt_ids):
+            raise MixtralError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) + params.max_new_tokens > self.max_total_tokens:
+            raise MixtralError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                               f"exceeds max_total_tokens ({self.max_total_tokens})")
+        sampler = Sampler(params)
+        tracker = TextTracker(self.tokenizer, params, eos_ids=self.eos_ids)
+        with self._cond:
+            if self._stopping:
+                raise MixtralError("the engine is closed")
+            if len(self._waiting) + len(self._active) >= self.max_queue:
+                self._outcomes["rejected"] += 1
+                raise Overloaded("Model is overloaded")
+            handle = RequestHandle(next(self._ids))
+            self._waiting.append(_Request(handle, prompt_ids, params, sampler, tracker, max(0, top_n),
+                                          prompt_logprobs, time.perf_counter()))
+            self._cond.notify()
+        return handle
+
+    def stats(self) -> dict:
+        """Counters and histograms: requests by outcome, tokens, queue time, time per token, active now."""
+        with self._cond:
+            return {
+                "requests": dict(self._outcomes),
+                "tokens_generated": self._tokens_generated,
+                "prompt_tokens": self._prompt_tokens,
+                "active": len(self._active),
+                "waiting": len(self._waiting),
+                "steps": self._steps,
+                "queue_time_seconds": self._queue_time.snapshot(),
+                "time_per_token_seconds": self._time_per_token.snapshot(),
+                "max_batch_size": self.max_batch_size,
+                "max_queue": self.max_queue,
+            }
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker; requests still held end with a "shutdown" error event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ---- the worker thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._active):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            try:
+                self._step()
+            except Exception:  # a bug outside any one request's work: fail everything held, keep running
+                log.exception("engine step failed")
+                for request in [*self._active, *self._waiting]:
+                    self._end(request, "failed", "internal error in the engine step")
+        for request in [*self._active, *self._waiting]:
+            self._end(request, "failed", "the server is shutting down", "shutdown")
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        with self._cond:
+            for request in [r for r in [*self._active, *self._waiting] if r.handle.cancelled]:
+                self._end(request, "cancelled", "cancelled", "cancelled")
+            while self._waiting and self._free_slots:
+                request = self._waiting.popleft()
+                request.slot = self._free_slots.pop(0)
+                self._queue_time.observe(time.perf_counter() - request.submitted)
+                self._active.append(request)
+            self._steps += 1
+        budget = self.prefill_chunk
+        for request in [r for r in self._active if r.prefilled < len(r.prompt_ids)]:
+            if budget <= 0:
+                break
+            budget -= self._prefill(request, budget)
+        self._decode([r for r in self._active if r.pending is not None])
+
+    def _prefill(self, request: _Request, budget: int) -> int:
+        """Feed up to `budget` more prompt tokens of one request; sample its first token after the last chunk."""
+        start = request.prefilled
+        end = min(len(request.prompt_ids), start + budget)
+        try:
+            ids = torch.tensor([request.prompt_ids[start:end]], device=self.model.device)  # (1, T)
+            pos = torch.arange(start, end, device=self.model.device)[None]  # (1, T)
+            slots = torch.tensor([request.slot], device=self.model.device)
+            last = end == len(request.prompt_ids)
+            # all positions' logits only for prompt log-probs; else just the last one (saves the vocab matmul)
+            logits_at = None if request.want_prompt_logprobs else torch.tensor([end - start - 1], device=slots.device)
+            logits = self.model(ids, pos, self.cache, n_keys=end, slots=slots, logits_at=logits_at)  # (1, T', V)
+            if request.want_prompt_logprobs:
+                self._record_prompt_logprobs(request, logits[0], start, end)
+            request.prefilled = end
+            if last:
+                with self._cond:
+                    self._prompt_tokens += len(request.prompt_ids)
+                self._sample(request, logits[0, -1])
+        except Exception as exc:
+            self._fail(request, exc)
+        return end - start
+
+    def _record_prompt_logprobs(self, request: _Request, logits: torch.Tensor, start: int, end: int) -> None:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (T, V): row t predicts token t + 1
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        following = torch.tensor(request.prompt_ids[start + 1:end + 1], device=logprobs.device)
+        request.prompt_logprobs += logprobs[: len(following)].gather(1, following[:, None])[:, 0].tolist()
+
+    def _decode(self, rows: list[_Request]) -> None:
+        """One forward pass for every row with a pending token; a failed batch is retried row by row."""
+        if not rows:
+            return
+        try:
+            logits = self._forward_decode(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                self._fail(rows[0], exc)
+            else:  # find the culprit(s): rewriting a row's cache entry at the same position is harmless
+                for request in rows:
+                    self._decode([request])
+            return
+        for row, request in enumerate(rows):
+            self._sample(request, logits[row])
+
+    def _forward_decode(self, rows: list[_Request]) -> torch.Tensor:
+        device = self.model.device
+        tokens = torch.tensor([[r.pending] for r in rows], device=device)  # (B, 1)
+        pos = torch.tensor([[r.position] for r in rows], device=device)  # (B, 1)
+        slots = torch.tensor([r.slot for r in rows], device=device)  # (B,)
+        return self.model(tokens, pos, self.cache, n_keys=int(pos.max()) + 1, slots=slots)[:, -1]  # (B, V)
+
+    def _sample(self, request: _Request, logits: torch.Tensor) -> None:
+        """Pick the next token of one request from its (V,) logits, report it, and finish it if it stopped."""
+        if request.handle.cancelled:
+            self._end(request, "cancelled", "cancelled", "cancelled")
+            return
+        try:
+            token = request.sampler(logits, request.prompt_ids, request.generated)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top = []
+            if request.top_n:
+                values, ids = torch.topk(logprobs, request.top_n)
+                top = list(zip(ids.tolist(), values.tolist()))
+            text = request.tracker.add(token)
+        except Exception as exc:
+            self._fail(request, exc)
+            return
+        now = time.perf_counter()
+        request.first_token_at = request.first_token_at or now
+        request.generated.append(token)
+        request.pending = token
+        finish = request.tracker.finish_reason
+        with self._cond:
+            self._tokens_generated += 1
+        event = Event(token, text, float(logprobs[token]), self.tokenizer.is_special(token), finish,
+                      len(request.generated), len(request.prompt_ids),
+                      None if request.params.greedy else request.sampler.seed_used, top)
+        if len(request.generated) == 1:
+            event.prompt_logprobs = request.prompt_logprobs
+        request.handle._push(event)
+        if finish:
+            if len(request.generated) > 1:
+                spent = (now - request.first_token_at) / (len(request.generated) - 1)
+                with self._cond:
+                    self._time_per_token.observe(spent)
+            self._end(request, "finished")
+
+    def _fail(self, request: _Request, exc: Exception | str) -> None:
+        if isinstance(exc, Exception):
+            log.error("request %d failed: %s: %s", request.handle.id, type(exc).__name__, exc)
+            exc = f"generation failed: {type(exc).__name__}: {exc}"
+        self._end(request, "failed", exc, "generation")
+
+    def _end(self, request: _Request, outcome: str, error: str | None = None, error_type: str = "generation") -> None:
+        """Take a request out of the engine, free its cache row, count it, and send an error event if asked."""
+        with self._cond:
+            if request in self._active:
+                self._active.remove(request)
+                self._free_slots.append(request.slot)
+                self._free_slots.sort()
+            elif request in self._waiting:
+                self._waiting.remove(request)
+            else:
+                return  # already ended
+            self._outcomes[outcome] += 1
+        request.pending = None
+        if error is not None:
+            request.handle._push(Event(None, "", None, False, None, len(request.generated),
+                                       len(request.prompt_ids), None, error=error, error_type=error_type))

@@ -250,6 +250,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.input, args.output, args.bits, args.group_size, lm_head=args.lm_head)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    group = f", group size {args.group_size or 64}" if args.bits == 4 else ", per output channel"
+    print(f"wrote int{args.bits} weights{group} to {out} ({size / 1e6:,.1f} MB)")
+    return 0
+
+
 def torch_threads(n: int | None) -> None:
     if n:
         import torch
@@ -332,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8 or int4 copy of a checkpoint")
+    p.add_argument("input", help="model directory or Hugging Face id (plain safetensors checkpoint)")
+    p.add_argument("output", help="directory to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--bits", type=int, default=8, help="8 (per output channel) or 4 (per group); default 8")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group along the input dim (default 64)")
+    p.add_argument("--lm-head", action="store_true", help="also quantize lm_head (to int8); off by default")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

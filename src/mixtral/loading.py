@@ -64,20 +64,35 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 
 def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloat16",
-               device: str = "cpu", progress: bool = True) -> Transformer:
-    """Just the model (no tokenizer) from a model directory or Hub id."""
+               device: str = "cpu", progress: bool = True, quantize: str | None = None) -> Transformer:
+    """Just the model (no tokenizer) from a model directory or Hub id.
+
+    A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
+    quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint after loading it.
+    """
+    from .quantize import load_quantized, parse_quantize, quantize_model, read_quantization
+
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
-    return load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
+    wanted = parse_quantize(quantize)
+    stored = read_quantization(model_dir)
+    if stored is not None:
+        if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])):
+            raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); it cannot be "
+                               f"re-quantized to {quantize!r}: load the original checkpoint instead")
+        return load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress)
+    model = load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
+    return model if wanted is None else quantize_model(model, *wanted)
 
 
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
-         device: str = "cpu", progress: bool = True) -> tuple[Transformer, Tokenizer]:
+         device: str = "cpu", progress: bool = True, quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
     """`model, tokenizer = load(path_or_id)`: the model in `dtype` on `device`, and its tokenizer.
 
     path: a directory with config.json, *.safetensors and tokenizer files; a Hub id; or None for the
-    shipped model. Raises MixtralError for anything missing or malformed.
+    shipped model. quantize: None, "int8", "int4" or "int4-g32" (weight-only, after loading; a checkpoint
+    quantized by `mixtral quantize` is detected by itself). Raises MixtralError for anything missing or malformed.
     """
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
-    return load_model(model_dir, dtype, device, progress), tokenizer
+    return load_model(model_dir, dtype, device, progress, quantize), tokenizer

@@ -101,10 +101,25 @@ class Routing:
     weights: torch.Tensor  # (B, T, K) float32 mixing weights (softmax over the chosen K)
 
 
+def expert_linear(x: torch.Tensor, weights, expert: int) -> torch.Tensor:
+    """x @ weights[expert]^T for stacked (E, out, in) expert weights, plain or quantized (quantize.py)."""
+    if isinstance(weights, torch.Tensor):
+        return F.linear(x, weights[expert])
+    return weights.linear(x, expert)
+
+
+def expert_weights(weights, expert_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights of experts `expert_ids` (any shape S) -> (*S, out, in) in `dtype`, plain or quantized."""
+    if isinstance(weights, torch.Tensor):
+        return weights[expert_ids]
+    return weights.dequantize(expert_ids, dtype)
+
+
 class MoE(nn.Module):
     """Sparse mixture of SwiGLU experts: router -> top-K -> softmax over the K -> weighted sum of experts.
 
-    Expert weights are stacked: w1, w3 (E, I, D) and w2 (E, D, I), so an expert is one index away.
+    Expert weights are stacked: w1, w3 (E, I, D) and w2 (E, D, I), so an expert is one index away. They are
+    Parameters, or quantized stand-ins (quantize.QuantLinear) with the same shape and their own kernels.
     """
 
     def __init__(self, args: ModelArgs):
@@ -127,7 +142,8 @@ class MoE(nn.Module):
         logits, expert_ids, weights = self.route(tokens)
         if routing is not None:
             routing.append(Routing(logits.view(B, T, -1), expert_ids.view(B, T, -1), weights.view(B, T, -1)))
-        if tokens.is_cuda and B * T * self.top_k <= 2 * self.w1.shape[0]:
+        plain = isinstance(self.w1, torch.Tensor)  # gathering quantized experts would dequantize them whole
+        if tokens.is_cuda and plain and B * T * self.top_k <= 2 * self.w1.shape[0]:
             out = self.experts_gathered(tokens, expert_ids, weights)
         else:
             out = self.experts_grouped(tokens, expert_ids, weights)
@@ -148,15 +164,16 @@ class MoE(nn.Module):
         for e, count in enumerate(counts):
             if count:
                 seg = xs[start:start + count]
-                hidden = F.silu(F.linear(seg, self.w1[e])) * F.linear(seg, self.w3[e])  # (count, I)
-                outputs.append(F.linear(hidden, self.w2[e]))  # (count, D)
+                hidden = F.silu(expert_linear(seg, self.w1, e)) * expert_linear(seg, self.w3, e)  # (count, I)
+                outputs.append(expert_linear(hidden, self.w2, e))  # (count, D)
                 start += count
         expert_out = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*K, D)
         return torch.zeros_like(x).index_add_(0, token_of, expert_out)
 
     def experts_gathered(self, x, expert_ids, weights) -> torch.Tensor:
         """Gather the chosen experts' weights per token and use batched matmuls: no host sync (decode on GPU)."""
-        w1, w3, w2 = self.w1[expert_ids], self.w3[expert_ids], self.w2[expert_ids]  # (N, K, I, D) / (N, K, D, I)
+        # (N, K, I, D), (N, K, I, D), (N, K, D, I)
+        w1, w3, w2 = (expert_weights(w, expert_ids, x.dtype) for w in (self.w1, self.w3, self.w2))
         hidden = F.silu(torch.einsum("nd,nkid->nki", x, w1)) * torch.einsum("nd,nkid->nki", x, w3)
         out = torch.einsum("nki,nkdi->nkd", hidden, w2)  # (N, K, D)
         return (out * weights.to(x.dtype)[..., None]).sum(dim=1)

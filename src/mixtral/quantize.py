@@ -1,0 +1,469 @@
+"""Weight-only quantization: int8 per output channel, int4 per group of input columns, as module swaps.
+
+The scheme (recorded in config.json as method "mixtral-weight-only"), for a weight W (N out, K in):
+- int8: symmetric, one scale per output row: scale = max|W_row| / 127, q = round(W / scale) in [-127, 127].
+- int4: symmetric, one scale per row and group of `group_size` consecutive input columns:
+  scale = max|W_group| / 7.5, q = round(W / scale) clamped to [-8, 7] (all 16 levels used). The input
+  dimension is zero-padded to a multiple of the group size. Stored as offset codes u = q + 8, two per byte,
+  the even column in the low nibble.
+Scales are bfloat16, rounded *up* from the exact value, so every weight satisfies |W - q * scale| <= scale / 2.
+
+Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; the dense MLP's for `mistral`
+models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's
+dtype: routing decisions are sensitive, and those tensors are small.
+
+Kernels (measured on a 2-core Zen 4 CPU, see README): for up to KERNEL_MAX_ROWS input rows, int8 uses
+`aten._weight_int8pack_mm` and int4 `aten._weight_int4pack_mm_for_cpu` (CUDA: `aten._weight_int4pack_mm`),
+both with bfloat16 activations (fp32 activations make them ~10x slower). Larger inputs (prefill), unsupported
+shapes and devices dequantize the weight (fp32 on CPU) and use a plain matmul. Each kernel is checked once per
+process against the dequantize reference on a probe matrix; a kernel that is missing or disagrees is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MixtralError
+
+METHOD = "mixtral-weight-only"
+DEFAULT_GROUP_SIZE = 64
+KERNEL_MAX_ROWS = 32  # above this many input rows, dequantize + one matmul beat the packed kernels here
+_INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+_CPU_INT4_BLOCK = 32  # output rows per block in the layout of aten._convert_weight_to_int4pack_for_cpu
+
+_kernels_enabled = True
+_kernel_checked: dict[tuple[str, int], bool] = {}
+
+
+def check_settings(bits: int, group_size: int | None) -> int | None:
+    """Validate (bits, group_size); returns the group size to use (None for int8). Raises MixtralError."""
+    if bits not in (8, 4):
+        raise MixtralError(f"quantization bits must be 8 or 4, got {bits!r}")
+    if bits == 8:
+        return None  # int8 has one scale per output channel; a group size does not apply
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if (not isinstance(group_size, int) or isinstance(group_size, bool) or not 16 <= group_size <= 1024
+            or group_size & (group_size - 1)):
+        raise MixtralError(f"int4 group size must be a power of two from 16 to 1024 (e.g. 32, 64, 128), "
+                           f"got {group_size!r}")
+    return group_size
+
+
+def parse_quantize(text: str | None) -> tuple[int, int | None] | None:
+    """"int8" -> (8, None); "int4" -> (4, None) (default group); "int4-g32" -> (4, 32); None -> None."""
+    if text is None:
+        return None
+    name, _, group = str(text).lower().partition("-g")
+    if name not in ("int8", "int4") or (group and (name == "int8" or not group.isdigit())):
+        raise MixtralError(f"quantize must be 'int8', 'int4' or 'int4-g<group size>' (e.g. int4-g32), got {text!r}")
+    bits, group_size = (8, None) if name == "int8" else (4, int(group) if group else None)
+    check_settings(bits, group_size)
+    return bits, group_size
+
+
+# ---- the reference: quantize and dequantize in plain PyTorch -----------------------------------------
+
+def _round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 >= x (x > 0, fp32)."""
+    y = x.to(torch.bfloat16)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None):
+    """Quantize a (..., N, K) weight -> (qweight, scales) in the canonical (portable, saved) form.
+
+    int8: qweight int8 (..., N, K), scales bf16 (..., N).
+    int4: qweight uint8 (..., N, Kp/2) (Kp = K rounded up to the group size), scales bf16 (..., N, Kp/G).
+    """
+    if not torch.isfinite(w).all():
+        raise MixtralError("cannot quantize a weight that holds inf or NaN values")
+    w = w.float()
+    tiny = torch.finfo(torch.bfloat16).tiny  # an all-zero row or group gets a tiny scale and zero codes
+    if bits == 8:
+        scales = _round_up_to_bf16((w.abs().amax(-1) / 127).clamp(min=tiny))  # (..., N)
+        q = (w / scales.float()[..., None]).round().clamp(-127, 127)
+        return q.to(torch.int8), scales
+    K = w.shape[-1]
+    padded = math.ceil(K / group_size) * group_size
+    groups = F.pad(w, (0, padded - K)).unflatten(-1, (padded // group_size, group_size))  # (..., N, Kp/G, G)
+    scales = _round_up_to_bf16((groups.abs().amax(-1) / 7.5).clamp(min=tiny))  # (..., N, Kp/G)
+    q = (groups / scales.float()[..., None]).round().clamp(-8, 7)
+    codes = (q + 8).to(torch.uint8).flatten(-2)  # (..., N, Kp) in 0..15
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scales
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None,
+                      in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (..., N, K) weight that canonical (qweight, scales) stand for (computed exactly in fp32)."""
+    if bits == 8:
+        return (qweight.float() * scales.float()[..., None]).to(dtype)
+    codes = torch.stack((qweight & 15, qweight >> 4), dim=-1).flatten(-2)  # (..., N, Kp)
+    q = codes.float().unflatten(-1, (-1, group_size)) - 8  # (..., N, Kp/G, G)
+    return (q * scales.float()[..., None]).flatten(-2)[..., :in_features].to(dtype)
+
+
+# ---- kernel layouts ----------------------------------------------------------------------------------
+
+def _to_cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical int4 codes (..., N, Kp/2) -> the CPU kernel's layout: per block of 32 output rows and per
+    input column k, 16 bytes, byte j holding row j (low nibble) and row 16 + j (high nibble)."""
+    *lead, N, half = qweight.shape
+    codes = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(-1, N // 32, 2, 16, 2 * half)
+    codes = codes.permute(0, 1, 4, 3, 2)  # (L, N/32, Kp, 16, 2)
+    return (codes[..., 0] | (codes[..., 1] << 4)).contiguous().reshape(*lead, N, half)
+
+
+def _from_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_to_cpu_int4_layout`."""
+    *lead, N, half = packed.shape
+    blocks = packed.reshape(-1, N // 32, 2 * half, 16)
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).permute(0, 1, 4, 3, 2)  # (L, N/32, 2, 16, Kp)
+    codes = codes.reshape(*lead, N, 2 * half)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+
+
+def _scales_and_zeros(scales: torch.Tensor) -> torch.Tensor:
+    """Per-group scales (..., N, Kp/G) -> the int4 kernels' (..., Kp/G, N, 2) [scale, zero]; zero is 0 here
+    because the kernels compute (u - 8) * scale + zero and our codes are symmetric."""
+    s = scales.transpose(-1, -2)
+    return torch.stack((s, torch.zeros_like(s)), dim=-1).contiguous()
+
+
+def _cuda_inner_k_tiles(padded_k: int) -> int:
+    return next(t for t in (8, 4, 2) if padded_k % (16 * t) == 0)
+
+
+@contextmanager
+def kernels_disabled():
+    """Within this block every quantized matmul dequantizes and uses a plain matmul (the reference path)."""
+    global _kernels_enabled
+    saved, _kernels_enabled = _kernels_enabled, False
+    try:
+        yield
+    finally:
+        _kernels_enabled = saved
+
+
+def kernel_available(device: torch.device, bits: int) -> bool:
+    """Whether this device's packed kernel for `bits` exists and matches the reference on a probe matrix."""
+    key = (device.type, bits)
+    if key not in _kernel_checked:
+        _kernel_checked[key] = False  # also what a failing or recursing probe leaves behind
+        try:
+            gen = torch.Generator().manual_seed(0)
+            weight, x = torch.randn(64, 256, generator=gen), torch.randn(3, 256, generator=gen)
+            layer = QuantLinear.from_weight(weight.to(device), bits, 64 if bits == 4 else None, pack=False)
+            expected = x @ layer.dequantize().cpu().T
+            layer._pack(force=True)
+            got = layer._kernel(x.to(device), layer.qweight, layer.scales).float().cpu()
+            _kernel_checked[key] = bool((got - expected).abs().max() <= 0.02 * expected.abs().max())
+        except (RuntimeError, NotImplementedError, AttributeError):
+            pass
+    return _kernel_checked[key]
+
+
+# ---- the modules ---------------------------------------------------------------------------------------
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized stand-in for a bias-free nn.Linear, or (with `n_experts`) for a stacked
+    (E, N, K) expert weight. Buffers: `qweight` and `scales`, canonical form or a kernel's layout."""
+
+    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int | None = None,
+                 n_experts: int | None = None, device=None):
+        super().__init__()
+        group_size = check_settings(bits, group_size)
+        self.out_features, self.in_features, self.bits, self.group_size = out_features, in_features, bits, group_size
+        self.n_experts = n_experts
+        self.layout = "canonical"  # or "cpu-int4" / "cuda-int4" once packed for a kernel
+        lead = () if n_experts is None else (n_experts,)
+        if bits == 8:
+            self.register_buffer("qweight", torch.empty(*lead, out_features, in_features, dtype=torch.int8,
+                                                        device=device))
+            self.register_buffer("scales", torch.empty(*lead, out_features, dtype=torch.bfloat16, device=device))
+        else:
+            n_groups = math.ceil(in_features / group_size)
+            self.register_buffer("qweight", torch.empty(*lead, out_features, n_groups * group_size // 2,
+                                                        dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(*lead, out_features, n_groups, dtype=torch.bfloat16,
+                                                       device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bits: int, group_size: int | None = None, pack: bool = True):
+        """Quantize a (N, K) weight, or a stacked (E, N, K) one (one expert at a time, to bound memory)."""
+        stacked = weight.dim() == 3
+        layer = cls(weight.shape[-2], weight.shape[-1], bits, group_size, weight.shape[0] if stacked else None,
+                    device=weight.device)
+        for index in range(weight.shape[0]) if stacked else [...]:
+            qweight, scales = quantize_weight(weight[index], bits, layer.group_size)
+            layer.qweight[index], layer.scales[index] = qweight, scales
+        if pack:
+            layer._pack()
+        return layer
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weight this stands for: (N, K), or (E, N, K) for stacked experts."""
+        lead = () if self.n_experts is None else (self.n_experts,)
+        return (*lead, self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"shape={self.shape}, bits={self.bits}{group}, layout={self.layout}"
+
+    # -- layouts
+
+    def _pack(self, force: bool = False) -> None:
+        """Rearrange the canonical buffers into the layout of this device's kernel, when one applies and
+        passed its check (`force` skips the check: the check itself uses it)."""
+        if self.bits != 4 or self.layout != "canonical" or self.group_size not in _INT4_KERNEL_GROUPS:
+            return
+        device = self.qweight.device
+        if not force and not kernel_available(device, 4):
+            return
+        if device.type == "cpu" and self.out_features % _CPU_INT4_BLOCK == 0:
+            self.qweight = _to_cpu_int4_layout(self.qweight)
+            self.layout = "cpu-int4"
+        elif device.type == "cuda" and self.out_features % 8 == 0:
+            codes = torch.stack((self.qweight & 15, self.qweight >> 4), dim=-1).flatten(-2)
+            hi_first = (codes[..., 0::2] << 4) | codes[..., 1::2]  # the CUDA packer's nibble order
+            tiles = _cuda_inner_k_tiles(codes.shape[-1])
+            packed = [torch.ops.aten._convert_weight_to_int4pack(m.contiguous(), tiles)
+                      for m in hi_first.reshape(-1, *hi_first.shape[-2:])]
+            self.qweight = torch.stack(packed).reshape(*hi_first.shape[:-2], *packed[0].shape)
+            self.layout = "cuda-int4"
+        else:
+            return
+        self.scales = _scales_and_zeros(self.scales)
+
+    def canonical(self, index=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight, scales) in the canonical form, for the whole weight or experts `index`."""
+        qweight, scales = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
+        if self.layout == "cpu-int4":
+            return _from_cpu_int4_layout(qweight), scales[..., 0].transpose(-1, -2)
+        if self.layout == "cuda-int4":
+            raise MixtralError("an int4 weight packed for the CUDA kernel cannot be read back or saved; "
+                               "quantize on the CPU (`mixtral quantize`) and load the result on the GPU")
+        return qweight, scales
+
+    def dequantize(self, index=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (or experts `index` of it: an int or an index tensor) in `dtype`."""
+        qweight, scales = self.canonical(index)
+        return dequantize_weight(qweight, scales, self.bits, self.group_size, self.in_features, dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """state_dict() always holds the canonical form, so a checkpoint does not depend on the device."""
+        qweight, scales = self.canonical()
+        destination[prefix + "qweight"], destination[prefix + "scales"] = qweight, scales
+
+    # -- matmuls
+
+    def _kernel(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W^T with the packed kernel, in bfloat16."""
+        x = x.to(torch.bfloat16)
+        if self.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)
+        padded = math.ceil(self.in_features / self.group_size) * self.group_size
+        x = F.pad(x, (0, padded - x.shape[-1])).contiguous()
+        if self.layout == "cpu-int4":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, self.group_size, scales)
+        return torch.ops.aten._weight_int4pack_mm(x, qweight, self.group_size, scales)
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        if self.layout == "cuda-int4":
+            return True  # this layout has no other way to run
+        if not _kernels_enabled or x.device != self.qweight.device or x.shape[0] > KERNEL_MAX_ROWS:
+            return False
+        if self.bits == 8:  # the CPU int8 kernel silently miscomputes when K is not a multiple of 8
+            return self.in_features % 8 == 0 and kernel_available(x.device, 8)
+        return self.layout != "canonical" and kernel_available(x.device, 4)
+
+    def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """x (..., K) @ W^T (or expert `expert`'s W) -> (..., N) in x's dtype."""
+        flat = x.reshape(-1, x.shape[-1])  # (M, K)
+        if self._use_kernel(flat):
+            qweight, scales = (self.qweight, self.scales) if expert is None else (self.qweight[expert],
+                                                                                  self.scales[expert])
+            out = self._kernel(flat, qweight, scales)
+        else:  # on the CPU, fp32 matmuls are much faster than bf16 ones here, and exact
+            compute = torch.float32 if x.device.type == "cpu" else x.dtype
+            out = F.linear(flat.to(compute), self.dequantize(expert, compute))
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+# ---- whole models ----------------------------------------------------------------------------------------
+
+def _quantizable(model) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of every weight the scheme quantizes (lm_head not included)."""
+    from .model import MoE
+
+    targets = []
+    for block in model.layers:
+        targets += [(block.attn, name) for name in ("wq", "wk", "wv", "wo")]
+        targets += [(block.ffn, name) for name in ("w1", "w3", "w2")]
+    return [(parent, name) for parent, name in targets if isinstance(parent, MoE) or hasattr(parent, name)]
+
+
+def _swap_in_quantized(model, bits: int, group_size: int | None, lm_head: bool, make) -> None:
+    """Replace each target weight by `make(current, bits, group_size)`; `current` is an nn.Linear or a
+    stacked expert Parameter."""
+    for parent, name in _quantizable(model):
+        current = getattr(parent, name)
+        new = make(current.weight if isinstance(current, nn.Linear) else current, bits, group_size)
+        delattr(parent, name)  # a Parameter's slot cannot take a module directly
+        setattr(parent, name, new)
+    if lm_head:
+        model.lm_head = make(model.lm_head.weight, 8, None)
+    model.quantization = {"bits": bits, "group_size": group_size, "method": METHOD, "lm_head": lm_head}
+
+
+def quantize_model(model, bits: int = 8, group_size: int | None = None, lm_head: bool = False):
+    """Quantize `model` (a Transformer) in place: int8 per channel or int4 per group (default group 64).
+
+    The router, norms and embedding keep the model's dtype; `lm_head=True` also quantizes the output
+    projection (to int8). Returns the model, with `model.quantization` describing what was done.
+    Raises MixtralError for unsupported settings or a model that is already quantized.
+    """
+    group_size = check_settings(bits, group_size)
+    if getattr(model, "quantization", None):
+        raise MixtralError("this model is already quantized; load the original weights to quantize them again")
+    with torch.no_grad():
+        _swap_in_quantized(model, bits, group_size, lm_head, lambda w, b, g: QuantLinear.from_weight(w.detach(), b, g))
+    return model
+
+
+def _empty_like_quantized(weight: torch.Tensor, bits: int, group_size: int | None) -> QuantLinear:
+    stacked = weight.dim() == 3
+    return QuantLinear(weight.shape[-2], weight.shape[-1], bits, group_size, weight.shape[0] if stacked else None,
+                       device=weight.device)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+def read_quantization(model_dir: str | Path) -> dict | None:
+    """The "quantization" block of a checkpoint's config.json (validated), or None for a plain checkpoint."""
+    path = Path(model_dir) / "config.json"
+    try:
+        block = json.loads(path.read_text(encoding="utf-8")).get("quantization")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MixtralError(f"{path}: cannot read it ({exc})") from None
+    if block is None:
+        return None
+    if not isinstance(block, dict) or block.get("method") != METHOD:
+        raise MixtralError(f"{path}: unsupported quantization {block!r}; mixtral reads method {METHOD!r} "
+                           "(written by `mixtral quantize`)")
+    bits, group_size = block.get("bits"), block.get("group_size")
+    return {"bits": bits, "group_size": check_settings(bits, group_size), "method": METHOD,
+            "lm_head": bool(block.get("lm_head", False))}
+
+
+def save_quantized(model, out_dir: str | Path) -> Path:
+    """Write a quantized model as config.json (with its "quantization" block) + model.safetensors.
+
+    Tensors use our own names (`layers.0.attn.wq.qweight`, ...); transformers cannot read this format.
+    """
+    from safetensors.torch import save_file
+
+    spec = getattr(model, "quantization", None)
+    if not spec:
+        raise MixtralError("this model is not quantized; call quantize_model first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = model.state_dict()
+    if model.args.tie_embeddings and not spec["lm_head"]:
+        tensors.pop("lm_head.weight")  # the same tensor as embed.weight
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    config = model.args.to_hf_config()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["quantization"] = dict(spec)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "quantization": METHOD})
+    return out_dir
+
+
+def load_quantized(model_dir: str | Path, args, spec: dict, dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cpu", progress: bool = True):
+    """Build the model on the meta device, swap in quantized modules, fill both from the safetensors.
+
+    Quantized buffers keep their stored dtypes; every other tensor is cast to `dtype`. Raises MixtralError
+    for a missing, unexpected, mistyped or misshapen tensor.
+    """
+    from .model import Transformer
+    from .weights import _read_tensors, safetensors_files
+
+    model_dir = Path(model_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
+        _swap_in_quantized(model, spec["bits"], spec["group_size"], spec["lm_head"], _empty_like_quantized)
+    expected = model.state_dict()
+    if args.tie_embeddings and not spec["lm_head"]:
+        expected.pop("lm_head.weight")
+    tensors, unexpected = {}, []
+    for name, tensor in _read_tensors(safetensors_files(model_dir), progress):
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        want = expected[name]
+        quantized = name.endswith((".qweight", ".scales"))
+        if tuple(tensor.shape) != tuple(want.shape) or (quantized and tensor.dtype != want.dtype):
+            raise MixtralError(f"{model_dir}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                               f"{want.dtype} {tuple(want.shape)}; the weights do not match config.json")
+        tensors[name] = tensor.to(device=device, dtype=tensor.dtype if quantized else dtype)
+    missing = [name for name in expected if name not in tensors]
+    if unexpected or missing:
+        raise MixtralError(f"{model_dir}: {len(missing)} tensor(s) missing (e.g. {', '.join(missing[:3]) or '-'}) "
+                           f"and {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'}); "
+                           "the checkpoint does not match its config.json")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if args.tie_embeddings and not spec["lm_head"]:
+        model.lm_head.weight = model.embed.weight
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module._pack()
+    return model.eval()
+
+
+_COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
+                        lm_head: bool = False, progress: bool = True) -> Path:
+    """Load a plain checkpoint, quantize it, write it to `out_dir` with its tokenizer and generation files.
+
+    The non-quantized tensors keep the checkpoint's dtype (config.json torch_dtype; bfloat16 if unknown).
+    Raises MixtralError for a bad source, an already quantized one, or `out_dir` equal to the source.
+    """
+    import shutil
+
+    from .loading import load_model, resolve_model
+
+    group_size = check_settings(bits, group_size)
+    source = resolve_model(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and out_dir.resolve() == source.resolve():
+        raise MixtralError("the output directory must differ from the input directory")
+    if read_quantization(source) is not None:
+        raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
+    try:
+        dtype = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    except (OSError, ValueError) as exc:
+        raise MixtralError(f"{source / 'config.json'}: cannot read it ({exc})") from None
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "bfloat16"
+    model = load_model(source, dtype=dtype, progress=progress)
+    quantize_model(model, bits, group_size, lm_head=lm_head)
+    save_quantized(model, out_dir)
+    for name in _COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out_dir / name)
+    return out_dir

@@ -1,0 +1,252 @@
+"""Weight-only int8/int4 quantization: error bounds, kernels against the dequantize reference, whole models,
+both MoE paths, quantized checkpoints, the CLI and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_hf_model, save_hf_model
+from torch import nn
+
+from mixtral import quantize as Q
+from mixtral.cli import main
+from mixtral.config import load_config
+from mixtral.errors import MixtralError
+from mixtral.generate import generate_step
+from mixtral.loading import load, load_model
+from mixtral.model import MoE
+from mixtral.sampling import Sampler, SamplingParams
+from mixtral.weights import load_weights
+
+SETTINGS = [(8, None), (4, 32), (4, 64)]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random transformers Mixtral: hidden 64, experts 96 wide (not a multiple of 64: int4-g64 pads)."""
+    out = tmp_path_factory.mktemp("tiny_quant")
+    return save_hf_model(make_hf_model(seed=3), out)
+
+
+def _load(path, dtype=torch.float32):
+    return load_weights(path, load_config(path), dtype, progress=False)
+
+
+def _dequantized_copy(plain, quantized):
+    """`plain` with every weight replaced by what the quantized model's weights dequantize to."""
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, Q.QuantLinear):
+                parent_name, _, attr = name.rpartition(".")
+                parent = plain.get_submodule(parent_name) if parent_name else plain
+                target = getattr(parent, attr)
+                target = target.weight if isinstance(target, nn.Linear) else target
+                target.copy_(module.dequantize(dtype=target.dtype))
+    return plain
+
+
+# ---- quantize / dequantize reference ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(48, 64), (7, 13), (3, 5, 40)])
+def test_int8_error_is_at_most_half_a_step_per_channel(shape):
+    w = torch.randn(shape, generator=_gen()) * 0.05
+    w[..., 1, :] = 0.0  # an all-zero row
+    qweight, scales = Q.quantize_weight(w, 8)
+    assert qweight.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == shape[:-1]
+    err = (Q.dequantize_weight(qweight, scales, 8, None, shape[-1]) - w).abs()
+    assert (err <= scales.float()[..., None] / 2 * (1 + 1e-5)).all()
+    assert qweight.abs().max() <= 127
+
+
+@pytest.mark.parametrize("group_size,in_features", [(32, 64), (64, 64), (32, 100), (16, 24)])
+def test_int4_error_is_at_most_half_a_step_per_group(group_size, in_features):
+    w = torch.randn(2, 32, in_features, generator=_gen(1))
+    w[0, 3, :group_size] *= 100  # one group with a large range must not hurt the others
+    qweight, scales = Q.quantize_weight(w, 4, group_size)
+    n_groups = -(-in_features // group_size)
+    assert qweight.dtype == torch.uint8 and qweight.shape == (2, 32, n_groups * group_size // 2)
+    assert scales.shape == (2, 32, n_groups)
+    err = (Q.dequantize_weight(qweight, scales, 4, group_size, in_features) - w).abs()
+    step = scales.float().repeat_interleave(group_size, dim=-1)[..., :in_features]
+    assert (err <= step / 2 * (1 + 1e-5)).all()
+    assert scales[0, 3, 0] > 10 and scales[0, 4, 0] < 1  # scales stay per row and group
+    assert n_groups == 1 or scales[0, 3, -1] < 1
+
+
+def test_cpu_int4_layout_round_trips_and_matches_torch_packer():
+    codes = torch.randint(0, 16, (64, 96), generator=_gen(2), dtype=torch.int32)
+    canonical = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    packed = Q._to_cpu_int4_layout(canonical)
+    assert torch.equal(Q._from_cpu_int4_layout(packed), canonical)
+    stacked = torch.stack([canonical, canonical.flip(0)])
+    assert torch.equal(Q._from_cpu_int4_layout(Q._to_cpu_int4_layout(stacked)), stacked)
+    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+
+
+# ---- one layer: kernels and fallbacks against the reference --------------------------------------------
+
+@pytest.mark.parametrize("bits,group_size", SETTINGS)
+@pytest.mark.parametrize("out_features,in_features", [(64, 128), (48, 40), (32, 13)])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_quant_linear_matches_dequantized_weight(bits, group_size, out_features, in_features, rows):
+    weight = torch.randn(out_features, in_features, generator=_gen(4)) * 0.1
+    layer = Q.QuantLinear.from_weight(weight, bits, group_size)
+    x = torch.randn(2, rows, in_features, generator=_gen(5))
+    expected = x @ layer.dequantize().T
+    got = layer(x)
+    assert got.shape == (2, rows, out_features) and got.dtype == torch.float32
+    # the kernels round activations to bfloat16; the fallback is exact
+    assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
+    with Q.kernels_disabled():
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert torch.equal(layer(x), layer(x))  # deterministic
+
+
+def test_kernels_are_used_where_they_apply():
+    assert Q.kernel_available(torch.device("cpu"), 8) and Q.kernel_available(torch.device("cpu"), 4)
+    assert Q.QuantLinear.from_weight(torch.randn(64, 64), 4, 32).layout == "cpu-int4"
+    assert Q.QuantLinear.from_weight(torch.randn(48, 64), 4, 32).layout == "canonical"  # N % 32 != 0
+    assert Q.QuantLinear.from_weight(torch.randn(64, 64), 4, 16).layout == "canonical"  # no kernel for 16
+
+
+# ---- whole models ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group_size", SETTINGS)
+def test_quantized_logits_close_to_unquantized_and_equal_to_reference(tiny_dir, bits, group_size):
+    ids = torch.randint(3, 256, (2, 12), generator=_gen(6))
+    plain = _load(tiny_dir)
+    expected = plain(ids)
+    model = Q.quantize_model(_load(tiny_dir), bits, group_size)
+    got = model(ids)
+    # Stated tolerance (random tiny model, whose logits amplify weight noise): relative L2 error of the
+    # logits <= 5% for int8, <= 50% for int4 (its weights alone carry ~10% relative error).
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < (0.05 if bits == 8 else 0.5), rel
+    if bits == 8:
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    # against the reference path: the unquantized model code running on the dequantized weights
+    reference = _dequantized_copy(_load(tiny_dir), model)(ids)
+    with Q.kernels_disabled():
+        assert torch.allclose(model(ids), reference, atol=1e-5)
+    # the kernels round activations to bf16, which can flip a near-tie in the router for a token or two
+    per_position = (got - reference).norm(dim=-1) / reference.norm(dim=-1)
+    assert (per_position < 0.02).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("bits,group_size", SETTINGS)
+def test_both_moe_paths_equal_the_reference_with_quantized_experts(tiny_dir, bits, group_size):
+    model = Q.quantize_model(_load(tiny_dir), bits, group_size)
+    reference = _dequantized_copy(_load(tiny_dir), model)
+    x = torch.randn(5, 64, generator=_gen(7))
+    for moe, ref_moe in zip((b.ffn for b in model.layers), (b.ffn for b in reference.layers)):
+        assert isinstance(moe, MoE) and isinstance(moe.w1, Q.QuantLinear)
+        _, expert_ids, weights = moe.route(x)
+        expected = ref_moe.experts_grouped(x, expert_ids, weights)
+        assert torch.allclose(ref_moe.experts_gathered(x, expert_ids, weights), expected, atol=1e-5)
+        with Q.kernels_disabled():
+            assert torch.allclose(moe.experts_grouped(x, expert_ids, weights), expected, atol=1e-5)
+        assert torch.allclose(moe.experts_gathered(x, expert_ids, weights), expected, atol=1e-5)
+        kernel = moe.experts_grouped(x, expert_ids, weights)
+        assert (kernel - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_router_norms_and_embedding_stay_unquantized(tiny_dir):
+    model = Q.quantize_model(_load(tiny_dir, torch.bfloat16), 4, 32)
+    for block in model.layers:
+        assert type(block.ffn.router) is nn.Linear and block.ffn.router.weight.dtype == torch.bfloat16
+        assert isinstance(block.attn_norm.weight, nn.Parameter) and isinstance(block.ffn_norm.weight, nn.Parameter)
+        assert all(isinstance(getattr(block.attn, n), Q.QuantLinear) for n in ("wq", "wk", "wv", "wo"))
+    assert type(model.lm_head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert model.quantization == {"bits": 4, "group_size": 32, "method": Q.METHOD, "lm_head": False}
+    routing = []
+    model(torch.tensor([[5, 6, 7]]), routing=routing)
+    assert routing[0].logits.dtype == torch.float32  # routing still computed in fp32
+
+
+def test_quantized_bf16_model_generates(tiny_dir):
+    model = load_model(tiny_dir, dtype="bfloat16", progress=False, quantize="int4-g32")
+    assert model.dtype == torch.bfloat16 and model.layers[0].ffn.w2.bits == 4
+    steps = list(generate_step(model, [[5, 6, 7, 8]], [Sampler(SamplingParams(temperature=0))], 6))
+    assert len(steps) == 6
+    model8 = load_model(tiny_dir, dtype="float32", progress=False, quantize="int8")
+    assert model8.layers[1].attn.wo.bits == 8
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group_size,lm_head", [(8, None, True), (4, 32, False), (4, 64, True)])
+def test_saved_checkpoint_loads_to_identical_logits(tiny_dir, tmp_path, bits, group_size, lm_head):
+    model = Q.quantize_model(_load(tiny_dir), bits, group_size, lm_head=lm_head)
+    Q.save_quantized(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization"] == {"bits": bits, "group_size": group_size, "method": "mixtral-weight-only",
+                                      "lm_head": lm_head}
+    loaded = load_model(tmp_path, dtype="float32", progress=False)
+    assert loaded.quantization == model.quantization
+    assert type(loaded.lm_head) is (Q.QuantLinear if lm_head else nn.Linear)
+    ids = torch.randint(3, 256, (2, 9), generator=_gen(8))
+    assert torch.equal(loaded(ids), model(ids))
+    assert torch.equal(loaded(ids[:, :1]), model(ids[:, :1]))  # the decode-sized kernel path too
+    with pytest.raises(MixtralError, match="already quantized"):
+        load_model(tmp_path, progress=False, quantize="int8" if bits == 4 else "int4")
+
+
+def test_tied_embeddings_survive_save_and_load(tmp_path):
+    src = save_hf_model(make_hf_model(seed=4, tie_word_embeddings=True), tmp_path / "src")
+    model = Q.quantize_model(_load(src), 8)
+    Q.save_quantized(model, tmp_path / "q")
+    loaded = load_model(tmp_path / "q", dtype="float32", progress=False)
+    assert loaded.lm_head.weight is loaded.embed.weight
+    ids = torch.tensor([[4, 5, 6]])
+    assert torch.equal(loaded(ids), model(ids))
+
+
+def test_cli_quantize_writes_a_loadable_model_with_its_tokenizer(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["quantize", str(tiny_chat_model), str(out), "--bits", "4", "--group-size", "32"]) == 0
+    assert "int4" in capsys.readouterr().out
+    assert (out / "tokenizer.model").is_file() and (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    model, tokenizer = load(out, dtype="float32", progress=False)
+    assert model.layers[0].ffn.w1.bits == 4
+    assert main(["generate", "-m", str(out), "-p", "hi", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    # quantizing a quantized checkpoint is refused, in one line
+    assert main(["quantize", str(out), str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group_size", [(3, None), (16, None), (4, 48), (4, 0), (4, -32), (4, 2048), (4, True)])
+def test_bad_settings_raise_mixtral_error(tiny_dir, bits, group_size):
+    model = _load(tiny_dir)
+    with pytest.raises(MixtralError, match="bits|group size"):
+        Q.quantize_model(model, bits, group_size)
+    assert isinstance(model.layers[0].attn.wq, nn.Linear)  # nothing was swapped
+
+
+def test_more_user_errors(tiny_dir, tmp_path, capsys):
+    for text in ("int3", "int8-g32", "int4-gx", "fp8"):
+        with pytest.raises(MixtralError, match="quantize must be"):
+            load_model(tiny_dir, progress=False, quantize=text)
+    with pytest.raises(MixtralError, match="already quantized"):
+        Q.quantize_model(Q.quantize_model(_load(tiny_dir), 8), 8)
+    with pytest.raises(MixtralError, match="not quantized"):
+        Q.save_quantized(_load(tiny_dir), tmp_path / "x")
+    assert main(["quantize", str(tiny_dir), str(tmp_path / "y"), "--bits", "3"]) == 2
+    assert "bits must be 8 or 4" in capsys.readouterr().err
+    config = json.loads((tiny_dir / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 4, "group_size": 64,
+                                                                            "method": "gptq"}}))
+    with pytest.raises(MixtralError, match="unsupported quantization"):
+        load_model(bad, progress=False)

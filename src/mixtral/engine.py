@@ -255,18 +255,11 @@ class Engine:
     def stats(self) -> dict:
         """Counters and histograms: requests by outcome, tokens, queue time, time per token, active now."""
         with self._cond:
-            return {
-                "requests": dict(self._outcomes),
-                "tokens_generated": self._tokens_generated,
-                "prompt_tokens": self._prompt_tokens,
-                "active": len(self._active),
-                "waiting": len(self._waiting),
-                "steps": self._steps,
-                "queue_time_seconds": self._queue_time.snapshot(),
-                "time_per_token_seconds": self._time_per_token.snapshot(),
-                "max_batch_size": self.max_batch_size,
-                "max_queue": self.max_queue,
-            }
+            return {"requests": dict(self._outcomes), "tokens_generated": self._tokens_generated,
+                    "prompt_tokens": self._prompt_tokens, "active": len(self._active), "waiting": len(self._waiting),
+                    "steps": self._steps, "queue_time_seconds": self._queue_time.snapshot(),
+                    "time_per_token_seconds": self._time_per_token.snapshot(),
+                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
 
     @property
     def alive(self) -> bool:

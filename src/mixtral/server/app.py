@@ -1,0 +1,208 @@
+"""The HTTP server: FastAPI wiring of the TGI and OpenAI routes around one `Engine`.
+
+    app = create_app(engine, "my-model", api_key="secret")   # then run it with any ASGI server
+    mixtral serve --model DIR --port 8080                    # or: load, build and run with uvicorn
+
+Also here: GET /health, /info, /metrics (Prometheus), the API-key check (Bearer, constant-time; health, info,
+metrics and the docs stay open), and JSON errors for everything, unknown routes included. The access log
+records the request line and status only, never headers, so the Authorization header a client sends (for
+InferenceClient: the user's Hugging Face token) is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..engine import Engine
+from ..errors import MixtralError
+from . import openai, tgi
+from .common import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_NEW_TOKENS, ApiError, ServerConfig, error_response
+from .schemas import ChatRequest, CompletionRequest, TGIRequest, TokenizeRequest
+
+log = logging.getLogger("mixtral.server")
+OPEN_PATHS = frozenset({"/health", "/info", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class ApiKeyMiddleware:
+    """Refuse (401) any request without `Authorization: Bearer <key>`, except the open paths."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "replace"), self.key):
+            error = ApiError(401, "Invalid or missing API key: send `Authorization: Bearer <key>`",
+                             "authentication", code="invalid_api_key")
+            response = error_response(scope["path"], error, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class EngineCollector:
+    """Prometheus view of `engine.stats()` plus the server's own count of refused requests."""
+
+    def __init__(self, engine: Engine, refused: dict[int, int]):
+        self.engine, self.refused = engine, refused
+
+    def collect(self):
+        stats = self.engine.stats()
+        requests = CounterMetricFamily("mixtral_requests", "Requests by outcome", labels=["outcome"])
+        for outcome, count in stats["requests"].items():
+            requests.add_metric([outcome], count)
+        yield requests
+        invalid = CounterMetricFamily("mixtral_http_errors", "Requests refused before generation, by status",
+                                      labels=["status"])
+        for status, count in sorted(self.refused.items()):
+            invalid.add_metric([str(status)], count)
+        yield invalid
+        yield CounterMetricFamily("mixtral_generated_tokens", "Tokens generated", value=stats["tokens_generated"])
+        yield CounterMetricFamily("mixtral_prompt_tokens", "Prompt tokens prefilled", value=stats["prompt_tokens"])
+        yield GaugeMetricFamily("mixtral_active_requests", "Requests in the running batch", value=stats["active"])
+        yield GaugeMetricFamily("mixtral_waiting_requests", "Requests waiting for a batch slot", value=stats["waiting"])
+        yield GaugeMetricFamily("mixtral_max_batch_size", "Batch slots", value=stats["max_batch_size"])
+        for name, doc in (("queue_time_seconds", "Time from submission to admission into the batch"),
+                          ("time_per_token_seconds", "Mean time per generated token after the first, per request")):
+            h = stats[name]
+            yield HistogramMetricFamily(f"mixtral_{name}", doc, sum_value=h["sum"],
+                                        buckets=[(floatToGoString(le), n) for le, n in h["buckets"]])
+
+
+def create_app(engine: Engine, model_id: str, *, max_input_tokens: int | None = None,
+               max_total_tokens: int | None = None, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_chars: int | None = None,
+               default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> FastAPI:
+    """A FastAPI app serving `engine` under the name `model_id`.
+
+    max_total_tokens: prompt + new tokens per request (default and upper bound: the engine's).
+    max_input_tokens: prompt tokens (default: max_total_tokens minus min(256, half of it)).
+    max_queue of the engine is the concurrency limit (429 past it). Raises MixtralError for impossible limits.
+    """
+    total = engine.max_total_tokens if max_total_tokens is None else max_total_tokens
+    if not 2 <= total <= engine.max_total_tokens:
+        raise MixtralError(f"max_total_tokens must be between 2 and {engine.max_total_tokens}, got {total}")
+    inputs = total - min(256, total // 2) if max_input_tokens is None else max_input_tokens
+    if not 1 <= inputs < total:
+        raise MixtralError(f"max_input_tokens must be between 1 and max_total_tokens - 1 ({total - 1}), got {inputs}")
+    config = ServerConfig(model_id=model_id, max_input_tokens=inputs, max_total_tokens=total,
+                          max_concurrent_requests=engine.max_queue, max_batch_size=engine.max_batch_size,
+                          max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                          default_max_new_tokens=default_max_new_tokens, api_key=api_key,
+                          model_dtype=str(engine.model.dtype).replace("torch.", ""),
+                          model_device=engine.model.device.type)
+
+    app = FastAPI(title="mixtral", version=__version__,
+                  description="Text Generation Inference and OpenAI-compatible API for a Mixtral-style model.")
+    app.state.engine, app.state.config, app.state.started = engine, config, int(time.time())
+    refused: dict[int, int] = {}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, refused))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        refused[exc.status] = refused.get(exc.status, 0) + 1
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else "validation"
+        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        return await api_error(request, ApiError(exc.status_code, message, kind, code=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return await api_error(request, ApiError(422, f"invalid request: {exc.errors()[0].get('msg')}"))
+
+    @app.get("/health", tags=["TGI"], summary="200 when the engine runs, else 503")
+    async def health():
+        if engine.alive:
+            return Response(status_code=200)
+        return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
+
+    @app.get("/info", tags=["TGI"], summary="Model and limits (TGI)")
+    async def info():
+        return {"model_id": model_id, "model_sha": None, "model_dtype": config.model_dtype,
+                "model_device_type": config.model_device, "model_pipeline_tag": "text-generation",
+                "max_concurrent_requests": config.max_concurrent_requests, "max_best_of": 1,
+                "max_stop_sequences": config.max_stop_sequences, "max_input_tokens": config.max_input_tokens,
+                "max_input_length": config.max_input_tokens, "max_total_tokens": config.max_total_tokens,
+                "max_batch_size": config.max_batch_size, "max_client_batch_size": 1, "validation_workers": 1,
+                "router": "mixtral", "version": __version__, "sha": None, "docker_label": None}
+
+    @app.get("/metrics", tags=["TGI"], summary="Prometheus metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(tgi.router)
+    app.include_router(openai.router)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (TGIRequest, TokenizeRequest, ChatRequest, CompletionRequest):
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(args) -> int:
+    """`mixtral serve`: load the model, start the engine, run uvicorn until interrupted. Returns 0."""
+    import uvicorn
+
+    from ..loading import load, resolve_model
+
+    model_dir = resolve_model(args.model)
+    model, tokenizer = load(model_dir, dtype=args.dtype, device=args.device)
+    is_path = args.model is None or Path(args.model).expanduser().exists()
+    model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
+                    max_total_tokens=args.max_total_tokens)
+    try:
+        app = create_app(engine, model_id, max_input_tokens=args.max_input_tokens, api_key=args.api_key,
+                         max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+                         max_prompt_chars=getattr(args, "max_prompt_chars", None))
+        config: ServerConfig = app.state.config
+        if not _is_loopback(args.host) and not args.api_key:
+            log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
+                        args.host)
+        print(f"mixtral: serving {model_id} on http://{args.host}:{args.port} (TGI: POST /, /generate, "
+              f"/generate_stream; OpenAI: /v1/chat/completions, /v1/completions; docs: /docs); "
+              f"max_input_tokens={config.max_input_tokens} max_total_tokens={config.max_total_tokens} "
+              f"max_batch_size={engine.max_batch_size} max_concurrent_requests={engine.max_queue}", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0

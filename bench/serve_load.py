@@ -1,0 +1,147 @@
+"""Load test of `mixtral serve`: aggregate generated tokens/s and time to first token at several concurrencies.
+
+    python bench/serve_load.py --url http://127.0.0.1:8080            # a server that is already running
+    python bench/serve_load.py --model path/to/model --dtype float32  # start one here, in this process
+    python bench/serve_load.py --config small                         # a random model of the shipped shape
+
+Each concurrency level runs `--requests` streamed TGI requests (greedy, `--max-new-tokens` each; short
+prompts of different lengths) from that many client threads at once, and reports the generated tokens per
+second of wall time and the p50/p95 time to first token. The last line is the 8-vs-1 throughput ratio: what
+continuous batching buys over serving one request at a time, measured side by side in one run. A server
+started here shares this process (and its GIL) with the client threads; for numbers about the server alone,
+run `mixtral serve` separately and pass --url.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+WORDS = ("Now is the winter of our discontent made glorious summer by this sun of York and all the clouds "
+         "that lour'd upon our house in the deep bosom of the ocean buried").split()
+SHAPES = {  # random models for --config: no download needed (the tokenizer comes from mistral-common)
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, n_experts=4, top_k=2),
+    "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=128, n_experts=8, top_k=2),
+}
+
+
+def one_request(url: str, prompt: str, max_new_tokens: int) -> tuple[float | None, int]:
+    """Stream one request; return (seconds to the first token, tokens received)."""
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
+    start, first, tokens = time.perf_counter(), None, 0
+    with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(f"server error: {event['error']}")
+            first = first if first is not None else time.perf_counter() - start
+            tokens += 1
+    return first, tokens
+
+
+def run_level(url: str, concurrency: int, n_requests: int, max_new_tokens: int) -> dict:
+    prompts = [" ".join(WORDS[: 3 + (7 * i) % (len(WORDS) - 3)]) for i in range(n_requests)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: one_request(url, p, max_new_tokens), prompts))
+    wall = time.perf_counter() - start
+    ttfts = sorted(r[0] for r in results if r[0] is not None)
+    tokens = sum(r[1] for r in results)
+    return {"concurrency": concurrency, "requests": n_requests, "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttfts),
+            "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+
+
+@contextlib.contextmanager
+def local_server(args):
+    """Load (or make) a model, start the engine and a uvicorn server on a free loopback port."""
+    import torch
+    import uvicorn
+
+    from mixtral.engine import Engine
+    from mixtral.server import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        from mixtral import load
+
+        model, tokenizer = load(args.model, dtype=args.dtype, progress=False)
+        name = str(args.model)
+    else:
+        from mixtral.config import ModelArgs
+        from mixtral.model import Transformer
+        from mixtral.tokenizer import load_tokenizer, mistral_v1_tokenizer_path
+
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(**SHAPES[args.config], vocab_size=32000, max_seq_len=1024))
+        for param in model.parameters():
+            torch.nn.init.normal_(param, std=0.05)
+        model = model.to(getattr(torch, args.dtype)).eval()
+        tokenizer = load_tokenizer(mistral_v1_tokenizer_path())
+        name = f"random-{args.config}"
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=256)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", name
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running server (TGI routes)")
+    where.add_argument("--model", help="model directory or Hub id to serve in this process")
+    where.add_argument("--config", choices=sorted(SHAPES), default="small", help="random model shape (default small)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-batch-size", type=int, default=16, help="engine slots, for a server started here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads, for a server started here")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--requests", type=int, default=None, help="requests per level (default 2 x concurrency, >= 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    server = contextlib.nullcontext((args.url.rstrip("/"), args.url)) if args.url else local_server(args)
+    with server as (url, name):
+        one_request(url, "warm up", 4)
+        rows = []
+        for level in args.concurrency:
+            rows.append(run_level(url, level, args.requests or max(4, 2 * level), args.max_new_tokens))
+            r = rows[-1]
+            print(f"  concurrency {level:>3}: {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr, flush=True)
+    base = rows[0]["tokens_per_s"]
+    print(f"\nserving {name}: {args.max_new_tokens} new tokens per request\n")
+    print(f"{'concurrency':>11} {'requests':>8} {'tokens':>7} {'tok/s':>9} {'vs c=1':>7} {'TTFT p50':>9} "
+          f"{'TTFT p95':>9}")
+    for r in rows:
+        print(f"{r['concurrency']:>11} {r['requests']:>8} {r['tokens']:>7} {r['tokens_per_s']:>9.1f} "
+              f"{r['tokens_per_s'] / base:>6.2f}x {r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p95'] * 1000:>7.0f}ms")
+    by_level = {r["concurrency"]: r["tokens_per_s"] for r in rows}
+    if 1 in by_level and 8 in by_level:
+        print(f"\nthroughput at concurrency 8 vs 1: {by_level[8] / by_level[1]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -260,6 +260,19 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Run bench/decode.py (it lives in the source checkout, next to src/)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
+    if not script.is_file():
+        raise MixtralError(f"mixtral bench needs the source checkout ({script} not found)")
+    spec = importlib.util.spec_from_file_location("mixtral_bench_decode", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.bench_args)
+
+
 def torch_threads(n: int | None) -> None:
     if n:
         import torch
@@ -353,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="int4 group along the input dim (default 64)")
     p.add_argument("--lm-head", action="store_true", help="also quantize lm_head (to int8); off by default")
     p.set_defaults(func=cmd_quantize)
+
+    # its options belong to bench/decode.py (`mixtral bench -h`), so this parser passes everything through
+    p = sub.add_parser("bench", help="decode benchmark: our engine (fp32, bf16, int8, int4) vs transformers",
+                       prefix_chars="+", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

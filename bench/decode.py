@@ -1,0 +1,367 @@
+"""Decode benchmark: our engine at fp32, bf16, int8, int4 and transformers' MixtralForCausalLM at fp32, bf16,
+side by side in one run, on the same weights.
+
+For each engine and precision, a fresh subprocess loads the model (so peak RSS while loading means something),
+warms up, then times a prefill of a `--prompt-tokens` prompt and `--new-tokens` greedy decode steps at batch 1
+(no EOS stop). The bandwidth bound is (bytes of weights one decode token reads) / (measured read bandwidth of a
+large tensor); each engine's fraction of it says how close batch-1 decode gets to the memory wall.
+
+    python bench/decode.py --config small            # random weights written once to a temp dir (bf16)
+    python bench/decode.py --model DIR --json        # an existing checkpoint
+    mixtral bench --config mixtral-8x7b --device cuda  # full Mixtral-8x7B shapes, random bf16 on the GPU
+
+Configs: tiny (hidden 128, 2 layers: a smoke test), small (hidden 512, ffn 1792, 8 layers, 8/2 heads),
+medium (hidden 1024, ffn 3584, 16 layers, 16/4 heads), all with 8 experts top-2 and vocab 32000;
+mixtral-8x7b (GPU only, no files; fp32 runs are skipped: they do not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = [("ours", "fp32"), ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("hf", "fp32"), ("hf", "bf16")]
+CONFIGS = {  # ModelArgs fields; all have 8 experts top-2 and vocab 32000
+    "tiny": dict(dim=128, hidden_dim=448, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32),
+    "small": dict(dim=512, hidden_dim=1792, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64),
+    "medium": dict(dim=1024, hidden_dim=3584, n_layers=16, n_heads=16, n_kv_heads=4, head_dim=64),
+}
+GPU_ONLY = "mixtral-8x7b"
+
+
+def model_args(config: str):
+    from mixtral.config import ModelArgs, preset
+
+    if config == GPU_ONLY:
+        return preset(config)
+    return ModelArgs(**CONFIGS[config], n_experts=8, top_k=2, vocab_size=32000, max_seq_len=4096)
+
+
+def write_random_checkpoint(args, out_dir: Path, seed: int = 0) -> Path:
+    """Random bf16 weights in Hugging Face layout (config.json + model.safetensors), readable by both engines."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mixtral.model import Transformer
+    from mixtral.weights import hf_state_dict
+
+    with torch.device("meta"):
+        names = hf_state_dict(Transformer(args))  # names and shapes only
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, meta in names.items():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            tensors[name] = torch.ones(meta.shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(meta.shape, generator=gen) * 0.02).to(torch.bfloat16)
+    config = args.to_hf_config()
+    config["torch_dtype"] = "bfloat16"
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def random_model_on_device(args, precision: str, device: str, group_size: int | None):
+    """Our Transformer with random bf16 weights made directly on `device` (no files), then quantized."""
+    import torch
+
+    from mixtral.model import Transformer
+    from mixtral.quantize import quantize_model
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32 if precision == "fp32" else torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    if precision in ("int8", "int4"):
+        quantize_model(model, 8 if precision == "int8" else 4, group_size)
+    return model.eval()
+
+
+# ---- measurements inside one worker process --------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size so far (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    return float("nan")
+
+
+def active_bytes(model) -> int:
+    """Bytes of weights one decode token reads in our model: every layer's attention, norms and router, top_k
+    of its experts, the final norm and lm_head (one embedding row is negligible). Scales included."""
+    def nbytes(module_or_tensor) -> int:
+        if hasattr(module_or_tensor, "element_size"):
+            return module_or_tensor.numel() * module_or_tensor.element_size()
+        tensors = list(module_or_tensor.parameters()) + list(module_or_tensor.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    total = nbytes(model.norm) + nbytes(model.lm_head)
+    for block in model.layers:
+        total += nbytes(block.attn) + nbytes(block.attn_norm) + nbytes(block.ffn_norm)
+        ffn = block.ffn
+        if hasattr(ffn, "router"):
+            experts = sum(nbytes(getattr(ffn, name)) for name in ("w1", "w2", "w3"))
+            total += nbytes(ffn.router) + experts * ffn.top_k // ffn.w1.shape[0]
+        else:
+            total += nbytes(ffn)
+    return total
+
+
+def measure_bandwidth(device: str, megabytes: int) -> float:
+    """Read bandwidth in GB/s: the best of a few full reductions over a large fp32 tensor."""
+    import torch
+
+    data = torch.ones(megabytes * 250_000, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        data.sum().item()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(opts, precision: str) -> dict:
+    import torch
+
+    from mixtral.generate import generate_step
+    from mixtral.loading import load_model
+    from mixtral.sampling import Sampler, SamplingParams
+
+    start = time.perf_counter()
+    if opts.model:
+        quantize = {"int8": "int8", "int4": f"int4-g{opts.group_size}"}.get(precision)
+        dtype = "float32" if precision == "fp32" else "bfloat16"
+        model = load_model(opts.model, dtype=dtype, device=opts.device, progress=False, quantize=quantize)
+    else:
+        model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size)
+    sync(opts.device)
+    result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb(),
+              "active_bytes": active_bytes(model)}
+    prompt = prompt_ids(opts, model.args.vocab_size)
+
+    def timed(n_new: int) -> list[float]:
+        times = [time.perf_counter()]
+        for _ in generate_step(model, [prompt], [Sampler(SamplingParams(temperature=0))], n_new):
+            times.append(time.perf_counter())  # each step ends in a host sync (the sampled token id)
+        return times
+
+    with torch.inference_mode():
+        timed(3)  # warm-up: allocations, kernel checks, a full-size prefill
+        times = timed(opts.new_tokens + 1)
+    result["prefill_tok_s"] = len(prompt) / (times[1] - times[0])
+    result["decode_tok_s"] = opts.new_tokens / (times[-1] - times[1])
+    return result
+
+
+def run_hf(opts, precision: str) -> dict:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    start = time.perf_counter()
+    if opts.model:
+        model = MixtralForCausalLM.from_pretrained(opts.model, dtype=dtype).to(opts.device)
+    else:
+        config = MixtralConfig(**model_args(opts.config).to_hf_config())
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(opts.device):
+                model = MixtralForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
+    model.eval()
+    model.generation_config.eos_token_id = None  # always the requested number of tokens
+    model.generation_config.pad_token_id = 0
+    sync(opts.device)
+    result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb()}
+    ids = torch.tensor([prompt_ids(opts, model.config.vocab_size)], device=opts.device)
+
+    def generate_s(n_new: int) -> float:
+        sync(opts.device)
+        begin = time.perf_counter()
+        model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        sync(opts.device)
+        return time.perf_counter() - begin
+
+    with torch.inference_mode():
+        generate_s(3)  # warm-up
+        sync(opts.device)
+        begin = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        sync(opts.device)
+        result["prefill_tok_s"] = ids.shape[1] / (time.perf_counter() - begin)
+        # decode steps alone: the difference between generating 1 + N tokens and 1 token (same prefill)
+        result["decode_tok_s"] = opts.new_tokens / (generate_s(opts.new_tokens + 1) - generate_s(1))
+    return result
+
+
+def prompt_ids(opts, vocab_size: int) -> list[int]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(3, vocab_size, (opts.prompt_tokens,), generator=gen).tolist()
+
+
+def worker(opts) -> int:
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    engine, precision = opts.worker.split(":")
+    result = (run_ours if engine == "ours" else run_hf)(opts, precision)
+    if opts.device.startswith("cuda"):
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
+    result["threads"] = torch.get_num_threads()
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+# ---- the parent: one subprocess per run, then the table ---------------------------------------------------
+
+def bytes_per_token_plain(args, precision: str) -> int:
+    """Bytes one decode token reads at fp32/bf16 (the same for both engines): see `active_bytes`."""
+    from mixtral.memory import count_params
+
+    counts = count_params(args)
+    per_layer = counts.attention_per_layer + counts.router_per_layer + counts.norms_per_layer
+    params = counts.n_layers * (per_layer + counts.top_k * counts.expert) + counts.final_norm
+    params += counts.lm_head or counts.embedding  # a tied lm_head reads the embedding matrix
+    return params * (4 if precision == "fp32" else 2)
+
+
+def spawn(opts, run: tuple[str, str], model_dir: str | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ":".join(run), "--device", opts.device,
+           "--prompt-tokens", str(opts.prompt_tokens), "--new-tokens", str(opts.new_tokens),
+           "--group-size", str(opts.group_size)]
+    cmd += ["--model", model_dir] if model_dir else ["--config", opts.config]
+    cmd += ["--threads", str(opts.threads)] if opts.threads else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {proc.returncode}: {tail[:200]}"}
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(report: dict) -> None:
+    print(f"config {report['config']} on {report['device']}, {report['threads']} threads; prompt "
+          f"{report['prompt_tokens']} tokens, decode {report['new_tokens']} tokens at batch 1 (greedy); "
+          f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
+    head = (f"{'engine':<16}{'load s':>8}{'peak RSS MB':>13}{'prefill tok/s':>15}{'decode tok/s':>14}"
+            f"{'vs hf bf16':>12}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in report["results"]:
+        name = f"{r['engine']} {r['precision']}"
+        if "error" in r:
+            print(f"{name:<16}  {r['error']}")
+            continue
+        print(f"{name:<16}{r['load_s']:>8.2f}{r['peak_rss_load_mb']:>13,.0f}{r['prefill_tok_s']:>15,.1f}"
+              f"{r['decode_tok_s']:>14,.2f}{fmt(r.get('decode_vs_hf_bf16'), '.2f') + 'x':>12}"
+              f"{r['active_bytes'] / 1e6:>10,.1f}{r['bound_tok_s']:>13,.1f}{r['fraction_of_bound']:>10.0%}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mixtral bench", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="checkpoint directory (HF layout, safetensors)")
+    source.add_argument("--config", default=None, choices=[*CONFIGS, GPU_ONLY], help="random weights of this shape")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--runs", default=",".join(f"{e}:{p}" for e, p in RUNS),
+                        help="comma-separated engine:precision list (default: all six)")
+    parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth probe tensor")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.worker:
+        return worker(opts)
+    if not opts.model and not opts.config:
+        parser.error("give --model DIR or --config NAME")
+    if opts.config == GPU_ONLY and not opts.device.startswith("cuda"):
+        parser.error(f"--config {GPU_ONLY} builds random weights on the GPU; use it with --device cuda")
+
+    import torch
+
+    from mixtral.config import load_config
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    runs = [tuple(item.split(":")) for item in opts.runs.split(",")]
+    tmp = None
+    if opts.config and opts.config != GPU_ONLY:
+        tmp = Path(tempfile.mkdtemp(prefix=f"mixtral-bench-{opts.config}-"))
+        write_random_checkpoint(model_args(opts.config), tmp)
+    model_dir = opts.model or (str(tmp) if tmp else None)
+    args = load_config(model_dir) if model_dir else model_args(opts.config)
+    try:
+        bandwidth = measure_bandwidth(opts.device, opts.bandwidth_mb)
+        results = []
+        for engine, precision in runs:
+            if opts.config == GPU_ONLY and precision == "fp32":
+                results.append({"engine": engine, "precision": precision, "error": "skipped: fp32 does not fit"})
+                continue
+            result = {"engine": engine, "precision": precision, **spawn(opts, (engine, precision), model_dir)}
+            if "error" not in result:
+                result.setdefault("active_bytes", bytes_per_token_plain(args, precision))
+                result["bound_tok_s"] = bandwidth * 1e9 / result["active_bytes"]
+                result["fraction_of_bound"] = result["decode_tok_s"] / result["bound_tok_s"]
+            results.append(result)
+            print(f"  {engine} {precision}: {result.get('decode_tok_s', result.get('error'))}", file=sys.stderr)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    reference = next((r for r in results if r["engine"] == "hf" and r["precision"] == "bf16" and "error" not in r),
+                     None)
+    for r in results:
+        if reference and "error" not in r:
+            r["decode_vs_hf_bf16"] = r["decode_tok_s"] / reference["decode_tok_s"]
+            r["prefill_vs_hf_bf16"] = r["prefill_tok_s"] / reference["prefill_tok_s"]
+    report = {"config": opts.config or opts.model, "device": opts.device,
+              "threads": opts.threads or torch.get_num_threads(), "prompt_tokens": opts.prompt_tokens,
+              "new_tokens": opts.new_tokens, "group_size": opts.group_size, "bandwidth_gb_s": bandwidth,
+              "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results}
+    if opts.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

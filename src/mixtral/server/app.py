@@ -200,7 +200,9 @@ def serve(args) -> int:
         print(f"mixtral: serving {model_id} on http://{args.host}:{args.port} (TGI: POST /, /generate, "
               f"/generate_stream; OpenAI: /v1/chat/completions, /v1/completions; docs: /docs); "
               f"max_input_tokens={config.max_input_tokens} max_total_tokens={config.max_total_tokens} "
-              f"max_batch_size={engine.max_batch_size} max_concurrent_requests={engine.max_queue}", flush=True)
+              f"max_batch_size={engine.max_batch_size} max_concurrent_requests={engine.max_queue}; "
+              f"KV cache {engine.cache.nbytes() / 2**30:.2f} GiB (lower --max-total-tokens or --max-batch-size "
+              "to shrink it)", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
                     timeout_graceful_shutdown=5)
     finally:

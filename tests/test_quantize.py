@@ -250,3 +250,19 @@ def test_more_user_errors(tiny_dir, tmp_path, capsys):
                                                                             "method": "gptq"}}))
     with pytest.raises(MixtralError, match="unsupported quantization"):
         load_model(bad, progress=False)
+
+
+# ---- the batch-1 decode path ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16", "int8", "int4-g32"])
+def test_single_token_direct_path_equals_grouped_path_exactly(tiny_dir, setting):
+    dtype = torch.bfloat16 if setting == "bf16" else torch.float32
+    model = load_model(tiny_dir, dtype=dtype, progress=False, quantize=None if setting in ("fp32", "bf16") else setting)
+    gen = _gen(9)
+    for block in model.layers:
+        for _ in range(4):
+            x = torch.randn(1, 64, generator=gen).to(dtype)
+            _, expert_ids, weights = block.ffn.route(x)
+            direct = block.ffn.experts_direct(x, expert_ids, weights)
+            assert torch.equal(direct, block.ffn.experts_grouped(x, expert_ids, weights))
+            assert torch.equal(block.ffn(x[None]), direct[None])  # and forward() takes it for one token

@@ -145,6 +145,8 @@ class MoE(nn.Module):
         plain = isinstance(self.w1, torch.Tensor)  # gathering quantized experts would dequantize them whole
         if tokens.is_cuda and plain and B * T * self.top_k <= 2 * self.w1.shape[0]:
             out = self.experts_gathered(tokens, expert_ids, weights)
+        elif tokens.device.type == "cpu" and B * T == 1:
+            out = self.experts_direct(tokens, expert_ids, weights)
         else:
             out = self.experts_grouped(tokens, expert_ids, weights)
         return out.view(B, T, D)
@@ -169,6 +171,19 @@ class MoE(nn.Module):
                 start += count
         expert_out = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*K, D)
         return torch.zeros_like(x).index_add_(0, token_of, expert_out)
+
+    def experts_direct(self, x, expert_ids, weights) -> torch.Tensor:
+        """One token on the CPU (batch-1 decode): run its K experts directly, no sorting or counting.
+
+        Same numbers as `experts_grouped`: the same matmuls, summed in the same (ascending expert) order.
+        """
+        ids, order = expert_ids[0].sort()  # (K,)
+        mix = weights[0, order].to(x.dtype)
+        out = torch.zeros_like(x)  # (1, D)
+        for k, e in enumerate(ids.tolist()):
+            hidden = F.silu(expert_linear(x, self.w1, e)) * expert_linear(x, self.w3, e)  # (1, I)
+            out += expert_linear(hidden, self.w2, e) * mix[k]
+        return out
 
     def experts_gathered(self, x, expert_ids, weights) -> torch.Tensor:
         """Gather the chosen experts' weights per token and use batched matmuls: no host sync (decode on GPU)."""

@@ -155,7 +155,7 @@ def kernel_available(device: torch.device, bits: int) -> bool:
     """Whether this device's packed kernel for `bits` exists and matches the reference on a probe matrix."""
     key = (device.type, bits)
     if key not in _kernel_checked:
-        _kernel_checked[key] = False  # also what a failing or recursing probe leaves behind
+        _kernel_checked[key] = False  # stays False if the probe fails
         try:
             gen = torch.Generator().manual_seed(0)
             weight, x = torch.randn(64, 256, generator=gen), torch.randn(3, 256, generator=gen)
@@ -266,7 +266,7 @@ class QuantLinear(nn.Module):
 
     def _kernel(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W^T with the packed kernel, in bfloat16."""
-        x = x.to(torch.bfloat16)
+        x, scales = x.to(torch.bfloat16), scales.to(torch.bfloat16)  # no-ops unless someone cast the module
         if self.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)
         padded = math.ceil(self.in_features / self.group_size) * self.group_size
@@ -293,7 +293,11 @@ class QuantLinear(nn.Module):
             out = self._kernel(flat, qweight, scales)
         else:  # on the CPU, fp32 matmuls are much faster than bf16 ones here, and exact
             compute = torch.float32 if x.device.type == "cpu" else x.dtype
-            out = F.linear(flat.to(compute), self.dequantize(expert, compute))
+            if self.bits == 8:  # per-row scales commute with the matmul: scale the (M, N) output instead
+                qweight, scales = self.canonical(expert)
+                out = F.linear(flat.to(compute), qweight.to(compute)) * scales.to(compute)
+            else:
+                out = F.linear(flat.to(compute), self.dequantize(expert, compute))
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

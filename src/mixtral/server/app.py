@@ -181,10 +181,11 @@ def serve(args) -> int:
     """`mixtral serve`: load the model, start the engine, run uvicorn until interrupted. Returns 0."""
     import uvicorn
 
+    from ..cli import model_options
     from ..loading import load, resolve_model
 
     model_dir = resolve_model(args.model)
-    model, tokenizer = load(model_dir, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(model_dir, **model_options(args))
     is_path = args.model is None or Path(args.model).expanduser().exists()
     model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,

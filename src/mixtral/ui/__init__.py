@@ -69,10 +69,11 @@ def make_backend(args) -> Backend:
         return OpenAIBackend(args.openai_base_url, api_key or os.environ.get("OPENAI_API_KEY"), args.openai_model)
 
     from ..engine import Engine
+    from ..cli import model_options
     from ..loading import load, resolve_model
 
     model_dir = resolve_model(args.model)
-    model, tokenizer = load(model_dir, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(model_dir, **model_options(args))
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_total_tokens=args.max_total_tokens)
     return LocalBackend(engine, model_dir, model_dir.name)
 

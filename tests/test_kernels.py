@@ -1,0 +1,132 @@
+"""Weights repacked for the CPU's fbgemm kernels (kernels.py) against transformers and the unpacked model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_hf_model, save_hf_model
+
+from mixtral import kernels
+from mixtral import quantize as Q
+from mixtral.errors import MixtralError
+from mixtral.generate import generate_step
+from mixtral.loading import load_model
+from mixtral.sampling import Sampler, SamplingParams
+from mixtral.weights import save_checkpoint
+
+pytestmark = pytest.mark.skipif(not kernels.fp16_available(), reason="no fbgemm kernels on this CPU")
+
+CONFIGS = {  # tied/untied, GQA/MHA, a sliding window, and the dense mistral MLP
+    "gqa-untied": ("mixtral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mha-tied-window": ("mixtral", dict(num_key_value_heads=4, tie_word_embeddings=True, sliding_window=6)),
+    "mistral-dense": ("mistral", dict(num_key_value_heads=2)),
+}
+
+
+def _greedy(model, prompts, n):
+    steps = list(generate_step(model, prompts, [Sampler(SamplingParams(temperature=0)) for _ in prompts], n))
+    return [[step[row][0] for step in steps] for row in range(len(prompts))]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def bf16_pair(request, tmp_path_factory):
+    """A bf16 checkpoint written by transformers, and transformers' model of it computing in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, overrides = CONFIGS[request.param]
+    out = tmp_path_factory.mktemp(f"bf16_{request.param}")
+    save_hf_model(make_hf_model(model_type, seed=5, **overrides).to(torch.bfloat16), out)
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return out, reference
+
+
+def test_packed_bf16_model_matches_transformers_in_fp32(bf16_pair):
+    path, reference = bf16_pair
+    model = load_model(path, dtype="bfloat16", progress=False)
+    assert model.packed and model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
+    first = model.layers[0]
+    assert isinstance(first.attn.wqkv, kernels.PackedLinear) and not hasattr(first.attn, "wq")
+    ids = torch.randint(3, 256, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, theirs = model(ids), reference(ids).logits
+    # bf16 values are exact in fp16, so the packed model computes what fp32 does with these weights
+    assert (ours - theirs).abs().max() < 1e-4
+    expected = reference.generate(ids[:2, :5], max_new_tokens=24, do_sample=False)[:, 5:].tolist()
+    assert _greedy(model, ids[:2, :5].tolist(), 24) == expected  # through the KV cache, batched
+
+
+def test_packed_beats_bf16_arithmetic(bf16_pair):
+    path, reference = bf16_pair
+    packed = load_model(path, dtype="bfloat16", progress=False)
+    plain = load_model(path, dtype="bfloat16", progress=False, pack=False)
+    assert not getattr(plain, "packed", False)
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        truth = reference(ids).logits
+        packed_error = (packed(ids).float() - truth).abs().max()
+        plain_error = (plain(ids).float() - truth).abs().max()
+    assert packed_error < plain_error / 10
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    return save_hf_model(make_hf_model(seed=6, hidden_size=128, intermediate_size=192), out)
+
+
+def test_packed_int8_is_close_to_weight_only_int8(int8_dir):
+    packed = load_model(int8_dir, dtype="float32", progress=False, quantize="int8")
+    plain = load_model(int8_dir, dtype="float32", progress=False, quantize="int8", pack=False)
+    assert packed.layers[0].ffn.w13.kind == "int8" and isinstance(plain.layers[0].ffn.w1, Q.QuantLinear)
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), Q.kernels_disabled():
+        reference = plain(ids)  # exact dequantized weights, fp32 activations
+        got = packed(ids)
+    # the same int8 weights; only the activations are rounded to 7 bits (~1% per matmul, compounding over the
+    # layers of this peaked random model and flipping a router's near-ties now and then). The quality that
+    # matters, perplexity of the trained shipped model, is measured by bench/quality.py.
+    error = (got - reference).abs().mean() / reference.abs().mean()
+    agree = (got.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert error <= 0.25 and agree >= 0.8
+    # the packed weights read back as exactly the int8 codes and scales that were quantized
+    for name in ("w1", "w3"):
+        codes, scales = plain.layers[1].ffn.__getattr__(name).canonical()
+        weight = Q.dequantize_weight(codes, scales, 8, None, codes.shape[-1])
+        half = slice(0, 192) if name == "w1" else slice(192, 384)
+        assert torch.equal(packed.layers[1].ffn.w13.dequantize()[:, half], weight)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_int8_kernel_error_is_that_of_7_bit_activations(rows):
+    gen = torch.Generator().manual_seed(rows)
+    weight, x = torch.randn(384, 128, generator=gen) * 0.1, torch.randn(rows, 128, generator=gen)
+    x[::3] *= 50  # rows of very different magnitudes are each quantized on their own range
+    codes, scales = Q.quantize_weight(weight, 8)
+    reference = x @ Q.dequantize_weight(codes, scales, 8, None, 128).T
+    got = kernels.int8_linear(x, kernels.pack_int8(codes, scales.float()))
+    row_error = (got - reference).abs().mean(dim=1) / reference.abs().mean(dim=1)
+    assert row_error.max() < 0.02  # a 7-bit step over each row's range: ~1.1% for Gaussian rows
+
+
+def test_both_moe_paths_agree_on_a_packed_model(int8_dir):
+    for options in (dict(dtype="bfloat16"), dict(dtype="float32", quantize="int8")):
+        model = load_model(int8_dir, progress=False, **options)
+        x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
+        for block in model.layers:
+            _, expert_ids, weights = block.ffn.route(x)
+            assert torch.equal(block.ffn.experts_direct(x, expert_ids, weights),
+                               block.ffn.experts_grouped(x, expert_ids, weights))
+
+
+def test_packed_model_refuses_to_be_saved_or_quantized(int8_dir, tmp_path):
+    model = load_model(int8_dir, dtype="bfloat16", progress=False)
+    with pytest.raises(MixtralError, match="pack=False"):
+        save_checkpoint(model, tmp_path / "out")
+    with pytest.raises(MixtralError, match="pack=False"):
+        Q.quantize_model(model, 8)
+    assert not kernels.pack_model(model)  # packing twice changes nothing
+
+
+def test_fp32_models_are_not_packed(int8_dir):
+    model = load_model(int8_dir, dtype="float32", progress=False)
+    assert not getattr(model, "packed", False) and model.activation_dtype == torch.float32

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 RUNS = [("ours", "fp32"), ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("hf", "fp32"), ("hf", "bf16")]
+# also available: ours:fp16 (an fp16 copy of the weights, packed like bf16)
 CONFIGS = {  # ModelArgs fields; all have 8 experts top-2 and vocab 32000
     "tiny": dict(dim=128, hidden_dim=448, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32),
     "small": dict(dim=512, hidden_dim=1792, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64),
@@ -78,7 +79,7 @@ def random_model_on_device(args, precision: str, device: str, group_size: int | 
     from mixtral.quantize import quantize_model
 
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if precision == "fp32" else torch.bfloat16)
+    torch.set_default_dtype({"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16))
     try:
         with torch.device("meta"):
             model = Transformer(args)
@@ -101,12 +102,19 @@ def random_model_on_device(args, precision: str, device: str, group_size: int | 
 
 # ---- measurements inside one worker process --------------------------------------------------------------
 
-def peak_rss_mb() -> float:
-    """The process's peak resident set size so far (VmHWM), in MB."""
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """The process's peak resident set size so far (VmHWM; or the current one, VmRSS), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024 / 1e6
     return float("nan")
+
+
+def checkpoint_mb(model_dir: str | None) -> float | None:
+    """Bytes of the checkpoint's safetensors files, in MB (None without files)."""
+    if not model_dir:
+        return None
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e6
 
 
 def active_bytes(model) -> int:
@@ -162,18 +170,21 @@ def run_ours(opts, precision: str) -> dict:
     from mixtral.loading import load_model
     from mixtral.sampling import Sampler, SamplingParams
 
+    baseline = peak_rss_mb("VmRSS")
     start = time.perf_counter()
     if opts.model:
         quantize = {"int8": "int8", "int4": f"int4-g{opts.group_size}"}.get(precision)
-        dtype = "float32" if precision == "fp32" else "bfloat16"
+        dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "bfloat16")
         model = load_model(opts.model, dtype=dtype, device=opts.device, progress=False, quantize=quantize,
                            pack=opts.pack)
     else:
         model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size, opts.pack)
     sync(opts.device)
     result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb(),
-              "active_bytes": active_bytes(model)}
+              "load_rss_growth_mb": peak_rss_mb() - baseline, "active_bytes": active_bytes(model)}
     prompt = prompt_ids(opts, model.args.vocab_size)
+    if opts.compile:  # measured, not the default: see the README (graph breaks at the experts)
+        model = torch.compile(model, dynamic=True)
 
     def timed(n_new: int) -> list[float]:
         times = [time.perf_counter()]
@@ -194,6 +205,7 @@ def run_hf(opts, precision: str) -> dict:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    baseline = peak_rss_mb("VmRSS")
     start = time.perf_counter()
     if opts.model:
         model = MixtralForCausalLM.from_pretrained(opts.model, dtype=dtype).to(opts.device)
@@ -210,7 +222,8 @@ def run_hf(opts, precision: str) -> dict:
     model.generation_config.eos_token_id = None  # always the requested number of tokens
     model.generation_config.pad_token_id = 0
     sync(opts.device)
-    result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb()}
+    result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb(),
+              "load_rss_growth_mb": peak_rss_mb() - baseline}
     ids = torch.tensor([prompt_ids(opts, model.config.vocab_size)], device=opts.device)
 
     def generate_s(n_new: int) -> float:
@@ -273,6 +286,7 @@ def spawn(opts, run: tuple[str, str], model_dir: str | None) -> dict:
     cmd += ["--model", model_dir] if model_dir else ["--config", opts.config]
     cmd += ["--threads", str(opts.threads)] if opts.threads else []
     cmd += [] if opts.pack else ["--no-pack"]
+    cmd += ["--compile"] if opts.compile else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -290,7 +304,10 @@ def print_table(report: dict) -> None:
           f"{report['prompt_tokens']} tokens, decode {report['new_tokens']} tokens at batch 1 (greedy); "
           f"ours {'repacked for fbgemm' if report['pack'] else 'not repacked (--no-pack)'}; "
           f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
-    head = (f"{'engine':<16}{'load s':>8}{'peak RSS MB':>13}{'prefill tok/s':>15}{'decode tok/s':>14}"
+    weights = report.get("checkpoint_mb")
+    print(f"checkpoint {weights:,.0f} MB of safetensors; 'load MB' is how much the resident set grew while "
+          f"loading (peak minus before)" if weights else "no checkpoint files (weights made on the device)")
+    head = (f"{'engine':<16}{'load s':>8}{'load MB':>9}{'x ckpt':>8}{'prefill tok/s':>15}{'decode tok/s':>14}"
             f"{'vs hf bf16':>12}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
     print(head)
     print("-" * len(head))
@@ -299,7 +316,9 @@ def print_table(report: dict) -> None:
         if "error" in r:
             print(f"{name:<16}  {r['error']}")
             continue
-        print(f"{name:<16}{r['load_s']:>8.2f}{r['peak_rss_load_mb']:>13,.0f}{r['prefill_tok_s']:>15,.1f}"
+        growth = r["load_rss_growth_mb"]
+        print(f"{name:<16}{r['load_s']:>8.2f}{growth:>9,.0f}{fmt(weights and growth / weights, '.2f'):>8}"
+              f"{r['prefill_tok_s']:>15,.1f}"
               f"{r['decode_tok_s']:>14,.2f}{fmt(r.get('decode_vs_hf_bf16'), '.2f') + 'x':>12}"
               f"{r['active_bytes'] / 1e6:>10,.1f}{r['bound_tok_s']:>13,.1f}{r['fraction_of_bound']:>10.0%}")
 
@@ -318,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated engine:precision list (default: all six)")
     parser.add_argument("--no-pack", dest="pack", action="store_false",
                         help="ours: keep the loaded weights instead of repacking them for fbgemm (kernels.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours: torch.compile the model (compile time is part of the warm-up, not the timings)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth probe tensor")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -341,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f"mixtral-bench-{opts.config}-"))
         write_random_checkpoint(model_args(opts.config), tmp)
     model_dir = opts.model or (str(tmp) if tmp else None)
+    weights_mb = checkpoint_mb(model_dir)
     args = load_config(model_dir) if model_dir else model_args(opts.config)
     try:
         bandwidth = measure_bandwidth(opts.device, opts.bandwidth_mb)
@@ -368,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": opts.config or opts.model, "device": opts.device,
               "threads": opts.threads or torch.get_num_threads(), "prompt_tokens": opts.prompt_tokens,
               "new_tokens": opts.new_tokens, "group_size": opts.group_size, "pack": opts.pack,
+              "compile": opts.compile, "checkpoint_mb": weights_mb,
               "bandwidth_gb_s": bandwidth,
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results}
     if opts.json:

@@ -191,7 +191,7 @@ def test_eos_and_split_characters_stream_like_tgi(served):
         def __init__(self, inner):
             super().__init__()
             self.inner, self.args = inner, inner.args
-            self.dtype, self.device = inner.dtype, inner.device
+            self.dtype, self.device, self.activation_dtype = inner.dtype, inner.device, inner.activation_dtype
 
         def forward(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None,
                     slots=None):

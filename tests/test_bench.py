@@ -1,0 +1,47 @@
+"""The benchmarks run end to end on CI-sized inputs (their numbers are not asserted: this machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mixtral.data import prepare
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_decode_bench_compares_engines_side_by_side():
+    report = _run("decode.py", "--config", "tiny", "--runs", "ours:bf16,ours:int8,ours:int4,hf:bf16",
+                  "--prompt-tokens", "16", "--new-tokens", "8", "--threads", "1", "--bandwidth-mb", "64")
+    results = {(r["engine"], r["precision"]): r for r in report["results"]}
+    assert all("error" not in r for r in results.values()), results
+    for r in results.values():
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["load_rss_growth_mb"] >= 0
+        assert 0 < r["fraction_of_bound"] and r["decode_vs_hf_bf16"] > 0
+    assert report["pack"] and report["checkpoint_mb"] > 0
+    # weight bytes a decode token reads: int4 < int8 < bf16 (the tiny model's lm_head stays 16-bit in all)
+    bytes_read = [results[("ours", p)]["active_bytes"] for p in ("int4", "int8", "bf16")]
+    assert bytes_read == sorted(bytes_read) and len(set(bytes_read)) == 3
+    # the same weights as transformers reads (ours keeps the small norm and router weights in fp32)
+    ours, theirs = results[("ours", "bf16")]["active_bytes"], results[("hf", "bf16")]["active_bytes"]
+    assert theirs <= ours <= 1.001 * theirs
+
+
+def test_quality_bench_reports_quantized_perplexity(tmp_path):
+    prepare(tmp_path, plays=["julius_caesar", "macbeth"], progress=False)
+    report = _run("quality.py", "--data", str(tmp_path), "--max-tokens", "1500", "--prompts", "2",
+                  "--new-tokens", "6", "--threads", "1")
+    rows = {r["setting"]: r for r in report["results"]}
+    assert list(rows) == ["bf16", "int8", "int4"]
+    assert rows["bf16"]["perplexity_change"] == 0 and rows["bf16"]["greedy_token_agreement"] == 1
+    for row in rows.values():
+        assert 1 < row["perplexity"] < 1000 and 0 <= row["greedy_identical_prefix"] <= 1

@@ -148,7 +148,12 @@ class PackedLinear(nn.Module):
         return rows * self.in_features * (2 if self.kind == "fp16" else 1) + (0 if self.kind == "fp16" else 4 * rows)
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        out = self._linear(x.reshape(-1, x.shape[-1]).float(), self.packs[0 if expert is None else expert])
+        pack = self.packs[0 if expert is None else expert]
+        if x.dtype == torch.float32:  # activations of a packed model: no casts
+            if x.dim() == 2:
+                return self._linear(x, pack)
+            return self._linear(x.reshape(-1, x.shape[-1]), pack).view(*x.shape[:-1], self.out_features)
+        out = self._linear(x.reshape(-1, x.shape[-1]).float(), pack)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

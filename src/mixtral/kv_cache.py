@@ -31,13 +31,19 @@ class KVCache:
         Returns the layer's keys and values for those rows over the first n_keys positions, (B, G, S, Dh).
         """
         B = k.shape[0]
-        rows = self._rows[:B] if slots is None else slots[:, None, None]  # (B, 1, 1)
-        index = (rows, self._heads, input_pos[:, None, :])  # broadcasts to (B, G, T)
-        self.keys[layer].index_put_(index, k)
-        self.values[layer].index_put_(index, v)
         if slots is None:
-            return self.keys[layer][:B, :, :n_keys], self.values[layer][:B, :, :n_keys]
-        return self.keys[layer][slots, :, :n_keys], self.values[layer][slots, :, :n_keys]
+            rows = self._rows if B == self.batch_size else self._rows[:B]  # (B, 1, 1)
+        else:
+            rows = slots[:, None, None]
+        index = (rows, self._heads, input_pos[:, None, :])  # broadcasts to (B, G, T)
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_put_(index, k)
+        values.index_put_(index, v)
+        if slots is not None:
+            keys, values = keys[slots], values[slots]
+        elif B != self.batch_size:
+            keys, values = keys[:B], values[:B]
+        return keys.narrow(2, 0, n_keys), values.narrow(2, 0, n_keys)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

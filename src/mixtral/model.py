@@ -21,6 +21,11 @@ from .config import ModelArgs
 from .kv_cache import KVCache
 
 
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 (without a call into torch when it already is: decode steps are made of small ops)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -92,7 +97,9 @@ class Attention(nn.Module):
         if T == 1:  # decode: a few small matmuls beat the fused kernel's set-up; heads share keys by group
             # mask is additive here: (B, 1, 1, S) of 0 and -inf
             scores = (q.reshape(B, G, H // G, Dh) @ k.mT).mul_(Dh ** -0.5).add_(mask)  # (B, G, H/G, S)
-            y = (scores.float().softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, Dh)
+            probs = fp32(scores).softmax(dim=-1)
+            y = (probs if v.dtype == torch.float32 else probs.to(v.dtype)) @ v
+            y = y.view(B, H, 1, Dh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)  # (B, H, T, Dh)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
@@ -141,7 +148,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """Router for (N, D) tokens -> fp32 logits (N, E), expert ids (N, K), fp32 weights (N, K)."""
-        logits = F.linear(x.float(), self.router.weight.float())  # routing stays in fp32
+        logits = F.linear(fp32(x), fp32(self.router.weight))  # routing stays in fp32
         top_logits, expert_ids = torch.topk(logits, self.top_k, dim=-1)
         return logits, expert_ids, top_logits.softmax(dim=-1)
 
@@ -184,11 +191,13 @@ class MoE(nn.Module):
 
         Same numbers as `experts_grouped`: the same matmuls, summed in the same (ascending expert) order.
         """
-        ids, order = expert_ids[0].sort()  # (K,)
-        mix = weights[0, order].to(x.dtype)
-        out = torch.zeros_like(x)  # (1, D)
-        for k, e in enumerate(ids.tolist()):
-            out += self.expert(x, e) * mix[k]
+        # (expert, weight rounded to x's dtype) in ascending expert order, as Python numbers: few tensor ops
+        mix = weights[0] if x.dtype == weights.dtype else weights[0].to(x.dtype)
+        chosen = sorted(zip(expert_ids[0].tolist(), mix.tolist()))
+        out = None
+        for e, mix in chosen:
+            y = self.expert(x, e) * mix  # (1, D)
+            out = y if out is None else out.add_(y)
         return out
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:

@@ -63,7 +63,7 @@ def pack_fp16(weight: torch.Tensor):
 
 
 def fp16_linear(x: torch.Tensor, packed) -> torch.Tensor:
-    """x (M, K) fp32 @ W^T -> (M, N) fp32."""
+    """x (..., K) fp32 @ W^T -> (..., N) fp32."""
     return torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
 
@@ -78,13 +78,13 @@ def pack_int8(codes: torch.Tensor, scales: torch.Tensor):
 
 
 def int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
-    """x (M, K) fp32 @ W^T with activations quantized dynamically to 7 bits -> (M, N) fp32.
+    """x (..., K) fp32 @ W^T with activations quantized dynamically to 7 bits -> (..., N) fp32.
 
     fbgemm picks one activation scale per call; rows are first scaled to the same magnitude (and the output
     scaled back, exact since the product is linear per row), so each token is quantized on its own range."""
-    if x.shape[0] == 1:
+    if x.numel() == x.shape[-1]:  # one row
         return torch.ops.quantized.linear_dynamic(x, packed, True)
-    norm = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # (M, 1)
+    norm = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)  # (..., 1)
     return torch.ops.quantized.linear_dynamic(x / norm, packed, True) * norm
 
 
@@ -149,12 +149,9 @@ class PackedLinear(nn.Module):
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         pack = self.packs[0 if expert is None else expert]
-        if x.dtype == torch.float32:  # activations of a packed model: no casts
-            if x.dim() == 2:
-                return self._linear(x, pack)
-            return self._linear(x.reshape(-1, x.shape[-1]), pack).view(*x.shape[:-1], self.out_features)
-        out = self._linear(x.reshape(-1, x.shape[-1]).float(), pack)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.float32:  # activations of a packed model: no casts, no reshapes
+            return self._linear(x, pack)
+        return self._linear(x.float(), pack).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import MixtralError
+from .weights import release_free_memory
 
 _checked: dict[str, bool] = {}
 
@@ -210,6 +211,7 @@ def pack_model(model) -> bool:
             for n in names:
                 delattr(parent, n)
             setattr(parent, new_name, packed)
+            release_free_memory()  # the weights just packed: so the old and new copies never pile up
             changed = True
 
     with torch.no_grad():

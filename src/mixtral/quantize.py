@@ -17,6 +17,7 @@ Kernels (measured on a 2-core Zen 4 CPU, see README): for up to KERNEL_MAX_ROWS 
 both with bfloat16 activations (fp32 activations make them ~10x slower). Larger inputs (prefill), unsupported
 shapes and devices dequantize the weight (fp32 on CPU) and use a plain matmul. Each kernel is checked once per
 process against the dequantize reference on a probe matrix; a kernel that is missing or disagrees is not used.
+On the CPU, `load()` then repacks int8 weights for fbgemm's faster dynamic int8 GEMM (kernels.py).
 """
 
 from __future__ import annotations

@@ -1,19 +1,20 @@
 """Checkpoints on disk <-> the model: Hugging Face tensor names, stacked experts, sharded safetensors.
 
-Loading builds the model on the meta device (no memory), then fills it tensor by tensor from memory-mapped
-safetensors files, casting to the requested dtype, so RAM never holds a second full copy of the weights.
+Loading builds the model on the meta device (no memory), then fills it tensor by tensor from safetensors files
+(read with plain reads, one tensor at a time), casting to the requested dtype, so RAM never holds a second full
+copy of the weights.
 Only safetensors are read: pickled `.bin` / `.pt` files can run arbitrary code when loaded and are refused.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -82,15 +83,77 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise MixtralError(f"no *.safetensors weights found in {model_dir}")
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of one safetensors file, each read into its own fresh memory.
+
+    Plain reads, no memory map: a mapping would keep the pages of tensors already copied resident (the RSS
+    of a load would approach twice the weights). Raises MixtralError for a malformed or truncated file.
+    """
+    def bad(why: str) -> MixtralError:
+        return MixtralError(f"cannot read {path}: {why} (the file may be truncated or corrupted; download it again)")
+
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad("no header")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise bad("header longer than the file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"header is not JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start, data_size = 8 + header_len, size - 8 - header_len
+        for name, info in header.items():
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"tensor {name} has an unreadable entry {info!r}") from None
+            tensor = torch.empty(shape, dtype=dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+                raise bad(f"tensor {name} lies outside the file or has the wrong size")
+            f.seek(data_start + begin)
+            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise bad(f"tensor {name} is cut short")
+            yield name, tensor
+
+
 def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
     for path in tqdm(files, desc="Loading weights", unit="shard", disable=not progress or len(files) < 2):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise MixtralError(f"cannot read {path}: {exc} (the file may be truncated or corrupted; "
-                               "download it again)") from None
+            for item in _read_safetensors(path):
+                yield item
+                release_free_memory()  # the previous tensor was copied into the model and dropped
+        except OSError as exc:
+            raise MixtralError(f"cannot read {path}: {exc}") from None
+
+
+def release_free_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc keeps freed blocks for reuse, so a load that copies
+    tensors through temporaries would otherwise end up resident at well over the weights' size)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,

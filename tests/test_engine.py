@@ -20,9 +20,10 @@ PROMPTS = ["To be", "Now is the winter of our discontent", "O", "Friends, Romans
            "Who goes there?", "A horse! a horse! my kingdom for a horse!"]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_chat_model):
-    return load(tiny_chat_model, dtype="float32", progress=False)
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def loaded(tiny_chat_model, request):
+    """fp32 as stored, and bf16 repacked for the CPU kernels (fp32 activations, fused projections)."""
+    return load(tiny_chat_model, dtype=request.param, progress=False)
 
 
 @pytest.fixture

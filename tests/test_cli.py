@@ -144,3 +144,23 @@ def test_a_hub_id_is_found_in_the_local_cache(tmp_path, tiny_chat_model):
     direct = run_cli("generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "3",
                      "--temperature", "0", "--json")
     assert json.loads(out.stdout) == json.loads(direct.stdout)
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}, "unreadable entry"),
+    ({"dtype": "F32", "shape": "22", "data_offsets": [0, 4]}, "unreadable entry"),
+    ({"dtype": "F32", "shape": [10**12, 10**12], "data_offsets": [0, 4]}, "wrong size"),  # refused, not allocated
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "outside the file"),
+    ({"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}, "does not read"),
+])
+def test_malformed_safetensors_headers_are_clear_errors(tmp_path, entry, message):
+    import struct
+
+    from mixtral.errors import MixtralError
+    from mixtral.weights import _read_tensors
+
+    header = json.dumps({"w": entry}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(MixtralError, match=message):
+        list(_read_tensors([path], progress=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_hf_model, save_hf_model
+from torch import nn
 
 from mixtral import kernels
 from mixtral import quantize as Q
@@ -130,3 +131,29 @@ def test_packed_model_refuses_to_be_saved_or_quantized(int8_dir, tmp_path):
 def test_fp32_models_are_not_packed(int8_dir):
     model = load_model(int8_dir, dtype="float32", progress=False)
     assert not getattr(model, "packed", False) and model.activation_dtype == torch.float32
+
+
+def test_a_partly_packed_model_computes_in_fp32(int8_dir, monkeypatch):
+    """When a weight cannot be packed (here: no fp16 kernel, so the bf16 lm_head stays), it joins the fp32
+    activations instead of failing on a dtype mismatch."""
+    monkeypatch.setitem(kernels._checked, "fp16", False)
+    model = load_model(int8_dir, dtype="bfloat16", progress=False, quantize="int8")
+    assert model.packed and type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    plain = load_model(int8_dir, dtype="float32", progress=False, quantize="int8", pack=False)
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode(), Q.kernels_disabled():
+        got, reference = model(ids), plain(ids)
+    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
+
+
+def test_the_cache_hands_back_only_the_positions_attended(int8_dir):
+    from mixtral.config import load_config
+    from mixtral.kv_cache import KVCache
+
+    args = load_config(int8_dir)
+    cache = KVCache(args, batch_size=4, max_seq_len=256, dtype=torch.float32)
+    k = torch.randn(2, args.n_kv_heads, 1, args.head_dim)
+    keys, values = cache.update(0, torch.tensor([[4], [2]]), k, -k, n_keys=5, slots=torch.tensor([3, 1]))
+    assert keys.shape == (2, args.n_kv_heads, 5, args.head_dim)
+    assert keys.untyped_storage().nbytes() == keys.numel() * 4  # the rows' 5 positions, not all 256
+    assert torch.equal(keys[0, :, 4], k[0, :, 0]) and torch.equal(values[1, :, 2], -k[1, :, 0])

@@ -17,7 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="model directory or Hugging Face id (default: the model shipped with mixtral)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: bfloat16)")
+                   help="weights dtype (default: bfloat16); on the CPU bf16/fp16 weights are repacked and "
+                        "computed in fp32 unless --no-pack")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG",
                    help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64)")

@@ -204,8 +204,8 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.eos_ids = tokenizer.eos_ids | {model.args.eos_token_id}
-        self.cache = KVCache(model.args, max_batch_size, self.max_total_tokens, model.activation_dtype,
-                             model.device)
+        self.cache = KVCache(model.args, max_batch_size, self.max_total_tokens,
+                             getattr(model, "activation_dtype", model.dtype), model.device)
         self._free_slots = list(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []

@@ -174,6 +174,10 @@ class PackedLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise MixtralError("a model packed for CPU inference cannot be saved; load it with pack=False")
 
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the packs are opaque CPU objects
+        raise MixtralError("a model packed for CPU inference cannot be moved or cast; load it again with "
+                           "pack=False (or on the other device)")
+
 
 # ---- whole models ----------------------------------------------------------------------------------------
 
@@ -184,8 +188,8 @@ def _pack(weights: list, fp16: bool) -> PackedLinear | None:
 
     tensors = [w.weight if isinstance(w, nn.Linear) else w for w in weights]
     if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
-        if not fp16 or max(t.abs().max() for t in tensors) > torch.finfo(torch.float16).max:
-            return None
+        if not fp16 or max(max(-t.min(), t.max()) for t in tensors) > torch.finfo(torch.float16).max:
+            return None  # (min and max: no temporary the size of the weight, as abs() would make)
         return PackedLinear.fp16(tensors)
     if all(isinstance(t, QuantLinear) and t.bits == 8 for t in tensors) and int8_available():
         codes, scales = zip(*(t.canonical() for t in tensors))
@@ -225,9 +229,14 @@ def pack_model(model) -> bool:
                 for name in ("w1", "w3", "w2"):
                     swap(block.ffn, [name], name)
         swap(model, ["lm_head"], "lm_head")
-        if changed:  # activations become fp32 (see Transformer.activation_dtype): so do the small weights they meet
-            for module in model.modules():
-                if isinstance(module, RMSNorm) or (isinstance(module, MoE) and module.router is not None):
-                    module.float() if isinstance(module, RMSNorm) else module.router.float()
+        if changed:  # activations become fp32 (see Transformer.activation_dtype): so does every weight they meet
+            for module in model.modules():  # that was not packed: norms, routers, and any weight left as it was
+                if isinstance(module, (RMSNorm, nn.Linear)):
+                    module.float()
+                elif isinstance(module, MoE):
+                    for name in ("w1", "w3", "w2"):
+                        weight = getattr(module, name, None)
+                        if isinstance(weight, nn.Parameter) and weight.dtype != torch.float32:
+                            setattr(module, name, nn.Parameter(weight.float(), requires_grad=False))
     model.packed = changed
     return changed

@@ -39,11 +39,12 @@ class KVCache:
         keys, values = self.keys[layer], self.values[layer]
         keys.index_put_(index, k)
         values.index_put_(index, v)
+        keys, values = keys.narrow(2, 0, n_keys), values.narrow(2, 0, n_keys)  # views: nothing copied yet
         if slots is not None:
-            keys, values = keys[slots], values[slots]
-        elif B != self.batch_size:
-            keys, values = keys[:B], values[:B]
-        return keys.narrow(2, 0, n_keys), values.narrow(2, 0, n_keys)
+            return keys[slots], values[slots]  # copies only the n_keys positions of these rows
+        if B != self.batch_size:
+            return keys[:B], values[:B]
+        return keys, values
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

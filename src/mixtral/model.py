@@ -94,12 +94,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh), (B, G, T, Dh) x 2
         if cache is not None:
             k, v = cache.update(self.layer_id, input_pos, k, v, n_keys, slots)  # (B, G, S, Dh)
-        if T == 1:  # decode: a few small matmuls beat the fused kernel's set-up; heads share keys by group
-            # mask is additive here: (B, 1, 1, S) of 0 and -inf
+        if mask.is_floating_point():  # fp32 decode (see Transformer.forward): a few small matmuls beat the
+            # fused kernel's set-up; heads share keys by group; the mask is additive, (B, 1, 1, S) of 0 / -inf
             scores = (q.reshape(B, G, H // G, Dh) @ k.mT).mul_(Dh ** -0.5).add_(mask)  # (B, G, H/G, S)
-            probs = fp32(scores).softmax(dim=-1)
-            y = (probs if v.dtype == torch.float32 else probs.to(v.dtype)) @ v
-            y = y.view(B, H, 1, Dh)
+            y = (scores.softmax(dim=-1) @ v).view(B, H, 1, Dh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)  # (B, H, T, Dh)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
@@ -309,7 +307,7 @@ class Transformer(nn.Module):
             n_keys = cache.max_seq_len
         mask = attention_mask(input_pos, n_keys, self.args.sliding_window)  # (B, 1, T, S)
         x = F.dropout(self.embed(input_ids).to(self.activation_dtype), self.dropout, self.training)  # (B, T, D)
-        if T == 1:  # decode attention adds the mask: 0 where allowed, -inf elsewhere
+        if T == 1 and x.dtype == torch.float32:  # fp32 decode attention adds the mask: 0 allowed, -inf not
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, Dh): one table for every head

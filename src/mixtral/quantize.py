@@ -10,7 +10,7 @@ Scales are bfloat16, rounded *up* from the exact value, so every weight satisfie
 
 Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; the dense MLP's for `mistral`
 models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's
-dtype: routing decisions are sensitive, and those tensors are small.
+dtype (fp32, once kernels.py has packed the model): routing decisions are sensitive, and those tensors are small.
 
 Kernels (measured on a 2-core Zen 4 CPU, see README): for up to KERNEL_MAX_ROWS input rows, int8 uses
 `aten._weight_int8pack_mm` and int4 `aten._weight_int4pack_mm_for_cpu` (CUDA: `aten._weight_int4pack_mm`),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,8 +85,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                       "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -114,16 +116,20 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         header.pop("__metadata__", None)
         data_start, data_size = 8 + header_len, size - 8 - header_len
         for name, info in header.items():
-            try:
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                shape = [int(d) for d in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise bad(f"tensor {name} has an unreadable entry {info!r}") from None
-            tensor = torch.empty(shape, dtype=dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            shape = info.get("shape") if isinstance(info, dict) else None
+            offsets = info.get("data_offsets") if isinstance(info, dict) else None
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                    and all(type(d) is int and d >= 0 for d in shape + offsets)):
+                raise bad(f"tensor {name} has an unreadable entry {info!r}")
+            if info.get("dtype") not in _SAFETENSORS_DTYPES:
+                raise MixtralError(f"cannot read {path}: tensor {name} has dtype {info.get('dtype')!r}, which mixtral "
+                                   f"does not read (it reads {', '.join(_SAFETENSORS_DTYPES)})")
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = offsets
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not begin <= end <= data_size or end - begin != nbytes:  # checked before allocating anything
                 raise bad(f"tensor {name} lies outside the file or has the wrong size")
+            tensor = torch.empty(shape, dtype=dtype)
             f.seek(data_start + begin)
             if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
                 raise bad(f"tensor {name} is cut short")
@@ -133,10 +139,11 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
     for path in tqdm(files, desc="Loading weights", unit="shard", disable=not progress or len(files) < 2):
         try:
-            for item in _read_safetensors(path):
-                yield item
-                release_free_memory()  # the previous tensor was copied into the model and dropped
-        except OSError as exc:
+            for name, tensor in _read_safetensors(path):
+                yield name, tensor
+                del tensor
+                release_free_memory()  # the tensors copied into the model so far, and dropped by the caller
+        except (OSError, RuntimeError, MemoryError) as exc:
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
@@ -147,7 +154,7 @@ def release_free_memory() -> None:
     if _malloc_trim is None:
         try:
             _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
+        except Exception:  # not glibc (or not a platform where CDLL(None) works)
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -281,10 +281,9 @@ class TGIBackend(Backend):
         sampling = {} if settings.greedy else {
             "temperature": settings.temperature, "seed": settings.seed,
             "top_p": settings.top_p if settings.top_p < 1.0 else None}
-        done = False
         # one client per reply: closing it closes the HTTP stream, so Stop reaches the server at once
         async with AsyncInferenceClient(self.endpoint, token=self.api_key or None) as client:
-            try:
+            with _remote_turn(turn, self.endpoint):
                 chunks = await client.text_generation(
                     prompt, max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
                     repetition_penalty=settings.repetition_penalty if settings.repetition_penalty != 1.0 else None,
@@ -296,19 +295,10 @@ class TGIBackend(Backend):
                             turn.token_ids.append(chunk.token.id)
                         if chunk.details is not None:
                             turn.finish_reason = str(chunk.details.finish_reason)
-                            done = True
                         if chunk.token.special or not chunk.token.text:
                             continue
                         turn.chunks += 1
                         yield chunk.token.text
-            except BackendError:
-                raise
-            except Exception as exc:
-                raise BackendError(_remote_error(exc, self.endpoint)) from None
-            finally:
-                turn.ended = time.perf_counter()
-                if not done:
-                    turn.finish_reason = turn.finish_reason or "stopped"
 
 
 def openai_base_url(url: str) -> str:
@@ -331,9 +321,8 @@ class OpenAIBackend(Backend):
         return AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none", max_retries=0, timeout=600.0)
 
     async def stream(self, messages, settings, turn):
-        done = False
         async with self._client() as client:
-            try:
+            with _remote_turn(turn, self.base_url):
                 if self.model is None:
                     models = await client.models.list()
                     if not models.data:
@@ -351,18 +340,25 @@ class OpenAIBackend(Backend):
                             continue
                         choice = chunk.choices[0]
                         if choice.finish_reason:
-                            turn.finish_reason, done = choice.finish_reason, True
+                            turn.finish_reason = choice.finish_reason
                         if choice.delta and choice.delta.content:
                             turn.chunks += 1
                             yield choice.delta.content
-            except BackendError:
-                raise
-            except Exception as exc:
-                raise BackendError(_remote_error(exc, self.base_url)) from None
-            finally:
-                turn.ended = time.perf_counter()
-                if not done:
-                    turn.finish_reason = turn.finish_reason or "stopped"
+
+
+@contextmanager
+def _remote_turn(turn, where: str):
+    """Around one remote reply: any failure becomes a BackendError in words; the turn is closed either way
+    ("stopped" when the server never said why it finished: Stop, a closed tab, a broken stream)."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise BackendError(_remote_error(exc, where)) from None
+    finally:
+        turn.ended = time.perf_counter()
+        turn.finish_reason = turn.finish_reason or "stopped"
 
 
 def _remote_error(exc: Exception, where: str) -> str:

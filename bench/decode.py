@@ -71,7 +71,7 @@ def write_random_checkpoint(args, out_dir: Path, seed: int = 0) -> Path:
 
 def random_model_on_device(args, precision: str, device: str, group_size: int | None, pack: bool = True):
     """Our Transformer with random bf16 weights made directly on `device` (no files), then quantized (and on the
-    CPU repacked for the fastest kernels, as `load` does)."""
+    CPU set up for the fastest kernels, as `load` does)."""
     import torch
 
     from mixtral.kernels import pack_model
@@ -115,6 +115,13 @@ def checkpoint_mb(model_dir: str | None) -> float | None:
     if not model_dir:
         return None
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e6
+
+
+def kernels_of(model) -> str:
+    """Which matmuls our model runs on: "native" (native.py), "fbgemm" (kernels.py) or "torch"."""
+    if getattr(model, "native", None) is not None:
+        return "native"
+    return "fbgemm" if getattr(model, "packed", False) else "torch"
 
 
 def active_bytes(model) -> int:
@@ -181,7 +188,8 @@ def run_ours(opts, precision: str) -> dict:
         model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size, opts.pack)
     sync(opts.device)
     result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb(),
-              "load_rss_growth_mb": peak_rss_mb() - baseline, "active_bytes": active_bytes(model)}
+              "load_rss_growth_mb": peak_rss_mb() - baseline, "active_bytes": active_bytes(model),
+              "kernels": kernels_of(model)}
     prompt = prompt_ids(opts, model.args.vocab_size)
     if opts.compile:  # measured, not the default: see the README (graph breaks at the experts)
         model = torch.compile(model, dynamic=True)
@@ -302,12 +310,12 @@ def fmt(value, spec: str) -> str:
 def print_table(report: dict) -> None:
     print(f"config {report['config']} on {report['device']}, {report['threads']} threads; prompt "
           f"{report['prompt_tokens']} tokens, decode {report['new_tokens']} tokens at batch 1 (greedy); "
-          f"ours {'repacked for fbgemm' if report['pack'] else 'not repacked (--no-pack)'}; "
+          f"{'' if report['pack'] else 'ours on plain torch ops (--no-pack); '}"
           f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
     weights = report.get("checkpoint_mb")
     print(f"checkpoint {weights:,.0f} MB of safetensors; 'load MB' is how much the resident set grew while "
           f"loading (peak minus before)" if weights else "no checkpoint files (weights made on the device)")
-    head = (f"{'engine':<16}{'load s':>8}{'load MB':>9}{'x ckpt':>8}{'prefill tok/s':>15}{'decode tok/s':>14}"
+    head = (f"{'engine':<16}{'kernels':<9}{'load s':>8}{'load MB':>9}{'x ckpt':>8}{'prefill tok/s':>15}{'decode tok/s':>14}"
             f"{'vs hf bf16':>12}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
     print(head)
     print("-" * len(head))
@@ -317,7 +325,7 @@ def print_table(report: dict) -> None:
             print(f"{name:<16}  {r['error']}")
             continue
         growth = r["load_rss_growth_mb"]
-        print(f"{name:<16}{r['load_s']:>8.2f}{growth:>9,.0f}{fmt(weights and growth / weights, '.2f'):>8}"
+        print(f"{name:<16}{r.get('kernels', 'torch'):<9}{r['load_s']:>8.2f}{growth:>9,.0f}{fmt(weights and growth / weights, '.2f'):>8}"
               f"{r['prefill_tok_s']:>15,.1f}"
               f"{r['decode_tok_s']:>14,.2f}{fmt(r.get('decode_vs_hf_bf16'), '.2f') + 'x':>12}"
               f"{r['active_bytes'] / 1e6:>10,.1f}{r['bound_tok_s']:>13,.1f}{r['fraction_of_bound']:>10.0%}")
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=",".join(f"{e}:{p}" for e, p in RUNS),
                         help="comma-separated engine:precision list (default: all six)")
     parser.add_argument("--no-pack", dest="pack", action="store_false",
-                        help="ours: keep the loaded weights instead of repacking them for fbgemm (kernels.py)")
+                        help="ours: plain torch ops, neither our own kernels (native.py) nor fbgemm (kernels.py)")
     parser.add_argument("--compile", action="store_true",
                         help="ours: torch.compile the model (compile time is part of the warm-up, not the timings)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth probe tensor")

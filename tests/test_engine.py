@@ -20,10 +20,11 @@ PROMPTS = ["To be", "Now is the winter of our discontent", "O", "Friends, Romans
            "Who goes there?", "A horse! a horse! my kingdom for a horse!"]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float32-torch"])
 def loaded(tiny_chat_model, request):
-    """fp32 as stored, and bf16 repacked for the CPU kernels (fp32 activations, fused projections)."""
-    return load(tiny_chat_model, dtype=request.param, progress=False)
+    """fp32 and bf16 on the CPU kernels (native.py, else kernels.py), and fp32 on plain torch ops (pack=False)."""
+    dtype, _, plain = request.param.partition("-")
+    return load(tiny_chat_model, dtype=dtype, progress=False, pack=not plain)
 
 
 @pytest.fixture

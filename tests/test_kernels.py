@@ -1,4 +1,5 @@
-"""Weights repacked for the CPU's fbgemm kernels (kernels.py) against transformers and the unpacked model."""
+"""Weights repacked for the CPU's fbgemm kernels (kernels.py, the fallback when native.py's kernels cannot
+run) against transformers and the unpacked model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from mixtral.sampling import Sampler, SamplingParams
 from mixtral.weights import save_checkpoint
 
 pytestmark = pytest.mark.skipif(not kernels.fp16_available(), reason="no fbgemm kernels on this CPU")
+
+
+@pytest.fixture(autouse=True)
+def fbgemm_only(monkeypatch):
+    """These tests are about the fbgemm packing, which our own kernels (native.py) take precedence over."""
+    monkeypatch.setenv("MIXTRAL_NATIVE", "0")
 
 CONFIGS = {  # tied/untied, GQA/MHA, a sliding window, and the dense mistral MLP
     "gqa-untied": ("mixtral", dict(num_key_value_heads=2, tie_word_embeddings=False)),

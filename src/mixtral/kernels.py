@@ -203,8 +203,12 @@ def pack_model(model) -> bool:
     kernel; the embedding, router and norms are untouched. Returns whether anything was packed."""
     from .model import MoE, RMSNorm
 
+    from . import native
+
     if model.device.type != "cpu" or getattr(model, "packed", False):
         return False
+    if native.prepare(model):  # our own kernels, where this CPU and compiler allow: no repacking at all
+        return True
     fp16 = model.dtype in (torch.bfloat16, torch.float16) and fp16_available()
     changed = False
 

@@ -276,6 +276,12 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def _apply(self, fn, recurse=True):
+        """.to(), .half(), ...: the native kernels hold pointers to the old weights, so they are let go."""
+        if getattr(self, "native", None) is not None:
+            self.native, self.packed = None, False
+        return super()._apply(fn, recurse)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -298,6 +304,10 @@ class Transformer(nn.Module):
         slots: (B,) which cache rows these B sequences use (default rows 0..B-1); lets an engine step any
             subset of the sequences it holds.
         """
+        if getattr(self, "native", None) is not None:  # our own CPU kernels (native.py)
+            from . import native
+
+            return native.forward(self, input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)

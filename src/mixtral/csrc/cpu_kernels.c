@@ -1,0 +1,533 @@
+/* CPU kernels for inference on x86-64 with AVX2, FMA and F16C, threaded with OpenMP (the runtime torch
+ * already loaded, so both share one thread pool and torch.set_num_threads governs both).
+ *
+ * Weights are read where they lie, in the checkpoint's own format: fp32, bf16 or fp16 values, or our int8
+ * (one bf16 scale per row) and int4 (two codes per byte, one bf16 scale per group of columns) codes, as
+ * quantize.py stores them. Nothing is repacked, so a model keeps one copy of its weights. A block of 4
+ * weight rows is widened to fp32 in a small tile that stays in the L1 cache, then multiplied with every
+ * activation row: at batch 1 the weights stream from memory once, at batch N they are widened once.
+ *
+ * Every product is computed in fp32 from the exact fp32 value of each weight (bf16, fp16, code * scale are
+ * all exact in fp32), so results equal a plain fp32 matmul with the dequantized weight up to summation order.
+ *
+ * Entry points (all take and return fp32 activations, row-major):
+ *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight
+ *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual
+ *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
+ *   mx_rmsnorm     RMS normalization
+ *   mx_decode_layer  a whole decoder block (all of the above) for one new token per sequence
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_I8 = 3, FMT_I4 = 4 };
+
+/* A weight (N, K), or a stack of experts (E, N, K), as the Python side describes it (native.py: Weight). */
+typedef struct {
+    const void *data;          /* values, int8 codes (N, K) or int4 code pairs (N, Kp/2) */
+    const uint16_t *scales;    /* bf16 scales: int8 (N,), int4 (N, Kp/G); NULL for float weights */
+    int64_t fmt, n, k, group;  /* format, rows, columns, int4 group size (columns per scale) */
+    int64_t expert_stride;     /* elements (fp formats, int8) or bytes (int4) from one expert to the next */
+    int64_t scale_stride;      /* scales from one expert to the next */
+} weight_t;
+
+#define ROWS 4        /* weight rows per tile */
+#define KCHUNK 1024   /* columns per tile: 4 x 1024 fp32 = 16 KiB, within L1 */
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Widen rows [r0, r0 + nr) x columns [k0, k0 + kc) of expert e to fp32 in `tile` (row stride kc).
+ * For fp32 weights nothing is copied: the returned pointer and *stride point into the weight itself. */
+static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int64_t k0, int64_t kc,
+                          float *tile, int64_t *stride) {
+    const int64_t K = w->k;
+    if (w->fmt == FMT_F32) {
+        *stride = K;
+        return (const float *)w->data + e * w->expert_stride + r0 * K + k0;
+    }
+    *stride = kc;
+    for (int r = 0; r < nr; r++) {
+        float *dst = tile + r * kc;
+        const int64_t row = r0 + r;
+        int64_t i = 0;
+        if (w->fmt == FMT_BF16) {
+            const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K + k0;
+            for (; i + 8 <= kc; i += 8) {
+                __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+                _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+            }
+            for (; i < kc; i++) dst[i] = bf16_to_float(src[i]);
+        } else if (w->fmt == FMT_F16) {
+            const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K + k0;
+            for (; i + 8 <= kc; i += 8)
+                _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+            for (; i < kc; i++) dst[i] = _cvtsh_ss(src[i]);
+        } else if (w->fmt == FMT_I8) {
+            const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K + k0;
+            const __m256 scale = _mm256_set1_ps(bf16_to_float(w->scales[e * w->scale_stride + row]));
+            for (; i + 8 <= kc; i += 8) {
+                __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)));
+                _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+            }
+            const float s = bf16_to_float(w->scales[e * w->scale_stride + row]);
+            for (; i < kc; i++) dst[i] = (float)src[i] * s;
+        } else { /* FMT_I4: byte j of a row holds columns 2j (low nibble) and 2j + 1 (high), offset by 8 */
+            const int64_t G = w->group, n_groups = (K + G - 1) / G, row_bytes = n_groups * G / 2;
+            const uint8_t *src = (const uint8_t *)w->data + e * w->expert_stride + row * row_bytes + k0 / 2;
+            const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups + k0 / G;
+            const __m128i low4 = _mm_set1_epi8(0x0F);
+            const __m256i eight = _mm256_set1_epi32(8);
+            for (; i < kc; i += 16) { /* kc is a multiple of 16 except at the row's end (the codes are padded) */
+                const __m256 scale = _mm256_set1_ps(bf16_to_float(scales[i / G]));
+                __m128i b = _mm_loadl_epi64((const __m128i *)(src + i / 2));
+                __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                __m128i codes = _mm_unpacklo_epi8(lo, hi); /* 16 codes in column order */
+                __m256i c0 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(codes), eight);
+                __m256i c1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), eight);
+                float tmp[16];
+                float *out = i + 16 <= kc ? dst + i : tmp;
+                _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(c0), scale));
+                _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c1), scale));
+                if (out == tmp) memcpy(dst + i, tmp, (size_t)(kc - i) * sizeof(float));
+            }
+        }
+    }
+    return tile;
+}
+
+/* acc[m * ROWS + r] += tile row r . x row m over kc columns, for nr <= ROWS tile rows and M activation rows. */
+static void tile_dot(const float *t, int64_t ts, int nr, const float *x, int64_t ldx, int64_t M, int64_t kc,
+                     float *acc) {
+    if (nr == ROWS) {
+        const float *t0 = t, *t1 = t + ts, *t2 = t + 2 * ts, *t3 = t + 3 * ts;
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) { /* two activation rows share each widened weight load */
+            const float *xa = x + m * ldx, *xb = xa + ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            int64_t i = 0;
+            for (; i + 8 <= kc; i += 8) {
+                __m256 va = _mm256_loadu_ps(xa + i), vb = _mm256_loadu_ps(xb + i), w;
+                w = _mm256_loadu_ps(t0 + i); a0 = _mm256_fmadd_ps(w, va, a0); b0 = _mm256_fmadd_ps(w, vb, b0);
+                w = _mm256_loadu_ps(t1 + i); a1 = _mm256_fmadd_ps(w, va, a1); b1 = _mm256_fmadd_ps(w, vb, b1);
+                w = _mm256_loadu_ps(t2 + i); a2 = _mm256_fmadd_ps(w, va, a2); b2 = _mm256_fmadd_ps(w, vb, b2);
+                w = _mm256_loadu_ps(t3 + i); a3 = _mm256_fmadd_ps(w, va, a3); b3 = _mm256_fmadd_ps(w, vb, b3);
+            }
+            float sa[ROWS] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            float sb[ROWS] = {hsum(b0), hsum(b1), hsum(b2), hsum(b3)};
+            for (; i < kc; i++)
+                for (int r = 0; r < ROWS; r++) { sa[r] += t[r * ts + i] * xa[i]; sb[r] += t[r * ts + i] * xb[i]; }
+            for (int r = 0; r < ROWS; r++) { acc[m * ROWS + r] += sa[r]; acc[(m + 1) * ROWS + r] += sb[r]; }
+        }
+        for (; m < M; m++) {
+            const float *xa = x + m * ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t i = 0;
+            for (; i + 8 <= kc; i += 8) {
+                __m256 va = _mm256_loadu_ps(xa + i);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(t0 + i), va, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(t1 + i), va, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(t2 + i), va, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(t3 + i), va, a3);
+            }
+            float sa[ROWS] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            for (; i < kc; i++)
+                for (int r = 0; r < ROWS; r++) sa[r] += t[r * ts + i] * xa[i];
+            for (int r = 0; r < ROWS; r++) acc[m * ROWS + r] += sa[r];
+        }
+        return;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int r = 0; r < nr; r++) acc[m * ROWS + r] += dot(t + r * ts, x + m * ldx, kc);
+}
+
+/* ---- one activation row (batch-1 decode): each weight row is read once, widened in registers ---- */
+
+/* x reordered in blocks of 16 columns: the 8 even columns, then the 8 odd ones. That is how a 32-byte load of
+ * bf16 pairs, or 8 bytes of int4 nibble pairs, splits into two vectors of 8 fp32 with a shift and a mask. */
+static void split_even_odd(const float *x, int64_t K, float *xp) {
+    int64_t i = 0;
+    for (; i + 16 <= K; i += 16)
+        for (int j = 0; j < 8; j++) { xp[i + j] = x[i + 2 * j]; xp[i + 8 + j] = x[i + 2 * j + 1]; }
+    for (; i < K; i++) xp[i] = x[i];
+}
+
+/* Row `row` of expert e . x over all K columns. One row at a time keeps each thread's reads one sequential
+ * stream (the hardware prefetcher's best case; two interleaved rows measured 30% slower), and four
+ * accumulators keep the FMA latency chains from bounding the loop.
+ * xp is x split by split_even_odd; group_sums[g] = sum of x over int4 group g (int4 codes carry an offset of 8,
+ * taken out once per group instead of once per code). */
+static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, const float *xp,
+                     const float *group_sums) {
+    const int64_t K = w->k;
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    float tail = 0.0f;
+    int64_t i = 0;
+    if (w->fmt == FMT_BF16) {
+        const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K;
+        const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+        for (; i + 32 <= K; i += 32) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(src + i));
+            const __m256i u = _mm256_loadu_si256((const __m256i *)(src + i + 16));
+            a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xp + i), a);
+            b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), _mm256_loadu_ps(xp + i + 8), b);
+            c = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), _mm256_loadu_ps(xp + i + 16), c);
+            d = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, high)), _mm256_loadu_ps(xp + i + 24), d);
+        }
+        for (; i + 16 <= K; i += 16) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(src + i));
+            a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xp + i), a);
+            b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), _mm256_loadu_ps(xp + i + 8), b);
+        }
+        for (; i < K; i++) tail += bf16_to_float(src[i]) * x[i];
+    } else if (w->fmt == FMT_F16) {
+        const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K;
+        for (; i + 32 <= K; i += 32) {
+            a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))), _mm256_loadu_ps(x + i), a);
+            b = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i + 8))), _mm256_loadu_ps(x + i + 8), b);
+            c = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i + 16))), _mm256_loadu_ps(x + i + 16), c);
+            d = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i + 24))), _mm256_loadu_ps(x + i + 24), d);
+        }
+        for (; i + 8 <= K; i += 8)
+            a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))), _mm256_loadu_ps(x + i), a);
+        for (; i < K; i++) tail += _cvtsh_ss(src[i]) * x[i];
+    } else if (w->fmt == FMT_F32) {
+        const float *src = (const float *)w->data + e * w->expert_stride + row * K;
+        for (; i + 32 <= K; i += 32) {
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(x + i), a);
+            b = _mm256_fmadd_ps(_mm256_loadu_ps(src + i + 8), _mm256_loadu_ps(x + i + 8), b);
+            c = _mm256_fmadd_ps(_mm256_loadu_ps(src + i + 16), _mm256_loadu_ps(x + i + 16), c);
+            d = _mm256_fmadd_ps(_mm256_loadu_ps(src + i + 24), _mm256_loadu_ps(x + i + 24), d);
+        }
+        for (; i + 8 <= K; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(x + i), a);
+        for (; i < K; i++) tail += src[i] * x[i];
+    } else if (w->fmt == FMT_I8) {
+        const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K;
+#define I8X8(at) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + (at)))))
+        for (; i + 32 <= K; i += 32) {
+            a = _mm256_fmadd_ps(I8X8(i), _mm256_loadu_ps(x + i), a);
+            b = _mm256_fmadd_ps(I8X8(i + 8), _mm256_loadu_ps(x + i + 8), b);
+            c = _mm256_fmadd_ps(I8X8(i + 16), _mm256_loadu_ps(x + i + 16), c);
+            d = _mm256_fmadd_ps(I8X8(i + 24), _mm256_loadu_ps(x + i + 24), d);
+        }
+        for (; i + 8 <= K; i += 8) a = _mm256_fmadd_ps(I8X8(i), _mm256_loadu_ps(x + i), a);
+#undef I8X8
+        for (; i < K; i++) tail += (float)src[i] * x[i];
+        const float sum = hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d))) + tail;
+        return sum * bf16_to_float(w->scales[e * w->scale_stride + row]);
+    } else { /* FMT_I4: per group, sum(code * x) in four accumulators; then scale and remove the offset */
+        const int64_t G = w->group, n_groups = (K + G - 1) / G;
+        const uint8_t *src = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
+        const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups;
+        const __m128i low4 = _mm_set1_epi8(0x0F);
+        __m256 total = _mm256_setzero_ps();
+        float offset = 0.0f;
+#define LO4(v) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, low4)))
+#define HI4(v) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low4)))
+        for (int64_t g = 0; g < n_groups; g++) {
+            const int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
+            a = b = c = d = _mm256_setzero_ps();
+            for (i = g * G; i + 32 <= end; i += 32) {
+                const __m128i v = _mm_loadl_epi64((const __m128i *)(src + i / 2));
+                const __m128i u = _mm_loadl_epi64((const __m128i *)(src + i / 2 + 8));
+                a = _mm256_fmadd_ps(LO4(v), _mm256_loadu_ps(xp + i), a);
+                b = _mm256_fmadd_ps(HI4(v), _mm256_loadu_ps(xp + i + 8), b);
+                c = _mm256_fmadd_ps(LO4(u), _mm256_loadu_ps(xp + i + 16), c);
+                d = _mm256_fmadd_ps(HI4(u), _mm256_loadu_ps(xp + i + 24), d);
+            }
+            for (; i + 16 <= end; i += 16) {
+                const __m128i v = _mm_loadl_epi64((const __m128i *)(src + i / 2));
+                a = _mm256_fmadd_ps(LO4(v), _mm256_loadu_ps(xp + i), a);
+                b = _mm256_fmadd_ps(HI4(v), _mm256_loadu_ps(xp + i + 8), b);
+            }
+            float part = 0.0f;
+            for (; i < end; i++) part += (float)((src[i / 2] >> (4 * (i & 1))) & 15) * x[i];
+            const float scale = bf16_to_float(scales[g]);
+            total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)), _mm256_set1_ps(scale), total);
+            offset += scale * (8.0f * group_sums[g] - part);
+        }
+#undef LO4
+#undef HI4
+        return hsum(total) - offset;
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d))) + tail;
+}
+
+/* y_i = (y_i if accumulate else 0) + W_i,e . x for `count` weights that share x (K columns, one format and
+ * group): one parallel pass over all their rows, so fused projections (q, k, v; w1, w3) cost one fork. */
+static void linear_one_row(const weight_t *const *ws, int count, int64_t e, const float *x, float *const *ys,
+                           int accumulate) {
+    const weight_t *w = ws[0];
+    const int64_t K = w->k;
+    float xp_small[4096], sums_small[256];
+    const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
+    float *xp = K <= 4096 ? xp_small : malloc(sizeof(float) * K);
+    float *sums = n_groups <= 256 ? sums_small : malloc(sizeof(float) * n_groups);
+    split_even_odd(x, K, xp);
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t end = (g + 1) * w->group < K ? (g + 1) * w->group : K;
+        float s = 0.0f;
+        for (int64_t i = g * w->group; i < end; i++) s += x[i];
+        sums[g] = s;
+    }
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) total += ws[i]->n;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < total; n++) {
+        int i = 0;
+        int64_t row = n;
+        while (row >= ws[i]->n) row -= ws[i++]->n;
+        const float v = row_dot(ws[i], e, row, x, xp, sums);
+        ys[i][row] = accumulate ? ys[i][row] + v : v;
+    }
+    if (xp != xp_small) free(xp);
+    if (sums != sums_small) free(sums);
+}
+
+static int same_layout(const weight_t *a, const weight_t *b) {
+    return a->fmt == b->fmt && a->k == b->k && a->group == b->group;
+}
+
+/* ---- the entry points ---- */
+
+/* y[m, n] = (y[m, n] if accumulate else 0) + sum_k x[m, k] * W_e[n, k]; threads split the rows of W. */
+void mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+               int accumulate) {
+    if (M == 1) {
+        linear_one_row(&w, 1, e, x, &y, accumulate);
+        return;
+    }
+    const int64_t N = w->n, K = w->k, blocks = (N + ROWS - 1) / ROWS;
+    const int64_t kchunk = w->fmt == FMT_I4 && w->group > KCHUNK ? w->group : KCHUNK;
+#pragma omp parallel
+    {
+        float tile[ROWS * KCHUNK];
+        float acc_small[ROWS * 64];
+        float *acc = M <= 64 ? acc_small : malloc(sizeof(float) * ROWS * M);
+        float *wide = kchunk > KCHUNK ? malloc(sizeof(float) * ROWS * kchunk) : tile;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t r0 = b * ROWS;
+            const int nr = (int)(N - r0 < ROWS ? N - r0 : ROWS);
+            memset(acc, 0, sizeof(float) * ROWS * M);
+            for (int64_t k0 = 0; k0 < K; k0 += kchunk) {
+                const int64_t kc = K - k0 < kchunk ? K - k0 : kchunk;
+                int64_t ts;
+                const float *t = widen(w, e, r0, nr, k0, kc, wide, &ts);
+                tile_dot(t, ts, nr, x + k0, ldx, M, kc, acc);
+            }
+            for (int64_t m = 0; m < M; m++)
+                for (int r = 0; r < nr; r++) {
+                    float *out = y + m * ldy + r0 + r;
+                    *out = accumulate ? *out + acc[m * ROWS + r] : acc[m * ROWS + r];
+                }
+        }
+        if (acc != acc_small) free(acc);
+        if (wide != tile) free(wide);
+    }
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]).
+ * Router logits use the router weight (E, D) in fp32 arithmetic; the top-k go best first (ties: lower index);
+ * their softmax gives the mixing weights. Experts run in ascending order, each once for all of its tokens.
+ * The chosen experts and weights are written to ids_out (M, topk) and weights_out (M, topk), the logits to
+ * logits_out (M, E). Returns 0, or -1 when out of memory. */
+int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
+           const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out) {
+    const int64_t D = w1->k, I = w1->n, E = router->n;
+    mx_linear(router, 0, x, M, D, logits_out, E, 0);
+    for (int64_t m = 0; m < M; m++) {
+        const float *logits = logits_out + m * E;
+        int64_t *ids = ids_out + m * topk;
+        float *mix = weights_out + m * topk;
+        for (int64_t j = 0; j < topk; j++) { /* selection: the best expert not yet chosen */
+            int64_t best = -1;
+            for (int64_t c = 0; c < E; c++) {
+                int taken = 0;
+                for (int64_t p = 0; p < j; p++) taken |= ids[p] == c;
+                if (!taken && (best < 0 || logits[c] > logits[best])) best = c;
+            }
+            ids[j] = best;
+        }
+        float top = logits[ids[0]], total = 0.0f;
+        for (int64_t j = 0; j < topk; j++) total += mix[j] = expf(logits[ids[j]] - top);
+        for (int64_t j = 0; j < topk; j++) mix[j] /= total;
+    }
+    float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
+    float *h3 = malloc(sizeof(float) * M * I), *ys = malloc(sizeof(float) * M * D);
+    float *sum = calloc((size_t)(M * D), sizeof(float));
+    int64_t *token = malloc(sizeof(int64_t) * M);
+    float *scale = malloc(sizeof(float) * M);
+    int status = 0;
+    if (!xs || !h1 || !h3 || !ys || !sum || !token || !scale) { status = -1; goto done; }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < topk; j++)
+                if (ids_out[m * topk + j] == e) { token[n] = m; scale[n++] = weights_out[m * topk + j]; }
+        if (!n) continue;
+        for (int64_t i = 0; i < n; i++) memcpy(xs + i * D, x + token[i] * D, sizeof(float) * D);
+        if (n == 1 && same_layout(w1, w3)) {
+            const weight_t *both[2] = {w1, w3};
+            float *outs[2] = {h1, h3};
+            linear_one_row(both, 2, e, xs, outs, 0);
+        } else {
+            mx_linear(w1, e, xs, n, D, h1, I, 0);
+            mx_linear(w3, e, xs, n, D, h3, I, 0);
+        }
+        for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
+        mx_linear(w2, e, h1, n, I, ys, D, 0);
+        for (int64_t i = 0; i < n; i++) {
+            float *dst = sum + token[i] * D;
+            const float *src = ys + i * D;
+            for (int64_t d = 0; d < D; d++) dst[d] += src[d] * scale[i];
+        }
+    }
+    for (int64_t i = 0; i < M * D; i++) out[i] += sum[i];
+done:
+    free(xs); free(h1); free(h3); free(ys); free(sum); free(token); free(scale);
+    return status;
+}
+
+/* One new token for each of M sequences: rotate its query and key heads (the "rotate half" layout of Hugging
+ * Face checkpoints) for position pos[m], write its key and value into cache row rows[m] at that position, then
+ * attend over positions [0, pos[m]] (the last `window` of them when window > 0).
+ * qkv: (M, H + 2G, Dh), rotated in place. caches: (rows, G, S_max, Dh). out: (M, H, Dh). */
+int mx_attention(float *qkv, int64_t M, int64_t H, int64_t G, int64_t Dh, const int64_t *pos,
+                 const int64_t *rows, float *k_cache, float *v_cache, int64_t s_max, int64_t window, float theta,
+                 float *out) {
+    const int64_t half = Dh / 2, width = (H + 2 * G) * Dh;
+    for (int64_t m = 0; m < M; m++) {
+        float *q = qkv + m * width;
+        for (int64_t i = 0; i < half; i++) {
+            const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)Dh);
+            const float angle = (float)pos[m] * inv_freq, c = cosf(angle), s = sinf(angle);
+            for (int64_t h = 0; h < H + G; h++) { /* query heads, then key heads */
+                float *v = q + h * Dh;
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c - b * s;
+                v[i + half] = b * c + a * s;
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t at = ((rows[m] * G + g) * s_max + pos[m]) * Dh;
+            memcpy(k_cache + at, q + (H + g) * Dh, sizeof(float) * Dh);
+            memcpy(v_cache + at, q + (H + G + g) * Dh, sizeof(float) * Dh);
+        }
+    }
+    int status = 0;
+    const float scale = 1.0f / sqrtf((float)Dh);
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * s_max);
+        if (!scores) {
+#pragma omp atomic write
+            status = -1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t mh = 0; mh < M * H; mh++) {
+            if (!scores) continue;
+            const int64_t m = mh / H, h = mh % H, g = h / (H / G);
+            const int64_t last = pos[m], first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+            const float *q = qkv + m * width + h * Dh;
+            const float *keys = k_cache + (rows[m] * G + g) * s_max * Dh, *values = v_cache + (rows[m] * G + g) * s_max * Dh;
+            float top = -INFINITY, total = 0.0f;
+            for (int64_t s = first; s <= last; s++) {
+                scores[s] = dot(q, keys + s * Dh, Dh) * scale;
+                if (scores[s] > top) top = scores[s];
+            }
+            for (int64_t s = first; s <= last; s++) total += scores[s] = expf(scores[s] - top);
+            float *o = out + (m * H + h) * Dh;
+            memset(o, 0, sizeof(float) * Dh);
+            for (int64_t s = first; s <= last; s++) {
+                const float p = scores[s] / total;
+                const float *v = values + s * Dh;
+                for (int64_t d = 0; d < Dh; d++) o[d] += p * v[d];
+            }
+        }
+        free(scores);
+    }
+    return status;
+}
+
+/* y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, for M rows of D. */
+void mx_rmsnorm(const float *x, int64_t M, int64_t D, const float *weight, float eps, float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * D;
+        const float scale = 1.0f / sqrtf(dot(row, row, D) / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) y[m * D + d] = row[d] * scale * weight[d];
+    }
+}
+
+/* One decoder block for one new token of each of B sequences (see mx_attention for pos, rows and the caches). */
+typedef struct {
+    weight_t q, k, v, o, router, w1, w3, w2; /* router.n == 0: a dense SwiGLU MLP instead of experts */
+    const float *attn_norm, *ffn_norm;       /* fp32 (D,) */
+    double eps, theta;
+    int64_t n_heads, n_kv_heads, head_dim, window, top_k;
+} layer_t;
+
+/* x (B, D) += attention(norm(x)); x += feed-forward(norm(x)). The router's logits, choices and weights go to
+ * logits (B, E), ids (B, top_k), mix (B, top_k) for a mixture of experts. Returns 0, or -1 when out of memory. */
+int mx_decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
+                    float *k_cache, float *v_cache, int64_t s_max, float *logits, int64_t *ids, float *mix) {
+    const int64_t D = L->q.k, H = L->n_heads, G = L->n_kv_heads, Dh = L->head_dim, width = (H + 2 * G) * Dh;
+    const int64_t I = L->w1.n;
+    float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * width);
+    float *attn = malloc(sizeof(float) * B * H * Dh);
+    float *h1 = L->router.n ? NULL : malloc(sizeof(float) * B * I), *h3 = L->router.n ? NULL : malloc(sizeof(float) * B * I);
+    int status = -1;
+    if (!h || !qkv || !attn || (!L->router.n && (!h1 || !h3))) goto done;
+    mx_rmsnorm(x, B, D, L->attn_norm, (float)L->eps, h);
+    if (B == 1 && same_layout(&L->q, &L->k) && same_layout(&L->q, &L->v)) {
+        const weight_t *proj[3] = {&L->q, &L->k, &L->v};
+        float *outs[3] = {qkv, qkv + H * Dh, qkv + (H + G) * Dh};
+        linear_one_row(proj, 3, 0, h, outs, 0);
+    } else {
+        mx_linear(&L->q, 0, h, B, D, qkv, width, 0);
+        mx_linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0);
+        mx_linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0);
+    }
+    if (mx_attention(qkv, B, H, G, Dh, pos, rows, k_cache, v_cache, s_max, L->window, (float)L->theta, attn))
+        goto done;
+    mx_linear(&L->o, 0, attn, B, H * Dh, x, D, 1);
+    mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
+    if (L->router.n) {
+        if (mx_moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix)) goto done;
+    } else {
+        mx_linear(&L->w1, 0, h, B, D, h1, I, 0);
+        mx_linear(&L->w3, 0, h, B, D, h3, I, 0);
+        for (int64_t i = 0; i < B * I; i++) h1[i] = silu(h1[i]) * h3[i];
+        mx_linear(&L->w2, 0, h1, B, I, x, D, 1);
+    }
+    status = 0;
+done:
+    free(h); free(qkv); free(attn); free(h1); free(h3);
+    return status;
+}

@@ -1,0 +1,151 @@
+"""Our own CPU kernels (native.py, csrc/cpu_kernels.c) against torch's fp32 matmul and transformers' Mixtral."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_hf_model, save_hf_model
+
+from mixtral import native
+from mixtral import quantize as Q
+from mixtral.generate import generate_step
+from mixtral.loading import load_model
+from mixtral.sampling import Sampler, SamplingParams
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+CONFIGS = {  # tied/untied, GQA/MHA, a sliding window, and the dense mistral MLP
+    "gqa-untied": ("mixtral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mha-tied-window": ("mixtral", dict(num_key_value_heads=4, tie_word_embeddings=True, sliding_window=6)),
+    "mistral-dense": ("mistral", dict(num_key_value_heads=2)),
+}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _greedy(model, prompts, n):
+    steps = list(generate_step(model, prompts, [Sampler(SamplingParams(temperature=0)) for _ in prompts], n))
+    return [[step[row][0] for step in steps] for row in range(len(prompts))]
+
+
+# ---- one matmul, every weight format --------------------------------------------------------------------
+
+def _weights(n, k, experts=2):
+    dense = torch.randn(experts, n, k, generator=_gen(n * k)) * 0.05
+    return {
+        "fp32": dense, "bf16": dense.bfloat16(), "fp16": dense.half(),
+        "int8": Q.QuantLinear.from_weight(dense, 8, pack=False),
+        "int4-g16": Q.QuantLinear.from_weight(dense, 4, 16, pack=False),
+        "int4-g64": Q.QuantLinear.from_weight(dense, 4, 64, pack=False),
+    }
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])  # batch-1 decode; a few sequences; a prompt (over 64 rows)
+@pytest.mark.parametrize("n,k", [(37, 200), (64, 1100), (8, 48)])  # odd row counts, K past one 1024 tile
+def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
+    x = torch.randn(rows, k, generator=_gen(rows))
+    for name, weight in _weights(n, k).items():
+        dense = (weight.dequantize() if isinstance(weight, Q.QuantLinear) else weight).float()
+        wanted = x @ dense[1].T  # expert 1 of 2: the expert stride is right
+        got = native.NativeWeight(weight).linear(x, expert=1)
+        assert torch.allclose(got, wanted, rtol=1e-5, atol=1e-5), name
+        out = torch.ones(rows, n + 3)  # into a wider buffer, added to what is there
+        native.NativeWeight(weight).linear(x, expert=1, out=out[:, 2:2 + n], accumulate=True)
+        assert torch.allclose(out[:, 2:2 + n], wanted + 1, rtol=1e-5, atol=1e-5), name
+        assert torch.equal(out[:, :2], torch.ones(rows, 2)) and torch.equal(out[:, -1], torch.ones(rows)), name
+
+
+def test_int4_layout_of_torchs_kernel_is_read_back_as_canonical():
+    dense = torch.randn(64, 128, generator=_gen(3)) * 0.05
+    layer = Q.QuantLinear.from_weight(dense, 4, 32)  # packed for torch's int4 kernel where it exists
+    reference = layer.dequantize()
+    x = torch.randn(2, 128, generator=_gen(4))
+    assert torch.allclose(native.NativeWeight(layer).linear(x), x @ reference.T, rtol=1e-5, atol=1e-5)
+
+
+# ---- whole models ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def bf16_pair(request, tmp_path_factory):
+    """A bf16 checkpoint written by transformers, and transformers' model of it computing in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, overrides = CONFIGS[request.param]
+    out = tmp_path_factory.mktemp(f"bf16_{request.param}")
+    save_hf_model(make_hf_model(model_type, seed=5, **overrides).to(torch.bfloat16), out)
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return out, reference
+
+
+def test_bf16_model_matches_transformers_in_fp32(bf16_pair):
+    path, reference = bf16_pair
+    model = load_model(path, dtype="bfloat16", progress=False)
+    assert model.native is not None and model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
+    assert model.layers[0].attn.wq.weight.dtype == torch.bfloat16  # the weights stay as loaded: one copy
+    ids = torch.randint(3, 256, (3, 17), generator=_gen(0))
+    with torch.inference_mode():
+        ours, theirs = model(ids), reference(ids).logits
+    assert (ours - theirs).abs().max() < 1e-4  # bf16 weights are exact in fp32: the same numbers as fp32
+    expected = reference.generate(ids[:2, :5], max_new_tokens=24, do_sample=False)[:, 5:].tolist()
+    assert _greedy(model, ids[:2, :5].tolist(), 24) == expected  # decode steps through the KV cache, batched
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    return save_hf_model(make_hf_model(seed=6, hidden_size=128, intermediate_size=192), out)
+
+
+@pytest.mark.parametrize("setting", ["int8", "int4-g32"])
+def test_quantized_model_equals_fp32_with_its_dequantized_weights(tiny_dir, setting):
+    from test_quantize import _dequantized_copy
+
+    model = load_model(tiny_dir, dtype="float32", progress=False, quantize=setting)
+    assert model.native is not None and isinstance(model.layers[0].ffn.w1, Q.QuantLinear)
+    plain = load_model(tiny_dir, dtype="float32", progress=False, pack=False)
+    reference = _dequantized_copy(plain, load_model(tiny_dir, dtype="float32", progress=False, quantize=setting,
+                                                    pack=False))
+    ids = torch.randint(3, 256, (2, 11), generator=_gen(2))
+    with torch.inference_mode():
+        assert torch.allclose(model(ids), reference(ids), atol=1e-4)
+        assert _greedy(model, ids[:, :4].tolist(), 12) == _greedy(reference, ids[:, :4].tolist(), 12)
+
+
+def test_routing_is_reported_as_the_reference_routes(tiny_dir):
+    model = load_model(tiny_dir, dtype="float32", progress=False)
+    plain = load_model(tiny_dir, dtype="float32", progress=False, pack=False)
+    ids = torch.randint(3, 256, (2, 9), generator=_gen(5))
+    ours, theirs = [], []
+    with torch.inference_mode():
+        model(ids, routing=ours)
+        plain(ids, routing=theirs)
+    assert len(ours) == len(theirs) == model.args.n_layers
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.expert_ids, b.expert_ids)
+        assert torch.allclose(a.weights, b.weights, atol=1e-5) and torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_moving_or_casting_the_model_returns_it_to_torch(tiny_dir):
+    model = load_model(tiny_dir, dtype="float32", progress=False)
+    ids = torch.randint(3, 256, (1, 6), generator=_gen(6))
+    with torch.inference_mode():
+        before = model(ids)
+        model.to(torch.float64).to(torch.float32)  # new tensors: the kernels' pointers would be stale
+        assert model.native is None
+        assert torch.allclose(model(ids), before, atol=1e-5)
+
+
+def test_turned_off_by_the_environment(tiny_dir, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_NATIVE", "0")
+    model = load_model(tiny_dir, dtype="float32", progress=False)
+    assert getattr(model, "native", None) is None
+
+
+def test_a_failed_build_names_the_compiler_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="compiling cpu_kernels.c failed"):
+        native._build()
+    assert not list(tmp_path.iterdir())  # nothing half-written is left in the cache

@@ -315,8 +315,8 @@ def print_table(report: dict) -> None:
     weights = report.get("checkpoint_mb")
     print(f"checkpoint {weights:,.0f} MB of safetensors; 'load MB' is how much the resident set grew while "
           f"loading (peak minus before)" if weights else "no checkpoint files (weights made on the device)")
-    head = (f"{'engine':<16}{'kernels':<9}{'load s':>8}{'load MB':>9}{'x ckpt':>8}{'prefill tok/s':>15}{'decode tok/s':>14}"
-            f"{'vs hf bf16':>12}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
+    head = (f"{'engine':<16}{'kernels':<9}{'load s':>8}{'load MB':>9}{'x ckpt':>8}{'prefill tok/s':>15}"
+            f"{'decode tok/s':>14}{'vs hf bf16':>12}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
     print(head)
     print("-" * len(head))
     for r in report["results"]:
@@ -325,7 +325,8 @@ def print_table(report: dict) -> None:
             print(f"{name:<16}  {r['error']}")
             continue
         growth = r["load_rss_growth_mb"]
-        print(f"{name:<16}{r.get('kernels', 'torch'):<9}{r['load_s']:>8.2f}{growth:>9,.0f}{fmt(weights and growth / weights, '.2f'):>8}"
+        print(f"{name:<16}{r.get('kernels', 'torch'):<9}{r['load_s']:>8.2f}"
+              f"{growth:>9,.0f}{fmt(weights and growth / weights, '.2f'):>8}"
               f"{r['prefill_tok_s']:>15,.1f}"
               f"{r['decode_tok_s']:>14,.2f}{fmt(r.get('decode_vs_hf_bf16'), '.2f') + 'x':>12}"
               f"{r['active_bytes'] / 1e6:>10,.1f}{r['bound_tok_s']:>13,.1f}{r['fraction_of_bound']:>10.0%}")

@@ -315,7 +315,7 @@ def _prefill_layers(model, x, B, T, input_pos, cache, n_keys, slots, logits, ids
     from .model import apply_rope, attention_mask, rope_cos_sin
 
     lib, args = library(), model.args
-    N, D, H, G, Dh = B * T, args.dim, args.n_heads, args.n_kv_heads, args.head_dim
+    N, H, G, Dh = B * T, args.n_heads, args.n_kv_heads, args.head_dim
     n_keys = T if cache is None else (cache.max_seq_len if n_keys is None else n_keys)
     mask = attention_mask(input_pos, n_keys, args.sliding_window)
     cos, sin = rope_cos_sin(input_pos, Dh, args.rope_theta, torch.float32)

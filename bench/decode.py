@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RUNS = [("ours", "fp32"), ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("hf", "fp32"), ("hf", "bf16")]
+RUNS = [("ours", "fp32"), ("ours", "bf16"), ("ours", "int8"), ("ours", "int8+head"), ("ours", "int4"),
+        ("hf", "fp32"), ("hf", "bf16")]  # int8+head: lm_head in int8 too (as llama.cpp's Q8_0 does)
 # also available: ours:fp16 (an fp16 copy of the weights, packed like bf16)
 CONFIGS = {  # ModelArgs fields; all have 8 experts top-2 and vocab 32000
     "tiny": dict(dim=128, hidden_dim=448, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32),
@@ -93,8 +94,9 @@ def random_model_on_device(args, precision: str, device: str, group_size: int | 
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=gen)
-    if precision in ("int8", "int4"):
-        quantize_model(model, 8 if precision == "int8" else 4, group_size)
+    base, _, head = precision.partition("+")
+    if base in ("int8", "int4"):
+        quantize_model(model, 8 if base == "int8" else 4, group_size, lm_head=head == "head")
     if pack:
         pack_model(model)
     return model.eval()
@@ -180,7 +182,9 @@ def run_ours(opts, precision: str) -> dict:
     baseline = peak_rss_mb("VmRSS")
     start = time.perf_counter()
     if opts.model:
-        quantize = {"int8": "int8", "int4": f"int4-g{opts.group_size}"}.get(precision)
+        base, plus, head = precision.partition("+")
+        quantize = {"int8": "int8", "int4": f"int4-g{opts.group_size}"}.get(base)
+        quantize = quantize and quantize + plus + head
         dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "bfloat16")
         model = load_model(opts.model, dtype=dtype, device=opts.device, progress=False, quantize=quantize,
                            pack=opts.pack)
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--runs", default=",".join(f"{e}:{p}" for e, p in RUNS),
-                        help="comma-separated engine:precision list (default: all six)")
+                        help="comma-separated engine:precision list (default: all of them)")
     parser.add_argument("--no-pack", dest="pack", action="store_false",
                         help="ours: plain torch ops, neither our own kernels (native.py) nor fbgemm (kernels.py)")
     parser.add_argument("--compile", action="store_true",

@@ -98,7 +98,7 @@ def tiny_dir(tmp_path_factory):
     return save_hf_model(make_hf_model(seed=6, hidden_size=128, intermediate_size=192), out)
 
 
-@pytest.mark.parametrize("setting", ["int8", "int4-g32"])
+@pytest.mark.parametrize("setting", ["int8", "int4-g32+head"])
 def test_quantized_model_equals_fp32_with_its_dequantized_weights(tiny_dir, setting):
     from test_quantize import _dequantized_copy
 

@@ -233,8 +233,15 @@ def test_bad_settings_raise_mixtral_error(tiny_dir, bits, group_size):
     assert isinstance(model.layers[0].attn.wq, nn.Linear)  # nothing was swapped
 
 
+def test_head_suffix_quantizes_lm_head_too(tiny_dir):
+    model = load_model(tiny_dir, dtype="float32", progress=False, quantize="int4-g32+head", pack=False)
+    assert isinstance(model.lm_head, Q.QuantLinear) and model.lm_head.bits == 8
+    assert isinstance(model.layers[0].ffn.w1, Q.QuantLinear) and model.layers[0].ffn.w1.bits == 4
+    assert model.quantization == {"bits": 4, "group_size": 32, "method": Q.METHOD, "lm_head": True}
+
+
 def test_more_user_errors(tiny_dir, tmp_path, capsys):
-    for text in ("int3", "int8-g32", "int4-gx", "fp8"):
+    for text in ("int3", "int8-g32", "int4-gx", "fp8", "int8+tail", "int8+"):
         with pytest.raises(MixtralError, match="quantize must be"):
             load_model(tiny_dir, progress=False, quantize=text)
     with pytest.raises(MixtralError, match="already quantized"):

@@ -20,8 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: bfloat16); on the CPU bf16/fp16 weights are repacked and "
                         "computed in fp32 unless --no-pack")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG",
-                   help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64)")
+    p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG[+head]",
+                   help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64; "
+                        "+head: lm_head too, to int8)")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="CPU: keep weights as loaded instead of repacking them for the fastest kernels")
 

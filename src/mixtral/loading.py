@@ -69,7 +69,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     """Just the model (no tokenizer) from a model directory or Hub id.
 
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
-    quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint after loading it.
+    quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint after loading it; a "+head"
+    suffix quantizes lm_head too (to int8).
     pack: on the CPU, repack bf16/fp16/int8 weights for the fastest kernels (kernels.py); inference only,
     so pass False to train, re-quantize or save the model.
     """
@@ -81,7 +82,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     wanted = parse_quantize(quantize)
     stored = read_quantization(model_dir)
     if stored is not None:
-        if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])):
+        if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])
+                                   or wanted[2] and not stored.get("lm_head")):
             raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); it cannot be "
                                f"re-quantized to {quantize!r}: load the original checkpoint instead")
         model = load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress)

@@ -57,16 +57,20 @@ def check_settings(bits: int, group_size: int | None) -> int | None:
     return group_size
 
 
-def parse_quantize(text: str | None) -> tuple[int, int | None] | None:
-    """"int8" -> (8, None); "int4" -> (4, None) (default group); "int4-g32" -> (4, 32); None -> None."""
+def parse_quantize(text: str | None) -> tuple[int, int | None, bool] | None:
+    """"int8" -> (8, None, False); "int4" -> (4, None, False) (default group); "int4-g32" -> (4, 32, False);
+    a "+head" suffix also quantizes lm_head to int8 ("int8+head" -> (8, None, True)); None -> None."""
     if text is None:
         return None
-    name, _, group = str(text).lower().partition("-g")
-    if name not in ("int8", "int4") or (group and (name == "int8" or not group.isdigit())):
-        raise MixtralError(f"quantize must be 'int8', 'int4' or 'int4-g<group size>' (e.g. int4-g32), got {text!r}")
+    spec, plus, suffix = str(text).lower().partition("+")
+    name, _, group = spec.partition("-g")
+    if (name not in ("int8", "int4") or (group and (name == "int8" or not group.isdigit()))
+            or (plus and suffix != "head")):
+        raise MixtralError(f"quantize must be 'int8', 'int4' or 'int4-g<group size>' (e.g. int4-g32), with an "
+                           f"optional '+head' to quantize lm_head too (e.g. int8+head), got {text!r}")
     bits, group_size = (8, None) if name == "int8" else (4, int(group) if group else None)
     check_settings(bits, group_size)
-    return bits, group_size
+    return bits, group_size, bool(plus)
 
 
 # ---- the reference: quantize and dequantize in plain PyTorch -----------------------------------------

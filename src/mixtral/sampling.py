@@ -283,6 +283,11 @@ class Sampler:
 
     def __call__(self, logits: Tensor, prompt_ids: Ids = (), generated_ids: Ids = ()) -> int:
         """Return the next token id for this sequence."""
+        p = self.params
+        if p.greedy and p.repetition_penalty == 1.0 and p.frequency_penalty == p.presence_penalty == 0.0:
+            best = int(logits.argmax())  # one pass over the vocabulary: decode steps are short
+            if not math.isnan(float(logits.reshape(-1)[best])):  # argmax picks a NaN when there is one
+                return best
         x = self._penalised(logits, prompt_ids, generated_ids)
         if self.params.greedy:
             return int(x.argmax())

@@ -42,13 +42,26 @@ def _weights(n, k, experts=2):
     }
 
 
+def _rounded_to_16_bits(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """What the integer kernels make of a (1, K) activation: int16 with one fp32 scale per block of 32."""
+    blocks = torch.nn.functional.pad(x, (0, -x.shape[-1] % block)).view(-1, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / 32767
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return ((blocks / scale).round() * scale).view(1, -1)[:, :x.shape[-1]]
+
+
 @pytest.mark.parametrize("rows", [1, 3, 70])  # batch-1 decode; a few sequences; a prompt (over 64 rows)
 @pytest.mark.parametrize("n,k", [(37, 200), (64, 1100), (8, 48)])  # odd row counts, K past one 1024 tile
 def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
+    """Exact fp32 products, except int8 and int4 (groups of 32 or more) at one row: activations rounded to
+    16 bits per block of 32 columns, then integer products."""
     x = torch.randn(rows, k, generator=_gen(rows))
     for name, weight in _weights(n, k).items():
         dense = (weight.dequantize() if isinstance(weight, Q.QuantLinear) else weight).float()
-        wanted = x @ dense[1].T  # expert 1 of 2: the expert stride is right
+        integer = rows == 1 and name in ("int8", "int4-g64")
+        wanted = (_rounded_to_16_bits(x) if integer else x) @ dense[1].T  # expert 1 of 2: the stride is right
+        if integer:  # and the rounding is far below the weights' own
+            assert torch.allclose(wanted, x @ dense[1].T, rtol=1e-4, atol=1e-4)
         got = native.NativeWeight(weight).linear(x, expert=1)
         assert torch.allclose(got, wanted, rtol=1e-5, atol=1e-5), name
         out = torch.ones(rows, n + 3)  # into a wider buffer, added to what is there

@@ -277,12 +277,121 @@ static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, 
     return hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d))) + tail;
 }
 
+/* ---- integer codes at batch 1: activations rounded to 16 bits, products in integer arithmetic ----
+ *
+ * Widening each int8 or int4 code to fp32 costs more instructions than the memory system needs to deliver it,
+ * so these kernels were compute-bound at about half the bandwidth bf16 reaches. Instead x is rounded once per
+ * call to int16 with one fp32 scale per block of 32 columns (error <= 2^-16 of the block's largest |x|, far
+ * below the weights' own rounding), and each block's 32 products are summed exactly with vpmaddwd. */
+
+#define QBLOCK 32
+
+typedef struct {
+    int16_t *q;       /* x / scale rounded, zero past K; for int4 each block's 16 even columns, then its odd */
+    float *scale;     /* one per block */
+    int64_t blocks;
+} xq_t;
+
+static int quantize_x(const float *x, int64_t K, int split, xq_t *out) {
+    const int64_t blocks = (K + QBLOCK - 1) / QBLOCK;
+    out->blocks = blocks;
+    out->q = malloc(sizeof(int16_t) * blocks * QBLOCK);
+    out->scale = malloc(sizeof(float) * blocks);
+    if (!out->q || !out->scale) return -1;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t start = b * QBLOCK, n = K - start < QBLOCK ? K - start : QBLOCK;
+        float top = 0.0f;
+        for (int64_t i = 0; i < n; i++) top = fmaxf(top, fabsf(x[start + i]));
+        const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+        int16_t *q = out->q + start;
+        for (int64_t i = 0; i < QBLOCK; i++) {
+            const int64_t at = split ? (i % 2 ? QBLOCK / 2 + i / 2 : i / 2) : i;
+            q[at] = (int16_t)(i < n ? lrintf(x[start + i] / scale) : 0);
+        }
+        out->scale[b] = scale;
+    }
+    return 0;
+}
+
+static void free_xq(xq_t *xq) { free(xq->q); free(xq->scale); }
+
+/* sum over block b of int8 codes * q, as 8 int32 lanes */
+static inline __m256i i8_block(const int8_t *src, const int16_t *q) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)src));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + 16)));
+    return _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)q)),
+                            _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(q + 16))));
+}
+
+/* the same for 32 int4 codes in 16 bytes (byte j: column 2j low, 2j + 1 high), q split even/odd */
+static inline __m256i i4_block(const uint8_t *src, const int16_t *q) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)src), low4 = _mm_set1_epi8(0x0F);
+    const __m256i eight = _mm256_set1_epi16(8);
+    const __m256i even = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(v, low4)), eight);
+    const __m256i odd = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low4)), eight);
+    return _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)q)),
+                            _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(q + 16))));
+}
+
+static float row_dot_int(const weight_t *w, int64_t e, int64_t row, const float *x, const xq_t *xq) {
+    const int64_t K = w->k;
+    __m256 a = _mm256_setzero_ps(), b = a;
+    if (w->fmt == FMT_I8) {
+        const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K;
+        const int64_t full = K / QBLOCK;
+        int64_t k = 0;
+        for (; k + 2 <= full; k += 2) { /* two blocks per step: two independent FMA chains */
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i8_block(src + k * QBLOCK, xq->q + k * QBLOCK)),
+                                _mm256_set1_ps(xq->scale[k]), a);
+            b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i8_block(src + (k + 1) * QBLOCK, xq->q + (k + 1) * QBLOCK)),
+                                _mm256_set1_ps(xq->scale[k + 1]), b);
+        }
+        for (; k < full; k++)
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i8_block(src + k * QBLOCK, xq->q + k * QBLOCK)),
+                                _mm256_set1_ps(xq->scale[k]), a);
+        float tail = 0.0f;
+        for (int64_t i = full * QBLOCK; i < K; i++) tail += (float)src[i] * x[i];
+        return (hsum(_mm256_add_ps(a, b)) + tail) * bf16_to_float(w->scales[e * w->scale_stride + row]);
+    }
+    /* FMT_I4 with a group size that is a multiple of 32: blocks never straddle groups */
+    const int64_t G = w->group, n_groups = (K + G - 1) / G, per_group = G / QBLOCK;
+    const uint8_t *src = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
+    const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups;
+    for (int64_t g = 0, k = 0; g < n_groups; g++) {
+        const __m256 scale = _mm256_set1_ps(bf16_to_float(scales[g]));
+        for (int64_t end = k + per_group < xq->blocks ? k + per_group : xq->blocks; k < end; k++) {
+            const __m256 p = _mm256_cvtepi32_ps(i4_block(src + k * QBLOCK / 2, xq->q + k * QBLOCK));
+            const __m256 m = _mm256_mul_ps(scale, _mm256_broadcast_ss(xq->scale + k));
+            if (k & 1) b = _mm256_fmadd_ps(p, m, b);
+            else a = _mm256_fmadd_ps(p, m, a);
+        }
+    }
+    return hsum(_mm256_add_ps(a, b));
+}
+
 /* y_i = (y_i if accumulate else 0) + W_i,e . x for `count` weights that share x (K columns, one format and
  * group): one parallel pass over all their rows, so fused projections (q, k, v; w1, w3) cost one fork. */
 static void linear_one_row(const weight_t *const *ws, int count, int64_t e, const float *x, float *const *ys,
                            int accumulate) {
     const weight_t *w = ws[0];
     const int64_t K = w->k;
+    const int integer = w->fmt == FMT_I8 || (w->fmt == FMT_I4 && w->group % QBLOCK == 0);
+    xq_t xq = {0};
+    if (integer && quantize_x(x, K, w->fmt == FMT_I4, &xq) == 0) {
+        int64_t total = 0;
+        for (int i = 0; i < count; i++) total += ws[i]->n;
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < total; n++) {
+            int i = 0;
+            int64_t row = n;
+            while (row >= ws[i]->n) row -= ws[i++]->n;
+            const float v = row_dot_int(ws[i], e, row, x, &xq);
+            ys[i][row] = accumulate ? ys[i][row] + v : v;
+        }
+        free_xq(&xq);
+        return;
+    }
+    free_xq(&xq); /* (out of memory: the exact fp32 path below needs less) */
     float xp_small[4096], sums_small[256];
     const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
     float *xp = K <= 4096 ? xp_small : malloc(sizeof(float) * K);

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = [("bf16", None), ("int8", "int8"), ("int4", "int4")]
+SETTINGS = [("bf16", None), ("int8", "int8"), ("int8+head", "int8+head"), ("int4", "int4")]
 
 
 def validation_prompts(data: Path, n: int) -> list[list[int]]:

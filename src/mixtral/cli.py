@@ -17,14 +17,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="model directory or Hugging Face id (default: the model shipped with mixtral)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16); on the CPU bf16/fp16 weights are repacked and "
-                        "computed in fp32 unless --no-pack")
+                   help="weights dtype (default: bfloat16); on the CPU they are multiplied in fp32 by our own "
+                        "kernels (or fbgemm's) unless --no-pack")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG[+head]",
                    help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64; "
                         "+head: lm_head too, to int8)")
     p.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="CPU: keep weights as loaded instead of repacking them for the fastest kernels")
+                   help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
 
 
 def model_options(args) -> dict:

@@ -1,4 +1,7 @@
-"""The CPU's fastest matmuls for inference: weights prepacked once for fbgemm, chosen per precision.
+"""The fallback CPU kernels for inference: weights prepacked once for fbgemm, chosen per precision.
+
+`pack_model` first tries our own kernels (native.py), which read the weights as loaded and are faster; what
+follows applies where those cannot run (another CPU, no C compiler, MIXTRAL_NATIVE=0).
 
 Measured on this project's 2-core x86 CPU (weights not in cache, bench/decode.py and the README):
 - bf16 `F.linear` reads weights at about 6 GB/s per core at batch 1 and is ~5x slower than fp32 for a
@@ -198,9 +201,10 @@ def _pack(weights: list, fp16: bool) -> PackedLinear | None:
 
 
 def pack_model(model) -> bool:
-    """Repack a CPU model's weights for fbgemm, in place: bf16/fp16 weights as fp16 packs, int8 ones as int8
+    """Set a CPU model up for the fastest kernels, in place. Our own kernels (native.py) where they run: the
+    weights stay as they are. Otherwise repack for fbgemm: bf16/fp16 weights as fp16 packs, int8 ones as int8
     packs; wq/wk/wv fused into one projection and each expert's w1/w3 into one. int4 weights keep their own
-    kernel; the embedding, router and norms are untouched. Returns whether anything was packed."""
+    kernel; the embedding, router and norms are untouched. Returns whether anything changed."""
     from .model import MoE, RMSNorm
 
     from . import native

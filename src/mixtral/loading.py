@@ -71,8 +71,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
     quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint after loading it; a "+head"
     suffix quantizes lm_head too (to int8).
-    pack: on the CPU, repack bf16/fp16/int8 weights for the fastest kernels (kernels.py); inference only,
-    so pass False to train, re-quantize or save the model.
+    pack: on the CPU, run on the fastest kernels: our own (native.py), else weights repacked for fbgemm
+    (kernels.py); inference only, so pass False to train or re-quantize the model.
     """
     from .kernels import pack_model
     from .quantize import load_quantized, parse_quantize, quantize_model, read_quantization

@@ -369,56 +369,84 @@ static float row_dot_int(const weight_t *w, int64_t e, int64_t row, const float 
     return hsum(_mm256_add_ps(a, b));
 }
 
-/* y_i = (y_i if accumulate else 0) + W_i,e . x for `count` weights that share x (K columns, one format and
- * group): one parallel pass over all their rows, so fused projections (q, k, v; w1, w3) cost one fork. */
-static void linear_one_row(const weight_t *const *ws, int count, int64_t e, const float *x, float *const *ys,
-                           int accumulate) {
-    const weight_t *w = ws[0];
+/* One matrix-vector product of a batch-1 step: y = (y if accumulate else 0) + W_e . x. */
+typedef struct {
+    const weight_t *w;
+    int64_t e;
+    const float *x;
+    float *y;
+    int accumulate;
+} job_t;
+
+/* What a job's x becomes before the products: int16 blocks (integer kernels) or the even/odd split and int4
+ * group sums (fp32 kernels). Jobs with the same x and weight layout share one. */
+typedef struct {
+    int integer;
+    xq_t xq;
+    float *xp, *sums;
+} prep_t;
+
+static int prepare_x(const weight_t *w, const float *x, prep_t *p) {
     const int64_t K = w->k;
-    const int integer = w->fmt == FMT_I8 || (w->fmt == FMT_I4 && w->group % QBLOCK == 0);
-    xq_t xq = {0};
-    if (integer && quantize_x(x, K, w->fmt == FMT_I4, &xq) == 0) {
-        int64_t total = 0;
-        for (int i = 0; i < count; i++) total += ws[i]->n;
-#pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < total; n++) {
-            int i = 0;
-            int64_t row = n;
-            while (row >= ws[i]->n) row -= ws[i++]->n;
-            const float v = row_dot_int(ws[i], e, row, x, &xq);
-            ys[i][row] = accumulate ? ys[i][row] + v : v;
-        }
-        free_xq(&xq);
-        return;
-    }
-    free_xq(&xq); /* (out of memory: the exact fp32 path below needs less) */
-    float xp_small[4096], sums_small[256];
+    memset(p, 0, sizeof *p);
+    p->integer = w->fmt == FMT_I8 || (w->fmt == FMT_I4 && w->group % QBLOCK == 0);
+    if (p->integer) return quantize_x(x, K, w->fmt == FMT_I4, &p->xq);
     const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
-    float *xp = K <= 4096 ? xp_small : malloc(sizeof(float) * K);
-    float *sums = n_groups <= 256 ? sums_small : malloc(sizeof(float) * n_groups);
-    split_even_odd(x, K, xp);
+    p->xp = malloc(sizeof(float) * K);
+    p->sums = malloc(sizeof(float) * (n_groups ? n_groups : 1));
+    if (!p->xp || !p->sums) return -1;
+    split_even_odd(x, K, p->xp);
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t end = (g + 1) * w->group < K ? (g + 1) * w->group : K;
-        float s = 0.0f;
-        for (int64_t i = g * w->group; i < end; i++) s += x[i];
-        sums[g] = s;
+        float sum = 0.0f;
+        for (int64_t i = g * w->group; i < end; i++) sum += x[i];
+        p->sums[g] = sum;
     }
-    int64_t total = 0;
-    for (int i = 0; i < count; i++) total += ws[i]->n;
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < total; n++) {
-        int i = 0;
-        int64_t row = n;
-        while (row >= ws[i]->n) row -= ws[i++]->n;
-        const float v = row_dot(ws[i], e, row, x, xp, sums);
-        ys[i][row] = accumulate ? ys[i][row] + v : v;
-    }
-    if (xp != xp_small) free(xp);
-    if (sums != sums_small) free(sums);
+    return 0;
 }
+
+static void free_prep(prep_t *p) { free_xq(&p->xq); free(p->xp); free(p->sums); }
 
 static int same_layout(const weight_t *a, const weight_t *b) {
     return a->fmt == b->fmt && a->k == b->k && a->group == b->group;
+}
+
+#define MAX_JOBS 16
+#define PARALLEL_MIN_WORK 65536 /* weights: below this a fork and join of the threads costs more than it saves */
+
+/* Run `count` jobs (each one activation row) in one parallel pass over all of their weight rows: the projections
+ * of q, k and v, or the experts of one token, cost one fork and join. Returns 0, or -1 when out of memory. */
+static int run_jobs(const job_t *jobs, int count) {
+    prep_t preps[MAX_JOBS];
+    const prep_t *prep_of[MAX_JOBS];
+    int prepared = 0, status = 0;
+    int64_t total = 0, work = 0;
+    for (int i = 0; i < count; i++) {
+        prep_of[i] = NULL;
+        for (int j = 0; j < i && !prep_of[i]; j++)
+            if (jobs[j].x == jobs[i].x && same_layout(jobs[j].w, jobs[i].w)) prep_of[i] = prep_of[j];
+        if (!prep_of[i]) {
+            if (prepare_x(jobs[i].w, jobs[i].x, &preps[prepared])) status = -1;
+            prep_of[i] = &preps[prepared++];
+        }
+        total += jobs[i].w->n;
+        work += jobs[i].w->n * jobs[i].w->k;
+    }
+    if (status == 0) {
+#pragma omp parallel for schedule(static) if (work >= PARALLEL_MIN_WORK)
+        for (int64_t n = 0; n < total; n++) {
+            int i = 0;
+            int64_t row = n;
+            while (row >= jobs[i].w->n) row -= jobs[i++].w->n;
+            const job_t *job = &jobs[i];
+            const prep_t *p = prep_of[i];
+            const float v = p->integer ? row_dot_int(job->w, job->e, row, job->x, &p->xq)
+                                       : row_dot(job->w, job->e, row, job->x, p->xp, p->sums);
+            job->y[row] = job->accumulate ? job->y[row] + v : v;
+        }
+    }
+    for (int i = 0; i < prepared; i++) free_prep(&preps[i]);
+    return status;
 }
 
 /* ---- the entry points ---- */
@@ -427,8 +455,8 @@ static int same_layout(const weight_t *a, const weight_t *b) {
 void mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
                int accumulate) {
     if (M == 1) {
-        linear_one_row(&w, 1, e, x, &y, accumulate);
-        return;
+        const job_t job = {w, e, x, y, accumulate};
+        if (run_jobs(&job, 1) == 0) return; /* (out of memory: the tiled path below allocates less) */
     }
     const int64_t N = w->n, K = w->k, blocks = (N + ROWS - 1) / ROWS;
     const int64_t kchunk = w->fmt == FMT_I4 && w->group > KCHUNK ? w->group : KCHUNK;
@@ -462,6 +490,43 @@ void mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t 
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
+/* One token's experts (decode at batch 1): all of their w1 and w3 rows in one parallel pass, then all of their
+ * w2 rows in another; outputs summed in ascending expert order, as the grouped path does. */
+static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3, const weight_t *w2, int64_t topk,
+                         float *out, const int64_t *ids, const float *mix) {
+    const int64_t D = w1->k, I = w1->n;
+    int64_t order[MAX_JOBS / 2];
+    for (int64_t j = 0; j < topk; j++) { /* ascending expert ids (insertion sort of topk entries) */
+        int64_t at = j;
+        while (at > 0 && ids[order[at - 1]] > ids[j]) { order[at] = order[at - 1]; at--; }
+        order[at] = j;
+    }
+    float *h = malloc(sizeof(float) * 2 * topk * I), *ys = malloc(sizeof(float) * topk * D);
+    job_t jobs[MAX_JOBS] = {0};
+    int status = -1;
+    if (!h || !ys) goto done;
+    for (int64_t j = 0; j < topk; j++) {
+        jobs[2 * j] = (job_t){w1, ids[order[j]], x, h + 2 * j * I, 0};
+        jobs[2 * j + 1] = (job_t){w3, ids[order[j]], x, h + (2 * j + 1) * I, 0};
+    }
+    if (run_jobs(jobs, (int)(2 * topk))) goto done;
+    for (int64_t j = 0; j < topk; j++) {
+        float *gate = h + 2 * j * I, *up = gate + I;
+        for (int64_t i = 0; i < I; i++) gate[i] = silu(gate[i]) * up[i];
+        jobs[j] = (job_t){w2, ids[order[j]], gate, ys + j * D, 0};
+    }
+    if (run_jobs(jobs, (int)topk)) goto done;
+    for (int64_t d = 0; d < D; d++) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < topk; j++) sum += ys[j * D + d] * mix[order[j]];
+        out[d] += sum;
+    }
+    status = 0;
+done:
+    free(h); free(ys);
+    return status;
+}
+
 /* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]).
  * Router logits use the router weight (E, D) in fp32 arithmetic; the top-k go best first (ties: lower index);
  * their softmax gives the mixing weights. Experts run in ascending order, each once for all of its tokens.
@@ -488,6 +553,7 @@ int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1
         for (int64_t j = 0; j < topk; j++) total += mix[j] = expf(logits[ids[j]] - top);
         for (int64_t j = 0; j < topk; j++) mix[j] /= total;
     }
+    if (M == 1 && topk <= MAX_JOBS / 2) return moe_one_token(x, w1, w3, w2, topk, out, ids_out, weights_out);
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
     float *h3 = malloc(sizeof(float) * M * I), *ys = malloc(sizeof(float) * M * D);
     float *sum = calloc((size_t)(M * D), sizeof(float));
@@ -502,14 +568,8 @@ int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1
                 if (ids_out[m * topk + j] == e) { token[n] = m; scale[n++] = weights_out[m * topk + j]; }
         if (!n) continue;
         for (int64_t i = 0; i < n; i++) memcpy(xs + i * D, x + token[i] * D, sizeof(float) * D);
-        if (n == 1 && same_layout(w1, w3)) {
-            const weight_t *both[2] = {w1, w3};
-            float *outs[2] = {h1, h3};
-            linear_one_row(both, 2, e, xs, outs, 0);
-        } else {
-            mx_linear(w1, e, xs, n, D, h1, I, 0);
-            mx_linear(w3, e, xs, n, D, h3, I, 0);
-        }
+        mx_linear(w1, e, xs, n, D, h1, I, 0);
+        mx_linear(w3, e, xs, n, D, h3, I, 0);
         for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
         mx_linear(w2, e, h1, n, I, ys, D, 0);
         for (int64_t i = 0; i < n; i++) {
@@ -614,11 +674,8 @@ int mx_decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, c
     int status = -1;
     if (!h || !qkv || !attn || (!L->router.n && (!h1 || !h3))) goto done;
     mx_rmsnorm(x, B, D, L->attn_norm, (float)L->eps, h);
-    if (B == 1 && same_layout(&L->q, &L->k) && same_layout(&L->q, &L->v)) {
-        const weight_t *proj[3] = {&L->q, &L->k, &L->v};
-        float *outs[3] = {qkv, qkv + H * Dh, qkv + (H + G) * Dh};
-        linear_one_row(proj, 3, 0, h, outs, 0);
-    } else {
+    const job_t proj[3] = {{&L->q, 0, h, qkv, 0}, {&L->k, 0, h, qkv + H * Dh, 0}, {&L->v, 0, h, qkv + (H + G) * Dh, 0}};
+    if (B != 1 || run_jobs(proj, 3)) {
         mx_linear(&L->q, 0, h, B, D, qkv, width, 0);
         mx_linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0);
         mx_linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0);

@@ -122,6 +122,8 @@ def _load():
     lib.mx_rmsnorm.restype = None
     lib.mx_decode_layer.argtypes = [ctypes.POINTER(Layer), ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.mx_decode_layer.restype = ctypes.c_int
+    lib.mx_set_num_threads.argtypes = [ctypes.c_int]
+    lib.mx_set_num_threads.restype = None
     return lib
 
 
@@ -141,6 +143,14 @@ def library():
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _state["lib"], _state["reason"] = None, str(exc)
     return _state["lib"]
+
+
+def _sync_threads() -> None:
+    """OpenMP's thread count is per calling thread (a server runs the model on its own): use torch's."""
+    threads = torch.get_num_threads()
+    if _state.get("threads") != threads:
+        library().mx_set_num_threads(threads)
+        _state["threads"] = threads
 
 
 def available() -> bool:
@@ -188,6 +198,7 @@ class NativeWeight:
                accumulate: bool = False) -> torch.Tensor:
         """x (M, K) fp32 contiguous -> x @ W^T (M, N), into `out` (added to it when `accumulate`)."""
         M = x.shape[0]
+        _sync_threads()
         if out is None:
             out = torch.empty(M, self.n)
         library().mx_linear(self.ref, expert, x.data_ptr(), M, x.stride(0), out.data_ptr(), out.stride(0),
@@ -270,6 +281,7 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
     from .model import Routing
 
     native, args = model.native, model.args
+    _sync_threads()
     B, T = input_ids.shape
     N, D = B * T, args.dim
     if input_pos is None:
@@ -355,6 +367,8 @@ def _probe() -> bool:
     x = torch.randn(3, 80, generator=gen)
     candidates = [weight, weight.bfloat16(), weight.half(), QuantLinear.from_weight(weight, 8, pack=False),
                   QuantLinear.from_weight(weight, 4, 16, pack=False)]
+    _state["lib"].mx_set_num_threads(torch.get_num_threads())
+    _state["threads"] = torch.get_num_threads()
     for candidate in candidates:
         reference = (candidate.dequantize() if isinstance(candidate, QuantLinear) else candidate).float()
         native = NativeWeight(candidate)

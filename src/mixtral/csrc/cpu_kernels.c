@@ -35,6 +35,12 @@ typedef struct {
     int64_t scale_stride;      /* scales from one expert to the next */
 } weight_t;
 
+/* Threads per parallel region: set from torch.get_num_threads() (native.py), since OpenMP's own setting is per
+ * calling thread and a server runs the model on a thread of its own. */
+static int threads = 1;
+
+void mx_set_num_threads(int n) { threads = n > 0 ? n : 1; }
+
 #define ROWS 4        /* weight rows per tile */
 #define KCHUNK 1024   /* columns per tile: 4 x 1024 fp32 = 16 KiB, within L1 */
 
@@ -433,7 +439,7 @@ static int run_jobs(const job_t *jobs, int count) {
         work += jobs[i].w->n * jobs[i].w->k;
     }
     if (status == 0) {
-#pragma omp parallel for schedule(static) if (work >= PARALLEL_MIN_WORK)
+#pragma omp parallel for schedule(static) num_threads(threads) if (work >= PARALLEL_MIN_WORK)
         for (int64_t n = 0; n < total; n++) {
             int i = 0;
             int64_t row = n;
@@ -460,7 +466,7 @@ void mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t 
     }
     const int64_t N = w->n, K = w->k, blocks = (N + ROWS - 1) / ROWS;
     const int64_t kchunk = w->fmt == FMT_I4 && w->group > KCHUNK ? w->group : KCHUNK;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         float tile[ROWS * KCHUNK];
         float acc_small[ROWS * 64];
@@ -612,7 +618,7 @@ int mx_attention(float *qkv, int64_t M, int64_t H, int64_t G, int64_t Dh, const 
     }
     int status = 0;
     const float scale = 1.0f / sqrtf((float)Dh);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * s_max);
         if (!scores) {

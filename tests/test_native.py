@@ -103,6 +103,7 @@ def test_bf16_model_matches_transformers_in_fp32(bf16_pair):
     assert (ours - theirs).abs().max() < 1e-4  # bf16 weights are exact in fp32: the same numbers as fp32
     expected = reference.generate(ids[:2, :5], max_new_tokens=24, do_sample=False)[:, 5:].tolist()
     assert _greedy(model, ids[:2, :5].tolist(), 24) == expected  # decode steps through the KV cache, batched
+    assert _greedy(model, ids[:1, :5].tolist(), 24) == expected[:1]  # and at batch 1 (its own kernels)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,8 @@ def test_quantized_model_equals_fp32_with_its_dequantized_weights(tiny_dir, sett
     with torch.inference_mode():
         assert torch.allclose(model(ids), reference(ids), atol=1e-4)
         assert _greedy(model, ids[:, :4].tolist(), 12) == _greedy(reference, ids[:, :4].tolist(), 12)
+        for row in ids[:, :4].tolist():  # batch 1: activations rounded to 16 bits, the same tokens
+            assert _greedy(model, [row], 12) == _greedy(reference, [row], 12)
 
 
 def test_routing_is_reported_as_the_reference_routes(tiny_dir):
@@ -138,6 +141,34 @@ def test_routing_is_reported_as_the_reference_routes(tiny_dir):
     for a, b in zip(ours, theirs):
         assert torch.equal(a.expert_ids, b.expert_ids)
         assert torch.allclose(a.weights, b.weights, atol=1e-5) and torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_decode_checks_cache_indices_and_takes_any_integer_positions(tiny_dir):
+    from mixtral.kv_cache import KVCache
+
+    model = load_model(tiny_dir, dtype="float32", progress=False)
+    plain = load_model(tiny_dir, dtype="float32", progress=False, pack=False)
+    ids = torch.randint(3, 256, (1, 6), generator=_gen(8))
+    with torch.inference_mode():
+        caches = [KVCache(m.args, 2, 8, torch.float32) for m in (model, plain)]
+        for m, cache in zip((model, plain), caches):
+            m(ids[:, :5], cache=cache, n_keys=5)
+        step = [m(ids[:, 5:], torch.tensor([[5]], dtype=torch.int32), cache, n_keys=6)
+                for m, cache in zip((model, plain), caches)]
+        assert torch.allclose(step[0], step[1], atol=1e-4)
+        for m, cache in zip((model, plain), caches):  # where torch's indexing raises, so do the kernels
+            with pytest.raises(IndexError):
+                m(ids[:, :1], torch.tensor([[8]]), cache, n_keys=8)
+            with pytest.raises(IndexError):
+                m(ids[:, :1], torch.tensor([[5]]), cache, n_keys=6, slots=torch.tensor([5]))
+
+
+def test_nan_in_the_activations_is_not_hidden():
+    x = torch.randn(1, 96, generator=_gen(9))
+    x[0, 5] = float("nan")
+    for name, weight in _weights(16, 96).items():
+        out = native.NativeWeight(weight).linear(x, expert=0)
+        assert torch.isnan(out).all(), name  # as in fp32: every output row meets the NaN
 
 
 def test_moving_or_casting_the_model_returns_it_to_torch(tiny_dir):

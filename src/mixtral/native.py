@@ -12,7 +12,10 @@ probe, and used only where it passed: otherwise the model runs on the fbgemm ker
 `MIXTRAL_NATIVE=0` turns it off.
 
 Numbers: every weight is widened to its exact fp32 value and multiplied in fp32, so the result equals an
-fp32 matmul with the dequantized weights up to the order of summation. Activations and the KV cache are fp32.
+fp32 matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights at
+batch 1 meet activations rounded to int16 per block of 32 columns (relative error <= 2^-16 of the block's
+largest value). Activations and the KV cache are fp32. Routing ties (equal router logits) may pick other experts
+than torch.topk, whose order for ties is unspecified.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def _load():
     lib = ctypes.CDLL(str(path))
     p, i64, ptr = ctypes.POINTER(Weight), ctypes.c_int64, ctypes.c_void_p
     lib.mx_linear.argtypes = [p, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
-    lib.mx_linear.restype = None
+    lib.mx_linear.restype = ctypes.c_int
     lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr]
     lib.mx_moe.restype = ctypes.c_int
     lib.mx_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
@@ -201,8 +204,11 @@ class NativeWeight:
         _sync_threads()
         if out is None:
             out = torch.empty(M, self.n)
-        library().mx_linear(self.ref, expert, x.data_ptr(), M, x.stride(0), out.data_ptr(), out.stride(0),
-                            int(accumulate))
+        if x.dtype != torch.float32 or x.stride(-1) != 1 or out.dtype != torch.float32 or out.stride(-1) != 1:
+            raise TypeError("native linear takes fp32 rows with contiguous columns")
+        if library().mx_linear(self.ref, expert, x.data_ptr(), M, x.stride(0), out.data_ptr(), out.stride(0),
+                               int(accumulate)):
+            raise MemoryError("native linear: out of memory")
         return out
 
 
@@ -311,8 +317,14 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
 def _decode_layers(model, x, input_pos, cache, slots, logits, ids, mix) -> None:
     """One new token per sequence: each block is one call (cpu_kernels.c: mx_decode_layer)."""
     lib, B = library(), x.shape[0]
-    positions = input_pos[:, 0].contiguous()
+    positions = input_pos[:, 0].to(torch.int64).contiguous()
     rows = (torch.arange(B) if slots is None else slots).to(torch.int64).contiguous()
+    # the C side writes the cache at these indices: check them as indexing the cache in torch would
+    low, high = min(positions.tolist()), max(positions.tolist())
+    if low < 0 or high >= cache.max_seq_len:
+        raise IndexError(f"positions {low}..{high} are outside the KV cache's {cache.max_seq_len} positions")
+    if len(rows) != B or min(rows.tolist()) < 0 or max(rows.tolist()) >= cache.batch_size:
+        raise IndexError(f"cache rows {rows.tolist()} are outside the KV cache's {cache.batch_size} rows")
     for index, layer in enumerate(model.native.layers):
         status = lib.mx_decode_layer(layer.ref, x.data_ptr(), B, positions.data_ptr(), rows.data_ptr(),
                                      cache.keys[index].data_ptr(), cache.values[index].data_ptr(),
@@ -366,14 +378,15 @@ def _probe() -> bool:
     weight = torch.randn(2, 36, 80, generator=gen) * 0.1  # 2 experts, rows not a multiple of 4
     x = torch.randn(3, 80, generator=gen)
     candidates = [weight, weight.bfloat16(), weight.half(), QuantLinear.from_weight(weight, 8, pack=False),
-                  QuantLinear.from_weight(weight, 4, 16, pack=False)]
+                  *(QuantLinear.from_weight(weight, 4, group, pack=False) for group in (16, 32))]
     _state["lib"].mx_set_num_threads(torch.get_num_threads())
     _state["threads"] = torch.get_num_threads()
     for candidate in candidates:
         reference = (candidate.dequantize() if isinstance(candidate, QuantLinear) else candidate).float()
         native = NativeWeight(candidate)
-        out = torch.empty(3, 36)
-        _state["lib"].mx_linear(native.ref, 1, x.data_ptr(), 3, 80, out.data_ptr(), 36, 0)
-        if not torch.allclose(out, x @ reference[1].T, atol=1e-4, rtol=1e-4):
-            return False
+        for rows in (3, 1):  # the tiled kernels, and batch 1's
+            out = torch.empty(rows, 36)
+            _state["lib"].mx_linear(native.ref, 1, x.data_ptr(), rows, 80, out.data_ptr(), 36, 0)
+            if not torch.allclose(out, x[:rows] @ reference[1].T, atol=1e-4, rtol=1e-4):
+                return False
     return True

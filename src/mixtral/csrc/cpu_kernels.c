@@ -9,6 +9,8 @@
  *
  * Every product is computed in fp32 from the exact fp32 value of each weight (bf16, fp16, code * scale are
  * all exact in fp32), so results equal a plain fp32 matmul with the dequantized weight up to summation order.
+ * One exception: int8 and int4 (groups of 32 or more) at batch 1 round the activation to int16 per block of 32
+ * columns and sum the products in integers (see "integer codes at batch 1" below).
  *
  * Entry points (all take and return fp32 activations, row-major):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight
@@ -307,14 +309,18 @@ static int quantize_x(const float *x, int64_t K, int split, xq_t *out) {
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t start = b * QBLOCK, n = K - start < QBLOCK ? K - start : QBLOCK;
         float top = 0.0f;
-        for (int64_t i = 0; i < n; i++) top = fmaxf(top, fabsf(x[start + i]));
+        int finite = 1;
+        for (int64_t i = 0; i < n; i++) {
+            top = fmaxf(top, fabsf(x[start + i]));
+            finite &= isfinite(x[start + i]) != 0;
+        }
         const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
         int16_t *q = out->q + start;
         for (int64_t i = 0; i < QBLOCK; i++) {
             const int64_t at = split ? (i % 2 ? QBLOCK / 2 + i / 2 : i / 2) : i;
-            q[at] = (int16_t)(i < n ? lrintf(x[start + i] / scale) : 0);
+            q[at] = (int16_t)(i < n && finite ? lrintf(x[start + i] / scale) : 0);
         }
-        out->scale[b] = scale;
+        out->scale[b] = finite ? scale : NAN; /* an inf or NaN in x makes the products NaN, as in fp32 */
     }
     return 0;
 }
@@ -457,21 +463,25 @@ static int run_jobs(const job_t *jobs, int count) {
 
 /* ---- the entry points ---- */
 
-/* y[m, n] = (y[m, n] if accumulate else 0) + sum_k x[m, k] * W_e[n, k]; threads split the rows of W. */
-void mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
-               int accumulate) {
+/* y[m, n] = (y[m, n] if accumulate else 0) + sum_k x[m, k] * W_e[n, k]; threads split the rows of W.
+ * Returns 0, or -1 when out of memory. */
+int mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+              int accumulate) {
     if (M == 1) {
         const job_t job = {w, e, x, y, accumulate};
-        if (run_jobs(&job, 1) == 0) return; /* (out of memory: the tiled path below allocates less) */
+        if (run_jobs(&job, 1) == 0) return 0; /* (out of memory: the tiled path below allocates less) */
     }
     const int64_t N = w->n, K = w->k, blocks = (N + ROWS - 1) / ROWS;
     const int64_t kchunk = w->fmt == FMT_I4 && w->group > KCHUNK ? w->group : KCHUNK;
+    /* per thread: partial sums for M rows, and a tile for weight groups wider than KCHUNK */
+    const int64_t per_thread = ROWS * M + (kchunk > KCHUNK ? ROWS * kchunk : 0);
+    float *scratch = malloc(sizeof(float) * per_thread * threads);
+    if (!scratch) return -1;
 #pragma omp parallel num_threads(threads)
     {
         float tile[ROWS * KCHUNK];
-        float acc_small[ROWS * 64];
-        float *acc = M <= 64 ? acc_small : malloc(sizeof(float) * ROWS * M);
-        float *wide = kchunk > KCHUNK ? malloc(sizeof(float) * ROWS * kchunk) : tile;
+        float *acc = scratch + per_thread * omp_get_thread_num();
+        float *wide = kchunk > KCHUNK ? acc + ROWS * M : tile;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t r0 = b * ROWS;
@@ -489,9 +499,9 @@ void mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t 
                     *out = accumulate ? *out + acc[m * ROWS + r] : acc[m * ROWS + r];
                 }
         }
-        if (acc != acc_small) free(acc);
-        if (wide != tile) free(wide);
     }
+    free(scratch);
+    return 0;
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -541,7 +551,7 @@ done:
 int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
            const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out) {
     const int64_t D = w1->k, I = w1->n, E = router->n;
-    mx_linear(router, 0, x, M, D, logits_out, E, 0);
+    if (mx_linear(router, 0, x, M, D, logits_out, E, 0)) return -1;
     for (int64_t m = 0; m < M; m++) {
         const float *logits = logits_out + m * E;
         int64_t *ids = ids_out + m * topk;
@@ -551,7 +561,8 @@ int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1
             for (int64_t c = 0; c < E; c++) {
                 int taken = 0;
                 for (int64_t p = 0; p < j; p++) taken |= ids[p] == c;
-                if (!taken && (best < 0 || logits[c] > logits[best])) best = c;
+                if (!taken && (best < 0 || (!isnan(logits[best]) && (isnan(logits[c]) || logits[c] > logits[best]))))
+                    best = c;
             }
             ids[j] = best;
         }
@@ -574,10 +585,9 @@ int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1
                 if (ids_out[m * topk + j] == e) { token[n] = m; scale[n++] = weights_out[m * topk + j]; }
         if (!n) continue;
         for (int64_t i = 0; i < n; i++) memcpy(xs + i * D, x + token[i] * D, sizeof(float) * D);
-        mx_linear(w1, e, xs, n, D, h1, I, 0);
-        mx_linear(w3, e, xs, n, D, h3, I, 0);
+        if (mx_linear(w1, e, xs, n, D, h1, I, 0) || mx_linear(w3, e, xs, n, D, h3, I, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
-        mx_linear(w2, e, h1, n, I, ys, D, 0);
+        if (mx_linear(w2, e, h1, n, I, ys, D, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n; i++) {
             float *dst = sum + token[i] * D;
             const float *src = ys + i * D;
@@ -681,22 +691,20 @@ int mx_decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, c
     if (!h || !qkv || !attn || (!L->router.n && (!h1 || !h3))) goto done;
     mx_rmsnorm(x, B, D, L->attn_norm, (float)L->eps, h);
     const job_t proj[3] = {{&L->q, 0, h, qkv, 0}, {&L->k, 0, h, qkv + H * Dh, 0}, {&L->v, 0, h, qkv + (H + G) * Dh, 0}};
-    if (B != 1 || run_jobs(proj, 3)) {
-        mx_linear(&L->q, 0, h, B, D, qkv, width, 0);
-        mx_linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0);
-        mx_linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0);
-    }
-    if (mx_attention(qkv, B, H, G, Dh, pos, rows, k_cache, v_cache, s_max, L->window, (float)L->theta, attn))
+    if ((B != 1 || run_jobs(proj, 3))
+        && (mx_linear(&L->q, 0, h, B, D, qkv, width, 0) || mx_linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
+            || mx_linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
         goto done;
-    mx_linear(&L->o, 0, attn, B, H * Dh, x, D, 1);
+    if (mx_attention(qkv, B, H, G, Dh, pos, rows, k_cache, v_cache, s_max, L->window, (float)L->theta, attn)
+        || mx_linear(&L->o, 0, attn, B, H * Dh, x, D, 1))
+        goto done;
     mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
     if (L->router.n) {
         if (mx_moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix)) goto done;
     } else {
-        mx_linear(&L->w1, 0, h, B, D, h1, I, 0);
-        mx_linear(&L->w3, 0, h, B, D, h3, I, 0);
+        if (mx_linear(&L->w1, 0, h, B, D, h1, I, 0) || mx_linear(&L->w3, 0, h, B, D, h3, I, 0)) goto done;
         for (int64_t i = 0; i < B * I; i++) h1[i] = silu(h1[i]) * h3[i];
-        mx_linear(&L->w2, 0, h1, B, I, x, D, 1);
+        if (mx_linear(&L->w2, 0, h1, B, I, x, D, 1)) goto done;
     }
     status = 0;
 done:

@@ -77,20 +77,24 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     from .kernels import pack_model
     from .quantize import load_quantized, parse_quantize, quantize_model, read_quantization
 
+    from . import native
+
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
     wanted = parse_quantize(quantize)
+    layout = not (pack and native.will_run(device))  # our kernels read int4 codes as stored: no rearranging
     stored = read_quantization(model_dir)
     if stored is not None:
         if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])
                                    or wanted[2] and not stored.get("lm_head")):
             raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); it cannot be "
                                f"re-quantized to {quantize!r}: load the original checkpoint instead")
-        model = load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress)
+        model = load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress,
+                               kernel_layout=layout)
     else:
         model = load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
         if wanted is not None:
-            quantize_model(model, *wanted)
+            quantize_model(model, *wanted, kernel_layout=layout)
     if pack:
         pack_model(model)
     return model

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import release_free_memory
+
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -160,6 +162,12 @@ def available() -> bool:
     return library() is not None
 
 
+def will_run(device) -> bool:
+    """Whether `prepare` will put a model on `device` on these kernels (unless one of its weights has none)."""
+    return (torch.device(device).type == "cpu" and os.environ.get("MIXTRAL_NATIVE", "1") != "0"
+            and available())
+
+
 def unavailable_reason() -> str | None:
     library()
     return _state["reason"]
@@ -260,9 +268,7 @@ def prepare(model) -> bool:
     whether it did (False when the kernels are unavailable or some weight has none)."""
     from .model import RMSNorm
 
-    if os.environ.get("MIXTRAL_NATIVE", "1") == "0" or getattr(model, "native", None) is not None:
-        return False
-    if not supports(model):
+    if not will_run(model.device) or getattr(model, "native", None) is not None or not supports(model):
         return False
     with torch.no_grad():
         for module in model.modules():
@@ -270,6 +276,7 @@ def prepare(model) -> bool:
                 module.float()
     model.native = NativeModel(model)
     model.packed = True  # activations and the KV cache in fp32
+    release_free_memory()  # int4 codes read back from torch's kernel layout leave the old copies freed
     return True
 
 

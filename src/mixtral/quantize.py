@@ -335,11 +335,14 @@ def _swap_in_quantized(model, bits: int, group_size: int | None, lm_head: bool, 
     model.quantization = {"bits": bits, "group_size": group_size, "method": METHOD, "lm_head": lm_head}
 
 
-def quantize_model(model, bits: int = 8, group_size: int | None = None, lm_head: bool = False):
+def quantize_model(model, bits: int = 8, group_size: int | None = None, lm_head: bool = False,
+                   kernel_layout: bool = True):
     """Quantize `model` (a Transformer) in place: int8 per channel or int4 per group (default group 64).
 
     The router, norms and embedding keep the model's dtype; `lm_head=True` also quantizes the output
-    projection (to int8). Returns the model, with `model.quantization` describing what was done.
+    projection (to int8). `kernel_layout=False` keeps the canonical layout instead of rearranging int4 codes for
+    torch's kernel (native.py reads the canonical one). Returns the model, with `model.quantization` describing
+    what was done.
     Raises MixtralError for unsupported settings or a model that is already quantized.
     """
     group_size = check_settings(bits, group_size)
@@ -348,7 +351,8 @@ def quantize_model(model, bits: int = 8, group_size: int | None = None, lm_head:
     if getattr(model, "quantization", None):
         raise MixtralError("this model is already quantized; load the original weights to quantize them again")
     with torch.no_grad():
-        _swap_in_quantized(model, bits, group_size, lm_head, lambda w, b, g: QuantLinear.from_weight(w.detach(), b, g))
+        _swap_in_quantized(model, bits, group_size, lm_head,
+                           lambda w, b, g: QuantLinear.from_weight(w.detach(), b, g, pack=kernel_layout))
     return model
 
 
@@ -402,8 +406,9 @@ def save_quantized(model, out_dir: str | Path) -> Path:
 
 
 def load_quantized(model_dir: str | Path, args, spec: dict, dtype: torch.dtype = torch.bfloat16,
-                   device: str | torch.device = "cpu", progress: bool = True):
-    """Build the model on the meta device, swap in quantized modules, fill both from the safetensors.
+                   device: str | torch.device = "cpu", progress: bool = True, kernel_layout: bool = True):
+    """Build the model on the meta device, swap in quantized modules, fill both from the safetensors
+    (`kernel_layout`: see quantize_model).
 
     Quantized buffers keep their stored dtypes; every other tensor is cast to `dtype`. Raises MixtralError
     for a missing, unexpected, mistyped or misshapen tensor.
@@ -438,7 +443,7 @@ def load_quantized(model_dir: str | Path, args, spec: dict, dtype: torch.dtype =
     if args.tie_embeddings and not spec["lm_head"]:
         model.lm_head.weight = model.embed.weight
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) and kernel_layout:
             module._pack()
     return model.eval()
 

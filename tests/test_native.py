@@ -118,6 +118,7 @@ def test_quantized_model_equals_fp32_with_its_dequantized_weights(tiny_dir, sett
 
     model = load_model(tiny_dir, dtype="float32", progress=False, quantize=setting)
     assert model.native is not None and isinstance(model.layers[0].ffn.w1, Q.QuantLinear)
+    assert model.layers[0].ffn.w1.layout == "canonical"  # read as stored, never rearranged for torch's kernel
     plain = load_model(tiny_dir, dtype="float32", progress=False, pack=False)
     reference = _dequantized_copy(plain, load_model(tiny_dir, dtype="float32", progress=False, quantize=setting,
                                                     pack=False))

@@ -171,10 +171,15 @@ def cmd_info(args) -> int:
         else:
             model_dir = resolve_model(args.target)
             config, name = load_config(model_dir), model_dir.name
+    from . import native
+
+    kernels = ("ours (native.py: AVX2 kernels, compiled on first use)" if native.available()
+               else f"fbgemm (kernels.py), since ours cannot run: {native.unavailable_reason()}")
     if args.json:
-        print(json.dumps({"name": name, **summary(config)}, indent=2))
+        print(json.dumps({"name": name, **summary(config), "cpu_kernels": kernels}, indent=2))
     else:
         print(format_summary(config, name))
+        print(f"CPU kernels: {kernels}")
     return 0
 
 

@@ -44,6 +44,7 @@ static int threads = 1;
 void mx_set_num_threads(int n) { threads = n > 0 ? n : 1; }
 
 #define ROWS 4        /* weight rows per tile */
+#define MBLOCK 64     /* activation rows per pass of the tiled matmul */
 #define KCHUNK 1024   /* columns per tile: 4 x 1024 fp32 = 16 KiB, within L1 */
 
 static inline float bf16_to_float(uint16_t h) {
@@ -473,10 +474,15 @@ int mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t l
     }
     const int64_t N = w->n, K = w->k, blocks = (N + ROWS - 1) / ROWS;
     const int64_t kchunk = w->fmt == FMT_I4 && w->group > KCHUNK ? w->group : KCHUNK;
-    /* per thread: partial sums for M rows, and a tile for weight groups wider than KCHUNK */
-    const int64_t per_thread = ROWS * M + (kchunk > KCHUNK ? ROWS * kchunk : 0);
+    /* Activation rows go MBLOCK at a time, so the ones a weight tile meets stay in the L2 cache (all of a long
+     * prompt's rows, re-read for every tile, made this memory-bound); the weights are re-read once per block. */
+    const int64_t rows_all = M;
+    /* per thread: partial sums for the block's rows, and a tile for weight groups wider than KCHUNK */
+    const int64_t per_thread = ROWS * (M < MBLOCK ? M : MBLOCK) + (kchunk > KCHUNK ? ROWS * kchunk : 0);
     float *scratch = malloc(sizeof(float) * per_thread * threads);
     if (!scratch) return -1;
+    for (int64_t m0 = 0; m0 < rows_all; m0 += MBLOCK, x += MBLOCK * ldx, y += MBLOCK * ldy) {
+    M = rows_all - m0 < MBLOCK ? rows_all - m0 : MBLOCK;
 #pragma omp parallel num_threads(threads)
     {
         float tile[ROWS * KCHUNK];
@@ -499,6 +505,7 @@ int mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t l
                     *out = accumulate ? *out + acc[m * ROWS + r] : acc[m * ROWS + r];
                 }
         }
+    }
     }
     free(scratch);
     return 0;

@@ -46,7 +46,7 @@ def test_quality_bench_reports_quantized_perplexity(tmp_path):
     report = _run("quality.py", "--data", str(tmp_path), "--max-tokens", "1500", "--prompts", "2",
                   "--new-tokens", "6", "--threads", "1")
     rows = {r["setting"]: r for r in report["results"]}
-    assert list(rows) == ["bf16", "int8", "int4"]
+    assert list(rows) == ["bf16", "int8", "int8+head", "int4"]
     assert rows["bf16"]["perplexity_change"] == 0 and rows["bf16"]["greedy_token_agreement"] == 1
     for row in rows.values():
         assert 1 < row["perplexity"] < 1000 and 0 <= row["greedy_identical_prefix"] <= 1

@@ -73,3 +73,31 @@ def serve_in_thread(app):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+BF16_CONFIGS = {  # tied/untied, GQA/MHA, a sliding window, and the dense mistral MLP
+    "gqa-untied": ("mixtral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mha-tied-window": ("mixtral", dict(num_key_value_heads=4, tie_word_embeddings=True, sliding_window=6)),
+    "mistral-dense": ("mistral", dict(num_key_value_heads=2)),
+}
+
+
+@pytest.fixture(scope="module", params=list(BF16_CONFIGS))
+def bf16_pair(request, tmp_path_factory):
+    """A bf16 checkpoint written by transformers, and transformers' model of it computing in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, overrides = BF16_CONFIGS[request.param]
+    out = tmp_path_factory.mktemp(f"bf16_{request.param}")
+    save_hf_model(make_hf_model(model_type, seed=5, **overrides).to(torch.bfloat16), out)
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return out, reference
+
+
+def greedy(model, prompts, n):
+    """Greedy token ids per row from generate_step (prefill, then n decode steps through the KV cache)."""
+    from mixtral.generate import generate_step
+    from mixtral.sampling import Sampler, SamplingParams
+
+    steps = list(generate_step(model, prompts, [Sampler(SamplingParams(temperature=0)) for _ in prompts], n))
+    return [[step[row][0] for step in steps] for row in range(len(prompts))]

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_hf_model, save_hf_model
+from conftest import greedy as _greedy, make_hf_model, save_hf_model
 from torch import nn
 
 from mixtral import kernels
 from mixtral import quantize as Q
 from mixtral.errors import MixtralError
-from mixtral.generate import generate_step
 from mixtral.loading import load_model
-from mixtral.sampling import Sampler, SamplingParams
 from mixtral.weights import save_checkpoint
 
 pytestmark = pytest.mark.skipif(not kernels.fp16_available(), reason="no fbgemm kernels on this CPU")
@@ -23,29 +21,6 @@ pytestmark = pytest.mark.skipif(not kernels.fp16_available(), reason="no fbgemm 
 def fbgemm_only(monkeypatch):
     """These tests are about the fbgemm packing, which our own kernels (native.py) take precedence over."""
     monkeypatch.setenv("MIXTRAL_NATIVE", "0")
-
-CONFIGS = {  # tied/untied, GQA/MHA, a sliding window, and the dense mistral MLP
-    "gqa-untied": ("mixtral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
-    "mha-tied-window": ("mixtral", dict(num_key_value_heads=4, tie_word_embeddings=True, sliding_window=6)),
-    "mistral-dense": ("mistral", dict(num_key_value_heads=2)),
-}
-
-
-def _greedy(model, prompts, n):
-    steps = list(generate_step(model, prompts, [Sampler(SamplingParams(temperature=0)) for _ in prompts], n))
-    return [[step[row][0] for step in steps] for row in range(len(prompts))]
-
-
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def bf16_pair(request, tmp_path_factory):
-    """A bf16 checkpoint written by transformers, and transformers' model of it computing in fp32."""
-    from transformers import AutoModelForCausalLM
-
-    model_type, overrides = CONFIGS[request.param]
-    out = tmp_path_factory.mktemp(f"bf16_{request.param}")
-    save_hf_model(make_hf_model(model_type, seed=5, **overrides).to(torch.bfloat16), out)
-    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    return out, reference
 
 
 def test_packed_bf16_model_matches_transformers_in_fp32(bf16_pair):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import greedy as _greedy, make_hf_model, save_hf_model
@@ -57,6 +59,14 @@ def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
         assert torch.equal(out[:, :2], torch.ones(rows, 2)) and torch.equal(out[:, -1], torch.ones(rows)), name
 
 
+def test_huge_pages_keep_the_weights_as_they_were():
+    weight = torch.randn(3 << 20, generator=_gen(7))  # 12 MiB: at least four whole 2 MiB pages inside
+    before = weight.clone()
+    advised = native.library().mx_hugepages(weight.data_ptr(), weight.numel() * 4)
+    assert advised in (0, *range(4 << 20, (12 << 20) + 1, 2 << 20))  # whole pages inside it, or none (THP off)
+    assert torch.equal(weight, before)
+
+
 def test_int4_layout_of_torchs_kernel_is_read_back_as_canonical():
     dense = torch.randn(64, 128, generator=_gen(3)) * 0.05
     layer = Q.QuantLinear.from_weight(dense, 4, 32)  # packed for torch's int4 kernel where it exists
@@ -66,6 +76,16 @@ def test_int4_layout_of_torchs_kernel_is_read_back_as_canonical():
 
 
 # ---- whole models ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bf16_model_matches_transformers_in_fp32(bf16_pair):
@@ -79,7 +99,9 @@ def test_bf16_model_matches_transformers_in_fp32(bf16_pair):
     assert (ours - theirs).abs().max() < 1e-4  # bf16 weights are exact in fp32: the same numbers as fp32
     expected = reference.generate(ids[:2, :5], max_new_tokens=24, do_sample=False)[:, 5:].tolist()
     assert _greedy(model, ids[:2, :5].tolist(), 24) == expected  # decode steps through the KV cache, batched
-    assert _greedy(model, ids[:1, :5].tolist(), 24) == expected[:1]  # and at batch 1 (its own kernels)
+    for threads in (1, 2):  # batch 1 (its own kernels): one thread; two threads, each taking one whole expert
+        with _threads(threads):
+            assert _greedy(model, ids[:1, :5].tolist(), 24) == expected[:1]
 
 
 @pytest.fixture(scope="module")

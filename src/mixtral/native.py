@@ -127,6 +127,8 @@ def _load():
     lib.mx_rmsnorm.restype = None
     lib.mx_decode_layer.argtypes = [ctypes.POINTER(Layer), ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.mx_decode_layer.restype = ctypes.c_int
+    lib.mx_hugepages.argtypes = [ptr, i64]
+    lib.mx_hugepages.restype = i64
     lib.mx_set_num_threads.argtypes = [ctypes.c_int]
     lib.mx_set_num_threads.restype = None
     return lib
@@ -277,7 +279,20 @@ def prepare(model) -> bool:
     model.native = NativeModel(model)
     model.packed = True  # activations and the KV cache in fp32
     release_free_memory()  # int4 codes read back from torch's kernel layout leave the old copies freed
+    _huge_pages(model)
     return True
+
+
+def _huge_pages(model) -> int:
+    """Ask the kernel to back every large weight with 2 MiB pages (cpu_kernels.c: mx_hugepages); returns the
+    bytes advised. Best effort: where transparent huge pages are off, nothing changes."""
+    seen, advised = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen and storage.nbytes() >= 2 << 20:
+            seen.add(storage.data_ptr())
+            advised += library().mx_hugepages(storage.data_ptr(), storage.nbytes())
+    return advised
 
 
 # ---- the forward pass ---------------------------------------------------------------------------------

@@ -322,45 +322,56 @@ static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, 
  *
  * Widening each int8 or int4 code to fp32 costs more instructions than the memory system needs to deliver it,
  * so these kernels were compute-bound at about half the bandwidth bf16 reaches. Instead x is rounded once per
- * call to int16 with one fp32 scale per block of 32 columns (error <= 2^-16 of the block's largest |x|, far
- * below the weights' own rounding), and each block's 32 products are summed exactly with vpmaddwd. */
+ * call to int16, with one fp32 scale per span of columns (error <= 2^-16 of the span's largest |x|, far below
+ * the weights' own rounding), and the products of a whole span are summed exactly in int32 lanes with vpmaddwd:
+ * one conversion to fp32 per span. A span is 256 columns for int8 (per lane at most 16 blocks x 2 x 127 x 32767
+ * < 2^31) and one group for int4, whose scale it then shares. */
 
-#define QBLOCK 32
+#define QBLOCK 32        /* columns per vpmaddwd block */
+#define I8_SPAN 8        /* int8: blocks per activation scale */
 
 typedef struct {
-    int16_t *q;       /* x / scale rounded, zero past K; for int4 each block's 16 even columns, then its odd */
-    float *scale;     /* one per block */
-    int64_t blocks;
+    int16_t *q;       /* x / scale rounded, zero past K; for int4 in nibble order per chunk (see quantize_x) */
+    float *scale;     /* one per span */
+    int32_t *qsum;    /* sum of q over each span: int4 codes carry an offset of 8, taken out once per span */
+    int64_t blocks, span;  /* blocks of QBLOCK columns; blocks per span */
 } xq_t;
 
-static int quantize_x(const float *x, int64_t K, int split, xq_t *out) {
-    const int64_t blocks = (K + QBLOCK - 1) / QBLOCK;
+/* Round x to int16 per span of `span` blocks. With chunk = 0 the columns stay in order (int8); with chunk = 32 or
+ * 64 each chunk of that many columns is reordered as int4 codes unpack: columns 4j, then 4j + 1, 4j + 2, 4j + 3
+ * (16-bit lane j of a chunk's bytes holds columns 4j..4j+3 in its four nibbles). */
+static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq_t *out) {
+    const int64_t blocks = (K + QBLOCK - 1) / QBLOCK, spans = (blocks + span - 1) / span, cols = spans * span * QBLOCK;
     out->blocks = blocks;
-    out->q = malloc(sizeof(int16_t) * blocks * QBLOCK);
-    out->scale = malloc(sizeof(float) * blocks);
-    if (!out->q || !out->scale) return -1;
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t start = b * QBLOCK, n = K - start < QBLOCK ? K - start : QBLOCK;
+    out->span = span;
+    out->q = calloc((size_t)cols, sizeof(int16_t)); /* whole spans: an int4 group may reach past the last block */
+    out->scale = malloc(sizeof(float) * spans);
+    out->qsum = malloc(sizeof(int32_t) * spans);
+    if (!out->q || !out->scale || !out->qsum) return -1;
+    for (int64_t sp = 0; sp < spans; sp++) {
+        const int64_t start = sp * span * QBLOCK, stop = start + span * QBLOCK < K ? start + span * QBLOCK : K;
         float top = 0.0f;
         int finite = 1;
-        for (int64_t i = 0; i < n; i++) {
-            top = fmaxf(top, fabsf(x[start + i]));
-            finite &= isfinite(x[start + i]) != 0;
+        for (int64_t i = start; i < stop; i++) {
+            top = fmaxf(top, fabsf(x[i]));
+            finite &= isfinite(x[i]) != 0;
         }
         const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
-        int16_t *q = out->q + start;
-        for (int64_t i = 0; i < QBLOCK; i++) {
-            const int64_t at = split ? (i % 2 ? QBLOCK / 2 + i / 2 : i / 2) : i;
-            q[at] = (int16_t)(i < n && finite ? lrintf(x[start + i] / scale) : 0);
+        int32_t sum = 0;
+        for (int64_t col = start; col < stop; col++) {
+            const int64_t i = col % (chunk ? chunk : 1), at = col - i + (chunk ? (i % 4) * (chunk / 4) + i / 4 : 0);
+            out->q[at] = (int16_t)(finite ? lrintf(x[col] / scale) : 0);
+            sum += out->q[at];
         }
-        out->scale[b] = finite ? scale : NAN; /* an inf or NaN in x makes the products NaN, as in fp32 */
+        out->scale[sp] = finite ? scale : NAN; /* an inf or NaN in x makes the products NaN, as in fp32 */
+        out->qsum[sp] = sum;
     }
     return 0;
 }
 
-static void free_xq(xq_t *xq) { free(xq->q); free(xq->scale); }
+static void free_xq(xq_t *xq) { free(xq->q); free(xq->scale); free(xq->qsum); }
 
-/* sum over block b of int8 codes * q, as 8 int32 lanes */
+/* sum over one block of int8 codes * q, as 8 int32 lanes */
 static inline __m256i i8_block(const int8_t *src, const int16_t *q) {
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)src));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + 16)));
@@ -368,52 +379,85 @@ static inline __m256i i8_block(const int8_t *src, const int16_t *q) {
                             _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(q + 16))));
 }
 
-/* the same for 32 int4 codes in 16 bytes (byte j: column 2j low, 2j + 1 high), q split even/odd */
-static inline __m256i i4_block(const uint8_t *src, const int16_t *q) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)src), low4 = _mm_set1_epi8(0x0F);
-    const __m256i eight = _mm256_set1_epi16(8);
-    const __m256i even = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(v, low4)), eight);
-    const __m256i odd = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low4)), eight);
-    return _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)q)),
-                            _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(q + 16))));
+/* int4 codes as stored (0..15, the offset of 8 not taken out) of 64 columns (32 bytes) . q in nibble order, as 8
+ * int32 lanes: shifts and masks within 16-bit lanes, no shuffles */
+static inline __m256i i4_chunk64(const uint8_t *src, const int16_t *q) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)src), m = _mm256_set1_epi16(15);
+    const __m256i c0 = _mm256_and_si256(v, m), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), m), c3 = _mm256_srli_epi16(v, 12);
+    return _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q)),
+                         _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16)))),
+        _mm256_add_epi32(_mm256_madd_epi16(c2, _mm256_loadu_si256((const __m256i *)(q + 32))),
+                         _mm256_madd_epi16(c3, _mm256_loadu_si256((const __m256i *)(q + 48)))));
+}
+
+/* the same for 32 columns (16 bytes), as 4 int32 lanes, for groups that are an odd multiple of 32 */
+static inline __m128i i4_chunk32(const uint8_t *src, const int16_t *q) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)src), m = _mm_set1_epi16(15);
+    const __m128i c0 = _mm_and_si128(v, m), c1 = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    const __m128i c2 = _mm_and_si128(_mm_srli_epi16(v, 8), m), c3 = _mm_srli_epi16(v, 12);
+    return _mm_add_epi32(_mm_add_epi32(_mm_madd_epi16(c0, _mm_loadu_si128((const __m128i *)q)),
+                                       _mm_madd_epi16(c1, _mm_loadu_si128((const __m128i *)(q + 8)))),
+                         _mm_add_epi32(_mm_madd_epi16(c2, _mm_loadu_si128((const __m128i *)(q + 16))),
+                                       _mm_madd_epi16(c3, _mm_loadu_si128((const __m128i *)(q + 24)))));
 }
 
 static float row_dot_int(const weight_t *w, int64_t e, int64_t row, const float *x, const xq_t *xq) {
     const int64_t K = w->k;
-    __m256 a = _mm256_setzero_ps(), b = a;
+    const float *scale = xq->scale;
+    const int16_t *q = xq->q;
+    __m256 a = _mm256_setzero_ps();
     if (w->fmt == FMT_I8) {
         const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K;
-        const int64_t full = K / QBLOCK;
-        int64_t k = 0;
-        for (; k + 2 <= full; k += 2) { /* two blocks per step: two independent FMA chains */
-            _mm_prefetch((const char *)(src + k * QBLOCK) + PREFETCH, _MM_HINT_T0);
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i8_block(src + k * QBLOCK, xq->q + k * QBLOCK)),
-                                _mm256_set1_ps(xq->scale[k]), a);
-            b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i8_block(src + (k + 1) * QBLOCK, xq->q + (k + 1) * QBLOCK)),
-                                _mm256_set1_ps(xq->scale[k + 1]), b);
+        const int8_t *at = src;
+        for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN) {
+            const int64_t n = left < I8_SPAN ? left : I8_SPAN;
+            __m256i sum = _mm256_setzero_si256();
+            int64_t b = 0;
+            for (; b + 2 <= n; b += 2, at += 2 * QBLOCK, q += 2 * QBLOCK) {
+                _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                sum = _mm256_add_epi32(sum, _mm256_add_epi32(i8_block(at, q), i8_block(at + QBLOCK, q + QBLOCK)));
+            }
+            if (b < n) {
+                sum = _mm256_add_epi32(sum, i8_block(at, q));
+                at += QBLOCK;
+                q += QBLOCK;
+            }
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(*scale++), a);
         }
-        for (; k < full; k++)
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i8_block(src + k * QBLOCK, xq->q + k * QBLOCK)),
-                                _mm256_set1_ps(xq->scale[k]), a);
         float tail = 0.0f;
-        for (int64_t i = full * QBLOCK; i < K; i++) tail += (float)src[i] * x[i];
-        return (hsum(_mm256_add_ps(a, b)) + tail) * bf16_to_float(w->scales[e * w->scale_stride + row]);
+        for (int64_t i = at - src; i < K; i++) tail += (float)src[i] * x[i];
+        return (hsum(a) + tail) * bf16_to_float(w->scales[e * w->scale_stride + row]);
     }
-    /* FMT_I4 with a group size that is a multiple of 32: blocks never straddle groups */
-    const int64_t G = w->group, n_groups = (K + G - 1) / G, per_group = G / QBLOCK;
-    const uint8_t *src = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
+    /* FMT_I4 with a group size that is a multiple of 32: one span per group, its codes padded to whole groups */
+    const int64_t G = w->group, n_groups = (K + G - 1) / G;
+    const uint8_t *at = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
     const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups;
-    for (int64_t g = 0, k = 0; g < n_groups; g++) {
-        const __m256 scale = _mm256_set1_ps(bf16_to_float(scales[g]));
-        for (int64_t end = k + per_group < xq->blocks ? k + per_group : xq->blocks; k < end; k++) {
-            if (!(k & 3)) _mm_prefetch((const char *)(src + k * QBLOCK / 2) + PREFETCH, _MM_HINT_T0);
-            const __m256 p = _mm256_cvtepi32_ps(i4_block(src + k * QBLOCK / 2, xq->q + k * QBLOCK));
-            const __m256 m = _mm256_mul_ps(scale, _mm256_broadcast_ss(xq->scale + k));
-            if (k & 1) b = _mm256_fmadd_ps(p, m, b);
-            else a = _mm256_fmadd_ps(p, m, a);
+    if (G % 64 == 0) {
+        for (int64_t g = 0; g < n_groups; g++) {
+            __m256i sum = _mm256_setzero_si256();
+            for (int64_t c = 0; c < G; c += 64, at += 32, q += 64) {
+                _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                sum = _mm256_add_epi32(sum, i4_chunk64(at, q));
+            }
+            sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(xq->qsum[g])); /* 8 lanes: the offset of 8, exactly */
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(bf16_to_float(scales[g]) * scale[g]), a);
         }
+        return hsum(a);
     }
-    return hsum(_mm256_add_ps(a, b));
+    __m128 b = _mm_setzero_ps();
+    for (int64_t g = 0; g < n_groups; g++) {
+        __m128i sum = _mm_setzero_si128();
+        for (int64_t c = 0; c < G; c += 32, at += 16, q += 32) {
+            _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+            sum = _mm_add_epi32(sum, i4_chunk32(at, q));
+        }
+        sum = _mm_sub_epi32(sum, _mm_set1_epi32(2 * xq->qsum[g])); /* 4 lanes */
+        b = _mm_fmadd_ps(_mm_cvtepi32_ps(sum), _mm_set1_ps(bf16_to_float(scales[g]) * scale[g]), b);
+    }
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
 /* One matrix-vector product of a batch-1 step: y = (y if accumulate else 0) + W_e . x. */
@@ -437,7 +481,9 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p) {
     const int64_t K = w->k;
     memset(p, 0, sizeof *p);
     p->integer = w->fmt == FMT_I8 || (w->fmt == FMT_I4 && w->group % QBLOCK == 0);
-    if (p->integer) return quantize_x(x, K, w->fmt == FMT_I4, &p->xq);
+    if (p->integer)
+        return w->fmt == FMT_I8 ? quantize_x(x, K, 0, I8_SPAN, &p->xq)
+                                : quantize_x(x, K, w->group % 64 == 0 ? 64 : 32, w->group / QBLOCK, &p->xq);
     const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
     p->xp = malloc(sizeof(float) * K);
     p->sums = malloc(sizeof(float) * (n_groups ? n_groups : 1));

@@ -13,8 +13,8 @@ probe, and used only where it passed: otherwise the model runs on the fbgemm ker
 
 Numbers: every weight is widened to its exact fp32 value and multiplied in fp32, so the result equals an
 fp32 matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights at
-batch 1 meet activations rounded to int16 per block of 32 columns (relative error <= 2^-16 of the block's
-largest value). Activations and the KV cache are fp32. Routing ties (equal router logits) may pick other experts
+batch 1 meet activations rounded to int16 with one scale per span of columns, 256 for int8 and one group for
+int4 (error <= 2^-16 of the span's largest value). Activations and the KV cache are fp32. Routing ties (equal router logits) may pick other experts
 than torch.topk, whose order for ties is unspecified.
 """
 

@@ -9,8 +9,8 @@
  *
  * Every product is computed in fp32 from the exact fp32 value of each weight (bf16, fp16, code * scale are
  * all exact in fp32), so results equal a plain fp32 matmul with the dequantized weight up to summation order.
- * One exception: int8 and int4 (groups of 32 or more) at batch 1 round the activation to int16 per block of 32
- * columns and sum the products in integers (see "integer codes at batch 1" below).
+ * One exception: int8 and int4 (groups of 32 or more) at batch 1 round the activation to int16, one scale per
+ * span of columns, and sum the products in integers (see "integer codes at batch 1" below).
  *
  * Entry points (all take and return fp32 activations, row-major):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight

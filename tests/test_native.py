@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
 def test_huge_pages_keep_the_weights_as_they_were():
     weight = torch.randn(3 << 20, generator=_gen(7))  # 12 MiB: at least four whole 2 MiB pages inside
     before = weight.clone()
-    advised = native.library().mx_hugepages(weight.data_ptr(), weight.numel() * 4)
+    advised = native.library().mx_hugepages(weight.data_ptr(), weight.numel() * 4, 1)
     assert advised in (0, *range(4 << 20, (12 << 20) + 1, 2 << 20))  # whole pages inside it, or none (THP off)
     assert torch.equal(weight, before)
 
@@ -170,6 +171,21 @@ def test_nan_in_the_activations_is_not_hidden():
     for name, weight in _weights(16, 96).items():
         out = native.NativeWeight(weight).linear(x, expert=0)
         assert torch.isnan(out).all(), name  # as in fp32: every output row meets the NaN
+
+
+def test_weights_move_into_one_huge_page_buffer_and_still_save(tmp_path):
+    from mixtral.weights import save_checkpoint
+
+    model = load_model(None, dtype="bfloat16", progress=False)  # the shipped model: tied embeddings
+    assert model.native is not None and model.lm_head.weight is model.embed.weight
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    ids = torch.tensor([[1, 415, 2936, 28705, 28804]])
+    with torch.inference_mode():
+        before = model(ids)
+        assert torch.equal(before, load_model(save_checkpoint(model, tmp_path), dtype="bfloat16",
+                                              progress=False)(ids))
 
 
 def test_moving_or_casting_the_model_returns_it_to_torch(tiny_dir):

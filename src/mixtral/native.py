@@ -127,7 +127,7 @@ def _load():
     lib.mx_rmsnorm.restype = None
     lib.mx_decode_layer.argtypes = [ctypes.POINTER(Layer), ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.mx_decode_layer.restype = ctypes.c_int
-    lib.mx_hugepages.argtypes = [ptr, i64]
+    lib.mx_hugepages.argtypes = [ptr, i64, ctypes.c_int]
     lib.mx_hugepages.restype = i64
     lib.mx_set_num_threads.argtypes = [ctypes.c_int]
     lib.mx_set_num_threads.restype = None
@@ -266,9 +266,11 @@ class NativeModel:
 
 
 def prepare(model) -> bool:
-    """Run `model` on the native kernels from now on (in place): norms to fp32, activations fp32. Returns
-    whether it did (False when the kernels are unavailable or some weight has none)."""
+    """Run `model` on the native kernels from now on (in place): norms to fp32, activations fp32, weights moved
+    onto 2 MiB pages where the OS allows. Returns whether it did (False when the kernels are unavailable or some
+    weight has none)."""
     from .model import RMSNorm
+    from .quantize import QuantLinear
 
     if not will_run(model.device) or getattr(model, "native", None) is not None or not supports(model):
         return False
@@ -276,23 +278,55 @@ def prepare(model) -> bool:
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.float()
+            if isinstance(module, QuantLinear) and module.layout != "canonical":  # from torch's int4 kernel layout
+                module.qweight, module.scales = module.canonical()
+                module.layout = "canonical"
+    release_free_memory()  # the int4 codes in torch's layout
+    _move_to_huge_pages(model)
     model.native = NativeModel(model)
     model.packed = True  # activations and the KV cache in fp32
-    release_free_memory()  # int4 codes read back from torch's kernel layout leave the old copies freed
-    _huge_pages(model)
     return True
 
 
-def _huge_pages(model) -> int:
-    """Ask the kernel to back every large weight with 2 MiB pages (cpu_kernels.c: mx_hugepages); returns the
-    bytes advised. Best effort: where transparent huge pages are off, nothing changes."""
-    seen, advised = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen and storage.nbytes() >= 2 << 20:
-            seen.add(storage.data_ptr())
-            advised += library().mx_hugepages(storage.data_ptr(), storage.nbytes())
-    return advised
+HUGE_PAGE = 2 << 20
+
+
+def _move_to_huge_pages(model) -> int:
+    """Move every weight into one buffer backed by 2 MiB pages (cpu_kernels.c: mx_hugepages), as views of it, one
+    tensor at a time so the old copy is freed as the new one fills; returns the bytes moved (0 where transparent
+    huge pages are off: nothing changes). One buffer, unlike advising each tensor, also covers the small
+    attention weights and the ends of the large ones."""
+    slots: dict[int, list] = {}  # id(tensor) -> the (table, name) places that hold it (a tied head: two)
+    tensors: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if (tensor is not None and tensor.numel() and tensor.is_contiguous() and tensor.storage_offset() == 0
+                        and tensor.untyped_storage().nbytes() == tensor.nbytes):
+                    tensors.setdefault(id(tensor), tensor)
+                    slots.setdefault(id(tensor), []).append((table, name))
+    sizes = {key: -(-tensor.nbytes // 4096) * 4096 for key, tensor in tensors.items()}
+    total = sum(sizes.values())
+    if total < HUGE_PAGE:
+        return 0
+    arena = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)
+    start = -arena.data_ptr() % HUGE_PAGE
+    if library().mx_hugepages(arena.data_ptr() + start, -(-total // HUGE_PAGE) * HUGE_PAGE, 0) == 0:
+        return 0
+    offset = start
+    with torch.no_grad():
+        for key in list(tensors):
+            old = tensors.pop(key)
+            new = arena[offset:offset + old.nbytes].view(old.dtype).view(old.shape)
+            new.copy_(old)
+            if isinstance(old, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+            for table, name in slots.pop(key):
+                table[name] = new
+            offset += sizes[key]
+            del old, new
+            release_free_memory()
+    return total
 
 
 # ---- the forward pass ---------------------------------------------------------------------------------

@@ -45,11 +45,12 @@ static int threads = 1;
 void mx_set_num_threads(int n) { threads = n > 0 ? n : 1; }
 
 /* Back the 2 MiB-aligned part of [ptr, ptr + bytes) with 2 MiB pages, where the kernel allows it (Linux with
- * transparent huge pages on "madvise" or "always"; MADV_COLLAPSE from Linux 6.1 turns pages already written
- * into huge ones at once). Decode streams every weight once per token: with 4 KiB pages that is one TLB miss
- * per 4 KiB and a hardware prefetcher that stops at every page boundary, and on this project's 2-core machine
- * a plain read ran at ~19 GB/s on 4 KiB pages against ~29 GB/s on 2 MiB ones. Returns the bytes advised. */
-int64_t mx_hugepages(void *ptr, int64_t bytes) {
+ * transparent huge pages on "madvise" or "always"): pages written from now on come as huge pages, and with
+ * `collapse` (Linux 6.1 and later) the pages already written are turned into huge ones at once. Decode streams
+ * every weight once per token: on 4 KiB pages that is a TLB miss and a hardware prefetcher restart every 4 KiB,
+ * and on this project's 2-core machine a plain read ran at ~19 GB/s on 4 KiB pages against ~29 GB/s on 2 MiB
+ * ones. Returns the bytes advised (0: not supported here). */
+int64_t mx_hugepages(void *ptr, int64_t bytes, int collapse) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)2 << 20;
     const uintptr_t lo = ((uintptr_t)ptr + huge - 1) & ~(huge - 1), hi = ((uintptr_t)ptr + (uintptr_t)bytes) & ~(huge - 1);
@@ -57,10 +58,10 @@ int64_t mx_hugepages(void *ptr, int64_t bytes) {
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
 #endif
-    madvise((void *)lo, hi - lo, MADV_COLLAPSE); /* best effort: EAGAIN or ENOMEM leave 4 KiB pages */
+    if (collapse) madvise((void *)lo, hi - lo, MADV_COLLAPSE); /* best effort: EAGAIN or ENOMEM leave 4 KiB pages */
     return (int64_t)(hi - lo);
 #else
-    (void)ptr; (void)bytes;
+    (void)ptr; (void)bytes; (void)collapse;
     return 0;
 #endif
 }

@@ -25,6 +25,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def _load():
     lib.mx_decode_layer.restype = ctypes.c_int
     lib.mx_hugepages.argtypes = [ptr, i64, ctypes.c_int]
     lib.mx_hugepages.restype = i64
+    lib.mx_move.argtypes = [ptr, ptr, i64, ctypes.c_int]
+    lib.mx_move.restype = None
     lib.mx_set_num_threads.argtypes = [ctypes.c_int]
     lib.mx_set_num_threads.restype = None
     return lib
@@ -292,10 +295,11 @@ HUGE_PAGE = 2 << 20
 
 
 def _move_to_huge_pages(model) -> int:
-    """Move every weight into one buffer backed by 2 MiB pages (cpu_kernels.c: mx_hugepages), as views of it, one
-    tensor at a time so the old copy is freed as the new one fills; returns the bytes moved (0 where transparent
-    huge pages are off: nothing changes). One buffer, unlike advising each tensor, also covers the small
-    attention weights and the ends of the large ones."""
+    """Move every weight into one buffer backed by 2 MiB pages (cpu_kernels.c: mx_hugepages), as views of it;
+    returns the bytes moved (0 where transparent huge pages are off: nothing changes). One buffer, unlike advising
+    each tensor, also covers the small attention weights and the ends of the large ones. A tensor that nothing
+    but the model holds gives its pages back as they are copied (mx_move), so the move never holds two copies
+    of one; any other is copied whole and freed after."""
     slots: dict[int, list] = {}  # id(tensor) -> the (table, name) places that hold it (a tied head: two)
     tensors: dict[int, torch.Tensor] = {}
     for module in model.modules():
@@ -309,19 +313,24 @@ def _move_to_huge_pages(model) -> int:
     total = sum(sizes.values())
     if total < HUGE_PAGE:
         return 0
-    arena = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)
+    whole_pages = -(-total // HUGE_PAGE) * HUGE_PAGE
+    arena = torch.empty(whole_pages + HUGE_PAGE, dtype=torch.uint8)  # not written yet: no memory used
     start = -arena.data_ptr() % HUGE_PAGE
-    if library().mx_hugepages(arena.data_ptr() + start, -(-total // HUGE_PAGE) * HUGE_PAGE, 0) == 0:
+    if library().mx_hugepages(arena.data_ptr() + start, whole_pages, 0) == 0:
         return 0
     offset = start
     with torch.no_grad():
         for key in list(tensors):
-            old = tensors.pop(key)
+            old, places = tensors.pop(key), slots.pop(key)
             new = arena[offset:offset + old.nbytes].view(old.dtype).view(old.shape)
-            new.copy_(old)
+            # held only by `old`, getrefcount's argument and the model's slots; its storage only by `old` and the
+            # temporary storage object asked about
+            owned = (sys.getrefcount(old) == 2 + len(places)
+                     and torch._C._storage_Use_Count(old.untyped_storage()._cdata) == 2)
+            library().mx_move(new.data_ptr(), old.data_ptr(), old.nbytes, int(owned))
             if isinstance(old, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
-            for table, name in slots.pop(key):
+            for table, name in places:
                 table[name] = new
             offset += sizes[key]
             del old, new

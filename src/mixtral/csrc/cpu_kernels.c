@@ -66,6 +66,22 @@ int64_t mx_hugepages(void *ptr, int64_t bytes, int collapse) {
 #endif
 }
 
+/* Copy `bytes` from src to dst in 4 MiB steps; with `release`, give each step's whole pages of src back to the
+ * OS once copied, so moving a tensor never holds two copies of it. Only for memory that nothing reads again (the
+ * caller owns it and frees it next). */
+void mx_move(void *dst, void *src, int64_t bytes, int release) {
+    const int64_t step = (int64_t)4 << 20, page = 4096;
+    for (int64_t at = 0; at < bytes; at += step) {
+        const int64_t n = bytes - at < step ? bytes - at : step;
+        memcpy((char *)dst + at, (const char *)src + at, (size_t)n);
+#ifdef __linux__
+        const uintptr_t lo = ((uintptr_t)src + at + page - 1) & ~(uintptr_t)(page - 1);
+        const uintptr_t hi = ((uintptr_t)src + at + n) & ~(uintptr_t)(page - 1);
+        if (release && hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+#endif
+    }
+}
+
 #define ROWS 4        /* weight rows per tile */
 #define MBLOCK 64     /* activation rows per pass of the tiled matmul */
 #define KCHUNK 1024   /* columns per tile: 4 x 1024 fp32 = 16 KiB, within L1 */

@@ -188,6 +188,16 @@ def test_weights_move_into_one_huge_page_buffer_and_still_save(tmp_path):
                                               progress=False)(ids))
 
 
+def test_a_weight_held_elsewhere_keeps_its_values_when_the_model_moves_to_huge_pages():
+    model = load_model(None, dtype="bfloat16", progress=False, pack=False)  # plain torch: not moved yet
+    held = model.layers[0].ffn.w1  # another reference: its pages must not be given back as they are copied
+    expected = held.detach().clone()
+    moved = native._move_to_huge_pages(model)
+    assert torch.equal(held, expected)
+    if moved:
+        assert model.layers[0].ffn.w1 is not held and torch.equal(model.layers[0].ffn.w1, expected)
+
+
 def test_moving_or_casting_the_model_returns_it_to_torch(tiny_dir):
     model = load_model(tiny_dir, dtype="float32", progress=False)
     ids = torch.randint(3, 256, (1, 6), generator=_gen(6))

@@ -14,8 +14,8 @@ probe, and used only where it passed: otherwise the model runs on the fbgemm ker
 Numbers: every weight is widened to its exact fp32 value and multiplied in fp32, so the result equals an
 fp32 matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights at
 batch 1 meet activations rounded to int16 with one scale per span of columns, 256 for int8 and one group for
-int4 (error <= 2^-16 of the span's largest value). Activations and the KV cache are fp32. Routing ties (equal router logits) may pick other experts
-than torch.topk, whose order for ties is unspecified.
+int4 (error <= 2^-16 of the span's largest value). Activations and the KV cache are fp32. Routing ties (equal
+router logits) may pick other experts than torch.topk, whose order for ties is unspecified.
 """
 
 from __future__ import annotations
@@ -180,6 +180,13 @@ def unavailable_reason() -> str | None:
 
 # ---- weights ------------------------------------------------------------------------------------------
 
+def _to_canonical(layer) -> None:
+    """A quantize.QuantLinear in torch's int4 kernel layout back to quantize.py's own (what the C side reads)."""
+    if layer.layout != "canonical":
+        layer.qweight, layer.scales = layer.canonical()
+        layer.layout = "canonical"
+
+
 class NativeWeight:
     """A weight tensor or quantize.QuantLinear described for the C side (it keeps the tensors alive)."""
 
@@ -189,9 +196,7 @@ class NativeWeight:
         if isinstance(weight, nn.Linear):
             weight = weight.weight
         if isinstance(weight, QuantLinear):
-            if weight.layout != "canonical":  # back from torch's int4 kernel layout to quantize.py's own
-                weight.qweight, weight.scales = weight.canonical()
-                weight.layout = "canonical"
+            _to_canonical(weight)
             data, scales = weight.qweight.contiguous(), weight.scales.to(torch.bfloat16).contiguous()
             n, k = weight.out_features, weight.in_features
             fmt, group = (I8, 0) if weight.bits == 8 else (I4, weight.group_size)
@@ -266,6 +271,7 @@ class NativeModel:
     def __init__(self, model):
         self.layers = [NativeLayer(block, model.args) for block in model.layers]
         self.lm_head = NativeWeight(model.lm_head)
+        self.n_experts = next((layer.router.n for layer in self.layers if layer.moe), 0)  # 0: no MoE layer
 
 
 def prepare(model) -> bool:
@@ -281,9 +287,8 @@ def prepare(model) -> bool:
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.float()
-            if isinstance(module, QuantLinear) and module.layout != "canonical":  # from torch's int4 kernel layout
-                module.qweight, module.scales = module.canonical()
-                module.layout = "canonical"
+            if isinstance(module, QuantLinear):
+                _to_canonical(module)
     release_free_memory()  # the int4 codes in torch's layout
     _move_to_huge_pages(model)
     model.native = NativeModel(model)
@@ -358,8 +363,8 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
     if input_pos is None:
         input_pos = torch.arange(T).expand(B, T)
     x = model.embed(input_ids).reshape(N, D).float().contiguous()  # the residual stream, updated in place
-    moe_layers = sum(layer.moe for layer in native.layers)
-    E, K = (native.layers[0].router.n, args.top_k) if moe_layers else (0, 0)
+    E = native.n_experts
+    K = args.top_k if E else 0
     logits = torch.empty(len(native.layers), N, E)  # what each router did, for `routing`
     ids, mix = torch.empty(len(native.layers), N, K, dtype=torch.int64), torch.empty(len(native.layers), N, K)
     if T == 1 and cache is not None and cache.keys[0].dtype == torch.float32 and cache.keys[0].is_contiguous():
@@ -385,11 +390,13 @@ def _decode_layers(model, x, input_pos, cache, slots, logits, ids, mix) -> None:
     positions = input_pos[:, 0].to(torch.int64).contiguous()
     rows = (torch.arange(B) if slots is None else slots).to(torch.int64).contiguous()
     # the C side writes the cache at these indices: check them as indexing the cache in torch would
-    low, high = min(positions.tolist()), max(positions.tolist())
+    at = positions.tolist()
+    low, high = min(at), max(at)
     if low < 0 or high >= cache.max_seq_len:
         raise IndexError(f"positions {low}..{high} are outside the KV cache's {cache.max_seq_len} positions")
-    if len(rows) != B or min(rows.tolist()) < 0 or max(rows.tolist()) >= cache.batch_size:
-        raise IndexError(f"cache rows {rows.tolist()} are outside the KV cache's {cache.batch_size} rows")
+    rows_at = rows.tolist()
+    if len(rows_at) != B or min(rows_at) < 0 or max(rows_at) >= cache.batch_size:
+        raise IndexError(f"cache rows {rows_at} are outside the KV cache's {cache.batch_size} rows")
     for index, layer in enumerate(model.native.layers):
         status = lib.mx_decode_layer(layer.ref, x.data_ptr(), B, positions.data_ptr(), rows.data_ptr(),
                                      cache.keys[index].data_ptr(), cache.values[index].data_ptr(),

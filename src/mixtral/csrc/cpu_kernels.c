@@ -229,18 +229,20 @@ static void split_even_odd(const float *x, int64_t K, float *xp) {
     for (; i < K; i++) xp[i] = x[i];
 }
 
-/* Row `row` of expert e . x over all K columns. One row at a time keeps each thread's reads one sequential
- * stream (the hardware prefetcher's best case; two interleaved rows measured 30% slower), and four
- * accumulators keep the FMA latency chains from bounding the loop.
+/* Row `row` of expert e . x over all K columns, as 8 partial sums (their total is the product; see reduce4).
+ * One row at a time keeps each thread's reads one sequential stream (the hardware prefetcher's best case; two
+ * or four interleaved rows measured 30-40% slower), and four accumulators keep the FMA latency chains from
+ * bounding the loop.
  * xp is x split by split_even_odd; group_sums[g] = sum of x over int4 group g (int4 codes carry an offset of 8,
  * taken out once per group instead of once per code). */
-static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, const float *xp,
-                     const float *group_sums) {
+static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, const weight_t *w, int64_t e,
+                                                            int64_t row, const float *x, const float *xp,
+                                                            const float *group_sums) {
     const int64_t K = w->k;
     __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
     float tail = 0.0f;
     int64_t i = 0;
-    if (w->fmt == FMT_BF16) {
+    if (fmt == FMT_BF16) {
         const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K;
         const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
         for (; i + 32 <= K; i += 32) {
@@ -258,7 +260,7 @@ static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, 
             b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), _mm256_loadu_ps(xp + i + 8), b);
         }
         for (; i < K; i++) tail += bf16_to_float(src[i]) * x[i];
-    } else if (w->fmt == FMT_F16) {
+    } else if (fmt == FMT_F16) {
         const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K;
         for (; i + 32 <= K; i += 32) {
             _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
@@ -270,7 +272,7 @@ static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, 
         for (; i + 8 <= K; i += 8)
             a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))), _mm256_loadu_ps(x + i), a);
         for (; i < K; i++) tail += _cvtsh_ss(src[i]) * x[i];
-    } else if (w->fmt == FMT_F32) {
+    } else if (fmt == FMT_F32) {
         const float *src = (const float *)w->data + e * w->expert_stride + row * K;
         for (; i + 32 <= K; i += 32) {
             _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
@@ -282,21 +284,6 @@ static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, 
         }
         for (; i + 8 <= K; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(x + i), a);
         for (; i < K; i++) tail += src[i] * x[i];
-    } else if (w->fmt == FMT_I8) {
-        const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K;
-#define I8X8(at) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + (at)))))
-        for (; i + 32 <= K; i += 32) {
-            _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
-            a = _mm256_fmadd_ps(I8X8(i), _mm256_loadu_ps(x + i), a);
-            b = _mm256_fmadd_ps(I8X8(i + 8), _mm256_loadu_ps(x + i + 8), b);
-            c = _mm256_fmadd_ps(I8X8(i + 16), _mm256_loadu_ps(x + i + 16), c);
-            d = _mm256_fmadd_ps(I8X8(i + 24), _mm256_loadu_ps(x + i + 24), d);
-        }
-        for (; i + 8 <= K; i += 8) a = _mm256_fmadd_ps(I8X8(i), _mm256_loadu_ps(x + i), a);
-#undef I8X8
-        for (; i < K; i++) tail += (float)src[i] * x[i];
-        const float sum = hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d))) + tail;
-        return sum * bf16_to_float(w->scales[e * w->scale_stride + row]);
     } else { /* FMT_I4: per group, sum(code * x) in four accumulators; then scale and remove the offset */
         const int64_t G = w->group, n_groups = (K + G - 1) / G;
         const uint8_t *src = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
@@ -330,9 +317,10 @@ static float row_dot(const weight_t *w, int64_t e, int64_t row, const float *x, 
         }
 #undef LO4
 #undef HI4
-        return hsum(total) - offset;
+        return _mm256_add_ps(total, _mm256_setr_ps(-offset, 0, 0, 0, 0, 0, 0, 0));
     }
-    return hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d))) + tail;
+    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)),
+                         _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
 }
 
 /* ---- integer codes at batch 1: activations rounded to 16 bits, products in integer arithmetic ----
@@ -358,31 +346,61 @@ typedef struct {
  * 64 each chunk of that many columns is reordered as int4 codes unpack: columns 4j, then 4j + 1, 4j + 2, 4j + 3
  * (16-bit lane j of a chunk's bytes holds columns 4j..4j+3 in its four nibbles). */
 static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq_t *out) {
-    const int64_t blocks = (K + QBLOCK - 1) / QBLOCK, spans = (blocks + span - 1) / span, cols = spans * span * QBLOCK;
+    const int64_t blocks = (K + QBLOCK - 1) / QBLOCK, spans = (blocks + span - 1) / span, width = span * QBLOCK;
     out->blocks = blocks;
     out->span = span;
-    out->q = calloc((size_t)cols, sizeof(int16_t)); /* whole spans: an int4 group may reach past the last block */
+    out->q = calloc((size_t)(spans * width), sizeof(int16_t)); /* whole spans: an int4 group may reach past K */
     out->scale = malloc(sizeof(float) * spans);
     out->qsum = malloc(sizeof(int32_t) * spans);
-    if (!out->q || !out->scale || !out->qsum) return -1;
+    int16_t *order = chunk ? calloc((size_t)width, sizeof(int16_t)) : NULL; /* one span in column order */
+    if (!out->q || !out->scale || !out->qsum || (chunk && !order)) { free(order); return -1; }
+    const __m256 sign = _mm256_set1_ps(-0.0f), huge = _mm256_set1_ps(3.4028235e38f);
     for (int64_t sp = 0; sp < spans; sp++) {
-        const int64_t start = sp * span * QBLOCK, stop = start + span * QBLOCK < K ? start + span * QBLOCK : K;
+        const int64_t start = sp * width, n = K - start < width ? K - start : width;
+        __m256 top8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + start + i));
+            top8 = _mm256_max_ps(top8, a);
+            bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, huge, _CMP_NLE_UQ)); /* inf or NaN */
+        }
+        float tops[8];
+        _mm256_storeu_ps(tops, top8);
         float top = 0.0f;
-        int finite = 1;
-        for (int64_t i = start; i < stop; i++) {
-            top = fmaxf(top, fabsf(x[i]));
-            finite &= isfinite(x[i]) != 0;
+        int finite = _mm256_movemask_ps(bad8) == 0;
+        for (int j = 0; j < 8; j++) top = fmaxf(top, tops[j]);
+        for (; i < n; i++) {
+            top = fmaxf(top, fabsf(x[start + i]));
+            finite &= isfinite(x[start + i]) != 0;
         }
         const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+        int16_t *q = chunk ? order : out->q + start;
+        if (chunk && n < width) memset(order + n, 0, sizeof(int16_t) * (width - n)); /* the last span, past K */
         int32_t sum = 0;
-        for (int64_t col = start; col < stop; col++) {
-            const int64_t i = col % (chunk ? chunk : 1), at = col - i + (chunk ? (i % 4) * (chunk / 4) + i / 4 : 0);
-            out->q[at] = (int16_t)(finite ? lrintf(x[col] / scale) : 0);
-            sum += out->q[at];
+        if (finite) { /* x / scale rounded to nearest even, as lrintf does */
+            const __m256 s8 = _mm256_set1_ps(scale);
+            __m256i sum8 = _mm256_setzero_si256();
+            for (i = 0; i + 16 <= n; i += 16) {
+                const __m256i lo = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + start + i), s8));
+                const __m256i hi = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + start + i + 8), s8));
+                sum8 = _mm256_add_epi32(sum8, _mm256_add_epi32(lo, hi));
+                _mm256_storeu_si256((__m256i *)(q + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+            }
+            int32_t sums[8];
+            _mm256_storeu_si256((__m256i *)sums, sum8);
+            for (int j = 0; j < 8; j++) sum += sums[j];
+            for (; i < n; i++) sum += q[i] = (int16_t)lrintf(x[start + i] / scale);
+        } else {
+            memset(q, 0, sizeof(int16_t) * n);
         }
+        if (chunk) /* chunk by chunk: columns 4j, 4j + 1, 4j + 2, 4j + 3 go to lanes j, c/4 + j, c/2 + j, 3c/4 + j */
+            for (int64_t base = 0; base < width; base += chunk)
+                for (int64_t j = 0; j < chunk / 4; j++)
+                    for (int64_t t = 0; t < 4; t++) out->q[start + base + t * (chunk / 4) + j] = order[base + 4 * j + t];
         out->scale[sp] = finite ? scale : NAN; /* an inf or NaN in x makes the products NaN, as in fp32 */
         out->qsum[sp] = sum;
     }
+    free(order);
     return 0;
 }
 
@@ -420,12 +438,14 @@ static inline __m128i i4_chunk32(const uint8_t *src, const int16_t *q) {
                                        _mm_madd_epi16(c3, _mm_loadu_si128((const __m128i *)(q + 24)))));
 }
 
-static float row_dot_int(const weight_t *w, int64_t e, int64_t row, const float *x, const xq_t *xq) {
+/* The same for the integer kernels (int8: before the row's scale, which rows_of applies to four rows at once). */
+static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fmt, const weight_t *w, int64_t e,
+                                                                int64_t row, const float *x, const xq_t *xq) {
     const int64_t K = w->k;
     const float *scale = xq->scale;
     const int16_t *q = xq->q;
     __m256 a = _mm256_setzero_ps();
-    if (w->fmt == FMT_I8) {
+    if (fmt == FMT_I8) {
         const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K;
         const int8_t *at = src;
         for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN) {
@@ -445,7 +465,7 @@ static float row_dot_int(const weight_t *w, int64_t e, int64_t row, const float 
         }
         float tail = 0.0f;
         for (int64_t i = at - src; i < K; i++) tail += (float)src[i] * x[i];
-        return (hsum(a) + tail) * bf16_to_float(w->scales[e * w->scale_stride + row]);
+        return _mm256_add_ps(a, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
     }
     /* FMT_I4 with a group size that is a multiple of 32: one span per group, its codes padded to whole groups */
     const int64_t G = w->group, n_groups = (K + G - 1) / G;
@@ -461,7 +481,7 @@ static float row_dot_int(const weight_t *w, int64_t e, int64_t row, const float 
             sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(xq->qsum[g])); /* 8 lanes: the offset of 8, exactly */
             a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(bf16_to_float(scales[g]) * scale[g]), a);
         }
-        return hsum(a);
+        return a;
     }
     __m128 b = _mm_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {
@@ -473,8 +493,7 @@ static float row_dot_int(const weight_t *w, int64_t e, int64_t row, const float 
         sum = _mm_sub_epi32(sum, _mm_set1_epi32(2 * xq->qsum[g])); /* 4 lanes */
         b = _mm_fmadd_ps(_mm_cvtepi32_ps(sum), _mm_set1_ps(bf16_to_float(scales[g]) * scale[g]), b);
     }
-    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+    return _mm256_insertf128_ps(_mm256_setzero_ps(), b, 0);
 }
 
 /* One matrix-vector product of a batch-1 step: y = (y if accumulate else 0) + W_e . x. */
@@ -521,12 +540,46 @@ static int same_layout(const weight_t *a, const weight_t *b) {
     return a->fmt == b->fmt && a->k == b->k && a->group == b->group;
 }
 
-/* y[row] (+)= W_e[row] . x for rows [r0, r1) of one job, on the calling thread. */
+/* The totals of four rows' partial sums: ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) of each. A row reduced
+ * alone goes through the same order (with zeros beside it), so a row's result does not depend on how the rows
+ * were split between threads. */
+static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* Four int8 rows' bf16 scales as fp32. */
+static inline __m128 scales4(const uint16_t *at) {
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)at)), 16));
+}
+
+/* y[row] (+)= W_e[row] . x for rows [r0, r1) of one job, on the calling thread; fmt is a constant at each call. */
+static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, const job_t *job, const prep_t *p,
+                                                           int64_t r0, int64_t r1) {
+    const weight_t *w = job->w;
+    const int64_t e = job->e;
+#define ROW(r) (p->integer ? row_vec_int(fmt, w, e, (r), job->x, &p->xq) : row_vec(fmt, w, e, (r), job->x, p->xp, p->sums))
+    for (int64_t r = r0; r < r1; r += 4) {
+        const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
+        const __m256 zero = _mm256_setzero_ps();
+        const __m256 v0 = ROW(r), v1 = n > 1 ? ROW(r + 1) : zero, v2 = n > 2 ? ROW(r + 2) : zero, v3 = n > 3 ? ROW(r + 3) : zero;
+        float sum[4];
+        _mm_storeu_ps(sum, reduce4(v0, v1, v2, v3));
+        for (int i = 0; i < n; i++) {
+            const float v = fmt == FMT_I8 ? sum[i] * bf16_to_float(w->scales[e * w->scale_stride + r + i]) : sum[i];
+            job->y[r + i] = job->accumulate ? job->y[r + i] + v : v;
+        }
+    }
+#undef ROW
+}
+
 static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; row++) {
-        const float v = p->integer ? row_dot_int(job->w, job->e, row, job->x, &p->xq)
-                                   : row_dot(job->w, job->e, row, job->x, p->xp, p->sums);
-        job->y[row] = job->accumulate ? job->y[row] + v : v;
+    switch (job->w->fmt) {
+    case FMT_BF16: rows_of(FMT_BF16, job, p, r0, r1); break;
+    case FMT_I8: rows_of(FMT_I8, job, p, r0, r1); break;
+    case FMT_I4: rows_of(FMT_I4, job, p, r0, r1); break;
+    case FMT_F16: rows_of(FMT_F16, job, p, r0, r1); break;
+    default: rows_of(FMT_F32, job, p, r0, r1); break;
     }
 }
 
@@ -552,12 +605,17 @@ static int run_jobs(const job_t *jobs, int count) {
         work += jobs[i].w->n * jobs[i].w->k;
     }
     if (status == 0) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (work >= PARALLEL_MIN_WORK)
-        for (int64_t n = 0; n < total; n++) {
-            int i = 0;
-            int64_t row = n;
-            while (row >= jobs[i].w->n) row -= jobs[i++].w->n;
-            rows_dot(&jobs[i], prep_of[i], row, row + 1);
+#pragma omp parallel num_threads(threads) if (work >= PARALLEL_MIN_WORK)
+        { /* each thread one contiguous range of all the jobs' rows, taken job by job */
+            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+            int64_t lo = total * t / nt, hi = total * (t + 1) / nt, first = 0;
+            for (int i = 0; i < count && lo < hi; first += jobs[i++].w->n) {
+                const int64_t end = first + jobs[i].w->n;
+                if (lo >= end) continue;
+                const int64_t stop = hi < end ? hi : end;
+                rows_dot(&jobs[i], prep_of[i], lo - first, stop - first);
+                lo = stop;
+            }
         }
     }
     for (int i = 0; i < prepared; i++) free_prep(&preps[i]);

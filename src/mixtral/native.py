@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -128,6 +129,9 @@ def _load():
     lib.mx_rmsnorm.restype = None
     lib.mx_decode_layer.argtypes = [ctypes.POINTER(Layer), ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.mx_decode_layer.restype = ctypes.c_int
+    lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr,
+                              ptr, ctypes.c_float, p, ptr]
+    lib.mx_decode.restype = ctypes.c_int
     lib.mx_hugepages.argtypes = [ptr, i64, ctypes.c_int]
     lib.mx_hugepages.restype = i64
     lib.mx_move.argtypes = [ptr, ptr, i64, ctypes.c_int]
@@ -270,8 +274,17 @@ class NativeModel:
 
     def __init__(self, model):
         self.layers = [NativeLayer(block, model.args) for block in model.layers]
+        self.structs = (Layer * len(self.layers))(*(layer.struct for layer in self.layers))  # for mx_decode
         self.lm_head = NativeWeight(model.lm_head)
         self.n_experts = next((layer.router.n for layer in self.layers if layer.moe), 0)  # 0: no MoE layer
+        self.caches = weakref.WeakKeyDictionary()  # KVCache -> its tensors' addresses, as mx_decode takes them
+
+    def cache_pointers(self, cache):
+        if cache not in self.caches:
+            arrays = [(ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+                      for tensors in (cache.keys, cache.values)]
+            self.caches[cache] = arrays
+        return self.caches[cache]
 
 
 def prepare(model) -> bool:
@@ -367,8 +380,9 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
     K = args.top_k if E else 0
     logits = torch.empty(len(native.layers), N, E)  # what each router did, for `routing`
     ids, mix = torch.empty(len(native.layers), N, K, dtype=torch.int64), torch.empty(len(native.layers), N, K)
-    if T == 1 and cache is not None and cache.keys[0].dtype == torch.float32 and cache.keys[0].is_contiguous():
-        _decode_layers(model, x, input_pos, cache, slots, logits, ids, mix)
+    decode = T == 1 and cache is not None and cache.keys[0].dtype == torch.float32 and cache.keys[0].is_contiguous()
+    if decode:
+        out = _decode(model, x, input_pos, cache, slots, logits, ids, mix)  # (B, V)
     else:
         _prefill_layers(model, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix)
     if routing is not None:
@@ -376,6 +390,8 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
             if layer.moe:
                 routing.append(Routing(logits[index].view(B, T, E), ids[index].view(B, T, K),
                                        mix[index].view(B, T, K)))
+    if decode:
+        return out.view(B, 1, -1)
     x = x.view(B, T, D)
     if logits_at is not None:
         x = x[torch.arange(B), logits_at][:, None]  # (B, 1, D)
@@ -384,9 +400,10 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
     return native.lm_head.linear(h).view(x.shape[0], x.shape[1], -1)
 
 
-def _decode_layers(model, x, input_pos, cache, slots, logits, ids, mix) -> None:
-    """One new token per sequence: each block is one call (cpu_kernels.c: mx_decode_layer)."""
-    lib, B = library(), x.shape[0]
+def _decode(model, x, input_pos, cache, slots, logits, ids, mix) -> torch.Tensor:
+    """One new token per sequence: the whole step, every block, the final norm and the output projection, is one
+    call (cpu_kernels.c: mx_decode). Returns the logits (B, V)."""
+    native, B = model.native, x.shape[0]
     positions = input_pos[:, 0].to(torch.int64).contiguous()
     rows = (torch.arange(B) if slots is None else slots).to(torch.int64).contiguous()
     # the C side writes the cache at these indices: check them as indexing the cache in torch would
@@ -397,13 +414,15 @@ def _decode_layers(model, x, input_pos, cache, slots, logits, ids, mix) -> None:
     rows_at = rows.tolist()
     if len(rows_at) != B or min(rows_at) < 0 or max(rows_at) >= cache.batch_size:
         raise IndexError(f"cache rows {rows_at} are outside the KV cache's {cache.batch_size} rows")
-    for index, layer in enumerate(model.native.layers):
-        status = lib.mx_decode_layer(layer.ref, x.data_ptr(), B, positions.data_ptr(), rows.data_ptr(),
-                                     cache.keys[index].data_ptr(), cache.values[index].data_ptr(),
-                                     cache.max_seq_len, logits[index].data_ptr(), ids[index].data_ptr(),
-                                     mix[index].data_ptr())
-        if status:
-            raise MemoryError("native decode: out of memory")
+    keys, values = native.cache_pointers(cache)
+    out = torch.empty(B, native.lm_head.n)
+    status = library().mx_decode(native.structs, len(native.layers), x.data_ptr(), B, positions.data_ptr(),
+                                 rows.data_ptr(), keys, values, cache.max_seq_len, logits.shape[-1], ids.shape[-1],
+                                 logits.data_ptr(), ids.data_ptr(), mix.data_ptr(), model.norm.weight.data_ptr(),
+                                 model.norm.eps, native.lm_head.ref, out.data_ptr())
+    if status:
+        raise MemoryError("native decode: out of memory")
+    return out
 
 
 def _prefill_layers(model, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix) -> None:

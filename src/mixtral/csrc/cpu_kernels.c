@@ -18,6 +18,7 @@
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
  *   mx_rmsnorm     RMS normalization
  *   mx_decode_layer  a whole decoder block (all of the above) for one new token per sequence
+ *   mx_decode      every block, the final norm and the output projection: a whole decode step in one call
  */
 #include <immintrin.h>
 #include <math.h>
@@ -902,5 +903,26 @@ int mx_decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, c
     status = 0;
 done:
     free(h); free(qkv); free(attn); free(h1); free(h3);
+    return status;
+}
+
+/* A whole decode step for one new token of each of B sequences: every block (layer i's caches k_caches[i] and
+ * v_caches[i]; its router's logits, choices and weights at i * B * E, i * B * top_k, i * B * top_k), then the final
+ * norm and the output projection into out (B, V). One call per step: between calls from Python the weights just
+ * streamed have pushed the interpreter's own data out of the caches, so each Python step in between is slow.
+ * Returns 0, or -1 when out of memory. */
+int mx_decode(const layer_t *layers, int64_t n_layers, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
+              float *const *k_caches, float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits,
+              int64_t *ids, float *mix, const float *norm, float eps, const weight_t *head, float *out) {
+    for (int64_t i = 0; i < n_layers; i++)
+        if (mx_decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max, logits + i * B * E,
+                            ids + i * B * top_k, mix + i * B * top_k))
+            return -1;
+    const int64_t D = head->k;
+    float *h = malloc(sizeof(float) * B * D);
+    if (!h) return -1;
+    mx_rmsnorm(x, B, D, norm, eps, h);
+    const int status = mx_linear(head, 0, h, B, D, out, head->n, 0);
+    free(h);
     return status;
 }

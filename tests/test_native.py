@@ -62,6 +62,22 @@ def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
         assert torch.equal(out[:, :2], torch.ones(rows, 2)) and torch.equal(out[:, -1], torch.ones(rows)), name
 
 
+def test_logsumexp_equals_torchs_including_infinities_and_nan():
+    gen = _gen(11)
+    rows = torch.randn(6, 32003, generator=gen) * 8  # not a multiple of 8 wide: the scalar tail too
+    rows[1] -= 200.0  # every exp(x) underflows in fp32 without the max taken out
+    rows[2, ::3] = float("-inf")
+    rows[3, 5] = float("nan")
+    rows[4, 32001] = float("inf")  # in the tail
+    rows[5] = float("-inf")
+    got, wanted = native.logsumexp(rows), torch.logsumexp(rows, dim=-1)
+    assert torch.allclose(got[:3], wanted[:3], rtol=1e-6, atol=1e-5)
+    # torch: NaN for a row with a NaN; log-softmax of a row with +inf or all -inf is NaN, which x - lse keeps
+    assert got[3].isnan() and wanted[3].isnan()
+    assert (rows[4] - got[4]).isnan().any() and torch.log_softmax(rows[4], -1).isnan().any()
+    assert (rows[5] - got[5]).isnan().all() and torch.log_softmax(rows[5], -1).isnan().all()
+
+
 def test_huge_pages_keep_the_weights_as_they_were():
     weight = torch.randn(3 << 20, generator=_gen(7))  # 12 MiB: at least four whole 2 MiB pages inside
     before = weight.clone()

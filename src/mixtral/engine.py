@@ -33,7 +33,7 @@ from .errors import MixtralError
 from .generate import TextTracker
 from .kv_cache import KVCache
 from .model import Routing, Transformer
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, log_normalizers
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mixtral.engine")
@@ -418,10 +418,10 @@ class Engine:
             return
         try:
             token = request.sampler(logits, request.prompt_ids, request.generated)
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            logprob = float(logits[token]) - log_normalizers(logits[None])[0]
             top = []
             if request.top_n:
-                values, ids = torch.topk(logprobs, request.top_n)
+                values, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), request.top_n)
                 top = list(zip(ids.tolist(), values.tolist()))
             text = request.tracker.add(token)
         except Exception as exc:
@@ -434,7 +434,7 @@ class Engine:
         finish = request.tracker.finish_reason
         with self._cond:
             self._tokens_generated += 1
-        event = Event(token, text, float(logprobs[token]), self.tokenizer.is_special(token), finish,
+        event = Event(token, text, logprob, self.tokenizer.is_special(token), finish,
                       len(request.generated), len(request.prompt_ids),
                       None if request.params.greedy else request.sampler.seed_used, top)
         if len(request.generated) == 1:

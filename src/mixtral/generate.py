@@ -19,7 +19,7 @@ import torch
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Transformer
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, log_normalizers
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
@@ -66,12 +66,12 @@ def generate_step(
     generated: list[list[int]] = [[] for _ in prompts]
     pos = torch.tensor(lengths, device=device)[:, None]  # (B, 1) where each row's next token goes
     for _ in range(max_new_tokens):
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        normalizers = log_normalizers(logits)
         step = []
         for row, sampler in enumerate(samplers):
             token = sampler(logits[row], history[row], generated[row])
             generated[row].append(token)
-            step.append((token, float(logprobs[row, token])))
+            step.append((token, float(logits[row, token]) - normalizers[row]))
         yield step
         tokens = torch.tensor([[token] for token, _ in step], device=device)
         logits = model(tokens, pos, cache, n_keys=int(pos.max()) + 1, routing=routing)[:, -1]

@@ -132,6 +132,8 @@ def _load():
     lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr,
                               ptr, ctypes.c_float, p, ptr]
     lib.mx_decode.restype = ctypes.c_int
+    lib.mx_logsumexp.argtypes = [ptr, i64, i64, ptr]
+    lib.mx_logsumexp.restype = None
     lib.mx_hugepages.argtypes = [ptr, i64, ctypes.c_int]
     lib.mx_hugepages.restype = i64
     lib.mx_move.argtypes = [ptr, ptr, i64, ctypes.c_int]
@@ -362,6 +364,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(M, D) fp32 contiguous -> normalized (M, D)."""
     out = torch.empty_like(x)
     library().mx_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(row))) of each row of an fp32 (M, N) tensor with contiguous rows: what log-softmax subtracts."""
+    if x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 2:
+        raise TypeError("native logsumexp takes fp32 rows with contiguous columns")
+    out = torch.empty(x.shape[0])
+    library().mx_logsumexp(x.contiguous().data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

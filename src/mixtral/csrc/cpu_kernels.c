@@ -19,6 +19,7 @@
  *   mx_rmsnorm     RMS normalization
  *   mx_decode_layer  a whole decoder block (all of the above) for one new token per sequence
  *   mx_decode      every block, the final norm and the output projection: a whole decode step in one call
+ *   mx_logsumexp   log(sum(exp(x))) of each row: what log-softmax subtracts, for the sampled token's log-prob
  */
 #include <immintrin.h>
 #include <math.h>
@@ -113,6 +114,28 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     float s = hsum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* exp(t) for t <= 0 (t = x - max), 8 at a time: t = n ln 2 + r with |r| <= ln(2)/2, e^r by its Taylor series to r^7
+ * (relative error < 2e-8 before rounding), 2^n put into the exponent bits; below -87 the result is 0, NaN stays NaN. */
+static inline __m256 exp_nonpositive(const __m256 t_in) {
+    __m256 t = t_in;
+    const __m256 low = _mm256_set1_ps(-87.0f), ln2_hi = _mm256_set1_ps(0.693145752f), ln2_lo = _mm256_set1_ps(1.42860677e-6f);
+    const __m256 keep = _mm256_cmp_ps(t, low, _CMP_GE_OQ);
+    t = _mm256_max_ps(t, low);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(n, ln2_lo, _mm256_fnmadd_ps(n, ln2_hi, t));
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), keep);
+    return _mm256_blendv_ps(e, t_in, _mm256_cmp_ps(t_in, t_in, _CMP_UNORD_Q));
 }
 
 /* Widen rows [r0, r0 + nr) x columns [k0, k0 + kc) of expert e to fp32 in `tile` (row stride kc).
@@ -794,6 +817,48 @@ done:
     return status;
 }
 
+/* One query head over S positions of its keys and values (S, Dh): softmax(q . k * scale) . v into o (Dh). Scores
+ * go 8 positions at a time (8 dot products reduced together), exp 8 at a time, and the weighted sum of the values
+ * is normalized once at the end. */
+static void attend(const float *q, const float *keys, const float *values, int64_t S, int64_t Dh, float scale,
+                   float *scores, float *o) {
+    int64_t s = 0;
+    if (Dh % 8 == 0)
+        for (; s + 8 <= S; s += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < Dh; d += 8) {
+                const __m256 qd = _mm256_loadu_ps(q + d);
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(keys + (s + j) * Dh + d), acc[j]);
+            }
+            const __m128 lo = reduce4(acc[0], acc[1], acc[2], acc[3]), hi = reduce4(acc[4], acc[5], acc[6], acc[7]);
+            _mm256_storeu_ps(scores + s, _mm256_mul_ps(_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1), _mm256_set1_ps(scale)));
+        }
+    for (; s < S; s++) scores[s] = dot(q, keys + s * Dh, Dh) * scale;
+    float top = -INFINITY, total = 0.0f;
+    for (s = 0; s < S; s++) top = scores[s] > top ? scores[s] : top;
+    s = 0;
+    if (top > -INFINITY && top < INFINITY) {
+        const __m256 top8 = _mm256_set1_ps(top);
+        __m256 total8 = _mm256_setzero_ps();
+        for (; s + 8 <= S; s += 8) {
+            const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + s), top8));
+            _mm256_storeu_ps(scores + s, p);
+            total8 = _mm256_add_ps(total8, p);
+        }
+        total = hsum(total8);
+    }
+    for (; s < S; s++) total += scores[s] = expf(scores[s] - top); /* NaN or inf scores stay NaN, as in torch */
+    memset(o, 0, sizeof(float) * Dh);
+    for (s = 0; s < S; s++) {
+        const float p = scores[s];
+        const float *v = values + s * Dh;
+        for (int64_t d = 0; d < Dh; d++) o[d] += p * v[d];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < Dh; d++) o[d] *= inv;
+}
+
 /* One new token for each of M sequences: rotate its query and key heads (the "rotate half" layout of Hugging
  * Face checkpoints) for position pos[m], write its key and value into cache row rows[m] at that position, then
  * attend over positions [0, pos[m]] (the last `window` of them when window > 0).
@@ -822,33 +887,25 @@ int mx_attention(float *qkv, int64_t M, int64_t H, int64_t G, int64_t Dh, const 
     }
     int status = 0;
     const float scale = 1.0f / sqrtf((float)Dh);
+    const int64_t R = H / G; /* query heads per key/value head: they read the same keys and values */
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * s_max);
+        float *scores = malloc(sizeof(float) * R * s_max);
         if (!scores) {
 #pragma omp atomic write
             status = -1;
         }
 #pragma omp for schedule(static)
-        for (int64_t mh = 0; mh < M * H; mh++) {
+        for (int64_t mg = 0; mg < M * G; mg++) {
             if (!scores) continue;
-            const int64_t m = mh / H, h = mh % H, g = h / (H / G);
+            const int64_t m = mg / G, g = mg % G;
             const int64_t last = pos[m], first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
-            const float *q = qkv + m * width + h * Dh;
-            const float *keys = k_cache + (rows[m] * G + g) * s_max * Dh, *values = v_cache + (rows[m] * G + g) * s_max * Dh;
-            float top = -INFINITY, total = 0.0f;
-            for (int64_t s = first; s <= last; s++) {
-                scores[s] = dot(q, keys + s * Dh, Dh) * scale;
-                if (scores[s] > top) top = scores[s];
-            }
-            for (int64_t s = first; s <= last; s++) total += scores[s] = expf(scores[s] - top);
-            float *o = out + (m * H + h) * Dh;
-            memset(o, 0, sizeof(float) * Dh);
-            for (int64_t s = first; s <= last; s++) {
-                const float p = scores[s] / total;
-                const float *v = values + s * Dh;
-                for (int64_t d = 0; d < Dh; d++) o[d] += p * v[d];
-            }
+            const int64_t S = last - first + 1;
+            const float *keys = k_cache + ((rows[m] * G + g) * s_max + first) * Dh;
+            const float *values = v_cache + ((rows[m] * G + g) * s_max + first) * Dh;
+            const float *q = qkv + m * width + g * R * Dh;
+            for (int64_t r = 0; r < R; r++)
+                attend(q + r * Dh, keys, values, S, Dh, scale, scores + r * s_max, out + (m * H + g * R + r) * Dh);
         }
         free(scores);
     }
@@ -925,4 +982,36 @@ int mx_decode(const layer_t *layers, int64_t n_layers, float *x, int64_t B, cons
     const int status = mx_linear(head, 0, h, B, D, out, head->n, 0);
     free(h);
     return status;
+}
+
+/* out[m] = log(sum(exp(x[m]))) for M rows of n: the row's max plus the log of the sum of exp(x - max). Like
+ * torch's log-softmax: NaN when the row holds a NaN or +inf (x - max is then NaN somewhere), -inf when every
+ * entry is -inf. */
+void mx_logsumexp(const float *x, int64_t M, int64_t n, float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * n;
+        __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            top8 = _mm256_max_ps(top8, v);
+            nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float tops[8], top = -INFINITY;
+        int bad = _mm256_movemask_ps(nan8) != 0;
+        _mm256_storeu_ps(tops, top8);
+        for (int j = 0; j < 8; j++) top = fmaxf(top, tops[j]);
+        for (int64_t j = i; j < n; j++) {
+            bad |= isnan(row[j]) != 0;
+            top = fmaxf(top, row[j]);
+        }
+        if (bad || top == INFINITY) { out[m] = NAN; continue; }
+        if (top == -INFINITY) { out[m] = -INFINITY; continue; }
+        const __m256 t8 = _mm256_set1_ps(top);
+        __m256 sum8 = _mm256_setzero_ps();
+        for (i = 0; i + 8 <= n; i += 8) sum8 = _mm256_add_ps(sum8, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + i), t8)));
+        float sum = hsum(sum8);
+        for (; i < n; i++) sum += expf(row[i] - top);
+        out[m] = top + logf(sum);
+    }
 }

@@ -16,7 +16,7 @@ from mixtral.config import load_config
 from mixtral.errors import MixtralError
 from mixtral.generate import generate_step
 from mixtral.loading import load, load_model
-from mixtral.model import MoE
+from mixtral.model import Embedding, MoE
 from mixtral.sampling import Sampler, SamplingParams
 from mixtral.weights import load_weights
 
@@ -163,7 +163,7 @@ def test_router_norms_and_embedding_stay_unquantized(tiny_dir):
         assert type(block.ffn.router) is nn.Linear and block.ffn.router.weight.dtype == torch.bfloat16
         assert isinstance(block.attn_norm.weight, nn.Parameter) and isinstance(block.ffn_norm.weight, nn.Parameter)
         assert all(isinstance(getattr(block.attn, n), Q.QuantLinear) for n in ("wq", "wk", "wv", "wo"))
-    assert type(model.lm_head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert type(model.lm_head) is nn.Linear and type(model.embed) is Embedding
     assert model.quantization == {"bits": 4, "group_size": 32, "method": Q.METHOD, "lm_head": False}
     routing = []
     model(torch.tensor([[5, 6, 7]]), routing=routing)

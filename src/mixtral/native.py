@@ -4,7 +4,7 @@ Why: at batch 1 a decode step is ~50 matrix-vector products and ~450 small torch
 matmuls for that shape (fbgemm, kernels.py) read weights at ~10 GB/s on this project's 2-core machine, against
 ~33 GB/s for a plain read, and each small op costs ~10 us of dispatch. The C kernels read weights in the
 checkpoint's own format (bf16, fp16, fp32, or quantize.py's int8/int4 codes) at close to the memory's speed,
-and one call does a layer's whole attention or mixture of experts.
+and one call does a whole decode step (every block, the final norm and the output projection).
 
 The library is compiled on first use with the system C compiler (about a second) into a cache directory
 (`MIXTRAL_CACHE_DIR`, else `$XDG_CACHE_HOME/mixtral`, else `~/.cache/mixtral`), checked against torch on a

@@ -282,11 +282,16 @@ class NativeModel:
         self.caches = weakref.WeakKeyDictionary()  # KVCache -> its tensors' addresses, as mx_decode takes them
 
     def cache_pointers(self, cache):
-        if cache not in self.caches:
+        """The addresses of `cache`'s key and value tensors, as mx_decode takes them (kept while the cache lives,
+        and checked to still be the same tensors: the C side writes through them)."""
+        entry = self.caches.get(cache)
+        if entry is None or not all(a is b for a, b in zip(entry[0], cache.keys + cache.values)):
+            if len(cache.keys) != len(self.layers) or len(cache.values) != len(self.layers):
+                raise ValueError(f"the KV cache has {len(cache.keys)} layers, the model {len(self.layers)}")
             arrays = [(ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
                       for tensors in (cache.keys, cache.values)]
-            self.caches[cache] = arrays
-        return self.caches[cache]
+            entry = self.caches[cache] = (list(cache.keys + cache.values), *arrays)
+        return entry[1], entry[2]
 
 
 def prepare(model) -> bool:
@@ -371,7 +376,7 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     """log(sum(exp(row))) of each row of an fp32 (M, N) tensor with contiguous rows: what log-softmax subtracts."""
     if x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 2:
         raise TypeError("native logsumexp takes fp32 rows with contiguous columns")
-    out = torch.empty(x.shape[0])
+    out = torch.empty(x.shape[0], dtype=torch.float64)
     library().mx_logsumexp(x.contiguous().data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
 

@@ -307,7 +307,8 @@ def log_normalizers(logits: Tensor) -> list[float]:
 
     if logits.dtype == torch.float32 and logits.stride(-1) == 1 and native.will_run(logits.device):
         return native.logsumexp(logits).tolist()
-    return torch.logsumexp(logits.float(), dim=-1).tolist()
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    return torch.where(lse == float("inf"), float("nan"), lse).tolist()  # as log-softmax: NaN beside a +inf
 
 
 def make_sampler(params: SamplingParams) -> Sampler:

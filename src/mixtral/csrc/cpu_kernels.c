@@ -572,11 +572,6 @@ static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-/* Four int8 rows' bf16 scales as fp32. */
-static inline __m128 scales4(const uint16_t *at) {
-    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)at)), 16));
-}
-
 /* y[row] (+)= W_e[row] . x for rows [r0, r1) of one job, on the calling thread; fmt is a constant at each call. */
 static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, const job_t *job, const prep_t *p,
                                                            int64_t r0, int64_t r1) {
@@ -890,7 +885,7 @@ int mx_attention(float *qkv, int64_t M, int64_t H, int64_t G, int64_t Dh, const 
     const int64_t R = H / G; /* query heads per key/value head: they read the same keys and values */
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * R * s_max);
+        float *scores = malloc(sizeof(float) * s_max);
         if (!scores) {
 #pragma omp atomic write
             status = -1;
@@ -905,7 +900,7 @@ int mx_attention(float *qkv, int64_t M, int64_t H, int64_t G, int64_t Dh, const 
             const float *values = v_cache + ((rows[m] * G + g) * s_max + first) * Dh;
             const float *q = qkv + m * width + g * R * Dh;
             for (int64_t r = 0; r < R; r++)
-                attend(q + r * Dh, keys, values, S, Dh, scale, scores + r * s_max, out + (m * H + g * R + r) * Dh);
+                attend(q + r * Dh, keys, values, S, Dh, scale, scores, out + (m * H + g * R + r) * Dh);
         }
         free(scores);
     }
@@ -984,10 +979,10 @@ int mx_decode(const layer_t *layers, int64_t n_layers, float *x, int64_t B, cons
     return status;
 }
 
-/* out[m] = log(sum(exp(x[m]))) for M rows of n: the row's max plus the log of the sum of exp(x - max). Like
+/* out[m] = log(sum(exp(x[m]))) for M rows of n, in double: the row's max plus the log of the sum of exp(x - max). Like
  * torch's log-softmax: NaN when the row holds a NaN or +inf (x - max is then NaN somewhere), -inf when every
  * entry is -inf. */
-void mx_logsumexp(const float *x, int64_t M, int64_t n, float *out) {
+void mx_logsumexp(const float *x, int64_t M, int64_t n, double *out) {
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * n;
         __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
@@ -1012,6 +1007,6 @@ void mx_logsumexp(const float *x, int64_t M, int64_t n, float *out) {
         for (i = 0; i + 8 <= n; i += 8) sum8 = _mm256_add_ps(sum8, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + i), t8)));
         float sum = hsum(sum8);
         for (; i < n; i++) sum += expf(row[i] - top);
-        out[m] = top + logf(sum);
+        out[m] = (double)top + log((double)sum); /* in double: logit - out keeps small log-probs exact */
     }
 }

@@ -358,12 +358,13 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
 
 #define QBLOCK 32        /* columns per vpmaddwd block */
 #define I8_SPAN 8        /* int8: blocks per activation scale */
+#define I4_GROUPS_AHEAD 512 /* int4: groups per row whose combined scales are computed first (more: on the way) */
 
 typedef struct {
     int16_t *q;       /* x / scale rounded, zero past K; for int4 in nibble order per chunk (see quantize_x) */
     float *scale;     /* one per span */
     int32_t *qsum;    /* sum of q over each span: int4 codes carry an offset of 8, taken out once per span */
-    int64_t blocks, span;  /* blocks of QBLOCK columns; blocks per span */
+    int64_t blocks, span, spans;  /* blocks of QBLOCK columns; blocks per span; spans (int4: groups) */
 } xq_t;
 
 /* Round x to int16 per span of `span` blocks. With chunk = 0 the columns stay in order (int8); with chunk = 32 or
@@ -373,6 +374,7 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq
     const int64_t blocks = (K + QBLOCK - 1) / QBLOCK, spans = (blocks + span - 1) / span, width = span * QBLOCK;
     out->blocks = blocks;
     out->span = span;
+    out->spans = spans;
     out->q = calloc((size_t)(spans * width), sizeof(int16_t)); /* whole spans: an int4 group may reach past K */
     out->scale = malloc(sizeof(float) * spans);
     out->qsum = malloc(sizeof(int32_t) * spans);
@@ -492,20 +494,43 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
         return _mm256_add_ps(a, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
     }
     /* FMT_I4 with a group size that is a multiple of 32: one span per group, its codes padded to whole groups */
-    const int64_t G = w->group, n_groups = (K + G - 1) / G;
+    const int64_t G = w->group, n_groups = xq->spans; /* (K + G - 1) / G, without a division per row */
     const uint8_t *at = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
     const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups;
     if (G % 64 == 0) {
-        for (int64_t g = 0; g < n_groups; g++) {
+        /* each group's weight scale times its activation scale, 8 groups at a time, before the codes */
+        float both[I4_GROUPS_AHEAD];
+        const int ahead = n_groups <= I4_GROUPS_AHEAD;
+        int64_t g = 0;
+        if (ahead) {
+            for (; g + 8 <= n_groups; g += 8) {
+                const __m256 ws = _mm256_castsi256_ps(
+                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scales + g))), 16));
+                _mm256_storeu_ps(both + g, _mm256_mul_ps(ws, _mm256_loadu_ps(scale + g)));
+            }
+            for (; g < n_groups; g++) both[g] = bf16_to_float(scales[g]) * scale[g];
+        }
+        __m256 b = _mm256_setzero_ps(); /* two FMA chains */
+        g = 0;
+        if (G == 64 && ahead) /* the common case: one chunk per group, two groups per step */
+            for (; g + 2 <= n_groups; g += 2, at += 64, q += 128) {
+                _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                const __m256i s0 = _mm256_sub_epi32(i4_chunk64(at, q), _mm256_set1_epi32(xq->qsum[g]));
+                const __m256i s1 = _mm256_sub_epi32(i4_chunk64(at + 32, q + 64), _mm256_set1_epi32(xq->qsum[g + 1]));
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(both + g), a);
+                b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(both + g + 1), b);
+            }
+        for (; g < n_groups; g++) {
             __m256i sum = _mm256_setzero_si256();
             for (int64_t c = 0; c < G; c += 64, at += 32, q += 64) {
                 _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
                 sum = _mm256_add_epi32(sum, i4_chunk64(at, q));
             }
             sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(xq->qsum[g])); /* 8 lanes: the offset of 8, exactly */
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(bf16_to_float(scales[g]) * scale[g]), a);
+            const __m256 gs = ahead ? _mm256_broadcast_ss(both + g) : _mm256_set1_ps(bf16_to_float(scales[g]) * scale[g]);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), gs, a);
         }
-        return a;
+        return _mm256_add_ps(a, b);
     }
     __m128 b = _mm_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {

@@ -176,6 +176,9 @@ def kernel_available(device: torch.device, bits: int) -> bool:
 
 # ---- the modules ---------------------------------------------------------------------------------------
 
+_QUANTIZE_STEP = 1 << 20  # weights quantized per step: bounds the fp32 temporaries (a 32k-row head: 65 MB each)
+
+
 class QuantLinear(nn.Module):
     """A weight-only quantized stand-in for a bias-free nn.Linear, or (with `n_experts`) for a stacked
     (E, N, K) expert weight. Buffers: `qweight` and `scales`, canonical form or a kernel's layout."""
@@ -206,8 +209,10 @@ class QuantLinear(nn.Module):
         layer = cls(weight.shape[-2], weight.shape[-1], bits, group_size, weight.shape[0] if stacked else None,
                     device=weight.device)
         for index in range(weight.shape[0]) if stacked else [...]:
-            qweight, scales = quantize_weight(weight[index], bits, layer.group_size)
-            layer.qweight[index], layer.scales[index] = qweight, scales
+            matrix, rows = weight[index], max(1, _QUANTIZE_STEP // weight.shape[-1])
+            for start in range(0, matrix.shape[0], rows):  # rows are quantized independently
+                qweight, scales = quantize_weight(matrix[start:start + rows], bits, layer.group_size)
+                layer.qweight[index][start:start + rows], layer.scales[index][start:start + rows] = qweight, scales
         if pack:
             layer._pack()
         return layer

@@ -181,6 +181,32 @@ def test_decode_checks_cache_indices_and_takes_any_integer_positions(tiny_dir):
                 m(ids[:, :1], torch.tensor([[5]]), cache, n_keys=6, slots=torch.tensor([5]))
 
 
+def test_decode_follows_a_caches_tensors_when_they_are_replaced(tiny_dir):
+    import dataclasses
+
+    from mixtral.kv_cache import KVCache
+
+    model = load_model(tiny_dir, dtype="float32", progress=False)
+    ids = torch.randint(3, 256, (1, 6), generator=_gen(10))
+    with torch.inference_mode():
+        cache = KVCache(model.args, 1, 8, torch.float32)
+        model(ids[:, :5], cache=cache, n_keys=5)
+        first = model(ids[:, 5:], torch.tensor([[5]]), cache, n_keys=6)  # the C side now knows these tensors
+        old = cache.keys + cache.values
+        cache.keys, cache.values = [t.clone() for t in cache.keys], [t.clone() for t in cache.values]
+        for t in cache.keys + cache.values:
+            t[:, :, 5] = 0.0
+        for t in old:
+            t[:, :, 5] = 123.0  # must stay: the next step writes position 5 of the new tensors
+        again = model(ids[:, 5:], torch.tensor([[5]]), cache, n_keys=6)
+        assert torch.equal(first, again)
+        assert all((t[:, :, 5] == 123.0).all() for t in old)
+        assert all((t[:, :, 5] != 0.0).any() for t in cache.keys + cache.values)
+        short = KVCache(dataclasses.replace(model.args, n_layers=model.args.n_layers - 1), 1, 8, torch.float32)
+        with pytest.raises(ValueError, match="layers"):
+            model(ids[:, :1], torch.tensor([[0]]), short, n_keys=1)
+
+
 def test_nan_in_the_activations_is_not_hidden():
     x = torch.randn(1, 96, generator=_gen(9))
     x[0, 5] = float("nan")

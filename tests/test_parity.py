@@ -80,6 +80,20 @@ def test_sharded_checkpoint_and_bf16_load(tmp_path):
     assert (half(ids).float() - hf(ids).logits).abs().max().item() < 0.1
 
 
+def test_the_embedding_is_initialized_except_on_the_meta_device(monkeypatch):
+    """Loading builds the model on the meta device; torch's init there only costs memory (~70 MB of imports)."""
+    from mixtral.model import Embedding
+
+    assert 0.5 < Embedding(1000, 8).weight.std() < 1.5  # torch's N(0, 1) init, as nn.Embedding
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the embedding was initialized on the meta device")
+
+    monkeypatch.setattr(torch.nn.init, "normal_", refuse)
+    with torch.device("meta"):
+        Embedding(1000, 8)
+
+
 def test_router_choices_are_reported_per_token(tmp_path):
     hf, ours = _pair(tmp_path, num_local_experts=4, num_experts_per_tok=2)
     ids = torch.randint(3, 256, (2, 6))

@@ -127,8 +127,6 @@ def _load():
     lib.mx_attention.restype = ctypes.c_int
     lib.mx_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.mx_rmsnorm.restype = None
-    lib.mx_decode_layer.argtypes = [ctypes.POINTER(Layer), ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
-    lib.mx_decode_layer.restype = ctypes.c_int
     lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr,
                               ptr, ctypes.c_float, p, ptr]
     lib.mx_decode.restype = ctypes.c_int
@@ -268,7 +266,6 @@ class NativeLayer:
                             self.w2.struct, self.attn_norm.data_ptr(), self.ffn_norm.data_ptr(),
                             block.attn_norm.eps, args.rope_theta, args.n_heads, args.n_kv_heads, args.head_dim,
                             args.sliding_window or 0, args.top_k if self.moe else 0)
-        self.ref = ctypes.pointer(self.struct)
 
 
 class NativeModel:
@@ -373,11 +370,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """log(sum(exp(row))) of each row of an fp32 (M, N) tensor with contiguous rows: what log-softmax subtracts."""
-    if x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 2:
-        raise TypeError("native logsumexp takes fp32 rows with contiguous columns")
+    """log(sum(exp(row))) of each row of an fp32 (M, N) tensor: what log-softmax subtracts (in fp64)."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise TypeError("native logsumexp takes a 2-D fp32 tensor")
+    x = x.contiguous()  # held while the C side reads it
     out = torch.empty(x.shape[0], dtype=torch.float64)
-    library().mx_logsumexp(x.contiguous().data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    library().mx_logsumexp(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

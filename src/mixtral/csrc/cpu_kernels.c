@@ -17,8 +17,8 @@
  *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
  *   mx_rmsnorm     RMS normalization
- *   mx_decode_layer  a whole decoder block (all of the above) for one new token per sequence
- *   mx_decode      every block, the final norm and the output projection: a whole decode step in one call
+ *   mx_decode      a whole decode step in one call: every decoder block (all of the above), the final norm and
+ *                  the output projection, for one new token per sequence
  *   mx_logsumexp   log(sum(exp(x))) of each row: what log-softmax subtracts, for the sampled token's log-prob
  */
 #include <immintrin.h>
@@ -136,6 +136,29 @@ static inline __m256 exp_nonpositive(const __m256 t_in) {
     const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const __m256 e = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), keep);
     return _mm256_blendv_ps(e, t_in, _mm256_cmp_ps(t_in, t_in, _CMP_UNORD_Q));
+}
+
+/* The largest of x[0, n) (of |x| with `absolute`), NaN left out; *nan says whether there was one. */
+static float max_of(const float *x, int64_t n, int absolute, int *nan) {
+    const __m256 sign = _mm256_set1_ps(absolute ? -0.0f : 0.0f);
+    __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+        top8 = _mm256_max_ps(v, top8); /* the second operand where either is NaN: NaN is left out */
+        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float tops[8], top = -INFINITY;
+    _mm256_storeu_ps(tops, top8);
+    for (int j = 0; j < 8; j++) top = fmaxf(top, tops[j]);
+    int found = _mm256_movemask_ps(nan8) != 0;
+    for (; i < n; i++) {
+        const float v = absolute ? fabsf(x[i]) : x[i];
+        found |= isnan(v) != 0;
+        top = fmaxf(top, v);
+    }
+    *nan = found;
+    return top;
 }
 
 /* Widen rows [r0, r0 + nr) x columns [k0, k0 + kc) of expert e to fp32 in `tile` (row stride kc).
@@ -376,7 +399,7 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
 
 #define QBLOCK 32        /* columns per vpmaddwd block */
 #define I8_SPAN 8        /* int8: blocks per activation scale */
-#define I4_GROUPS_AHEAD 512 /* int4: groups per row whose combined scales are computed first (more: on the way) */
+#define I4_GROUPS_AHEAD 512 /* int4, groups of 64: rows of up to this many groups take the fast path */
 
 typedef struct {
     int16_t *q;       /* x / scale rounded, zero past K; for int4 in nibble order per chunk (see quantize_x) */
@@ -398,25 +421,12 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq
     out->qsum = malloc(sizeof(int32_t) * spans);
     int16_t *order = chunk ? calloc((size_t)width, sizeof(int16_t)) : NULL; /* one span in column order */
     if (!out->q || !out->scale || !out->qsum || (chunk && !order)) { free(order); return -1; }
-    const __m256 sign = _mm256_set1_ps(-0.0f), huge = _mm256_set1_ps(3.4028235e38f);
     for (int64_t sp = 0; sp < spans; sp++) {
         const int64_t start = sp * width, n = K - start < width ? K - start : width;
-        __m256 top8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + start + i));
-            top8 = _mm256_max_ps(top8, a);
-            bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, huge, _CMP_NLE_UQ)); /* inf or NaN */
-        }
-        float tops[8];
-        _mm256_storeu_ps(tops, top8);
-        float top = 0.0f;
-        int finite = _mm256_movemask_ps(bad8) == 0;
-        for (int j = 0; j < 8; j++) top = fmaxf(top, tops[j]);
-        for (; i < n; i++) {
-            top = fmaxf(top, fabsf(x[start + i]));
-            finite &= isfinite(x[start + i]) != 0;
-        }
+        int nan;
+        const float top = max_of(x + start, n, 1, &nan);
+        const int finite = !nan && top < INFINITY;
+        int64_t i;
         const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
         int16_t *q = chunk ? order : out->q + start;
         if (chunk && n < width) memset(order + n, 0, sizeof(int16_t) * (width - n)); /* the last span, past K */
@@ -516,28 +526,24 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     const uint8_t *at = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
     const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups;
     if (G % 64 == 0) {
-        /* each group's weight scale times its activation scale, 8 groups at a time, before the codes */
-        float both[I4_GROUPS_AHEAD];
-        const int ahead = n_groups <= I4_GROUPS_AHEAD;
+        __m256 b = _mm256_setzero_ps(); /* two FMA chains */
         int64_t g = 0;
-        if (ahead) {
+        if (G == 64 && n_groups <= I4_GROUPS_AHEAD) { /* the common case: one chunk per group, two groups a step */
+            float both[I4_GROUPS_AHEAD]; /* each group's weight scale times its activation scale, 8 at a time */
             for (; g + 8 <= n_groups; g += 8) {
                 const __m256 ws = _mm256_castsi256_ps(
                     _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scales + g))), 16));
                 _mm256_storeu_ps(both + g, _mm256_mul_ps(ws, _mm256_loadu_ps(scale + g)));
             }
             for (; g < n_groups; g++) both[g] = bf16_to_float(scales[g]) * scale[g];
-        }
-        __m256 b = _mm256_setzero_ps(); /* two FMA chains */
-        g = 0;
-        if (G == 64 && ahead) /* the common case: one chunk per group, two groups per step */
-            for (; g + 2 <= n_groups; g += 2, at += 64, q += 128) {
+            for (g = 0; g + 2 <= n_groups; g += 2, at += 64, q += 128) {
                 _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
                 const __m256i s0 = _mm256_sub_epi32(i4_chunk64(at, q), _mm256_set1_epi32(xq->qsum[g]));
                 const __m256i s1 = _mm256_sub_epi32(i4_chunk64(at + 32, q + 64), _mm256_set1_epi32(xq->qsum[g + 1]));
                 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(both + g), a);
                 b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(both + g + 1), b);
             }
+        }
         for (; g < n_groups; g++) {
             __m256i sum = _mm256_setzero_si256();
             for (int64_t c = 0; c < G; c += 64, at += 32, q += 64) {
@@ -545,8 +551,7 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
                 sum = _mm256_add_epi32(sum, i4_chunk64(at, q));
             }
             sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(xq->qsum[g])); /* 8 lanes: the offset of 8, exactly */
-            const __m256 gs = ahead ? _mm256_broadcast_ss(both + g) : _mm256_set1_ps(bf16_to_float(scales[g]) * scale[g]);
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), gs, a);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(bf16_to_float(scales[g]) * scale[g]), a);
         }
         return _mm256_add_ps(a, b);
     }
@@ -735,8 +740,9 @@ int mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t l
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* One token's experts (decode at batch 1): all of their w1 and w3 rows in one parallel pass, then all of their
- * w2 rows in another; outputs summed in ascending expert order, as the grouped path does. */
+/* One token's experts (decode at batch 1): with top-k a multiple of the threads, each thread runs whole experts;
+ * else all of their w1 and w3 rows in one parallel pass, then all of their w2 rows in another. Outputs are summed
+ * in ascending expert order, as the grouped path does. */
 static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3, const weight_t *w2, int64_t topk,
                          float *out, const int64_t *ids, const float *mix) {
     const int64_t D = w1->k, I = w1->n;
@@ -969,7 +975,7 @@ typedef struct {
 
 /* x (B, D) += attention(norm(x)); x += feed-forward(norm(x)). The router's logits, choices and weights go to
  * logits (B, E), ids (B, top_k), mix (B, top_k) for a mixture of experts. Returns 0, or -1 when out of memory. */
-int mx_decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
+static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
                     float *k_cache, float *v_cache, int64_t s_max, float *logits, int64_t *ids, float *mix) {
     const int64_t D = L->q.k, H = L->n_heads, G = L->n_kv_heads, Dh = L->head_dim, width = (H + 2 * G) * Dh;
     const int64_t I = L->w1.n;
@@ -1010,7 +1016,7 @@ int mx_decode(const layer_t *layers, int64_t n_layers, float *x, int64_t B, cons
               float *const *k_caches, float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits,
               int64_t *ids, float *mix, const float *norm, float eps, const weight_t *head, float *out) {
     for (int64_t i = 0; i < n_layers; i++)
-        if (mx_decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max, logits + i * B * E,
+        if (decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max, logits + i * B * E,
                             ids + i * B * top_k, mix + i * B * top_k))
             return -1;
     const int64_t D = head->k;
@@ -1028,26 +1034,14 @@ int mx_decode(const layer_t *layers, int64_t n_layers, float *x, int64_t B, cons
 void mx_logsumexp(const float *x, int64_t M, int64_t n, double *out) {
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * n;
-        __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m256 v = _mm256_loadu_ps(row + i);
-            top8 = _mm256_max_ps(top8, v);
-            nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        }
-        float tops[8], top = -INFINITY;
-        int bad = _mm256_movemask_ps(nan8) != 0;
-        _mm256_storeu_ps(tops, top8);
-        for (int j = 0; j < 8; j++) top = fmaxf(top, tops[j]);
-        for (int64_t j = i; j < n; j++) {
-            bad |= isnan(row[j]) != 0;
-            top = fmaxf(top, row[j]);
-        }
-        if (bad || top == INFINITY) { out[m] = NAN; continue; }
+        int nan;
+        const float top = max_of(row, n, 0, &nan);
+        if (nan || top == INFINITY) { out[m] = NAN; continue; }
         if (top == -INFINITY) { out[m] = -INFINITY; continue; }
         const __m256 t8 = _mm256_set1_ps(top);
         __m256 sum8 = _mm256_setzero_ps();
-        for (i = 0; i + 8 <= n; i += 8) sum8 = _mm256_add_ps(sum8, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + i), t8)));
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) sum8 = _mm256_add_ps(sum8, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + i), t8)));
         float sum = hsum(sum8);
         for (; i < n; i++) sum += expf(row[i] - top);
         out[m] = (double)top + log((double)sum); /* in double: logit - out keeps small log-probs exact */

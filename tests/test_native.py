@@ -78,6 +78,29 @@ def test_logsumexp_equals_torchs_including_infinities_and_nan():
     assert (rows[5] - got[5]).isnan().all() and torch.log_softmax(rows[5], -1).isnan().all()
 
 
+def test_argmax_is_the_samplers_greedy_choice_including_ties_infinities_and_nan():
+    from mixtral.sampling import Sampler, SamplingParams
+
+    gen = _gen(12)
+    rows = torch.randn(8, 32003, generator=gen)
+    rows[1, 100] = rows[1, 7000] = 50.0  # a tie: the first one
+    rows[2, 3] = float("nan")  # a NaN is never chosen...
+    rows[2, 900] = 60.0  # ...the largest of the rest is
+    rows[3, 32002] = 70.0  # in the scalar tail
+    rows[4, 17] = float("inf")
+    rows[5] = float("-inf")  # nothing above -inf: the first entry, as torch.argmax of the masked row
+    rows[6] = float("nan")
+    rows[6, 31000] = -5.0
+    rows[7, :] = 0.0
+    rows[7, ::2] = -0.0  # +0 and -0 are equal: the first
+    wanted = torch.argmax(rows.masked_fill(rows.isnan(), float("-inf")), dim=-1)
+    assert native.argmax(rows).tolist() == wanted.tolist() == [int(wanted[0]), 100, 900, 32002, 17, 0, 31000, 0]
+    greedy = Sampler(SamplingParams(temperature=0))
+    assert greedy.picks_argmax and [greedy(row) for row in rows] == wanted.tolist()
+    assert not Sampler(SamplingParams(temperature=0, repetition_penalty=1.2)).picks_argmax
+    assert not Sampler(SamplingParams(temperature=0.7)).picks_argmax
+
+
 def test_huge_pages_keep_the_weights_as_they_were():
     weight = torch.randn(3 << 20, generator=_gen(7))  # 12 MiB: at least four whole 2 MiB pages inside
     before = weight.clone()
@@ -179,6 +202,53 @@ def test_decode_checks_cache_indices_and_takes_any_integer_positions(tiny_dir):
                 m(ids[:, :1], torch.tensor([[8]]), cache, n_keys=8)
             with pytest.raises(IndexError):
                 m(ids[:, :1], torch.tensor([[5]]), cache, n_keys=6, slots=torch.tensor([5]))
+            with pytest.raises(IndexError):  # a token outside the vocabulary: the embedding's lookup
+                m(torch.tensor([[m.args.vocab_size]]), torch.tensor([[5]]), cache, n_keys=6)
+
+
+def test_a_decoders_step_reports_its_logits_normalizer_and_greedy_choice(tiny_dir):
+    from mixtral.kv_cache import KVCache
+
+    model = load_model(tiny_dir, dtype="bfloat16", progress=False)  # the C side widens the bf16 embedding
+    plain = load_model(tiny_dir, dtype="bfloat16", progress=False, pack=False).float()  # the same values in fp32
+    prompts = torch.randint(3, 256, (3, 6), generator=_gen(13))
+    with torch.inference_mode():
+        caches = [KVCache(m.args, 4, 12, torch.float32) for m in (model, plain)]
+        slots = torch.tensor([3, 0, 2])  # any rows of the cache, in any order
+        for m, cache in zip((model, plain), caches):
+            m(prompts, cache=cache, n_keys=6, slots=slots)
+        decoder = native.Decoder(model, caches[0])
+        tokens, positions = [5, 77, 200], [6, 6, 6]
+        logits = decoder.step(tokens, positions, slots.tolist())
+        wanted = plain(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], caches[1], n_keys=7,
+                       slots=slots)[:, -1]
+        assert torch.allclose(logits, wanted, atol=1e-4)
+        assert decoder.best == torch.argmax(logits, dim=-1).tolist()
+        assert torch.allclose(torch.tensor(decoder.lse, dtype=torch.float64), torch.logsumexp(logits.double(), -1),
+                              rtol=0, atol=1e-6)
+        assert [decoder.logit(row, 9) for row in range(3)] == logits[:, 9].tolist()
+        routing = []
+        again = decoder.step(tokens[:1], [7], [3], routing=routing)  # one row; the router's choices reported
+        assert again.shape == (1, model.args.vocab_size) and len(routing) == model.args.n_layers
+        assert routing[0].expert_ids.shape == (1, 1, model.args.top_k)
+        for bad in ({"tokens": [-1]}, {"positions": [12]}, {"rows": [4]}):
+            step = {"tokens": [5], "positions": [8], "rows": [0], **bad}
+            with pytest.raises(IndexError):
+                decoder.step(step["tokens"], step["positions"], step["rows"])
+
+
+def test_generation_on_the_decoder_equals_generation_on_torch(tiny_dir):
+    from mixtral.generate import generate_step
+    from mixtral.sampling import Sampler, SamplingParams
+
+    model = load_model(tiny_dir, dtype="float32", progress=False)
+    plain = load_model(tiny_dir, dtype="float32", progress=False, pack=False)
+    prompts = [[1, 40, 41, 42], [1, 90]]
+    settings = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=3)]  # one row each
+    runs = [list(generate_step(m, prompts, [Sampler(p) for p in settings], 12)) for m in (model, plain)]
+    assert [[t for t, _ in step] for step in runs[0]] == [[t for t, _ in step] for step in runs[1]]
+    for ours, theirs in zip(*runs):
+        assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(ours, theirs))
 
 
 def test_decode_follows_a_caches_tensors_when_they_are_replaced(tiny_dir):

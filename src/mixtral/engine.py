@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import native
 from .errors import MixtralError
 from .generate import TextTracker
 from .kv_cache import KVCache
@@ -206,6 +207,9 @@ class Engine:
         self.eos_ids = tokenizer.eos_ids | {model.args.eos_token_id}
         self.cache = KVCache(model.args, max_batch_size, self.max_total_tokens,
                              getattr(model, "activation_dtype", model.dtype), model.device)
+        # decode steps as one call each on the CPU kernels, which also report each row's normalizer and argmax
+        self._decoder = native.Decoder(model, self.cache) if native.decodes(model, self.cache) else None
+        self._step_decoder = None
         self._free_slots = list(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
@@ -392,6 +396,8 @@ class Engine:
         """One forward pass for every row with a pending token; a failed batch is retried row by row."""
         if not rows:
             return
+        # the native.Decoder this step runs on (None: no CPU kernels, or forward hooks that must run), decided once
+        self._step_decoder = self._decoder if self._decoder is not None and not native.hooked(self.model) else None
         try:
             logits = self._forward_decode(rows)
         except Exception as exc:
@@ -402,23 +408,35 @@ class Engine:
                     self._decode([request])
             return
         for row, request in enumerate(rows):
-            self._sample(request, logits[row])
+            self._sample(request, logits[row], self._step_decoder, row)
 
     def _forward_decode(self, rows: list[_Request]) -> torch.Tensor:
+        """The (B, V) logits of one decode step for `rows` (on the decoder: valid until its next step)."""
+        if self._step_decoder is not None:
+            return self._step_decoder.step([r.pending for r in rows], [r.position for r in rows],
+                                           [r.slot for r in rows])
         device = self.model.device
         tokens = torch.tensor([[r.pending] for r in rows], device=device)  # (B, 1)
         pos = torch.tensor([[r.position] for r in rows], device=device)  # (B, 1)
         slots = torch.tensor([r.slot for r in rows], device=device)  # (B,)
         return self.model(tokens, pos, self.cache, n_keys=int(pos.max()) + 1, slots=slots)[:, -1]  # (B, V)
 
-    def _sample(self, request: _Request, logits: torch.Tensor) -> None:
-        """Pick the next token of one request from its (V,) logits, report it, and finish it if it stopped."""
+    def _sample(self, request: _Request, logits: torch.Tensor, decoder=None, row: int = 0) -> None:
+        """Pick the next token of one request from its (V,) logits, report it, and finish it if it stopped.
+        `decoder`: the native.Decoder whose step made these logits (row `row` of it), which knows their
+        normalizer and argmax already."""
         if request.handle.cancelled:
             self._end(request, "cancelled", "cancelled", "cancelled")
             return
         try:
-            token = request.sampler(logits, request.prompt_ids, request.generated)
-            logprob = float(logits[token]) - log_normalizers(logits[None])[0]
+            if decoder is not None and request.sampler.picks_argmax:
+                token = decoder.best[row]
+            else:
+                token = request.sampler(logits, request.prompt_ids, request.generated)
+            if decoder is not None:
+                logprob = decoder.logit(row, token) - decoder.lse[row]
+            else:
+                logprob = float(logits[token]) - log_normalizers(logits[None])[0]
             top = []
             if request.top_n:
                 values, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), request.top_n)

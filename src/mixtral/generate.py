@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Transformer
@@ -64,20 +65,33 @@ def generate_step(
 
     history = [list(p) for p in prompts]
     generated: list[list[int]] = [[] for _ in prompts]
-    pos = torch.tensor(lengths, device=device)[:, None]  # (B, 1) where each row's next token goes
+    positions = list(lengths)  # where each row's next token goes
+    decoder = native.Decoder(model, cache) if native.decodes(model, cache) else None
+    best = None  # each row's greedy choice, when the decode step reports it
     for _ in range(max_new_tokens):
-        normalizers = log_normalizers(logits)
+        normalizers = decoder.lse if best is not None else log_normalizers(logits)
         step = []
         for row, sampler in enumerate(samplers):
-            token = sampler(logits[row], history[row], generated[row])
+            if best is not None and sampler.picks_argmax:
+                token = best[row]
+            else:
+                token = sampler(logits[row], history[row], generated[row])
             generated[row].append(token)
-            step.append((token, float(logits[row, token]) - normalizers[row]))
+            logit = decoder.logit(row, token) if best is not None else float(logits[row, token])
+            step.append((token, logit - normalizers[row]))
         yield step
-        tokens = torch.tensor([[token] for token, _ in step], device=device)
-        logits = model(tokens, pos, cache, n_keys=int(pos.max()) + 1, routing=routing)[:, -1]
-        pos = pos + 1
-        for row, (token, _) in enumerate(step):
+        tokens = [token for token, _ in step]
+        if decoder is not None and not native.hooked(model):
+            logits = decoder.step(tokens, positions, routing=routing)
+            best = decoder.best
+        else:
+            best = None
+            pos = torch.tensor(positions, device=device)[:, None]
+            logits = model(torch.tensor(tokens, device=device)[:, None], pos, cache, n_keys=max(positions) + 1,
+                           routing=routing)[:, -1]
+        for row, token in enumerate(tokens):
             history[row].append(token)
+            positions[row] += 1
 
 
 @dataclass

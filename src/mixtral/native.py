@@ -4,7 +4,8 @@ Why: at batch 1 a decode step is ~50 matrix-vector products and ~450 small torch
 matmuls for that shape (fbgemm, kernels.py) read weights at ~10 GB/s on this project's 2-core machine, against
 ~33 GB/s for a plain read, and each small op costs ~10 us of dispatch. The C kernels read weights in the
 checkpoint's own format (bf16, fp16, fp32, or quantize.py's int8/int4 codes) at close to the memory's speed,
-and one call does a whole decode step (every block, the final norm and the output projection).
+and one call does a whole decode step (the embedding, every block, the final norm, the output projection, and
+each row's log-normalizer and argmax; `Decoder`).
 
 The library is compiled on first use with the system C compiler (about a second) into a cache directory
 (`MIXTRAL_CACHE_DIR`, else `$XDG_CACHE_HOME/mixtral`, else `~/.cache/mixtral`), checked against torch on a
@@ -127,11 +128,13 @@ def _load():
     lib.mx_attention.restype = ctypes.c_int
     lib.mx_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.mx_rmsnorm.restype = None
-    lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr,
-                              ptr, ctypes.c_float, p, ptr]
+    lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, p, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr,
+                              ptr, ptr, ptr, ctypes.c_float, p, ptr, ptr, ptr]
     lib.mx_decode.restype = ctypes.c_int
     lib.mx_logsumexp.argtypes = [ptr, i64, i64, ptr]
     lib.mx_logsumexp.restype = None
+    lib.mx_argmax.argtypes = [ptr, i64, i64, ptr]
+    lib.mx_argmax.restype = None
     lib.mx_hugepages.argtypes = [ptr, i64, ctypes.c_int]
     lib.mx_hugepages.restype = i64
     lib.mx_move.argtypes = [ptr, ptr, i64, ctypes.c_int]
@@ -274,21 +277,17 @@ class NativeModel:
     def __init__(self, model):
         self.layers = [NativeLayer(block, model.args) for block in model.layers]
         self.structs = (Layer * len(self.layers))(*(layer.struct for layer in self.layers))  # for mx_decode
+        self.embed = NativeWeight(model.embed.weight)
         self.lm_head = NativeWeight(model.lm_head)
         self.n_experts = next((layer.router.n for layer in self.layers if layer.moe), 0)  # 0: no MoE layer
-        self.caches = weakref.WeakKeyDictionary()  # KVCache -> its tensors' addresses, as mx_decode takes them
+        self.decoders = weakref.WeakKeyDictionary()  # KVCache -> its Decoder, for decode steps through forward()
 
-    def cache_pointers(self, cache):
-        """The addresses of `cache`'s key and value tensors, as mx_decode takes them (kept while the cache lives,
-        and checked to still be the same tensors: the C side writes through them)."""
-        entry = self.caches.get(cache)
-        if entry is None or not all(a is b for a, b in zip(entry[0], cache.keys + cache.values)):
-            if len(cache.keys) != len(self.layers) or len(cache.values) != len(self.layers):
-                raise ValueError(f"the KV cache has {len(cache.keys)} layers, the model {len(self.layers)}")
-            arrays = [(ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-                      for tensors in (cache.keys, cache.values)]
-            entry = self.caches[cache] = (list(cache.keys + cache.values), *arrays)
-        return entry[1], entry[2]
+    def decoder(self, model, cache) -> Decoder:
+        """The Decoder that `forward` uses for `cache` (made on first use, kept while the cache lives)."""
+        decoder = self.decoders.get(cache)
+        if decoder is None:
+            decoder = self.decoders[cache] = Decoder(model, cache)
+        return decoder
 
 
 def prepare(model) -> bool:
@@ -379,33 +378,37 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """The greedy choice of each row of an fp32 (M, N) tensor: its argmax with NaN counted as -inf (the first on
+    ties; 0 when no entry is above -inf), what a decode step reports as `Decoder.best`."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise TypeError("native argmax takes a 2-D fp32 tensor")
+    x = x.contiguous()  # held while the C side reads it
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().mx_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
 def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slots) -> torch.Tensor:
     """Transformer.forward (same arguments and result) on the native kernels."""
-    from .model import Routing
-
     native, args = model.native, model.args
     _sync_threads()
     B, T = input_ids.shape
     N, D = B * T, args.dim
     if input_pos is None:
         input_pos = torch.arange(T).expand(B, T)
+    if T == 1 and cache is not None and decodes(model, cache):
+        decoder = native.decoder(model, cache)
+        rows = range(B) if slots is None else slots.tolist()
+        return decoder.step(input_ids[:, 0].tolist(), input_pos[:, 0].tolist(), rows, routing, fresh=True)[:, None]
     x = model.embed(input_ids).reshape(N, D).float().contiguous()  # the residual stream, updated in place
     E = native.n_experts
     K = args.top_k if E else 0
     logits = torch.empty(len(native.layers), N, E)  # what each router did, for `routing`
     ids, mix = torch.empty(len(native.layers), N, K, dtype=torch.int64), torch.empty(len(native.layers), N, K)
-    decode = T == 1 and cache is not None and cache.keys[0].dtype == torch.float32 and cache.keys[0].is_contiguous()
-    if decode:
-        out = _decode(model, x, input_pos, cache, slots, logits, ids, mix)  # (B, V)
-    else:
-        _prefill_layers(model, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix)
+    _prefill_layers(model, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix)
     if routing is not None:
-        for index, layer in enumerate(native.layers):
-            if layer.moe:
-                routing.append(Routing(logits[index].view(B, T, E), ids[index].view(B, T, K),
-                                       mix[index].view(B, T, K)))
-    if decode:
-        return out.view(B, 1, -1)
+        routing.extend(_routing(native, logits, ids, mix, B, T))
     x = x.view(B, T, D)
     if logits_at is not None:
         x = x[torch.arange(B), logits_at][:, None]  # (B, 1, D)
@@ -414,29 +417,115 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
     return native.lm_head.linear(h).view(x.shape[0], x.shape[1], -1)
 
 
-def _decode(model, x, input_pos, cache, slots, logits, ids, mix) -> torch.Tensor:
-    """One new token per sequence: the whole step, every block, the final norm and the output projection, is one
-    call (cpu_kernels.c: mx_decode). Returns the logits (B, V)."""
-    native, B = model.native, x.shape[0]
-    positions = input_pos[:, 0].to(torch.int64).contiguous()
-    rows = (torch.arange(B) if slots is None else slots).to(torch.int64).contiguous()
-    # the C side writes the cache at these indices: check them as indexing the cache in torch would
-    at = positions.tolist()
-    low, high = min(at), max(at)
-    if low < 0 or high >= cache.max_seq_len:
-        raise IndexError(f"positions {low}..{high} are outside the KV cache's {cache.max_seq_len} positions")
-    rows_at = rows.tolist()
-    if len(rows_at) != B or min(rows_at) < 0 or max(rows_at) >= cache.batch_size:
-        raise IndexError(f"cache rows {rows_at} are outside the KV cache's {cache.batch_size} rows")
-    keys, values = native.cache_pointers(cache)
-    out = torch.empty(B, native.lm_head.n)
-    status = library().mx_decode(native.structs, len(native.layers), x.data_ptr(), B, positions.data_ptr(),
-                                 rows.data_ptr(), keys, values, cache.max_seq_len, logits.shape[-1], ids.shape[-1],
-                                 logits.data_ptr(), ids.data_ptr(), mix.data_ptr(), model.norm.weight.data_ptr(),
-                                 model.norm.eps, native.lm_head.ref, out.data_ptr())
-    if status:
-        raise MemoryError("native decode: out of memory")
-    return out
+def _routing(native, logits, ids, mix, B, T) -> list:
+    from .model import Routing
+
+    E, K = logits.shape[-1], ids.shape[-1]
+    return [Routing(logits[i].view(B, T, E), ids[i].view(B, T, K), mix[i].view(B, T, K))
+            for i, layer in enumerate(native.layers) if layer.moe]
+
+
+def decodes(model, cache) -> bool:
+    """Whether decode steps of `model` against `cache` can run as one call to the C side (a `Decoder`)."""
+    return (getattr(model, "native", None) is not None and cache.keys[0].dtype == torch.float32
+            and cache.keys[0].is_contiguous())
+
+
+def hooked(model) -> bool:
+    """Whether forward hooks are registered on `model` (or on every module): then each decode step goes through
+    `model(...)`, so that they run, and not straight to a `Decoder`."""
+    from torch.nn.modules import module
+
+    return bool(model._forward_pre_hooks or model._forward_hooks or module._global_forward_pre_hooks
+                or module._global_forward_hooks)
+
+
+class Decoder:
+    """Decode steps against one KV cache, one C call each (cpu_kernels.c: mx_decode): the embedding, every block,
+    the final norm, the output projection, and each row's log-normalizer and greedy choice.
+
+    A decode step of a small model is a few milliseconds, and the Python around it runs on cold caches (the step
+    streams more weights than the caches hold): each torch op there cost 20-200 us, ~1 ms a step in all. So the
+    inputs go in through ctypes arrays, the buffers are allocated once, and `lse` and `best` come back with the
+    logits, for the caller to skip the torch ops it would otherwise run on them.
+
+    `step` returns (B, V) logits in the decoder's own buffer, valid until the next step (unless `fresh`).
+    """
+
+    def __init__(self, model, cache):
+        native, args = model.native, model.args
+        self.native, self.norm = native, model.norm
+        self.cache_rows, self.max_seq_len = cache.batch_size, cache.max_seq_len
+        rows, L, E = cache.batch_size, len(native.layers), native.n_experts
+        self.K = args.top_k if E else 0
+        self.x = torch.empty(rows, args.dim)
+        self.router = (torch.empty(L * rows * E), torch.empty(L * rows * self.K, dtype=torch.int64),
+                       torch.empty(L * rows * self.K))
+        self.out = torch.empty(rows, native.lm_head.n)
+        self._out_array = self.out.numpy()  # the same memory: one value read without a torch op
+        self.tokens, self.positions, self.rows = ((ctypes.c_int64 * rows)() for _ in range(3))
+        self.lse_out, self.best_out = (ctypes.c_double * rows)(), (ctypes.c_int64 * rows)()
+        self.lse: list[float] = []  # the last step's log(sum(exp(logits))) per row
+        self.best: list[int] = []  # the last step's greedy choice per row (argmax, a NaN logit never chosen)
+        self._cache, self._tensors = weakref.ref(cache), None  # weak: NativeModel.decoders is keyed on the cache
+        self._follow(cache)
+
+    def _follow(self, cache) -> None:
+        """(Re)read the addresses of the cache's tensors: the C side writes through them."""
+        tensors = cache.keys + cache.values
+        if self._tensors is None or len(tensors) != len(self._tensors) or any(
+                a is not b for a, b in zip(tensors, self._tensors)):
+            if len(cache.keys) != len(self.native.layers) or len(cache.values) != len(self.native.layers):
+                raise ValueError(f"the KV cache has {len(cache.keys)} layers, the model {len(self.native.layers)}")
+            self._keys, self._values = ((ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
+                                        for ts in (cache.keys, cache.values))
+            self._tensors = list(tensors)
+
+    def step(self, tokens, positions, rows=None, routing: list | None = None, fresh: bool = False) -> torch.Tensor:
+        """Logits (B, V) for one new token per sequence: tokens[b] at position positions[b] of cache row rows[b]
+        (default 0..B-1). `routing`, if given, receives one `Routing` per MoE layer."""
+        B = len(tokens)
+        if not 0 < B <= self.cache_rows or len(positions) != B or (rows is not None and len(rows) != B):
+            raise ValueError(f"a decode step takes 1 to {self.cache_rows} sequences, with one position and row each")
+        cache = self._cache()
+        if cache is None:
+            raise ValueError("this decoder's KV cache is gone")
+        self._follow(cache)
+        _sync_threads()
+        self.tokens[:B], self.positions[:B] = tokens, positions
+        self.rows[:B] = range(B) if rows is None else rows
+        L, E, K = len(self.native.layers), self.native.n_experts, self.K
+        if routing is None:
+            logits, ids, mix = self.router
+        else:
+            logits, ids, mix = torch.empty(L * B * E), torch.empty(L * B * K, dtype=torch.int64), torch.empty(L * B * K)
+        out = torch.empty(B, self.out.shape[1]) if fresh else self.out
+        status = library().mx_decode(
+            self.native.structs, L, self.native.embed.ref, self.tokens, self.x.data_ptr(), B, self.positions,
+            self.rows, self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, logits.data_ptr(),
+            ids.data_ptr(), mix.data_ptr(), self.norm.weight.data_ptr(), self.norm.eps, self.native.lm_head.ref,
+            out.data_ptr(), self.lse_out, self.best_out)
+        if status:
+            raise _decode_error(status, tokens, positions, rows, self)
+        self.lse, self.best = self.lse_out[:B], self.best_out[:B]
+        if routing is not None:
+            routing.extend(_routing(self.native, logits.view(L, B, E), ids.view(L, B, K), mix.view(L, B, K), B, 1))
+        return out if fresh or B == self.cache_rows else out[:B]
+
+
+    def logit(self, row: int, token: int) -> float:
+        """The last step's logit of `token` in row `row` (a step that was not `fresh`)."""
+        return float(self._out_array[row, token])
+
+
+def _decode_error(status: int, tokens, positions, rows, decoder) -> Exception:
+    if status == -2:
+        return IndexError(f"token ids {list(tokens)} are outside the vocabulary of {decoder.native.embed.n}")
+    if status == -3:
+        return IndexError(f"positions {list(positions)} are outside the KV cache's {decoder.max_seq_len} positions")
+    if status == -4:
+        return IndexError(f"cache rows {list(rows)} are outside the KV cache's {decoder.cache_rows} rows")
+    return MemoryError("native decode: out of memory")
 
 
 def _prefill_layers(model, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix) -> None:

@@ -281,10 +281,16 @@ class Sampler:
         out[ids] = values
         return out
 
+    @property
+    def picks_argmax(self) -> bool:
+        """Whether this sampler's choice is just the argmax of the logits (greedy, no penalties), NaN counted as
+        -inf and the first maximum on ties: a caller that already has that index may use it instead of calling."""
+        p = self.params
+        return p.greedy and p.repetition_penalty == 1.0 and p.frequency_penalty == p.presence_penalty == 0.0
+
     def __call__(self, logits: Tensor, prompt_ids: Ids = (), generated_ids: Ids = ()) -> int:
         """Return the next token id for this sequence."""
-        p = self.params
-        if p.greedy and p.repetition_penalty == 1.0 and p.frequency_penalty == p.presence_penalty == 0.0:
+        if self.picks_argmax:
             # one pass over the vocabulary: decode steps are short (numpy's argmax of a 32k-entry fp32 row on the
             # CPU: ~6 us; torch's: ~50-80 us). Both return the first maximum, or the first NaN.
             cpu_fp32 = logits.device.type == "cpu" and logits.dtype == torch.float32

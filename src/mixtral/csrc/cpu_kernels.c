@@ -17,9 +17,10 @@
  *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
  *   mx_rmsnorm     RMS normalization
- *   mx_decode      a whole decode step in one call: every decoder block (all of the above), the final norm and
- *                  the output projection, for one new token per sequence
+ *   mx_decode      a whole decode step in one call: the embedding, every decoder block (all of the above), the
+ *                  final norm and the output projection, for one new token per sequence
  *   mx_logsumexp   log(sum(exp(x))) of each row: what log-softmax subtracts, for the sampled token's log-prob
+ *   mx_argmax      the greedy choice of each row
  */
 #include <immintrin.h>
 #include <math.h>
@@ -1007,25 +1008,64 @@ done:
     return status;
 }
 
-/* A whole decode step for one new token of each of B sequences: every block (layer i's caches k_caches[i] and
- * v_caches[i]; its router's logits, choices and weights at i * B * E, i * B * top_k, i * B * top_k), then the final
- * norm and the output projection into out (B, V). One call per step: between calls from Python the weights just
- * streamed have pushed the interpreter's own data out of the caches, so each Python step in between is slow.
- * Returns 0, or -1 when out of memory. */
-int mx_decode(const layer_t *layers, int64_t n_layers, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
-              float *const *k_caches, float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits,
-              int64_t *ids, float *mix, const float *norm, float eps, const weight_t *head, float *out) {
+void mx_logsumexp(const float *x, int64_t M, int64_t n, double *out);
+
+/* out[m] = the index of the largest of x[m] (M rows of n), NaN counted as -inf; the first one on ties; 0 when
+ * nothing is above -inf. What greedy decoding picks (sampling.py: a NaN logit is never chosen). */
+void mx_argmax(const float *x, int64_t M, int64_t n, int64_t *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * n;
+        int nan;
+        const float top = max_of(row, n, 0, &nan);
+        int64_t i = 0;
+        if (top != -INFINITY) {
+            const __m256 t8 = _mm256_set1_ps(top);
+            for (; i + 8 <= n; i += 8) {
+                const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), t8, _CMP_EQ_OQ));
+                if (hit) break;
+            }
+            while (row[i] != top) i++; /* within the 8 that hit, or the tail */
+        }
+        out[m] = i;
+    }
+}
+
+/* A whole decode step for one new token of each of B sequences: the embedding of tokens[b] (unless embed is NULL:
+ * then x already holds the B embedded tokens), every block (layer i's caches k_caches[i] and v_caches[i]; its
+ * router's logits, choices and weights at i * B * E, i * B * top_k, i * B * top_k), then the final norm and the
+ * output projection into out (B, V); and, where lse and best are not NULL, each row's log(sum(exp(logits))) and
+ * greedy choice (mx_argmax). One call per step: between calls from Python the weights just streamed have pushed
+ * the interpreter's own data out of the caches, so each Python statement in between is slow.
+ * tokens, positions (< s_max) and cache rows (< cache_rows) are checked before anything is written.
+ * Returns 0; -1 when out of memory; -2, -3, -4 for a token, position or cache row out of range. */
+int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, const int64_t *tokens, float *x,
+              int64_t B, const int64_t *pos, const int64_t *rows, int64_t cache_rows, float *const *k_caches,
+              float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits, int64_t *ids,
+              float *mix, const float *norm, float eps, const weight_t *head, float *out, double *lse, int64_t *best) {
+    const int64_t D = head->k, V = head->n;
+    for (int64_t b = 0; b < B; b++) {
+        if (embed && (tokens[b] < 0 || tokens[b] >= embed->n)) return -2;
+        if (pos[b] < 0 || pos[b] >= s_max) return -3;
+        if (rows[b] < 0 || rows[b] >= cache_rows) return -4;
+    }
+    for (int64_t b = 0; embed && b < B; b++) {
+        int64_t stride;
+        const float *row = widen(embed, 0, tokens[b], 1, 0, D, x + b * D, &stride);
+        if (row != x + b * D) memcpy(x + b * D, row, sizeof(float) * D);
+    }
     for (int64_t i = 0; i < n_layers; i++)
         if (decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max, logits + i * B * E,
                             ids + i * B * top_k, mix + i * B * top_k))
             return -1;
-    const int64_t D = head->k;
     float *h = malloc(sizeof(float) * B * D);
     if (!h) return -1;
     mx_rmsnorm(x, B, D, norm, eps, h);
-    const int status = mx_linear(head, 0, h, B, D, out, head->n, 0);
+    const int status = mx_linear(head, 0, h, B, D, out, V, 0);
     free(h);
-    return status;
+    if (status) return status;
+    if (lse) mx_logsumexp(out, B, V, lse);
+    if (best) mx_argmax(out, B, V, best);
+    return 0;
 }
 
 /* out[m] = log(sum(exp(x[m]))) for M rows of n, in double: the row's max plus the log of the sum of exp(x - max). Like

@@ -434,10 +434,8 @@ def decodes(model, cache) -> bool:
 def hooked(model) -> bool:
     """Whether forward hooks are registered on `model` (or on every module): then each decode step goes through
     `model(...)`, so that they run, and not straight to a `Decoder`."""
-    from torch.nn.modules import module
-
-    return bool(model._forward_pre_hooks or model._forward_hooks or module._global_forward_pre_hooks
-                or module._global_forward_hooks)
+    return bool(model._forward_pre_hooks or model._forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or nn.modules.module._global_forward_hooks)
 
 
 class Decoder:
@@ -454,7 +452,7 @@ class Decoder:
 
     def __init__(self, model, cache):
         native, args = model.native, model.args
-        self.native, self.norm = native, model.norm
+        self.native, self.norm_eps = native, model.norm.eps
         self.cache_rows, self.max_seq_len = cache.batch_size, cache.max_seq_len
         rows, L, E = cache.batch_size, len(native.layers), native.n_experts
         self.K = args.top_k if E else 0
@@ -463,6 +461,10 @@ class Decoder:
                        torch.empty(L * rows * self.K))
         self.out = torch.empty(rows, native.lm_head.n)
         self._out_array = self.out.numpy()  # the same memory: one value read without a torch op
+        # the addresses every step passes (read once: each torch call between steps is slow, see above)
+        self._pointers = dict(x=self.x.data_ptr(), router=[t.data_ptr() for t in self.router],
+                              norm=model.norm.weight.data_ptr(), out=self.out.data_ptr())
+        self._tensors_held = (model.norm.weight,)
         self.tokens, self.positions, self.rows = ((ctypes.c_int64 * rows)() for _ in range(3))
         self.lse_out, self.best_out = (ctypes.c_double * rows)(), (ctypes.c_int64 * rows)()
         self.lse: list[float] = []  # the last step's log(sum(exp(logits))) per row
@@ -495,23 +497,26 @@ class Decoder:
         self.tokens[:B], self.positions[:B] = tokens, positions
         self.rows[:B] = range(B) if rows is None else rows
         L, E, K = len(self.native.layers), self.native.n_experts, self.K
-        if routing is None:
-            logits, ids, mix = self.router
-        else:
+        pointers = self._pointers
+        router, out_at = pointers["router"], pointers["out"]
+        if routing is not None:
             logits, ids, mix = torch.empty(L * B * E), torch.empty(L * B * K, dtype=torch.int64), torch.empty(L * B * K)
-        out = torch.empty(B, self.out.shape[1]) if fresh else self.out
+            router = [t.data_ptr() for t in (logits, ids, mix)]
+        if fresh:
+            out = torch.empty(B, self.out.shape[1])
+            out_at = out.data_ptr()
         status = library().mx_decode(
-            self.native.structs, L, self.native.embed.ref, self.tokens, self.x.data_ptr(), B, self.positions,
-            self.rows, self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, logits.data_ptr(),
-            ids.data_ptr(), mix.data_ptr(), self.norm.weight.data_ptr(), self.norm.eps, self.native.lm_head.ref,
-            out.data_ptr(), self.lse_out, self.best_out)
+            self.native.structs, L, self.native.embed.ref, self.tokens, pointers["x"], B, self.positions, self.rows,
+            self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, *router, pointers["norm"],
+            self.norm_eps, self.native.lm_head.ref, out_at, self.lse_out, self.best_out)
         if status:
             raise _decode_error(status, tokens, positions, rows, self)
         self.lse, self.best = self.lse_out[:B], self.best_out[:B]
         if routing is not None:
             routing.extend(_routing(self.native, logits.view(L, B, E), ids.view(L, B, K), mix.view(L, B, K), B, 1))
-        return out if fresh or B == self.cache_rows else out[:B]
-
+        if fresh:
+            return out
+        return self.out if B == self.cache_rows else self.out[:B]
 
     def logit(self, row: int, token: int) -> float:
         """The last step's logit of `token` in row `row` (a step that was not `fresh`)."""

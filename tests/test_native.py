@@ -231,10 +231,19 @@ def test_a_decoders_step_reports_its_logits_normalizer_and_greedy_choice(tiny_di
         again = decoder.step(tokens[:1], [7], [3], routing=routing)  # one row; the router's choices reported
         assert again.shape == (1, model.args.vocab_size) and len(routing) == model.args.n_layers
         assert routing[0].expert_ids.shape == (1, 1, model.args.top_k)
-        for bad in ({"tokens": [-1]}, {"positions": [12]}, {"rows": [4]}):
-            step = {"tokens": [5], "positions": [8], "rows": [0], **bad}
+        before = [t.clone() for t in caches[0].keys + caches[0].values]
+        best = decoder.best
+        for bad in ({"tokens": [5, -1]}, {"positions": [8, 12]}, {"rows": [0, 4]}, {"tokens": [5, 256]}):
+            step = {"tokens": [5, 6], "positions": [8, 8], "rows": [0, 1], **bad}  # row 0 is fine, row 1 not
             with pytest.raises(IndexError):
                 decoder.step(step["tokens"], step["positions"], step["rows"])
+        assert all(torch.equal(a, b) for a, b in zip(before, caches[0].keys + caches[0].values))  # nothing written
+        assert decoder.best == best
+        with pytest.raises(IndexError):  # more sequences than the cache has rows
+            decoder.step([5] * 5, [8] * 5)
+        bf16_cache = KVCache(model.args, 4, 12, torch.bfloat16)
+        with pytest.raises(ValueError, match="fp32"):  # the C side writes fp32: never into anything else
+            native.Decoder(model, bf16_cache)
 
 
 def test_generation_on_the_decoder_equals_generation_on_torch(tiny_dir):
@@ -251,6 +260,23 @@ def test_generation_on_the_decoder_equals_generation_on_torch(tiny_dir):
         assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(ours, theirs))
 
 
+def test_forward_hooks_still_run_on_every_decode_step(tiny_dir):
+    from mixtral.generate import generate_step
+    from mixtral.sampling import Sampler, SamplingParams
+
+    model = load_model(tiny_dir, dtype="float32", progress=False)
+    greedy = [Sampler(SamplingParams(temperature=0))]
+    plain = [t for [(t, _)] in generate_step(model, [[1, 40, 41]], greedy, 6)]
+    for module in (model, model.embed):  # the model's own hooks, and its embedding's (which a step used to call)
+        calls = []
+        handle = module.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        try:
+            tokens = [t for [(t, _)] in generate_step(model, [[1, 40, 41]], greedy, 6)]
+        finally:
+            handle.remove()
+        assert tokens == plain and len(calls) == 6  # the prompt, then 5 decode steps
+
+
 def test_decode_follows_a_caches_tensors_when_they_are_replaced(tiny_dir):
     import dataclasses
 
@@ -262,6 +288,7 @@ def test_decode_follows_a_caches_tensors_when_they_are_replaced(tiny_dir):
         cache = KVCache(model.args, 1, 8, torch.float32)
         model(ids[:, :5], cache=cache, n_keys=5)
         first = model(ids[:, 5:], torch.tensor([[5]]), cache, n_keys=6)  # the C side now knows these tensors
+        kept = first.clone()
         old = cache.keys + cache.values
         cache.keys, cache.values = [t.clone() for t in cache.keys], [t.clone() for t in cache.values]
         for t in cache.keys + cache.values:
@@ -269,7 +296,7 @@ def test_decode_follows_a_caches_tensors_when_they_are_replaced(tiny_dir):
         for t in old:
             t[:, :, 5] = 123.0  # must stay: the next step writes position 5 of the new tensors
         again = model(ids[:, 5:], torch.tensor([[5]]), cache, n_keys=6)
-        assert torch.equal(first, again)
+        assert torch.equal(first, again) and torch.equal(first, kept)  # and model() gave a tensor of its own
         assert all((t[:, :, 5] == 123.0).all() for t in old)
         assert all((t[:, :, 5] != 0.0).any() for t in cache.keys + cache.values)
         short = KVCache(dataclasses.replace(model.args, n_layers=model.args.n_layers - 1), 1, 8, torch.float32)

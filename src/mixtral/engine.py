@@ -380,7 +380,7 @@ class Engine:
             if last:
                 with self._cond:
                     self._prompt_tokens += len(request.prompt_ids)
-                self._sample(request, logits[0, -1])
+                self._sample(request, logits[:, -1])
         except Exception as exc:
             self._fail(request, exc)
         return end - start
@@ -408,7 +408,7 @@ class Engine:
                     self._decode([request])
             return
         for row, request in enumerate(rows):
-            self._sample(request, logits[row], self._step_decoder, row)
+            self._sample(request, logits, row, self._step_decoder)
 
     def _forward_decode(self, rows: list[_Request]) -> torch.Tensor:
         """The (B, V) logits of one decode step for `rows` (on the decoder: valid until its next step)."""
@@ -421,10 +421,10 @@ class Engine:
         slots = torch.tensor([r.slot for r in rows], device=device)  # (B,)
         return self.model(tokens, pos, self.cache, n_keys=int(pos.max()) + 1, slots=slots)[:, -1]  # (B, V)
 
-    def _sample(self, request: _Request, logits: torch.Tensor, decoder=None, row: int = 0) -> None:
-        """Pick the next token of one request from its (V,) logits, report it, and finish it if it stopped.
-        `decoder`: the native.Decoder whose step made these logits (row `row` of it), which knows their
-        normalizer and argmax already."""
+    def _sample(self, request: _Request, logits: torch.Tensor, row: int = 0, decoder=None) -> None:
+        """Pick the next token of one request from row `row` of a step's (B, V) logits, report it, and finish it
+        if it stopped. `decoder`: the native.Decoder whose step made these logits, which knows each row's
+        normalizer and argmax already (a greedy request then needs no torch op)."""
         if request.handle.cancelled:
             self._end(request, "cancelled", "cancelled", "cancelled")
             return
@@ -432,14 +432,14 @@ class Engine:
             if decoder is not None and request.sampler.picks_argmax:
                 token = decoder.best[row]
             else:
-                token = request.sampler(logits, request.prompt_ids, request.generated)
+                token = request.sampler(logits[row], request.prompt_ids, request.generated)
             if decoder is not None:
                 logprob = decoder.logit(row, token) - decoder.lse[row]
             else:
-                logprob = float(logits[token]) - log_normalizers(logits[None])[0]
+                logprob = float(logits[row, token]) - log_normalizers(logits[row:row + 1])[0]
             top = []
             if request.top_n:
-                values, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), request.top_n)
+                values, ids = torch.topk(torch.log_softmax(logits[row].float(), dim=-1), request.top_n)
                 top = list(zip(ids.tolist(), values.tolist()))
             text = request.tracker.add(token)
         except Exception as exc:

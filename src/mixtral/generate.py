@@ -68,7 +68,7 @@ def generate_step(
     positions = list(lengths)  # where each row's next token goes
     decoder = native.Decoder(model, cache) if native.decodes(model, cache) else None
     best = None  # each row's greedy choice, when the decode step reports it
-    for _ in range(max_new_tokens):
+    for count in range(1, max_new_tokens + 1):
         normalizers = decoder.lse if best is not None else log_normalizers(logits)
         step = []
         for row, sampler in enumerate(samplers):
@@ -80,6 +80,8 @@ def generate_step(
             logit = decoder.logit(row, token) if best is not None else float(logits[row, token])
             step.append((token, logit - normalizers[row]))
         yield step
+        if count == max_new_tokens:
+            return  # no step for a token that will not be asked for
         tokens = [token for token, _ in step]
         if decoder is not None and not native.hooked(model):
             logits = decoder.step(tokens, positions, routing=routing)

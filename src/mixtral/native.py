@@ -286,7 +286,7 @@ class NativeModel:
         """The Decoder that `forward` uses for `cache` (made on first use, kept while the cache lives)."""
         decoder = self.decoders.get(cache)
         if decoder is None:
-            decoder = self.decoders[cache] = Decoder(model, cache)
+            decoder = self.decoders[cache] = Decoder(model, cache, own_logits=False)
         return decoder
 
 
@@ -397,7 +397,7 @@ def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slot
     N, D = B * T, args.dim
     if input_pos is None:
         input_pos = torch.arange(T).expand(B, T)
-    if T == 1 and cache is not None and decodes(model, cache):
+    if T == 1 and cache is not None and decodes(model, cache) and not _has_hooks(model.embed):
         decoder = native.decoder(model, cache)
         rows = range(B) if slots is None else slots.tolist()
         return decoder.step(input_ids[:, 0].tolist(), input_pos[:, 0].tolist(), rows, routing, fresh=True)[:, None]
@@ -431,11 +431,15 @@ def decodes(model, cache) -> bool:
             and cache.keys[0].is_contiguous())
 
 
+def _has_hooks(module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
 def hooked(model) -> bool:
-    """Whether forward hooks are registered on `model` (or on every module): then each decode step goes through
-    `model(...)`, so that they run, and not straight to a `Decoder`."""
-    return bool(model._forward_pre_hooks or model._forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or nn.modules.module._global_forward_hooks)
+    """Whether forward hooks are registered on `model`, its embedding (which the step used to call) or every
+    module: then each decode step goes through `model(...)`, so that they run, and not straight to a `Decoder`."""
+    return (_has_hooks(model) or _has_hooks(model.embed) or bool(nn.modules.module._global_forward_pre_hooks)
+            or bool(nn.modules.module._global_forward_hooks))
 
 
 class Decoder:
@@ -447,23 +451,27 @@ class Decoder:
     inputs go in through ctypes arrays, the buffers are allocated once, and `lse` and `best` come back with the
     logits, for the caller to skip the torch ops it would otherwise run on them.
 
-    `step` returns (B, V) logits in the decoder's own buffer, valid until the next step (unless `fresh`).
+    `step` returns (B, V) logits in the decoder's own buffer, valid until the next step (unless `fresh`; a
+    decoder made with `own_logits=False` only makes fresh ones). Like the cache it writes, a decoder is stepped by
+    one thread at a time.
     """
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, own_logits: bool = True):
         native, args = model.native, model.args
         self.native, self.norm_eps = native, model.norm.eps
         self.cache_rows, self.max_seq_len = cache.batch_size, cache.max_seq_len
+        self.kv_shape = (cache.batch_size, args.n_kv_heads, cache.max_seq_len, args.head_dim)
         rows, L, E = cache.batch_size, len(native.layers), native.n_experts
         self.K = args.top_k if E else 0
         self.x = torch.empty(rows, args.dim)
         self.router = (torch.empty(L * rows * E), torch.empty(L * rows * self.K, dtype=torch.int64),
                        torch.empty(L * rows * self.K))
-        self.out = torch.empty(rows, native.lm_head.n)
-        self._out_array = self.out.numpy()  # the same memory: one value read without a torch op
+        self.out = torch.empty(rows, native.lm_head.n) if own_logits else None
+        self._out_array = self.out.numpy() if own_logits else None  # the same memory: a value read is no torch op
+        self._views = {rows: self.out}  # out[:B] for each batch size seen
         # the addresses every step passes (read once: each torch call between steps is slow, see above)
         self._pointers = dict(x=self.x.data_ptr(), router=[t.data_ptr() for t in self.router],
-                              norm=model.norm.weight.data_ptr(), out=self.out.data_ptr())
+                              norm=model.norm.weight.data_ptr(), out=self.out.data_ptr() if own_logits else 0)
         self._tensors_held = (model.norm.weight,)
         self.tokens, self.positions, self.rows = ((ctypes.c_int64 * rows)() for _ in range(3))
         self.lse_out, self.best_out = (ctypes.c_double * rows)(), (ctypes.c_int64 * rows)()
@@ -473,22 +481,33 @@ class Decoder:
         self._follow(cache)
 
     def _follow(self, cache) -> None:
-        """(Re)read the addresses of the cache's tensors: the C side writes through them."""
+        """(Re)read the addresses of the cache's tensors, which the C side writes through, after checking that
+        they are what it writes: fp32, contiguous, on the CPU, of the cache's shape."""
         tensors = cache.keys + cache.values
-        if self._tensors is None or len(tensors) != len(self._tensors) or any(
-                a is not b for a, b in zip(tensors, self._tensors)):
-            if len(cache.keys) != len(self.native.layers) or len(cache.values) != len(self.native.layers):
-                raise ValueError(f"the KV cache has {len(cache.keys)} layers, the model {len(self.native.layers)}")
-            self._keys, self._values = ((ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
-                                        for ts in (cache.keys, cache.values))
-            self._tensors = list(tensors)
+        if self._tensors is not None and len(tensors) == len(self._tensors) and all(
+                a is b for a, b in zip(tensors, self._tensors)):
+            return
+        if len(cache.keys) != len(self.native.layers) or len(cache.values) != len(self.native.layers):
+            raise ValueError(f"the KV cache has {len(cache.keys)} layers, the model {len(self.native.layers)}")
+        for t in tensors:
+            if (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"
+                    or tuple(t.shape) != self.kv_shape):
+                raise ValueError(f"the native decoder writes fp32 contiguous CPU key/value tensors of shape "
+                                 f"{self.kv_shape}; the cache holds {t.dtype} {tuple(t.shape)} on {t.device}")
+        self._keys, self._values = ((ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
+                                    for ts in (cache.keys, cache.values))
+        self._tensors = list(tensors)
 
     def step(self, tokens, positions, rows=None, routing: list | None = None, fresh: bool = False) -> torch.Tensor:
         """Logits (B, V) for one new token per sequence: tokens[b] at position positions[b] of cache row rows[b]
-        (default 0..B-1). `routing`, if given, receives one `Routing` per MoE layer."""
+        (default 0..B-1); each a Python int (ctypes wraps ints beyond int64 silently). `routing`, if given,
+        receives one `Routing` per MoE layer. Out-of-range tokens, positions or rows raise IndexError before
+        anything is written."""
         B = len(tokens)
-        if not 0 < B <= self.cache_rows or len(positions) != B or (rows is not None and len(rows) != B):
-            raise ValueError(f"a decode step takes 1 to {self.cache_rows} sequences, with one position and row each")
+        if len(positions) != B or (rows is not None and len(rows) != B):
+            raise ValueError(f"{B} tokens, {len(positions)} positions and {B if rows is None else len(rows)} rows")
+        if not 0 < B <= self.cache_rows:
+            raise IndexError(f"a decode step takes 1 to {self.cache_rows} sequences (the KV cache's rows), got {B}")
         cache = self._cache()
         if cache is None:
             raise ValueError("this decoder's KV cache is gone")
@@ -502,8 +521,8 @@ class Decoder:
         if routing is not None:
             logits, ids, mix = torch.empty(L * B * E), torch.empty(L * B * K, dtype=torch.int64), torch.empty(L * B * K)
             router = [t.data_ptr() for t in (logits, ids, mix)]
-        if fresh:
-            out = torch.empty(B, self.out.shape[1])
+        if fresh or self.out is None:
+            fresh, out = True, torch.empty(B, self.native.lm_head.n)
             out_at = out.data_ptr()
         status = library().mx_decode(
             self.native.structs, L, self.native.embed.ref, self.tokens, pointers["x"], B, self.positions, self.rows,
@@ -516,10 +535,13 @@ class Decoder:
             routing.extend(_routing(self.native, logits.view(L, B, E), ids.view(L, B, K), mix.view(L, B, K), B, 1))
         if fresh:
             return out
-        return self.out if B == self.cache_rows else self.out[:B]
+        view = self._views.get(B)
+        if view is None:
+            view = self._views[B] = self.out[:B]
+        return view
 
     def logit(self, row: int, token: int) -> float:
-        """The last step's logit of `token` in row `row` (a step that was not `fresh`)."""
+        """The last step's logit of `token` in row `row` (of a step that was not `fresh`)."""
         return float(self._out_array[row, token])
 
 
@@ -529,6 +551,7 @@ def _decode_error(status: int, tokens, positions, rows, decoder) -> Exception:
     if status == -3:
         return IndexError(f"positions {list(positions)} are outside the KV cache's {decoder.max_seq_len} positions")
     if status == -4:
+        rows = range(len(tokens)) if rows is None else rows
         return IndexError(f"cache rows {list(rows)} are outside the KV cache's {decoder.cache_rows} rows")
     return MemoryError("native decode: out of memory")
 

@@ -168,3 +168,16 @@ def test_malformed_safetensors_headers_are_clear_errors(tmp_path, entry, message
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
     with pytest.raises(MixtralError, match=message):
         list(_read_tensors([path], progress=False))
+
+
+def test_importing_mixtral_shortens_openmps_spin_unless_the_user_chose():
+    """OpenMP reads GOMP_SPINCOUNT when torch loads it: `import mixtral` sets a short spin first (see __init__),
+    so that a busy neighbour process does not stall every parallel region; a value the user set stays."""
+    import os
+
+    code = "import os, mixtral, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "7"}, capture_output=True,
+                            text=True, timeout=120)
+    assert ours.stdout.strip() == "10000" and theirs.stdout.strip() == "7", ours.stderr + theirs.stderr

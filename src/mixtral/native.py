@@ -368,25 +368,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def _per_row(name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One value per row of an fp32 (M, N) tensor from the C side's `mx_<name>`."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise TypeError(f"native {name} takes a 2-D fp32 tensor")
+    x = x.contiguous()  # held while the C side reads it
+    out = torch.empty(x.shape[0], dtype=dtype)
+    getattr(library(), f"mx_{name}")(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
 def logsumexp(x: torch.Tensor) -> torch.Tensor:
     """log(sum(exp(row))) of each row of an fp32 (M, N) tensor: what log-softmax subtracts (in fp64)."""
-    if x.dtype != torch.float32 or x.dim() != 2:
-        raise TypeError("native logsumexp takes a 2-D fp32 tensor")
-    x = x.contiguous()  # held while the C side reads it
-    out = torch.empty(x.shape[0], dtype=torch.float64)
-    library().mx_logsumexp(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
-    return out
+    return _per_row("logsumexp", x, torch.float64)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """The greedy choice of each row of an fp32 (M, N) tensor: its argmax with NaN counted as -inf (the first on
     ties; 0 when no entry is above -inf), what a decode step reports as `Decoder.best`."""
-    if x.dtype != torch.float32 or x.dim() != 2:
-        raise TypeError("native argmax takes a 2-D fp32 tensor")
-    x = x.contiguous()  # held while the C side reads it
-    out = torch.empty(x.shape[0], dtype=torch.int64)
-    library().mx_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
-    return out
+    return _per_row("argmax", x, torch.int64)
 
 
 def forward(model, input_ids, input_pos, cache, n_keys, logits_at, routing, slots) -> torch.Tensor:

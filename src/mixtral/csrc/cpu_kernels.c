@@ -1030,25 +1030,24 @@ void mx_argmax(const float *x, int64_t M, int64_t n, int64_t *out) {
     }
 }
 
-/* A whole decode step for one new token of each of B sequences: the embedding of tokens[b] (unless embed is NULL:
- * then x already holds the B embedded tokens), every block (layer i's caches k_caches[i] and v_caches[i]; its
- * router's logits, choices and weights at i * B * E, i * B * top_k, i * B * top_k), then the final norm and the
- * output projection into out (B, V); and, where lse and best are not NULL, each row's log(sum(exp(logits))) and
- * greedy choice (mx_argmax). One call per step: between calls from Python the weights just streamed have pushed
- * the interpreter's own data out of the caches, so each Python statement in between is slow.
- * tokens, positions (< s_max) and cache rows (< cache_rows) are checked before anything is written.
- * Returns 0; -1 when out of memory; -2, -3, -4 for a token, position or cache row out of range. */
+/* A whole decode step for one new token of each of B sequences: the embedding of tokens[b] (into x, (B, D)), every
+ * block (layer i's caches k_caches[i] and v_caches[i]; its router's logits, choices and weights at i * B * E,
+ * i * B * top_k, i * B * top_k), the final norm and the output projection into out (B, V), then each row's
+ * log(sum(exp(logits))) into lse and greedy choice (mx_argmax) into best. One call per step: between calls from
+ * Python the weights just streamed have pushed the interpreter's own data out of the caches, so each Python
+ * statement in between is slow. Tokens, positions (< s_max) and cache rows (< cache_rows) are checked before
+ * anything is written. Returns 0; -1 when out of memory; -2, -3, -4 for a token, position or cache row out of range. */
 int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, const int64_t *tokens, float *x,
               int64_t B, const int64_t *pos, const int64_t *rows, int64_t cache_rows, float *const *k_caches,
               float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits, int64_t *ids,
               float *mix, const float *norm, float eps, const weight_t *head, float *out, double *lse, int64_t *best) {
     const int64_t D = head->k, V = head->n;
     for (int64_t b = 0; b < B; b++) {
-        if (embed && (tokens[b] < 0 || tokens[b] >= embed->n)) return -2;
+        if (tokens[b] < 0 || tokens[b] >= embed->n) return -2;
         if (pos[b] < 0 || pos[b] >= s_max) return -3;
         if (rows[b] < 0 || rows[b] >= cache_rows) return -4;
     }
-    for (int64_t b = 0; embed && b < B; b++) {
+    for (int64_t b = 0; b < B; b++) {
         int64_t stride;
         const float *row = widen(embed, 0, tokens[b], 1, 0, D, x + b * D, &stride);
         if (row != x + b * D) memcpy(x + b * D, row, sizeof(float) * D);
@@ -1063,8 +1062,8 @@ int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, co
     const int status = mx_linear(head, 0, h, B, D, out, V, 0);
     free(h);
     if (status) return status;
-    if (lse) mx_logsumexp(out, B, V, lse);
-    if (best) mx_argmax(out, B, V, best);
+    mx_logsumexp(out, B, V, lse);
+    mx_argmax(out, B, V, best);
     return 0;
 }
 

@@ -8,7 +8,8 @@ import torch
 from mixtral import load
 from mixtral.config import ModelArgs
 from mixtral.data import load_split, prepare
-from mixtral.train import TrainConfig, load_balancing_loss, reply_chars_tensor, reply_nats_per_char, train
+from mixtral.train import (TrainConfig, linear_cross_entropy, load_balancing_loss, reply_chars_tensor,
+                           reply_nats_per_char, train)
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=64, n_experts=4, top_k=2,
                  vocab_size=32000, max_seq_len=256, tie_embeddings=True)
@@ -71,3 +72,27 @@ def test_balancing_loss_is_per_layer():
               Routing(mirror[None], torch.tensor([[3, 2]] * 8)[None], torch.ones(1, 8, 2))]
     even = Routing(torch.zeros(1, 8, 4), torch.tensor([[0, 1], [2, 3]] * 4)[None], torch.ones(1, 8, 2))
     assert load_balancing_loss(layers, 4) > 1.5 * load_balancing_loss([even, even], 4)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_cross_entropy_matches_torch(chunk):
+    """Loss and both gradients equal F.cross_entropy on the full logits, for chunks that do and do not divide N,
+    including an upstream gradient other than 1 and a weight shared with another use (tied embeddings)."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(150, 16, generator=gen, requires_grad=True)
+    w = torch.randn(300, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 300, (150,), generator=gen)
+    extra = torch.randn(300, 16, generator=gen)
+
+    ref = torch.nn.functional.cross_entropy(h @ w.T, targets)
+    (2.5 * ref + (w * extra).sum()).backward()
+    ref_h, ref_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+
+    ours = linear_cross_entropy(h, w, targets, chunk=chunk)
+    (2.5 * ours + (w * extra).sum()).backward()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(h.grad, ref_h, atol=1e-6)
+    assert torch.allclose(w.grad, ref_w, atol=1e-5)
+    with pytest.raises(ValueError, match="expected h"):
+        linear_cross_entropy(h, w, targets[:-1])

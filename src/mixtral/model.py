@@ -301,6 +301,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         routing: list | None = None,
         slots: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Logits for `input_ids` (B, T).
 
@@ -313,10 +314,14 @@ class Transformer(nn.Module):
         routing: a list that receives one `Routing` per MoE layer.
         slots: (B,) which cache rows these B sequences use (default rows 0..B-1); lets an engine step any
             subset of the sequences it holds.
+        head: False returns the final normed hidden states (B, T, D) instead of logits, for a loss that applies
+            the output projection itself (training's chunked cross-entropy).
         """
         if getattr(self, "native", None) is not None:  # our own CPU kernels (native.py)
             from . import native
 
+            if not head:
+                raise ValueError("head=False needs the torch path: the native kernels always apply the head")
             return native.forward(self, input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
         B, T = input_ids.shape
         if input_pos is None:
@@ -335,4 +340,5 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, input_pos, cache, n_keys, routing, slots)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)  # (B, T, D)
+        return self.lm_head(x) if head else x  # (B, T, V) or (B, T, D)

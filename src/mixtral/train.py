@@ -1,8 +1,9 @@
 """Training a small Mixtral on the CPU: `mixtral train`, and `mixtral eval` for held-out nats per character.
 
 - AdamW, linear warm-up then cosine decay, bf16 autocast (optional), gradient clipping, residual dropout.
-- Loss: next-token cross-entropy on all tokens, plus the router load-balancing loss computed *per layer*
-  (E * sum_e f_e * P_e averaged over layers, times `router_aux_loss_coef`), so every layer stays balanced.
+- Loss: next-token cross-entropy on all tokens (computed in chunks, never holding a batch's whole logits), plus
+  the router load-balancing loss computed *per layer* (E * sum_e f_e * P_e averaged over layers, times
+  `router_aux_loss_coef`), so every layer stays balanced.
 - Checkpoints are safetensors (model, AdamW moments) plus a JSON state file: a run resumes where it stopped,
   and nothing pickled is ever written or read. Batches are drawn from a generator seeded by (seed, step),
   so a resumed run sees the same data it would have seen.
@@ -60,6 +61,54 @@ def load_balancing_loss(routing: list[Routing], n_experts: int) -> torch.Tensor:
         chosen = F.one_hot(r.expert_ids.reshape(-1), n_experts).float()  # (N*K, E)
         losses.append(n_experts * (chosen.mean(0) * probs.mean(0)).sum())
     return torch.stack(losses).mean()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits `h @ weight.T` against `targets`, a chunk of rows at a time.
+
+    With a 32,000-token vocabulary the (N, V) logits of a batch are hundreds of MB, and writing, normalizing and
+    differentiating them dominated a training step on the CPU. Here each chunk's logits become its softmax and
+    then its gradient in one (chunk, V) buffer that stays in cache, and the gradients for `h` and `weight` are
+    made in the forward pass: the loss is the last op, so backward only scales them by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        n = h.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, n, chunk):
+            hc, tc = h[start:start + chunk], targets[start:start + chunk]
+            logits = hc @ weight.T  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum(dtype=torch.float64)
+            if want_h or want_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(tc)), tc] -= 1.0  # d(summed NLL)/d(logits)
+                if want_h:
+                    torch.matmul(probs, weight, out=grad_h[start:start + chunk])
+                if want_w:
+                    grad_w.addmm_(probs.T, hc)
+        ctx.n = n
+        ctx.save_for_backward(grad_h, grad_w)
+        return (total / n).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 256) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets) for (N, D) h, (V, D) weight, (N,) targets, without (N, V) logits."""
+    if h.dim() != 2 or targets.shape != h.shape[:1] or weight.shape[1] != h.shape[1]:
+        raise ValueError(f"expected h (N, D), weight (V, D), targets (N,); got {tuple(h.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    return LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -226,8 +275,9 @@ def train(model_args: ModelArgs, cfg: TrainConfig, data_dir: Path, run_dir: Path
         x, y = sample_batch(train_ids, cfg, step)
         routing: list[Routing] = []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = model(x, routing=routing)
-            lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            hidden = model(x, routing=routing, head=False)  # (B, T, D)
+        lm_loss = linear_cross_entropy(hidden.float().reshape(-1, hidden.shape[-1]), model.lm_head.weight,
+                                       y.reshape(-1))
         aux = load_balancing_loss(routing, model_args.n_experts) if model_args.is_moe else torch.zeros(())
         loss = lm_loss + model_args.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)

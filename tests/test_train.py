@@ -96,3 +96,22 @@ def test_chunked_cross_entropy_matches_torch(chunk):
     assert torch.allclose(w.grad, ref_w, atol=1e-5)
     with pytest.raises(ValueError, match="expected h"):
         linear_cross_entropy(h, w, targets[:-1])
+    with pytest.raises(ValueError, match="chunk"):
+        linear_cross_entropy(h, w, targets, chunk=0)
+
+
+def test_chunked_cross_entropy_under_autocast_and_no_grad():
+    """Inside bf16 autocast it still computes in fp32 (the train loop's setting); without grad it only measures."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(40, 8, generator=gen, requires_grad=True)
+    w = torch.randn(50, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (40,), generator=gen)
+    ref = torch.nn.functional.cross_entropy(h @ w.T, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, w, targets, chunk=16)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, ref, atol=1e-5)
+    ours.backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    with torch.no_grad():
+        measured = linear_cross_entropy(h, w, targets, chunk=16)
+    assert not measured.requires_grad and torch.allclose(measured, ref, atol=1e-5)

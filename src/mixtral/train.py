@@ -1,7 +1,8 @@
 """Training a small Mixtral on the CPU: `mixtral train`, and `mixtral eval` for held-out nats per character.
 
-- AdamW, linear warm-up then cosine decay, bf16 autocast (optional), gradient clipping, residual dropout.
-- Loss: next-token cross-entropy on all tokens (computed in chunks, never holding a batch's whole logits), plus
+- AdamW, linear warm-up then cosine decay, bf16 autocast of the decoder (optional), gradient clipping, residual
+  dropout.
+- Loss: next-token cross-entropy on all tokens (in fp32, in chunks, never holding a batch's whole logits), plus
   the router load-balancing loss computed *per layer* (E * sum_e f_e * P_e averaged over layers, times
   `router_aux_loss_coef`), so every layer stays balanced.
 - Checkpoints are safetensors (model, AdamW moments) plus a JSON state file: a run resumes where it stopped,
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from .config import ModelArgs
@@ -70,12 +72,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     differentiating them dominated a training step on the CPU. Here each chunk's logits become its softmax and
     then its gradient in one (chunk, V) buffer that stays in cache, and the gradients for `h` and `weight` are
     made in the forward pass: the loss is the last op, so backward only scales them by the incoming scalar.
+    Consequences: it is differentiable once (no double backward), and changing `weight` in place between the
+    forward and the backward pass goes unnoticed (the gradient was already taken at the old values).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
+    def forward(ctx, h, weight, targets, chunk, grad_enabled):
         n = h.shape[0]
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_h, want_w = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
         total = torch.zeros((), dtype=torch.float64)
@@ -96,19 +100,25 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (total / n).to(h.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
-        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale, None, None)
+        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale,
+                None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int = 256) -> torch.Tensor:
-    """F.cross_entropy(h @ weight.T, targets) for (N, D) h, (V, D) weight, (N,) targets, without (N, V) logits."""
-    if h.dim() != 2 or targets.shape != h.shape[:1] or weight.shape[1] != h.shape[1]:
+    """F.cross_entropy(h @ weight.T, targets) for (N, D) h, (V, D) weight and (N,) targets in [0, V), without
+    ever holding the (N, V) logits; always in fp32 (autocast does not reach inside), no `ignore_index`."""
+    if h.dim() != 2 or targets.shape != h.shape[:1] or weight.dim() != 2 or weight.shape[1] != h.shape[1]:
         raise ValueError(f"expected h (N, D), weight (V, D), targets (N,); got {tuple(h.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
-    return LinearCrossEntropy.apply(h, weight, targets, chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    with torch.autocast(h.device.type, enabled=False):
+        return LinearCrossEntropy.apply(h.float(), weight.float(), targets, chunk, torch.is_grad_enabled())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -276,8 +286,7 @@ def train(model_args: ModelArgs, cfg: TrainConfig, data_dir: Path, run_dir: Path
         routing: list[Routing] = []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             hidden = model(x, routing=routing, head=False)  # (B, T, D)
-        lm_loss = linear_cross_entropy(hidden.float().reshape(-1, hidden.shape[-1]), model.lm_head.weight,
-                                       y.reshape(-1))
+        lm_loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, y.reshape(-1))
         aux = load_balancing_loss(routing, model_args.n_experts) if model_args.is_moe else torch.zeros(())
         loss = lm_loss + model_args.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)

@@ -115,3 +115,37 @@ def test_chunked_cross_entropy_under_autocast_and_no_grad():
     with torch.no_grad():
         measured = linear_cross_entropy(h, w, targets, chunk=16)
     assert not measured.requires_grad and torch.allclose(measured, ref, atol=1e-5)
+
+
+def test_heldout_measure_equals_one_conversation_at_a_time(data_dir):
+    """Batching conversations by length (with padding) gives the summed reply NLL and routing counts of scoring
+    each conversation on its own with F.cross_entropy."""
+    from mixtral.model import Transformer
+    from mixtral.train import init_weights
+
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    init_weights(model, seed=3)
+    model.eval()
+    ids, mask, _ = load_split(data_dir, "val")
+    counts = torch.zeros(TINY.n_layers, TINY.n_experts, dtype=torch.long)
+    ours = reply_nats_per_char(model, ids, mask, max_tokens=3000, routing_counts=counts, batch_tokens=600)
+
+    starts = (ids == 1).nonzero().flatten().tolist() + [len(ids)]
+    nll, n_reply, seen, ref_counts = 0.0, 0, 0, torch.zeros_like(counts)
+    for s, e in zip(starts[:-1], starts[1:]):
+        routing = []
+        with torch.no_grad():
+            logits = model(ids[None, s:e], routing=routing)[0]
+        token_nll = torch.nn.functional.cross_entropy(logits[:-1], ids[s + 1:e], reduction="none")
+        keep = mask[s + 1:e]
+        nll += float(token_nll[keep].sum())
+        n_reply += int(keep.sum())
+        for layer, r in enumerate(routing):
+            ref_counts[layer] += torch.bincount(r.expert_ids.flatten(), minlength=TINY.n_experts)
+        seen += e - s
+        if seen >= 3000:
+            break
+    assert ours["reply_tokens"] == n_reply and ours["tokens_seen"] == seen
+    assert ours["nll"] == pytest.approx(nll, rel=1e-5)
+    assert torch.equal(counts, ref_counts)

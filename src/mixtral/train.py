@@ -161,13 +161,14 @@ def sample_batch(ids: torch.Tensor, cfg: TrainConfig, step: int) -> tuple[torch.
 @torch.inference_mode()
 def reply_nats_per_char(model: Transformer, ids: torch.Tensor, mask: torch.Tensor, reply_chars_per_token=None,
                         max_tokens: int | None = None, bos_id: int = 1, max_len: int = 1024,
-                        routing_counts: torch.Tensor | None = None) -> dict:
+                        routing_counts: torch.Tensor | None = None, batch_tokens: int = 4096) -> dict:
     """Held-out quality: total NLL of reply tokens / characters of reply text, conversation by conversation.
 
     ids/mask: the concatenated split as written by `mixtral.data` (every conversation starts with BOS).
     reply_chars_per_token: (len(ids),) characters each reply token stands for (from the data's char counts);
     when None, `meta['reply_chars']` must be divided by the caller. Returns dict(nll, reply_tokens, nats_per_char
     when chars are known, tokens_seen). routing_counts (L, E), if given, is filled with expert slot counts.
+    batch_tokens: the most tokens, padding included, in one forward pass.
     """
     was_training = model.training
     model.eval()
@@ -199,15 +200,19 @@ def reply_nats_per_char(model: Transformer, ids: torch.Tensor, mask: torch.Tenso
                 routing_counts[layer] += torch.bincount(r.expert_ids[valid].flatten(),
                                                         minlength=routing_counts.shape[1])
 
+    spans = []  # the conversations to score, in the split's order, up to max_tokens
     for s, e in zip(starts[:-1], starts[1:]):
-        e = min(e, s + max_len)
-        batch.append((s, e))
-        seen += e - s
-        if len(batch) == 16:
-            run(batch)
-            batch = []
+        spans.append((s, min(e, s + max_len)))
+        seen += spans[-1][1] - s
         if max_tokens is not None and seen >= max_tokens:
             break
+    # Batches of similar length (shortest first, up to `batch_tokens` padded tokens or 16 rows), so that little
+    # of each batch is padding; the sums do not depend on the order.
+    for s, e in sorted(spans, key=lambda span: span[1] - span[0]):
+        if batch and ((len(batch) + 1) * (e - s) > batch_tokens or len(batch) == 16):
+            run(batch)
+            batch = []
+        batch.append((s, e))
     if batch:
         run(batch)
     model.train(was_training)

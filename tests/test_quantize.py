@@ -4,6 +4,9 @@ both MoE paths, quantized checkpoints, the CLI and the errors a user can cause."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from conftest import make_hf_model, save_hf_model
 from torch import nn
 
 from mixtral import quantize as Q
+from mixtral import torch_lowbit
 from mixtral.cli import main
 from mixtral.config import load_config
 from mixtral.errors import MixtralError
@@ -88,15 +92,26 @@ def test_a_large_weight_is_quantized_in_steps_of_rows_with_the_same_result(bits,
     assert torch.equal(layer.qweight, whole[0]) and torch.equal(layer.scales, whole[1])
 
 
-def test_cpu_int4_layout_round_trips_and_matches_torch_packer():
-    codes = torch.randint(0, 16, (64, 96), generator=_gen(2), dtype=torch.int32)
-    canonical = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-    packed = Q._to_cpu_int4_layout(canonical)
-    assert torch.equal(Q._from_cpu_int4_layout(packed), canonical)
-    stacked = torch.stack([canonical, canonical.flip(0)])
-    assert torch.equal(Q._from_cpu_int4_layout(Q._to_cpu_int4_layout(stacked)), stacked)
-    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-        assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+@pytest.mark.parametrize("block", [32, 64])
+def test_cpu_int4_layouts_round_trip(block):
+    codes = torch.randint(0, 16, (2, 128, 96), generator=_gen(2), dtype=torch.uint8)
+    packed = torch_lowbit.cpu_int4_layout(codes, block)
+    assert packed.shape == (2, 128, 48) and torch.equal(torch_lowbit.cpu_int4_codes(packed, block), codes)
+
+
+def test_int4_layout_is_the_one_torch_packs_on_this_cpu():
+    codes = torch.randint(0, 16, (128, 96), generator=_gen(3), dtype=torch.int32)
+    block = torch_lowbit.int4_block()
+    if block is None:  # neither of our layouts: the int4 kernel must be off, and weights stay canonical
+        assert not Q.kernel_available(torch.device("cpu"), 4)
+        assert Q.QuantLinear.from_weight(torch.randn(128, 64), 4, 32).layout == "canonical"
+        return
+    torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(torch.uint8).reshape(128, 48)
+    assert torch.equal(torch_lowbit.cpu_int4_layout(codes, block), torch_packed)
+    weight = torch.randn(128, 96, generator=_gen(4))
+    layer = Q.QuantLinear.from_weight(weight, 4, 32)
+    assert layer.layout == "cpu-int4" and layer.block == block
+    assert torch.equal(layer.canonical()[0], Q.quantize_weight(weight, 4, 32)[0])  # read back exactly
 
 
 # ---- one layer: kernels and fallbacks against the reference --------------------------------------------
@@ -119,10 +134,54 @@ def test_quant_linear_matches_dequantized_weight(bits, group_size, out_features,
 
 
 def test_kernels_are_used_where_they_apply():
-    assert Q.kernel_available(torch.device("cpu"), 8) and Q.kernel_available(torch.device("cpu"), 4)
-    assert Q.QuantLinear.from_weight(torch.randn(64, 64), 4, 32).layout == "cpu-int4"
-    assert Q.QuantLinear.from_weight(torch.randn(48, 64), 4, 32).layout == "canonical"  # N % 32 != 0
+    capability = torch.backends.cpu.get_cpu_capability()
+    block = torch_lowbit.int4_block()
+    if capability in ("AVX2", "AVX512"):  # the CPUs this project runs on: both torch kernels pass their probe
+        assert Q.kernel_available(torch.device("cpu"), 8) and Q.kernel_available(torch.device("cpu"), 4)
+        assert block == (64 if capability == "AVX512" else 32)
+    if block:
+        assert Q.QuantLinear.from_weight(torch.randn(block, 64), 4, 32).layout == "cpu-int4"
+        assert Q.QuantLinear.from_weight(torch.randn(block + 16, 64), 4, 32).layout == "canonical"  # N % block
     assert Q.QuantLinear.from_weight(torch.randn(64, 64), 4, 16).layout == "canonical"  # no kernel for 16
+    lanes = {"AVX2": 8, "AVX512": 16}.get(capability, 64)
+    for width in (8, 16, 24, 32, 40, 64, 4096, 14336, 4104):  # the rule: a multiple of the vector's fp32 lanes
+        layer = Q.QuantLinear.from_weight(torch.randn(16, width), 8)
+        if width % lanes:
+            assert not layer._use_kernel(torch.randn(1, width)), width
+        if width % 64 == 0 and capability in ("AVX2", "AVX512"):
+            assert layer._use_kernel(torch.randn(1, width)), width
+
+
+def test_dangerous_widths_run_in_a_child_without_crashing_and_match_the_fallback():
+    """Every width from 8 to 128 (the ones torch's AVX-512 int8 kernel crashes or miscomputes on included), 1, 3
+    and 40 rows, int8 and int4, through QuantLinear in a child process: it must survive, and each result must
+    match the exact fallback's within the kernels' bf16 tolerance (the fallback's own within 1e-5)."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "torch_lowbit.py"
+    for bits in (8, 4):
+        done = subprocess.run([sys.executable, str(bench), "--child", str(bits)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"int{bits} child died (exit {done.returncode}): {done.stderr[-2000:]}"
+        cases = [json.loads(line) for line in done.stdout.splitlines()]
+        assert len(cases) == 16 * 3
+        for case in cases:
+            assert case["error"] <= (0.01 if case["path"] == "kernel" else 1e-5), case
+            if case["rows"] > Q.KERNEL_MAX_ROWS:
+                assert case["path"] == "fallback", case
+
+
+def test_a_crashing_probe_case_is_a_no_and_the_rest_still_run(tmp_path, monkeypatch):
+    """The probe's child is restarted after a case kills it; that case, and only that one, is refused."""
+    child = tmp_path / "child.py"
+    child.write_text("import ctypes, json, sys\n"
+                     "for case in json.loads(sys.stdin.read()):\n"
+                     "    print('start', case['id'], flush=True)\n"
+                     "    if case['id'] == 'int8/32': ctypes.string_at(0)  # a segfault, as torch's kernel gives\n"
+                     "    value = 64 if case['kind'] == 'layout' else 0.001\n"
+                     "    print('done', case['id'], json.dumps(value), flush=True)\n")
+    monkeypatch.setattr(torch_lowbit, "CHILD", child)
+    found = torch_lowbit.probe()
+    assert found["cases"]["int8/32"] == "crash" and found["int8"]["32"] is False
+    assert found["int8"]["64"] is True and found["int4_block"] == 64 and found["int4"]["256/64"] is True
 
 
 # ---- whole models ----------------------------------------------------------------------------------------

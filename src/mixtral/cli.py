@@ -171,15 +171,18 @@ def cmd_info(args) -> int:
         else:
             model_dir = resolve_model(args.target)
             config, name = load_config(model_dir), model_dir.name
-    from . import native
+    from . import native, torch_lowbit
 
     kernels = ("ours (native.py: AVX2 kernels, compiled on first use)" if native.available()
                else f"fbgemm (kernels.py), since ours cannot run: {native.unavailable_reason()}")
+    lowbit = torch_lowbit.describe()  # where --no-pack, training and the fallback run int8/int4
     if args.json:
-        print(json.dumps({"name": name, **summary(config), "cpu_kernels": kernels}, indent=2))
+        print(json.dumps({"name": name, **summary(config), "cpu_kernels": kernels, "torch_lowbit": lowbit},
+                         indent=2))
     else:
         print(format_summary(config, name))
         print(f"CPU kernels: {kernels}")
+        print(f"Plain torch ops (--no-pack): {lowbit}")
     return 0
 
 

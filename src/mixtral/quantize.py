@@ -15,8 +15,10 @@ dtype (fp32, once kernels.py has packed the model): routing decisions are sensit
 Kernels (measured on a 2-core Zen 4 CPU, see README): for up to KERNEL_MAX_ROWS input rows, int8 uses
 `aten._weight_int8pack_mm` and int4 `aten._weight_int4pack_mm_for_cpu` (CUDA: `aten._weight_int4pack_mm`),
 both with bfloat16 activations (fp32 activations make them ~10x slower). Larger inputs (prefill), unsupported
-shapes and devices dequantize the weight (fp32 on CPU) and use a plain matmul. Each kernel is checked once per
-process against the dequantize reference on a probe matrix; a kernel that is missing or disagrees is not used.
+shapes and devices dequantize the weight (fp32 on CPU) and use a plain matmul. On the CPU, torch_lowbit says
+which input widths each kernel is safe for (a shape rule and a probe in a child process: some crash the process)
+and which int4 layout torch packs on this CPU; on CUDA each kernel is checked once per process against the
+dequantize reference on a probe matrix. A kernel that is missing or disagrees is not used.
 On the CPU, `load()` then repacks int8 weights for fbgemm's faster dynamic int8 GEMM (kernels.py).
 """
 
@@ -31,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import torch_lowbit
 from .errors import MixtralError
 
 METHOD = "mixtral-weight-only"
 DEFAULT_GROUP_SIZE = 64
 KERNEL_MAX_ROWS = 32  # above this many input rows, dequantize + one matmul beat the packed kernels here
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
-_CPU_INT4_BLOCK = 32  # output rows per block in the layout of aten._convert_weight_to_int4pack_for_cpu
 
 _kernels_enabled = True
 _kernel_checked: dict[tuple[str, int], bool] = {}
@@ -116,24 +118,6 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, gr
 
 # ---- kernel layouts ----------------------------------------------------------------------------------
 
-def _to_cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical int4 codes (..., N, Kp/2) -> the CPU kernel's layout: per block of 32 output rows and per
-    input column k, 16 bytes, byte j holding row j (low nibble) and row 16 + j (high nibble)."""
-    *lead, N, half = qweight.shape
-    codes = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(-1, N // 32, 2, 16, 2 * half)
-    codes = codes.permute(0, 1, 4, 3, 2)  # (L, N/32, Kp, 16, 2)
-    return (codes[..., 0] | (codes[..., 1] << 4)).contiguous().reshape(*lead, N, half)
-
-
-def _from_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_to_cpu_int4_layout`."""
-    *lead, N, half = packed.shape
-    blocks = packed.reshape(-1, N // 32, 2 * half, 16)
-    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).permute(0, 1, 4, 3, 2)  # (L, N/32, 2, 16, Kp)
-    codes = codes.reshape(*lead, N, 2 * half)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
-
-
 def _scales_and_zeros(scales: torch.Tensor) -> torch.Tensor:
     """Per-group scales (..., N, Kp/G) -> the int4 kernels' (..., Kp/G, N, 2) [scale, zero]; zero is 0 here
     because the kernels compute (u - 8) * scale + zero and our codes are symmetric."""
@@ -157,7 +141,12 @@ def kernels_disabled():
 
 
 def kernel_available(device: torch.device, bits: int) -> bool:
-    """Whether this device's packed kernel for `bits` exists and matches the reference on a probe matrix."""
+    """Whether this device's packed kernel for `bits` exists and matches the reference on a probe matrix.
+
+    On the CPU that is torch_lowbit's child-process probe (torch's low-bit CPU kernels can crash the process on
+    some shapes, so they are never first tried here); on other devices a probe matrix in this process."""
+    if device.type == "cpu":
+        return torch_lowbit.int8_safe(256) if bits == 8 else torch_lowbit.int4_safe(256, 64)
     key = (device.type, bits)
     if key not in _kernel_checked:
         _kernel_checked[key] = False  # stays False if the probe fails
@@ -190,6 +179,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features, self.bits, self.group_size = out_features, in_features, bits, group_size
         self.n_experts = n_experts
         self.layout = "canonical"  # or "cpu-int4" / "cuda-int4" once packed for a kernel
+        self.block = 0  # "cpu-int4": output rows per block of torch's layout on this CPU (torch_lowbit)
         lead = () if n_experts is None else (n_experts,)
         if bits == 8:
             self.register_buffer("qweight", torch.empty(*lead, out_features, in_features, dtype=torch.int8,
@@ -237,9 +227,13 @@ class QuantLinear(nn.Module):
         device = self.qweight.device
         if not force and not kernel_available(device, 4):
             return
-        if device.type == "cpu" and self.out_features % _CPU_INT4_BLOCK == 0:
-            self.qweight = _to_cpu_int4_layout(self.qweight)
-            self.layout = "cpu-int4"
+        padded = self.qweight.shape[-1] * 2
+        block = torch_lowbit.int4_block() if device.type == "cpu" else None
+        if (device.type == "cpu" and block and self.out_features % block == 0
+                and torch_lowbit.int4_safe(padded, self.group_size)):
+            codes = torch.stack((self.qweight & 15, self.qweight >> 4), dim=-1).flatten(-2)
+            self.qweight = torch_lowbit.cpu_int4_layout(codes, block)
+            self.layout, self.block = "cpu-int4", block
         elif device.type == "cuda" and self.out_features % 8 == 0:
             codes = torch.stack((self.qweight & 15, self.qweight >> 4), dim=-1).flatten(-2)
             hi_first = (codes[..., 0::2] << 4) | codes[..., 1::2]  # the CUDA packer's nibble order
@@ -256,7 +250,8 @@ class QuantLinear(nn.Module):
         """(qweight, scales) in the canonical form, for the whole weight or experts `index`."""
         qweight, scales = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
         if self.layout == "cpu-int4":
-            return _from_cpu_int4_layout(qweight), scales[..., 0].transpose(-1, -2)
+            codes = torch_lowbit.cpu_int4_codes(qweight, self.block)
+            return codes[..., 0::2] | (codes[..., 1::2] << 4), scales[..., 0].transpose(-1, -2)
         if self.layout == "cuda-int4":
             raise MixtralError("an int4 weight packed for the CUDA kernel cannot be read back or saved; "
                                "quantize on the CPU (`mixtral quantize`) and load the result on the GPU")
@@ -290,9 +285,11 @@ class QuantLinear(nn.Module):
             return True  # this layout has no other way to run
         if not _kernels_enabled or x.device != self.qweight.device or x.shape[0] > KERNEL_MAX_ROWS:
             return False
-        if self.bits == 8:  # the CPU int8 kernel silently miscomputes when K is not a multiple of 8
+        if self.bits == 8:  # on the CPU, only widths torch_lowbit found safe (others crash or miscompute)
+            if x.device.type == "cpu":
+                return torch_lowbit.int8_safe(self.in_features)
             return self.in_features % 8 == 0 and kernel_available(x.device, 8)
-        return self.layout != "canonical" and kernel_available(x.device, 4)
+        return self.layout != "canonical" and (x.device.type == "cpu" or kernel_available(x.device, 4))
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """x (..., K) @ W^T (or expert `expert`'s W) -> (..., N) in x's dtype."""

@@ -359,3 +359,15 @@ def test_a_failed_build_names_the_compiler_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="compiling cpu_kernels.c failed"):
         native._build()
     assert not list(tmp_path.iterdir())  # nothing half-written is left in the cache
+
+
+def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
+    """A library built by another compiler (or another version of it) is never loaded in place of this one's."""
+    monkeypatch.setenv("MIXTRAL_CACHE_DIR", str(tmp_path / "cache"))
+    wrapper = tmp_path / "other-cc"
+    wrapper.write_text('#!/bin/sh\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    first = native._build()
+    monkeypatch.setenv("CC", str(wrapper))
+    second = native._build()
+    assert first != second and first.exists() and second.exists()

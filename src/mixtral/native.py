@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -71,8 +72,6 @@ def cache_dir() -> Path:
 
 def _cpu_supported() -> str | None:
     """None when this CPU can run the kernels, else why not."""
-    import platform
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernels are written for x86-64 (this is {platform.machine()})"
     try:
@@ -92,7 +91,16 @@ def _build() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    # what the library depends on: the source, the flags (fixed AVX2/FMA/F16C, not -march=native: the same build
+    # is right on every CPU that passes _cpu_supported), the compiler binary and the architecture
+    resolved = Path(shutil.which(compiler) or compiler).resolve()
+    try:
+        stat = resolved.stat()
+        compiler_id = f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        compiler_id = str(resolved)
+    identity = [source, " ".join(FLAGS).encode(), compiler_id.encode(), platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)

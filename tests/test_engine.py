@@ -89,6 +89,28 @@ def test_chunked_prefill_gives_the_same_tokens(loaded):
     assert text == generate(model, tokenizer, prompt, SamplingParams(temperature=0, max_new_tokens=10))
 
 
+def test_a_request_gets_the_same_numbers_alone_or_beside_others(loaded):
+    """Batch invariance (README): a prompt is cut into chunks at multiples of prefill_chunk whatever is prefilled
+    beside it, so its first token's numbers are the same alone or not, on every path; on the CPU kernels every
+    decode row is computed as at batch 1, so the whole seeded reply and its log-probs are identical too."""
+    model, tokenizer = loaded
+    prompt = tokenizer.encode(" ".join(PROMPTS[1:4]), add_bos=True)
+    other = tokenizer.encode(PROMPTS[1], add_bos=True)  # 9 tokens: its second chunk leaves part of a step's budget
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_new_tokens=16)
+    engine = Engine(model, tokenizer, max_batch_size=3, prefill_chunk=7)
+    try:
+        alone = list(engine.submit(prompt, params).events(timeout=60))
+        beside = [engine.submit(other, SamplingParams(temperature=1.0, seed=1, max_new_tokens=20)),
+                  engine.submit(prompt, params)]
+        together = list(beside[1].events(timeout=60))
+        run(beside[0])
+    finally:
+        engine.close()
+    assert alone[0].token_id == together[0].token_id and alone[0].logprob == together[0].logprob
+    if getattr(model, "native", None) is not None:
+        assert [(e.token_id, e.logprob) for e in alone] == [(e.token_id, e.logprob) for e in together]
+
+
 def test_cancel_frees_the_slot_at_the_next_step(loaded):
     model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_batch_size=1)

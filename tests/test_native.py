@@ -246,6 +246,36 @@ def test_a_decoders_step_reports_its_logits_normalizer_and_greedy_choice(tiny_di
             native.Decoder(model, bf16_cache)
 
 
+@pytest.mark.parametrize("setting", ["float32", "bfloat16", "int8", "int4-g32+head"])
+def test_a_decode_rows_numbers_do_not_depend_on_the_rows_beside_it(tiny_dir, setting):
+    """Each row of a batched decode step is computed exactly as at batch 1 (same kernel, same order of summation),
+    so a sequence gets bit-identical logits alone or beside others, in any cache row (README: batch invariance)."""
+    from mixtral.kv_cache import KVCache
+
+    dtype, quantize = (setting, None) if setting in ("float32", "bfloat16") else ("bfloat16", setting)
+    model = load_model(tiny_dir, dtype=dtype, progress=False, quantize=quantize)
+    assert model.native is not None
+    prompts = [torch.randint(3, 256, (n,), generator=_gen(20 + n)).tolist() for n in (9, 4, 13, 6)]
+
+    def decode(rows: list[int], steps: int = 4) -> list[torch.Tensor]:
+        """Row 0's logits over `steps` steps with rows[1:] decoding beside it (each prompt prefilled alone)."""
+        cache = KVCache(model.args, 4, 32, torch.float32)
+        for row in rows:
+            model(torch.tensor([prompts[row]]), cache=cache, n_keys=len(prompts[row]), slots=torch.tensor([row]))
+        decoder = native.Decoder(model, cache)
+        out = []
+        for step in range(steps):
+            tokens = [(17 * step + 5 * row) % 256 for row in rows]
+            logits = decoder.step(tokens, [len(prompts[row]) + step for row in rows], rows)
+            out.append(logits[0].clone())
+        return out
+
+    with torch.inference_mode():
+        alone = decode([0])
+        for rows in ([0, 1], [0, 3, 2], [0, 1, 2, 3]):
+            assert all(torch.equal(a, b) for a, b in zip(alone, decode(rows))), rows
+
+
 def test_generation_on_the_decoder_equals_generation_on_torch(tiny_dir):
     from mixtral.generate import generate_step
     from mixtral.sampling import Sampler, SamplingParams

@@ -6,12 +6,13 @@
         print(event.text, end="")
 
 How a step works (`Engine._step`): cancelled requests are dropped and their cache rows freed; waiting requests
-are admitted into free rows of one shared `KVCache`; prompts are prefilled alone, at most `prefill_chunk`
-prompt tokens per step so a long prompt never stalls the others for long; then ONE batched decode step runs
-for every sequence that has a token to feed (`slots=` picks the cache rows, each row at its own position);
-each row samples with its own `Sampler` and stops by `generate.TextTracker`, the rules every front end shares.
-A failure inside a step fails only the requests it touched (a failed batch is retried row by row to find
-them); the worker thread never dies of it.
+are admitted into free rows of one shared `KVCache`; prompts are prefilled alone, in chunks cut at multiples
+of `prefill_chunk` (whatever else runs, so a prompt's numbers never depend on its neighbours), at most
+`prefill_chunk` prompt tokens per step so a long prompt never stalls the others for long; then ONE batched
+decode step runs for every sequence that has a token to feed (`slots=` picks the cache rows, each row at its
+own position); each row samples with its own `Sampler` and stops by `generate.TextTracker`, the rules every
+front end shares. A failure inside a step fails only the requests it touched (a failed batch is retried row by
+row to find them); the worker thread never dies of it.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class Engine:
 
     max_batch_size: sequences decoded together (KV cache rows). max_queue: requests held at once (waiting +
     running); past it `submit` raises `Overloaded`. max_total_tokens: prompt + new tokens of one request, and
-    the cache length (default: the model's context). prefill_chunk: prompt tokens prefilled per step.
+    the cache length (default: the model's context). prefill_chunk: prompt tokens prefilled per step, at most.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8, max_queue: int = 64,
@@ -355,17 +356,22 @@ class Engine:
                 self._queue_time.observe(time.perf_counter() - request.submitted)
                 self._active.append(request)
             self._steps += 1
+        # A prompt is cut into chunks at multiples of prefill_chunk whatever else runs, so its numbers do not depend
+        # on its neighbours; a step prefills whole chunks while they fit in prefill_chunk tokens (the first always).
         budget = self.prefill_chunk
         for request in [r for r in self._active if r.prefilled < len(r.prompt_ids)]:
-            if budget <= 0:
+            if self._chunk_end(request) - request.prefilled > budget:
                 break
-            budget -= self._prefill(request, budget)
+            budget -= self._prefill(request)
         self._decode([r for r in self._active if r.pending is not None])
 
-    def _prefill(self, request: _Request, budget: int) -> int:
-        """Feed up to `budget` more prompt tokens of one request; sample its first token after the last chunk."""
+    def _chunk_end(self, request: _Request) -> int:
+        return min(len(request.prompt_ids), (request.prefilled // self.prefill_chunk + 1) * self.prefill_chunk)
+
+    def _prefill(self, request: _Request) -> int:
+        """Feed the next chunk of one request's prompt; sample its first token after the last chunk."""
         start = request.prefilled
-        end = min(len(request.prompt_ids), start + budget)
+        end = self._chunk_end(request)
         try:
             ids = torch.tensor([request.prompt_ids[start:end]], device=self.model.device)  # (1, T)
             pos = torch.arange(start, end, device=self.model.device)[None]  # (1, T)

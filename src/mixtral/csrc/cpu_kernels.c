@@ -9,8 +9,9 @@
  *
  * Every product is computed in fp32 from the exact fp32 value of each weight (bf16, fp16, code * scale are
  * all exact in fp32), so results equal a plain fp32 matmul with the dequantized weight up to summation order.
- * One exception: int8 and int4 (groups of 32 or more) at batch 1 round the activation to int16, one scale per
- * span of columns, and sum the products in integers (see "integer codes at batch 1" below).
+ * One exception: int8 and int4 (groups of 32 or more) in decode steps round the activation to int16, one scale
+ * per span of columns, and sum the products in integers (see "integer codes at batch 1" below). A decode step
+ * computes each of its rows exactly as at batch 1 (linear_rows), so a row's numbers do not depend on its batch.
  *
  * Entry points (all take and return fp32 activations, row-major):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight
@@ -690,6 +691,38 @@ static int run_jobs(const job_t *jobs, int count) {
     return status;
 }
 
+/* y[m] (+)= W_e . x[m] for M activation rows, each computed exactly as at batch 1 (run_jobs' kernel and order of
+ * summation), so that a row's result does not depend on the rows beside it: a decode step gives a sequence the
+ * same numbers alone or in a batch. The threads split the weight's rows in groups of four; each group is read
+ * from memory for the first activation row and from the cache for the others. Returns 0, or -1 when out of
+ * memory. */
+static int linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+                       int accumulate) {
+    if (M == 1) {
+        const job_t job = {w, e, x, y, accumulate};
+        return run_jobs(&job, 1);
+    }
+    job_t *jobs = malloc(sizeof(job_t) * M);
+    prep_t *preps = calloc((size_t)M, sizeof(prep_t));
+    int status = jobs && preps ? 0 : -1;
+    for (int64_t m = 0; m < M && status == 0; m++) {
+        jobs[m] = (job_t){w, e, x + m * ldx, y + m * ldy, accumulate};
+        if (prepare_x(w, jobs[m].x, &preps[m])) status = -1;
+    }
+    if (status == 0) {
+        const int64_t N = w->n, groups = (N + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * w->k >= PARALLEL_MIN_WORK)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t r1 = 4 * g + 4 < N ? 4 * g + 4 : N;
+            for (int64_t m = 0; m < M; m++) rows_dot(&jobs[m], &preps[m], 4 * g, r1);
+        }
+    }
+    if (preps)
+        for (int64_t m = 0; m < M; m++) free_prep(&preps[m]);
+    free(jobs); free(preps);
+    return status;
+}
+
 /* ---- the entry points ---- */
 
 /* y[m, n] = (y[m, n] if accumulate else 0) + sum_k x[m, k] * W_e[n, k]; threads split the rows of W.
@@ -810,10 +843,15 @@ done:
  * their softmax gives the mixing weights. Experts run in ascending order, each once for all of its tokens.
  * The chosen experts and weights are written to ids_out (M, topk) and weights_out (M, topk), the logits to
  * logits_out (M, E). Returns 0, or -1 when out of memory. */
-int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
-           const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out) {
+static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
+               const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
+               int per_row) {
     const int64_t D = w1->k, I = w1->n, E = router->n;
-    if (mx_linear(router, 0, x, M, D, logits_out, E, 0)) return -1;
+    /* per_row (decode): every product as at batch 1 (linear_rows), so a token's result does not depend on the
+     * tokens beside it; else the tiled kernels, faster for the many tokens of a prompt */
+    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
+        per_row ? linear_rows : mx_linear;
+    if (linear(router, 0, x, M, D, logits_out, E, 0)) return -1;
     for (int64_t m = 0; m < M; m++) {
         const float *logits = logits_out + m * E;
         int64_t *ids = ids_out + m * topk;
@@ -847,9 +885,9 @@ int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1
                 if (ids_out[m * topk + j] == e) { token[n] = m; scale[n++] = weights_out[m * topk + j]; }
         if (!n) continue;
         for (int64_t i = 0; i < n; i++) memcpy(xs + i * D, x + token[i] * D, sizeof(float) * D);
-        if (mx_linear(w1, e, xs, n, D, h1, I, 0) || mx_linear(w3, e, xs, n, D, h3, I, 0)) { status = -1; goto done; }
+        if (linear(w1, e, xs, n, D, h1, I, 0) || linear(w3, e, xs, n, D, h3, I, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
-        if (mx_linear(w2, e, h1, n, I, ys, D, 0)) { status = -1; goto done; }
+        if (linear(w2, e, h1, n, I, ys, D, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n; i++) {
             float *dst = sum + token[i] * D;
             const float *src = ys + i * D;
@@ -860,6 +898,11 @@ int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1
 done:
     free(xs); free(h1); free(h3); free(ys); free(sum); free(token); free(scale);
     return status;
+}
+
+int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
+           const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out) {
+    return moe(x, M, router, w1, w3, w2, topk, out, logits_out, ids_out, weights_out, 0);
 }
 
 /* One query head over S positions of its keys and values (S, Dh): softmax(q . k * scale) . v into o (Dh). Scores
@@ -987,20 +1030,21 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
     if (!h || !qkv || !attn || (!L->router.n && (!h1 || !h3))) goto done;
     mx_rmsnorm(x, B, D, L->attn_norm, (float)L->eps, h);
     const job_t proj[3] = {{&L->q, 0, h, qkv, 0}, {&L->k, 0, h, qkv + H * Dh, 0}, {&L->v, 0, h, qkv + (H + G) * Dh, 0}};
+    /* every product of a decode step as at batch 1 (linear_rows): a row's numbers do not depend on its batch */
     if ((B != 1 || run_jobs(proj, 3))
-        && (mx_linear(&L->q, 0, h, B, D, qkv, width, 0) || mx_linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
-            || mx_linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
+        && (linear_rows(&L->q, 0, h, B, D, qkv, width, 0) || linear_rows(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
+            || linear_rows(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
         goto done;
     if (mx_attention(qkv, B, H, G, Dh, pos, rows, k_cache, v_cache, s_max, L->window, (float)L->theta, attn)
-        || mx_linear(&L->o, 0, attn, B, H * Dh, x, D, 1))
+        || linear_rows(&L->o, 0, attn, B, H * Dh, x, D, 1))
         goto done;
     mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
     if (L->router.n) {
-        if (mx_moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix)) goto done;
+        if (moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, 1)) goto done;
     } else {
-        if (mx_linear(&L->w1, 0, h, B, D, h1, I, 0) || mx_linear(&L->w3, 0, h, B, D, h3, I, 0)) goto done;
+        if (linear_rows(&L->w1, 0, h, B, D, h1, I, 0) || linear_rows(&L->w3, 0, h, B, D, h3, I, 0)) goto done;
         for (int64_t i = 0; i < B * I; i++) h1[i] = silu(h1[i]) * h3[i];
-        if (mx_linear(&L->w2, 0, h1, B, I, x, D, 1)) goto done;
+        if (linear_rows(&L->w2, 0, h1, B, I, x, D, 1)) goto done;
     }
     status = 0;
 done:
@@ -1059,7 +1103,7 @@ int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, co
     float *h = malloc(sizeof(float) * B * D);
     if (!h) return -1;
     mx_rmsnorm(x, B, D, norm, eps, h);
-    const int status = mx_linear(head, 0, h, B, D, out, V, 0);
+    const int status = linear_rows(head, 0, h, B, D, out, V, 0);
     free(h);
     if (status) return status;
     mx_logsumexp(out, B, V, lse);

@@ -76,7 +76,7 @@ def random_model_on_device(args, precision: str, device: str, group_size: int | 
     CPU set up for the fastest kernels, as `load` does)."""
     import torch
 
-    from mixtral.kernels import pack_model
+    from mixtral import kernels
     from mixtral.model import Transformer
     from mixtral.quantize import quantize_model
 
@@ -99,7 +99,7 @@ def random_model_on_device(args, precision: str, device: str, group_size: int | 
     if base in ("int8", "int4"):
         quantize_model(model, 8 if base == "int8" else 4, group_size, lm_head=head == "head")
     if pack:
-        pack_model(model)
+        kernels.prepare(model)
     return model.eval()
 
 
@@ -121,16 +121,16 @@ def checkpoint_mb(model_dir: str | None) -> float | None:
 
 
 def kernels_of(model) -> str:
-    """Which matmuls our model runs on: "native" (native.py), "fbgemm" (kernels.py) or "torch"."""
-    if getattr(model, "native", None) is not None:
-        return "native"
-    return "fbgemm" if getattr(model, "packed", False) else "torch"
+    """Which runner our model runs on: "native" (kernels/native.py), "fbgemm" (kernels/fbgemm.py) or "torch"."""
+    from mixtral import kernels
+
+    return kernels.runner(model).name
 
 
 def active_bytes(model) -> int:
     """Bytes of weights one decode token reads in our model: every layer's attention, norms and router, top_k
     of its experts, the final norm and lm_head (one embedding row is negligible). Scales included."""
-    from mixtral.kernels import PackedLinear
+    from mixtral.kernels.fbgemm import PackedLinear
 
     def nbytes(module_or_tensor) -> int:
         if hasattr(module_or_tensor, "element_size"):
@@ -160,10 +160,10 @@ def measure_bandwidth(device: str, megabytes: int) -> float:
 
     data = torch.ones(megabytes * 250_000, dtype=torch.float32, device=device)
     if data.device.type == "cpu":
-        from mixtral import native
+        from mixtral.kernels import native_lib
 
-        if native.available():
-            native.library().mx_hugepages(data.data_ptr(), data.nbytes, 1)
+        if native_lib.available():
+            native_lib.library().mx_hugepages(data.data_ptr(), data.nbytes, 1)
     best = float("inf")
     for _ in range(5):
         sync(device)
@@ -183,12 +183,13 @@ def sync(device: str) -> None:
 def run_ours(opts, precision: str) -> dict:
     import torch
 
-    from mixtral import kernels, native, quantize  # noqa: F401  (imported here, not while loading)
+    from mixtral import kernels, quantize  # noqa: F401  (imported here, not while loading)
+    from mixtral.kernels import native_lib
     from mixtral.generate import generate_step
     from mixtral.loading import load_model
     from mixtral.sampling import Sampler, SamplingParams
 
-    native.available()  # the kernel library is loaded and probed once per process, whatever the checkpoint
+    native_lib.available()  # the kernel library is loaded and probed once per process, whatever the checkpoint
     baseline = peak_rss_mb("VmRSS")
     start = time.perf_counter()
     if opts.model:
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=",".join(f"{e}:{p}" for e, p in RUNS),
                         help="comma-separated engine:precision list (default: all of them)")
     parser.add_argument("--no-pack", dest="pack", action="store_false",
-                        help="ours: plain torch ops, neither our own kernels (native.py) nor fbgemm (kernels.py)")
+                        help="ours: plain torch ops, neither our own kernels nor fbgemm (kernels/)")
     parser.add_argument("--compile", action="store_true",
                         help="ours: torch.compile the model (compile time is part of the warm-up, not the timings)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth probe tensor")

@@ -5,7 +5,7 @@ C source side by side (kernel work: the same weights, alternating processes, one
     python bench/decode_batch.py --config small --compare OLD.c       # and the same with an older cpu_kernels.c
 
 Each (source, precision) runs in a fresh process on the same random "small" weights (bench/decode.py's); a step
-is `native.Decoder.step` with every row at its own cache row, the best of --repeat runs of --steps steps.
+is `kernels.runner(model).decode_step` with every row at its own cache row, the best of --repeat runs of --steps steps.
 """
 
 from __future__ import annotations
@@ -22,28 +22,29 @@ BATCHES = (1, 2, 4, 8)
 
 
 def worker(opts) -> dict:
-    from mixtral import load, native  # before torch: `import mixtral` shortens OpenMP's spin (README)
+    from mixtral import kernels, load  # before torch: `import mixtral` shortens OpenMP's spin (README)
+    from mixtral.kernels import native_lib
 
     import torch
     from mixtral.kv_cache import KVCache
 
     if opts.source:
-        native.SOURCE = Path(opts.source)
+        native_lib.SOURCE = Path(opts.source)
     quantize = {"bf16": None, "int8": "int8", "int4": "int4"}[opts.precision]
     model, _ = load(opts.model, dtype="bfloat16", quantize=quantize, progress=False)
-    if getattr(model, "native", None) is None:
-        return {"error": f"our kernels do not run here: {native.unavailable_reason()}"}
+    runner = kernels.runner(model)
+    if runner.name != "native":
+        return {"error": f"our kernels do not run here: {native_lib.unavailable_reason()}"}
     cache = KVCache(model.args, max(BATCHES), opts.steps + 8, torch.float32)
-    decoder = native.Decoder(model, cache)
     for step in range(5):  # warm-up
-        decoder.step([5], [step], [0])
+        runner.decode_step(cache, [5], [step], [0])
     result = {}
     for B in BATCHES:
         best = float("inf")
         for _ in range(opts.repeat):
             start = time.perf_counter()
             for step in range(opts.steps):
-                decoder.step([100 + row for row in range(B)], [step] * B, list(range(B)))
+                runner.decode_step(cache, [100 + row for row in range(B)], [step] * B, list(range(B)))
             best = min(best, (time.perf_counter() - start) / opts.steps)
         result[f"step_ms_batch_{B}"] = best * 1e3
     ids = torch.randint(3, model.args.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mixtral import native
+from mixtral.kernels import native_lib
 from mixtral.data import prepare
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -34,7 +34,7 @@ def test_decode_bench_compares_engines_side_by_side():
     # int8 with an int8 lm_head < int4 < int8 < bf16
     bytes_read = [results[("ours", p)]["active_bytes"] for p in ("int8+head", "int4", "int8", "bf16")]
     assert bytes_read == sorted(bytes_read) and len(set(bytes_read)) == 4
-    expected = "native" if native.available() else "fbgemm"
+    expected = "native" if native_lib.available() else "fbgemm"
     assert {results[("ours", p)]["kernels"] for p in ("bf16", "int8")} == {expected}
     # the same weights as transformers reads (ours keeps the small norm and router weights in fp32)
     ours, theirs = results[("ours", "bf16")]["active_bytes"], results[("hf", "bf16")]["active_bytes"]

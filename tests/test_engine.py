@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from mixtral import generate, load
+from mixtral import generate, kernels, load
 import mixtral.engine as engine_module
 from mixtral.engine import Engine, Overloaded
 from mixtral.errors import MixtralError
@@ -22,7 +22,8 @@ PROMPTS = ["To be", "Now is the winter of our discontent", "O", "Friends, Romans
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "float32-torch"])
 def loaded(tiny_chat_model, request):
-    """fp32 and bf16 on the CPU kernels (native.py, else kernels.py), and fp32 on plain torch ops (pack=False)."""
+    """fp32 and bf16 on the CPU kernels (kernels/native.py, else kernels/fbgemm.py), and fp32 on plain torch ops
+    (pack=False)."""
     dtype, _, plain = request.param.partition("-")
     return load(tiny_chat_model, dtype=dtype, progress=False, pack=not plain)
 
@@ -107,7 +108,7 @@ def test_a_request_gets_the_same_numbers_alone_or_beside_others(loaded):
     finally:
         engine.close()
     assert alone[0].token_id == together[0].token_id and alone[0].logprob == together[0].logprob
-    if getattr(model, "native", None) is not None:
+    if kernels.runner(model).name == "native":
         assert [(e.token_id, e.logprob) for e in alone] == [(e.token_id, e.logprob) for e in together]
 
 

@@ -1,4 +1,4 @@
-"""Weights repacked for the CPU's fbgemm kernels (kernels.py, the fallback when native.py's kernels cannot
+"""Weights repacked for the CPU's fbgemm kernels (kernels/fbgemm.py, the fallback when our C kernels cannot
 run) against transformers and the unpacked model."""
 
 from __future__ import annotations
@@ -9,26 +9,28 @@ from conftest import greedy as _greedy, make_hf_model, save_hf_model
 from torch import nn
 
 from mixtral import kernels
+from mixtral.kernels import fbgemm
 from mixtral import quantize as Q
 from mixtral.errors import MixtralError
 from mixtral.loading import load_model
 from mixtral.weights import save_checkpoint
 
-pytestmark = pytest.mark.skipif(not kernels.fp16_available(), reason="no fbgemm kernels on this CPU")
+pytestmark = pytest.mark.skipif(not fbgemm.fp16_available(), reason="no fbgemm kernels on this CPU")
 
 
 @pytest.fixture(autouse=True)
 def fbgemm_only(monkeypatch):
-    """These tests are about the fbgemm packing, which our own kernels (native.py) take precedence over."""
+    """These tests are about the fbgemm packing, which our own kernels (kernels/native.py) take precedence over."""
     monkeypatch.setenv("MIXTRAL_NATIVE", "0")
 
 
 def test_packed_bf16_model_matches_transformers_in_fp32(bf16_pair):
     path, reference = bf16_pair
     model = load_model(path, dtype="bfloat16", progress=False)
-    assert model.packed and model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
+    assert kernels.runner(model).name == "fbgemm"
+    assert model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
     first = model.layers[0]
-    assert isinstance(first.attn.wqkv, kernels.PackedLinear) and not hasattr(first.attn, "wq")
+    assert isinstance(first.attn.wqkv, fbgemm.PackedLinear) and not hasattr(first.attn, "wq")
     ids = torch.randint(3, 256, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours, theirs = model(ids), reference(ids).logits
@@ -86,7 +88,7 @@ def test_int8_kernel_error_is_that_of_7_bit_activations(rows):
     x[::3] *= 50  # rows of very different magnitudes are each quantized on their own range
     codes, scales = Q.quantize_weight(weight, 8)
     reference = x @ Q.dequantize_weight(codes, scales, 8, None, 128).T
-    got = kernels.int8_linear(x, kernels.pack_int8(codes, scales.float()))
+    got = fbgemm.int8_linear(x, fbgemm.pack_int8(codes, scales.float()))
     row_error = (got - reference).abs().mean(dim=1) / reference.abs().mean(dim=1)
     assert row_error.max() < 0.02  # a 7-bit step over each row's range: ~1.1% for Gaussian rows
 
@@ -107,20 +109,21 @@ def test_packed_model_refuses_to_be_saved_or_quantized(int8_dir, tmp_path):
         save_checkpoint(model, tmp_path / "out")
     with pytest.raises(MixtralError, match="pack=False"):
         Q.quantize_model(model, 8)
-    assert not kernels.pack_model(model)  # packing twice changes nothing
+    assert not fbgemm.pack_model(model)  # packing twice changes nothing
 
 
 def test_fp32_models_are_not_packed(int8_dir):
     model = load_model(int8_dir, dtype="float32", progress=False)
-    assert not getattr(model, "packed", False) and model.activation_dtype == torch.float32
+    assert kernels.runner(model).name == "torch" and model.activation_dtype == torch.float32
 
 
 def test_a_partly_packed_model_computes_in_fp32(int8_dir, monkeypatch):
     """When a weight cannot be packed (here: no fp16 kernel, so the bf16 lm_head stays), it joins the fp32
     activations instead of failing on a dtype mismatch."""
-    monkeypatch.setitem(kernels._checked, "fp16", False)
+    monkeypatch.setitem(fbgemm._checked, "fp16", False)
     model = load_model(int8_dir, dtype="bfloat16", progress=False, quantize="int8")
-    assert model.packed and type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert kernels.runner(model).name == "fbgemm"
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
     plain = load_model(int8_dir, dtype="float32", progress=False, quantize="int8", pack=False)
     ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode(), Q.kernels_disabled():

@@ -1,4 +1,5 @@
-"""Our own CPU kernels (native.py, csrc/cpu_kernels.c) against torch's fp32 matmul and transformers' Mixtral."""
+"""Our own CPU kernels (kernels/native*.py, kernels/csrc/cpu_kernels.c) against torch's fp32 matmul and
+transformers' Mixtral."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 from conftest import greedy as _greedy, make_hf_model, save_hf_model
 
-from mixtral import native
+from mixtral import kernels
+from mixtral.kernels import native_lib, native_weights
 from mixtral import quantize as Q
 from mixtral.loading import load_model
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not native_lib.available(), reason=f"native kernels: {native_lib.unavailable_reason()}")
 
 
 def _gen(seed):
@@ -54,10 +56,10 @@ def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
         wanted = (_rounded_to_16_bits(x, span) if integer else x) @ dense[1].T  # expert 1 of 2: the stride is right
         if integer:  # and the rounding is far below the weights' own (int8: ~1e-2 here)
             assert torch.allclose(wanted, x @ dense[1].T, rtol=1e-4, atol=2e-4)
-        got = native.NativeWeight(weight).linear(x, expert=1)
+        got = native_lib.NativeWeight(weight).linear(x, expert=1)
         assert torch.allclose(got, wanted, rtol=1e-5, atol=1e-5), name
         out = torch.ones(rows, n + 3)  # into a wider buffer, added to what is there
-        native.NativeWeight(weight).linear(x, expert=1, out=out[:, 2:2 + n], accumulate=True)
+        native_lib.NativeWeight(weight).linear(x, expert=1, out=out[:, 2:2 + n], accumulate=True)
         assert torch.allclose(out[:, 2:2 + n], wanted + 1, rtol=1e-5, atol=1e-5), name
         assert torch.equal(out[:, :2], torch.ones(rows, 2)) and torch.equal(out[:, -1], torch.ones(rows)), name
 
@@ -70,7 +72,7 @@ def test_logsumexp_equals_torchs_including_infinities_and_nan():
     rows[3, 5] = float("nan")
     rows[4, 32001] = float("inf")  # in the tail
     rows[5] = float("-inf")
-    got, wanted = native.logsumexp(rows), torch.logsumexp(rows.double(), dim=-1)
+    got, wanted = native_lib.logsumexp(rows), torch.logsumexp(rows.double(), dim=-1)
     assert torch.allclose(got[:3], wanted[:3], rtol=1e-7, atol=1e-6)
     # torch: NaN for a row with a NaN; log-softmax of a row with +inf or all -inf is NaN, which x - lse keeps
     assert got[3].isnan() and wanted[3].isnan()
@@ -94,7 +96,7 @@ def test_argmax_is_the_samplers_greedy_choice_including_ties_infinities_and_nan(
     rows[7, :] = 0.0
     rows[7, ::2] = -0.0  # +0 and -0 are equal: the first
     wanted = torch.argmax(rows.masked_fill(rows.isnan(), float("-inf")), dim=-1)
-    assert native.argmax(rows).tolist() == wanted.tolist() == [int(wanted[0]), 100, 900, 32002, 17, 0, 31000, 0]
+    assert native_lib.argmax(rows).tolist() == wanted.tolist() == [int(wanted[0]), 100, 900, 32002, 17, 0, 31000, 0]
     greedy = Sampler(SamplingParams(temperature=0))
     assert greedy.picks_argmax and [greedy(row) for row in rows] == wanted.tolist()
     assert not Sampler(SamplingParams(temperature=0, repetition_penalty=1.2)).picks_argmax
@@ -104,7 +106,7 @@ def test_argmax_is_the_samplers_greedy_choice_including_ties_infinities_and_nan(
 def test_huge_pages_keep_the_weights_as_they_were():
     weight = torch.randn(3 << 20, generator=_gen(7))  # 12 MiB: at least four whole 2 MiB pages inside
     before = weight.clone()
-    advised = native.library().mx_hugepages(weight.data_ptr(), weight.numel() * 4, 1)
+    advised = native_lib.library().mx_hugepages(weight.data_ptr(), weight.numel() * 4, 1)
     assert advised in (0, *range(4 << 20, (12 << 20) + 1, 2 << 20))  # whole pages inside it, or none (THP off)
     assert torch.equal(weight, before)
 
@@ -114,7 +116,7 @@ def test_int4_layout_of_torchs_kernel_is_read_back_as_canonical():
     layer = Q.QuantLinear.from_weight(dense, 4, 32)  # packed for torch's int4 kernel where it exists
     reference = layer.dequantize()
     x = torch.randn(2, 128, generator=_gen(4))
-    assert torch.allclose(native.NativeWeight(layer).linear(x), x @ reference.T, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(native_lib.NativeWeight(layer).linear(x), x @ reference.T, rtol=1e-5, atol=1e-5)
 
 
 # ---- whole models ---------------------------------------------------------------------------------------
@@ -133,7 +135,8 @@ def _threads(n):
 def test_bf16_model_matches_transformers_in_fp32(bf16_pair):
     path, reference = bf16_pair
     model = load_model(path, dtype="bfloat16", progress=False)
-    assert model.native is not None and model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
+    assert kernels.runner(model).name == "native"
+    assert model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
     assert model.layers[0].attn.wq.weight.dtype == torch.bfloat16  # the weights stay as loaded: one copy
     ids = torch.randint(3, 256, (3, 17), generator=_gen(0))
     with torch.inference_mode():
@@ -157,7 +160,7 @@ def test_quantized_model_equals_fp32_with_its_dequantized_weights(tiny_dir, sett
     from test_quantize import _dequantized_copy
 
     model = load_model(tiny_dir, dtype="float32", progress=False, quantize=setting)
-    assert model.native is not None and isinstance(model.layers[0].ffn.w1, Q.QuantLinear)
+    assert kernels.runner(model).name == "native" and isinstance(model.layers[0].ffn.w1, Q.QuantLinear)
     assert model.layers[0].ffn.w1.layout == "canonical"  # read as stored, never rearranged for torch's kernel
     plain = load_model(tiny_dir, dtype="float32", progress=False, pack=False)
     reference = _dequantized_copy(plain, load_model(tiny_dir, dtype="float32", progress=False, quantize=setting,
@@ -217,7 +220,7 @@ def test_a_decoders_step_reports_its_logits_normalizer_and_greedy_choice(tiny_di
         slots = torch.tensor([3, 0, 2])  # any rows of the cache, in any order
         for m, cache in zip((model, plain), caches):
             m(prompts, cache=cache, n_keys=6, slots=slots)
-        decoder = native.Decoder(model, caches[0])
+        decoder = kernels.runner(model).session(caches[0])
         tokens, positions = [5, 77, 200], [6, 6, 6]
         logits = decoder.step(tokens, positions, slots.tolist())
         wanted = plain(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], caches[1], n_keys=7,
@@ -243,7 +246,7 @@ def test_a_decoders_step_reports_its_logits_normalizer_and_greedy_choice(tiny_di
             decoder.step([5] * 5, [8] * 5)
         bf16_cache = KVCache(model.args, 4, 12, torch.bfloat16)
         with pytest.raises(ValueError, match="fp32"):  # the C side writes fp32: never into anything else
-            native.Decoder(model, bf16_cache)
+            kernels.runner(model).session(bf16_cache)
 
 
 @pytest.mark.parametrize("setting", ["float32", "bfloat16", "int8", "int4-g32+head"])
@@ -254,7 +257,7 @@ def test_a_decode_rows_numbers_do_not_depend_on_the_rows_beside_it(tiny_dir, set
 
     dtype, quantize = (setting, None) if setting in ("float32", "bfloat16") else ("bfloat16", setting)
     model = load_model(tiny_dir, dtype=dtype, progress=False, quantize=quantize)
-    assert model.native is not None
+    assert kernels.runner(model).name == "native"
     prompts = [torch.randint(3, 256, (n,), generator=_gen(20 + n)).tolist() for n in (9, 4, 13, 6)]
 
     def decode(rows: list[int], steps: int = 4) -> list[torch.Tensor]:
@@ -262,7 +265,7 @@ def test_a_decode_rows_numbers_do_not_depend_on_the_rows_beside_it(tiny_dir, set
         cache = KVCache(model.args, 4, 32, torch.float32)
         for row in rows:
             model(torch.tensor([prompts[row]]), cache=cache, n_keys=len(prompts[row]), slots=torch.tensor([row]))
-        decoder = native.Decoder(model, cache)
+        decoder = kernels.runner(model).session(cache)
         out = []
         for step in range(steps):
             tokens = [(17 * step + 5 * row) % 256 for row in rows]
@@ -338,7 +341,7 @@ def test_nan_in_the_activations_is_not_hidden():
     x = torch.randn(1, 96, generator=_gen(9))
     x[0, 5] = float("nan")
     for name, weight in _weights(16, 96).items():
-        out = native.NativeWeight(weight).linear(x, expert=0)
+        out = native_lib.NativeWeight(weight).linear(x, expert=0)
         assert torch.isnan(out).all(), name  # as in fp32: every output row meets the NaN
 
 
@@ -346,7 +349,7 @@ def test_weights_move_into_one_huge_page_buffer_and_still_save(tmp_path):
     from mixtral.weights import save_checkpoint
 
     model = load_model(None, dtype="bfloat16", progress=False)  # the shipped model: tied embeddings
-    assert model.native is not None and model.lm_head.weight is model.embed.weight
+    assert kernels.runner(model).name == "native" and model.lm_head.weight is model.embed.weight
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
@@ -361,7 +364,7 @@ def test_a_weight_held_elsewhere_keeps_its_values_when_the_model_moves_to_huge_p
     model = load_model(None, dtype="bfloat16", progress=False, pack=False)  # plain torch: not moved yet
     held = model.layers[0].ffn.w1  # another reference: its pages must not be given back as they are copied
     expected = held.detach().clone()
-    moved = native._move_to_huge_pages(model)
+    moved = native_weights.move_to_huge_pages(model)
     assert torch.equal(held, expected)
     if moved:
         assert model.layers[0].ffn.w1 is not held and torch.equal(model.layers[0].ffn.w1, expected)
@@ -373,7 +376,7 @@ def test_moving_or_casting_the_model_returns_it_to_torch(tiny_dir):
     with torch.inference_mode():
         before = model(ids)
         model.to(torch.float64).to(torch.float32)  # new tensors: the kernels' pointers would be stale
-        assert model.native is None
+        assert kernels.runner(model).name == "torch"
         assert torch.allclose(model(ids), before, atol=1e-5)
 
 
@@ -387,7 +390,7 @@ def test_a_failed_build_names_the_compiler_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXTRAL_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.raises(RuntimeError, match="compiling cpu_kernels.c failed"):
-        native._build()
+        native_lib._build()
     assert not list(tmp_path.iterdir())  # nothing half-written is left in the cache
 
 
@@ -397,7 +400,7 @@ def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     wrapper = tmp_path / "other-cc"
     wrapper.write_text('#!/bin/sh\nexec cc "$@"\n')
     wrapper.chmod(0o755)
-    first = native._build()
+    first = native_lib._build()
     monkeypatch.setenv("CC", str(wrapper))
-    second = native._build()
+    second = native_lib._build()
     assert first != second and first.exists() and second.exists()

@@ -22,7 +22,7 @@ from mixtral.generate import generate_step
 from mixtral.loading import load, load_model
 from mixtral.model import Embedding, MoE
 from mixtral.sampling import Sampler, SamplingParams
-from mixtral.weights import load_weights
+from mixtral.weights import load_weights, save_quantized
 
 SETTINGS = [(8, None), (4, 32), (4, 64)]
 
@@ -252,7 +252,7 @@ def test_quantized_bf16_model_generates(tiny_dir):
 @pytest.mark.parametrize("bits,group_size,lm_head", [(8, None, True), (4, 32, False), (4, 64, True)])
 def test_saved_checkpoint_loads_to_identical_logits(tiny_dir, tmp_path, bits, group_size, lm_head):
     model = Q.quantize_model(_load(tiny_dir), bits, group_size, lm_head=lm_head)
-    Q.save_quantized(model, tmp_path)
+    save_quantized(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization"] == {"bits": bits, "group_size": group_size, "method": "mixtral-weight-only",
                                       "lm_head": lm_head}
@@ -269,7 +269,7 @@ def test_saved_checkpoint_loads_to_identical_logits(tiny_dir, tmp_path, bits, gr
 def test_tied_embeddings_survive_save_and_load(tmp_path):
     src = save_hf_model(make_hf_model(seed=4, tie_word_embeddings=True), tmp_path / "src")
     model = Q.quantize_model(_load(src), 8)
-    Q.save_quantized(model, tmp_path / "q")
+    save_quantized(model, tmp_path / "q")
     loaded = load_model(tmp_path / "q", dtype="float32", progress=False, pack=False)
     assert loaded.lm_head.weight is loaded.embed.weight
     ids = torch.tensor([[4, 5, 6]])
@@ -315,7 +315,7 @@ def test_more_user_errors(tiny_dir, tmp_path, capsys):
     with pytest.raises(MixtralError, match="already quantized"):
         Q.quantize_model(Q.quantize_model(_load(tiny_dir), 8), 8)
     with pytest.raises(MixtralError, match="not quantized"):
-        Q.save_quantized(_load(tiny_dir), tmp_path / "x")
+        save_quantized(_load(tiny_dir), tmp_path / "x")
     assert main(["quantize", str(tiny_dir), str(tmp_path / "y"), "--bits", "3"]) == 2
     assert "bits must be 8 or 4" in capsys.readouterr().err
     config = json.loads((tiny_dir / "config.json").read_text())

@@ -16,7 +16,6 @@ from mixtral.sampling import (
     SamplingParams,
     apply_frequency_presence,
     apply_repetition_penalty,
-    make_sampler,
     min_p_filter,
     top_k_filter,
     top_p_filter,
@@ -273,10 +272,10 @@ def draw(sampler: Sampler, steps: int = 40) -> list[int]:
 
 def test_same_seed_same_tokens_different_seed_differs():
     params = SamplingParams(seed=42, top_p=0.95, repetition_penalty=1.1, frequency_penalty=0.2)
-    a, b = draw(make_sampler(params)), draw(make_sampler(params))
+    a, b = draw(Sampler(params)), draw(Sampler(params))
     assert a == b
-    assert draw(make_sampler(params.replace(seed=43))) != a
-    assert make_sampler(params).seed_used == 42
+    assert draw(Sampler(params.replace(seed=43))) != a
+    assert Sampler(params).seed_used == 42
 
 
 def test_seed_none_is_random_and_reported():

@@ -171,10 +171,10 @@ def cmd_info(args) -> int:
         else:
             model_dir = resolve_model(args.target)
             config, name = load_config(model_dir), model_dir.name
-    from . import native, torch_lowbit
+    from . import kernels as runners
+    from . import torch_lowbit
 
-    kernels = ("ours (native.py: AVX2 kernels, compiled on first use)" if native.available()
-               else f"fbgemm (kernels.py), since ours cannot run: {native.unavailable_reason()}")
+    kernels = runners.describe()
     lowbit = torch_lowbit.describe()  # where --no-pack, training and the fallback run int8/int4
     if args.json:
         print(json.dumps({"name": name, **summary(config), "cpu_kernels": kernels, "torch_lowbit": lowbit},
@@ -277,7 +277,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import quantize_checkpoint
+    from .loading import quantize_checkpoint
 
     out = quantize_checkpoint(args.input, args.output, args.bits, args.group_size, lm_head=args.lm_head)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

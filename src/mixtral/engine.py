@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import native
+from . import kernels
 from .errors import MixtralError
 from .generate import TextTracker
 from .kv_cache import KVCache
 from .model import Routing, Transformer
-from .sampling import Sampler, SamplingParams, log_normalizers
+from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mixtral.engine")
@@ -208,9 +208,7 @@ class Engine:
         self.eos_ids = tokenizer.eos_ids | {model.args.eos_token_id}
         self.cache = KVCache(model.args, max_batch_size, self.max_total_tokens,
                              getattr(model, "activation_dtype", model.dtype), model.device)
-        # decode steps as one call each on the CPU kernels, which also report each row's normalizer and argmax
-        self._decoder = native.Decoder(model, self.cache) if native.decodes(model, self.cache) else None
-        self._step_decoder = None
+        self.runner = kernels.runner(model)  # how the model runs: one decode step per call, whatever runs it
         self._free_slots = list(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
@@ -386,7 +384,7 @@ class Engine:
             if last:
                 with self._cond:
                     self._prompt_tokens += len(request.prompt_ids)
-                self._sample(request, logits[:, -1])
+                self._sample(request, self.runner.step_of(logits[:, -1]))
         except Exception as exc:
             self._fail(request, exc)
         return end - start
@@ -399,13 +397,11 @@ class Engine:
         request.prompt_logprobs += logprobs[: len(following)].gather(1, following[:, None])[:, 0].tolist()
 
     def _decode(self, rows: list[_Request]) -> None:
-        """One forward pass for every row with a pending token; a failed batch is retried row by row."""
+        """One decode step for every row with a pending token; a failed batch is retried row by row."""
         if not rows:
             return
-        # the native.Decoder this step runs on (None: no CPU kernels, or forward hooks that must run), decided once
-        self._step_decoder = self._decoder if self._decoder is not None and not native.hooked(self.model) else None
         try:
-            logits = self._forward_decode(rows)
+            step = self._forward_decode(rows)
         except Exception as exc:
             if len(rows) == 1:
                 self._fail(rows[0], exc)
@@ -414,38 +410,28 @@ class Engine:
                     self._decode([request])
             return
         for row, request in enumerate(rows):
-            self._sample(request, logits, row, self._step_decoder)
+            self._sample(request, step, row)
 
-    def _forward_decode(self, rows: list[_Request]) -> torch.Tensor:
-        """The (B, V) logits of one decode step for `rows` (on the decoder: valid until its next step)."""
-        if self._step_decoder is not None:
-            return self._step_decoder.step([r.pending for r in rows], [r.position for r in rows],
-                                           [r.slot for r in rows])
-        device = self.model.device
-        tokens = torch.tensor([[r.pending] for r in rows], device=device)  # (B, 1)
-        pos = torch.tensor([[r.position] for r in rows], device=device)  # (B, 1)
-        slots = torch.tensor([r.slot for r in rows], device=device)  # (B,)
-        return self.model(tokens, pos, self.cache, n_keys=int(pos.max()) + 1, slots=slots)[:, -1]  # (B, V)
+    def _forward_decode(self, rows: list[_Request]) -> kernels.Step:
+        return self.runner.decode_step(self.cache, [r.pending for r in rows], [r.position for r in rows],
+                                       [r.slot for r in rows])
 
-    def _sample(self, request: _Request, logits: torch.Tensor, row: int = 0, decoder=None) -> None:
-        """Pick the next token of one request from row `row` of a step's (B, V) logits, report it, and finish it
-        if it stopped. `decoder`: the native.Decoder whose step made these logits, which knows each row's
-        normalizer and argmax already (a greedy request then needs no torch op)."""
+    def _sample(self, request: _Request, step: kernels.Step, row: int = 0) -> None:
+        """Pick the next token of one request from row `row` of a step (its logits, log-normalizers and, where
+        the runner reports it, greedy choice: a greedy request then needs no torch op), report it, and finish
+        the request if it stopped."""
         if request.handle.cancelled:
             self._end(request, "cancelled", "cancelled", "cancelled")
             return
         try:
-            if decoder is not None and request.sampler.picks_argmax:
-                token = decoder.best[row]
+            if step.best is not None and request.sampler.picks_argmax:
+                token = step.best[row]
             else:
-                token = request.sampler(logits[row], request.prompt_ids, request.generated)
-            if decoder is not None:
-                logprob = decoder.logit(row, token) - decoder.lse[row]
-            else:
-                logprob = float(logits[row, token]) - log_normalizers(logits[row:row + 1])[0]
+                token = request.sampler(step.logits[row], request.prompt_ids, request.generated)
+            logprob = step.logprob(row, token)
             top = []
             if request.top_n:
-                values, ids = torch.topk(torch.log_softmax(logits[row].float(), dim=-1), request.top_n)
+                values, ids = torch.topk(torch.log_softmax(step.logits[row].float(), dim=-1), request.top_n)
                 top = list(zip(ids.tolist(), values.tolist()))
             text = request.tracker.add(token)
         except Exception as exc:

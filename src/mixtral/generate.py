@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
+from . import kernels
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Transformer
-from .sampling import Sampler, SamplingParams, log_normalizers
+from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
@@ -66,31 +66,22 @@ def generate_step(
     history = [list(p) for p in prompts]
     generated: list[list[int]] = [[] for _ in prompts]
     positions = list(lengths)  # where each row's next token goes
-    decoder = native.Decoder(model, cache) if native.decodes(model, cache) else None
-    best = None  # each row's greedy choice, when the decode step reports it
+    runner = kernels.runner(model)
+    step = runner.step_of(logits)  # the prompts' last positions
     for count in range(1, max_new_tokens + 1):
-        normalizers = decoder.lse if best is not None else log_normalizers(logits)
-        step = []
+        chosen = []
         for row, sampler in enumerate(samplers):
-            if best is not None and sampler.picks_argmax:
-                token = best[row]
+            if step.best is not None and sampler.picks_argmax:
+                token = step.best[row]
             else:
-                token = sampler(logits[row], history[row], generated[row])
+                token = sampler(step.logits[row], history[row], generated[row])
             generated[row].append(token)
-            logit = decoder.logit(row, token) if best is not None else float(logits[row, token])
-            step.append((token, logit - normalizers[row]))
-        yield step
+            chosen.append((token, step.logprob(row, token)))
+        yield chosen
         if count == max_new_tokens:
             return  # no step for a token that will not be asked for
-        tokens = [token for token, _ in step]
-        if decoder is not None and not native.hooked(model):
-            logits = decoder.step(tokens, positions, routing=routing)
-            best = decoder.best
-        else:
-            best = None
-            pos = torch.tensor(positions, device=device)[:, None]
-            logits = model(torch.tensor(tokens, device=device)[:, None], pos, cache, n_keys=max(positions) + 1,
-                           routing=routing)[:, -1]
+        tokens = [token for token, _ in chosen]
+        step = runner.decode_step(cache, tokens, positions, routing=routing)
         for row, token in enumerate(tokens):
             history[row].append(token)
             positions[row] += 1

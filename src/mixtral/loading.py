@@ -7,16 +7,20 @@ tokenizer files. Without the model and without the Hub, the error says how to ge
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from . import kernels
 from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .model import Transformer
+from .quantize import check_settings, parse_quantize, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import load_weights, resolve_dtype
+from .weights import load_quantized, load_weights, read_quantization, resolve_dtype, save_quantized
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 MODELS_DIR = Path(__file__).parent / "models"
@@ -71,18 +75,13 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
     quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint after loading it; a "+head"
     suffix quantizes lm_head too (to int8).
-    pack: on the CPU, run on the fastest kernels: our own (native.py), else weights repacked for fbgemm
-    (kernels.py); inference only, so pass False to train or re-quantize the model.
+    pack: prepare the model for the fastest runner this machine has (kernels.prepare: on the CPU our own C
+    kernels, else weights repacked for fbgemm); inference only, so pass False to train or re-quantize the model.
     """
-    from .kernels import pack_model
-    from .quantize import load_quantized, parse_quantize, quantize_model, read_quantization
-
-    from . import native
-
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
     wanted = parse_quantize(quantize)
-    layout = not (pack and native.will_run(device))  # our kernels read int4 codes as stored: no rearranging
+    layout = not (pack and kernels.will_run_native(device))  # our kernels read int4 codes as stored
     stored = read_quantization(model_dir)
     if stored is not None:
         if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])
@@ -96,7 +95,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
         if wanted is not None:
             quantize_model(model, *wanted, kernel_layout=layout)
     if pack:
-        pack_model(model)
+        kernels.prepare(model)
     return model
 
 
@@ -112,3 +111,36 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bflo
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
     return load_model(model_dir, dtype, device, progress, quantize, pack), tokenizer
+
+
+_COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
+                        lm_head: bool = False, progress: bool = True) -> Path:
+    """Load a plain checkpoint, quantize it, write it to `out_dir` with its tokenizer and generation files.
+
+    The non-quantized tensors keep the checkpoint's dtype (config.json torch_dtype; bfloat16 if unknown).
+    Raises MixtralError for a bad source, an already quantized one, or `out_dir` equal to the source.
+    """
+    group_size = check_settings(bits, group_size)
+    source = resolve_model(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and out_dir.resolve() == source.resolve():
+        raise MixtralError("the output directory must differ from the input directory")
+    if read_quantization(source) is not None:
+        raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
+    try:
+        dtype = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    except (OSError, ValueError) as exc:
+        raise MixtralError(f"{source / 'config.json'}: cannot read it ({exc})") from None
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "bfloat16"
+    model = load_model(source, dtype=dtype, progress=progress, pack=False)
+    quantize_model(model, bits, group_size, lm_head=lm_head)
+    save_quantized(model, out_dir)
+    for name in _COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out_dir / name)
+    return out_dir

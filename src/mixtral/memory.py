@@ -6,6 +6,7 @@ Sizes are decimal GB (1e9 bytes), as model cards quote them. Quantized sizes cou
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 from .config import ModelArgs
@@ -101,3 +102,21 @@ def format_summary(args: ModelArgs, name: str) -> str:
         f"{s['kv_cache_gb_full_context_bf16']:.2f} GB at the full {s['context_length']:,}-token context",
     ]
     return "\n".join(lines)
+
+
+# ---- the process's own memory ----------------------------------------------------------------------
+
+def release_free_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc keeps freed blocks for reuse, so a load that copies
+    tensors through temporaries would otherwise end up resident at well over the weights' size)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except Exception:  # not glibc (or not a platform where CDLL(None) works)
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -89,7 +89,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.wqkv = None  # inference packing (kernels.py) may fuse wq, wk, wv into one (H + 2G) * Dh projection
+        self.wqkv = None  # inference packing (kernels/fbgemm.py) may fuse wq, wk, wv into one (H + 2G) * Dh projection
 
     def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None, n_keys: int, slots=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -152,7 +152,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
         self.w3 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
         self.w2 = nn.Parameter(torch.empty(args.n_experts, args.dim, args.hidden_dim))
-        self.w13 = None  # inference packing (kernels.py) may fuse w1 and w3 into one (E, 2I, D) weight
+        self.w13 = None  # inference packing (kernels/fbgemm.py) may fuse w1 and w3 into one (E, 2I, D) weight
 
     def route(self, x: torch.Tensor):
         """Router for (N, D) tokens -> fp32 logits (N, E), expert ids (N, K), fp32 weights (N, K)."""
@@ -270,6 +270,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Set when the model is prepared for inference (kernels.prepare): the dtype activations and the KV cache
+        # take (None: the weights' own), and a runner that runs the whole forward pass its own way (None: the
+        # code below). Moving or casting the model resets both.
+        self.compute_dtype: torch.dtype | None = None
+        self.runner = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -278,18 +283,16 @@ class Transformer(nn.Module):
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        """The dtype of activations and the KV cache: fp32 once weights are packed for the CPU's kernels
-        (they compute in fp32, and this CPU's bf16 elementwise and small matmul ops are slow); else `dtype`."""
-        return torch.float32 if getattr(self, "packed", False) else self.dtype
+        """The dtype of activations and the KV cache: `compute_dtype` if the model was prepared, else `dtype`."""
+        return self.compute_dtype or self.dtype
 
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
 
     def _apply(self, fn, recurse=True):
-        """.to(), .half(), ...: the native kernels hold pointers to the old weights, so they are let go."""
-        if getattr(self, "native", None) is not None:
-            self.native, self.packed = None, False
+        """.to(), .half(), ...: a runner holds the weights as prepared, so the model returns to its own code."""
+        self.runner, self.compute_dtype = None, None
         return super()._apply(fn, recurse)
 
     def forward(
@@ -317,12 +320,10 @@ class Transformer(nn.Module):
         head: False returns the final normed hidden states (B, T, D) instead of logits, for a loss that applies
             the output projection itself (training's chunked cross-entropy).
         """
-        if getattr(self, "native", None) is not None:  # our own CPU kernels (native.py)
-            from . import native
-
+        if self.runner is not None:  # prepared for kernels that run the whole pass (kernels/)
             if not head:
-                raise ValueError("head=False needs the torch path: the native kernels always apply the head")
-            return native.forward(self, input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+                raise ValueError("head=False needs the model's own code: a runner always applies the head")
+            return self.runner.forward(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)

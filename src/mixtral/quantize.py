@@ -10,7 +10,7 @@ Scales are bfloat16, rounded *up* from the exact value, so every weight satisfie
 
 Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; the dense MLP's for `mistral`
 models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's
-dtype (fp32, once kernels.py has packed the model): routing decisions are sensitive, and those tensors are small.
+dtype (fp32, once the model is prepared for inference): routing decisions are sensitive, and those tensors are small.
 
 Kernels (measured on a 2-core Zen 4 CPU, see README): for up to KERNEL_MAX_ROWS input rows, int8 uses
 `aten._weight_int8pack_mm` and int4 `aten._weight_int4pack_mm_for_cpu` (CUDA: `aten._weight_int4pack_mm`),
@@ -19,15 +19,13 @@ shapes and devices dequantize the weight (fp32 on CPU) and use a plain matmul. O
 which input widths each kernel is safe for (a shape rule and a probe in a child process: some crash the process)
 and which int4 layout torch packs on this CPU; on CUDA each kernel is checked once per process against the
 dequantize reference on a probe matrix. A kernel that is missing or disagrees is not used.
-On the CPU, `load()` then repacks int8 weights for fbgemm's faster dynamic int8 GEMM (kernels.py).
+On the CPU, `load()` then runs them on our own kernels or repacks them for fbgemm (kernels/).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -324,7 +322,7 @@ def _quantizable(model) -> list[tuple[nn.Module, str]]:
     return [(parent, name) for parent, name in targets if isinstance(parent, MoE) or hasattr(parent, name)]
 
 
-def _swap_in_quantized(model, bits: int, group_size: int | None, lm_head: bool, make) -> None:
+def swap_in_quantized(model, bits: int, group_size: int | None, lm_head: bool, make) -> None:
     """Replace each target weight by `make(current, bits, group_size)`; `current` is an nn.Linear or a
     stacked expert Parameter."""
     for parent, name in _quantizable(model):
@@ -343,145 +341,16 @@ def quantize_model(model, bits: int = 8, group_size: int | None = None, lm_head:
 
     The router, norms and embedding keep the model's dtype; `lm_head=True` also quantizes the output
     projection (to int8). `kernel_layout=False` keeps the canonical layout instead of rearranging int4 codes for
-    torch's kernel (native.py reads the canonical one). Returns the model, with `model.quantization` describing
+    torch's kernel (our C kernels read the canonical one). Returns the model, with `model.quantization` describing
     what was done.
     Raises MixtralError for unsupported settings or a model that is already quantized.
     """
     group_size = check_settings(bits, group_size)
-    if getattr(model, "packed", False):
-        raise MixtralError("this model is packed for inference; load it with pack=False to quantize it")
+    if model.compute_dtype is not None:
+        raise MixtralError("this model is prepared for inference; load it with pack=False to quantize it")
     if getattr(model, "quantization", None):
         raise MixtralError("this model is already quantized; load the original weights to quantize them again")
     with torch.no_grad():
-        _swap_in_quantized(model, bits, group_size, lm_head,
+        swap_in_quantized(model, bits, group_size, lm_head,
                            lambda w, b, g: QuantLinear.from_weight(w.detach(), b, g, pack=kernel_layout))
     return model
-
-
-def _empty_like_quantized(weight: torch.Tensor, bits: int, group_size: int | None) -> QuantLinear:
-    stacked = weight.dim() == 3
-    return QuantLinear(weight.shape[-2], weight.shape[-1], bits, group_size, weight.shape[0] if stacked else None,
-                       device=weight.device)
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------------
-
-def read_quantization(model_dir: str | Path) -> dict | None:
-    """The "quantization" block of a checkpoint's config.json (validated), or None for a plain checkpoint."""
-    path = Path(model_dir) / "config.json"
-    try:
-        block = json.loads(path.read_text(encoding="utf-8")).get("quantization")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise MixtralError(f"{path}: cannot read it ({exc})") from None
-    if block is None:
-        return None
-    if not isinstance(block, dict) or block.get("method") != METHOD:
-        raise MixtralError(f"{path}: unsupported quantization {block!r}; mixtral reads method {METHOD!r} "
-                           "(written by `mixtral quantize`)")
-    bits, group_size = block.get("bits"), block.get("group_size")
-    return {"bits": bits, "group_size": check_settings(bits, group_size), "method": METHOD,
-            "lm_head": bool(block.get("lm_head", False))}
-
-
-def save_quantized(model, out_dir: str | Path) -> Path:
-    """Write a quantized model as config.json (with its "quantization" block) + model.safetensors.
-
-    Tensors use our own names (`layers.0.attn.wq.qweight`, ...); transformers cannot read this format.
-    """
-    from safetensors.torch import save_file
-
-    spec = getattr(model, "quantization", None)
-    if not spec:
-        raise MixtralError("this model is not quantized; call quantize_model first")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = model.state_dict()
-    if model.args.tie_embeddings and not spec["lm_head"]:
-        tensors.pop("lm_head.weight")  # the same tensor as embed.weight
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    config = model.args.to_hf_config()
-    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    config["quantization"] = dict(spec)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "quantization": METHOD})
-    return out_dir
-
-
-def load_quantized(model_dir: str | Path, args, spec: dict, dtype: torch.dtype = torch.bfloat16,
-                   device: str | torch.device = "cpu", progress: bool = True, kernel_layout: bool = True):
-    """Build the model on the meta device, swap in quantized modules, fill both from the safetensors
-    (`kernel_layout`: see quantize_model).
-
-    Quantized buffers keep their stored dtypes; every other tensor is cast to `dtype`. Raises MixtralError
-    for a missing, unexpected, mistyped or misshapen tensor.
-    """
-    from .model import Transformer
-    from .weights import _read_tensors, safetensors_files
-
-    model_dir = Path(model_dir)
-    with torch.device("meta"):
-        model = Transformer(args)
-        _swap_in_quantized(model, spec["bits"], spec["group_size"], spec["lm_head"], _empty_like_quantized)
-    expected = model.state_dict()
-    if args.tie_embeddings and not spec["lm_head"]:
-        expected.pop("lm_head.weight")
-    tensors, unexpected = {}, []
-    for name, tensor in _read_tensors(safetensors_files(model_dir), progress):
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        want = expected[name]
-        quantized = name.endswith((".qweight", ".scales"))
-        if tuple(tensor.shape) != tuple(want.shape) or (quantized and tensor.dtype != want.dtype):
-            raise MixtralError(f"{model_dir}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, expected "
-                               f"{want.dtype} {tuple(want.shape)}; the weights do not match config.json")
-        tensors[name] = tensor.to(device=device, dtype=tensor.dtype if quantized else dtype)
-    missing = [name for name in expected if name not in tensors]
-    if unexpected or missing:
-        raise MixtralError(f"{model_dir}: {len(missing)} tensor(s) missing (e.g. {', '.join(missing[:3]) or '-'}) "
-                           f"and {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'}); "
-                           "the checkpoint does not match its config.json")
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if args.tie_embeddings and not spec["lm_head"]:
-        model.lm_head.weight = model.embed.weight
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and kernel_layout:
-            module._pack()
-    return model.eval()
-
-
-_COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
-
-
-def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
-                        lm_head: bool = False, progress: bool = True) -> Path:
-    """Load a plain checkpoint, quantize it, write it to `out_dir` with its tokenizer and generation files.
-
-    The non-quantized tensors keep the checkpoint's dtype (config.json torch_dtype; bfloat16 if unknown).
-    Raises MixtralError for a bad source, an already quantized one, or `out_dir` equal to the source.
-    """
-    import shutil
-
-    from .loading import load_model, resolve_model
-
-    group_size = check_settings(bits, group_size)
-    source = resolve_model(source)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and out_dir.resolve() == source.resolve():
-        raise MixtralError("the output directory must differ from the input directory")
-    if read_quantization(source) is not None:
-        raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
-    try:
-        dtype = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
-    except (OSError, ValueError) as exc:
-        raise MixtralError(f"{source / 'config.json'}: cannot read it ({exc})") from None
-    if dtype not in ("float32", "bfloat16", "float16"):
-        dtype = "bfloat16"
-    model = load_model(source, dtype=dtype, progress=progress, pack=False)
-    quantize_model(model, bits, group_size, lm_head=lm_head)
-    save_quantized(model, out_dir)
-    for name in _COPIED_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out_dir / name)
-    return out_dir

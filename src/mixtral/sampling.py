@@ -28,7 +28,6 @@ __all__ = [
     "SamplingParams",
     "apply_frequency_presence",
     "apply_repetition_penalty",
-    "make_sampler",
     "min_p_filter",
     "top_k_filter",
     "top_p_filter",
@@ -303,20 +302,3 @@ class Sampler:
         values, ids = self._candidates(x)
         pick = int(torch.multinomial(values.softmax(-1), 1, generator=self.generator))
         return pick if ids is None else int(ids[pick])
-
-
-def log_normalizers(logits: Tensor) -> list[float]:
-    """log(sum(exp(row))) of each row of (B, V) logits: a token's log-prob is its logit minus its row's value. On
-    the CPU kernels where they run (a decode step of a small model is short, and torch's log-softmax of the whole
-    row took ~2% of it), else torch."""
-    from . import native
-
-    if logits.dtype == torch.float32 and native.will_run(logits.device):
-        return native.logsumexp(logits).tolist()
-    lse = torch.logsumexp(logits.float(), dim=-1)
-    return torch.where(lse == float("inf"), float("nan"), lse).tolist()  # as log-softmax: NaN beside a +inf
-
-
-def make_sampler(params: SamplingParams) -> Sampler:
-    """Make a `Sampler` for one sequence from `params`."""
-    return Sampler(params)

@@ -113,7 +113,7 @@ def _cpu_flags() -> str:
 
 
 def _cache_file() -> Path:
-    from .native import cache_dir
+    from .paths import cache_dir
 
     identity = "\n".join([str(PROBE_VERSION), torch.__version__, torch.backends.cpu.get_cpu_capability(),
                           _cpu_flags(), sys.executable])

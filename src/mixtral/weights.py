@@ -8,7 +8,6 @@ Only safetensors are read: pickled `.bin` / `.pt` files can run arbitrary code w
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import re
@@ -19,8 +18,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import quantize
 from .config import ModelArgs
 from .errors import MixtralError
+from .memory import release_free_memory
 from .model import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -147,22 +148,6 @@ def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
-def release_free_memory() -> None:
-    """Hand memory that was freed back to the OS (glibc keeps freed blocks for reuse, so a load that copies
-    tensors through temporaries would otherwise end up resident at well over the weights' size)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except Exception:  # not glibc (or not a platform where CDLL(None) works)
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
 def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", progress: bool = True) -> Transformer:
     """Build a `Transformer` for `args` and fill it from the safetensors in `model_dir`.
@@ -281,3 +266,92 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, dtype: torch.dtype 
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+# ---- quantized checkpoints (quantize.py's scheme, in our own tensor names) ------------------------------
+
+def _empty_like_quantized(weight: torch.Tensor, bits: int, group_size: int | None) -> quantize.QuantLinear:
+    stacked = weight.dim() == 3
+    return quantize.QuantLinear(weight.shape[-2], weight.shape[-1], bits, group_size,
+                                weight.shape[0] if stacked else None, device=weight.device)
+
+
+def read_quantization(model_dir: str | Path) -> dict | None:
+    """The "quantization" block of a checkpoint's config.json (validated), or None for a plain checkpoint."""
+    path = Path(model_dir) / "config.json"
+    try:
+        block = json.loads(path.read_text(encoding="utf-8")).get("quantization")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MixtralError(f"{path}: cannot read it ({exc})") from None
+    if block is None:
+        return None
+    if not isinstance(block, dict) or block.get("method") != quantize.METHOD:
+        raise MixtralError(f"{path}: unsupported quantization {block!r}; mixtral reads method {quantize.METHOD!r} "
+                           "(written by `mixtral quantize`)")
+    bits, group_size = block.get("bits"), block.get("group_size")
+    return {"bits": bits, "group_size": quantize.check_settings(bits, group_size), "method": quantize.METHOD,
+            "lm_head": bool(block.get("lm_head", False))}
+
+
+def save_quantized(model, out_dir: str | Path) -> Path:
+    """Write a quantized model as config.json (with its "quantization" block) + model.safetensors.
+
+    Tensors use our own names (`layers.0.attn.wq.qweight`, ...); transformers cannot read this format.
+    """
+    from safetensors.torch import save_file
+
+    spec = getattr(model, "quantization", None)
+    if not spec:
+        raise MixtralError("this model is not quantized; call quantize_model first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = model.state_dict()
+    if model.args.tie_embeddings and not spec["lm_head"]:
+        tensors.pop("lm_head.weight")  # the same tensor as embed.weight
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    config = model.args.to_hf_config()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["quantization"] = dict(spec)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "quantization": quantize.METHOD})
+    return out_dir
+
+
+def load_quantized(model_dir: str | Path, args, spec: dict, dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cpu", progress: bool = True, kernel_layout: bool = True):
+    """Build the model on the meta device, swap in quantized modules, fill both from the safetensors
+    (`kernel_layout`: see quantize_model).
+
+    Quantized buffers keep their stored dtypes; every other tensor is cast to `dtype`. Raises MixtralError
+    for a missing, unexpected, mistyped or misshapen tensor.
+    """
+    model_dir = Path(model_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
+        quantize.swap_in_quantized(model, spec["bits"], spec["group_size"], spec["lm_head"], _empty_like_quantized)
+    expected = model.state_dict()
+    if args.tie_embeddings and not spec["lm_head"]:
+        expected.pop("lm_head.weight")
+    tensors, unexpected = {}, []
+    for name, tensor in _read_tensors(safetensors_files(model_dir), progress):
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        want = expected[name]
+        quantized = name.endswith((".qweight", ".scales"))
+        if tuple(tensor.shape) != tuple(want.shape) or (quantized and tensor.dtype != want.dtype):
+            raise MixtralError(f"{model_dir}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                               f"{want.dtype} {tuple(want.shape)}; the weights do not match config.json")
+        tensors[name] = tensor.to(device=device, dtype=tensor.dtype if quantized else dtype)
+    missing = [name for name in expected if name not in tensors]
+    if unexpected or missing:
+        raise MixtralError(f"{model_dir}: {len(missing)} tensor(s) missing (e.g. {', '.join(missing[:3]) or '-'}) "
+                           f"and {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'}); "
+                           "the checkpoint does not match its config.json")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if args.tie_embeddings and not spec["lm_head"]:
+        model.lm_head.weight = model.embed.weight
+    for module in model.modules():
+        if isinstance(module, quantize.QuantLinear) and kernel_layout:
+            module._pack()
+    return model.eval()

@@ -1,17 +1,14 @@
-"""The fallback CPU kernels for inference: weights prepacked once for fbgemm, chosen per precision.
+"""The fallback CPU runner's kernels: weights prepacked once for fbgemm, chosen per precision (a module swap; the
+model's own torch code then runs them). Used where our C kernels (native.py) cannot run: another CPU, no C
+compiler, MIXTRAL_NATIVE=0.
 
-`pack_model` first tries our own kernels (native.py), which read the weights as loaded and are faster; what
-follows applies where those cannot run (another CPU, no C compiler, MIXTRAL_NATIVE=0).
-
-Measured on this project's 2-core x86 CPU (weights not in cache, bench/decode.py and the README):
-- bf16 `F.linear` reads weights at about 6 GB/s per core at batch 1 and is ~5x slower than fp32 for a
-  128-row prompt. fbgemm's fp16 GEMM (`quantized.linear_dynamic_fp16`, fp32 activations) is ~1.25x faster at
-  batch 1 and ~5x faster on prompts, so bf16 and fp16 checkpoints run on it: `pack_model` swaps every
+- bf16 and fp16 weights run on fbgemm's fp16 GEMM (`quantized.linear_dynamic_fp16`, fp32 activations): plain
+  bf16 `F.linear` is slower at batch 1 and several times slower on prompts (README). `pack_model` swaps every
   attention, expert and output weight for a `PackedLinear`. A bf16 value converts to fp16 exactly when
   2^-14 <= |w| <= 65504; below that it keeps fp16's subnormal spacing (error <= 2^-25, about 3e-8).
-- int8 weight-only codes (quantize.py) run on fbgemm's dynamic int8 GEMM (`quantized.linear_dynamic`), about
-  2x faster than `aten._weight_int8pack_mm` at batch 1. Activations are quantized per call (one scale per
-  call, 7 bits so fbgemm's 16-bit accumulation cannot saturate); the weights are exactly our codes and scales.
+- int8 weight-only codes (quantize.py) run on fbgemm's dynamic int8 GEMM (`quantized.linear_dynamic`), faster
+  than `aten._weight_int8pack_mm` at batch 1. Activations are quantized per call (one scale per call, 7 bits so
+  fbgemm's 16-bit accumulation cannot saturate); the weights are exactly our codes and scales.
 
 Packing is for inference only: a packed model cannot be trained, re-quantized or saved as a checkpoint.
 Each kernel is checked once per process against a plain matmul; one that is missing or disagrees is not used.
@@ -24,8 +21,10 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import MixtralError
-from .weights import release_free_memory
+from ..errors import MixtralError
+from ..memory import release_free_memory
+from ..model import MoE, RMSNorm
+from ..quantize import QuantLinear
 
 _checked: dict[str, bool] = {}
 
@@ -187,8 +186,6 @@ class PackedLinear(nn.Module):
 def _pack(weights: list, fp16: bool) -> PackedLinear | None:
     """One PackedLinear for `weights` (nn.Linear modules, expert Parameters or int8 QuantLinears) concatenated
     along their output rows, or None when they cannot be packed together (int4, fp32 without `fp16`...)."""
-    from .quantize import QuantLinear
-
     tensors = [w.weight if isinstance(w, nn.Linear) else w for w in weights]
     if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
         if not fp16 or max(max(-t.min(), t.max()) for t in tensors) > torch.finfo(torch.float16).max:
@@ -201,18 +198,12 @@ def _pack(weights: list, fp16: bool) -> PackedLinear | None:
 
 
 def pack_model(model) -> bool:
-    """Set a CPU model up for the fastest kernels, in place. Our own kernels (native.py) where they run: the
-    weights stay as they are. Otherwise repack for fbgemm: bf16/fp16 weights as fp16 packs, int8 ones as int8
+    """Repack a CPU model's weights for fbgemm, in place: bf16/fp16 weights as fp16 packs, int8 ones as int8
     packs; wq/wk/wv fused into one projection and each expert's w1/w3 into one. int4 weights keep their own
-    kernel; the embedding, router and norms are untouched. Returns whether anything changed."""
-    from .model import MoE, RMSNorm
-
-    from . import native
-
-    if model.device.type != "cpu" or getattr(model, "packed", False):
+    kernel; the embedding, router and norms are untouched. Returns whether anything changed (then activations
+    are fp32: model.compute_dtype)."""
+    if model.device.type != "cpu" or model.compute_dtype is not None:
         return False
-    if native.prepare(model):  # our own kernels, where this CPU and compiler allow: no repacking at all
-        return True
     fp16 = model.dtype in (torch.bfloat16, torch.float16) and fp16_available()
     changed = False
 
@@ -237,7 +228,7 @@ def pack_model(model) -> bool:
                 for name in ("w1", "w3", "w2"):
                     swap(block.ffn, [name], name)
         swap(model, ["lm_head"], "lm_head")
-        if changed:  # activations become fp32 (see Transformer.activation_dtype): so does every weight they meet
+        if changed:  # activations become fp32 (model.compute_dtype): so does every weight they meet
             for module in model.modules():  # that was not packed: norms, routers, and any weight left as it was
                 if isinstance(module, (RMSNorm, nn.Linear)):
                     module.float()
@@ -246,5 +237,6 @@ def pack_model(model) -> bool:
                         weight = getattr(module, name, None)
                         if isinstance(weight, nn.Parameter) and weight.dtype != torch.float32:
                             setattr(module, name, nn.Parameter(weight.float(), requires_grad=False))
-    model.packed = changed
+    if changed:
+        model.compute_dtype = torch.float32
     return changed

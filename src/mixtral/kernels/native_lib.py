@@ -1,0 +1,268 @@
+"""Our C kernels (csrc/cpu_kernels.c) as a library: compiled, loaded, bound and checked once per process.
+
+The library is compiled on first use with the system C compiler (about a second) into the cache directory
+(paths.cache_dir), keyed by everything the build depends on, checked against torch on a probe, and used only
+where it passed: otherwise models run on fbgemm (fbgemm.py) or plain torch. `MIXTRAL_NATIVE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..paths import cache_dir
+from ..quantize import QuantLinear
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+I8, I4 = 3, 4
+
+_state: dict = {}
+
+
+class Weight(ctypes.Structure):
+    """A weight as the C side reads it (weight_t in cpu_kernels.c)."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("fmt", ctypes.c_int64),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("expert_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    """One decoder block as the C side reads it (layer_t in cpu_kernels.c)."""
+
+    _fields_ = [*((name, Weight) for name in ("q", "k", "v", "o", "router", "w1", "w3", "w2")),
+                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("eps", ctypes.c_double),
+                ("theta", ctypes.c_double), ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("window", ctypes.c_int64), ("top_k", ctypes.c_int64)]
+
+
+def _cpu_supported() -> str | None:
+    """None when this CPU can run the kernels, else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernels are written for x86-64 (this is {platform.machine()})"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if flags and not {"avx2", "fma", "f16c"} <= flags:
+        return "this CPU lacks AVX2, FMA or F16C"
+    if not flags and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "this CPU lacks AVX2"
+    return None
+
+
+def _build() -> Path:
+    """Compile the library into the cache (once per source version), atomically: parallel processes may race."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = SOURCE.read_bytes()
+    # what the library depends on: the source, the flags (fixed AVX2/FMA/F16C, not -march=native: the same build
+    # is right on every CPU that passes _cpu_supported), the compiler binary and the architecture
+    resolved = Path(shutil.which(compiler) or compiler).resolve()
+    try:
+        stat = resolved.stat()
+        compiler_id = f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        compiler_id = str(resolved)
+    identity = [source, " ".join(FLAGS).encode(), compiler_id.encode(), platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / "mixtral-cache"
+        directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load():
+    path = _build()
+    lib = ctypes.CDLL(str(path))
+    p, i64, ptr = ctypes.POINTER(Weight), ctypes.c_int64, ctypes.c_void_p
+    lib.mx_linear.argtypes = [p, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    lib.mx_linear.restype = ctypes.c_int
+    lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr]
+    lib.mx_moe.restype = ctypes.c_int
+    lib.mx_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
+    lib.mx_attention.restype = ctypes.c_int
+    lib.mx_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.mx_rmsnorm.restype = None
+    lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, p, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr,
+                              ptr, ptr, ptr, ctypes.c_float, p, ptr, ptr, ptr]
+    lib.mx_decode.restype = ctypes.c_int
+    lib.mx_logsumexp.argtypes = [ptr, i64, i64, ptr]
+    lib.mx_logsumexp.restype = None
+    lib.mx_argmax.argtypes = [ptr, i64, i64, ptr]
+    lib.mx_argmax.restype = None
+    lib.mx_hugepages.argtypes = [ptr, i64, ctypes.c_int]
+    lib.mx_hugepages.restype = i64
+    lib.mx_move.argtypes = [ptr, ptr, i64, ctypes.c_int]
+    lib.mx_move.restype = None
+    lib.mx_set_num_threads.argtypes = [ctypes.c_int]
+    lib.mx_set_num_threads.restype = None
+    return lib
+
+
+def library():
+    """The loaded library, or None (see `unavailable_reason`)."""
+    if "lib" not in _state:
+        _state["lib"], _state["reason"] = None, None
+        if os.environ.get("MIXTRAL_NATIVE", "1") == "0":
+            _state["reason"] = "turned off by MIXTRAL_NATIVE=0"
+        elif (reason := _cpu_supported()) is not None:
+            _state["reason"] = reason
+        else:
+            try:
+                _state["lib"] = _load()
+                if not _probe():
+                    _state["lib"], _state["reason"] = None, "the kernels disagreed with torch on a probe"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["lib"], _state["reason"] = None, str(exc)
+    return _state["lib"]
+
+
+def sync_threads() -> None:
+    """OpenMP's thread count is per calling thread (a server runs the model on its own): use torch's."""
+    threads = torch.get_num_threads()
+    if _state.get("threads") != threads:
+        library().mx_set_num_threads(threads)
+        _state["threads"] = threads
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def will_run(device) -> bool:
+    """Whether `prepare` will put a model on `device` on these kernels (unless one of its weights has none)."""
+    return (torch.device(device).type == "cpu" and os.environ.get("MIXTRAL_NATIVE", "1") != "0"
+            and available())
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _state["reason"]
+
+
+
+# ---- the probe ------------------------------------------------------------------------------------------
+
+def _probe() -> bool:
+    """The library's matmul agrees with torch for each weight format (run once, when it is first loaded)."""
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, 36, 80, generator=gen) * 0.1  # 2 experts, rows not a multiple of 4
+    x = torch.randn(3, 80, generator=gen)
+    candidates = [weight, weight.bfloat16(), weight.half(), QuantLinear.from_weight(weight, 8, pack=False),
+                  *(QuantLinear.from_weight(weight, 4, group, pack=False) for group in (16, 32))]
+    _state["lib"].mx_set_num_threads(torch.get_num_threads())
+    _state["threads"] = torch.get_num_threads()
+    for candidate in candidates:
+        reference = (candidate.dequantize() if isinstance(candidate, QuantLinear) else candidate).float()
+        native = NativeWeight(candidate)
+        for rows in (3, 1):  # the tiled kernels, and batch 1's
+            out = torch.empty(rows, 36)
+            _state["lib"].mx_linear(native.ref, 1, x.data_ptr(), rows, 80, out.data_ptr(), 36, 0)
+            if not torch.allclose(out, x[:rows] @ reference[1].T, atol=1e-4, rtol=1e-4):
+                return False
+    return True
+
+
+# ---- weights ------------------------------------------------------------------------------------------
+
+def to_canonical(layer) -> None:
+    """A quantize.QuantLinear in torch's int4 kernel layout back to quantize.py's own (what the C side reads)."""
+    if layer.layout != "canonical":
+        layer.qweight, layer.scales = layer.canonical()
+        layer.layout = "canonical"
+
+
+class NativeWeight:
+    """A weight tensor or quantize.QuantLinear described for the C side (it keeps the tensors alive)."""
+
+    def __init__(self, weight):
+
+        if isinstance(weight, nn.Linear):
+            weight = weight.weight
+        if isinstance(weight, QuantLinear):
+            to_canonical(weight)
+            data, scales = weight.qweight.contiguous(), weight.scales.to(torch.bfloat16).contiguous()
+            n, k = weight.out_features, weight.in_features
+            fmt, group = (I8, 0) if weight.bits == 8 else (I4, weight.group_size)
+            stacked = weight.n_experts is not None
+        else:
+            data, scales = weight.detach().contiguous(), None
+            if data.dtype not in FORMATS:
+                raise TypeError(f"no native kernel for {data.dtype} weights")
+            n, k = data.shape[-2:]
+            fmt, group = FORMATS[data.dtype], 0
+            stacked = data.dim() == 3
+        per_expert = data[0].numel() if stacked else 0  # elements (int4: bytes, one per two codes)
+        self.tensors = (data, scales)
+        self.struct = Weight(data.data_ptr(), 0 if scales is None else scales.data_ptr(), fmt, n, k, group,
+                             per_expert, 0 if scales is None or not stacked else scales[0].numel())
+        self.ref = ctypes.pointer(self.struct)
+        self.n, self.k = n, k
+
+    def linear(self, x: torch.Tensor, expert: int = 0, out: torch.Tensor | None = None,
+               accumulate: bool = False) -> torch.Tensor:
+        """x (M, K) fp32 contiguous -> x @ W^T (M, N), into `out` (added to it when `accumulate`)."""
+        M = x.shape[0]
+        sync_threads()
+        if out is None:
+            out = torch.empty(M, self.n)
+        if x.dtype != torch.float32 or x.stride(-1) != 1 or out.dtype != torch.float32 or out.stride(-1) != 1:
+            raise TypeError("native linear takes fp32 rows with contiguous columns")
+        if library().mx_linear(self.ref, expert, x.data_ptr(), M, x.stride(0), out.data_ptr(), out.stride(0),
+                               int(accumulate)):
+            raise MemoryError("native linear: out of memory")
+        return out
+
+
+# ---- per-row helpers -------------------------------------------------------------------------------------
+
+def _per_row(name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One value per row of an fp32 (M, N) tensor from the C side's `mx_<name>`."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise TypeError(f"native {name} takes a 2-D fp32 tensor")
+    x = x.contiguous()  # held while the C side reads it
+    out = torch.empty(x.shape[0], dtype=dtype)
+    getattr(library(), f"mx_{name}")(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(row))) of each row of an fp32 (M, N) tensor: what log-softmax subtracts (in fp64)."""
+    return _per_row("logsumexp", x, torch.float64)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """The greedy choice of each row of an fp32 (M, N) tensor: its argmax with NaN counted as -inf (the first on
+    ties; 0 when no entry is above -inf), what a decode step reports as `Decoder.best`."""
+    return _per_row("argmax", x, torch.int64)

@@ -1,0 +1,85 @@
+"""The Runner interface: how a prepared model runs a forward pass and a decode step, and the torch reference.
+
+Callers (generate.py, engine.py, eval, bench) step a runner and never branch on what is behind it:
+- `forward(input_ids, ...)`: Transformer.forward's arguments and result ((B, T, V) logits);
+- `decode_step(cache, tokens, positions, rows, routing)`: one new token for each of B sequences -> a `Step`:
+  the (B, V) logits, each row's log-normalizer (a token's log-prob is its logit minus it) and, where the runner
+  computed it on the way, each row's greedy choice;
+- `step_of(logits)`: the same for logits the caller already has (the last prompt position after a prefill).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Step:
+    """One decode step's results. `logits` (B, V) may be the runner's own buffer: valid until its next step."""
+
+    logits: torch.Tensor
+    lse: list[float]  # per row: log(sum(exp(logits)))
+    best: list[int] | None = None  # per row: the argmax (NaN never chosen), when the runner computed it
+    values: object = None  # the logits as a numpy array (the same memory), for reads that are no torch op
+
+    def logit(self, row: int, token: int) -> float:
+        if self.values is not None:
+            return float(self.values[row, token])
+        return float(self.logits[row, token])
+
+    def logprob(self, row: int, token: int) -> float:
+        """The model's log-probability of `token` in row `row` (before any sampling filter)."""
+        return self.logit(row, token) - self.lse[row]
+
+
+def log_normalizers(logits: torch.Tensor) -> list[float]:
+    """log(sum(exp(row))) of each row of (B, V) logits, computed in fp64 by the C kernels where they are loaded
+    (fp32 CPU logits: a log-softmax of the whole row costs a visible part of a small model's decode step), else by
+    torch; NaN for a row with a NaN or +inf, as log-softmax gives."""
+    from . import native_lib
+
+    if logits.dtype == torch.float32 and native_lib.will_run(logits.device):
+        return native_lib.logsumexp(logits).tolist()
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    return torch.where(lse == float("inf"), float("nan"), lse).tolist()
+
+
+class Runner:
+    """The reference runner: the model's own torch code (with whatever modules quantize.py or fbgemm.py swapped
+    in). Subclasses run the same passes their own way."""
+
+    name = "torch"
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)  # a model may hold its runner: no reference cycle
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("this runner's model is gone")
+        return model
+
+    def describe(self) -> str:
+        return "torch (the model's own ops)"
+
+    def forward(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None,
+                slots=None) -> torch.Tensor:
+        return self.model(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+
+    def decode_step(self, cache, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int] | None = None,
+                    routing: list | None = None) -> Step:
+        """tokens[b] at positions[b] of cache row rows[b] (default 0..B-1) -> a Step."""
+        device = self.model.device
+        slots = None if rows is None else torch.tensor(list(rows), device=device)
+        pos = torch.tensor(list(positions), device=device)[:, None]  # (B, 1)
+        logits = self.model(torch.tensor(list(tokens), device=device)[:, None], pos, cache,
+                            n_keys=max(positions) + 1, routing=routing, slots=slots)[:, -1]  # (B, V)
+        return self.step_of(logits)
+
+    def step_of(self, logits: torch.Tensor) -> Step:
+        return Step(logits, log_normalizers(logits))

@@ -15,6 +15,31 @@ import torch
 from mixtral.tokenizer import mistral_v1_tokenizer_path
 
 TOKENIZER_V1 = mistral_v1_tokenizer_path()
+# Mistral's later SentencePiece models, shipped in the same mistral-common package: 32,768 pieces each, with
+# instruct control tokens ([INST] = 3, [/INST] = 4, tool tokens after them; v7 adds [SYSTEM_PROMPT]).
+TOKENIZER_V2 = TOKENIZER_V1.parent / "mistral_instruct_tokenizer_240216.model.v2"
+TOKENIZER_V3 = TOKENIZER_V1.parent / "mistral_instruct_tokenizer_240323.model.v3"  # Mixtral-8x22B's
+TOKENIZER_V7 = TOKENIZER_V1.parent / "mistral_instruct_tokenizer_241114.model.v7"
+
+
+def v3_style_template(user: str = "'[INST] ' + message['content'] + ' [/INST]'",
+                      answer: str = "' ' + message['content'] + eos_token") -> str:
+    """A chat template in the spirit of Mixtral-8x22B-Instruct's: tool roles and [AVAILABLE_TOOLS] before the
+    last user message, but no system role, so a system message is silently left out. `user` and `answer` are
+    the Jinja expressions for one user message and one answer (the published templates differ in spacing)."""
+    return (
+        "{{ bos_token }}{% set user_messages = messages | selectattr('role', 'equalto', 'user') | list %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if tools and message == user_messages[-1] %}"
+        "{{ '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{% endif %}"
+        "{{ " + user + " }}"
+        "{% elif message['role'] == 'assistant' %}{{ " + answer + " }}"
+        "{% elif message['role'] == 'tool_calls' %}{{ '[TOOL_CALLS] ' + message['content'] + eos_token }}"
+        "{% elif message['role'] == 'tool_results' %}"
+        "{{ '[TOOL_RESULTS] ' + message['content'] + '[/TOOL_RESULTS]' }}"
+        "{% endif %}{% endfor %}"
+    )
 
 
 def make_hf_model(model_type: str = "mixtral", seed: int = 0, **overrides):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import threading
@@ -76,6 +77,20 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     model = make_hf_model(vocab_size=32000, hidden_size=32, intermediate_size=48, num_attention_heads=4,
                           num_key_value_heads=2, seed=1)
     return save_hf_model(model, out, with_tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_v3(tmp_path_factory) -> Path:
+    """A tiny random Mixtral laid out like Mixtral-8x22B-Instruct: the v3 tokenizer (vocab 32768) as
+    tokenizer.model, and a tokenizer_config.json with a chat template in the spirit of the published one."""
+    out = tmp_path_factory.mktemp("tiny_chat_v3")
+    model = make_hf_model(vocab_size=32768, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                          num_key_value_heads=2, seed=3)
+    save_hf_model(model, out)
+    shutil.copy(TOKENIZER_V3, out / "tokenizer.model")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": v3_style_template()}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
 
 
 @contextlib.contextmanager

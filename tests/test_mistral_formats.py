@@ -226,9 +226,9 @@ def test_format_choices_and_errors(tmp_path_factory):
     assert load_tokenizer(_folder(tmp_path_factory, "v7"), chat_format="v3").chat_format == "v3"
     with pytest.raises(MixtralError, match=r"control token: use chat format 'v3'"):
         load_tokenizer(v3, mistral_v1=True)
-    with pytest.raises(MixtralError, match=r"v7 chat format needs the control tokens .*SYSTEM_PROMPT"):
+    with pytest.raises(MixtralError, match=r"v7 chat format needs .* control tokens .*SYSTEM_PROMPT"):
         load_tokenizer(v3, chat_format="v7")
-    with pytest.raises(MixtralError, match=r"v3 chat format needs the control tokens \[INST\]"):
+    with pytest.raises(MixtralError, match=r"v3 chat format needs .* control tokens \[INST\]"):
         load_tokenizer(_folder(tmp_path_factory, "v1"), chat_format="v3")
     with pytest.raises(MixtralError, match=r"unknown chat format 'v9'"):
         load_tokenizer(v3, chat_format="v9")
@@ -236,4 +236,36 @@ def test_format_choices_and_errors(tmp_path_factory):
         load_tokenizer(_folder(tmp_path_factory, "v3", mixtral_chat_format="chatml"))
     configured = _folder(tmp_path_factory, "v3", v3_style_template(), mixtral_chat_format="v3")
     assert load_tokenizer(configured).chat_format == "v3"
+    tekken = tmp_path_factory.mktemp("tekken")
+    (tekken / "tekken.json").write_text("{}")
+    with pytest.raises(MixtralError, match="tekken tokenizer is not supported"):
+        load_tokenizer(tekken)
 
+
+# Mistral NeMo's way (tekken, v3): no spaces around control tokens, the system prompt in the last user message.
+NEMO_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system %}{{- '[INST]' + system + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- else %}{{- message['content'].rstrip(' ') + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_tekken_tokenizer_json_uses_its_template(tmp_path):
+    """A tekken vocabulary (here Mistral NeMo's, converted by transformers) carries every control token,
+    [SYSTEM_PROMPT] included, whatever instruct version it follows: it is not taken for v7, and its template
+    decides, special-token strings becoming ids with no spaces taken from the text around them."""
+    pytest.importorskip("transformers")
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    tekken = TOKENIZER_V1.parent / "tekken_240718.json"
+    convert_tekken_tokenizer(str(tekken), chat_template="").backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": NEMO_STYLE_TEMPLATE}))
+    tok = load_tokenizer(tmp_path)
+    mistral = MistralTokenizer.from_file(str(tekken))
+    assert tok.chat_format == "template" and tok.vocab_size == 131072 and tok.is_special(3)
+    for name, messages in CHATS.items():
+        if name not in TEXT_AMBIGUOUS:
+            assert tok.apply_chat_template(messages) == _reference(mistral, messages), name

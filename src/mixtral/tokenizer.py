@@ -202,6 +202,15 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _dummy_prefix(backend) -> bool:
+    """True for SentencePiece-style vocabularies, whose encoding of "a" starts with "▁" (Mistral's v1-v7
+    SentencePiece models and their tokenizer.json conversions). Mistral's tekken vocabularies have no dummy
+    prefix, and every one of them carries all of Mistral's control tokens whatever instruct version it follows
+    ([SYSTEM_PROMPT] included), so their control tokens do not tell the chat format."""
+    ids = backend.encode("a", False)
+    return bool(ids) and backend.piece(ids[0]).startswith("\u2581")
+
+
 def _backend(path: Path, requested: str | None) -> SentencePieceBackend | HFTokenizersBackend:
     """The backend for a tokenizer file, or for the right file of a model directory.
 
@@ -216,12 +225,15 @@ def _backend(path: Path, requested: str | None) -> SentencePieceBackend | HFToke
         return SentencePieceBackend(model)
     if model.is_file() and requested is None:
         sp = SentencePieceBackend(model)
-        if mistral_generation(sp.control_id) is not None:
+        if _dummy_prefix(sp) and mistral_generation(sp.control_id) is not None:
             return sp
     if hf.is_file():
         return HFTokenizersBackend(hf)
     if model.is_file():
         return SentencePieceBackend(model)
+    if (path / "tekken.json").is_file():
+        raise MixtralError(f"{path} has only tekken.json: Mistral's tekken tokenizer is not supported; a "
+                           "tokenizer.json converted from it (as in Hugging Face repositories) is")
     raise MixtralError(f"no tokenizer.json or tokenizer.model in {path}")
 
 
@@ -234,12 +246,13 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
 
     Chat format (mixtral.chat_format), from the first of: `chat_format` ("v1", "v3", "v7" or "template");
     `mistral_v1` (True: "v1", False: "template"); tokenizer_config.json's `"mixtral_chat_format"`; and by
-    default, from the tokenizer itself: "v7" or "v3" when it has Mistral's instruct control tokens ([INST],
-    [/INST], and [SYSTEM_PROMPT] for v7), whether or not there is a chat template, since mistral-common's
-    encoding is what those models were trained on (a directory then prefers its `tokenizer.model`); "v1" for
-    any other SentencePiece model without a chat template; else "template" (`MIXTRAL_V1_CHAT_TEMPLATE` if
-    there is none). A v1 tokenizer cannot be told from other 32,000-piece ones by its file, so with a chat
-    template it keeps the template unless told "v1".
+    default, from the tokenizer itself: "v7" or "v3" when it is a SentencePiece-style vocabulary with Mistral's
+    instruct control tokens ([INST], [/INST], and [SYSTEM_PROMPT] for v7), whether or not there is a chat
+    template, since mistral-common's encoding is what those models were trained on (a directory then prefers
+    its `tokenizer.model`); "v1" for any other SentencePiece model without a chat template; else "template"
+    (`MIXTRAL_V1_CHAT_TEMPLATE` if there is none). A v1 tokenizer cannot be told from other 32,000-piece ones
+    by its file, so with a chat template it keeps the template unless told "v1"; nor can a tekken one's
+    version (see `_dummy_prefix`), so a tekken tokenizer.json uses its template.
 
     Raises MixtralError for missing or unreadable files, an unknown chat format, or a Mistral format the
     tokenizer cannot encode ("v3"/"v7" without their control tokens, "v1" with [INST] as a control token).
@@ -259,7 +272,7 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
     requested = chat_format or {True: "v1", False: "template", None: None}[mistral_v1] or configured
 
     backend = _backend(path, requested)
-    generation = mistral_generation(backend.control_id)
+    generation = mistral_generation(backend.control_id) if _dummy_prefix(backend) else None
     backend.separators = generation is not None
 
     template = config.get("chat_template")
@@ -284,8 +297,8 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
                            f"token: use chat format {generation!r}")
     if requested in ("v3", "v7") and (generation is None or (requested == "v7" and generation != "v7")):
         needs = "[INST], [/INST]" + (", [SYSTEM_PROMPT], [/SYSTEM_PROMPT]" if requested == "v7" else "")
-        raise MixtralError(f"the {requested} chat format needs the control tokens {needs}, which this tokenizer "
-                           "does not have")
+        raise MixtralError(f"the {requested} chat format needs a SentencePiece-style tokenizer with the control "
+                           f"tokens {needs}, and this tokenizer is not one")
 
     ids = {}
     for name, default in (("bos_token", backend.default_bos), ("eos_token", backend.default_eos)):

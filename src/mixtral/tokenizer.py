@@ -115,9 +115,10 @@ class Tokenizer:
         system message, then user and assistant turns alternating, starting with user. With
         `add_generation_prompt` the last message must be from the user (the model answers next); without
         it the chat may end with an answer (for training data). Every answer is followed by the EOS token; an
-        empty answer is just EOS (mistral-common refuses those). Text in messages is always text: "[INST]" or
-        "</s>" typed by a user never becomes a control token. Raises MixtralError for a malformed chat, or a
-        chat template that fails or leaves out the system prompt.
+        empty answer is just EOS (mistral-common refuses those). In the Mistral formats text in messages is
+        always text: "[INST]" or "</s>" typed by a user never becomes a control token (in rendered template
+        text it cannot be told from the template's own). Raises MixtralError for a malformed chat, or a chat
+        template that fails or leaves out the system prompt.
         """
         system, turns = check_chat(messages, add_generation_prompt)
         if self.chat_format != "template":

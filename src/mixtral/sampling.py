@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mixtral.errors import MixtralError
+from .errors import MixtralError
 
 __all__ = [
     "Sampler",

@@ -1,201 +1,75 @@
-"""Tokenizers and chat prompts for Mixtral-style models.
+"""Tokenizers for Mixtral-style models.
 
 `load_tokenizer` reads a SentencePiece `tokenizer.model` or a Hugging Face `tokenizer.json` and returns a
-`Tokenizer` that encodes, decodes and turns a chat (a list of role/content messages) into prompt ids.
-`StreamingDetokenizer` turns generated ids into text one token at a time.
-
-Chat prompts use one of two formats:
-
-* Mistral's v1 instruct format, built directly from ids so that it equals mistral-common's
-  `MistralTokenizer.v1()` encoding token for token:
-  `<s>[INST] {system}\\n\\n{user 1} [/INST] {answer 1}</s>[INST] {user 2} [/INST]`. Every "[INST] ... [/INST]"
-  block and every answer is encoded as a separate piece of text (so each starts with SentencePiece's
-  dummy-prefix space); each answer is followed by `</s>`. The system prompt (if non-empty) goes in front of
-  the FIRST user message, separated by a blank line.
-* The tokenizer's own Jinja `chat_template`, rendered in a sandbox.
+`Tokenizer` that encodes, decodes and turns a chat (a list of role/content messages) into prompt ids in the
+format the tokenizer calls for (mixtral.chat_format: Mistral's v1, v3 or v7 instruct format, or the Jinja
+`chat_template`). `StreamingDetokenizer` turns generated ids into text one token at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import itertools
 import json
-import re
-import threading
 from pathlib import Path
-from typing import Any
 
-from mixtral.errors import MixtralError
-
-# The v1 format as a Jinja template, for tokenizer_config.json: transformers' apply_chat_template gives the
-# same ids as mistral-common v1 with a legacy Llama/Mistral tokenizer (except where Hugging Face's converted
-# tokenizer.json itself splits runs of spaces differently from SentencePiece). `' ' + answer` reproduces the
-# dummy-prefix space that mistral-common gets by encoding the answer on its own.
-MIXTRAL_V1_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
-    "{%- set turns = messages[1:] %}{%- else %}{%- set system = '' %}{%- set turns = messages %}{%- endif %}"
-    "{{- bos_token }}{%- for message in turns %}"
-    "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') %}{{- raise_exception("
-    "'After an optional first system message, roles must alternate user/assistant/..., starting with user.')"
-    " }}{%- endif %}"
-    "{%- if message['role'] == 'user' and loop.first and system %}"
-    "{{- '[INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
-    "{%- elif message['role'] == 'user' %}{{- '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+from .chat_format import (
+    CHAT_FORMATS,
+    MIXTRAL_V1_CHAT_TEMPLATE,
+    check_chat,
+    compile_template,
+    mistral_chat_ids,
+    mistral_generation,
+    render_template,
 )
+from .errors import MixtralError
+from .tokenizer_backends import HFTokenizersBackend, SentencePieceBackend
 
-_ROLES = ("system", "user", "assistant")
-
-
-class _SentencePiece:
-    """SentencePiece backend: plain-text encoding with the dummy prefix, byte fallback on decode."""
-
-    def __init__(self, path: Path):
-        import sentencepiece
-
-        try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as e:
-            raise MixtralError(f"cannot read SentencePiece model {path}: {e}") from e
-        self.size = self.sp.get_piece_size()
-        self.special_ids = frozenset(
-            i for i in range(self.size) if self.sp.is_control(i) or self.sp.is_unknown(i)
-        )
-        self.default_bos, self.default_eos = self.sp.bos_id(), self.sp.eos_id()
-        specials = sorted((self.sp.id_to_piece(i) for i in self.special_ids), key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-
-    def encode(self, text: str, parse_special: bool) -> list[int]:
-        if not parse_special or self._split is None:
-            return self.sp.encode(text)
-        ids: list[int] = []
-        # Like Hugging Face's legacy Llama tokenizers: each text run between special tokens is encoded on its
-        # own, so it gets its own dummy-prefix space.
-        for n, part in enumerate(self._split.split(text)):
-            if n % 2:
-                ids.append(self.sp.piece_to_id(part))
-            elif part:
-                ids.extend(self.sp.encode(part))
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
-
-    def piece(self, i: int) -> str:
-        return self.sp.id_to_piece(i)
-
-    def token_id(self, piece: str) -> int | None:
-        i = self.sp.piece_to_id(piece)
-        return i if self.sp.id_to_piece(i) == piece else None
-
-
-class _HFTokenizers:
-    """Backend for a Hugging Face `tokenizer.json` (the `tokenizers` library)."""
-
-    def __init__(self, path: Path):
-        import tokenizers
-
-        try:
-            self.tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception for bad JSON
-            raise MixtralError(f"cannot read tokenizer file {path}: {e}") from e
-        self.size = self.tok.get_vocab_size(with_added_tokens=True)
-        added = self.tok.get_added_tokens_decoder()
-        self.special_ids = frozenset(i for i, t in added.items() if t.special)
-        self.default_bos, self.default_eos = self.token_id("<s>"), self.token_id("</s>")
-        self._lock = threading.Lock()  # encode_special_tokens is shared state
-
-    def encode(self, text: str, parse_special: bool) -> list[int]:
-        with self._lock:
-            self.tok.encode_special_tokens = not parse_special
-            return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-    def piece(self, i: int) -> str:
-        return self.tok.id_to_token(i)
-
-    def token_id(self, piece: str) -> int | None:
-        return self.tok.token_to_id(piece)
-
-
-@functools.lru_cache(maxsize=1)
-def _jinja_env():
-    """The sandboxed Jinja environment for chat templates (jinja2 is imported only when needed)."""
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class StrictSandbox(ImmutableSandboxedEnvironment):
-        # The stock sandbox turns an unsafe attribute into a silent undefined value; fail loudly instead.
-        def unsafe_undefined(self, obj: Any, attribute: str):
-            raise SecurityError(f"access to {attribute!r} of a {type(obj).__name__} is not allowed")
-
-    return StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-
-
-def _raise_exception(message: str) -> None:
-    raise MixtralError(f"chat template: {message}")
-
-
-def _check_chat(messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[dict]]:
-    """Validate a chat; return (system prompt or "", the alternating user/assistant turns)."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise MixtralError("a chat needs at least one message (a list of {'role': ..., 'content': ...})")
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise MixtralError(
-                f"message {n} must be a dict with 'role' in {_ROLES} and a string 'content', got {m!r}"
-            )
-    system, turns, first = "", messages, 0
-    if messages[0]["role"] == "system":
-        system, turns, first = messages[0]["content"], messages[1:], 1
-    for n, m in enumerate(turns):
-        want = "user" if n % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise MixtralError(
-                f"message {n + first} has role {m['role']!r} where {want!r} was expected: after an optional "
-                "first system message, roles must alternate user/assistant/user/..., starting with user"
-            )
-    if not turns:
-        raise MixtralError("the chat has a system message but no user message")
-    if add_generation_prompt and turns[-1]["role"] != "user":
-        raise MixtralError("the last message must come from the user when asking the model for a reply")
-    return system, turns
+__all__ = ["MIXTRAL_V1_CHAT_TEMPLATE", "StreamingDetokenizer", "Tokenizer", "load_tokenizer",
+           "mistral_v1_tokenizer_path"]
 
 
 class Tokenizer:
     """A loaded tokenizer; create it with `load_tokenizer`.
 
     Attributes: `vocab_size`, `bos_id`, `eos_id`, `eos_ids` (every id that ends generation), `bos_token`,
-    `eos_token`, `chat_template` (Jinja source or None) and `mistral_v1` (True when chats are encoded in
-    mistral-common's exact v1 format instead of with the template).
+    `eos_token`, `chat_template` (Jinja source or None), `chat_format` (how chats are encoded: "v1", "v3",
+    "v7" or "template"; see mixtral.chat_format) and `mistral_v1` (chat_format == "v1").
     """
 
     def __init__(
         self,
-        backend: _SentencePiece | _HFTokenizers,
+        backend: SentencePieceBackend | HFTokenizersBackend,
         *,
         bos_id: int,
         eos_id: int,
         extra_eos_ids: set[int] | None = None,
         chat_template: str | None = None,
-        mistral_v1: bool = False,
+        chat_format: str = "template",
     ):
+        if chat_format not in CHAT_FORMATS:
+            raise MixtralError(f"unknown chat format {chat_format!r} (known: {', '.join(CHAT_FORMATS)})")
         self._backend = backend
         self.vocab_size: int = backend.size
         self.bos_id, self.eos_id = bos_id, eos_id
         self.eos_ids: set[int] = {eos_id} | set(extra_eos_ids or ())
         self.bos_token, self.eos_token = backend.piece(bos_id), backend.piece(eos_id)
         self.chat_template = chat_template
-        self.mistral_v1 = mistral_v1
+        self.chat_format = chat_format
         self._template = None
+
+    @property
+    def mistral_v1(self) -> bool:
+        """True when chats are encoded in mistral-common's exact v1 format."""
+        return self.chat_format == "v1"
 
     def encode(self, text: str, add_bos: bool = False, *, parse_special: bool = False) -> list[int]:
         """Encode `text` to ids; `add_bos` puts `bos_id` first.
 
-        Special-token strings such as "</s>" in `text` are ordinary text unless `parse_special` is True.
+        Special-token strings such as "</s>" or "[INST]" in `text` are ordinary text unless `parse_special` is
+        True; then each becomes its id and each run of text between them is encoded on its own. For Mistral's
+        instruct tokenizers (v3, v7) one space on each side of a special token is part of its formatting:
+        "<s>[INST] Hi [/INST]" and "<s>[INST]Hi[/INST]" both give [bos, [INST], ▁Hi, [/INST]].
         """
         ids = self._backend.encode(text, parse_special)
         return [self.bos_id, *ids] if add_bos else ids
@@ -203,16 +77,25 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         """Decode ids to text, dropping special tokens, or writing them out (e.g. "<s>") if not `skip_special`.
 
-        As in SentencePiece, the first token's leading space is dropped; with special tokens kept, each run of
-        ordinary tokens between them is decoded alone, so `encode(text, parse_special=True)` gives ids back.
+        As in SentencePiece, the first token's leading space is dropped. With special tokens kept, each run of
+        ordinary tokens between them is decoded alone (for Mistral's instruct tokenizers written as
+        "[INST] text[/INST]": a space after a special token, and one more before the next if the text ends in
+        a space), so that `encode(text, parse_special=True)` gives ids back.
         """
         special = self._backend.special_ids
         if skip_special:
             return self._backend.decode([i for i in ids if i not in special])
+        groups = [(is_special, list(group)) for is_special, group in itertools.groupby(ids, key=special.__contains__)]
         parts: list[str] = []
-        for is_special, group in itertools.groupby(ids, key=special.__contains__):
-            group = list(group)
-            parts += map(self._backend.piece, group) if is_special else [self._backend.decode(group)]
+        for n, (is_special, group) in enumerate(groups):
+            if is_special:
+                parts += map(self._backend.piece, group)
+                continue
+            text = self._backend.decode(group)
+            if self._backend.separators:  # the spaces encode() takes as formatting (see there)
+                after, before = n > 0, n < len(groups) - 1
+                text = (" " if after else "") + text + (" " if before and text.endswith(" ") else "")
+            parts.append(text)
         return "".join(parts)
 
     def id_to_piece(self, i: int) -> str:
@@ -222,22 +105,29 @@ class Tokenizer:
         return self._backend.piece(i)
 
     def is_special(self, i: int) -> bool:
-        """True for control tokens such as <s>, </s> and <unk>, which `decode` skips by default."""
+        """True for control tokens such as <s>, </s>, <unk> and [INST], which `decode` skips by default."""
         return i in self._backend.special_ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Encode a chat to prompt ids that start with exactly one BOS.
+        """Encode a chat to prompt ids that start with exactly one BOS, in the tokenizer's `chat_format`.
 
         `messages` are dicts {"role": "system" | "user" | "assistant", "content": str}: an optional first
         system message, then user and assistant turns alternating, starting with user. With
         `add_generation_prompt` the last message must be from the user (the model answers next); without
         it the chat may end with an answer (for training data). Every answer is followed by the EOS token; an
-        empty answer is just EOS (mistral-common refuses those). Raises MixtralError for a malformed chat.
+        empty answer is just EOS (mistral-common refuses those). In the Mistral formats text in messages is
+        always text: "[INST]" or "</s>" typed by a user never becomes a control token (in rendered template
+        text it cannot be told from the template's own). Raises MixtralError for a malformed chat, or a chat
+        template that fails or leaves out the system prompt.
         """
-        system, turns = _check_chat(messages, add_generation_prompt)
-        if self.mistral_v1:
-            return self._v1_ids(system, turns)
-        text = self._render(messages, add_generation_prompt)
+        system, turns = check_chat(messages, add_generation_prompt)
+        if self.chat_format != "template":
+            return mistral_chat_ids(self.chat_format, system, turns, encode=self.encode, bos_id=self.bos_id,
+                                    eos_id=self.eos_id, control_id=self._backend.control_id)
+        if self._template is None:
+            self._template = compile_template(self.chat_template or MIXTRAL_V1_CHAT_TEMPLATE)
+        text = render_template(self._template, messages, system, add_generation_prompt, self.bos_token,
+                               self.eos_token)
         ids = self.encode(text, parse_special=True)
         while ids and ids[0] == self.bos_id:
             ids = ids[1:]
@@ -246,37 +136,10 @@ class Tokenizer:
     def chat_prompt_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat prompt as text with special tokens written out ("<s>[INST] ... [/INST]").
 
-        This is `decode(apply_chat_template(...), skip_special=False)`, for servers that take prompt text.
+        This is `decode(apply_chat_template(...), skip_special=False)`, for servers that take prompt text:
+        `encode(text, parse_special=True)` gives the same ids back.
         """
         return self.decode(self.apply_chat_template(messages, add_generation_prompt), skip_special=False)
-
-    def _v1_ids(self, system: str, turns: list[dict]) -> list[int]:
-        # mistral-common v1: system prompt + "\n\n" before the first user message (only when non-empty);
-        # "[INST] {content} [/INST]" and each answer are encoded separately; EOS after every answer.
-        ids = [self.bos_id]
-        for n, m in enumerate(turns):
-            if m["role"] == "user":
-                content = f"{system}\n\n{m['content']}" if n == 0 and system else m["content"]
-                ids += self.encode(f"[INST] {content} [/INST]")
-            else:
-                ids += [*self.encode(m["content"]), self.eos_id]
-        return ids
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        try:
-            if self._template is None:
-                self._template = _jinja_env().from_string(self.chat_template or MIXTRAL_V1_CHAT_TEMPLATE)
-            return self._template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                raise_exception=_raise_exception,
-            )
-        except Exception as e:  # the template is data: any failure in it (sandbox, syntax, ...) is the user's
-            if isinstance(e, MixtralError):
-                raise
-            raise MixtralError(f"the chat template failed: {type(e).__name__}: {e}") from e
 
 
 class StreamingDetokenizer:
@@ -340,17 +203,60 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None) -> Tokenizer:
+def _dummy_prefix(backend) -> bool:
+    """True for SentencePiece-style vocabularies, whose encoding of "a" starts with "▁" (Mistral's v1-v7
+    SentencePiece models and their tokenizer.json conversions). Mistral's tekken vocabularies have no dummy
+    prefix, and every one of them carries all of Mistral's control tokens whatever instruct version it follows
+    ([SYSTEM_PROMPT] included), so their control tokens do not tell the chat format."""
+    ids = backend.encode("a", False)
+    return bool(ids) and backend.piece(ids[0]).startswith("\u2581")
+
+
+def _backend(path: Path, requested: str | None) -> SentencePieceBackend | HFTokenizersBackend:
+    """The backend for a tokenizer file, or for the right file of a model directory.
+
+    A directory's `tokenizer.model` is used when a Mistral format is requested, or when it is one of Mistral's
+    instruct tokenizers (it is the exact SentencePiece model mistral-common encodes with); else
+    `tokenizer.json` comes first.
+    """
+    if not path.is_dir():
+        return HFTokenizersBackend(path) if path.name.endswith(".json") else SentencePieceBackend(path)
+    model, hf = path / "tokenizer.model", path / "tokenizer.json"
+    if model.is_file() and (requested in ("v1", "v3", "v7") or not hf.is_file()):
+        return SentencePieceBackend(model)
+    if model.is_file() and requested is None:
+        sp = SentencePieceBackend(model)
+        if _dummy_prefix(sp) and mistral_generation(sp.control_id) is not None:
+            return sp
+    if hf.is_file():
+        return HFTokenizersBackend(hf)
+    if model.is_file():
+        return SentencePieceBackend(model)
+    if (path / "tekken.json").is_file():
+        raise MixtralError(f"{path} has only tekken.json: Mistral's tekken tokenizer is not supported; a "
+                           "tokenizer.json converted from it (as in Hugging Face repositories) is")
+    raise MixtralError(f"no tokenizer.json or tokenizer.model in {path}")
+
+
+def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_format: str | None = None) -> Tokenizer:
     """Load a tokenizer from a model directory, a `tokenizer.json` or a SentencePiece `tokenizer.model`.
 
-    In a directory, `tokenizer.json` is used if present, else `tokenizer.model`. Next to it,
-    `tokenizer_config.json` may set `bos_token`, `eos_token` and `chat_template`, `chat_template.jinja`
-    overrides that template, and `generation_config.json`'s `eos_token_id` adds stop ids.
+    In a directory, `tokenizer.json` is used if present, else `tokenizer.model` (but see chat formats below).
+    Next to it, `tokenizer_config.json` may set `bos_token`, `eos_token` and `chat_template`,
+    `chat_template.jinja` overrides that template, and `generation_config.json`'s `eos_token_id` adds stop ids.
 
-    Chats use mistral-common's exact v1 encoding (module docstring) if `mistral_v1` is True or, by default,
-    if tokenizer_config.json has `"mixtral_chat_format": "v1"` (a directory then prefers `tokenizer.model`)
-    or the tokenizer is a SentencePiece model without a chat template. Otherwise the chat template is
-    rendered, or `MIXTRAL_V1_CHAT_TEMPLATE` if there is none. Missing or unreadable files: MixtralError.
+    Chat format (mixtral.chat_format), from the first of: `chat_format` ("v1", "v3", "v7" or "template");
+    `mistral_v1` (True: "v1", False: "template"); tokenizer_config.json's `"mixtral_chat_format"`; and by
+    default, from the tokenizer itself: "v7" or "v3" when it is a SentencePiece-style vocabulary with Mistral's
+    instruct control tokens ([INST], [/INST], and [SYSTEM_PROMPT] for v7), whether or not there is a chat
+    template, since mistral-common's encoding is what those models were trained on (a directory then prefers
+    its `tokenizer.model`); "v1" for any other SentencePiece model without a chat template; else "template"
+    (`MIXTRAL_V1_CHAT_TEMPLATE` if there is none). A v1 tokenizer cannot be told from other 32,000-piece ones
+    by its file, so with a chat template it keeps the template unless told "v1"; nor can a tekken one's
+    version (see `_dummy_prefix`), so a tekken tokenizer.json uses its template.
+
+    Raises MixtralError for missing or unreadable files, an unknown chat format, or a Mistral format the
+    tokenizer cannot encode ("v3"/"v7" without their control tokens, "v1" with [INST] as a control token).
     """
     path = Path(path)
     if not path.exists():
@@ -358,20 +264,17 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None) -> Token
     folder = path if path.is_dir() else path.parent
     config_file = folder / "tokenizer_config.json"
     config = _read_json(config_file) if config_file.is_file() else {}
-    chat_format = config.get("mixtral_chat_format")
-    if chat_format not in (None, "v1"):
-        raise MixtralError(f"{config_file}: unknown mixtral_chat_format {chat_format!r} (only 'v1' exists)")
-    if mistral_v1 is None and chat_format == "v1":
-        mistral_v1 = True
+    configured = config.get("mixtral_chat_format")
+    if configured is not None and configured not in CHAT_FORMATS:
+        raise MixtralError(f"{config_file}: unknown mixtral_chat_format {configured!r} "
+                           f"(known: {', '.join(CHAT_FORMATS)})")
+    if chat_format is not None and chat_format not in CHAT_FORMATS:
+        raise MixtralError(f"unknown chat format {chat_format!r} (known: {', '.join(CHAT_FORMATS)})")
+    requested = chat_format or {True: "v1", False: "template", None: None}[mistral_v1] or configured
 
-    file = path
-    if path.is_dir():
-        order = ("tokenizer.model", "tokenizer.json") if mistral_v1 else ("tokenizer.json", "tokenizer.model")
-        found = [path / name for name in order if (path / name).is_file()]
-        if not found:
-            raise MixtralError(f"no tokenizer.json or tokenizer.model in {path}")
-        file = found[0]
-    backend = _HFTokenizers(file) if file.name.endswith(".json") else _SentencePiece(file)
+    backend = _backend(path, requested)
+    generation = mistral_generation(backend.control_id) if _dummy_prefix(backend) else None
+    backend.separators = generation is not None
 
     template = config.get("chat_template")
     if isinstance(template, list):  # a list of named templates: take "default"
@@ -384,8 +287,19 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None) -> Token
             raise MixtralError(f"cannot read {folder / 'chat_template.jinja'}: {e}") from e
     if template is not None and not isinstance(template, str):
         raise MixtralError(f"{config_file}: chat_template must be a string")
-    if mistral_v1 is None:
-        mistral_v1 = isinstance(backend, _SentencePiece) and template is None
+
+    if requested is None:
+        if generation is not None:
+            requested = generation
+        else:
+            requested = "v1" if isinstance(backend, SentencePieceBackend) and template is None else "template"
+    if requested == "v1" and generation is not None:
+        raise MixtralError(f"the v1 chat format spells [INST] as text, but in this tokenizer it is a control "
+                           f"token: use chat format {generation!r}")
+    if requested in ("v3", "v7") and (generation is None or (requested == "v7" and generation != "v7")):
+        needs = "[INST], [/INST]" + (", [SYSTEM_PROMPT], [/SYSTEM_PROMPT]" if requested == "v7" else "")
+        raise MixtralError(f"the {requested} chat format needs a SentencePiece-style tokenizer with the control "
+                           f"tokens {needs}, and this tokenizer is not one")
 
     ids = {}
     for name, default in (("bos_token", backend.default_bos), ("eos_token", backend.default_eos)):
@@ -393,7 +307,7 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None) -> Token
         text = text.get("content") if isinstance(text, dict) else text  # may be a serialized AddedToken
         token = backend.token_id(text) if text is not None else default
         if token is None or token < 0:
-            raise MixtralError(f"{file}: no {name} (set {name} in tokenizer_config.json)")
+            raise MixtralError(f"{path}: no {name} (set {name} in tokenizer_config.json)")
         ids[name] = token
     extra: set[int] = set()
     if (folder / "generation_config.json").is_file():
@@ -405,5 +319,5 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None) -> Token
         eos_id=ids["eos_token"],
         extra_eos_ids=extra,
         chat_template=template,
-        mistral_v1=bool(mistral_v1),
+        chat_format=requested,
     )

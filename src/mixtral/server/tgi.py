@@ -216,12 +216,15 @@ def token_spans(tokenizer, text: str, ids: list[int]) -> list[dict]:
     """Each token with the span of `text` it came from: {"id", "text", "start", "stop"} (character offsets).
 
     SentencePiece's dummy-prefix space is not in the text, so a piece's leading "▁" that the text lacks
-    is skipped; a byte token that only starts a character gets an empty span, the last one the character.
+    is skipped; a byte token that only starts a character gets an empty span, the last one the character. A
+    space in front of a special token that no token took (Mistral's instruct tokenizers take one space on
+    each side of "[INST]" as formatting: "[INST] Hi [/INST]") belongs to no span.
     """
     spans, pos, pending = [], 0, b""
     for token in ids:
         if tokenizer.is_special(token):
             piece = tokenizer.id_to_piece(token)
+            pos += 1 if text.startswith(" " + piece, pos) else 0
             width = len(piece) if text.startswith(piece, pos) else 0  # "<s>" written in the text, or added
             spans.append({"id": token, "text": text[pos:pos + width], "start": pos, "stop": pos + width})
             pos += width

@@ -7,7 +7,8 @@ from conftest import make_hf_model, save_hf_model
 
 from mixtral import generate, load, stream_generate
 from mixtral.config import load_config
-from mixtral.generate import TextTracker, generate_step
+from mixtral.generate import generate_step
+from mixtral.stopping import TextTracker
 from mixtral.sampling import Sampler, SamplingParams
 from mixtral.tokenizer import load_tokenizer, mistral_v1_tokenizer_path
 from mixtral.weights import load_weights

@@ -10,7 +10,7 @@ are admitted into free rows of one shared `KVCache`; prompts are prefilled alone
 of `prefill_chunk` (whatever else runs, so a prompt's numbers never depend on its neighbours), at most
 `prefill_chunk` prompt tokens per step so a long prompt never stalls the others for long; then ONE batched
 decode step runs for every sequence that has a token to feed (`slots=` picks the cache rows, each row at its
-own position); each row samples with its own `Sampler` and stops by `generate.TextTracker`, the rules every
+own position); each row samples with its own `Sampler` and stops by `stopping.TextTracker`, the rules every
 front end shares. A failure inside a step fails only the requests it touched (a failed batch is retried row by
 row to find them); the worker thread never dies of it.
 """
@@ -32,10 +32,10 @@ import torch
 
 from . import kernels
 from .errors import MixtralError
-from .generate import TextTracker
 from .kv_cache import KVCache
 from .model import Routing, Transformer
 from .sampling import Sampler, SamplingParams
+from .stopping import TextTracker
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mixtral.engine")

@@ -4,8 +4,8 @@
 - `stream_generate`: one prompt, events with the new text, ids, log-probs, finish reason and speed;
 - `generate`: a prompt (or a batch of prompts) in, the generated string(s) out.
 
-`TextTracker` turns one sequence's token ids into text deltas and applies the stop rules (EOS, stop strings,
-token budget); the server's engine uses it too, so every front end stops in the same way.
+Each sequence's text and stop rules come from `stopping.TextTracker`, which the server's engine uses too, so
+every front end stops in the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamingDetokenizer, Tokenizer
+from .stopping import TextTracker
+from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
 
@@ -99,49 +100,6 @@ class GenerationEvent:
     generated_tokens: int
     prompt_tps: float  # prompt tokens per second of prefill
     generation_tps: float  # generated tokens per second since the first token
-
-
-class TextTracker:
-    """Ids of one sequence -> text deltas, with the stop rules: EOS token, stop strings, token budget.
-
-    Text that could be the start of a stop string is held back until it is known not to be one, so a stop
-    string never reaches the client; the text ends just before it.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_ids: set[int] | None = None):
-        self.detok = StreamingDetokenizer(tokenizer)
-        self.stop = params.stop
-        self.max_new_tokens = params.max_new_tokens
-        self.eos_ids = set(eos_ids if eos_ids is not None else tokenizer.eos_ids)
-        self.pending = ""
-        self.text = ""  # everything emitted so far
-        self.n_tokens = 0
-        self.finish_reason: str | None = None
-
-    def add(self, token_id: int) -> str:
-        """Take the next token; return the text that is now safe to show. Sets `finish_reason` when done."""
-        self.n_tokens += 1
-        if token_id in self.eos_ids:
-            self.finish_reason = "eos_token"
-            return self._emit(self.pending + self.detok.flush())
-        self.pending += self.detok.add(token_id)
-        for stop in self.stop:
-            if (at := self.pending.find(stop)) >= 0:
-                self.finish_reason = "stop_sequence"
-                return self._emit(self.pending[:at])
-        if self.n_tokens >= self.max_new_tokens:
-            self.finish_reason = "length"
-            return self._emit(self.pending + self.detok.flush())
-        hold = max((n for stop in self.stop for n in range(1, len(stop)) if self.pending.endswith(stop[:n])),
-                   default=0)
-        ready, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        return self._emit(ready)
-
-    def _emit(self, text: str) -> str:
-        if self.finish_reason:
-            self.pending = ""
-        self.text += text
-        return text
 
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:

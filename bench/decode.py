@@ -144,7 +144,7 @@ def active_bytes(model) -> int:
         total += nbytes(block.attn) + nbytes(block.attn_norm) + nbytes(block.ffn_norm)
         ffn = block.ffn
         if hasattr(ffn, "router"):
-            weights = [getattr(ffn, name, None) for name in ("w1", "w2", "w3", "w13")]
+            weights = [getattr(ffn, name, None) for name in ("w1", "w2", "w3")]
             experts = sum(nbytes(w) for w in weights if w is not None)
             total += nbytes(ffn.router) + experts * ffn.top_k // ffn.w2.shape[0]
         else:

@@ -8,7 +8,7 @@ import torch
 from conftest import greedy as _greedy, make_hf_model, save_hf_model
 from torch import nn
 
-from mixtral import kernels
+from mixtral import experts, kernels
 from mixtral.kernels import fbgemm
 from mixtral import quantize as Q
 from mixtral.errors import MixtralError
@@ -30,7 +30,7 @@ def test_packed_bf16_model_matches_transformers_in_fp32(bf16_pair):
     assert kernels.runner(model).name == "fbgemm"
     assert model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
     first = model.layers[0]
-    assert isinstance(first.attn.wqkv, fbgemm.PackedLinear) and not hasattr(first.attn, "wq")
+    assert all(isinstance(getattr(first.attn, name), fbgemm.PackedLinear) for name in ("wq", "wk", "wv", "wo"))
     ids = torch.randint(3, 256, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours, theirs = model(ids), reference(ids).logits
@@ -62,7 +62,7 @@ def int8_dir(tmp_path_factory):
 def test_packed_int8_is_close_to_weight_only_int8(int8_dir):
     packed = load_model(int8_dir, dtype="float32", progress=False, quantize="int8")
     plain = load_model(int8_dir, dtype="float32", progress=False, quantize="int8", pack=False)
-    assert packed.layers[0].ffn.w13.kind == "int8" and isinstance(plain.layers[0].ffn.w1, Q.QuantLinear)
+    assert packed.layers[0].ffn.w1.kind == "int8" and isinstance(plain.layers[0].ffn.w1, Q.QuantLinear)
     ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), Q.kernels_disabled():
         reference = plain(ids)  # exact dequantized weights, fp32 activations
@@ -74,11 +74,10 @@ def test_packed_int8_is_close_to_weight_only_int8(int8_dir):
     agree = (got.argmax(-1) == reference.argmax(-1)).float().mean()
     assert error <= 0.25 and agree >= 0.8
     # the packed weights read back as exactly the int8 codes and scales that were quantized
-    for name in ("w1", "w3"):
-        codes, scales = plain.layers[1].ffn.__getattr__(name).canonical()
+    for name in ("w1", "w3", "w2"):
+        codes, scales = getattr(plain.layers[1].ffn, name).canonical()
         weight = Q.dequantize_weight(codes, scales, 8, None, codes.shape[-1])
-        half = slice(0, 192) if name == "w1" else slice(192, 384)
-        assert torch.equal(packed.layers[1].ffn.w13.dequantize()[:, half], weight)
+        assert torch.equal(getattr(packed.layers[1].ffn, name).dequantize(), weight)
 
 
 @pytest.mark.parametrize("rows", [1, 40])
@@ -99,8 +98,8 @@ def test_both_moe_paths_agree_on_a_packed_model(int8_dir):
         x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
         for block in model.layers:
             _, expert_ids, weights = block.ffn.route(x)
-            assert torch.equal(block.ffn.experts_direct(x, expert_ids, weights),
-                               block.ffn.experts_grouped(x, expert_ids, weights))
+            assert torch.equal(experts.direct(x, expert_ids, weights, block.ffn.w1, block.ffn.w3, block.ffn.w2),
+                               experts.grouped(x, expert_ids, weights, block.ffn.w1, block.ffn.w3, block.ffn.w2))
 
 
 def test_packed_model_refuses_to_be_saved_or_quantized(int8_dir, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from conftest import make_hf_model, save_hf_model
 from torch import nn
 
+from mixtral import experts
 from mixtral import quantize as Q
 from mixtral import torch_lowbit
 from mixtral.cli import main
@@ -216,12 +217,13 @@ def test_both_moe_paths_equal_the_reference_with_quantized_experts(tiny_dir, bit
     for moe, ref_moe in zip((b.ffn for b in model.layers), (b.ffn for b in reference.layers)):
         assert isinstance(moe, MoE) and isinstance(moe.w1, Q.QuantLinear)
         _, expert_ids, weights = moe.route(x)
-        expected = ref_moe.experts_grouped(x, expert_ids, weights)
-        assert torch.allclose(ref_moe.experts_gathered(x, expert_ids, weights), expected, atol=1e-5)
+        quantized, dequantized = (moe.w1, moe.w3, moe.w2), (ref_moe.w1, ref_moe.w3, ref_moe.w2)
+        expected = experts.grouped(x, expert_ids, weights, *dequantized)
+        assert torch.allclose(experts.gathered(x, expert_ids, weights, *dequantized), expected, atol=1e-5)
         with Q.kernels_disabled():
-            assert torch.allclose(moe.experts_grouped(x, expert_ids, weights), expected, atol=1e-5)
-        assert torch.allclose(moe.experts_gathered(x, expert_ids, weights), expected, atol=1e-5)
-        kernel = moe.experts_grouped(x, expert_ids, weights)
+            assert torch.allclose(experts.grouped(x, expert_ids, weights, *quantized), expected, atol=1e-5)
+        assert torch.allclose(experts.gathered(x, expert_ids, weights, *quantized), expected, atol=1e-5)
+        kernel = experts.grouped(x, expert_ids, weights, *quantized)
         assert (kernel - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
@@ -338,6 +340,7 @@ def test_single_token_direct_path_equals_grouped_path_exactly(tiny_dir, setting)
         for _ in range(4):
             x = torch.randn(1, 64, generator=gen).to(dtype)
             _, expert_ids, weights = block.ffn.route(x)
-            direct = block.ffn.experts_direct(x, expert_ids, weights)
-            assert torch.equal(direct, block.ffn.experts_grouped(x, expert_ids, weights))
+            stacked = (block.ffn.w1, block.ffn.w3, block.ffn.w2)
+            direct = experts.direct(x, expert_ids, weights, *stacked)
+            assert torch.equal(direct, experts.grouped(x, expert_ids, weights, *stacked))
             assert torch.equal(block.ffn(x[None]), direct[None])  # and forward() takes it for one token

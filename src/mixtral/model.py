@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import experts
 from .config import ModelArgs
 from .kv_cache import KVCache
 
@@ -89,18 +90,12 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.wqkv = None  # inference packing (kernels/fbgemm.py) may fuse wq, wk, wv into one (H + 2G) * Dh projection
 
     def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None, n_keys: int, slots=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.wqkv is not None:  # one projection, one rotation for queries and keys together
-            qkv = self.wqkv(x).view(B, T, H + 2 * G, Dh)
-            q, k = apply_rope(qkv[:, :, :H + G], cos, sin).split((H, G), dim=2)
-            v = qkv[:, :, H + G:]
-        else:
-            q, k, v = (proj(x).view(B, T, -1, Dh) for proj in (self.wq, self.wk, self.wv))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (proj(x).view(B, T, -1, Dh) for proj in (self.wq, self.wk, self.wv))  # (B, T, H|G|G, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh), (B, G, T, Dh) x 2
         if cache is not None:
             k, v = cache.update(self.layer_id, input_pos, k, v, n_keys, slots)  # (B, G, S, Dh)
@@ -124,20 +119,6 @@ class Routing:
     weights: torch.Tensor  # (B, T, K) float32 mixing weights (softmax over the chosen K)
 
 
-def expert_linear(x: torch.Tensor, weights, expert: int) -> torch.Tensor:
-    """x @ weights[expert]^T for stacked (E, out, in) expert weights, plain or quantized (quantize.py)."""
-    if isinstance(weights, torch.Tensor):
-        return F.linear(x, weights[expert])
-    return weights.linear(x, expert)
-
-
-def expert_weights(weights, expert_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weights of experts `expert_ids` (any shape S) -> (*S, out, in) in `dtype`, plain or quantized."""
-    if isinstance(weights, torch.Tensor):
-        return weights[expert_ids]
-    return weights.dequantize(expert_ids, dtype)
-
-
 class MoE(nn.Module):
     """Sparse mixture of SwiGLU experts: router -> top-K -> softmax over the K -> weighted sum of experts.
 
@@ -152,7 +133,6 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
         self.w3 = nn.Parameter(torch.empty(args.n_experts, args.hidden_dim, args.dim))
         self.w2 = nn.Parameter(torch.empty(args.n_experts, args.dim, args.hidden_dim))
-        self.w13 = None  # inference packing (kernels/fbgemm.py) may fuse w1 and w3 into one (E, 2I, D) weight
 
     def route(self, x: torch.Tensor):
         """Router for (N, D) tokens -> fp32 logits (N, E), expert ids (N, K), fp32 weights (N, K)."""
@@ -166,63 +146,7 @@ class MoE(nn.Module):
         logits, expert_ids, weights = self.route(tokens)
         if routing is not None:
             routing.append(Routing(logits.view(B, T, -1), expert_ids.view(B, T, -1), weights.view(B, T, -1)))
-        plain = isinstance(self.w2, torch.Tensor)  # gathering quantized experts would dequantize them whole
-        if tokens.is_cuda and plain and B * T * self.top_k <= 2 * self.w2.shape[0]:
-            out = self.experts_gathered(tokens, expert_ids, weights)
-        elif tokens.device.type == "cpu" and B * T == 1:
-            out = self.experts_direct(tokens, expert_ids, weights)
-        else:
-            out = self.experts_grouped(tokens, expert_ids, weights)
-        return out.view(B, T, D)
-
-    def experts_grouped(self, x, expert_ids, weights) -> torch.Tensor:
-        """Sort the N*K (token, expert) pairs by expert, then one matmul chain per expert that has work.
-
-        One host sync per call (the per-expert counts) and a loop over experts, never over tokens.
-        """
-        N, K = expert_ids.shape
-        flat_ids = expert_ids.reshape(-1)  # (N*K,)
-        order = torch.argsort(flat_ids, stable=True)
-        token_of = order // K  # token index of each sorted pair
-        counts = torch.bincount(flat_ids, minlength=self.w2.shape[0]).tolist()
-        xs = x[token_of]  # (N*K, D), grouped by expert
-        outputs, start = [], 0
-        for e, count in enumerate(counts):
-            if count:
-                outputs.append(self.expert(xs[start:start + count], e))  # (count, D)
-                start += count
-        expert_out = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*K, D)
-        return torch.zeros_like(x).index_add_(0, token_of, expert_out)
-
-    def experts_direct(self, x, expert_ids, weights) -> torch.Tensor:
-        """One token on the CPU (batch-1 decode): run its K experts directly, no sorting or counting.
-
-        Same numbers as `experts_grouped`: the same matmuls, summed in the same (ascending expert) order.
-        """
-        # (expert, weight rounded to x's dtype) in ascending expert order, as Python numbers: few tensor ops
-        mix = weights[0] if x.dtype == weights.dtype else weights[0].to(x.dtype)
-        chosen = sorted(zip(expert_ids[0].tolist(), mix.tolist()))
-        out = None
-        for e, mix in chosen:
-            y = self.expert(x, e) * mix  # (1, D)
-            out = y if out is None else out.add_(y)
-        return out
-
-    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e's SwiGLU on (M, D) tokens -> (M, D)."""
-        if self.w13 is not None:
-            gate, up = self.w13.linear(x, e).chunk(2, dim=-1)  # (M, I) each
-        else:
-            gate, up = expert_linear(x, self.w1, e), expert_linear(x, self.w3, e)
-        return expert_linear(F.silu(gate) * up, self.w2, e)
-
-    def experts_gathered(self, x, expert_ids, weights) -> torch.Tensor:
-        """Gather the chosen experts' weights per token and use batched matmuls: no host sync (decode on GPU)."""
-        # (N, K, I, D), (N, K, I, D), (N, K, D, I)
-        w1, w3, w2 = (expert_weights(w, expert_ids, x.dtype) for w in (self.w1, self.w3, self.w2))
-        hidden = F.silu(torch.einsum("nd,nkid->nki", x, w1)) * torch.einsum("nd,nkid->nki", x, w3)
-        out = torch.einsum("nki,nkdi->nkd", hidden, w2)  # (N, K, D)
-        return (out * weights.to(x.dtype)[..., None]).sum(dim=1)
+        return experts.mix(tokens, expert_ids, weights, self.w1, self.w3, self.w2).view(B, T, D)
 
 
 class MLP(nn.Module):

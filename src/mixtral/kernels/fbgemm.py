@@ -118,17 +118,12 @@ class PackedLinear(nn.Module):
         self._linear = fp16_linear if kind == "fp16" else int8_linear
 
     @classmethod
-    def fp16(cls, weights: list[torch.Tensor]) -> PackedLinear:
-        """From float (N_i, K) weights, or stacked (E, N_i, K) experts, concatenated along their rows.
-
-        One expert at a time, so packing never holds more than one expert's weights twice."""
-        first = weights[0]
-        stacked = first.dim() == 3
-        rows = sum(w.shape[-2] for w in weights)
-        if not stacked:
-            return cls("fp16", [pack_fp16(torch.cat(weights))], rows, first.shape[-1], None)
-        packs = [pack_fp16(torch.cat([w[e] for w in weights])) for e in range(first.shape[0])]
-        return cls("fp16", packs, rows, first.shape[-1], first.shape[0])
+    def fp16(cls, weight: torch.Tensor) -> PackedLinear:
+        """From a float (N, K) weight, or stacked (E, N, K) experts (one expert at a time, so packing never holds
+        more than one expert's weights twice)."""
+        if weight.dim() == 2:
+            return cls("fp16", [pack_fp16(weight)], *weight.shape, None)
+        return cls("fp16", [pack_fp16(expert) for expert in weight], *weight.shape[1:], weight.shape[0])
 
     @classmethod
     def int8(cls, codes: torch.Tensor, scales: torch.Tensor) -> PackedLinear:
@@ -183,23 +178,24 @@ class PackedLinear(nn.Module):
 
 # ---- whole models ----------------------------------------------------------------------------------------
 
-def _pack(weights: list, fp16: bool) -> PackedLinear | None:
-    """One PackedLinear for `weights` (nn.Linear modules, expert Parameters or int8 QuantLinears) concatenated
-    along their output rows, or None when they cannot be packed together (int4, fp32 without `fp16`...)."""
-    tensors = [w.weight if isinstance(w, nn.Linear) else w for w in weights]
-    if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
-        if not fp16 or max(max(-t.min(), t.max()) for t in tensors) > torch.finfo(torch.float16).max:
+def _pack(weight, fp16: bool) -> PackedLinear | None:
+    """A PackedLinear for `weight` (an nn.Linear, a stacked expert Parameter or an int8 QuantLinear), or None
+    when it cannot be packed (int4, fp32 without `fp16`, values beyond fp16's range...)."""
+    if isinstance(weight, nn.Linear):
+        weight = weight.weight
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        if not fp16 or max(-weight.min(), weight.max()) > torch.finfo(torch.float16).max:
             return None  # (min and max: no temporary the size of the weight, as abs() would make)
-        return PackedLinear.fp16(tensors)
-    if all(isinstance(t, QuantLinear) and t.bits == 8 for t in tensors) and int8_available():
-        codes, scales = zip(*(t.canonical() for t in tensors))
-        return PackedLinear.int8(torch.cat(codes, dim=-2), torch.cat(scales, dim=-1).float())
+        return PackedLinear.fp16(weight)
+    if isinstance(weight, QuantLinear) and weight.bits == 8 and int8_available():
+        codes, scales = weight.canonical()
+        return PackedLinear.int8(codes, scales.float())
     return None
 
 
 def pack_model(model) -> bool:
     """Repack a CPU model's weights for fbgemm, in place: bf16/fp16 weights as fp16 packs, int8 ones as int8
-    packs; wq/wk/wv fused into one projection and each expert's w1/w3 into one. int4 weights keep their own
+    packs, each in its own place (nothing fused: the model's code runs as written). int4 weights keep their own
     kernel; the embedding, router and norms are untouched. Returns whether anything changed (then activations
     are fp32: model.compute_dtype)."""
     if model.device.type != "cpu" or model.compute_dtype is not None:
@@ -207,27 +203,22 @@ def pack_model(model) -> bool:
     fp16 = model.dtype in (torch.bfloat16, torch.float16) and fp16_available()
     changed = False
 
-    def swap(parent, names: list[str], new_name: str) -> None:
+    def swap(parent, name: str) -> None:
         nonlocal changed
-        packed = _pack([getattr(parent, n) for n in names], fp16)
+        packed = _pack(getattr(parent, name), fp16)
         if packed is not None:
-            for n in names:
-                delattr(parent, n)
-            setattr(parent, new_name, packed)
+            delattr(parent, name)  # a Parameter's slot cannot take a module directly
+            setattr(parent, name, packed)
             release_free_memory()  # the weights just packed: so the old and new copies never pile up
             changed = True
 
     with torch.no_grad():
-        for block in model.layers:
-            swap(block.attn, ["wq", "wk", "wv"], "wqkv")
-            swap(block.attn, ["wo"], "wo")
-            if isinstance(block.ffn, MoE):
-                swap(block.ffn, ["w1", "w3"], "w13")
-                swap(block.ffn, ["w2"], "w2")
-            else:
-                for name in ("w1", "w3", "w2"):
-                    swap(block.ffn, [name], name)
-        swap(model, ["lm_head"], "lm_head")
+        for block in model.layers:  # each weight packed in its own place: the model's code runs as written
+            for name in ("wq", "wk", "wv", "wo"):
+                swap(block.attn, name)
+            for name in ("w1", "w3", "w2"):
+                swap(block.ffn, name)
+        swap(model, "lm_head")
         if changed:  # activations become fp32 (model.compute_dtype): so does every weight they meet
             for module in model.modules():  # that was not packed: norms, routers, and any weight left as it was
                 if isinstance(module, (RMSNorm, nn.Linear)):

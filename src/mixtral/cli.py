@@ -8,9 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import MixtralError
+
+if TYPE_CHECKING:
+    from .loading import LoadOptions
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,10 +32,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
 
 
-def model_options(args) -> dict:
-    """load()'s keyword arguments from the options `_add_model_args` defines."""
-    return {"dtype": args.dtype, "device": args.device, "quantize": getattr(args, "quantize", None),
-            "pack": getattr(args, "pack", True)}
+def load_options(args) -> LoadOptions:
+    """How to load the model, from the options `_add_model_args` defines."""
+    from .loading import LoadOptions
+
+    return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,8 +77,8 @@ def _sampling_params(args, model_dir: Path):
 def _load(args):
     from .loading import load, resolve_model
 
-    model_dir = resolve_model(args.model)
-    model, tokenizer = load(model_dir, **model_options(args))
+    model_dir = resolve_model(args.model)  # once: load() gets the directory, not the name
+    model, tokenizer = load(model_dir, **asdict(load_options(args)))
     return model_dir, model, tokenizer
 
 
@@ -146,15 +152,62 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .server.app import serve
+    from . import server
+    from .engine import Engine
 
-    return serve(args)
+    model_dir, model, tokenizer = _load(args)
+    is_path = args.model is None or Path(args.model).expanduser().exists()
+    model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
+                    max_total_tokens=args.max_total_tokens)
+    try:
+        server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
+                   api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
+    finally:
+        engine.close()
+    return 0
+
+
+def _ui_backend(args):
+    """The reply source `mixtral ui` is asked for: a TGI endpoint, an OpenAI-compatible server, or the model
+    in-process (default). Raises MixtralError."""
+    import os
+
+    from .ui import LocalBackend, OpenAIBackend, TGIBackend
+
+    if args.endpoint and args.openai_base_url:
+        raise MixtralError("give either --endpoint or --openai-base-url, not both")
+    if args.endpoint:
+        from .loading import resolve_model
+        from .tokenizer import load_tokenizer
+
+        try:  # the prompts are rendered as text by --model's tokenizer (default: the shipped model's)
+            model_dir = resolve_model(args.model)
+            tokenizer = load_tokenizer(model_dir)
+        except MixtralError as exc:
+            raise MixtralError(f"--endpoint needs the model's tokenizer to build prompts: {exc}") from None
+        backend = TGIBackend(args.endpoint, tokenizer, args.api_key or os.environ.get("HF_TOKEN"))
+        backend.model_dir = model_dir
+        return backend
+    if args.openai_base_url:
+        return OpenAIBackend(args.openai_base_url, args.api_key or os.environ.get("OPENAI_API_KEY"), args.openai_model)
+    from .engine import Engine
+
+    model_dir, model, tokenizer = _load(args)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_total_tokens=args.max_total_tokens)
+    return LocalBackend(engine, model_dir, model_dir.name)
 
 
 def cmd_ui(args) -> int:
-    from .ui import main as ui_main
+    from . import ui
 
-    return ui_main(args)
+    backend = _ui_backend(args)
+    try:
+        ui.run(backend, args.host, args.port, feedback_file=args.feedback_file)
+    finally:
+        if backend.engine is not None:
+            backend.engine.close()
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -253,7 +306,7 @@ def cmd_eval(args) -> int:
     from .train import reply_chars_tensor, reply_nats_per_char
 
     torch_threads(args.threads)
-    model = load_model(args.model, **model_options(args))
+    model = load_model(args.model, **asdict(load_options(args)))
     ids, mask, meta = load_split(Path(args.data), args.split)
     import torch
 

@@ -112,3 +112,20 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bflo
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
     return load_model(model_dir, dtype, device, progress, quantize, pack), tokenizer
+
+
+from dataclasses import dataclass  # noqa: E402  (here, beside the one class that uses it)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a front end loads its model: `load(path, **dataclasses.asdict(options))`.
+
+    The fields mean what `load()`'s keywords of the same names mean, and their defaults are its defaults.
+    The `mixtral` commands build one from their options (`cli.load_options`); a program can build its own.
+    """
+
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    quantize: str | None = None
+    pack: bool = True

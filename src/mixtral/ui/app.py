@@ -1,7 +1,8 @@
 """The gradio page: Chat, Experts and Memory tabs around one `Backend`.
 
 `build_app(backend, ...)` returns a `gr.Blocks`; `launch(demo, host, port)` serves it (queue on, no analytics,
-a plain theme with system fonts, so the page loads nothing from the internet).
+a plain theme with system fonts, so the page loads nothing from the internet). `generation_defaults(model_dir)`
+gives the chat settings a model's generation_config.json asks for.
 """
 
 from __future__ import annotations
@@ -114,6 +115,24 @@ def make_respond(backend: Backend, defaults: ChatSettings):
             yield text, status_markdown(turn), skip, skip
 
     return respond
+
+
+def generation_defaults(model_dir: str | os.PathLike | None) -> ChatSettings:
+    """The chat tab's starting values: the model's generation_config.json where it says, else mixtral's."""
+    defaults = ChatSettings()
+    path = Path(model_dir) / "generation_config.json" if model_dir else None
+    if path is None or not path.is_file():
+        return defaults
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return defaults
+    values = {key: cfg[key] for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens")
+              if isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool)}
+    if cfg.get("do_sample") is False:
+        values["temperature"] = 0.0
+    settings, _ = clean_settings(**values, defaults=defaults)
+    return settings
 
 
 def build_app(backend: Backend, *, defaults: ChatSettings | None = None, feedback_path: str | Path,

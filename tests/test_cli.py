@@ -181,3 +181,32 @@ def test_importing_mixtral_shortens_openmps_spin_unless_the_user_chose():
     theirs = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "7"}, capture_output=True,
                             text=True, timeout=120)
     assert ours.stdout.strip() == "10000" and theirs.stdout.strip() == "7", ours.stderr + theirs.stderr
+
+
+def _with_generation_config(folder, cfg) -> object:
+    folder.mkdir(exist_ok=True)
+    (folder / "generation_config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return folder
+
+
+def test_sampling_flags_override_the_models_generation_config(tmp_path):
+    from mixtral.cli import _sampling_params, build_parser
+    from mixtral.errors import MixtralError
+
+    def params(model_dir, *flags):
+        return _sampling_params(build_parser().parse_args(["generate", "-p", "x", *flags]), model_dir)
+
+    assert params(tmp_path) == SamplingParams()  # no generation_config.json: mixtral's defaults
+    folder = _with_generation_config(tmp_path / "m", {"do_sample": False, "temperature": 0.5, "top_k": 40,
+                                                      "min_p": 0.1, "top_p": None, "max_new_tokens": 7})
+    p = params(folder)
+    assert (p.do_sample, p.temperature, p.top_k, p.min_p, p.top_p, p.max_new_tokens) == (False, 0.5, 40, 0.1, 1.0, 7)
+    p = params(folder, "--temperature", "0.9", "--top-k", "3", "--seed", "5", "--stop", "a", "--stop", "b",
+               "--max-new-tokens", "9", "--repetition-penalty", "1.2")
+    assert (p.do_sample, p.temperature, p.top_k, p.seed, p.stop, p.max_new_tokens, p.repetition_penalty, p.min_p) == (
+        True, 0.9, 3, 5, ("a", "b"), 9, 1.2, 0.1)  # a temperature > 0 turns sampling back on
+    assert params(folder, "--temperature", "0").greedy
+    with pytest.raises(MixtralError, match="invalid JSON"):
+        params(_with_generation_config(tmp_path / "bad", "{not json"))
+    with pytest.raises(MixtralError, match="top_p"):
+        params(_with_generation_config(tmp_path / "range", {"top_p": 0}))

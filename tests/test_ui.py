@@ -297,3 +297,22 @@ def test_mixtral_ui_hands_ui_run_a_backend_and_plain_values(tiny_chat_model, tmp
     backend, host = calls[-1][:2]
     assert isinstance(backend, TGIBackend) and backend.model_dir == tiny_chat_model and host == "0.0.0.0"
     assert backend.engine is None and backend.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_chat_settings_start_from_generation_config_else_the_pages_defaults(tmp_path):
+    from mixtral.loading import default_model_path
+    from mixtral.ui.app import generation_defaults
+
+    def write(cfg):
+        (tmp_path / "generation_config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+        return generation_defaults(tmp_path)
+
+    assert generation_defaults(None) == generation_defaults(tmp_path) == ChatSettings()
+    shipped = generation_defaults(default_model_path())
+    assert (shipped.temperature, shipped.top_p, shipped.max_new_tokens, shipped.repetition_penalty) == (
+        0.8, 0.95, 128, 1.0)
+    assert write({"temperature": 0.5, "top_k": 3}) == ChatSettings(temperature=0.5)  # top_p stays the page's 0.95
+    assert write({"do_sample": False, "temperature": 0.5}).temperature == 0.0
+    clamped = write({"temperature": 3.0, "repetition_penalty": 1.1})
+    assert (clamped.temperature, clamped.repetition_penalty) == (2.0, 1.1)  # to the page's slider range
+    assert write("{not json") == ChatSettings()

@@ -299,7 +299,7 @@ def test_mixtral_ui_hands_ui_run_a_backend_and_plain_values(tiny_chat_model, tmp
     assert backend.engine is None and backend.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
 
 
-def test_chat_settings_start_from_generation_config_else_the_pages_defaults(tmp_path):
+def test_chat_settings_start_from_generation_config_else_the_pages_defaults(tmp_path, caplog):
     from mixtral.loading import default_model_path
     from mixtral.ui.app import generation_defaults
 
@@ -316,3 +316,5 @@ def test_chat_settings_start_from_generation_config_else_the_pages_defaults(tmp_
     clamped = write({"temperature": 3.0, "repetition_penalty": 1.1})
     assert (clamped.temperature, clamped.repetition_penalty) == (2.0, 1.1)  # to the page's slider range
     assert write("{not json") == ChatSettings()
+    assert write({"temperature": 0.5, "top_p": 0}) == ChatSettings()  # a value SamplingParams refuses
+    assert "top_p must be" in caplog.text and "the chat starts from mixtral's settings" in caplog.text

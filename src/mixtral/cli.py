@@ -52,26 +52,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args, model_dir: Path):
+    """The model's generation_config.json, overridden by the sampling options given."""
     from .sampling import SamplingParams
 
-    values = {}
-    gen_config = model_dir / "generation_config.json"
-    if gen_config.is_file():
-        try:
-            cfg = json.loads(gen_config.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise MixtralError(f"{gen_config}: invalid JSON ({exc})") from None
-        for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "do_sample"):
-            if cfg.get(key) is not None:
-                values[key] = cfg[key]
-    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.stop:
-        values["stop"] = tuple(args.stop)
-    if args.temperature is not None and args.temperature > 0:
-        values["do_sample"] = True
-    return SamplingParams(**values)
+    return SamplingParams.from_generation_config(
+        model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=tuple(args.stop) if args.stop else None)
 
 
 def _load(args):

@@ -22,6 +22,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 
 from ..config import ModelArgs  # noqa: E402
+from ..errors import MixtralError  # noqa: E402
+from ..sampling import SamplingParams  # noqa: E402
 from . import experts, memory_view  # noqa: E402
 from .backends import (  # noqa: E402
     REPETITION_PENALTY_RANGE,
@@ -118,20 +120,21 @@ def make_respond(backend: Backend, defaults: ChatSettings):
 
 
 def generation_defaults(model_dir: str | os.PathLike | None) -> ChatSettings:
-    """The chat tab's starting values: the model's generation_config.json where it says, else mixtral's."""
+    """The chat tab's starting values: the model's generation_config.json where it says, else the page's own
+    (`ChatSettings()`), clamped to the page's ranges. A file that cannot be read is ignored, with a warning."""
     defaults = ChatSettings()
-    path = Path(model_dir) / "generation_config.json" if model_dir else None
-    if path is None or not path.is_file():
+    if model_dir is None:
         return defaults
+    page = SamplingParams(temperature=defaults.temperature, top_p=defaults.top_p,
+                          repetition_penalty=defaults.repetition_penalty, max_new_tokens=defaults.max_new_tokens)
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
+        params = SamplingParams.from_generation_config(model_dir, page)
+    except MixtralError as exc:
+        log.warning("%s; the chat starts from mixtral's settings", exc)
         return defaults
-    values = {key: cfg[key] for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens")
-              if isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool)}
-    if cfg.get("do_sample") is False:
-        values["temperature"] = 0.0
-    settings, _ = clean_settings(**values, defaults=defaults)
+    settings, _ = clean_settings(temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
+                                 repetition_penalty=params.repetition_penalty, max_new_tokens=params.max_new_tokens,
+                                 defaults=defaults)
     return settings
 
 

@@ -210,3 +210,25 @@ def test_sampling_flags_override_the_models_generation_config(tmp_path):
         params(_with_generation_config(tmp_path / "bad", "{not json"))
     with pytest.raises(MixtralError, match="top_p"):
         params(_with_generation_config(tmp_path / "range", {"top_p": 0}))
+
+
+def test_a_hub_id_is_looked_up_once_per_command(tiny_chat_model, monkeypatch, capsys):
+    """The commands resolve --model once and hand the directory on: one Hugging Face cache lookup per load."""
+    import mixtral.loading
+    import mixtral.server
+    import mixtral.ui
+    from mixtral.cli import main
+
+    lookups = []
+    monkeypatch.setattr(mixtral.loading, "_from_hub_cache", lambda repo_id: lookups.append(repo_id) or tiny_chat_model)
+    served = []
+    monkeypatch.setattr(mixtral.server, "run", lambda engine, model_id, *a, **kw: served.append(model_id))
+    monkeypatch.setattr(mixtral.ui, "run", lambda *a, **kw: None)
+    hub = ["--model", "someone/tiny-mixtral", "--dtype", "float32"]
+    for argv in (["generate", *hub, "-p", "hi", "--max-new-tokens", "2", "--json"], ["serve", *hub], ["ui", *hub],
+                 ["ui", *hub, "--endpoint", "http://127.0.0.1:9"], ["info", "someone/tiny-mixtral"]):
+        lookups.clear()
+        assert main(argv) == 0, argv
+        assert lookups == ["someone/tiny-mixtral"], argv
+    assert served == ["someone/tiny-mixtral"]  # a Hub id names itself
+    capsys.readouterr()

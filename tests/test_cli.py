@@ -232,3 +232,29 @@ def test_a_hub_id_is_looked_up_once_per_command(tiny_chat_model, monkeypatch, ca
         assert lookups == ["someone/tiny-mixtral"], argv
     assert served == ["someone/tiny-mixtral"]  # a Hub id names itself
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("command,hidden", [("serve", "fastapi"), ("serve", "uvicorn"), ("ui", "gradio"),
+                                            ("ui", "openai")])
+def test_a_front_end_without_its_extra_says_what_to_install(command, hidden, monkeypatch, capsys, tmp_path):
+    from mixtral.cli import main
+
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if it were not installed
+    assert main([command, "--model", str(tmp_path / "missing")]) == 2  # said before the model is looked for
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixtral: error: mixtral {command} needs {hidden}") and "Traceback" not in err
+    assert f"pip install 'mixtral[{command}]'" in err
+
+
+def test_chat_and_generate_need_neither_extra(tiny_chat_model):
+    """`pip install mixtral` without [serve] or [ui]: the library and the terminal commands never import them."""
+    hide = "import sys\nfor name in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'gradio', 'openai'):\n" \
+           "    sys.modules[name] = None\n"
+    code = hide + (f"from mixtral.cli import main\nsys.exit(main(['generate', '--model', {str(tiny_chat_model)!r}, "
+                   "'-p', 'hi', '--max-new-tokens', '2', '--temperature', '0']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-c", hide + "from mixtral.cli import main\nsys.exit(main(['serve']))"],
+                         capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2 and "pip install 'mixtral[serve]'" in out.stderr and "Traceback" not in out.stderr

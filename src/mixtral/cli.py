@@ -138,7 +138,24 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
+# What each front end imports beyond the base install, and the extra that installs it (pyproject.toml).
+EXTRAS = {"serve": ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic"),
+          "ui": ("gradio", "httpx", "openai")}
+
+
+def _require_extra(extra: str) -> None:
+    """Say which pip command installs a front end's missing packages, instead of an ImportError traceback.
+    Checked before the model loads, so the answer comes at once."""
+    import importlib.util
+
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MixtralError(f"mixtral {extra} needs {', '.join(missing)}, not installed: pip install 'mixtral[{extra}]' "
+                           f"(from a source checkout: pip install -e '.[{extra}]')")
+
+
 def cmd_serve(args) -> int:
+    _require_extra("serve")
     from . import server
     from .engine import Engine
 
@@ -186,6 +203,7 @@ def _ui_backend(args):
 
 
 def cmd_ui(args) -> int:
+    _require_extra("ui")
     from . import ui
 
     backend = _ui_backend(args)

@@ -1,5 +1,7 @@
-"""The `mixtral` command: chat, generate, info (and, as they land, serve, ui, train, quantize, bench).
+"""The `mixtral` command: chat, generate, info, serve, ui, prepare-data, train, eval, quantize, bench.
 
+The only module that reads argv: each command turns its options into typed values (LoadOptions,
+SamplingParams, an Engine, a ui backend) and hands those on; server.run and ui.run never see a Namespace.
 Every user error ends as one line on stderr and a non-zero exit code, never a traceback.
 """
 

@@ -181,3 +181,80 @@ def test_importing_mixtral_shortens_openmps_spin_unless_the_user_chose():
     theirs = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "7"}, capture_output=True,
                             text=True, timeout=120)
     assert ours.stdout.strip() == "10000" and theirs.stdout.strip() == "7", ours.stderr + theirs.stderr
+
+
+def _with_generation_config(folder, cfg) -> object:
+    folder.mkdir(exist_ok=True)
+    (folder / "generation_config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return folder
+
+
+def test_sampling_flags_override_the_models_generation_config(tmp_path):
+    from mixtral.cli import _sampling_params, build_parser
+    from mixtral.errors import MixtralError
+
+    def params(model_dir, *flags):
+        return _sampling_params(build_parser().parse_args(["generate", "-p", "x", *flags]), model_dir)
+
+    assert params(tmp_path) == SamplingParams()  # no generation_config.json: mixtral's defaults
+    folder = _with_generation_config(tmp_path / "m", {"do_sample": False, "temperature": 0.5, "top_k": 40,
+                                                      "min_p": 0.1, "top_p": None, "max_new_tokens": 7})
+    p = params(folder)
+    assert (p.do_sample, p.temperature, p.top_k, p.min_p, p.top_p, p.max_new_tokens) == (False, 0.5, 40, 0.1, 1.0, 7)
+    p = params(folder, "--temperature", "0.9", "--top-k", "3", "--seed", "5", "--stop", "a", "--stop", "b",
+               "--max-new-tokens", "9", "--repetition-penalty", "1.2")
+    assert (p.do_sample, p.temperature, p.top_k, p.seed, p.stop, p.max_new_tokens, p.repetition_penalty, p.min_p) == (
+        True, 0.9, 3, 5, ("a", "b"), 9, 1.2, 0.1)  # a temperature > 0 turns sampling back on
+    assert params(folder, "--temperature", "0").greedy
+    with pytest.raises(MixtralError, match="invalid JSON"):
+        params(_with_generation_config(tmp_path / "bad", "{not json"))
+    with pytest.raises(MixtralError, match="top_p"):
+        params(_with_generation_config(tmp_path / "range", {"top_p": 0}))
+
+
+def test_a_hub_id_is_looked_up_once_per_command(tiny_chat_model, monkeypatch, capsys):
+    """The commands resolve --model once and hand the directory on: one Hugging Face cache lookup per load."""
+    import mixtral.loading
+    import mixtral.server
+    import mixtral.ui
+    from mixtral.cli import main
+
+    lookups = []
+    monkeypatch.setattr(mixtral.loading, "_from_hub_cache", lambda repo_id: lookups.append(repo_id) or tiny_chat_model)
+    served = []
+    monkeypatch.setattr(mixtral.server, "run", lambda engine, model_id, *a, **kw: served.append(model_id))
+    monkeypatch.setattr(mixtral.ui, "run", lambda *a, **kw: None)
+    hub = ["--model", "someone/tiny-mixtral", "--dtype", "float32"]
+    for argv in (["generate", *hub, "-p", "hi", "--max-new-tokens", "2", "--json"], ["serve", *hub], ["ui", *hub],
+                 ["ui", *hub, "--endpoint", "http://127.0.0.1:9"], ["info", "someone/tiny-mixtral"]):
+        lookups.clear()
+        assert main(argv) == 0, argv
+        assert lookups == ["someone/tiny-mixtral"], argv
+    assert served == ["someone/tiny-mixtral"]  # a Hub id names itself
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("command,hidden", [("serve", "fastapi"), ("serve", "uvicorn"), ("ui", "gradio"),
+                                            ("ui", "openai")])
+def test_a_front_end_without_its_extra_says_what_to_install(command, hidden, monkeypatch, capsys, tmp_path):
+    from mixtral.cli import main
+
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if it were not installed
+    assert main([command, "--model", str(tmp_path / "missing")]) == 2  # said before the model is looked for
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixtral: error: mixtral {command} needs {hidden}") and "Traceback" not in err
+    assert f"pip install 'mixtral[{command}]'" in err
+
+
+def test_chat_and_generate_need_neither_extra(tiny_chat_model):
+    """`pip install mixtral` without [serve] or [ui]: the library and the terminal commands never import them."""
+    hide = "import sys\nfor name in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'gradio', 'openai'):\n" \
+           "    sys.modules[name] = None\n"
+    code = hide + (f"from mixtral.cli import main\nsys.exit(main(['generate', '--model', {str(tiny_chat_model)!r}, "
+                   "'-p', 'hi', '--max-new-tokens', '2', '--temperature', '0']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-c", hide + "from mixtral.cli import main\nsys.exit(main(['serve']))"],
+                         capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2 and "pip install 'mixtral[serve]'" in out.stderr and "Traceback" not in out.stderr

@@ -398,3 +398,25 @@ def test_valid_params_and_normalisation():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.temperature = 1.0
     assert SamplingParams() == SamplingParams(stop=[])
+
+
+def test_from_generation_config_layers_defaults_then_the_file_then_overrides(tmp_path):
+    import json
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.5, "top_k": 4, "do_sample": False, "max_new_tokens": None, "typical_p": 0.3,
+         "eos_token_id": 2}))
+    base = SamplingParams(top_p=0.9, max_new_tokens=10)
+    p = SamplingParams.from_generation_config(tmp_path, base)
+    assert (p.temperature, p.top_k, p.do_sample, p.top_p, p.max_new_tokens, p.typical_p) == (
+        0.5, 4, False, 0.9, 10, 1.0)  # typical_p is not read from the file
+    p = SamplingParams.from_generation_config(tmp_path, base, top_k=None, temperature=0.7)
+    assert (p.top_k, p.temperature, p.do_sample) == (4, 0.7, True)  # an explicit temperature > 0 samples
+    assert SamplingParams.from_generation_config(tmp_path, temperature=0.7, do_sample=False).greedy
+    assert SamplingParams.from_generation_config(tmp_path, temperature=0.0).greedy
+    assert SamplingParams.from_generation_config(None, seed=3) == SamplingParams(seed=3)
+    with pytest.raises(MixtralError, match="unknown sampling parameter"):
+        SamplingParams.from_generation_config(None, topk=3)
+    (tmp_path / "generation_config.json").write_text("[1]")
+    with pytest.raises(MixtralError, match="JSON object"):
+        SamplingParams.from_generation_config(tmp_path)

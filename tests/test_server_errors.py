@@ -286,3 +286,21 @@ def test_a_failure_while_generating_is_reported_in_each_protocol(served, monkeyp
             assert httpx.post(url + TGI, json=tgi(max_new_tokens=2)).status_code == 503
     finally:
         engine.close()
+
+
+def test_mixtral_serve_hands_server_run_an_engine_and_plain_values(tiny_chat_model, monkeypatch):
+    """`mixtral serve` loads the model, builds the engine from its options and passes typed values to
+    `server.run` (no Namespace); the engine is closed when the server stops."""
+    import mixtral.server
+    from mixtral.cli import main
+
+    calls = []
+    monkeypatch.setattr(mixtral.server, "run", lambda *a, **kw: calls.append((a, kw)))
+    assert main(["serve", "--model", str(tiny_chat_model), "--dtype", "float32", "--port", "8999",
+                 "--max-batch-size", "3", "--max-concurrent-requests", "5", "--max-total-tokens", "100",
+                 "--max-input-tokens", "60", "--api-key", "k", "--max-body-bytes", "1000"]) == 0
+    (engine, model_id, host, port), limits = calls[-1]
+    assert (model_id, host, port) == (tiny_chat_model.name, "127.0.0.1", 8999)
+    assert (engine.max_batch_size, engine.max_queue, engine.max_total_tokens) == (3, 5, 100)
+    assert limits == {"max_input_tokens": 60, "api_key": "k", "max_body_bytes": 1000, "max_prompt_chars": None}
+    assert not engine.alive

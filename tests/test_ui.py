@@ -270,3 +270,51 @@ def test_openai_base_url_and_cli_options():
     assert (args.endpoint, args.port, args.host, args.openai_base_url) == ("http://x:8080", 7999, "127.0.0.1", None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ui", "--endpoint", "http://x", "--openai-base-url", "http://y"])
+
+
+def test_mixtral_ui_hands_ui_run_a_backend_and_plain_values(tiny_chat_model, tmp_path, monkeypatch):
+    """`mixtral ui` builds the backend its options ask for and passes typed values to `ui.run` (no Namespace);
+    the in-process engine is closed when the page stops."""
+    import mixtral.ui
+    from mixtral.cli import main
+
+    calls = []
+    monkeypatch.setattr(mixtral.ui, "run", lambda backend, host, port, **kw: calls.append((backend, host, port, kw)))
+    feedback = str(tmp_path / "feedback.jsonl")
+    assert main(["ui", "--model", str(tiny_chat_model), "--dtype", "float32", "--port", "7999",
+                 "--max-batch-size", "2", "--feedback-file", feedback]) == 0
+    backend, host, port, kw = calls[-1]
+    assert isinstance(backend, LocalBackend) and (host, port, kw) == ("127.0.0.1", 7999, {"feedback_file": feedback})
+    assert backend.model_dir == tiny_chat_model and backend.engine.max_batch_size == 2
+    assert backend.engine.model.dtype == torch.float32 and not backend.engine.alive
+
+    assert main(["ui", "--openai-base-url", "http://127.0.0.1:9", "--openai-model", "m", "--api-key", "k"]) == 0
+    backend = calls[-1][0]
+    assert isinstance(backend, OpenAIBackend) and (backend.base_url, backend.model, backend.api_key) == (
+        "http://127.0.0.1:9/v1", "m", "k")
+
+    assert main(["ui", "--endpoint", "http://127.0.0.1:9", "--model", str(tiny_chat_model), "--host", "0.0.0.0"]) == 0
+    backend, host = calls[-1][:2]
+    assert isinstance(backend, TGIBackend) and backend.model_dir == tiny_chat_model and host == "0.0.0.0"
+    assert backend.engine is None and backend.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_chat_settings_start_from_generation_config_else_the_pages_defaults(tmp_path, caplog):
+    from mixtral.loading import default_model_path
+    from mixtral.ui.app import generation_defaults
+
+    def write(cfg):
+        (tmp_path / "generation_config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+        return generation_defaults(tmp_path)
+
+    assert generation_defaults(None) == generation_defaults(tmp_path) == ChatSettings()
+    shipped = generation_defaults(default_model_path())
+    assert (shipped.temperature, shipped.top_p, shipped.max_new_tokens, shipped.repetition_penalty) == (
+        0.8, 0.95, 128, 1.0)
+    assert write({"temperature": 0.5, "top_k": 3}) == ChatSettings(temperature=0.5)  # top_p stays the page's 0.95
+    assert write({"do_sample": False, "temperature": 0.5}).temperature == 0.0
+    clamped = write({"temperature": 3.0, "repetition_penalty": 1.1})
+    assert (clamped.temperature, clamped.repetition_penalty) == (2.0, 1.1)  # to the page's slider range
+    assert write("{not json") == ChatSettings()
+    assert write({"temperature": 0.5, "top_p": 0}) == ChatSettings()  # a value SamplingParams refuses
+    assert "top_p must be" in caplog.text and "the chat starts from mixtral's settings" in caplog.text

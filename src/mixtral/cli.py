@@ -1,5 +1,7 @@
-"""The `mixtral` command: chat, generate, info (and, as they land, serve, ui, train, quantize, bench).
+"""The `mixtral` command: chat, generate, info, serve, ui, prepare-data, train, eval, quantize, bench.
 
+The only module that reads argv: each command turns its options into typed values (LoadOptions,
+SamplingParams, an Engine, a ui backend) and hands those on; server.run and ui.run never see a Namespace.
 Every user error ends as one line on stderr and a non-zero exit code, never a traceback.
 """
 
@@ -8,9 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import MixtralError
+
+if TYPE_CHECKING:
+    from .loading import LoadOptions
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,10 +34,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
 
 
-def model_options(args) -> dict:
-    """load()'s keyword arguments from the options `_add_model_args` defines."""
-    return {"dtype": args.dtype, "device": args.device, "quantize": getattr(args, "quantize", None),
-            "pack": getattr(args, "pack", True)}
+def load_options(args) -> LoadOptions:
+    """How to load the model, from the options `_add_model_args` defines."""
+    from .loading import LoadOptions
+
+    return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -46,33 +54,20 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args, model_dir: Path):
+    """The model's generation_config.json, overridden by the sampling options given."""
     from .sampling import SamplingParams
 
-    values = {}
-    gen_config = model_dir / "generation_config.json"
-    if gen_config.is_file():
-        try:
-            cfg = json.loads(gen_config.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise MixtralError(f"{gen_config}: invalid JSON ({exc})") from None
-        for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "do_sample"):
-            if cfg.get(key) is not None:
-                values[key] = cfg[key]
-    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.stop:
-        values["stop"] = tuple(args.stop)
-    if args.temperature is not None and args.temperature > 0:
-        values["do_sample"] = True
-    return SamplingParams(**values)
+    return SamplingParams.from_generation_config(
+        model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=tuple(args.stop) if args.stop else None)
 
 
 def _load(args):
     from .loading import load, resolve_model
 
-    model_dir = resolve_model(args.model)
-    model, tokenizer = load(model_dir, **model_options(args))
+    model_dir = resolve_model(args.model)  # once: load() gets the directory, not the name
+    model, tokenizer = load(model_dir, **asdict(load_options(args)))
     return model_dir, model, tokenizer
 
 
@@ -145,16 +140,81 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
-def cmd_serve(args) -> int:
-    from .server.app import serve
+# What each front end imports beyond the base install, and the extra that installs it (pyproject.toml).
+EXTRAS = {"serve": ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic"),
+          "ui": ("gradio", "httpx", "openai")}
 
-    return serve(args)
+
+def _require_extra(extra: str) -> None:
+    """Say which pip command installs a front end's missing packages, instead of an ImportError traceback.
+    Checked before the model loads, so the answer comes at once."""
+    import importlib.util
+
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MixtralError(f"mixtral {extra} needs {', '.join(missing)}, not installed: pip install 'mixtral[{extra}]' "
+                           f"(from a source checkout: pip install -e '.[{extra}]')")
+
+
+def cmd_serve(args) -> int:
+    _require_extra("serve")
+    from . import server
+    from .engine import Engine
+
+    model_dir, model, tokenizer = _load(args)
+    is_path = args.model is None or Path(args.model).expanduser().exists()
+    model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
+                    max_total_tokens=args.max_total_tokens)
+    try:
+        server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
+                   api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
+    finally:
+        engine.close()
+    return 0
+
+
+def _ui_backend(args):
+    """The reply source `mixtral ui` is asked for: a TGI endpoint, an OpenAI-compatible server, or the model
+    in-process (default). Raises MixtralError."""
+    import os
+
+    from .ui import LocalBackend, OpenAIBackend, TGIBackend
+
+    if args.endpoint and args.openai_base_url:
+        raise MixtralError("give either --endpoint or --openai-base-url, not both")
+    if args.endpoint:
+        from .loading import resolve_model
+        from .tokenizer import load_tokenizer
+
+        try:  # the prompts are rendered as text by --model's tokenizer (default: the shipped model's)
+            model_dir = resolve_model(args.model)
+            tokenizer = load_tokenizer(model_dir)
+        except MixtralError as exc:
+            raise MixtralError(f"--endpoint needs the model's tokenizer to build prompts: {exc}") from None
+        backend = TGIBackend(args.endpoint, tokenizer, args.api_key or os.environ.get("HF_TOKEN"))
+        backend.model_dir = model_dir
+        return backend
+    if args.openai_base_url:
+        return OpenAIBackend(args.openai_base_url, args.api_key or os.environ.get("OPENAI_API_KEY"), args.openai_model)
+    from .engine import Engine
+
+    model_dir, model, tokenizer = _load(args)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_total_tokens=args.max_total_tokens)
+    return LocalBackend(engine, model_dir, model_dir.name)
 
 
 def cmd_ui(args) -> int:
-    from .ui import main as ui_main
+    _require_extra("ui")
+    from . import ui
 
-    return ui_main(args)
+    backend = _ui_backend(args)
+    try:
+        ui.run(backend, args.host, args.port, feedback_file=args.feedback_file)
+    finally:
+        if backend.engine is not None:
+            backend.engine.close()
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -253,7 +313,7 @@ def cmd_eval(args) -> int:
     from .train import reply_chars_tensor, reply_nats_per_char
 
     torch_threads(args.threads)
-    model = load_model(args.model, **model_options(args))
+    model = load_model(args.model, **asdict(load_options(args)))
     ids, mask, meta = load_split(Path(args.data), args.split)
     import torch
 

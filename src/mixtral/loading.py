@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,6 +112,20 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bflo
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
     return load_model(model_dir, dtype, device, progress, quantize, pack), tokenizer
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a front end loads its model: `load(path, **dataclasses.asdict(options))`.
+
+    The fields mean what `load()`'s keywords of the same names mean, and their defaults are its defaults.
+    The `mixtral` commands build one from their options (`cli.load_options`); a program can build its own.
+    """
+
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    quantize: str | None = None
+    pack: bool = True
 
 
 _COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -122,6 +122,37 @@ class SamplingParams:
             raise MixtralError(f"unknown sampling parameter(s) {unknown}; known: {sorted(names)}")
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_generation_config(cls, model_dir, defaults: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """The settings a model asks for: `defaults` (default: `SamplingParams()`), replaced by what the model's
+        generation_config.json says (temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens,
+        do_sample; nulls skipped), replaced by `overrides` (None skipped, so unset options pass as they are).
+
+        An overriding temperature > 0 turns sampling on, even where the file says do_sample false. model_dir
+        None or without the file: no file. Raises MixtralError for a file that is not a JSON object and for
+        any value out of range.
+        """
+        import json
+        from pathlib import Path
+
+        values = {}
+        path = None if model_dir is None else Path(model_dir) / "generation_config.json"
+        if path is not None and path.is_file():
+            try:
+                cfg = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise MixtralError(f"{path}: invalid JSON ({exc})") from None
+            if not isinstance(cfg, dict):
+                raise MixtralError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+            keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "do_sample")
+            values = {key: cfg[key] for key in keys if cfg.get(key) is not None}
+        given = {key: value for key, value in overrides.items() if value is not None}
+        values.update(given)
+        temperature = given.get("temperature")
+        if "do_sample" not in given and _is_real(temperature) and temperature > 0:
+            values["do_sample"] = True
+        return (cls() if defaults is None else defaults).replace(**values)
+
 
 # ---------------------------------------------------------------------------------------------- building blocks
 

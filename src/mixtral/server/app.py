@@ -1,7 +1,7 @@
 """The HTTP server: FastAPI wiring of the TGI and OpenAI routes around one `Engine`.
 
     app = create_app(engine, "my-model", api_key="secret")   # then run it with any ASGI server
-    mixtral serve --model DIR --port 8080                    # or: load, build and run with uvicorn
+    run(engine, "my-model", port=8080)                       # or: build it and run it with uvicorn
 
 Also here: GET /health, /info, /metrics (Prometheus), the API-key check (Bearer, constant-time; health, info,
 metrics and the docs stay open), and JSON errors for everything, unknown routes included. The access log
@@ -15,7 +15,6 @@ import hmac
 import ipaddress
 import logging
 import time
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -177,35 +176,23 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def serve(args) -> int:
-    """`mixtral serve`: load the model, start the engine, run uvicorn until interrupted. Returns 0."""
+def run(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080, **limits) -> None:
+    """Serve `engine` under the name `model_id` with uvicorn on host:port until interrupted (`mixtral serve`).
+
+    limits: `create_app`'s keywords (max_input_tokens, max_total_tokens, api_key, max_body_bytes,
+    max_prompt_chars, default_max_new_tokens). The engine stays the caller's to close.
+    Raises MixtralError for impossible limits.
+    """
     import uvicorn
 
-    from ..cli import model_options
-    from ..loading import load, resolve_model
-
-    model_dir = resolve_model(args.model)
-    model, tokenizer = load(model_dir, **model_options(args))
-    is_path = args.model is None or Path(args.model).expanduser().exists()
-    model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
-                    max_total_tokens=args.max_total_tokens)
-    try:
-        app = create_app(engine, model_id, max_input_tokens=args.max_input_tokens, api_key=args.api_key,
-                         max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-                         max_prompt_chars=getattr(args, "max_prompt_chars", None))
-        config: ServerConfig = app.state.config
-        if not _is_loopback(args.host) and not args.api_key:
-            log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
-                        args.host)
-        print(f"mixtral: serving {model_id} on http://{args.host}:{args.port} (TGI: POST /, /generate, "
-              f"/generate_stream; OpenAI: /v1/chat/completions, /v1/completions; docs: /docs); "
-              f"max_input_tokens={config.max_input_tokens} max_total_tokens={config.max_total_tokens} "
-              f"max_batch_size={engine.max_batch_size} max_concurrent_requests={engine.max_queue}; "
-              f"KV cache {engine.cache.nbytes() / 2**30:.2f} GiB (lower --max-total-tokens or --max-batch-size "
-              "to shrink it)", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
-                    timeout_graceful_shutdown=5)
-    finally:
-        engine.close()
-    return 0
+    app = create_app(engine, model_id, **limits)
+    config: ServerConfig = app.state.config
+    if not _is_loopback(host) and not config.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
+    print(f"mixtral: serving {model_id} on http://{host}:{port} (TGI: POST /, /generate, "
+          f"/generate_stream; OpenAI: /v1/chat/completions, /v1/completions; docs: /docs); "
+          f"max_input_tokens={config.max_input_tokens} max_total_tokens={config.max_total_tokens} "
+          f"max_batch_size={engine.max_batch_size} max_concurrent_requests={engine.max_queue}; "
+          f"KV cache {engine.cache.nbytes() / 2**30:.2f} GiB (lower --max-total-tokens or --max-batch-size "
+          "to shrink it)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=True, timeout_graceful_shutdown=5)

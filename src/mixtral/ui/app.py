@@ -1,7 +1,8 @@
 """The gradio page: Chat, Experts and Memory tabs around one `Backend`.
 
 `build_app(backend, ...)` returns a `gr.Blocks`; `launch(demo, host, port)` serves it (queue on, no analytics,
-a plain theme with system fonts, so the page loads nothing from the internet).
+a plain theme with system fonts, so the page loads nothing from the internet). `generation_defaults(model_dir)`
+gives the chat settings a model's generation_config.json asks for.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 
 from ..config import ModelArgs  # noqa: E402
+from ..errors import MixtralError  # noqa: E402
+from ..sampling import SamplingParams  # noqa: E402
 from . import experts, memory_view  # noqa: E402
 from .backends import (  # noqa: E402
     REPETITION_PENALTY_RANGE,
@@ -114,6 +117,25 @@ def make_respond(backend: Backend, defaults: ChatSettings):
             yield text, status_markdown(turn), skip, skip
 
     return respond
+
+
+def generation_defaults(model_dir: str | os.PathLike | None) -> ChatSettings:
+    """The chat tab's starting values: the model's generation_config.json where it says, else the page's own
+    (`ChatSettings()`), clamped to the page's ranges. A file that cannot be read is ignored, with a warning."""
+    defaults = ChatSettings()
+    if model_dir is None:
+        return defaults
+    page = SamplingParams(temperature=defaults.temperature, top_p=defaults.top_p,
+                          repetition_penalty=defaults.repetition_penalty, max_new_tokens=defaults.max_new_tokens)
+    try:
+        params = SamplingParams.from_generation_config(model_dir, page)
+    except MixtralError as exc:
+        log.warning("%s; the chat starts from mixtral's settings", exc)
+        return defaults
+    settings, _ = clean_settings(temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
+                                 repetition_penalty=params.repetition_penalty, max_new_tokens=params.max_new_tokens,
+                                 defaults=defaults)
+    return settings
 
 
 def build_app(backend: Backend, *, defaults: ChatSettings | None = None, feedback_path: str | Path,

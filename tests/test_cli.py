@@ -33,6 +33,14 @@ def test_info_preset_prints_the_published_numbers():
     assert "CPU kernels: " in out.stdout
 
 
+def test_info_prints_a_small_models_sizes_in_megabytes():
+    out = run_cli("info")  # the shipped model: 14M parameters, 28 MB in bf16
+    assert out.returncode == 0, out.stderr
+    data = json.loads(run_cli("info", "--json").stdout)
+    bf16_mb = data["weights_gb"]["bf16"] * 1000
+    assert f"bf16 {bf16_mb:,.1f} MB" in out.stdout and "0.0 GB" not in out.stdout and 20 < bf16_mb < 40
+
+
 def test_info_counts_match_a_real_model(tiny_chat_model):
     data = json.loads(run_cli("info", str(tiny_chat_model), "--json").stdout)
     model, _ = load(tiny_chat_model, dtype="float32", progress=False)

@@ -9,10 +9,9 @@
 import os
 
 # OpenMP's threads (torch's and our kernels', one pool) wait for work by spinning, 300,000 rounds by default,
-# before they sleep. On a machine shared with another busy process that spinning takes the cores the working
-# threads need: a batch-1 decode step of the "small" config next to a 2-thread neighbour took 171 ms instead
-# of 13 ms. A short spin costs nothing measurable on an idle machine. Read once, when torch loads OpenMP, so set
-# before torch is imported, and only where the user has not chosen.
+# before they sleep; next to another busy process that spinning takes the cores the working threads need (the
+# README has the numbers). Read once, when torch loads OpenMP, so set before torch is imported, and only where
+# the user has not chosen.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .config import ModelArgs, load_config  # noqa: E402

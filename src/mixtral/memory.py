@@ -88,6 +88,11 @@ def summary(args: ModelArgs) -> dict:
     }
 
 
+def _size(gb: float, digits: int = 1) -> str:
+    """Decimal GB with `digits` decimals; below 1 GB, MB (a small model's sizes would all read 0.0 GB)."""
+    return f"{gb:.{digits}f} GB" if gb >= 1 else f"{gb * 1000:,.{0 if gb >= 0.1 else 1}f} MB"
+
+
 def format_summary(args: ModelArgs, name: str) -> str:
     s = summary(args)
     gb = s["weights_gb"]
@@ -96,10 +101,10 @@ def format_summary(args: ModelArgs, name: str) -> str:
         + (f"{args.n_experts} experts, top-{args.top_k})" if args.is_moe else "dense)"),
         f"  total parameters   {s['total_params']:>18,}",
         f"  active per token   {s['active_params']:>18,}",
-        f"  weights  fp32 {gb['fp32']:.1f} GB · bf16 {gb['bf16']:.1f} GB · int8 {gb['int8']:.1f} GB "
-        f"· int4 {gb['int4']:.2f} GB",
+        f"  weights  fp32 {_size(gb['fp32'])} · bf16 {_size(gb['bf16'])} · int8 {_size(gb['int8'])} "
+        f"· int4 {_size(gb['int4'], 2)}",
         f"  KV cache (bf16)    {s['kv_cache_bytes_per_token_bf16'] / 1024:,.0f} KiB per token, "
-        f"{s['kv_cache_gb_full_context_bf16']:.2f} GB at the full {s['context_length']:,}-token context",
+        f"{_size(s['kv_cache_gb_full_context_bf16'], 2)} at the full {s['context_length']:,}-token context",
     ]
     return "\n".join(lines)
 

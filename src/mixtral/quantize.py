@@ -12,7 +12,7 @@ Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; t
 models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's
 dtype (fp32, once the model is prepared for inference): routing decisions are sensitive, and those tensors are small.
 
-Kernels (measured on a 2-core Zen 4 CPU, see README): for up to KERNEL_MAX_ROWS input rows, int8 uses
+Kernels (README: Quantization and speed): for up to KERNEL_MAX_ROWS input rows, int8 uses
 `aten._weight_int8pack_mm` and int4 `aten._weight_int4pack_mm_for_cpu` (CUDA: `aten._weight_int4pack_mm`),
 both with bfloat16 activations (fp32 activations make them ~10x slower). Larger inputs (prefill), unsupported
 shapes and devices dequantize the weight (fp32 on CPU) and use a plain matmul. On the CPU, torch_lowbit says

@@ -152,7 +152,7 @@ class DecodeSession:
     the final norm, the output projection, and each row's log-normalizer and greedy choice.
 
     A decode step of a small model is a few milliseconds, and the Python around it runs on cold caches (the step
-    streams more weights than the caches hold): each torch op there cost 20-200 us, ~1 ms a step in all. So the
+    streams more weights than the caches hold): each torch op there is slow (README). So the
     inputs go in through ctypes arrays, the buffers are allocated once, and `lse` and `best` come back with the
     logits, for the caller to skip the torch ops it would otherwise run on them.
 

@@ -51,9 +51,8 @@ void mx_set_num_threads(int n) { threads = n > 0 ? n : 1; }
 /* Back the 2 MiB-aligned part of [ptr, ptr + bytes) with 2 MiB pages, where the kernel allows it (Linux with
  * transparent huge pages on "madvise" or "always"): pages written from now on come as huge pages, and with
  * `collapse` (Linux 6.1 and later) the pages already written are turned into huge ones at once. Decode streams
- * every weight once per token: on 4 KiB pages that is a TLB miss and a hardware prefetcher restart every 4 KiB,
- * and on this project's 2-core machine a plain read ran at ~19 GB/s on 4 KiB pages against ~29 GB/s on 2 MiB
- * ones. Returns the bytes advised (0: not supported here). */
+ * every weight once per token: on 4 KiB pages that is a TLB miss and a hardware prefetcher restart every 4 KiB
+ * (README: a plain read is much slower on them). Returns the bytes advised (0: not supported here). */
 int64_t mx_hugepages(void *ptr, int64_t bytes, int collapse) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)2 << 20;
@@ -98,8 +97,7 @@ static inline float bf16_to_float(uint16_t h) {
 }
 
 /* Software prefetch distance in bytes for the batch-1 kernels: a weight row is one sequential stream, and
- * asking for it this far ahead keeps more of it in flight than the hardware prefetcher alone (measured 5-10%
- * more bandwidth with two threads). */
+ * asking for it this far ahead keeps more of it in flight than the hardware prefetcher alone. */
 #define PREFETCH 1024
 
 static inline float hsum(__m256 v) {
@@ -279,8 +277,8 @@ static void split_even_odd(const float *x, int64_t K, float *xp) {
 }
 
 /* Row `row` of expert e . x over all K columns, as 8 partial sums (their total is the product; see reduce4).
- * One row at a time keeps each thread's reads one sequential stream (the hardware prefetcher's best case; two
- * or four interleaved rows measured 30-40% slower), and four accumulators keep the FMA latency chains from
+ * One row at a time keeps each thread's reads one sequential stream (the hardware prefetcher's best case;
+ * interleaving rows read slower), and four accumulators keep the FMA latency chains from
  * bounding the loop.
  * xp is x split by split_even_odd; group_sums[g] = sum of x over int4 group g (int4 codes carry an offset of 8,
  * taken out once per group instead of once per code). */
@@ -294,7 +292,7 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
     if (fmt == FMT_BF16) {
         const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K;
         const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-        __m256 a2 = a, b2 = a, c2 = a, d2 = a; /* 64 columns a step on eight chains: measured 5-15% faster */
+        __m256 a2 = a, b2 = a, c2 = a, d2 = a; /* 64 columns a step on eight chains: fewer loop overheads */
         for (; i + 64 <= K; i += 64) {
             _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)(src + i) + PREFETCH + 64, _MM_HINT_T0);

@@ -30,7 +30,8 @@ def test_packed_bf16_model_matches_transformers_in_fp32(bf16_pair):
     assert kernels.runner(model).name == "fbgemm"
     assert model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
     first = model.layers[0]
-    assert all(isinstance(getattr(first.attn, name), fbgemm.PackedLinear) for name in ("wq", "wk", "wv", "wo"))
+    assert isinstance(first.attn, fbgemm.PackedAttention) and not hasattr(first.attn, "wq")
+    assert isinstance(first.attn.wqkv, fbgemm.PackedLinear) and isinstance(first.attn.wo, fbgemm.PackedLinear)
     ids = torch.randint(3, 256, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours, theirs = model(ids), reference(ids).logits
@@ -62,7 +63,8 @@ def int8_dir(tmp_path_factory):
 def test_packed_int8_is_close_to_weight_only_int8(int8_dir):
     packed = load_model(int8_dir, dtype="float32", progress=False, quantize="int8")
     plain = load_model(int8_dir, dtype="float32", progress=False, quantize="int8", pack=False)
-    assert packed.layers[0].ffn.w1.kind == "int8" and isinstance(plain.layers[0].ffn.w1, Q.QuantLinear)
+    assert packed.layers[0].ffn.w1.kind == "int8" and packed.layers[0].ffn.w3 is None  # w1|w3 as one
+    assert isinstance(plain.layers[0].ffn.w1, Q.QuantLinear)
     ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), Q.kernels_disabled():
         reference = plain(ids)  # exact dequantized weights, fp32 activations
@@ -77,7 +79,9 @@ def test_packed_int8_is_close_to_weight_only_int8(int8_dir):
     for name in ("w1", "w3", "w2"):
         codes, scales = getattr(plain.layers[1].ffn, name).canonical()
         weight = Q.dequantize_weight(codes, scales, 8, None, codes.shape[-1])
-        assert torch.equal(getattr(packed.layers[1].ffn, name).dequantize(), weight)
+        rows = {"w1": slice(0, 192), "w3": slice(192, 384), "w2": slice(None)}[name]
+        stored = packed.layers[1].ffn.w2 if name == "w2" else packed.layers[1].ffn.w1
+        assert torch.equal(stored.dequantize()[:, rows], weight)
 
 
 @pytest.mark.parametrize("rows", [1, 40])

@@ -1,6 +1,7 @@
 """Stacked experts: x through the chosen SwiGLU experts, mixed by the router's weights (model.MoE's last step).
 
-Expert weights are stacked, w1 and w3 (E, I, D), w2 (E, D, I), and come in three kinds with one interface here:
+Expert weights are stacked, w1 and w3 (E, I, D), w2 (E, D, I) (or w1|w3 as one (E, 2I, D) weight and w3 None),
+and come in three kinds with one interface here:
 a plain Parameter, a quantize.QuantLinear, or a kernels.fbgemm.PackedLinear (both have `linear(x, expert)`;
 QuantLinear also `dequantize(expert_ids, dtype)`). How the tokens meet their experts depends on where and how
 many they are, with the same numbers each way (the same matmuls, summed in ascending expert order):
@@ -32,8 +33,13 @@ def gather(weights, expert_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def swiglu(x: torch.Tensor, e: int, w1, w3, w2) -> torch.Tensor:
-    """Expert e on (M, D) tokens -> (M, D): w2(silu(w1 x) * w3 x)."""
-    return linear(F.silu(linear(x, w1, e)) * linear(x, w3, e), w2, e)
+    """Expert e on (M, D) tokens -> (M, D): w2(silu(w1 x) * w3 x). With w3 None, w1 holds w1 and w3 stacked
+    along its rows (one matmul for both: kernels/fbgemm.py packs them so)."""
+    if w3 is None:
+        gate, up = linear(x, w1, e).chunk(2, dim=-1)  # (M, I) each
+    else:
+        gate, up = linear(x, w1, e), linear(x, w3, e)
+    return linear(F.silu(gate) * up, w2, e)
 
 
 def mix(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1, w3, w2) -> torch.Tensor:

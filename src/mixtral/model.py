@@ -93,9 +93,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None, n_keys: int, slots=None) -> torch.Tensor:
         B, T, _ = x.shape
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.wq, self.wk, self.wv))  # (B, T, H|G|G, Dh)
+        return self.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, input_pos, cache, n_keys, slots)
+
+    def attend(self, q, k, v, mask, input_pos, cache: KVCache | None, n_keys: int, slots=None) -> torch.Tensor:
+        """Rotated queries and keys and the values, (B, T, H|G|G, Dh) -> the output projection of attention."""
+        B, T = q.shape[:2]
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = (proj(x).view(B, T, -1, Dh) for proj in (self.wq, self.wk, self.wv))  # (B, T, H|G|G, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh), (B, G, T, Dh) x 2
         if cache is not None:
             k, v = cache.update(self.layer_id, input_pos, k, v, n_keys, slots)  # (B, G, S, Dh)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import MixtralError
 from ..memory import release_free_memory
-from ..model import MoE, RMSNorm
+from ..model import Attention, MoE, RMSNorm, apply_rope
 from ..quantize import QuantLinear
 
 _checked: dict[str, bool] = {}
@@ -118,12 +118,16 @@ class PackedLinear(nn.Module):
         self._linear = fp16_linear if kind == "fp16" else int8_linear
 
     @classmethod
-    def fp16(cls, weight: torch.Tensor) -> PackedLinear:
-        """From a float (N, K) weight, or stacked (E, N, K) experts (one expert at a time, so packing never holds
-        more than one expert's weights twice)."""
-        if weight.dim() == 2:
-            return cls("fp16", [pack_fp16(weight)], *weight.shape, None)
-        return cls("fp16", [pack_fp16(expert) for expert in weight], *weight.shape[1:], weight.shape[0])
+    def fp16(cls, weights: list[torch.Tensor]) -> PackedLinear:
+        """From float (N_i, K) weights, or stacked (E, N_i, K) experts, concatenated along their rows.
+
+        One expert at a time, so packing never holds more than one expert's weights twice."""
+        first = weights[0]
+        rows = sum(w.shape[-2] for w in weights)
+        if first.dim() == 2:
+            return cls("fp16", [pack_fp16(torch.cat(weights))], rows, first.shape[-1], None)
+        packs = [pack_fp16(torch.cat([w[e] for w in weights])) for e in range(first.shape[0])]
+        return cls("fp16", packs, rows, first.shape[-1], first.shape[0])
 
     @classmethod
     def int8(cls, codes: torch.Tensor, scales: torch.Tensor) -> PackedLinear:
@@ -178,47 +182,80 @@ class PackedLinear(nn.Module):
 
 # ---- whole models ----------------------------------------------------------------------------------------
 
-def _pack(weight, fp16: bool) -> PackedLinear | None:
-    """A PackedLinear for `weight` (an nn.Linear, a stacked expert Parameter or an int8 QuantLinear), or None
-    when it cannot be packed (int4, fp32 without `fp16`, values beyond fp16's range...)."""
-    if isinstance(weight, nn.Linear):
-        weight = weight.weight
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        if not fp16 or max(-weight.min(), weight.max()) > torch.finfo(torch.float16).max:
+def _pack(weights: list, fp16: bool) -> PackedLinear | None:
+    """One PackedLinear for `weights` (nn.Linear modules, expert Parameters or int8 QuantLinears) concatenated
+    along their output rows, or None when they cannot be packed together (int4, fp32 without `fp16`...)."""
+    tensors = [w.weight if isinstance(w, nn.Linear) else w for w in weights]
+    if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        if not fp16 or max(max(-t.min(), t.max()) for t in tensors) > torch.finfo(torch.float16).max:
             return None  # (min and max: no temporary the size of the weight, as abs() would make)
-        return PackedLinear.fp16(weight)
-    if isinstance(weight, QuantLinear) and weight.bits == 8 and int8_available():
-        codes, scales = weight.canonical()
-        return PackedLinear.int8(codes, scales.float())
+        return PackedLinear.fp16(tensors)
+    if all(isinstance(t, QuantLinear) and t.bits == 8 for t in tensors) and int8_available():
+        codes, scales = zip(*(t.canonical() for t in tensors))
+        return PackedLinear.int8(torch.cat(codes, dim=-2), torch.cat(scales, dim=-1).float())
     return None
+
+
+class PackedAttention(Attention):
+    """Attention whose wq, wk and wv are one packed projection (`wqkv`): one GEMM call instead of three, the
+    rest of attention as the model has it (Attention.attend)."""
+
+    def forward(self, x, cos, sin, mask, input_pos, cache, n_keys: int, slots=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, G = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * G, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :H + G], cos, sin).split((H, G), dim=2)  # one rotation for both
+        return self.attend(q, k, qkv[:, :, H + G:], mask, input_pos, cache, n_keys, slots)
+
+
+def _packed_attention(attn: Attention, wqkv: PackedLinear) -> PackedAttention:
+    packed = PackedAttention.__new__(PackedAttention)
+    nn.Module.__init__(packed)
+    packed.layer_id, packed.n_heads, packed.n_kv_heads, packed.head_dim = (
+        attn.layer_id, attn.n_heads, attn.n_kv_heads, attn.head_dim)
+    packed.wqkv, packed.wo = wqkv, attn.wo
+    return packed
 
 
 def pack_model(model) -> bool:
     """Repack a CPU model's weights for fbgemm, in place: bf16/fp16 weights as fp16 packs, int8 ones as int8
-    packs, each in its own place (nothing fused: the model's code runs as written). int4 weights keep their own
-    kernel; the embedding, router and norms are untouched. Returns whether anything changed (then activations
-    are fp32: model.compute_dtype)."""
+    packs; wq/wk/wv packed as one projection (a PackedAttention) and each expert's w1/w3 as one (w3 None: see
+    experts.swiglu). int4 weights keep their own kernel; the embedding, router and norms are untouched. Returns
+    whether anything changed (then activations are fp32: model.compute_dtype)."""
     if model.device.type != "cpu" or model.compute_dtype is not None:
         return False
     fp16 = model.dtype in (torch.bfloat16, torch.float16) and fp16_available()
     changed = False
 
-    def swap(parent, name: str) -> None:
+    def swap(parent, names: list[str]):
+        """Pack parent's weights `names` as one (stacked along their rows); returns the pack or None."""
         nonlocal changed
-        packed = _pack(getattr(parent, name), fp16)
+        packed = _pack([getattr(parent, n) for n in names], fp16)
         if packed is not None:
-            delattr(parent, name)  # a Parameter's slot cannot take a module directly
-            setattr(parent, name, packed)
-            release_free_memory()  # the weights just packed: so the old and new copies never pile up
+            for n in names:
+                delattr(parent, n)  # a Parameter's slot cannot take a module directly
             changed = True
+        return packed
 
     with torch.no_grad():
-        for block in model.layers:  # each weight packed in its own place: the model's code runs as written
-            for name in ("wq", "wk", "wv", "wo"):
-                swap(block.attn, name)
-            for name in ("w1", "w3", "w2"):
-                swap(block.ffn, name)
-        swap(model, "lm_head")
+        for block in model.layers:
+            wqkv = swap(block.attn, ["wq", "wk", "wv"])
+            if wqkv is not None:  # one projection for queries, keys and values
+                block.attn = _packed_attention(block.attn, wqkv)
+            if (wo := swap(block.attn, ["wo"])) is not None:
+                block.attn.wo = wo
+            if isinstance(block.ffn, MoE):
+                if (w13 := swap(block.ffn, ["w1", "w3"])) is not None:  # w1 and w3 in one (experts.swiglu)
+                    block.ffn.w1, block.ffn.w3 = w13, None
+            else:
+                for name in ("w1", "w3"):
+                    if (packed := swap(block.ffn, [name])) is not None:
+                        setattr(block.ffn, name, packed)
+            if (w2 := swap(block.ffn, ["w2"])) is not None:
+                block.ffn.w2 = w2
+            release_free_memory()  # the weights just packed: so the old and new copies never pile up
+        if (head := swap(model, ["lm_head"])) is not None:
+            model.lm_head = head
         if changed:  # activations become fp32 (model.compute_dtype): so does every weight they meet
             for module in model.modules():  # that was not packed: norms, routers, and any weight left as it was
                 if isinstance(module, (RMSNorm, nn.Linear)):

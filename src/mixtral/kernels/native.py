@@ -152,12 +152,12 @@ class DecodeSession:
     the final norm, the output projection, and each row's log-normalizer and greedy choice.
 
     A decode step of a small model is a few milliseconds, and the Python around it runs on cold caches (the step
-    streams more weights than the caches hold): each torch op there is slow (README). So the
-    inputs go in through ctypes arrays, the buffers are allocated once, and `lse` and `best` come back with the
-    logits, for the caller to skip the torch ops it would otherwise run on them.
+    streams more weights than the caches hold): each torch op there is slow (README). So the inputs go in through
+    ctypes arrays, the buffers are allocated once, and `lse` and `best` come back with the logits, for the caller
+    to skip the torch ops it would otherwise run on them.
 
-    `step` returns (B, V) logits in the decoder's own buffer, valid until the next step (unless `fresh`; a
-    decoder made with `own_logits=False` only makes fresh ones). Like the cache it writes, a decoder is stepped by
+    `step` returns (B, V) logits in the session's own buffer, valid until the next step (unless `fresh`; a
+    session made with `own_logits=False` only makes fresh ones). Like the cache it writes, a session is stepped by
     one thread at a time.
     """
 

@@ -113,6 +113,9 @@ def test_packed_model_refuses_to_be_saved_or_quantized(int8_dir, tmp_path):
     with pytest.raises(MixtralError, match="pack=False"):
         Q.quantize_model(model, 8)
     assert not fbgemm.pack_model(model)  # packing twice changes nothing
+    with pytest.raises(MixtralError, match="cannot be moved or cast"):
+        model.to(torch.float64)
+    assert model.compute_dtype == torch.float32 and kernels.runner(model).name == "fbgemm"  # still as it was
 
 
 def test_fp32_models_are_not_packed(int8_dir):

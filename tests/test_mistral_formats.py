@@ -208,6 +208,38 @@ def test_a_directory_prefers_the_exact_sentencepiece_model(tmp_path_factory):
     assert load_tokenizer(folder / "tokenizer.json").apply_chat_template(spaced) != _reference(mistral, spaced)
 
 
+def test_a_fine_tune_that_added_tokens_keeps_its_tokenizer_json_and_template(tmp_path_factory):
+    """A v3 tokenizer.model beside a tokenizer.json with tokens of its own (a ChatML fine-tune): the json and
+    its template decide; an unreadable tokenizer.model beside a json is not an error."""
+    transformers = pytest.importorskip("transformers")
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    folder = _folder(tmp_path_factory, "v3", chatml, eos_token="<|im_end|>")
+    hf = transformers.LlamaTokenizer.from_pretrained(str(folder), legacy=False).backend_tokenizer
+    hf.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    hf.save(str(folder / "tokenizer.json"))
+    tok = load_tokenizer(folder)
+    (start,), (end,) = (tok.encode(t, parse_special=True) for t in ("<|im_start|>", "<|im_end|>"))
+    assert tok.chat_format == "template" and tok.vocab_size == 32770 and {start, end} == {32768, 32769}
+    assert tok.eos_id == end
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert ids[1] == start and end in ids  # the template's special tokens as their ids
+    (folder / "tokenizer.model").write_bytes(b"not a sentencepiece model")  # the json is still read
+    assert load_tokenizer(folder).encode("<|im_end|>", parse_special=True) == [end]
+
+
+def test_a_template_that_reflows_the_system_prompt_keeps_it(tmp_path_factory):
+    """The check that a template did not drop the system prompt compares text with runs of whitespace folded."""
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] | trim }}"
+                "{% else %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}{% endfor %}")
+    tok = load_tokenizer(_folder(tmp_path_factory, "v1", template))
+    text = tok.chat_prompt_text([{"role": "system", "content": "  Be\n brief.  "}, {"role": "user", "content": "Hi"}])
+    assert "Be\n brief." in text
+    dropping = load_tokenizer(_folder(tmp_path_factory, "v1", template.replace("{{ m['content'] | trim }}", "")))
+    with pytest.raises(MixtralError, match="left out the system prompt"):
+        dropping.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+
+
 def test_streaming_skips_control_tokens_but_not_their_spelling(tmp_path_factory):
     tok = load_tokenizer(_folder(tmp_path_factory, "v3"))
     typed = tok.encode("ok [INST] 🦙 [/INST]")

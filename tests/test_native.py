@@ -260,23 +260,25 @@ def test_a_decode_rows_numbers_do_not_depend_on_the_rows_beside_it(tiny_dir, set
     assert kernels.runner(model).name == "native"
     prompts = [torch.randint(3, 256, (n,), generator=_gen(20 + n)).tolist() for n in (9, 4, 13, 6)]
 
-    def decode(rows: list[int], steps: int = 4) -> list[torch.Tensor]:
-        """Row 0's logits over `steps` steps with rows[1:] decoding beside it (each prompt prefilled alone)."""
+    def decode(placed: list[tuple[int, int]], steps: int = 4) -> list[torch.Tensor]:
+        """The first sequence's logits over `steps` steps, with the others decoding beside it; `placed` lists
+        (prompt, cache row) pairs; each prompt is prefilled alone into its row."""
         cache = KVCache(model.args, 4, 32, torch.float32)
-        for row in rows:
-            model(torch.tensor([prompts[row]]), cache=cache, n_keys=len(prompts[row]), slots=torch.tensor([row]))
-        decoder = kernels.runner(model).session(cache)
+        for prompt, row in placed:
+            ids = prompts[prompt]
+            model(torch.tensor([ids]), cache=cache, n_keys=len(ids), slots=torch.tensor([row]))
+        rows = [row for _, row in placed]
         out = []
         for step in range(steps):
-            tokens = [(17 * step + 5 * row) % 256 for row in rows]
-            logits = decoder.step(tokens, [len(prompts[row]) + step for row in rows], rows)
-            out.append(logits[0].clone())
+            tokens = [(17 * step + 5 * prompt) % 256 for prompt, _ in placed]
+            positions = [len(prompts[prompt]) + step for prompt, _ in placed]
+            out.append(kernels.runner(model).decode_step(cache, tokens, positions, rows).logits[0].clone())
         return out
 
     with torch.inference_mode():
-        alone = decode([0])
-        for rows in ([0, 1], [0, 3, 2], [0, 1, 2, 3]):
-            assert all(torch.equal(a, b) for a, b in zip(alone, decode(rows))), rows
+        alone = decode([(0, 0)])
+        for placed in ([(0, 2)], [(0, 0), (1, 1)], [(0, 3), (3, 0), (2, 1)], [(0, 1), (1, 0), (2, 2), (3, 3)]):
+            assert all(torch.equal(a, b) for a, b in zip(alone, decode(placed))), placed
 
 
 def test_generation_on_the_decoder_equals_generation_on_torch(tiny_dir):
@@ -376,8 +378,10 @@ def test_moving_or_casting_the_model_returns_it_to_torch(tiny_dir):
     with torch.inference_mode():
         before = model(ids)
         model.to(torch.float64).to(torch.float32)  # new tensors: the kernels' pointers would be stale
-        assert kernels.runner(model).name == "torch"
+        assert kernels.runner(model).name == "torch" and model.compute_dtype is None
         assert torch.allclose(model(ids), before, atol=1e-5)
+        assert kernels.prepare(model).name == "native"  # prepared again, though a torch runner was handed out
+        assert kernels.runner(model).name == "native" and torch.allclose(model(ids), before, atol=1e-5)
 
 
 def test_turned_off_by_the_environment(tiny_dir, monkeypatch):

@@ -170,6 +170,18 @@ def test_dangerous_widths_run_in_a_child_without_crashing_and_match_the_fallback
                 assert case["path"] == "fallback", case
 
 
+def test_a_probe_that_cannot_run_is_not_remembered(tmp_path, monkeypatch):
+    """A child that fails before any case (here: it exits at once) turns the kernels off in this process only:
+    nothing is cached, so the next process probes again."""
+    child = tmp_path / "child.py"
+    child.write_text("import sys\nsys.exit('cannot import torch')\n")
+    monkeypatch.setattr(torch_lowbit, "CHILD", child)
+    monkeypatch.setattr(torch_lowbit, "_answers", None)
+    monkeypatch.setenv("MIXTRAL_CACHE_DIR", str(tmp_path / "cache"))
+    assert not torch_lowbit.int8_safe(4096) and "cannot import torch" in torch_lowbit.answers()["reason"]
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
 def test_a_crashing_probe_case_is_a_no_and_the_rest_still_run(tmp_path, monkeypatch):
     """The probe's child is restarted after a case kills it; that case, and only that one, is refused."""
     child = tmp_path / "child.py"

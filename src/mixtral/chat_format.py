@@ -199,7 +199,7 @@ def render_template(template, messages: list[dict], system: str | None, add_gene
         raise
     except Exception as e:  # the template is data: any failure in it (sandbox, undefined, ...) is the user's
         raise MixtralError(f"the chat template failed: {type(e).__name__}: {e}") from e
-    if system and system.strip() and system.strip() not in text:
+    if system and system.strip() and " ".join(system.split()) not in " ".join(text.split()):
         raise MixtralError(
             "the model's chat template left out the system prompt (it has no system role); remove the "
             "system message, or put the instruction in the first user message"

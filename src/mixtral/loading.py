@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
+from . import kernels, torch_lowbit
 from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .model import Transformer
@@ -97,6 +97,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
             quantize_model(model, *wanted, kernel_layout=layout)
     if pack:
         kernels.prepare(model)
+    elif model.device.type == "cpu" and (stored or wanted):
+        torch_lowbit.answers()  # probe torch's low-bit kernels now (once per machine), not at the first matmul
     return model
 
 

@@ -220,8 +220,10 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """.to(), .half(), ...: a runner holds the weights as prepared, so the model returns to its own code."""
-        self.runner, self.compute_dtype = None, None
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)  # (a model packed for fbgemm refuses, and stays as it was)
+        if self.runner is not None:
+            self.runner, self.compute_dtype = None, None
+        return result
 
     def forward(
         self,

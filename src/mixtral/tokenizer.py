@@ -212,26 +212,33 @@ def _dummy_prefix(backend) -> bool:
     return bool(ids) and backend.piece(ids[0]).startswith("\u2581")
 
 
-def _backend(path: Path, requested: str | None) -> SentencePieceBackend | HFTokenizersBackend:
-    """The backend for a tokenizer file, or for the right file of a model directory.
+def _backend(path: Path, requested: str | None) -> tuple[SentencePieceBackend | HFTokenizersBackend, bool]:
+    """The backend for a tokenizer file, or for the right file of a model directory, and whether it is a
+    tokenizer.json that adds tokens of its own to a Mistral instruct tokenizer.model beside it (a fine-tune:
+    its chat template, not Mistral's format, is what it was trained on).
 
     A directory's `tokenizer.model` is used when a Mistral format is requested, or when it is one of Mistral's
-    instruct tokenizers (it is the exact SentencePiece model mistral-common encodes with); else
-    `tokenizer.json` comes first.
+    instruct tokenizers (it is the exact SentencePiece model mistral-common encodes with) and the directory's
+    `tokenizer.json` has no more tokens than it (a fine-tune that added tokens of its own keeps its json and its
+    template); else `tokenizer.json` comes first.
     """
     if not path.is_dir():
-        return HFTokenizersBackend(path) if path.name.endswith(".json") else SentencePieceBackend(path)
+        return (HFTokenizersBackend(path) if path.name.endswith(".json") else SentencePieceBackend(path)), False
     model, hf = path / "tokenizer.model", path / "tokenizer.json"
     if model.is_file() and (requested in ("v1", "v3", "v7") or not hf.is_file()):
-        return SentencePieceBackend(model)
+        return SentencePieceBackend(model), False
     if model.is_file() and requested is None:
-        sp = SentencePieceBackend(model)
-        if _dummy_prefix(sp) and mistral_generation(sp.control_id) is not None:
-            return sp
+        try:
+            sp = SentencePieceBackend(model)
+        except MixtralError:  # an unreadable tokenizer.model beside a tokenizer.json: the json decides
+            sp = None
+        if sp is not None and _dummy_prefix(sp) and mistral_generation(sp.control_id) is not None:
+            hf_backend = HFTokenizersBackend(hf)
+            return (sp, False) if hf_backend.size <= sp.size else (hf_backend, True)
     if hf.is_file():
-        return HFTokenizersBackend(hf)
+        return HFTokenizersBackend(hf), False
     if model.is_file():
-        return SentencePieceBackend(model)
+        return SentencePieceBackend(model), False
     if (path / "tekken.json").is_file():
         raise MixtralError(f"{path} has only tekken.json: Mistral's tekken tokenizer is not supported; a "
                            "tokenizer.json converted from it (as in Hugging Face repositories) is")
@@ -272,8 +279,8 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
         raise MixtralError(f"unknown chat format {chat_format!r} (known: {', '.join(CHAT_FORMATS)})")
     requested = chat_format or {True: "v1", False: "template", None: None}[mistral_v1] or configured
 
-    backend = _backend(path, requested)
-    generation = mistral_generation(backend.control_id) if _dummy_prefix(backend) else None
+    backend, extended = _backend(path, requested)
+    generation = mistral_generation(backend.control_id) if _dummy_prefix(backend) and not extended else None
     backend.separators = generation is not None
 
     template = config.get("chat_template")

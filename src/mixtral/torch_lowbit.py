@@ -128,18 +128,21 @@ def _empty(reason: str) -> dict:
 def _load_or_probe() -> dict:
     if os.environ.get("MIXTRAL_TORCH_LOWBIT", "1") == "0":
         return _empty("MIXTRAL_TORCH_LOWBIT=0")
-    path = _cache_file()
     try:
+        path = _cache_file()
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError, KeyError):  # no cache yet, or no home directory to keep one in
         pass
     found = probe()
+    if found.get("reason"):
+        return found  # the probe itself failed: no kernel this time, and another try in the next process
     try:
+        path = _cache_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(found, indent=1))
         os.replace(tmp, path)  # atomic: parallel processes may race
-    except OSError:
+    except (OSError, RuntimeError, KeyError):
         pass  # an unwritable cache only costs a probe per process
     return found
 
@@ -157,11 +160,17 @@ def probe(timeout: float = 120.0) -> dict:
     found = _empty("")
     pending = _cases()
     results: dict[str, object] = {}
+    # the child runs the script by path, so its folder (this package's modules) does not shadow any import
+    command = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+               str(CHILD)]
     while pending:
+        errors = ""
         try:
-            done = subprocess.run([sys.executable, "-I", str(CHILD)], input=json.dumps(pending), text=True,
-                                  capture_output=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            output = done.stdout
+            done = subprocess.run(command, input=json.dumps(pending), text=True, capture_output=True,
+                                  timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            output, errors = done.stdout, done.stderr
+        except subprocess.TimeoutExpired as e:  # a case that hangs: a no, like a crash; the rest still run
+            output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         except (OSError, subprocess.SubprocessError) as e:
             found["reason"] = f"the probe could not run ({type(e).__name__}: {e})"
             break
@@ -178,7 +187,7 @@ def probe(timeout: float = 120.0) -> dict:
             results[started] = "crash"  # the child died inside this case
         remaining = [c for c in pending if c["id"] not in results]
         if len(remaining) == len(pending):  # no progress (the child failed to start): stop trying
-            found["reason"] = f"the probe process failed: {done.stderr.strip()[-300:]}"
+            found["reason"] = f"the probe process failed: {errors.strip()[-300:]}"
             break
         pending = remaining
     found["cases"] = results

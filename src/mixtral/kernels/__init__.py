@@ -39,8 +39,9 @@ def prepare(model) -> Runner:
     """Set a model up, in place, for the fastest runner this machine has for it, and return that runner: our C
     kernels on the CPU where they run, else fbgemm's packed weights on the CPU, else the torch reference.
     Inference only: a prepared model cannot be trained, re-quantized or saved."""
-    if getattr(model, "runner", None) is not None or model in _runners:
-        return runner(model)
+    if getattr(model, "runner", None) is not None or isinstance(_runners.get(model), FbgemmRunner):
+        return runner(model)  # prepared already
+    _runners.pop(model, None)  # a torch runner handed out before: prepare anew
     if model.device.type == "cpu":
         prepared = native.prepare(model)
         if prepared is not None:

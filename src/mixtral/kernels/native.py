@@ -6,9 +6,10 @@ projection, and each row's log-normalizer and argmax), because whatever Python r
 the step's weights have just flushed. Prompts run every matmul and the experts in C and attention in torch (SDPA).
 
 Numbers: every weight is widened to its exact fp32 value and multiplied in fp32, so the result equals an fp32
-matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights in decode
-steps meet activations rounded to int16 with one scale per span of columns, 256 for int8 and one group for int4
-(error <= 2^-16 of the span's largest value). Each row of a batched decode step is computed exactly as at batch 1.
+matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights in
+one-row products (every row of a decode step, and any one-row matmul, such as a one-token prompt chunk) meet
+activations rounded to int16 with one scale per span of columns, 256 for int8 and one group for int4 (error
+<= 2^-16 of the span's largest value). Each row of a batched decode step is computed exactly as at batch 1.
 Activations and the KV cache are fp32. Routing ties (equal router logits) may pick other experts than
 torch.topk, whose order for ties is unspecified.
 """

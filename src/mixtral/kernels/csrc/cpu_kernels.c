@@ -9,9 +9,10 @@
  *
  * Every product is computed in fp32 from the exact fp32 value of each weight (bf16, fp16, code * scale are
  * all exact in fp32), so results equal a plain fp32 matmul with the dequantized weight up to summation order.
- * One exception: int8 and int4 (groups of 32 or more) in decode steps round the activation to int16, one scale
- * per span of columns, and sum the products in integers (see "integer codes at batch 1" below). A decode step
- * computes each of its rows exactly as at batch 1 (linear_rows), so a row's numbers do not depend on its batch.
+ * One exception: int8 and int4 (groups of 32 or more) in one-row products (mx_linear with M = 1, and every row
+ * of a decode step) round the activation to int16, one scale per span of columns, and sum the products in
+ * integers (see "integer codes at batch 1" below). A decode step computes each of its rows exactly as at batch 1
+ * (linear_rows), so a row's numbers do not depend on its batch.
  *
  * Entry points (all take and return fp32 activations, row-major):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight

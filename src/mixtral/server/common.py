@@ -154,6 +154,12 @@ async def _drain(request: Request, up_to: int) -> None:
         return
 
 
+def json_body(schema: str) -> dict:
+    """A route's `openapi_extra`: its body is JSON of the named schema (the routes read the body themselves)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
+
+
 def parse(model: type[BaseModel], data: dict) -> BaseModel:
     """Validate `data` against a schema; a wrong type or a missing field becomes a 422 naming the field."""
     try:

@@ -17,16 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Event, Overloaded, RequestHandle
 from ..errors import MixtralError
 from ..sampling import SamplingParams
-from .common import ApiError, ServerConfig, check_alive, collect, encode_text, parse, read_json, sse, token_text
+from .common import (ApiError, ServerConfig, check_alive, collect, encode_text, json_body, parse, read_json, sse,
+                     token_text)
 from .schemas import ChatRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 MAX_TOP_LOGPROBS = 20
-
-
-def _body(model: str) -> dict:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -125,7 +121,7 @@ def _chat_logprobs(tokenizer, event: Event) -> dict:
                               "bytes": list(token_text(tokenizer, i).encode("utf-8"))} for i, lp in event.top_tokens]}
 
 
-@router.post("/chat/completions", openapi_extra=_body("ChatRequest"), summary="Chat completion (OpenAI)")
+@router.post("/chat/completions", openapi_extra=json_body("ChatRequest"), summary="Chat completion (OpenAI)")
 async def chat_completions(request: Request):
     config: ServerConfig = request.app.state.config
     engine = request.app.state.engine
@@ -222,7 +218,7 @@ def _completion_logprobs(tokenizer, tokens: list[Event], offset: int) -> dict:
             "text_offset": offsets}
 
 
-@router.post("/completions", openapi_extra=_body("CompletionRequest"), summary="Text completion (OpenAI)")
+@router.post("/completions", openapi_extra=json_body("CompletionRequest"), summary="Text completion (OpenAI)")
 async def completions(request: Request):
     config: ServerConfig = request.app.state.config
     engine = request.app.state.engine

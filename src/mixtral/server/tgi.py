@@ -1,6 +1,6 @@
 """The Text Generation Inference routes: POST /, /generate, /generate_stream, /tokenize.
 
-Semantics and messages follow TGI (see /work/shared/API.md): validation errors are 422 with
+Semantics and messages follow TGI's: validation errors are 422 with
 `{"error": "Input validation error: ...", "error_type": "validation"}`, overload 429, failures 424.
 """
 
@@ -13,15 +13,11 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Event, Overloaded, RequestHandle
 from ..errors import MixtralError
 from ..sampling import SamplingParams
-from .common import ApiError, ServerConfig, check_alive, collect, encode_text, parse, read_json, sse, token_text
+from .common import (ApiError, ServerConfig, check_alive, collect, encode_text, json_body, parse, read_json, sse,
+                     token_text)
 from .schemas import TGIParameters, TGIRequest, TokenizeRequest
 
 router = APIRouter(tags=["TGI"])
-
-
-def _body(model: str) -> dict:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}
 
 
 class _Prepared:
@@ -178,7 +174,7 @@ def _stream(request: Request, prepared: _Prepared) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/", openapi_extra=_body("TGIRequest"), summary="Generate (TGI); SSE when \"stream\": true")
+@router.post("/", openapi_extra=json_body("TGIRequest"), summary="Generate (TGI); SSE when \"stream\": true")
 async def root(request: Request):
     req = parse(TGIRequest, await read_json(request, request.app.state.config))
     prepared = await _prepare(request, req, stream=bool(req.stream))
@@ -187,19 +183,19 @@ async def root(request: Request):
     return JSONResponse([await _generate(request, prepared)])
 
 
-@router.post("/generate", openapi_extra=_body("TGIRequest"), summary="Generate (TGI)")
+@router.post("/generate", openapi_extra=json_body("TGIRequest"), summary="Generate (TGI)")
 async def generate(request: Request):
     req = parse(TGIRequest, await read_json(request, request.app.state.config))
     return JSONResponse(await _generate(request, await _prepare(request, req, stream=False)))
 
 
-@router.post("/generate_stream", openapi_extra=_body("TGIRequest"), summary="Generate, streamed (TGI SSE)")
+@router.post("/generate_stream", openapi_extra=json_body("TGIRequest"), summary="Generate, streamed (TGI SSE)")
 async def generate_stream(request: Request):
     req = parse(TGIRequest, await read_json(request, request.app.state.config))
     return _stream(request, await _prepare(request, req, stream=True))
 
 
-@router.post("/tokenize", openapi_extra=_body("TokenizeRequest"), summary="Tokenize (TGI)")
+@router.post("/tokenize", openapi_extra=json_body("TokenizeRequest"), summary="Tokenize (TGI)")
 async def tokenize(request: Request):
     config: ServerConfig = request.app.state.config
     req = parse(TokenizeRequest, await read_json(request, config))

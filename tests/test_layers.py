@@ -16,7 +16,7 @@ LAYERS = [
     ["mixtral.cli", "mixtral.__main__"],
     ["mixtral.server", "mixtral.ui"],
     ["mixtral.engine", "mixtral"],
-    ["mixtral.loading", "mixtral.generate", "mixtral.train"],
+    ["mixtral.loading", "mixtral.generate", "mixtral.train", "mixtral.quantize_checkpoint"],
     ["mixtral.kernels"],
     ["mixtral.weights"],
     ["mixtral.quantize"],

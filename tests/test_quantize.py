@@ -88,7 +88,7 @@ def test_int4_error_is_at_most_half_a_step_per_group(group_size, in_features):
 def test_a_large_weight_is_quantized_in_steps_of_rows_with_the_same_result(bits, monkeypatch):
     w = torch.randn(300, 128, generator=torch.Generator().manual_seed(5))
     whole = Q.quantize_weight(w, bits, 32 if bits == 4 else None)
-    monkeypatch.setattr(Q, "_QUANTIZE_STEP", 128 * 7)  # 7 rows per step: the last step is short
+    monkeypatch.setattr(Q, "QUANTIZE_STEP", 128 * 7)  # 7 rows per step: the last step is short
     layer = Q.QuantLinear.from_weight(w, bits, 32 if bits == 4 else None, pack=False)
     assert torch.equal(layer.qweight, whole[0]) and torch.equal(layer.scales, whole[1])
 

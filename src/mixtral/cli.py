@@ -337,7 +337,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .loading import quantize_checkpoint
+    from .quantize_checkpoint import quantize_checkpoint
 
     out = quantize_checkpoint(args.input, args.output, args.bits, args.group_size, lm_head=args.lm_head)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

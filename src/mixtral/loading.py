@@ -7,9 +7,7 @@ tokenizer files. Without the model and without the Hub, the error says how to ge
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +17,9 @@ from . import kernels, torch_lowbit
 from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .model import Transformer
-from .quantize import check_settings, parse_quantize, quantize_model
+from .quantize import parse_quantize, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import load_quantized, load_weights, read_quantization, resolve_dtype, save_quantized
+from .weights import load_quantized, load_weights, read_quantization, resolve_dtype
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 MODELS_DIR = Path(__file__).parent / "models"
@@ -128,36 +126,3 @@ class LoadOptions:
     device: str = "cpu"
     quantize: str | None = None
     pack: bool = True
-
-
-_COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
-
-
-def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
-                        lm_head: bool = False, progress: bool = True) -> Path:
-    """Load a plain checkpoint, quantize it, write it to `out_dir` with its tokenizer and generation files.
-
-    The non-quantized tensors keep the checkpoint's dtype (config.json torch_dtype; bfloat16 if unknown).
-    Raises MixtralError for a bad source, an already quantized one, or `out_dir` equal to the source.
-    """
-    group_size = check_settings(bits, group_size)
-    source = resolve_model(source)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and out_dir.resolve() == source.resolve():
-        raise MixtralError("the output directory must differ from the input directory")
-    if read_quantization(source) is not None:
-        raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
-    try:
-        dtype = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
-    except (OSError, ValueError) as exc:
-        raise MixtralError(f"{source / 'config.json'}: cannot read it ({exc})") from None
-    if dtype not in ("float32", "bfloat16", "float16"):
-        dtype = "bfloat16"
-    model = load_model(source, dtype=dtype, progress=progress, pack=False)
-    quantize_model(model, bits, group_size, lm_head=lm_head)
-    save_quantized(model, out_dir)
-    for name in _COPIED_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out_dir / name)
-    return out_dir

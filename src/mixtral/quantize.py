@@ -163,7 +163,7 @@ def kernel_available(device: torch.device, bits: int) -> bool:
 
 # ---- the modules ---------------------------------------------------------------------------------------
 
-_QUANTIZE_STEP = 1 << 20  # weights quantized per step: bounds the fp32 temporaries (a 32k-row head: 65 MB each)
+QUANTIZE_STEP = 1 << 20  # weights quantized per step: bounds the fp32 temporaries (a 32k-row head: 65 MB each)
 
 
 class QuantLinear(nn.Module):
@@ -197,7 +197,7 @@ class QuantLinear(nn.Module):
         layer = cls(weight.shape[-2], weight.shape[-1], bits, group_size, weight.shape[0] if stacked else None,
                     device=weight.device)
         for index in range(weight.shape[0]) if stacked else [...]:
-            matrix, rows = weight[index], max(1, _QUANTIZE_STEP // weight.shape[-1])
+            matrix, rows = weight[index], max(1, QUANTIZE_STEP // weight.shape[-1])
             for start in range(0, matrix.shape[0], rows):  # rows are quantized independently
                 qweight, scales = quantize_weight(matrix[start:start + rows], bits, layer.group_size)
                 layer.qweight[index][start:start + rows], layer.scales[index][start:start + rows] = qweight, scales

@@ -148,6 +148,32 @@ def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
+_STACKED = re.compile(r"layers\.\d+\.ffn\.w[123]")  # our stacked (E, N, K) expert weights (Parameters)
+
+
+def pieces(hf_name: str, tensor: torch.Tensor, args: ModelArgs) -> list[tuple[str, int | None, torch.Tensor]] | None:
+    """Where a checkpoint tensor goes in our model: (our name, expert index or None, the part of the tensor) for
+    each piece of it ([] for a tensor that is skipped, e.g. a tied lm_head), or None for a name this config
+    does not have. An expert's weight goes to one expert of a stacked (E, N, K) weight; transformers 5's fused
+    gate_up_proj is two whole stacked weights."""
+    if _IGNORED.fullmatch(hf_name) or (args.tie_embeddings and hf_name == "lm_head.weight"):
+        return []
+    if m := _EXPERT.fullmatch(hf_name):
+        if int(m[2]) >= args.n_experts:
+            return None
+        return [(f"layers.{m[1]}.ffn.{m[3]}", int(m[2]), tensor)]
+    if m := _FUSED.fullmatch(hf_name):  # transformers-5 in-memory layout, should someone save it
+        if m[2] == "down_proj":
+            return [(f"layers.{m[1]}.ffn.w2", None, tensor)]
+        half = tensor.shape[1] // 2
+        return [(f"layers.{m[1]}.ffn.w1", None, tensor[:, :half]), (f"layers.{m[1]}.ffn.w3", None, tensor[:, half:])]
+    if hf_name in _TOP_NAMES:
+        return [(_TOP_NAMES[hf_name], None, tensor)]
+    if (m := _LAYER.fullmatch(hf_name)) and m[2] in _LAYER_NAMES:
+        return [(f"layers.{m[1]}.{_LAYER_NAMES[m[2]]}", None, tensor)]
+    return None
+
+
 def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", progress: bool = True) -> Transformer:
     """Build a `Transformer` for `args` and fill it from the safetensors in `model_dir`.
@@ -175,51 +201,23 @@ def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = to
 
     unexpected = []
     for hf_name, tensor in _read_tensors(safetensors_files(model_dir), progress):
-        if _IGNORED.fullmatch(hf_name):
+        found = pieces(hf_name, tensor, args)
+        if found is None or any(name not in expected for name, _, _ in found):
+            unexpected.append(hf_name)
             continue
-        if args.tie_embeddings and hf_name == "lm_head.weight":
-            continue
-        if m := _EXPERT.fullmatch(hf_name):
-            layer, expert, which = int(m[1]), int(m[2]), m[3]
-            name = f"layers.{layer}.ffn.{which}"
-            if name not in expected or expert >= args.n_experts:
-                unexpected.append(hf_name)
-                continue
-            dest = target(name)
-            check_shape(hf_name, tensor, dest.shape[1:])
-            dest[expert].copy_(tensor)
-            experts_seen.setdefault(name, set()).add(expert)
-            continue
-        if m := _FUSED.fullmatch(hf_name):  # transformers-5 in-memory layout, should someone save it
-            layer, kind = int(m[1]), m[2]
-            if f"layers.{layer}.ffn.w1" not in expected:
-                unexpected.append(hf_name)
-                continue
-            if kind == "down_proj":
-                dest = target(f"layers.{layer}.ffn.w2")
-                check_shape(hf_name, tensor, dest.shape)
-                dest.copy_(tensor)
-                experts_seen[f"layers.{layer}.ffn.w2"] = set(range(args.n_experts))
-            else:
-                w1, w3 = target(f"layers.{layer}.ffn.w1"), target(f"layers.{layer}.ffn.w3")
-                check_shape(hf_name, tensor, (w1.shape[0], 2 * w1.shape[1], w1.shape[2]))
-                w1.copy_(tensor[:, : w1.shape[1]])
-                w3.copy_(tensor[:, w1.shape[1]:])
-                for name in (f"layers.{layer}.ffn.w1", f"layers.{layer}.ffn.w3"):
+        for name, expert, piece in found:
+            if expert is None:
+                check_shape(hf_name, piece, expected[name].shape)
+                if _STACKED.fullmatch(name):  # a whole stacked weight at once (transformers 5)
+                    target(name).copy_(piece)
                     experts_seen[name] = set(range(args.n_experts))
-            continue
-        if hf_name in _TOP_NAMES:
-            name = _TOP_NAMES[hf_name]
-        elif (m := _LAYER.fullmatch(hf_name)) and m[2] in _LAYER_NAMES:
-            name = f"layers.{m[1]}.{_LAYER_NAMES[m[2]]}"
-        else:
-            unexpected.append(hf_name)
-            continue
-        if name not in expected:
-            unexpected.append(hf_name)
-            continue
-        check_shape(hf_name, tensor, expected[name].shape)
-        params[name] = tensor.to(device=device, dtype=dtype)
+                else:
+                    params[name] = piece.to(device=device, dtype=dtype)
+            else:
+                dest = target(name)
+                check_shape(hf_name, piece, dest.shape[1:])
+                dest[expert].copy_(piece)
+                experts_seen.setdefault(name, set()).add(expert)
 
     if unexpected:
         raise MixtralError(f"{model_dir}: {len(unexpected)} tensor(s) this {args.model_type} config does not "

@@ -1,0 +1,166 @@
+"""`mixtral quantize`: a plain checkpoint quantized tensor by tensor, straight to disk, in bounded memory.
+
+Mixtral-8x7B is 93 GB in bf16; quantizing it must not need that much RAM. The output file's layout (every
+tensor's name, dtype, shape and place) follows from config.json and the quantization settings alone, so the
+safetensors header is written first and the file sized at once; then each source tensor is read on its own
+(weights.pieces says where it goes: a whole tensor, or one expert of a stacked weight), quantized a million
+weights at a time, written at its place, and dropped. Peak memory is about one source tensor plus those
+temporaries, whatever the checkpoint's size. The result is what `quantize.quantize_model` + `weights.save_quantized`
+give for the same weights (tested), and loads the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import quantize
+from .config import ModelArgs, load_config
+from .errors import MixtralError
+from .memory import release_free_memory
+from .model import Transformer
+from .weights import _empty_like_quantized, _read_tensors, pieces, read_quantization, safetensors_files
+
+COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
+                      torch.uint8: "U8"}
+
+
+def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
+                        lm_head: bool = False, progress: bool = True) -> Path:
+    """Quantize the plain checkpoint in `source` (a directory or Hub id) into `out_dir`, with its tokenizer and
+    generation files. Weights are taken in the checkpoint's dtype (config.json's torch_dtype or dtype;
+    bfloat16 if unknown), which the tensors that stay unquantized keep. Raises MixtralError for a bad source,
+    an already quantized one, `out_dir` equal to the source, or weights that do not match config.json (no
+    model file is left in `out_dir` then)."""
+    from .loading import resolve_model
+
+    group_size = quantize.check_settings(bits, group_size)
+    source = resolve_model(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and out_dir.resolve() == source.resolve():
+        raise MixtralError("the output directory must differ from the input directory")
+    if read_quantization(source) is not None:
+        raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
+    args: ModelArgs = load_config(source)
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(checkpoint_dtype(source), torch.bfloat16)
+    spec = {"bits": bits, "group_size": group_size, "method": quantize.METHOD, "lm_head": lm_head}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "model.safetensors"
+    partial = out_dir / f".model.safetensors.{os.getpid()}.partial"
+    try:
+        _write(source, args, spec, dtype, partial, progress)
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    config = args.to_hf_config()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization"] = spec
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out_dir / name)
+    return out_dir
+
+
+def checkpoint_dtype(source: Path) -> str | None:
+    """The dtype config.json declares ("torch_dtype"; transformers 5 writes "dtype"), or None."""
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MixtralError(f"{source / 'config.json'}: cannot read it ({exc})") from None
+    declared = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
+    return declared if isinstance(declared, str) else None
+
+
+def _layout(args: ModelArgs, spec: dict, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every output tensor: name -> (dtype, shape), as the quantized model's state dict has them."""
+    with torch.device("meta"):
+        model = Transformer(args)
+        quantize.swap_in_quantized(model, spec["bits"], spec["group_size"], spec["lm_head"], _empty_like_quantized)
+    layout = {}
+    for name, tensor in model.state_dict().items():
+        quantized = name.endswith((".qweight", ".scales"))
+        layout[name] = (tensor.dtype if quantized else dtype, tuple(tensor.shape))
+    if args.tie_embeddings and not spec["lm_head"]:
+        layout.pop("lm_head.weight", None)  # the same tensor as embed.weight
+    return layout
+
+
+def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: Path, progress: bool) -> None:
+    layout = _layout(args, spec, dtype)
+    with torch.device("meta"):  # what the checkpoint must hold: the plain model's weights (a tied head once)
+        wanted = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
+    header, offset = {"__metadata__": {"format": "pt", "quantization": quantize.METHOD}}, 0
+    for name, (tensor_dtype, shape) in layout.items():
+        nbytes = math.prod(shape) * tensor_dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[tensor_dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    start = 8 + len(text)
+    written: set[tuple[str, int | None]] = set()  # (weight, expert or None) placed so far
+    unexpected = []
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(start + offset)  # the whole file at once; each tensor is written at its place
+
+        def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int = 0) -> None:
+            """`rows` of output tensor `name` (of expert `expert` when it is stacked) from row `first_row` on."""
+            tensor_dtype, shape = layout[name]
+            inner = shape[1:] if expert is not None else shape  # one expert's (N, ...) or the whole tensor
+            row_bytes = math.prod(inner[1:]) * tensor_dtype.itemsize
+            at = header[name]["data_offsets"][0] + (expert or 0) * math.prod(inner) * tensor_dtype.itemsize
+            f.seek(start + at + first_row * row_bytes)
+            f.write(memoryview(rows.to(tensor_dtype).contiguous().view(-1).view(torch.uint8).numpy()))
+
+        def place(name: str, expert: int | None, matrix: torch.Tensor) -> None:
+            """One weight (or one expert of a stacked one) into the file: quantized where the layout says so."""
+            base = name.removesuffix(".weight")
+            if f"{base}.qweight" not in layout:  # kept as it is, in the checkpoint's dtype
+                put(name, matrix, expert)
+                return
+            bits = 8 if base == "lm_head" else spec["bits"]  # the head is always int8
+            step = max(1, quantize.QUANTIZE_STEP // matrix.shape[-1])
+            for first in range(0, matrix.shape[0], step):  # rows are quantized independently
+                qweight, scales = quantize.quantize_weight(matrix[first:first + step], bits,
+                                                           None if bits == 8 else spec["group_size"])
+                put(f"{base}.qweight", qweight, expert, first)
+                put(f"{base}.scales", scales, expert, first)
+
+        for hf_name, tensor in _read_tensors(safetensors_files(source), progress):
+            found = pieces(hf_name, tensor, args)
+            if found is None or any(name not in wanted for name, _, _ in found):
+                unexpected.append(hf_name)
+                continue
+            for name, expert, piece in found:
+                want = wanted[name][1:] if expert is not None else wanted[name]
+                if tuple(piece.shape) != want:
+                    raise MixtralError(f"tensor {hf_name} has shape {tuple(piece.shape)}, but the config implies "
+                                       f"{want}; the weights do not match config.json")
+                stacked = expert is None and len(wanted[name]) == 3  # a whole (E, N, K) weight at once
+                piece = piece.to(dtype)  # quantized from the values the checkpoint's dtype holds, as a load would
+                for index, matrix in enumerate(piece) if stacked else [(expert, piece)]:
+                    place(name, index, matrix)
+                    if name == "embed.weight" and args.tie_embeddings and "lm_head.qweight" in layout:
+                        place("lm_head.weight", None, matrix)  # a tied head quantized: from the embedding
+                    written.add((name, index))
+            del tensor, found
+            release_free_memory()
+    if unexpected:
+        raise MixtralError(f"{source}: {len(unexpected)} tensor(s) this {args.model_type} config does not have, "
+                           f"e.g. {', '.join(unexpected[:3])}; check that config.json matches the weights")
+    missing = [name for name, shape in wanted.items()
+               if not all((name, e) in written for e in (range(shape[0]) if len(shape) == 3 else [None]))]
+    if missing:
+        raise MixtralError(f"{source}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
+                           f"{', '.join(missing[:3])}; a shard may be missing or the config may not match")

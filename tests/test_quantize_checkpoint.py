@@ -87,3 +87,19 @@ def test_a_bad_source_is_a_clear_error_and_leaves_no_file(tmp_path, change, mess
     with pytest.raises(MixtralError, match=message):
         quantize_checkpoint(source, tmp_path / "out", 4, 32, progress=False)
     assert not (tmp_path / "out" / "model.safetensors").exists() and not list((tmp_path / "out").glob(".*"))
+
+
+@pytest.mark.parametrize("setting", ["int8", "int4-g32", "int4+head"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_with_quantize_equals_quantizing_the_loaded_model(sharded_bf16, setting, dtype):
+    """load(quantize=...) quantizes each tensor as it is read: the same model as loading whole, then quantizing."""
+    streamed = load_model(sharded_bf16, dtype=dtype, progress=False, pack=False, quantize=setting)
+    whole = load_model(sharded_bf16, dtype=dtype, progress=False, pack=False)
+    Q.quantize_model(whole, *Q.parse_quantize(setting))
+    ours, theirs = streamed.state_dict(), whole.state_dict()
+    assert sorted(ours) == sorted(theirs) and streamed.quantization == whole.quantization
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(streamed(ids), whole(ids))

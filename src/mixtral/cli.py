@@ -337,9 +337,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from .loading import resolve_model
     from .quantize_checkpoint import quantize_checkpoint
 
-    out = quantize_checkpoint(args.input, args.output, args.bits, args.group_size, lm_head=args.lm_head)
+    out = quantize_checkpoint(resolve_model(args.input), args.output, args.bits, args.group_size, lm_head=args.lm_head)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     group = f", group size {args.group_size or 64}" if args.bits == 4 else ", per output channel"
     print(f"wrote int{args.bits} weights{group} to {out} ({size / 1e6:,.1f} MB)")

@@ -17,7 +17,8 @@ from . import kernels, torch_lowbit
 from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .model import Transformer
-from .quantize import parse_quantize, quantize_model
+from .quantize import parse_quantize
+from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import load_quantized, load_weights, read_quantization, resolve_dtype
 
@@ -72,8 +73,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     """Just the model (no tokenizer) from a model directory or Hub id.
 
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
-    quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint after loading it; a "+head"
-    suffix quantizes lm_head too (to int8).
+    quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint tensor by tensor as it is
+    read; a "+head" suffix quantizes lm_head too (to int8).
     pack: prepare the model for the fastest runner this machine has (kernels.prepare: on the CPU our own C
     kernels, else weights repacked for fbgemm); inference only, so pass False to train or re-quantize the model.
     """
@@ -90,9 +91,11 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
         model = load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress,
                                kernel_layout=layout)
     else:
-        model = load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
-        if wanted is not None:
-            quantize_model(model, *wanted, kernel_layout=layout)
+        if wanted is None:
+            model = load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
+        else:  # quantized on the way in: never the whole unquantized model in memory
+            model = load_quantizing(model_dir, args, *wanted, resolve_dtype(dtype), torch.device(device), progress,
+                                    kernel_layout=layout)
     if pack:
         kernels.prepare(model)
     elif model.device.type == "cpu" and (stored or wanted):
@@ -105,7 +108,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bflo
     """`model, tokenizer = load(path_or_id)`: the model in `dtype` on `device`, and its tokenizer.
 
     path: a directory with config.json, *.safetensors and tokenizer files; a Hub id; or None for the
-    shipped model. quantize: None, "int8", "int4" or "int4-g32" (weight-only, after loading; a checkpoint
+    shipped model. quantize: None, "int8", "int4" or "int4-g32" (weight-only, each tensor as it is read; a checkpoint
     quantized by `mixtral quantize` is detected by itself). pack: see `load_model`. Raises MixtralError for
     anything missing or malformed.
     """

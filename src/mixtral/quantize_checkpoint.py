@@ -34,16 +34,16 @@ _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
                         lm_head: bool = False, progress: bool = True) -> Path:
-    """Quantize the plain checkpoint in `source` (a directory or Hub id) into `out_dir`, with its tokenizer and
+    """Quantize the plain checkpoint in directory `source` (loading.resolve_model finds one for a Hub id) into
+    `out_dir`, with its tokenizer and
     generation files. Weights are taken in the checkpoint's dtype (config.json's torch_dtype or dtype;
     bfloat16 if unknown), which the tensors that stay unquantized keep. Raises MixtralError for a bad source,
     an already quantized one, `out_dir` equal to the source, or weights that do not match config.json (no
     model file is left in `out_dir` then)."""
-    from .loading import resolve_model
-
     group_size = quantize.check_settings(bits, group_size)
-    source = resolve_model(source)
-    out_dir = Path(out_dir)
+    source, out_dir = Path(source), Path(out_dir)
+    if not (source / "config.json").is_file():
+        raise MixtralError(f"{source} is not a model directory (no config.json)")
     if out_dir.exists() and out_dir.resolve() == source.resolve():
         raise MixtralError("the output directory must differ from the input directory")
     if read_quantization(source) is not None:
@@ -96,9 +96,8 @@ def _layout(args: ModelArgs, spec: dict, dtype: torch.dtype) -> dict[str, tuple[
 
 
 def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: Path, progress: bool) -> None:
+    """The quantized checkpoint as one safetensors file at `path`: the header first, then each tensor in place."""
     layout = _layout(args, spec, dtype)
-    with torch.device("meta"):  # what the checkpoint must hold: the plain model's weights (a tied head once)
-        wanted = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
     header, offset = {"__metadata__": {"format": "pt", "quantization": quantize.METHOD}}, 0
     for name, (tensor_dtype, shape) in layout.items():
         nbytes = math.prod(shape) * tensor_dtype.itemsize
@@ -108,14 +107,11 @@ def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: 
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
     start = 8 + len(text)
-    written: set[tuple[str, int | None]] = set()  # (weight, expert or None) placed so far
-    unexpected = []
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         f.truncate(start + offset)  # the whole file at once; each tensor is written at its place
 
-        def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int = 0) -> None:
-            """`rows` of output tensor `name` (of expert `expert` when it is stacked) from row `first_row` on."""
+        def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int) -> None:
             tensor_dtype, shape = layout[name]
             inner = shape[1:] if expert is not None else shape  # one expert's (N, ...) or the whole tensor
             row_bytes = math.prod(inner[1:]) * tensor_dtype.itemsize
@@ -123,39 +119,84 @@ def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: 
             f.seek(start + at + first_row * row_bytes)
             f.write(memoryview(rows.to(tensor_dtype).contiguous().view(-1).view(torch.uint8).numpy()))
 
-        def place(name: str, expert: int | None, matrix: torch.Tensor) -> None:
-            """One weight (or one expert of a stacked one) into the file: quantized where the layout says so."""
-            base = name.removesuffix(".weight")
-            if f"{base}.qweight" not in layout:  # kept as it is, in the checkpoint's dtype
-                put(name, matrix, expert)
-                return
-            bits = 8 if base == "lm_head" else spec["bits"]  # the head is always int8
-            step = max(1, quantize.QUANTIZE_STEP // matrix.shape[-1])
-            for first in range(0, matrix.shape[0], step):  # rows are quantized independently
-                qweight, scales = quantize.quantize_weight(matrix[first:first + step], bits,
-                                                           None if bits == 8 else spec["group_size"])
-                put(f"{base}.qweight", qweight, expert, first)
-                put(f"{base}.scales", scales, expert, first)
+        _stream(source, args, spec, dtype, layout, put, progress)
 
-        for hf_name, tensor in _read_tensors(safetensors_files(source), progress):
-            found = pieces(hf_name, tensor, args)
-            if found is None or any(name not in wanted for name, _, _ in found):
-                unexpected.append(hf_name)
-                continue
-            for name, expert, piece in found:
-                want = wanted[name][1:] if expert is not None else wanted[name]
-                if tuple(piece.shape) != want:
-                    raise MixtralError(f"tensor {hf_name} has shape {tuple(piece.shape)}, but the config implies "
-                                       f"{want}; the weights do not match config.json")
-                stacked = expert is None and len(wanted[name]) == 3  # a whole (E, N, K) weight at once
-                piece = piece.to(dtype)  # quantized from the values the checkpoint's dtype holds, as a load would
-                for index, matrix in enumerate(piece) if stacked else [(expert, piece)]:
-                    place(name, index, matrix)
-                    if name == "embed.weight" and args.tie_embeddings and "lm_head.qweight" in layout:
-                        place("lm_head.weight", None, matrix)  # a tied head quantized: from the embedding
-                    written.add((name, index))
-            del tensor, found
-            release_free_memory()
+
+def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: int | None, lm_head: bool,
+                    dtype: torch.dtype, device: str | torch.device = "cpu", progress: bool = True,
+                    kernel_layout: bool = True) -> Transformer:
+    """A plain checkpoint loaded and quantized on the way in: each tensor is read alone, cast to `dtype`,
+    quantized and copied into the quantized model, so the peak is the quantized model plus one tensor (the
+    same model as `quantize_model(load_weights(...))`, which holds the whole unquantized one first).
+    `kernel_layout`: see quantize.quantize_model. Raises MixtralError for weights that do not match config.json."""
+    group_size = quantize.check_settings(bits, group_size)
+    spec = {"bits": bits, "group_size": group_size, "method": quantize.METHOD, "lm_head": lm_head}
+    layout = _layout(args, spec, dtype)
+    with torch.device("meta"):
+        model = Transformer(args)
+        quantize.swap_in_quantized(model, bits, group_size, lm_head, _empty_like_quantized)
+    state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)
+             for name, (tensor_dtype, shape) in layout.items()}
+
+    def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int) -> None:
+        target = state[name] if expert is None else state[name][expert]
+        target[first_row:first_row + rows.shape[0]].copy_(rows)
+
+    _stream(Path(source), args, spec, dtype, layout, put, progress)
+    model.load_state_dict(state, strict=False, assign=True)
+    state.clear()  # the model holds its tensors now; packing below replaces some of them
+    if args.tie_embeddings and not lm_head:
+        model.lm_head.weight = model.embed.weight
+    if kernel_layout:
+        for module in model.modules():
+            if isinstance(module, quantize.QuantLinear):
+                module._pack()
+                release_free_memory()  # each weight's codes in the old layout, and the packing's temporaries
+    return model.eval()
+
+
+def _stream(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layout: dict, put, progress: bool) -> None:
+    """Read the checkpoint one tensor at a time and hand every output tensor's rows to `put(name, rows, expert,
+    first_row)`: the kept tensors cast to `dtype`, the quantized ones as codes and scales, a million weights at a
+    time. Raises MixtralError for tensors the config does not have, misshapen or missing ones."""
+    with torch.device("meta"):  # what the checkpoint must hold: the plain model's weights (a tied head once)
+        wanted = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
+    written: set[tuple[str, int | None]] = set()  # (weight, expert or None) placed so far
+    unexpected = []
+
+    def place(name: str, expert: int | None, matrix: torch.Tensor) -> None:
+        """One weight (or one expert of a stacked one): quantized where the layout says so."""
+        base = name.removesuffix(".weight")
+        if f"{base}.qweight" not in layout:  # kept as it is
+            put(name, matrix, expert, 0)
+            return
+        bits = 8 if base == "lm_head" else spec["bits"]  # the head is always int8
+        step = max(1, quantize.QUANTIZE_STEP // matrix.shape[-1])
+        for first in range(0, matrix.shape[0], step):  # rows are quantized independently
+            qweight, scales = quantize.quantize_weight(matrix[first:first + step], bits,
+                                                       None if bits == 8 else spec["group_size"])
+            put(f"{base}.qweight", qweight, expert, first)
+            put(f"{base}.scales", scales, expert, first)
+
+    for hf_name, tensor in _read_tensors(safetensors_files(source), progress):
+        found = pieces(hf_name, tensor, args)
+        if found is None or any(name not in wanted for name, _, _ in found):
+            unexpected.append(hf_name)
+            continue
+        for name, expert, piece in found:
+            want = wanted[name][1:] if expert is not None else wanted[name]
+            if tuple(piece.shape) != want:
+                raise MixtralError(f"tensor {hf_name} has shape {tuple(piece.shape)}, but the config implies "
+                                   f"{want}; the weights do not match config.json")
+            piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
+            stacked = expert is None and len(wanted[name]) == 3  # a whole (E, N, K) weight at once
+            for index, matrix in enumerate(piece) if stacked else [(expert, piece)]:
+                place(name, index, matrix)
+                if name == "embed.weight" and args.tie_embeddings and "lm_head.qweight" in layout:
+                    place("lm_head.weight", None, matrix)  # a tied head quantized: from the embedding
+                written.add((name, index))
+        del tensor, found
+        release_free_memory()
     if unexpected:
         raise MixtralError(f"{source}: {len(unexpected)} tensor(s) this {args.model_type} config does not have, "
                            f"e.g. {', '.join(unexpected[:3])}; check that config.json matches the weights")

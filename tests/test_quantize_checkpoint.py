@@ -1,6 +1,6 @@
 """`mixtral quantize` writes tensor by tensor: the file equals what quantizing the whole model in memory and saving
-it gives (quantize.quantize_model + weights.save_quantized), for every setting and source layout; bad sources are
-clear errors that leave nothing behind."""
+it gives (quantize.quantize_model + weights.save_quantized), for every setting and source layout; `load(quantize=)`
+quantizes as it reads, to the same model; bad sources are clear errors that leave nothing behind."""
 
 from __future__ import annotations
 
@@ -87,6 +87,9 @@ def test_a_bad_source_is_a_clear_error_and_leaves_no_file(tmp_path, change, mess
     with pytest.raises(MixtralError, match=message):
         quantize_checkpoint(source, tmp_path / "out", 4, 32, progress=False)
     assert not (tmp_path / "out" / "model.safetensors").exists() and not list((tmp_path / "out").glob(".*"))
+    for quantize in (None, "int8"):  # loading reads the checkpoint the same way, and says the same
+        with pytest.raises(MixtralError, match=message):
+            load_model(source, dtype="float32", progress=False, pack=False, quantize=quantize)
 
 
 @pytest.mark.parametrize("setting", ["int8", "int4-g32", "int4+head"])

@@ -24,7 +24,7 @@ from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
-from .weights import _empty_like_quantized, _read_tensors, pieces, read_quantization, safetensors_files
+from .weights import _empty_like_quantized, read_quantization, read_weights
 
 COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
@@ -158,12 +158,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
 def _stream(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layout: dict, put, progress: bool) -> None:
     """Read the checkpoint one tensor at a time and hand every output tensor's rows to `put(name, rows, expert,
     first_row)`: the kept tensors cast to `dtype`, the quantized ones as codes and scales, a million weights at a
-    time. Raises MixtralError for tensors the config does not have, misshapen or missing ones."""
-    with torch.device("meta"):  # what the checkpoint must hold: the plain model's weights (a tied head once)
-        wanted = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
-    written: set[tuple[str, int | None]] = set()  # (weight, expert or None) placed so far
-    unexpected = []
-
+    time. Raises MixtralError for tensors the config does not have, misshapen or missing ones (weights.read_weights)."""
     def place(name: str, expert: int | None, matrix: torch.Tensor) -> None:
         """One weight (or one expert of a stacked one): quantized where the layout says so."""
         base = name.removesuffix(".weight")
@@ -178,30 +173,12 @@ def _stream(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layou
             put(f"{base}.qweight", qweight, expert, first)
             put(f"{base}.scales", scales, expert, first)
 
-    for hf_name, tensor in _read_tensors(safetensors_files(source), progress):
-        found = pieces(hf_name, tensor, args)
-        if found is None or any(name not in wanted for name, _, _ in found):
-            unexpected.append(hf_name)
-            continue
-        for name, expert, piece in found:
-            want = wanted[name][1:] if expert is not None else wanted[name]
-            if tuple(piece.shape) != want:
-                raise MixtralError(f"tensor {hf_name} has shape {tuple(piece.shape)}, but the config implies "
-                                   f"{want}; the weights do not match config.json")
-            piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
-            stacked = expert is None and len(wanted[name]) == 3  # a whole (E, N, K) weight at once
-            for index, matrix in enumerate(piece) if stacked else [(expert, piece)]:
-                place(name, index, matrix)
-                if name == "embed.weight" and args.tie_embeddings and "lm_head.qweight" in layout:
-                    place("lm_head.weight", None, matrix)  # a tied head quantized: from the embedding
-                written.add((name, index))
-        del tensor, found
+    for name, expert, piece in read_weights(source, args, progress):
+        piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
+        stacked = expert is None and piece.dim() == 3  # a whole (E, N, K) weight at once
+        for index, matrix in enumerate(piece) if stacked else [(expert, piece)]:
+            place(name, index, matrix)
+            if name == "embed.weight" and args.tie_embeddings and "lm_head.qweight" in layout:
+                place("lm_head.weight", None, matrix)  # a tied head quantized: from the embedding
+        del piece
         release_free_memory()
-    if unexpected:
-        raise MixtralError(f"{source}: {len(unexpected)} tensor(s) this {args.model_type} config does not have, "
-                           f"e.g. {', '.join(unexpected[:3])}; check that config.json matches the weights")
-    missing = [name for name, shape in wanted.items()
-               if not all((name, e) in written for e in (range(shape[0]) if len(shape) == 3 else [None]))]
-    if missing:
-        raise MixtralError(f"{source}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
-                           f"{', '.join(missing[:3])}; a shard may be missing or the config may not match")

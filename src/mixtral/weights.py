@@ -174,6 +174,40 @@ def pieces(hf_name: str, tensor: torch.Tensor, args: ModelArgs) -> list[tuple[st
     return None
 
 
+def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True) -> Iterator[tuple[str, int | None,
+                                                                                       torch.Tensor]]:
+    """The checkpoint's weights one piece at a time, as (our name, expert index or None, tensor) (see `pieces`),
+    each shape checked against the config. Raises MixtralError for a misshapen tensor (at once), for tensors
+    the config does not have (after the last one) and for weights missing from the checkpoint (at the end)."""
+    with torch.device("meta"):  # the weights a checkpoint holds (a tied lm_head once, as embed)
+        shapes = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
+    seen: set[tuple[str, int | None]] = set()
+    unexpected = []
+    for hf_name, tensor in _read_tensors(safetensors_files(model_dir), progress):
+        found = pieces(hf_name, tensor, args)
+        if found is None or any(name not in shapes for name, _, _ in found):
+            unexpected.append(hf_name)
+            continue
+        for name, expert, piece in found:
+            want = shapes[name][1:] if expert is not None else shapes[name]
+            if tuple(piece.shape) != want:
+                raise MixtralError(f"tensor {hf_name} has shape {tuple(piece.shape)}, but the config implies "
+                                   f"{want}; the weights do not match config.json")
+            yield name, expert, piece
+            if expert is None and _STACKED.fullmatch(name):  # transformers 5: every expert at once
+                seen.update((name, e) for e in range(args.n_experts))
+            else:
+                seen.add((name, expert))
+    if unexpected:
+        raise MixtralError(f"{model_dir}: {len(unexpected)} tensor(s) this {args.model_type} config does not "
+                           f"have, e.g. {', '.join(unexpected[:3])}; check that config.json matches the weights")
+    missing = [name for name in shapes if not all(
+        (name, e) in seen for e in (range(args.n_experts) if _STACKED.fullmatch(name) else [None]))]
+    if missing:
+        raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
+                           f"{', '.join(missing[:3])}; a shard may be missing or the config may not match")
+
+
 def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", progress: bool = True) -> Transformer:
     """Build a `Transformer` for `args` and fill it from the safetensors in `model_dir`.
@@ -183,50 +217,15 @@ def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = to
     model_dir = Path(model_dir)
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once, as embed
+    expected = dict(model.named_parameters())
     params: dict[str, torch.Tensor] = {}
-    experts_seen: dict[str, set[int]] = {}
-
-    def target(name: str) -> torch.Tensor:
-        """The real (non-meta) tensor that will become parameter `name`, allocated on first use."""
-        if name not in params:
-            meta = expected[name]
-            params[name] = torch.empty(meta.shape, dtype=dtype, device=device)
-        return params[name]
-
-    def check_shape(hf_name: str, tensor: torch.Tensor, shape) -> None:
-        if tuple(tensor.shape) != tuple(shape):
-            raise MixtralError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, but the config implies "
-                               f"{tuple(shape)}; the weights do not match config.json")
-
-    unexpected = []
-    for hf_name, tensor in _read_tensors(safetensors_files(model_dir), progress):
-        found = pieces(hf_name, tensor, args)
-        if found is None or any(name not in expected for name, _, _ in found):
-            unexpected.append(hf_name)
+    for name, expert, piece in read_weights(model_dir, args, progress):
+        if expert is None and not _STACKED.fullmatch(name):
+            params[name] = piece.to(device=device, dtype=dtype)
             continue
-        for name, expert, piece in found:
-            if expert is None:
-                check_shape(hf_name, piece, expected[name].shape)
-                if _STACKED.fullmatch(name):  # a whole stacked weight at once (transformers 5)
-                    target(name).copy_(piece)
-                    experts_seen[name] = set(range(args.n_experts))
-                else:
-                    params[name] = piece.to(device=device, dtype=dtype)
-            else:
-                dest = target(name)
-                check_shape(hf_name, piece, dest.shape[1:])
-                dest[expert].copy_(piece)
-                experts_seen.setdefault(name, set()).add(expert)
-
-    if unexpected:
-        raise MixtralError(f"{model_dir}: {len(unexpected)} tensor(s) this {args.model_type} config does not "
-                           f"have, e.g. {', '.join(unexpected[:3])}; check that config.json matches the weights")
-    missing = [n for n in expected if n not in params]
-    missing += [n for n, seen in experts_seen.items() if len(seen) != args.n_experts]
-    if missing:
-        raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
-                           f"{', '.join(missing[:3])}; a shard may be missing or the config may not match")
+        if name not in params:  # a stacked (E, N, K) weight, filled expert by expert (or whole)
+            params[name] = torch.empty(expected[name].shape, dtype=dtype, device=device)
+        (params[name] if expert is None else params[name][expert]).copy_(piece)
     model.load_state_dict(params, strict=False, assign=True)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -5,32 +5,25 @@ backend all run the ids the engine encodes, which are mistral-common's."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import httpx
 import pytest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from conftest import TOKENIZER_V3, serve_in_thread
+from conftest import TOKENIZER_V3
 from test_tokenizer import _reference
-from test_ui import THREE_TURNS, collect, recording
+from test_ui import THREE_TURNS, collect, recorded_server
 
-from mixtral import generate, load
-from mixtral.engine import Engine
+from mixtral import generate
 from mixtral.sampling import SamplingParams
-from mixtral.server import create_app
 from mixtral.ui.backends import ChatSettings, TGIBackend
 
 
 @pytest.fixture(scope="module")
 def served(tiny_chat_model_v3):
     """`mixtral serve`'s app for the v3 model on loopback, recording request bodies."""
-    model, tokenizer = load(tiny_chat_model_v3, dtype="float32", progress=False)
-    engine = Engine(model, tokenizer, max_batch_size=4)
-    bodies: list = []
-    with serve_in_thread(recording(create_app(engine, "tiny-mixtral-v3"), bodies)) as url:
-        yield SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, bodies=bodies)
-    engine.close()
+    with recorded_server(tiny_chat_model_v3, "tiny-mixtral-v3") as server:
+        yield server
 
 
 def greedy(served, ids, n):

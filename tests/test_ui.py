@@ -5,6 +5,7 @@ the expert heatmap and the memory planner. The browser tests are in test_ui_brow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -64,15 +65,24 @@ def recording(app, bodies: list):
     return wrapped
 
 
-@pytest.fixture(scope="module")
-def server(tiny_chat_model):
-    """`mixtral serve`'s app (engine with 4 slots) on loopback, recording request bodies; plus a local engine."""
-    model, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
+@contextlib.contextmanager
+def recorded_server(model_dir, model_id: str):
+    """`mixtral serve`'s app (engine with 4 slots) for `model_dir` on loopback, recording request bodies."""
+    model, tokenizer = load(model_dir, dtype="float32", progress=False)
     engine = Engine(model, tokenizer, max_batch_size=4)
     bodies: list = []
-    with serve_in_thread(recording(create_app(engine, "tiny-mixtral"), bodies)) as url:
-        yield SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, bodies=bodies)
-    engine.close()
+    try:
+        with serve_in_thread(recording(create_app(engine, model_id), bodies)) as url:
+            yield SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, bodies=bodies)
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model):
+    """The server for the tiny v1 model; its engine also serves as a local backend."""
+    with recorded_server(tiny_chat_model, "tiny-mixtral") as served:
+        yield served
 
 
 def wait_for(condition, timeout=30.0):

@@ -81,23 +81,28 @@ def checkpoint_dtype(source: Path) -> str | None:
     return declared if isinstance(declared, str) else None
 
 
-def _layout(args: ModelArgs, spec: dict, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Every output tensor: name -> (dtype, shape), as the quantized model's state dict has them."""
+def _quantized_on_meta(args: ModelArgs, spec: dict) -> Transformer:
+    """The quantized model with no data: its state dict names every output tensor's dtype and shape."""
     with torch.device("meta"):
         model = Transformer(args)
         quantize.swap_in_quantized(model, spec["bits"], spec["group_size"], spec["lm_head"], _empty_like_quantized)
+    return model
+
+
+def _layout(model: Transformer, spec: dict, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every output tensor: name -> (dtype, shape), as the quantized model's state dict has them."""
     layout = {}
     for name, tensor in model.state_dict().items():
         quantized = name.endswith((".qweight", ".scales"))
         layout[name] = (tensor.dtype if quantized else dtype, tuple(tensor.shape))
-    if args.tie_embeddings and not spec["lm_head"]:
+    if model.args.tie_embeddings and not spec["lm_head"]:
         layout.pop("lm_head.weight", None)  # the same tensor as embed.weight
     return layout
 
 
 def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: Path, progress: bool) -> None:
     """The quantized checkpoint as one safetensors file at `path`: the header first, then each tensor in place."""
-    layout = _layout(args, spec, dtype)
+    layout = _layout(_quantized_on_meta(args, spec), spec, dtype)
     header, offset = {"__metadata__": {"format": "pt", "quantization": quantize.METHOD}}, 0
     for name, (tensor_dtype, shape) in layout.items():
         nbytes = math.prod(shape) * tensor_dtype.itemsize
@@ -131,10 +136,8 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     `kernel_layout`: see quantize.quantize_model. Raises MixtralError for weights that do not match config.json."""
     group_size = quantize.check_settings(bits, group_size)
     spec = {"bits": bits, "group_size": group_size, "method": quantize.METHOD, "lm_head": lm_head}
-    layout = _layout(args, spec, dtype)
-    with torch.device("meta"):
-        model = Transformer(args)
-        quantize.swap_in_quantized(model, bits, group_size, lm_head, _empty_like_quantized)
+    model = _quantized_on_meta(args, spec)
+    layout = _layout(model, spec, dtype)
     state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)
              for name, (tensor_dtype, shape) in layout.items()}
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import weakref
 
 from . import fbgemm, native, native_lib
-from .runner import Runner, Step, log_normalizers
+from .runner import Runner, Step
 
-__all__ = ["Runner", "Step", "describe", "log_normalizers", "prepare", "runner", "will_run_native"]
+__all__ = ["Runner", "Step", "describe", "prepare", "runner", "will_run_native"]
 
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its torch or fbgemm runner
 
@@ -30,9 +30,6 @@ class FbgemmRunner(Runner):
     """The model's own torch code on weights repacked for fbgemm (fbgemm.pack_model)."""
 
     name = "fbgemm"
-
-    def describe(self) -> str:
-        return "fbgemm (kernels/fbgemm.py: weights repacked once)"
 
 
 def prepare(model) -> Runner:

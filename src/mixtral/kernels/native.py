@@ -26,7 +26,7 @@ from torch import nn
 from ..memory import release_free_memory
 from ..model import RMSNorm, Routing, apply_rope, attention_mask, rope_cos_sin
 from ..quantize import QuantLinear
-from .native_lib import library, logsumexp, sync_threads, will_run
+from .native_lib import library, sync_threads, will_run
 from .native_lib import to_canonical
 from .native_weights import NativeModel, move_to_huge_pages, supports
 from .runner import Runner, Step
@@ -43,8 +43,6 @@ class NativeRunner(Runner):
         self._sessions = weakref.WeakKeyDictionary()  # KVCache -> its DecodeSession (own logits buffer)
         self._fresh_sessions = weakref.WeakKeyDictionary()  # KVCache -> one that returns fresh logits
 
-    def describe(self) -> str:
-        return "ours (kernels/native.py: AVX2 kernels, compiled on first use)"
 
     def session(self, cache, own_logits: bool = True) -> DecodeSession:
         """The DecodeSession for `cache` (made on first use, kept while the cache lives)."""
@@ -66,11 +64,6 @@ class NativeRunner(Runner):
         session = self.session(cache)
         logits = session.step(tokens, positions, rows, routing)
         return Step(logits, session.lse, session.best, session._out_array)
-
-    def step_of(self, logits: torch.Tensor) -> Step:
-        if logits.dtype == torch.float32 and logits.device.type == "cpu":
-            return Step(logits, logsumexp(logits).tolist())
-        return super().step_of(logits)
 
 
 def prepare(model) -> NativeRunner | None:

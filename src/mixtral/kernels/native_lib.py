@@ -264,5 +264,5 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """The greedy choice of each row of an fp32 (M, N) tensor: its argmax with NaN counted as -inf (the first on
-    ties; 0 when no entry is above -inf), what a decode step reports as `Decoder.best`."""
+    ties; 0 when no entry is above -inf), what a decode step reports as `DecodeSession.best`."""
     return _per_row("argmax", x, torch.int64)

@@ -64,8 +64,6 @@ class Runner:
             raise RuntimeError("this runner's model is gone")
         return model
 
-    def describe(self) -> str:
-        return "torch (the model's own ops)"
 
     def forward(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None,
                 slots=None) -> torch.Tensor:

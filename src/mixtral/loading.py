@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import kernels, torch_lowbit
+from . import kernels, memory_plan, torch_lowbit
 from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .model import Transformer
+from .offloading import load_offloaded
 from .quantize import parse_quantize
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
@@ -69,7 +70,7 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloat16",
                device: str = "cpu", progress: bool = True, quantize: str | None = None,
-               pack: bool = True) -> Transformer:
+               pack: bool = True, max_memory: str | int | None = None) -> Transformer:
     """Just the model (no tokenizer) from a model directory or Hub id.
 
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
@@ -77,12 +78,31 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     read; a "+head" suffix quantizes lm_head too (to int8).
     pack: prepare the model for the fastest runner this machine has (kernels.prepare: on the CPU our own C
     kernels, else weights repacked for fbgemm); inference only, so pass False to train or re-quantize the model.
+    max_memory: the process's memory budget ("16GB", "12GiB", bytes; memory_plan.py). When the experts do not
+    all fit, they stay on disk and an expert cache holds as many as fit (kernels/offload.py); when even the rest
+    does not fit, MixtralError says the minimum, before anything is read.
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
     wanted = parse_quantize(quantize)
     layout = not (pack and kernels.will_run_native(device))  # our kernels read int4 codes as stored
     stored = read_quantization(model_dir)
+    if max_memory is not None:
+        budget = memory_plan.parse_size(max_memory)
+        plan = memory_plan.plan(args, stored, resolve_dtype(dtype), budget)
+        if not plan.fits:
+            raise MixtralError(f"a memory budget of {memory_plan.size_text(budget)} is too small for {model_dir.name}: "
+                               f"it needs at least {memory_plan.size_text(plan.minimum)} (see `mixtral info --model "
+                               f"{model_dir} --memory {max_memory}`)")
+        if plan.offload:
+            if stored is None and wanted is not None:
+                raise MixtralError(f"with a memory budget the experts are read from disk as stored: quantize the "
+                                   f"checkpoint once with `mixtral quantize {model_dir} OUT --bits "
+                                   f"{wanted[0]}` and load OUT")
+            if not (pack and kernels.will_run_native(device)):
+                raise MixtralError("expert offloading (a memory budget smaller than the model) runs on mixtral's "
+                                   "own CPU kernels: x86-64 with AVX2, device cpu, without --no-pack")
+            return load_offloaded(model_dir, args, stored, resolve_dtype(dtype), plan, progress=progress)
     if stored is not None:
         if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])
                                    or wanted[2] and not stored.get("lm_head")):
@@ -104,17 +124,18 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
 
 
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-         progress: bool = True, quantize: str | None = None, pack: bool = True) -> tuple[Transformer, Tokenizer]:
+         progress: bool = True, quantize: str | None = None, pack: bool = True,
+         max_memory: str | int | None = None) -> tuple[Transformer, Tokenizer]:
     """`model, tokenizer = load(path_or_id)`: the model in `dtype` on `device`, and its tokenizer.
 
     path: a directory with config.json, *.safetensors and tokenizer files; a Hub id; or None for the
     shipped model. quantize: None, "int8", "int4" or "int4-g32" (weight-only, each tensor as it is read; a checkpoint
-    quantized by `mixtral quantize` is detected by itself). pack: see `load_model`. Raises MixtralError for
-    anything missing or malformed.
+    quantized by `mixtral quantize` is detected by itself). pack, max_memory: see `load_model`. Raises
+    MixtralError for anything missing or malformed.
     """
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
-    return load_model(model_dir, dtype, device, progress, quantize, pack), tokenizer
+    return load_model(model_dir, dtype, device, progress, quantize, pack, max_memory), tokenizer
 
 
 @dataclass(frozen=True)
@@ -129,3 +150,4 @@ class LoadOptions:
     device: str = "cpu"
     quantize: str | None = None
     pack: bool = True
+    max_memory: str | None = None

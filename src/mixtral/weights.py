@@ -12,6 +12,8 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,50 +93,84 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a safetensors file lies: `nbytes` bytes at byte `offset` of `path`."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _bad_file(path: Path, why: str) -> MixtralError:
+    return MixtralError(f"cannot read {path}: {why} (the file may be truncated or corrupted; download it again)")
+
+
+def stored_tensors(path: Path) -> list[StoredTensor]:
+    """Every tensor of one safetensors file, from its header (validated against the file's size; nothing else is
+    read). Raises MixtralError for a malformed or truncated file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _bad_file(path, "no header")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise _bad_file(path, "header longer than the file")
+            text = f.read(header_len)
+    except OSError as exc:
+        raise MixtralError(f"cannot read {path}: {exc}") from None
+    try:
+        header = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad_file(path, f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad_file(path, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    found = []
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(type(d) is int and d >= 0 for d in shape + offsets)):
+            raise _bad_file(path, f"tensor {name} has an unreadable entry {info!r}")
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise MixtralError(f"cannot read {path}: tensor {name} has dtype {info.get('dtype')!r}, which mixtral "
+                               f"does not read (it reads {', '.join(_SAFETENSORS_DTYPES)})")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not begin <= end <= data_size or end - begin != nbytes:  # checked before allocating anything
+            raise _bad_file(path, f"tensor {name} lies outside the file or has the wrong size")
+        found.append(StoredTensor(name, path, dtype, tuple(shape), data_start + begin, nbytes))
+    return found
+
+
+def read_stored(entry: StoredTensor, f=None) -> torch.Tensor:
+    """One tensor read into fresh memory with plain reads (no memory map: a mapping would keep the pages of
+    tensors already copied resident, and a load's RSS would approach twice the weights)."""
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    if not entry.nbytes:
+        return tensor
+    with (open(entry.path, "rb") if f is None else nullcontext(f)) as stream:
+        stream.seek(entry.offset)
+        if stream.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != entry.nbytes:
+            raise _bad_file(entry.path, f"tensor {entry.name} is cut short")
+    return tensor
+
+
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of one safetensors file, each read into its own fresh memory.
-
-    Plain reads, no memory map: a mapping would keep the pages of tensors already copied resident (the RSS
-    of a load would approach twice the weights). Raises MixtralError for a malformed or truncated file.
-    """
-    def bad(why: str) -> MixtralError:
-        return MixtralError(f"cannot read {path}: {why} (the file may be truncated or corrupted; download it again)")
-
+    Raises MixtralError for a malformed or truncated file."""
+    entries = stored_tensors(path)
     with open(path, "rb") as f:
-        size = path.stat().st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise bad("no header")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise bad("header longer than the file")
-        try:
-            header = json.loads(f.read(header_len))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(f"header is not JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise bad("header is not a JSON object")
-        header.pop("__metadata__", None)
-        data_start, data_size = 8 + header_len, size - 8 - header_len
-        for name, info in header.items():
-            shape = info.get("shape") if isinstance(info, dict) else None
-            offsets = info.get("data_offsets") if isinstance(info, dict) else None
-            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                    and all(type(d) is int and d >= 0 for d in shape + offsets)):
-                raise bad(f"tensor {name} has an unreadable entry {info!r}")
-            if info.get("dtype") not in _SAFETENSORS_DTYPES:
-                raise MixtralError(f"cannot read {path}: tensor {name} has dtype {info.get('dtype')!r}, which mixtral "
-                                   f"does not read (it reads {', '.join(_SAFETENSORS_DTYPES)})")
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = offsets
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not begin <= end <= data_size or end - begin != nbytes:  # checked before allocating anything
-                raise bad(f"tensor {name} lies outside the file or has the wrong size")
-            tensor = torch.empty(shape, dtype=dtype)
-            f.seek(data_start + begin)
-            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
-                raise bad(f"tensor {name} is cut short")
-            yield name, tensor
+        for entry in entries:
+            yield entry.name, read_stored(entry, f)
 
 
 def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,6 +7,8 @@
 Runners (runner.py: the interface and the torch reference):
 - native.py: our C kernels (csrc/cpu_kernels.c) run the whole pass, in one C call per decode step; the weights
   stay as loaded (native_lib.py builds and checks the library, native_weights.py describes the weights to it);
+  experts that do not fit in memory are read from disk into an expert cache by offload.py's store, which the
+  C side asks for each layer's experts;
 - fbgemm.py: where ours cannot run, the CPU's weights are repacked for fbgemm (a module swap) and the model's own
   torch code runs them;
 - torch: the model's own ops (`pack=False`, other devices, training).
@@ -32,18 +34,21 @@ class FbgemmRunner(Runner):
     name = "fbgemm"
 
 
-def prepare(model) -> Runner:
+def prepare(model, store=None) -> Runner:
     """Set a model up, in place, for the fastest runner this machine has for it, and return that runner: our C
     kernels on the CPU where they run, else fbgemm's packed weights on the CPU, else the torch reference.
+    `store`: an expert store (offload.py) holding the experts the model does not; only our C kernels run one.
     Inference only: a prepared model cannot be trained, re-quantized or saved."""
     if getattr(model, "runner", None) is not None or isinstance(_runners.get(model), FbgemmRunner):
         return runner(model)  # prepared already
     _runners.pop(model, None)  # a torch runner handed out before: prepare anew
     if model.device.type == "cpu":
-        prepared = native.prepare(model)
+        prepared = native.prepare(model, store)
         if prepared is not None:
             model.runner = prepared
             return prepared
+        if store is not None:
+            return runner(model)  # the caller sees that it is not native
         if fbgemm.pack_model(model):
             _runners[model] = FbgemmRunner(model)
             return _runners[model]

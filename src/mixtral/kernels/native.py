@@ -37,9 +37,10 @@ class NativeRunner(Runner):
 
     name = "native"
 
-    def __init__(self, model):
+    def __init__(self, model, store=None):
         super().__init__(model)
-        self.native = NativeModel(model)
+        self.native = NativeModel(model, store)
+        self.store = store  # an expert store (offload.py) holding some layers' experts, or None
         self._sessions = weakref.WeakKeyDictionary()  # KVCache -> its DecodeSession (own logits buffer)
         self._fresh_sessions = weakref.WeakKeyDictionary()  # KVCache -> one that returns fresh logits
 
@@ -66,9 +67,10 @@ class NativeRunner(Runner):
         return Step(logits, session.lse, session.best, session._out_array)
 
 
-def prepare(model) -> NativeRunner | None:
+def prepare(model, store=None) -> NativeRunner | None:
     """Set `model` up for the C kernels, in place: norms to fp32, int4 codes in our own layout, every weight moved
-    onto 2 MiB pages where the OS allows, activations fp32 (model.compute_dtype). Returns the runner, or None
+    onto 2 MiB pages where the OS allows, activations fp32 (model.compute_dtype). `store`: an expert store
+    (offload.py) that holds the experts the model does not (left on the meta device). Returns the runner, or None
     when the kernels are unavailable here or some weight has none (the model is then unchanged)."""
     if not will_run(model.device) or not supports(model):
         return None
@@ -81,7 +83,7 @@ def prepare(model) -> NativeRunner | None:
     release_free_memory()  # the int4 codes in torch's layout
     move_to_huge_pages(model)
     model.compute_dtype = torch.float32  # activations and the KV cache
-    return NativeRunner(model)
+    return NativeRunner(model, store)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -245,6 +247,8 @@ class DecodeSession:
 
 
 def _decode_error(status: int, tokens, positions, rows, decoder) -> Exception:
+    if status == -5:
+        return store_error(decoder.native.store)
     if status == -2:
         return IndexError(f"token ids {list(tokens)} are outside the vocabulary of {decoder.native.embed.n}")
     if status == -3:
@@ -253,6 +257,12 @@ def _decode_error(status: int, tokens, positions, rows, decoder) -> Exception:
         rows = range(len(tokens)) if rows is None else rows
         return IndexError(f"cache rows {list(rows)} are outside the KV cache's {decoder.cache_rows} rows")
     return MemoryError("native decode: out of memory")
+
+
+def store_error(store) -> Exception:
+    """The error that made the expert store's fetch fail (taken: the next pass starts clean)."""
+    error, store.error = store.error, None
+    return error if error is not None else RuntimeError("the expert store failed")
 
 
 def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix) -> None:
@@ -280,8 +290,9 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
         if layer.moe:
             status = lib.mx_moe(h.data_ptr(), N, layer.router.ref, layer.w1.ref, layer.w3.ref, layer.w2.ref,
                                 args.top_k, x.data_ptr(), logits[index].data_ptr(), ids[index].data_ptr(),
-                                mix[index].data_ptr())
+                                mix[index].data_ptr(), layer.store_hook and ctypes.addressof(layer.store_hook))
             if status:
-                raise MemoryError("native mixture of experts: out of memory")
+                raise store_error(native.store) if status == -5 else MemoryError(
+                    "native mixture of experts: out of memory")
         else:
             layer.w2.linear(F.silu(layer.w1.linear(h)) * layer.w3.linear(h), out=x, accumulate=True)

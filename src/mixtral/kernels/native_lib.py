@@ -35,7 +35,20 @@ class Weight(ctypes.Structure):
 
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("fmt", ctypes.c_int64),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
-                ("expert_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64)]
+                ("expert_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64),
+                ("slots", ctypes.c_void_p), ("slot_scales", ctypes.c_void_p)]  # per-expert addresses (offload.py)
+
+
+# int fetch(layer, needed, n_needed, guessed, n_guessed): store_t's callback (offload.py)
+FETCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
+                         ctypes.POINTER(ctypes.c_int64), ctypes.c_int64)
+
+
+class Store(ctypes.Structure):
+    """A layer's expert store as the C side calls it (store_t in cpu_kernels.c)."""
+
+    _fields_ = [("fetch", FETCH), ("layer", ctypes.c_int64), ("next_router", ctypes.c_void_p),
+                ("next_top_k", ctypes.c_int64)]
 
 
 class Layer(ctypes.Structure):
@@ -44,7 +57,8 @@ class Layer(ctypes.Structure):
     _fields_ = [*((name, Weight) for name in ("q", "k", "v", "o", "router", "w1", "w3", "w2")),
                 ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("eps", ctypes.c_double),
                 ("theta", ctypes.c_double), ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64),
-                ("head_dim", ctypes.c_int64), ("window", ctypes.c_int64), ("top_k", ctypes.c_int64)]
+                ("head_dim", ctypes.c_int64), ("window", ctypes.c_int64), ("top_k", ctypes.c_int64),
+                ("store", ctypes.c_void_p)]
 
 
 def _cpu_supported() -> str | None:
@@ -107,7 +121,7 @@ def _load():
     p, i64, ptr = ctypes.POINTER(Weight), ctypes.c_int64, ctypes.c_void_p
     lib.mx_linear.argtypes = [p, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.mx_linear.restype = ctypes.c_int
-    lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr]
+    lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr, ctypes.c_void_p]
     lib.mx_moe.restype = ctypes.c_int
     lib.mx_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.mx_attention.restype = ctypes.c_int

@@ -3,6 +3,7 @@ native_lib.NativeWeight), and the move of every weight into one buffer on 2 MiB 
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import torch
@@ -27,15 +28,30 @@ def supports(model) -> bool:
     return True
 
 
-class NativeLayer:
-    """A decoder block's weights for the C side: one by one (prefill) and as one Layer struct (decode)."""
+class StoredExperts:
+    """One of a layer's expert weights held by an expert store (offload.py): read through its slot tables."""
 
-    def __init__(self, block, args):
+    def __init__(self, struct: Weight):
+        self.struct, self.ref = struct, ctypes.pointer(struct)
+        self.n, self.k = struct.n, struct.k
+
+
+class NativeLayer:
+    """A decoder block's weights for the C side: one by one (prefill) and as one Layer struct (decode).
+    `store`: the expert store that holds this block's experts, if one does."""
+
+    def __init__(self, block, index, args, store=None):
         attn, ffn = block.attn, block.ffn
         self.q, self.k, self.v, self.o = (NativeWeight(w) for w in (attn.wq, attn.wk, attn.wv, attn.wo))
         self.moe = isinstance(ffn, MoE)
         self.router = NativeWeight(ffn.router) if self.moe else None
-        self.w1, self.w3, self.w2 = (NativeWeight(w) for w in (ffn.w1, ffn.w3, ffn.w2))
+        self.index = index
+        self.stored = store is not None and self.moe and self.index in store.layers
+        if self.stored:
+            self.w1, self.w3, self.w2 = (StoredExperts(store.weight(self.index, name)) for name in ("w1", "w3", "w2"))
+        else:
+            self.w1, self.w3, self.w2 = (NativeWeight(w) for w in (ffn.w1, ffn.w3, ffn.w2))
+        self.store_hook = None  # the layer's store_t (set by NativeModel)
         self.attn_norm, self.ffn_norm = block.attn_norm.weight, block.ffn_norm.weight  # fp32 by now
         self.struct = Layer(self.q.struct, self.k.struct, self.v.struct, self.o.struct,
                             self.router.struct if self.moe else Weight(), self.w1.struct, self.w3.struct,
@@ -45,10 +61,16 @@ class NativeLayer:
 
 
 class NativeModel:
-    """What the forward pass needs from a model, described once for the C side."""
+    """What the forward pass needs from a model, described once for the C side; `store`: an expert store that
+    holds the experts of some of its layers (offload.py), each told the next such layer's router for guesses."""
 
-    def __init__(self, model):
-        self.layers = [NativeLayer(block, model.args) for block in model.layers]
+    def __init__(self, model, store=None):
+        self.store = store
+        self.layers = [NativeLayer(block, i, model.args, store) for i, block in enumerate(model.layers)]
+        stored = [layer for layer in self.layers if layer.stored]
+        for layer, after in zip(stored, stored[1:] + [None]):
+            layer.store_hook = store.hook(layer.index, after.router.struct if after else None, model.args.top_k)
+            layer.struct.store = ctypes.addressof(layer.store_hook)
         self.structs = (Layer * len(self.layers))(*(layer.struct for layer in self.layers))  # for mx_decode
         self.embed = NativeWeight(model.embed.weight)
         self.lm_head = NativeWeight(model.lm_head)
@@ -69,7 +91,8 @@ def move_to_huge_pages(model) -> int:
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
-                if (tensor is not None and tensor.numel() and tensor.is_contiguous() and tensor.storage_offset() == 0
+                if (tensor is not None and tensor.numel() and tensor.device.type == "cpu" and tensor.is_contiguous()
+                        and tensor.storage_offset() == 0
                         and tensor.untyped_storage().nbytes() == tensor.nbytes):
                     tensors.setdefault(id(tensor), tensor)
                     slots.setdefault(id(tensor), []).append((table, name))

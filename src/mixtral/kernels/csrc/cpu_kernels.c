@@ -41,7 +41,32 @@ typedef struct {
     int64_t fmt, n, k, group;  /* format, rows, columns, int4 group size (columns per scale) */
     int64_t expert_stride;     /* elements (fp formats, int8) or bytes (int4) from one expert to the next */
     int64_t scale_stride;      /* scales from one expert to the next */
+    const void *const *slots;  /* or, for experts that are not all in memory (an expert cache), expert e's values at
+                                * slots[e] and its scales at slot_scales[e] (kernels/offload.py); NULL: none */
+    const uint16_t *const *slot_scales;
 } weight_t;
+
+static inline const void *expert_data(const weight_t *w, int64_t e) {
+    static const int64_t bytes[] = {4, 2, 2, 1, 1}; /* per element (FMT_I4: per byte of code pairs) */
+    return w->slots ? w->slots[e] : (const char *)w->data + e * w->expert_stride * bytes[w->fmt];
+}
+
+static inline const uint16_t *expert_scales(const weight_t *w, int64_t e) {
+    return w->slots ? w->slot_scales[e] : w->scales + e * w->scale_stride;
+}
+
+/* Experts that are not all in memory (an expert store, kernels/offload.py). Before a mixture-of-experts layer runs
+ * its experts, `fetch` is told which ones its tokens need, and returns once they are in place (their addresses in
+ * the layer's slots); it is also told which experts the next layer's router picks for this layer's input, a guess
+ * it may read ahead. Returns 0, nonzero on failure. Called on the thread that called in, outside parallel regions. */
+typedef int (*fetch_fn)(int64_t layer, const int64_t *needed, int64_t n_needed, const int64_t *guessed,
+                        int64_t n_guessed);
+typedef struct {
+    fetch_fn fetch;
+    int64_t layer;
+    const weight_t *next_router; /* the next mixture-of-experts layer's router, or NULL: no guesses */
+    int64_t next_top_k;
+} store_t;
 
 /* Threads per parallel region: set from torch.get_num_threads() (native.py), since OpenMP's own setting is per
  * calling thread and a server runs the model on a thread of its own. */
@@ -169,7 +194,7 @@ static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int6
     const int64_t K = w->k;
     if (w->fmt == FMT_F32) {
         *stride = K;
-        return (const float *)w->data + e * w->expert_stride + r0 * K + k0;
+        return (const float *)expert_data(w, e) + r0 * K + k0;
     }
     *stride = kc;
     for (int r = 0; r < nr; r++) {
@@ -177,30 +202,30 @@ static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int6
         const int64_t row = r0 + r;
         int64_t i = 0;
         if (w->fmt == FMT_BF16) {
-            const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K + k0;
+            const uint16_t *src = (const uint16_t *)expert_data(w, e) + row * K + k0;
             for (; i + 8 <= kc; i += 8) {
                 __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
                 _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
             }
             for (; i < kc; i++) dst[i] = bf16_to_float(src[i]);
         } else if (w->fmt == FMT_F16) {
-            const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K + k0;
+            const uint16_t *src = (const uint16_t *)expert_data(w, e) + row * K + k0;
             for (; i + 8 <= kc; i += 8)
                 _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
             for (; i < kc; i++) dst[i] = _cvtsh_ss(src[i]);
         } else if (w->fmt == FMT_I8) {
-            const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K + k0;
-            const __m256 scale = _mm256_set1_ps(bf16_to_float(w->scales[e * w->scale_stride + row]));
+            const int8_t *src = (const int8_t *)expert_data(w, e) + row * K + k0;
+            const __m256 scale = _mm256_set1_ps(bf16_to_float(expert_scales(w, e)[row]));
             for (; i + 8 <= kc; i += 8) {
                 __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)));
                 _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
             }
-            const float s = bf16_to_float(w->scales[e * w->scale_stride + row]);
+            const float s = bf16_to_float(expert_scales(w, e)[row]);
             for (; i < kc; i++) dst[i] = (float)src[i] * s;
         } else { /* FMT_I4: byte j of a row holds columns 2j (low nibble) and 2j + 1 (high), offset by 8 */
             const int64_t G = w->group, n_groups = (K + G - 1) / G, row_bytes = n_groups * G / 2;
-            const uint8_t *src = (const uint8_t *)w->data + e * w->expert_stride + row * row_bytes + k0 / 2;
-            const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups + k0 / G;
+            const uint8_t *src = (const uint8_t *)expert_data(w, e) + row * row_bytes + k0 / 2;
+            const uint16_t *scales = expert_scales(w, e) + row * n_groups + k0 / G;
             const __m128i low4 = _mm_set1_epi8(0x0F);
             const __m256i eight = _mm256_set1_epi32(8);
             for (; i < kc; i += 16) { /* kc is a multiple of 16 except at the row's end (the codes are padded) */
@@ -291,7 +316,7 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
     float tail = 0.0f;
     int64_t i = 0;
     if (fmt == FMT_BF16) {
-        const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K;
+        const uint16_t *src = (const uint16_t *)expert_data(w, e) + row * K;
         const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
         __m256 a2 = a, b2 = a, c2 = a, d2 = a; /* 64 columns a step on eight chains: fewer loop overheads */
         for (; i + 64 <= K; i += 64) {
@@ -327,7 +352,7 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
         }
         for (; i < K; i++) tail += bf16_to_float(src[i]) * x[i];
     } else if (fmt == FMT_F16) {
-        const uint16_t *src = (const uint16_t *)w->data + e * w->expert_stride + row * K;
+        const uint16_t *src = (const uint16_t *)expert_data(w, e) + row * K;
         for (; i + 32 <= K; i += 32) {
             _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
             a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))), _mm256_loadu_ps(x + i), a);
@@ -339,7 +364,7 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
             a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))), _mm256_loadu_ps(x + i), a);
         for (; i < K; i++) tail += _cvtsh_ss(src[i]) * x[i];
     } else if (fmt == FMT_F32) {
-        const float *src = (const float *)w->data + e * w->expert_stride + row * K;
+        const float *src = (const float *)expert_data(w, e) + row * K;
         for (; i + 32 <= K; i += 32) {
             _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)(src + i + 16) + PREFETCH, _MM_HINT_T0);
@@ -352,8 +377,8 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
         for (; i < K; i++) tail += src[i] * x[i];
     } else { /* FMT_I4: per group, sum(code * x) in four accumulators; then scale and remove the offset */
         const int64_t G = w->group, n_groups = (K + G - 1) / G;
-        const uint8_t *src = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
-        const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups;
+        const uint8_t *src = (const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2);
+        const uint16_t *scales = expert_scales(w, e) + row * n_groups;
         const __m128i low4 = _mm_set1_epi8(0x0F);
         __m256 total = _mm256_setzero_ps();
         float offset = 0.0f;
@@ -501,7 +526,7 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     const int16_t *q = xq->q;
     __m256 a = _mm256_setzero_ps();
     if (fmt == FMT_I8) {
-        const int8_t *src = (const int8_t *)w->data + e * w->expert_stride + row * K;
+        const int8_t *src = (const int8_t *)expert_data(w, e) + row * K;
         const int8_t *at = src;
         for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN) {
             const int64_t n = left < I8_SPAN ? left : I8_SPAN;
@@ -524,8 +549,8 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     }
     /* FMT_I4 with a group size that is a multiple of 32: one span per group, its codes padded to whole groups */
     const int64_t G = w->group, n_groups = xq->spans; /* (K + G - 1) / G, without a division per row */
-    const uint8_t *at = (const uint8_t *)w->data + e * w->expert_stride + row * (n_groups * G / 2);
-    const uint16_t *scales = w->scales + e * w->scale_stride + row * n_groups;
+    const uint8_t *at = (const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2);
+    const uint16_t *scales = expert_scales(w, e) + row * n_groups;
     if (G % 64 == 0) {
         __m256 b = _mm256_setzero_ps(); /* two FMA chains */
         int64_t g = 0;
@@ -634,7 +659,7 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
         float sum[4];
         _mm_storeu_ps(sum, reduce4(v0, v1, v2, v3));
         for (int i = 0; i < n; i++) {
-            const float v = fmt == FMT_I8 ? sum[i] * bf16_to_float(w->scales[e * w->scale_stride + r + i]) : sum[i];
+            const float v = fmt == FMT_I8 ? sum[i] * bf16_to_float(expert_scales(w, e)[r + i]) : sum[i];
             job->y[r + i] = job->accumulate ? job->y[r + i] + v : v;
         }
     }
@@ -837,24 +862,11 @@ done:
     return status;
 }
 
-/* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]).
- * Router logits use the router weight (E, D) in fp32 arithmetic; the top-k go best first (ties: lower index);
- * their softmax gives the mixing weights. Experts run in ascending order, each once for all of its tokens.
- * The chosen experts and weights are written to ids_out (M, topk) and weights_out (M, topk), the logits to
- * logits_out (M, E). Returns 0, or -1 when out of memory. */
-static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
-               const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
-               int per_row) {
-    const int64_t D = w1->k, I = w1->n, E = router->n;
-    /* per_row (decode): every product as at batch 1 (linear_rows), so a token's result does not depend on the
-     * tokens beside it; else the tiled kernels, faster for the many tokens of a prompt */
-    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
-        per_row ? linear_rows : mx_linear;
-    if (linear(router, 0, x, M, D, logits_out, E, 0)) return -1;
+/* The top `topk` of each of M rows of E logits, best first (ties: lower index; NaN never above a number). */
+static void select_top(const float *logits_all, int64_t M, int64_t E, int64_t topk, int64_t *ids_out) {
     for (int64_t m = 0; m < M; m++) {
-        const float *logits = logits_out + m * E;
+        const float *logits = logits_all + m * E;
         int64_t *ids = ids_out + m * topk;
-        float *mix = weights_out + m * topk;
         for (int64_t j = 0; j < topk; j++) { /* selection: the best expert not yet chosen */
             int64_t best = -1;
             for (int64_t c = 0; c < E; c++) {
@@ -865,9 +877,69 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
             }
             ids[j] = best;
         }
+    }
+}
+
+/* The distinct ids among n (each in [0, E)), ascending, into out; returns how many. */
+static int64_t distinct(const int64_t *ids, int64_t n, int64_t E, int64_t *out) {
+    int64_t count = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t i = 0; i < n; i++)
+            if (ids[i] == e) { out[count++] = e; break; }
+    return count;
+}
+
+/* Tell the expert store which experts the M tokens need (ids, M x topk), and which the next layer's router guesses
+ * from x; returns once the needed ones are in place. Returns 0, -1 when out of memory, -5 when the store failed. */
+static int ask_store(const store_t *store, const float *x, int64_t M, const int64_t *ids, int64_t topk, int64_t E,
+                     int per_row) {
+    const weight_t *next = store->next_router;
+    const int64_t E2 = next ? next->n : 0, k2 = next ? store->next_top_k : 0;
+    int64_t *needed = malloc(sizeof(int64_t) * (E + E2 + 1)), *guessed = needed + E;
+    float *logits = next ? malloc(sizeof(float) * M * E2) : NULL;
+    int64_t *picks = next ? malloc(sizeof(int64_t) * M * k2) : NULL;
+    int status = -1;
+    if (!needed || (next && (!logits || !picks))) goto done;
+    const int64_t n_needed = distinct(ids, M * topk, E, needed);
+    int64_t n_guessed = 0;
+    if (next) {
+        if ((per_row ? linear_rows : mx_linear)(next, 0, x, M, next->k, logits, E2, 0)) goto done;
+        select_top(logits, M, E2, k2, picks);
+        n_guessed = distinct(picks, M * k2, E2, guessed);
+    }
+    status = store->fetch(store->layer, needed, n_needed, guessed, n_guessed) ? -5 : 0;
+done:
+    free(needed); free(logits); free(picks);
+    return status;
+}
+
+/* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]).
+ * Router logits use the router weight (E, D) in fp32 arithmetic; the top-k go best first (ties: lower index);
+ * their softmax gives the mixing weights. Experts run in ascending order, each once for all of its tokens.
+ * The chosen experts and weights are written to ids_out (M, topk) and weights_out (M, topk), the logits to
+ * logits_out (M, E). `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5
+ * when the store failed. */
+static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
+               const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
+               int per_row, const store_t *store) {
+    const int64_t D = w1->k, I = w1->n, E = router->n;
+    /* per_row (decode): every product as at batch 1 (linear_rows), so a token's result does not depend on the
+     * tokens beside it; else the tiled kernels, faster for the many tokens of a prompt */
+    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
+        per_row ? linear_rows : mx_linear;
+    if (linear(router, 0, x, M, D, logits_out, E, 0)) return -1;
+    select_top(logits_out, M, E, topk, ids_out);
+    for (int64_t m = 0; m < M; m++) {
+        const float *logits = logits_out + m * E;
+        const int64_t *ids = ids_out + m * topk;
+        float *mix = weights_out + m * topk;
         float top = logits[ids[0]], total = 0.0f;
         for (int64_t j = 0; j < topk; j++) total += mix[j] = expf(logits[ids[j]] - top);
         for (int64_t j = 0; j < topk; j++) mix[j] /= total;
+    }
+    if (store) {
+        const int status = ask_store(store, x, M, ids_out, topk, E, per_row);
+        if (status) return status;
     }
     if (M == 1 && topk <= MAX_JOBS / 2) return moe_one_token(x, w1, w3, w2, topk, out, ids_out, weights_out);
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
@@ -900,8 +972,9 @@ done:
 }
 
 int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
-           const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out) {
-    return moe(x, M, router, w1, w3, w2, topk, out, logits_out, ids_out, weights_out, 0);
+           const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
+           const store_t *store) {
+    return moe(x, M, router, w1, w3, w2, topk, out, logits_out, ids_out, weights_out, 0, store);
 }
 
 /* One query head over S positions of its keys and values (S, Dh): softmax(q . k * scale) . v into o (Dh). Scores
@@ -1014,10 +1087,12 @@ typedef struct {
     const float *attn_norm, *ffn_norm;       /* fp32 (D,) */
     double eps, theta;
     int64_t n_heads, n_kv_heads, head_dim, window, top_k;
+    const store_t *store;                    /* NULL: every expert in memory */
 } layer_t;
 
 /* x (B, D) += attention(norm(x)); x += feed-forward(norm(x)). The router's logits, choices and weights go to
- * logits (B, E), ids (B, top_k), mix (B, top_k) for a mixture of experts. Returns 0, or -1 when out of memory. */
+ * logits (B, E), ids (B, top_k), mix (B, top_k) for a mixture of experts. Returns 0, -1 when out of memory, -5 when
+ * the layer's expert store failed. */
 static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
                     float *k_cache, float *v_cache, int64_t s_max, float *logits, int64_t *ids, float *mix) {
     const int64_t D = L->q.k, H = L->n_heads, G = L->n_kv_heads, Dh = L->head_dim, width = (H + 2 * G) * Dh;
@@ -1039,7 +1114,8 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
         goto done;
     mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
     if (L->router.n) {
-        if (moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, 1)) goto done;
+        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, 1, L->store);
+        if (failed) { status = failed; goto done; }
     } else {
         if (linear_rows(&L->w1, 0, h, B, D, h1, I, 0) || linear_rows(&L->w3, 0, h, B, D, h3, I, 0)) goto done;
         for (int64_t i = 0; i < B * I; i++) h1[i] = silu(h1[i]) * h3[i];
@@ -1079,7 +1155,8 @@ void mx_argmax(const float *x, int64_t M, int64_t n, int64_t *out) {
  * log(sum(exp(logits))) into lse and greedy choice (mx_argmax) into best. One call per step: between calls from
  * Python the weights just streamed have pushed the interpreter's own data out of the caches, so each Python
  * statement in between is slow. Tokens, positions (< s_max) and cache rows (< cache_rows) are checked before
- * anything is written. Returns 0; -1 when out of memory; -2, -3, -4 for a token, position or cache row out of range. */
+ * anything is written. Returns 0; -1 when out of memory; -2, -3, -4 for a token, position or cache row out of range;
+ * -5 when a layer's expert store failed (store_t). */
 int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, const int64_t *tokens, float *x,
               int64_t B, const int64_t *pos, const int64_t *rows, int64_t cache_rows, float *const *k_caches,
               float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits, int64_t *ids,
@@ -1095,10 +1172,11 @@ int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, co
         const float *row = widen(embed, 0, tokens[b], 1, 0, D, x + b * D, &stride);
         if (row != x + b * D) memcpy(x + b * D, row, sizeof(float) * D);
     }
-    for (int64_t i = 0; i < n_layers; i++)
-        if (decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max, logits + i * B * E,
-                            ids + i * B * top_k, mix + i * B * top_k))
-            return -1;
+    for (int64_t i = 0; i < n_layers; i++) {
+        const int status = decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max,
+                                        logits + i * B * E, ids + i * B * top_k, mix + i * B * top_k);
+        if (status) return status;
+    }
     float *h = malloc(sizeof(float) * B * D);
     if (!h) return -1;
     mx_rmsnorm(x, B, D, norm, eps, h);

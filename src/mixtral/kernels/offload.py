@@ -1,0 +1,413 @@
+"""The expert store: a model's experts on disk, a fixed number of them in memory (an expert cache).
+
+A Mixtral token uses 2 of each layer's 8 experts, and the experts are 96 % of the weights, so a model that does
+not fit in memory can keep everything else resident and read experts as they are needed. The store runs inside
+the native runner (native.py): each mixture-of-experts layer of the C side (cpu_kernels.c: store_t) calls
+`fetch` with the experts its tokens need, which returns once they are in cache slots (their addresses in the
+layer's slot tables, read by the same kernels as resident weights, so outputs are bit-identical), and with the
+experts the next layer's router picks for this layer's input: a guess, read ahead into slots that no expert used
+in this forward pass holds (speculative prefetch).
+
+Reads: each expert's tensors (codes and scales of w1, w3, w2; plain float weights for a float checkpoint) are read
+with positioned reads in chunks of CHUNK bytes by `threads` reader threads, demand misses before prefetches, and
+the page cache is told to drop what was read (posix_fadvise DONTNEED), so the budget is the process's real
+memory and not the OS's cache. Slots are one buffer, allocated once. Eviction: the least recently used expert
+that is neither needed by the layer computing now nor being read (policy.py: what the traces said).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .native_lib import FETCH, I4, I8, Store, Weight
+
+CHUNK = 4 << 20  # bytes per positioned read: large enough for the disk, small enough to share among threads
+ALIGN = 4096  # each tensor of a slot starts on a page
+DEMAND, PREFETCH = 0, 1  # read priorities: lower first
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor of one expert on disk: `nbytes` at `offset` of `path`, stored as `stored` (a float tensor stored
+    in another dtype than the model's is converted as it is read), for weight `weight` ("w1", "w3", "w2") part
+    `part` ("data" or "scales")."""
+
+    weight: str
+    part: str
+    path: str
+    offset: int
+    nbytes: int
+    stored: torch.dtype
+    dtype: torch.dtype  # in memory
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How one of an expert's weights is held in memory: the C side's format, shape and group, and its bytes."""
+
+    fmt: int
+    n: int
+    k: int
+    group: int
+    data_bytes: int
+    scale_bytes: int
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    prefetched_hits: int = 0  # needed experts that a prefetch brought in (or was bringing)
+    guessed: int = 0  # experts the previous layer guessed for this one
+    guessed_right: int = 0  # of those, needed
+
+
+@dataclass
+class StoreStats:
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # summed over reads (threads overlap: not wall time)
+    demand_reads: int = 0
+    prefetch_reads: int = 0
+    wait_seconds: float = 0.0  # the compute thread's wait for demand reads
+    passes: int = 0  # forward passes (decode steps and prompt chunks) through the first store layer
+
+    def summary(self) -> dict:
+        """Totals and per-layer numbers (JSON-friendly): hit rate, prefetch recall and precision, bytes read."""
+        total = LayerStats()
+        for layer in self.layers.values():
+            for name in vars(total):
+                setattr(total, name, getattr(total, name) + getattr(layer, name))
+        lookups = total.hits + total.misses
+        return {
+            "hit_rate": total.hits / lookups if lookups else None,
+            "hit_rate_by_layer": {i: s.hits / (s.hits + s.misses) for i, s in sorted(self.layers.items())
+                                  if s.hits + s.misses},
+            "prefetch_recall": total.guessed_right / lookups if lookups and total.guessed else None,
+            "prefetch_precision": total.guessed_right / total.guessed if total.guessed else None,
+            "prefetched_hits": total.prefetched_hits,
+            "misses": total.misses,
+            "bytes_read": self.bytes_read,
+            "bytes_read_per_pass": self.bytes_read / self.passes if self.passes else None,
+            "disk_gb_per_s": self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else None,
+            "wait_seconds": self.wait_seconds,
+            "passes": self.passes,
+        }
+
+
+class _Read:
+    """One expert being read into a slot: its chunks go to the reader threads; `done` is set after the last."""
+
+    def __init__(self, key, slot, priority):
+        self.key, self.slot, self.priority = key, slot, priority
+        self.left = 0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class ExpertStore:
+    """Experts of the layers in `pieces` ({(layer, expert): [Piece, ...]}) held in `slots` cache slots.
+
+    `formats` ({"w1"|"w3"|"w2": ExpertFormat}) says how each weight of an expert is laid out in memory; every
+    expert of every layer has the same. `weight(layer, name)` is the C side's description of one layer's weight
+    (its slot tables); `hook(layer)` is that layer's store_t. `prefetch`: read the next layer's guessed experts
+    ahead. Close it (or drop it) to stop its reader threads.
+    """
+
+    def __init__(self, pieces: dict[tuple[int, int], list[Piece]], formats: dict[str, ExpertFormat], slots: int,
+                 prefetch: bool = True, threads: int = 4):
+        self.layers = sorted({layer for layer, _ in pieces})
+        self.n_experts = 1 + max(expert for _, expert in pieces)
+        if slots < self.n_experts:
+            raise ValueError(f"an expert cache needs at least one layer's experts ({self.n_experts} slots), "
+                             f"got {slots}")
+        self.pieces, self.formats, self.prefetch = pieces, formats, prefetch
+        self.n_slots = min(slots, len(pieces))
+        # a slot: w1 codes, w1 scales, w3 codes, w3 scales, w2 codes, w2 scales, each on its own page
+        self.offsets, at = {}, 0
+        for name in ("w1", "w3", "w2"):
+            for part, size in (("data", formats[name].data_bytes), ("scales", formats[name].scale_bytes)):
+                self.offsets[name, part] = at
+                at += -(-size // ALIGN) * ALIGN
+        self.slot_bytes = at
+        self._buffer = torch.empty(self.n_slots * self.slot_bytes + ALIGN, dtype=torch.uint8)  # untouched: free
+        self._base = self._buffer.data_ptr() + (-self._buffer.data_ptr() % ALIGN)
+        self._tables = {(layer, name, part): (ctypes.c_void_p * self.n_experts)()
+                        for layer in self.layers for name in ("w1", "w3", "w2") for part in ("data", "scales")}
+        self._weights = {(layer, name): self._weight(layer, name) for layer in self.layers for name in ("w1", "w3", "w2")}
+        self.stats = StoreStats(layers={layer: LayerStats() for layer in self.layers})
+        self.error: BaseException | None = None  # what made the last fetch fail (raised by the runner)
+        self._cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # key -> slot, least recently used first
+        self._used_in_pass: dict[tuple[int, int], int] = {}  # key -> the pass that last needed it
+        self._free = list(range(self.n_slots - 1, -1, -1))
+        self._reading: dict[tuple[int, int], _Read] = {}
+        self._pinned: set[tuple[int, int]] = set()
+        self._guesses: dict[int, set[int]] = {}  # layer -> experts guessed for it by the layer before
+        self._prefetched: set[tuple[int, int]] = set()  # read ahead and not yet needed
+        self._lock = threading.Lock()
+        self._queue: list = []  # (priority, order, read, chunk)
+        self._order = itertools.count()
+        self._work = threading.Condition(self._lock)
+        self._files: dict[str, int] = {}
+        self._closed = False
+        self._callback = FETCH(self._fetch)  # kept alive as long as the store
+        self._hooks = {}
+        self._readers = [threading.Thread(target=self._reader, name=f"expert-reader-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for thread in self._readers:
+            thread.start()
+
+    # ---- what the C side reads -------------------------------------------------------------------------
+
+    def _weight(self, layer: int, name: str) -> Weight:
+        f = self.formats[name]
+        return Weight(0, 0, f.fmt, f.n, f.k, f.group, 0, 0,
+                      ctypes.addressof(self._tables[layer, name, "data"]),
+                      ctypes.addressof(self._tables[layer, name, "scales"]))
+
+    def weight(self, layer: int, name: str) -> Weight:
+        """Layer `layer`'s weight `name` ("w1", "w3", "w2") as the C side reads it: through the slot tables."""
+        return self._weights[layer, name]
+
+    def hook(self, layer: int, next_router: Weight | None, next_top_k: int) -> Store:
+        """The store_t that layer `layer` calls before its experts run; `next_router`: the next store layer's router
+        (for guesses), or None."""
+        hook = self._hooks[layer] = Store(self._callback, layer, ctypes.addressof(next_router) if next_router
+                                          is not None and self.prefetch else None, next_top_k)
+        return hook
+
+    # ---- the fetch the C side calls -----------------------------------------------------------------
+
+    def _fetch(self, layer, needed, n_needed, guessed, n_guessed) -> int:
+        try:
+            self.fetch(layer, needed[:n_needed], guessed[:n_guessed])
+            return 0
+        except BaseException as exc:  # never through the C side: the runner raises it
+            self.error = exc
+            return 1
+
+    def fetch(self, layer: int, needed: list[int], guessed: list[int]) -> None:
+        """Make the experts `needed` by `layer` resident (their slot tables set) and start reading the `guessed`
+        experts of the next store layer; returns once the needed ones are in place."""
+        stats = self.stats.layers[layer]
+        waits = []
+        with self._lock:
+            if layer == self.layers[0]:
+                self.stats.passes += 1
+            stamp = self.stats.passes
+            keys = [(layer, e) for e in needed]
+            self._pinned = set(keys)
+            guesses = self._guesses.pop(layer, None)
+            if guesses is not None:
+                stats.guessed += len(guesses)
+                stats.guessed_right += len(guesses & set(needed))
+            for key in keys:
+                self._used_in_pass[key] = stamp
+                if key in self._cached:
+                    self._cached.move_to_end(key)
+                    read = self._reading.get(key)
+                    if read is None:
+                        stats.hits += 1
+                    else:  # being read ahead: wait for it, first in line
+                        stats.hits += 1
+                        self._promote(read)
+                        waits.append(read)
+                    if key in self._prefetched:
+                        stats.prefetched_hits += 1
+                        self._prefetched.discard(key)
+                    continue
+                stats.misses += 1
+                read = self._start(key, DEMAND, stamp, evict_used=True)
+                while read is None:  # every other slot is being read into: wait for one read to finish
+                    busy = next(iter(self._reading.values()), None)
+                    if busy is None:
+                        raise RuntimeError(f"the expert cache's {self.n_slots} slots cannot hold the "
+                                           f"{len(keys)} experts this layer needs")
+                    self._lock.release()
+                    try:
+                        busy.done.wait()
+                    finally:
+                        self._lock.acquire()
+                    read = self._start(key, DEMAND, stamp, evict_used=True)
+                waits.append(read)
+            next_layer = self._next_layer(layer)
+            if next_layer is not None and guessed:
+                self._guesses[next_layer] = set(guessed)
+                for e in guessed:
+                    key = (next_layer, e)
+                    if key in self._cached:
+                        continue
+                    read = self._start(key, PREFETCH, stamp, evict_used=False)
+                    if read is None:
+                        break  # no slot that this pass has not used: no more reading ahead
+                    self._prefetched.add(key)
+        start = time.perf_counter()
+        for read in waits:
+            read.done.wait()
+            if read.error is not None:
+                raise read.error
+        self.stats.wait_seconds += time.perf_counter() - start
+
+    def _next_layer(self, layer: int) -> int | None:
+        at = self.layers.index(layer) + 1
+        return self.layers[at] if at < len(self.layers) else None
+
+    def _start(self, key, priority, stamp, evict_used: bool) -> _Read | None:
+        """Take a slot for `key` and queue its read (lock held). A prefetch (not evict_used) takes only a slot whose
+        expert no layer of this pass needed; None when there is none."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = None
+            for candidate in self._cached:  # least recently used first
+                if candidate in self._pinned or candidate in self._reading:
+                    continue
+                if not evict_used and self._used_in_pass.get(candidate) == stamp:
+                    return None  # everything older is in use too
+                victim = candidate
+                break
+            if victim is None:
+                return None
+            slot = self._cached.pop(victim)
+            self._prefetched.discard(victim)
+            for name in ("w1", "w3", "w2"):
+                for part in ("data", "scales"):
+                    self._tables[victim[0], name, part][victim[1]] = None
+        self._cached[key] = slot
+        read = _Read(key, slot, priority)
+        pieces = self.pieces[key]
+        for piece in pieces:
+            base = self._base + slot * self.slot_bytes + self.offsets[piece.weight, piece.part]
+            if piece.stored != piece.dtype:  # converted as a whole
+                chunks = [(piece, 0, piece.nbytes, base)]
+            else:
+                chunks = [(piece, at, min(CHUNK, piece.nbytes - at), base) for at in range(0, piece.nbytes, CHUNK)]
+            for chunk in chunks:
+                read.left += 1
+                heapq.heappush(self._queue, (priority, next(self._order), read, chunk))
+        self._reading[key] = read
+        if priority == PREFETCH:
+            self.stats.prefetch_reads += 1
+        else:
+            self.stats.demand_reads += 1
+        self._work.notify_all()
+        return read
+
+    def _promote(self, read: _Read) -> None:
+        """Move a prefetch's queued chunks ahead of other prefetches (lock held)."""
+        if read.priority == DEMAND:
+            return
+        read.priority = DEMAND
+        self._queue = [(DEMAND if r is read else p, o, r, c) for p, o, r, c in self._queue]
+        heapq.heapify(self._queue)
+
+    # ---- the reader threads ------------------------------------------------------------------------
+
+    def _reader(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._work.wait()
+                if self._closed:
+                    return
+                _, _, read, chunk = heapq.heappop(self._queue)
+            error = None
+            start = time.perf_counter()
+            try:
+                if read.error is None:
+                    self._read_chunk(*chunk)
+            except BaseException as exc:
+                error = exc
+            seconds = time.perf_counter() - start
+            with self._lock:
+                self.stats.read_seconds += seconds
+                self.stats.bytes_read += chunk[2] if error is None else 0
+                if error is not None and read.error is None:
+                    read.error = OSError(f"reading expert {read.key[1]} of layer {read.key[0]} failed: {error}")
+                read.left -= 1
+                if read.left == 0:
+                    self._reading.pop(read.key, None)
+                    if read.error is None:
+                        self._publish(read.key, read.slot)
+                    else:
+                        self._cached.pop(read.key, None)
+                        self._free.append(read.slot)
+                    read.done.set()
+
+    def _publish(self, key, slot) -> None:
+        """Point the C side's slot tables at a slot whose read finished (lock held)."""
+        base = self._base + slot * self.slot_bytes
+        for name in ("w1", "w3", "w2"):
+            for part in ("data", "scales"):
+                self._tables[key[0], name, part][key[1]] = base + self.offsets[name, part]
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._files.get(path)
+            if fd is None:
+                fd = self._files[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def _read_chunk(self, piece: Piece, at: int, nbytes: int, base: int) -> None:
+        fd = self._fd(piece.path)
+        if piece.stored == piece.dtype:
+            _read_into(fd, piece.offset + at, (ctypes.c_char * nbytes).from_address(base + at))
+        else:  # a float tensor stored in another dtype: read, convert, place
+            staged = torch.empty(piece.nbytes, dtype=torch.uint8)
+            _read_into(fd, piece.offset, memoryview(staged.numpy()))
+            converted = staged.view(piece.stored).to(piece.dtype)
+            ctypes.memmove(base, converted.data_ptr(), converted.nbytes)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, piece.offset + at, nbytes, os.POSIX_FADV_DONTNEED)
+
+    # ---- lifetime ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+        for thread in self._readers:
+            thread.join()
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    def describe(self) -> str:
+        cached = len(self._cached)
+        return (f"expert cache: {self.n_slots} of {len(self.pieces)} experts ({self.n_slots * self.slot_bytes / 2**30:.2f} "
+                f"GiB), {cached} held")
+
+
+def _read_into(fd: int, offset: int, buffer) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"the file ends {len(view) - done} bytes short of the expert")
+        done += got
+
+
+def expert_format(fmt: int, n: int, k: int, group: int, element_bytes: int) -> ExpertFormat:
+    """An expert weight's layout in memory, for the C format `fmt` (native_lib.FORMATS, I8, I4)."""
+    if fmt == I4:
+        n_groups = -(-k // group)
+        return ExpertFormat(fmt, n, k, group, n * n_groups * group // 2, n * n_groups * 2)
+    if fmt == I8:
+        return ExpertFormat(fmt, n, k, 0, n * k, n * 2)
+    return ExpertFormat(fmt, n, k, 0, n * k * element_bytes, 0)
+
+

@@ -1,0 +1,151 @@
+"""Expert offloading: a model whose experts stay on disk, read into an expert cache as the layers need them, gives
+bit-identical logits and greedy tokens to the same checkpoint loaded whole (which test_parity holds against
+transformers), for plain bf16 and fp32-loaded checkpoints and for `mixtral quantize` int8 and int4 ones; with a
+cache so small that every step misses, with speculative prefetch on and off; a budget too small fails before
+loading, with the minimum; a file that goes bad mid-run fails the pass that needs it and nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import make_hf_model, save_hf_model
+
+from mixtral import kernels, memory_plan
+from mixtral.config import load_config
+from mixtral.errors import MixtralError
+from mixtral.kv_cache import KVCache
+from mixtral.loading import load_model
+from mixtral.offloading import load_offloaded
+from mixtral.quantize_checkpoint import quantize_checkpoint
+from mixtral.weights import read_quantization
+
+pytestmark = pytest.mark.skipif(not kernels.will_run_native("cpu"), reason="offloading runs on our C kernels")
+
+PROMPT = [1, 5, 9, 200, 3, 17, 42]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One bf16 Mixtral (4 layers of 4 experts, top-2) and its int8 and int4 quantizations."""
+    root = tmp_path_factory.mktemp("offload")
+    bf16 = save_hf_model(make_hf_model(seed=5, num_hidden_layers=4).to(torch.bfloat16), root / "bf16")
+    return {"bf16": bf16, "int8": quantize_checkpoint(bf16, root / "int8", 8, None, progress=False),
+            "int4": quantize_checkpoint(bf16, root / "int4", 4, 32, progress=False)}
+
+
+def offloaded(path, dtype: str, slots: int, prefetch: bool = True):
+    """The checkpoint with its experts on disk and `slots` of them cached."""
+    args = load_config(path)
+    dtype = getattr(torch, dtype)
+    plan = memory_plan.plan(args, read_quantization(path), dtype, 1 << 40, runtime=0, bandwidth=(1.0, 10.0))
+    return load_offloaded(path, args, read_quantization(path), dtype, dataclasses.replace(plan, slots=slots),
+                          prefetch=prefetch, progress=False)
+
+
+def run(model, steps: int = STEPS):
+    """Prompt logits, then greedy decode steps: (prompt logits, [step logits], [tokens])."""
+    cache = KVCache(model.args, 1, len(PROMPT) + steps + 1, model.activation_dtype)
+    ids = torch.tensor([PROMPT])
+    prompt_logits = model(ids, torch.arange(len(PROMPT))[None], cache, n_keys=len(PROMPT))[0, -1].clone()
+    runner = kernels.runner(model)
+    token, logits, tokens = int(prompt_logits.argmax()), [], []
+    for position in range(len(PROMPT), len(PROMPT) + steps):
+        tokens.append(token)
+        step = runner.decode_step(cache, [token], [position])
+        logits.append(step.logits[0].clone())
+        token = step.best[0]
+    return prompt_logits, logits, tokens
+
+
+@pytest.mark.parametrize("kind,dtype", [("bf16", "bfloat16"), ("bf16", "float32"), ("int8", "bfloat16"),
+                                        ("int4", "bfloat16")])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_bit_identical_to_the_whole_model_while_missing_every_step(checkpoints, kind, dtype, prefetch):
+    whole = load_model(checkpoints[kind], dtype=dtype, progress=False)
+    want = run(whole)
+    args = whole.args
+    model = offloaded(checkpoints[kind], dtype, slots=args.n_experts, prefetch=prefetch)  # one layer's worth
+    store = kernels.runner(model).store
+    cache = KVCache(args, 1, len(PROMPT) + STEPS + 1, model.activation_dtype)
+    model(torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], cache, n_keys=len(PROMPT))
+    misses = store.stats.summary()["misses"]
+    for position in range(len(PROMPT), len(PROMPT) + 3):  # each decode step reads experts from disk again
+        kernels.runner(model).decode_step(cache, [3], [position])
+        assert store.stats.summary()["misses"] > misses
+        misses = store.stats.summary()["misses"]
+    got = run(model)
+    assert torch.equal(got[0], want[0])
+    assert got[2] == want[2]
+    for ours, theirs in zip(got[1], want[1]):
+        assert torch.equal(ours, theirs)
+    summary = store.stats.summary()
+    assert summary["bytes_read"] > 0 and 0 <= summary["hit_rate"] < 1
+    if prefetch:
+        assert 0 <= summary["prefetch_recall"] <= 1 and 0 <= summary["prefetch_precision"] <= 1
+    else:
+        assert summary["prefetch_recall"] is None and store.stats.prefetch_reads == 0
+
+
+def test_a_cache_that_holds_every_expert_reads_each_once(checkpoints):
+    args = load_config(checkpoints["int4"])
+    model = offloaded(checkpoints["int4"], "bfloat16", slots=args.n_layers * args.n_experts)
+    run(model)
+    store = kernels.runner(model).store
+    stats = store.stats
+    assert stats.demand_reads + stats.prefetch_reads <= args.n_layers * args.n_experts
+    first = stats.summary()["bytes_read"]
+    run(model)  # everything is cached by now: nothing more is read
+    assert stats.summary()["bytes_read"] == first and stats.summary()["hit_rate"] > 0.5
+
+
+def test_a_budget_too_small_fails_before_loading_and_says_the_minimum(checkpoints):
+    with pytest.raises(MixtralError, match=r"too small .* needs at least \d[\d.,]* (MiB|GiB)") as info:
+        load_model(checkpoints["int4"], max_memory="1MB", progress=False)
+    assert "\n" not in str(info.value)
+    with pytest.raises(MixtralError, match="memory size"):
+        load_model(checkpoints["int4"], max_memory="lots", progress=False)
+
+
+def test_a_budget_that_holds_everything_loads_the_model_whole(checkpoints):
+    model = load_model(checkpoints["int4"], max_memory="64GiB", progress=False)
+    assert getattr(kernels.runner(model), "store", None) is None
+
+
+def test_a_file_gone_bad_fails_the_pass_that_needs_it_and_the_process_goes_on(checkpoints, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(checkpoints["int4"], tmp_path / "copy")
+    model = offloaded(copy, "bfloat16", slots=load_config(copy).n_experts)
+    run(model, steps=2)
+    weights = copy / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # the second half of the experts is gone
+    with pytest.raises(OSError, match="reading expert"):
+        for _ in range(3):
+            run(model, steps=2)
+    weights.write_bytes(good)
+    whole = load_model(checkpoints["int4"], dtype="bfloat16", progress=False)
+    assert run(model, steps=4)[2] == run(whole, steps=4)[2]  # the next passes are right again
+
+
+def test_the_planner(checkpoints):
+    args = load_config(checkpoints["int4"])
+    spec = read_quantization(checkpoints["int4"])
+    weights = memory_plan.model_weights(args, spec, torch.bfloat16)
+    on_disk = sum(p.nbytes for p in __import__("mixtral.weights", fromlist=["x"]).stored_tensors(
+        checkpoints["int4"] / "model.safetensors"))
+    # the planner's sizes add up to the checkpoint's (norms are fp32 in memory, bf16 on disk)
+    assert abs(weights.resident + weights.experts * weights.expert - on_disk) <= 2 * (2 * args.n_layers + 1) * args.dim
+    fixed = dict(runtime=100 << 20, bandwidth=(1.0, 10.0), context=64)
+    roomy = memory_plan.plan(args, spec, torch.bfloat16, 1 << 34, **fixed)
+    assert not roomy.offload and roomy.fits
+    tight = memory_plan.plan(args, spec, torch.bfloat16, roomy.need(args.n_experts + 3), **fixed)
+    assert tight.offload and tight.slots == args.n_experts + 3 and tight.fits
+    assert tight.bytes_read_per_token > 0 and tight.tokens_per_s < roomy.tokens_per_s
+    too_small = memory_plan.plan(args, spec, torch.bfloat16, roomy.need(args.n_experts) - 1, **fixed)
+    assert not too_small.fits and "at least" in too_small.describe()
+    assert memory_plan.parse_size("12GiB") == 12 << 30 and memory_plan.parse_size("16GB") == 16 * 10**9
+    assert memory_plan.parse_size("900MiB") == 900 << 20 and memory_plan.parse_size("2G") == 2 << 30

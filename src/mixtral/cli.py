@@ -32,13 +32,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "+head: lm_head too, to int8)")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of the whole process, e.g. 16GB or 12GiB: experts that do not fit stay on "
+                        "disk and an expert cache holds the rest (see `mixtral info --memory SIZE`)")
 
 
 def load_options(args) -> LoadOptions:
     """How to load the model, from the options `_add_model_args` defines."""
     from .loading import LoadOptions
 
-    return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack)
+    return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack,
+                       max_memory=args.max_memory)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +103,9 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .generate import stream_generate
 
+    import time
+
+    started = time.perf_counter()  # for the first reply's time from a cold start
     model_dir, model, tokenizer = _load(args)
     params = _sampling_params(args, model_dir)
     interactive = sys.stdin.isatty()
@@ -132,12 +139,34 @@ def cmd_chat(args) -> int:
             history = history[2:]  # drop the oldest exchange to fit the context
             messages = ([{"role": "system", "content": system}] if system else []) + history
             prompt = tokenizer.apply_chat_template(messages)
-        reply = []
+        reply, event = [], None
         for event in stream_generate(model, tokenizer, prompt, params):
             print(event.text, end="", flush=True)
             reply.append(event.text)
         print(flush=True)
+        if args.verbose and event is not None:
+            print(_chat_stats(model, event, started), file=sys.stderr, flush=True)
+            started = None
         history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def _chat_stats(model, event, started: float | None) -> str:
+    """`chat --verbose`: one line per reply; with an expert store, its hit rate and reads."""
+    import time
+
+    from . import kernels
+
+    parts = [f"[{event.prompt_tokens} prompt tokens at {event.prompt_tps:,.1f}/s, {event.generated_tokens} "
+             f"generated at {event.generation_tps:,.2f}/s"]
+    if started is not None:
+        parts.append(f"first reply {time.perf_counter() - started:,.1f} s after start")
+    store = getattr(kernels.runner(model), "store", None)
+    if store is not None:
+        s = store.stats.summary()
+        parts.append(f"expert cache {store.n_slots}/{len(store.pieces)}: hits {s['hit_rate']:.0%} "
+                     f"({s['prefetched_hits'] / max(1, s['lookups']):.0%} prefetched), read "
+                     f"{(s['bytes_read_per_pass'] or 0) / 2**20:,.0f} MiB per pass at {s['disk_gb_per_s'] or 0:.2f} GB/s")
+    return ", ".join(parts) + "]"
 
 
 # What each front end imports beyond the base install, and the extra that installs it (pyproject.toml).
@@ -222,15 +251,23 @@ def cmd_info(args) -> int:
     from .loading import resolve_model
     from .memory import format_summary, summary
 
+    stored = None  # a quantized checkpoint's settings
+    if args.target and args.model and args.target != args.model:
+        raise MixtralError("give the model once: as TARGET or as --model")
+    target_name = args.target or args.model
     if args.preset:
         config, name = preset(args.preset), args.preset
     else:
-        target = Path(args.target) if args.target else None
+        target = Path(target_name) if target_name else None
         if target is not None and target.is_file():
             config, name = load_config(target), str(target)
         else:
-            model_dir = resolve_model(args.target)
-            config, name = load_config(model_dir), model_dir.name
+            from .weights import read_quantization
+
+            model_dir = resolve_model(target_name)
+            config, name, stored = load_config(model_dir), model_dir.name, read_quantization(model_dir)
+    if args.memory is not None:
+        return _print_plan(config, name, stored, args)
     from . import kernels as runners
     from . import torch_lowbit
 
@@ -244,6 +281,26 @@ def cmd_info(args) -> int:
         print(f"CPU kernels: {kernels}")
         print(f"Plain torch ops (--no-pack): {lowbit}")
     return 0
+
+
+def _print_plan(config, name: str, stored: dict | None, args) -> int:
+    """`mixtral info --memory SIZE`: the plan load(max_memory=SIZE) would follow (memory_plan.py)."""
+    from . import memory_plan, quantize
+    from .weights import resolve_dtype
+
+    spec = stored
+    if spec is None and args.quantize:
+        bits, group, head = quantize.parse_quantize(args.quantize)
+        spec = {"bits": bits, "group_size": quantize.check_settings(bits, group), "lm_head": head}
+    plan = memory_plan.plan(config, spec, resolve_dtype(args.dtype), memory_plan.parse_size(args.memory),
+                            args.context, args.batch)
+    if args.json:
+        print(json.dumps({"name": name, "quantization": spec, **plan.as_dict()}, indent=2))
+    else:
+        weights = f"{spec['bits']}-bit weights" if spec else f"{args.dtype} weights"
+        print(f"{name} with {weights}")
+        print(plan.describe())
+    return 0 if plan.fits else 1
 
 
 MINI_SHAPE = dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=128, n_experts=8, top_k=2,
@@ -375,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="after each reply: speed, and the expert cache's hit rate and reads when offloading")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate a reply to one prompt")
@@ -388,7 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters and memory of a model, a config.json or a preset")
     p.add_argument("target", nargs="?", default=None, help="model directory, Hub id or config.json")
+    p.add_argument("--model", "-m", dest="model", default=None, help="the same as TARGET")
     p.add_argument("--preset", default=None, help="mixtral-8x7b or mixtral-8x22b")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="plan for a memory budget (e.g. 16GB): what stays resident, how many experts fit in the "
+                        "expert cache, the expected hit rate, bytes read per token and a tokens/s bound")
+    p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG",
+                   help="with --memory: plan for weights quantized so (a quantized checkpoint says its own)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="with --memory: the dtype of unquantized weights (default bfloat16)")
+    p.add_argument("--context", type=int, default=None,
+                   help=f"with --memory: KV-cache positions to plan for (default min(model context, 4096))")
+    p.add_argument("--batch", type=int, default=1, help="with --memory: sequences decoded together (default 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 

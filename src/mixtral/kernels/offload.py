@@ -75,7 +75,7 @@ class LayerStats:
 class StoreStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
     bytes_read: int = 0
-    read_seconds: float = 0.0  # summed over reads (threads overlap: not wall time)
+    busy_seconds: float = 0.0  # wall time during which at least one read was under way
     demand_reads: int = 0
     prefetch_reads: int = 0
     wait_seconds: float = 0.0  # the compute thread's wait for demand reads
@@ -89,7 +89,9 @@ class StoreStats:
                 setattr(total, name, getattr(total, name) + getattr(layer, name))
         lookups = total.hits + total.misses
         return {
-            "hit_rate": total.hits / lookups if lookups else None,
+            "lookups": lookups,
+            "hit_rate": total.hits / lookups if lookups else None,  # in memory, or being read ahead
+            "cache_hit_rate": (total.hits - total.prefetched_hits) / lookups if lookups else None,  # kept
             "hit_rate_by_layer": {i: s.hits / (s.hits + s.misses) for i, s in sorted(self.layers.items())
                                   if s.hits + s.misses},
             "prefetch_recall": total.guessed_right / lookups if lookups and total.guessed else None,
@@ -98,7 +100,7 @@ class StoreStats:
             "misses": total.misses,
             "bytes_read": self.bytes_read,
             "bytes_read_per_pass": self.bytes_read / self.passes if self.passes else None,
-            "disk_gb_per_s": self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else None,
+            "disk_gb_per_s": self.bytes_read / self.busy_seconds / 1e9 if self.busy_seconds else None,
             "wait_seconds": self.wait_seconds,
             "passes": self.passes,
         }
@@ -158,9 +160,10 @@ class ExpertStore:
         self._order = itertools.count()
         self._work = threading.Condition(self._lock)
         self._files: dict[str, int] = {}
+        self._active, self._busy_since = 0, 0.0  # reads under way, and since when
         self._closed = False
         self._callback = FETCH(self._fetch)  # kept alive as long as the store
-        self._hooks = {}
+        self._hooks, self._next_routers = {}, {}
         self._readers = [threading.Thread(target=self._reader, name=f"expert-reader-{i}", daemon=True)
                          for i in range(max(1, threads))]
         for thread in self._readers:
@@ -181,9 +184,16 @@ class ExpertStore:
     def hook(self, layer: int, next_router: Weight | None, next_top_k: int) -> Store:
         """The store_t that layer `layer` calls before its experts run; `next_router`: the next store layer's router
         (for guesses), or None."""
-        hook = self._hooks[layer] = Store(self._callback, layer, ctypes.addressof(next_router) if next_router
-                                          is not None and self.prefetch else None, next_top_k)
+        address = ctypes.addressof(next_router) if next_router is not None else None
+        self._next_routers[layer] = address
+        hook = self._hooks[layer] = Store(self._callback, layer, address if self.prefetch else None, next_top_k)
         return hook
+
+    def set_prefetch(self, on: bool) -> None:
+        """Turn speculative prefetch on or off (the layers stop or start passing the next router's guess)."""
+        self.prefetch = on
+        for layer, hook in self._hooks.items():
+            hook.next_router = self._next_routers[layer] if on else None
 
     # ---- the fetch the C side calls -----------------------------------------------------------------
 
@@ -320,16 +330,19 @@ class ExpertStore:
                 if self._closed:
                     return
                 _, _, read, chunk = heapq.heappop(self._queue)
+                if not self._active:
+                    self._busy_since = time.perf_counter()
+                self._active += 1
             error = None
-            start = time.perf_counter()
             try:
                 if read.error is None:
                     self._read_chunk(*chunk)
             except BaseException as exc:
                 error = exc
-            seconds = time.perf_counter() - start
             with self._lock:
-                self.stats.read_seconds += seconds
+                self._active -= 1
+                if not self._active:
+                    self.stats.busy_seconds += time.perf_counter() - self._busy_since
                 self.stats.bytes_read += chunk[2] if error is None else 0
                 if error is not None and read.error is None:
                     read.error = OSError(f"reading expert {read.key[1]} of layer {read.key[0]} failed: {error}")

@@ -11,8 +11,9 @@ in this forward pass holds (speculative prefetch).
 Reads: each expert's tensors (codes and scales of w1, w3, w2; plain float weights for a float checkpoint) are read
 with positioned reads in chunks of CHUNK bytes by `threads` reader threads, demand misses before prefetches, and
 the page cache is told to drop what was read (posix_fadvise DONTNEED), so the budget is the process's real
-memory and not the OS's cache. Slots are one buffer, allocated once. Eviction: the least recently used expert
-that is neither needed by the layer computing now nor being read (policy.py: what the traces said).
+memory and not the OS's cache. Slots are one buffer, allocated once. Eviction: each layer has an equal share of
+the slots and evicts its own least recently used expert (`_victim`; bench/expert_cache.py compares policies on
+the shipped model's routing), never one the layer computing now needs or one being read.
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class ExpertStore:
         self._cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # key -> slot, least recently used first
         self._used_in_pass: dict[tuple[int, int], int] = {}  # key -> the pass that last needed it
         self._free = list(range(self.n_slots - 1, -1, -1))
+        self._held = dict.fromkeys(self.layers, 0)  # experts each layer holds (or is reading)
+        share, extra = divmod(self.n_slots, len(self.layers))
+        self._share = {layer: share + (i < extra) for i, layer in enumerate(self.layers)}
         self._reading: dict[tuple[int, int], _Read] = {}
         self._pinned: set[tuple[int, int]] = set()
         self._guesses: dict[int, set[int]] = {}  # layer -> experts guessed for it by the layer before
@@ -272,26 +276,20 @@ class ExpertStore:
         return self.layers[at] if at < len(self.layers) else None
 
     def _start(self, key, priority, stamp, evict_used: bool) -> _Read | None:
-        """Take a slot for `key` and queue its read (lock held). A prefetch (not evict_used) takes only a slot whose
-        expert no layer of this pass needed; None when there is none."""
+        """Take a slot for `key` and queue its read (lock held); None when no slot can be taken now."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim = None
-            for candidate in self._cached:  # least recently used first
-                if candidate in self._pinned or candidate in self._reading:
-                    continue
-                if not evict_used and self._used_in_pass.get(candidate) == stamp:
-                    return None  # everything older is in use too
-                victim = candidate
-                break
+            victim = self._victim(key[0], stamp, evict_used)
             if victim is None:
                 return None
             slot = self._cached.pop(victim)
+            self._held[victim[0]] -= 1
             self._prefetched.discard(victim)
             for name in ("w1", "w3", "w2"):
                 for part in ("data", "scales"):
                     self._tables[victim[0], name, part][victim[1]] = None
+        self._held[key[0]] += 1
         self._cached[key] = slot
         read = _Read(key, slot, priority)
         pieces = self.pieces[key]
@@ -311,6 +309,25 @@ class ExpertStore:
             self.stats.demand_reads += 1
         self._work.notify_all()
         return read
+
+    def _victim(self, layer: int, stamp: int, evict_used: bool):
+        """The expert to evict for one of `layer`'s (lock held): each layer has an equal share of the slots and
+        evicts its own least recently used expert once it holds its share (a global LRU fails on the cycle
+        through the layers: bench/expert_cache.py); a layer below its share takes from layers above theirs;
+        failing both, the least recently used of any layer. Never an expert the running layer needs or one being
+        read; for a prefetch (not evict_used), never one that this pass has used."""
+        def usable(key) -> bool:
+            return (key not in self._pinned and key not in self._reading
+                    and (evict_used or self._used_in_pass.get(key) != stamp))
+
+        if self._held[layer] >= self._share[layer]:
+            found = next((k for k in self._cached if k[0] == layer and usable(k)), None)
+            if found is not None:
+                return found
+        found = next((k for k in self._cached if self._held[k[0]] > self._share[k[0]] and usable(k)), None)
+        if found is not None:
+            return found
+        return next((k for k in self._cached if usable(k)), None)
 
     def _promote(self, read: _Read) -> None:
         """Move a prefetch's queued chunks ahead of other prefetches (lock held)."""
@@ -353,6 +370,7 @@ class ExpertStore:
                         self._publish(read.key, read.slot)
                     else:
                         self._cached.pop(read.key, None)
+                        self._held[read.key[0]] -= 1
                         self._free.append(read.slot)
                     read.done.set()
 

@@ -99,6 +99,7 @@ def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int
 
 def child(model_dir: str, max_memory: str | None, prompt_tokens: int, new_tokens: int, prefetch: bool) -> dict:
     started = time.perf_counter()
+    context = prompt_tokens + new_tokens + 1  # the KV cache this run needs (llama-bench sizes its own so too)
     from mixtral import kernels, memory_plan
     from mixtral.config import load_config
     from mixtral.generate import generate_step
@@ -109,10 +110,11 @@ def child(model_dir: str, max_memory: str | None, prompt_tokens: int, new_tokens
     args = load_config(model_dir)
     planned = None
     if max_memory is not None:
-        plan = memory_plan.plan(args, read_quantization(model_dir), torch.bfloat16, memory_plan.parse_size(max_memory))
+        plan = memory_plan.plan(args, read_quantization(model_dir), torch.bfloat16, memory_plan.parse_size(max_memory),
+                                context)
         planned = {"slots": plan.slots, "tokens_per_s": plan.tokens_per_s, "hit_rate": plan.hit_rate,
                    "bytes_read_per_token": plan.bytes_read_per_token, "offload": plan.offload}
-    model = load_model(model_dir, progress=False, max_memory=max_memory)
+    model = load_model(model_dir, progress=False, max_memory=max_memory, context=context)
     loaded = time.perf_counter()
     store = getattr(kernels.runner(model), "store", None)
     if store is not None and not prefetch:

@@ -149,3 +149,37 @@ def test_the_planner(checkpoints):
     assert not too_small.fits and "at least" in too_small.describe()
     assert memory_plan.parse_size("12GiB") == 12 << 30 and memory_plan.parse_size("16GB") == 16 * 10**9
     assert memory_plan.parse_size("900MiB") == 900 << 20 and memory_plan.parse_size("2G") == 2 << 30
+
+
+def test_the_server_runs_an_offloaded_model_in_batches_and_reports_its_cache(tiny_chat_model):
+    """Three requests at once through the TGI route of a server whose model's experts are on disk: the texts greedy
+    decoding of the whole model gives, and the expert cache's numbers in /metrics."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from conftest import serve_in_thread
+
+    from mixtral import generate, load
+    from mixtral.engine import Engine
+    from mixtral.sampling import SamplingParams
+    from mixtral.server import create_app
+
+    whole, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
+    prompts = ["Who goes there?", "Tell me a story.", "Why?"]
+    want = [generate(whole, tokenizer, tokenizer.encode(p, add_bos=True),
+                     SamplingParams(temperature=0, max_new_tokens=12)) for p in prompts]
+    model = offloaded(tiny_chat_model, "float32", slots=load_config(tiny_chat_model).n_experts)
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    try:
+        with serve_in_thread(create_app(engine, "offloaded")) as url:
+            def ask(prompt):
+                body = {"inputs": prompt, "parameters": {"max_new_tokens": 12, "do_sample": False}}
+                return httpx.post(f"{url}/generate", json=body, timeout=60).json()["generated_text"]
+
+            with ThreadPoolExecutor(3) as pool:
+                got = list(pool.map(ask, prompts))
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        engine.close()
+    assert got == want
+    assert "mixtral_expert_hit_rate{layer=" in metrics and "mixtral_expert_bytes_read_total" in metrics

@@ -35,6 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 16GB or 12GiB: experts that do not fit stay on "
                         "disk and an expert cache holds the rest (see `mixtral info --memory SIZE`)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="with --max-memory: KV-cache positions to keep room for (default min(model context, 4096))")
 
 
 def load_options(args) -> LoadOptions:
@@ -42,7 +44,7 @@ def load_options(args) -> LoadOptions:
     from .loading import LoadOptions
 
     return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack,
-                       max_memory=args.max_memory)
+                       max_memory=args.max_memory, context=args.context)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

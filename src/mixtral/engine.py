@@ -265,7 +265,16 @@ class Engine:
                     "prompt_tokens": self._prompt_tokens, "active": len(self._active), "waiting": len(self._waiting),
                     "steps": self._steps, "queue_time_seconds": self._queue_time.snapshot(),
                     "time_per_token_seconds": self._time_per_token.snapshot(),
-                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
+                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
+                    "expert_store": self.expert_store_stats()}
+
+    def expert_store_stats(self) -> dict | None:
+        """The expert cache's numbers (kernels/offload.py: hit rate, prefetch recall and precision, bytes read)
+        when the model's experts are offloaded, else None."""
+        store = getattr(kernels.runner(self.model), "store", None)
+        if store is None:
+            return None
+        return {**store.stats.summary(), "slots": store.n_slots, "experts": len(store.pieces)}
 
     def routing(self, token_ids: Sequence[int], timeout: float | None = 60.0) -> list[Routing]:
         """Where the router sent every token of `token_ids`: one `Routing` per MoE layer ((1, T, E) logits,

@@ -77,6 +77,23 @@ class EngineCollector:
         yield GaugeMetricFamily("mixtral_active_requests", "Requests in the running batch", value=stats["active"])
         yield GaugeMetricFamily("mixtral_waiting_requests", "Requests waiting for a batch slot", value=stats["waiting"])
         yield GaugeMetricFamily("mixtral_max_batch_size", "Batch slots", value=stats["max_batch_size"])
+        store = stats.get("expert_store")
+        if store is not None:  # the model's experts are offloaded (kernels/offload.py)
+            yield GaugeMetricFamily("mixtral_expert_cache_slots", "Experts the expert cache holds", value=store["slots"])
+            yield CounterMetricFamily("mixtral_expert_lookups", "Experts the layers asked for", value=store["lookups"])
+            yield CounterMetricFamily("mixtral_expert_misses", "Experts read from disk on demand", value=store["misses"])
+            yield CounterMetricFamily("mixtral_expert_prefetched_hits", "Experts needed that prefetch had read ahead",
+                                      value=store["prefetched_hits"])
+            yield CounterMetricFamily("mixtral_expert_bytes_read", "Expert bytes read from disk", value=store["bytes_read"])
+            by_layer = GaugeMetricFamily("mixtral_expert_hit_rate", "Share of lookups found in memory, by layer",
+                                         labels=["layer"])
+            for layer, rate in store["hit_rate_by_layer"].items():
+                by_layer.add_metric([str(layer)], rate)
+            yield by_layer
+            for key, doc in (("prefetch_recall", "Share of needed experts the previous layer guessed"),
+                             ("prefetch_precision", "Share of guessed experts that were needed")):
+                if store[key] is not None:
+                    yield GaugeMetricFamily(f"mixtral_expert_{key}", doc, value=store[key])
         for name, doc in (("queue_time_seconds", "Time from submission to admission into the batch"),
                           ("time_per_token_seconds", "Mean time per generated token after the first, per request")):
             h = stats[name]

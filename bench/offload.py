@@ -4,7 +4,8 @@ Writes an int4 checkpoint of random weights in `mixtral quantize`'s format strai
 in memory) and, when a `llama-bench` binary is given, a GGUF of the same shapes in Q4_0 (bench/random_gguf.py).
 Then, for each memory limit, runs each engine in a fresh process inside a memory cgroup (cgroup v1, as root: the
 kernel enforces the limit and charges the page cache too) after dropping the page cache, and reports decode
-tokens/s at batch 1 (`--new-tokens` greedy steps after a `--prompt-tokens` prompt), the cgroup's peak memory, and
+tokens/s at batch 1 (`--new-tokens` decode steps after a `--prompt-tokens` prompt, each fed a random token, as
+llama-bench does), the cgroup's peak memory, and
 for ours the expert cache's hit rate, prefetch recall and precision, bytes read per token, and the planner's
 predicted tokens/s (memory_plan.py). Our process gets `--max-memory` = the limit minus `--headroom`.
 
@@ -49,8 +50,9 @@ def model_args(shape: str):
 # ---- our checkpoint: random int4, written tensor by tensor ------------------------------------------------
 
 def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int = 0) -> Path:
-    """A `mixtral quantize`-format int4 checkpoint of random weights, with the shipped model's tokenizer.
-    Codes are uniform; each scale makes a row's product with a unit input about unit-sized, so activations stay
+    """A `mixtral quantize`-format int4 checkpoint of random weights (the output head int8, as `+head` makes it;
+    llama.cpp's is Q4_0), with the shipped model's tokenizer.
+    Codes are uniform in -7..7 (zero mean, so routing is not skewed); each scale makes a row's product with a unit input about unit-sized, so activations stay
     finite through every layer."""
     from tqdm.auto import tqdm
 
@@ -59,7 +61,7 @@ def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int
     from mixtral.quantize_checkpoint import _SAFETENSORS_NAMES, _layout, _quantized_on_meta
 
     args = model_args(shape)
-    spec = {"bits": 4, "group_size": group_size, "method": quantize.METHOD, "lm_head": False}
+    spec = {"bits": 4, "group_size": group_size, "method": quantize.METHOD, "lm_head": True}  # head: int8
     layout = _layout(_quantized_on_meta(args, spec), spec, torch.bfloat16)
     header, offset = {"__metadata__": {"format": "pt", "quantization": quantize.METHOD}}, 0
     for name, (dtype, dims) in layout.items():
@@ -77,8 +79,13 @@ def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int
             count = math.prod(dims)
             for start in range(0, count, step // dtype.itemsize):
                 n = min(step // dtype.itemsize, count - start)
-                if name.endswith(".qweight"):
-                    chunk = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator)
+                if name == "lm_head.qweight":  # int8, -127..127
+                    chunk = torch.randint(-127, 128, (n,), dtype=torch.int8, generator=generator)
+                elif name == "lm_head.scales":  # int8 codes have std 73
+                    chunk = torch.full((n,), 1 / (73 * math.sqrt(args.dim)), dtype=torch.bfloat16)
+                elif name.endswith(".qweight"):  # nibbles 1..15: zero-mean codes (see random_gguf.py)
+                    low, high = (torch.randint(1, 16, (n,), dtype=torch.uint8, generator=generator) for _ in "lh")
+                    chunk = low | (high << 4)
                 elif name.endswith(".scales"):  # codes are -8..7 (std 4.6): scale so a row sums to ~1
                     k = args.hidden_dim if ".w2." in name or name.endswith("wo.scales") else args.dim
                     chunk = torch.full((n,), 1 / (4.6 * math.sqrt(k)), dtype=torch.bfloat16)
@@ -102,9 +109,8 @@ def child(model_dir: str, max_memory: str | None, prompt_tokens: int, new_tokens
     context = prompt_tokens + new_tokens + 1  # the KV cache this run needs (llama-bench sizes its own so too)
     from mixtral import kernels, memory_plan
     from mixtral.config import load_config
-    from mixtral.generate import generate_step
+    from mixtral.kv_cache import KVCache
     from mixtral.loading import load_model
-    from mixtral.sampling import Sampler, SamplingParams
     from mixtral.weights import read_quantization
 
     args = load_config(model_dir)
@@ -119,16 +125,25 @@ def child(model_dir: str, max_memory: str | None, prompt_tokens: int, new_tokens
     store = getattr(kernels.runner(model), "store", None)
     if store is not None and not prefetch:
         store.set_prefetch(False)
-    prompt = [1] + [100 + i for i in range(prompt_tokens - 1)]
-    steps = generate_step(model, [prompt], [Sampler(SamplingParams(temperature=0))], new_tokens + 1)
-    next(steps)  # the prompt
-    first = time.perf_counter()
-    before = store.stats.summary() if store else None
-    for _ in steps:
-        pass
+    # like llama-bench: a prompt, then each step feeds a random token (greedy decoding of random weights repeats
+    # a token or two, whose experts would all stay cached: no test of a cache)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, args.vocab_size, (1, prompt_tokens), generator=generator)
+    cache = KVCache(args, 1, context, model.activation_dtype)
+    with torch.inference_mode():
+        model(prompt, torch.arange(prompt_tokens)[None], cache, n_keys=prompt_tokens, logits_at=torch.tensor([prompt_tokens - 1]))
+        first = time.perf_counter()
+        before = store.stats.summary() if store else None
+        runner = kernels.runner(model)
+        for position in range(prompt_tokens, prompt_tokens + new_tokens):
+            token = int(torch.randint(3, args.vocab_size, (1,), generator=generator))
+            runner.decode_step(cache, [token], [position])
     done = time.perf_counter()
+    import resource
+
     result = {"load_s": loaded - started, "first_token_s": first - started,
-              "decode_tok_s": new_tokens / (done - first), "planned": planned}
+              "decode_tok_s": new_tokens / (done - first), "planned": planned,
+              "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if store is not None:
         after = store.stats.summary()
         lookups_before = before["passes"]
@@ -182,13 +197,18 @@ def run_ours(cgroup: Cgroup | None, model_dir: Path, max_memory: str | None, opt
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "peak": peak, "failcnt": fails}
 
 
-def run_llama(cgroup: Cgroup | None, binary: str, gguf: Path, opts) -> dict:
+def run_llama(cgroup: Cgroup | None, binary: str, gguf: Path, opts, repack: bool) -> dict:
+    """llama-bench's decode test. By default llama.cpp repacks Q4_0 weights into anonymous memory (a faster
+    layout, not evictable); `--repack 0` keeps them in the memory-mapped file, which the page cache streams."""
     command = [binary, "-m", str(gguf), "-t", str(opts.threads), "-p", "0", "-n", str(opts.new_tokens), "-r", "1",
-               "-o", "json"]
+               "-o", "json"] + ([] if repack else ["--repack", "0"])
+    timeout = opts.llama_timeout or opts.timeout
     if cgroup is None:
-        done, peak, fails = subprocess.run(command, capture_output=True, text=True, timeout=opts.timeout), None, None
+        done, peak, fails = subprocess.run(command, capture_output=True, text=True, timeout=timeout), None, None
     else:
-        done, peak, fails = cgroup.run(command, opts.timeout)
+        done, peak, fails = cgroup.run(command, timeout)
+    if done.returncode == 124:
+        return {"error": f"not done after {timeout:.0f} s", "peak": peak, "failcnt": fails}
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:200], "peak": peak,
                 "failcnt": fails}
@@ -211,7 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--llama-timeout", type=float, default=None, help="seconds per llama.cpp run (default --timeout)")
     p.add_argument("--no-unlimited", action="store_true", help="skip the run without a limit")
     p.add_argument("--prefetch", choices=["on", "off", "both"], default="both")
     p.add_argument("--json", action="store_true")
@@ -257,8 +278,9 @@ def main(argv=None) -> int:
                     row[key] = run_ours(cgroup, ours_dir, budget, opts, prefetch)
                     print(f"{row['limit']} {key}: {json.dumps(row[key])}", file=sys.stderr)
                 if opts.llama_bench:
-                    row["llama.cpp"] = run_llama(cgroup, opts.llama_bench, gguf, opts)
-                    print(f"{row['limit']} llama.cpp: {json.dumps(row['llama.cpp'])}", file=sys.stderr)
+                    for key, repack in (("llama.cpp", True), ("llama.cpp mmap", False)):
+                        row[key] = run_llama(cgroup, opts.llama_bench, gguf, opts, repack)
+                        print(f"{row['limit']} {key}: {json.dumps(row[key])}", file=sys.stderr)
                 rows.append(row)
             finally:
                 if cgroup:
@@ -271,16 +293,17 @@ def main(argv=None) -> int:
         return 0
     print(f"\n{opts.shape} int4 (ours) vs Q4_0 (llama.cpp), batch 1, {opts.new_tokens} tokens after a "
           f"{opts.prompt_tokens}-token prompt, {opts.threads} threads; {_cpu()}")
-    print("| limit | ours tok/s | no prefetch | llama.cpp tok/s | ours/llama | ours peak | llama peak | hit rate | "
-          "recall / precision | read/token | planned tok/s | first token |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| limit | ours tok/s | no prefetch | llama.cpp tok/s | llama.cpp --repack 0 | ours / best llama.cpp | "
+          "ours peak | llama.cpp peaks | hit rate | recall / precision | read/token | planned tok/s | first token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ours, off, llama = row.get("ours", {}), row.get("ours_no_prefetch", {}), row.get("llama.cpp", {})
+        ours, off = row.get("ours", {}), row.get("ours_no_prefetch", {})
+        llama, mapped = row.get("llama.cpp", {}), row.get("llama.cpp mmap", {})
         store = ours.get("store") or {}
-        ratio = (ours["decode_tok_s"] / llama["decode_tok_s"] if ours.get("decode_tok_s") and llama.get("decode_tok_s")
-                 else None)
-        cells = [row["limit"], _tps(ours), _tps(off), _tps(llama), f"{ratio:.2f}x" if ratio else "-",
-                 _mib(ours.get("peak")), _mib(llama.get("peak")),
+        best = max((r.get("decode_tok_s") or 0 for r in (llama, mapped)), default=0)
+        ratio = ours["decode_tok_s"] / best if ours.get("decode_tok_s") and best else None
+        cells = [row["limit"], _tps(ours), _tps(off), _tps(llama), _tps(mapped), f"{ratio:.2f}x" if ratio else "-",
+                 _mib(ours.get("peak")), f"{_mib(llama.get('peak'))} / {_mib(mapped.get('peak'))}",
                  f"{store['hit_rate']:.0%}" if store.get("hit_rate") is not None else "-",
                  (f"{store['prefetch_recall']:.0%} / {store['prefetch_precision']:.0%}"
                   if store.get("prefetch_recall") is not None else "-"),

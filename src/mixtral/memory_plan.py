@@ -7,8 +7,8 @@ embedding and the output head), the KV cache for `context` tokens of `batch` seq
 keep it), working buffers, and whatever is left as an expert cache of whole experts. When every expert fits
 there is nothing to plan: the model loads as usual. Otherwise the experts stay on disk (kernels/offload.py).
 
-Expected numbers, for decoding one sequence: the hit rate of a cache that holds `slots` of the `total` experts
-when the routing is uniform (slots / total: real routing has some locality, so this is a floor), the bytes read
+Expected numbers, for decoding one sequence: the hit rate of the expert cache when the routing is uniform (each
+layer's share of the slots over its experts: real routing has some locality, so this is a floor), the bytes read
 from disk per token for the misses, and a tokens/s bound from this machine's measured disk and RAM bandwidth:
 every token reads its misses from disk and streams its active weights from RAM.
 """
@@ -164,7 +164,8 @@ class Plan:
         else:
             lines.append(f"  expert cache              {self.slots} of {self.experts} experts "
                          f"({size_text(self.slots * self.expert_slot)}); the rest are read from disk")
-            lines.append(f"  expected hit rate         {self.hit_rate:.0%} or better (uniform routing)")
+            lines.append(f"  expected hit rate         {self.hit_rate:.0%} or better (uniform routing, "
+                         f"{self.slots / self.experts:.0%} of the experts cached)")
             lines.append(f"  read per token            {size_text(self.bytes_read_per_token)}")
         if self.tokens_per_s is not None:
             lines.append(f"  decode bound              {self.tokens_per_s:,.2f} tokens/s (disk "
@@ -189,12 +190,26 @@ def plan(args: ModelArgs, quantization: dict | None, dtype: torch.dtype, budget:
     fixed = runtime + weights.resident + kv + WORKING_BYTES
     slots = max(0, min(weights.experts, (budget - fixed) // weights.expert_slot)) if weights.experts else 0
     minimum = fixed + weights.per_layer * weights.expert_slot
-    hit = slots / weights.experts if weights.experts else 1.0
+    hit = _hit_rate(slots, weights) if weights.experts else 1.0
     read = (1 - hit) * weights.moe_layers * weights.top_k * weights.expert
     disk, ram = bandwidth if bandwidth is not None else measured_bandwidth()
     bound = 1 / (read / (disk * 1e9) + weights.active / (ram * 1e9)) if disk and ram else None
     return Plan(budget, runtime, weights.resident, kv, WORKING_BYTES, weights.expert, weights.expert_slot,
                 weights.experts, slots, minimum, context, batch, hit, read, bound, disk, ram)
+
+
+def _hit_rate(slots: int, weights: Weights) -> float:
+    """The expert cache's hit rate for uniform routing: each layer holds an equal share of the slots (less the
+    few kept free for prefetch; kernels/offload.py) and finds a needed expert there with probability share / E;
+    a share smaller than top-k is emptied by the layer's own picks of every token."""
+    if slots >= weights.experts:
+        return 1.0
+    usable = slots - min(weights.top_k, slots - weights.per_layer)
+    base, extra = divmod(usable, weights.moe_layers)
+    total = 0.0
+    for share, layers in ((base + 1, extra), (base, weights.moe_layers - extra)):
+        total += layers * (share / weights.per_layer if share >= weights.top_k else 0.0)
+    return total / weights.moe_layers
 
 
 # ---- this machine's bandwidths ----------------------------------------------------------------------

@@ -150,11 +150,10 @@ class ExpertStore:
         self.stats = StoreStats(layers={layer: LayerStats() for layer in self.layers})
         self.error: BaseException | None = None  # what made the last fetch fail (raised by the runner)
         self._cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # key -> slot, least recently used first
-        self._used_in_pass: dict[tuple[int, int], int] = {}  # key -> the pass that last needed it
         self._free = list(range(self.n_slots - 1, -1, -1))
         self._held = dict.fromkeys(self.layers, 0)  # experts each layer holds (or is reading)
-        share, extra = divmod(self.n_slots, len(self.layers))
-        self._share = {layer: share + (i < extra) for i, layer in enumerate(self.layers)}
+        self._share: dict[int, int] = {}  # the slots each layer may hold (set_prefetch)
+        self.reserve, self._top_k = 0, 0  # slots demand misses leave free for prefetches (set_prefetch)
         self._reading: dict[tuple[int, int], _Read] = {}
         self._pinned: set[tuple[int, int]] = set()
         self._guesses: dict[int, set[int]] = {}  # layer -> experts guessed for it by the layer before
@@ -168,6 +167,7 @@ class ExpertStore:
         self._closed = False
         self._callback = FETCH(self._fetch)  # kept alive as long as the store
         self._hooks, self._next_routers = {}, {}
+        self.set_prefetch(prefetch)  # (no guesses until `hook` is given the next layers' routers)
         self._readers = [threading.Thread(target=self._reader, name=f"expert-reader-{i}", daemon=True)
                          for i in range(max(1, threads))]
         for thread in self._readers:
@@ -191,11 +191,18 @@ class ExpertStore:
         address = ctypes.addressof(next_router) if next_router is not None else None
         self._next_routers[layer] = address
         hook = self._hooks[layer] = Store(self._callback, layer, address if self.prefetch else None, next_top_k)
+        self._top_k = max(self._top_k, next_top_k)
+        self.set_prefetch(self.prefetch)
         return hook
 
     def set_prefetch(self, on: bool) -> None:
         """Turn speculative prefetch on or off (the layers stop or start passing the next router's guess)."""
         self.prefetch = on
+        guessing = on and any(address is not None for address in self._next_routers.values())
+        room = self.n_slots - self.n_experts if self.n_slots < len(self.pieces) else 0  # (all fit: no need)
+        self.reserve = min(self._top_k, max(0, room)) if guessing else 0
+        share, extra = divmod(self.n_slots - self.reserve, len(self.layers))
+        self._share = {layer: share + (i < extra) for i, layer in enumerate(self.layers)}
         for layer, hook in self._hooks.items():
             hook.next_router = self._next_routers[layer] if on else None
 
@@ -211,13 +218,17 @@ class ExpertStore:
 
     def fetch(self, layer: int, needed: list[int], guessed: list[int]) -> None:
         """Make the experts `needed` by `layer` resident (their slot tables set) and start reading the `guessed`
-        experts of the next store layer; returns once the needed ones are in place."""
+        experts of the next store layer into free slots; returns once the needed ones are in place.
+
+        Prefetch reads only while no other read is waiting, and never evicts: a wrong guess would cost a read and
+        the eviction of an expert that may be needed again (measured, that cost more than right guesses saved).
+        Demand misses leave `reserve` slots free for it instead; a guessed expert that was needed joins its layer's share (whose least
+        recently used expert then goes back to the free slots), one that was not is the first to be evicted."""
         stats = self.stats.layers[layer]
         waits = []
         with self._lock:
             if layer == self.layers[0]:
                 self.stats.passes += 1
-            stamp = self.stats.passes
             keys = [(layer, e) for e in needed]
             self._pinned = set(keys)
             guesses = self._guesses.pop(layer, None)
@@ -225,22 +236,20 @@ class ExpertStore:
                 stats.guessed += len(guesses)
                 stats.guessed_right += len(guesses & set(needed))
             for key in keys:
-                self._used_in_pass[key] = stamp
                 if key in self._cached:
                     self._cached.move_to_end(key)
+                    stats.hits += 1
                     read = self._reading.get(key)
-                    if read is None:
-                        stats.hits += 1
-                    else:  # being read ahead: wait for it, first in line
-                        stats.hits += 1
+                    if read is not None:  # being read ahead: wait for it, first in line
                         self._promote(read)
                         waits.append(read)
                     if key in self._prefetched:
                         stats.prefetched_hits += 1
                         self._prefetched.discard(key)
+                        self._rebalance(layer)
                     continue
                 stats.misses += 1
-                read = self._start(key, DEMAND, stamp, evict_used=True)
+                read = self._start(key, DEMAND)
                 while read is None:  # every other slot is being read into: wait for one read to finish
                     busy = next(iter(self._reading.values()), None)
                     if busy is None:
@@ -251,18 +260,32 @@ class ExpertStore:
                         busy.done.wait()
                     finally:
                         self._lock.acquire()
-                    read = self._start(key, DEMAND, stamp, evict_used=True)
+                    read = self._start(key, DEMAND)
                 waits.append(read)
+            for key in [k for k in self._prefetched if k[0] == layer]:
+                self._prefetched.discard(key)  # guessed wrong: the first to go when a slot is wanted
+                self._cached.move_to_end(key, last=False)
+            while len(self._free) < self.reserve:  # keep the reserve free (a prompt, a wrong guess took it)
+                victim = next((k for k in self._cached if self._held[k[0]] > self._share[k[0]]
+                               and k not in self._pinned and k not in self._reading), None)
+                victim = victim or next((k for k in self._cached if k not in self._pinned
+                                         and k not in self._reading), None)
+                if victim is None:
+                    break
+                self._drop(victim)
             next_layer = self._next_layer(layer)
-            if next_layer is not None and guessed:
+            if next_layer is not None and guessed:  # (guesses are scored even when not read ahead)
                 self._guesses[next_layer] = set(guessed)
+            if next_layer is not None and guessed and not self._queue:
+                # read ahead only while the disk has nothing else to do: when reads are what limits the speed,
+                # a wrong guess costs a read that a needed expert waits for (measured: bench/offload.py)
                 for e in guessed:
                     key = (next_layer, e)
                     if key in self._cached:
                         continue
-                    read = self._start(key, PREFETCH, stamp, evict_used=False)
+                    read = self._start(key, PREFETCH)
                     if read is None:
-                        break  # no slot that this pass has not used: no more reading ahead
+                        break  # no free slot: no more reading ahead
                     self._prefetched.add(key)
         start = time.perf_counter()
         for read in waits:
@@ -275,20 +298,22 @@ class ExpertStore:
         at = self.layers.index(layer) + 1
         return self.layers[at] if at < len(self.layers) else None
 
-    def _start(self, key, priority, stamp, evict_used: bool) -> _Read | None:
-        """Take a slot for `key` and queue its read (lock held); None when no slot can be taken now."""
-        if self._free:
+    def _start(self, key, priority) -> _Read | None:
+        """Take a slot for `key` and queue its read (lock held); None when no slot can be taken now. A prefetch
+        takes only a free slot; a demand miss takes one while more than `reserve` are free, else evicts (and takes
+        a reserved one when there is nothing to evict)."""
+        if priority == PREFETCH or len(self._free) > self.reserve:
+            if not self._free:
+                return None
             slot = self._free.pop()
         else:
-            victim = self._victim(key[0], stamp, evict_used)
+            victim = self._victim(key[0])
             if victim is None:
-                return None
-            slot = self._cached.pop(victim)
-            self._held[victim[0]] -= 1
-            self._prefetched.discard(victim)
-            for name in ("w1", "w3", "w2"):
-                for part in ("data", "scales"):
-                    self._tables[victim[0], name, part][victim[1]] = None
+                if not self._free:
+                    return None
+                slot = self._free.pop()
+            else:
+                slot = self._evict(victim)
         self._held[key[0]] += 1
         self._cached[key] = slot
         read = _Read(key, slot, priority)
@@ -310,15 +335,14 @@ class ExpertStore:
         self._work.notify_all()
         return read
 
-    def _victim(self, layer: int, stamp: int, evict_used: bool):
+    def _victim(self, layer: int):
         """The expert to evict for one of `layer`'s (lock held): each layer has an equal share of the slots and
         evicts its own least recently used expert once it holds its share (a global LRU fails on the cycle
         through the layers: bench/expert_cache.py); a layer below its share takes from layers above theirs;
         failing both, the least recently used of any layer. Never an expert the running layer needs or one being
-        read; for a prefetch (not evict_used), never one that this pass has used."""
+        read; None when there is none."""
         def usable(key) -> bool:
-            return (key not in self._pinned and key not in self._reading
-                    and (evict_used or self._used_in_pass.get(key) != stamp))
+            return key not in self._pinned and key not in self._reading
 
         if self._held[layer] >= self._share[layer]:
             found = next((k for k in self._cached if k[0] == layer and usable(k)), None)
@@ -328,6 +352,28 @@ class ExpertStore:
         if found is not None:
             return found
         return next((k for k in self._cached if usable(k)), None)
+
+    def _evict(self, key) -> int:
+        """Take `key` out of the cache (lock held; not pinned, not being read); returns its slot."""
+        slot = self._cached.pop(key)
+        self._held[key[0]] -= 1
+        self._prefetched.discard(key)
+        for name in ("w1", "w3", "w2"):
+            for part in ("data", "scales"):
+                self._tables[key[0], name, part][key[1]] = None
+        return slot
+
+    def _drop(self, key) -> None:
+        self._free.append(self._evict(key))
+
+    def _rebalance(self, layer: int) -> None:
+        """After a guessed expert joined `layer`: if the layer now holds more than its share, its least recently
+        used expert goes back to the free slots (lock held)."""
+        if self._held[layer] > self._share[layer]:
+            victim = next((k for k in self._cached if k[0] == layer and k not in self._pinned
+                           and k not in self._reading), None)
+            if victim is not None:
+                self._drop(victim)
 
     def _promote(self, read: _Read) -> None:
         """Move a prefetch's queued chunks ahead of other prefetches (lock held)."""

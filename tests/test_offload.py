@@ -183,3 +183,20 @@ def test_the_server_runs_an_offloaded_model_in_batches_and_reports_its_cache(tin
         engine.close()
     assert got == want
     assert "mixtral_expert_hit_rate{layer=" in metrics and "mixtral_expert_bytes_read_total" in metrics
+
+
+def test_the_reader_threads_end_with_the_model(checkpoints):
+    import gc
+    import threading
+
+    def readers() -> int:
+        return sum(thread.name.startswith("expert-reader") for thread in threading.enumerate())
+
+    gc.collect()
+    before = readers()
+    model = offloaded(checkpoints["int4"], "bfloat16", slots=8)
+    run(model, steps=1)
+    assert readers() > before
+    del model
+    gc.collect()
+    assert readers() == before

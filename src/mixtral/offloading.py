@@ -9,6 +9,7 @@ interleaved by column) cannot be read one expert at a time and are refused with 
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -70,6 +71,7 @@ def load_offloaded(model_dir: Path, args: ModelArgs, spec: dict | None, dtype: t
     if kernels.runner(model).name != "native":
         store.close()
         raise MixtralError("expert offloading runs on mixtral's own CPU kernels, which cannot run this model here")
+    weakref.finalize(model, store.close)  # its reader threads end with the model
     return model
 
 

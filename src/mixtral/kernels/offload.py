@@ -123,7 +123,7 @@ class ExpertStore:
     `formats` ({"w1"|"w3"|"w2": ExpertFormat}) says how each weight of an expert is laid out in memory; every
     expert of every layer has the same. `weight(layer, name)` is the C side's description of one layer's weight
     (its slot tables); `hook(layer)` is that layer's store_t. `prefetch`: read the next layer's guessed experts
-    ahead. Close it (or drop it) to stop its reader threads.
+    ahead. `close()` stops its reader threads (which hold it alive until then).
     """
 
     def __init__(self, pieces: dict[tuple[int, int], list[Piece]], formats: dict[str, ExpertFormat], slots: int,
@@ -222,8 +222,9 @@ class ExpertStore:
 
         Prefetch reads only while no other read is waiting, and never evicts: a wrong guess would cost a read and
         the eviction of an expert that may be needed again (measured, that cost more than right guesses saved).
-        Demand misses leave `reserve` slots free for it instead; a guessed expert that was needed joins its layer's share (whose least
-        recently used expert then goes back to the free slots), one that was not is the first to be evicted."""
+        Demand misses leave `reserve` slots free for it instead; a guessed expert that was needed joins its
+        layer's share (whose least recently used expert then goes back to the free slots), one that was not is
+        the first to be evicted."""
         stats = self.stats.layers[layer]
         waits = []
         with self._lock:
@@ -449,7 +450,10 @@ class ExpertStore:
     # ---- lifetime ------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop the reader threads and close the files (the loader ties this to the model's lifetime)."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._work.notify_all()
         for thread in self._readers:
@@ -457,10 +461,6 @@ class ExpertStore:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
-
-    def __del__(self):
-        if not getattr(self, "_closed", True):
-            self.close()
 
     def describe(self) -> str:
         cached = len(self._cached)

@@ -267,6 +267,9 @@ def test_memory_plan_for_the_presets():
     plan = memory_plan(preset("mixtral-8x7b"), "Mixtral-8x7B", "bf16", 32768, 1, 80)
     assert "46,702,792,704" in plan and "12,879,925,248" in plan and "93.4 GB" in plan and "4.29 GB" in plan
     assert "Does not fit" in plan and "fit at int8" in plan
+    squeezed = memory_plan(preset("mixtral-8x7b"), "Mixtral-8x7B", "int4", 4096, 1, 16)
+    assert "Does not fit" in squeezed and "Runs with expert offloading" in squeezed and "of 256 experts" in squeezed
+    assert "needs at least" in memory_plan(preset("mixtral-8x7b"), "Mixtral-8x7B", "int4", 4096, 1, 2)
     assert "**Fits**" in memory_plan(preset("mixtral-8x7b"), "Mixtral-8x7B", "int4", 4096, 1, 80)
     assert "**Fits**" in memory_plan(preset("mixtral-8x22b"), "Mixtral-8x22B", "bf16", 65536, 1, 400)
 

@@ -223,7 +223,11 @@ def measured_bandwidth(directory: str | os.PathLike | None = None) -> tuple[floa
         return float(found["disk_gb_per_s"]), float(found["ram_gb_per_s"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    disk, ram = _disk_bandwidth(directory), _ram_bandwidth()
+    try:
+        disk = _disk_bandwidth(directory)
+    except OSError:  # no writable cache directory: no bound
+        return 0.0, 0.0
+    ram = _ram_bandwidth()
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"disk_gb_per_s": disk, "ram_gb_per_s": ram}) + "\n")

@@ -1,12 +1,18 @@
 """The Memory tab: parameters, weight memory and KV cache of a model at a precision and context length, and
-whether that fits a given GPU or RAM size. All arithmetic is memory.py's; this file only lays it out."""
+whether that fits a given GPU or RAM size, and what expert offloading makes of it when it does not. All
+arithmetic is memory.py's and memory_plan.py's; this file only lays it out."""
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 from ..config import ModelArgs, preset
 from ..memory import BYTES_PER_PARAM, count_params, kv_cache_bytes, weight_bytes
+from ..memory_plan import plan as memory_plan_for_budget
+
+RUNTIME_ESTIMATE = 400 << 20  # a mixtral process before its model: Python, torch, the tokenizer
 
 PRESET_CHOICES = {"Mixtral-8x7B": "mixtral-8x7b", "Mixtral-8x22B": "mixtral-8x22b"}
 PRECISIONS = ["bf16", "fp16", "fp32", "int8", "int4"]
@@ -82,7 +88,24 @@ def memory_plan(args: ModelArgs, name: str, precision: str, context: int, batch:
         smaller = [p for p in ("int8", "int4") if BYTES_PER_PARAM[p] < BYTES_PER_PARAM[precision]
                    and weight_bytes(args, p) + kv <= 0.9 * memory]
         hint = f" It would fit at {smaller[0]}." if smaller else ""
-        lines.append(f"**Does not fit** in {memory / 1e9:g} GB: {_gb(total - memory)} short.{hint} "
-                     "Expert offloading keeps only the shared "
-                     f"{_gb((counts.total - counts.experts_total) * BYTES_PER_PARAM[precision])} resident.")
+        lines.append(f"**Does not fit** in {memory / 1e9:g} GB: {_gb(total - memory)} short.{hint}")
+        if args.is_moe:
+            lines.append("")
+            lines.append(offload_plan(args, precision, context, batch, memory))
     return "\n".join(lines)
+
+
+def offload_plan(args: ModelArgs, precision: str, context: int, batch: int, memory: float) -> str:
+    """Markdown: what expert offloading (`--max-memory`) makes of `memory` bytes on this CPU (memory_plan.py),
+    for a process whose runtime takes RUNTIME_ESTIMATE."""
+    bits = {"int8": 8, "int4": 4}.get(precision)
+    spec = {"bits": bits, "group_size": 64 if bits == 4 else None, "lm_head": False} if bits else None
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
+    plan = memory_plan_for_budget(args, spec, dtype, int(memory), context, batch, runtime=RUNTIME_ESTIMATE)
+    if not plan.fits:
+        return (f"With expert offloading (`--max-memory`) it needs at least {_gb(plan.minimum)} at {precision} "
+                f"(the resident weights, the KV cache and one layer's experts).")
+    speed = (f", about {plan.tokens_per_s:.2f} tokens/s at most on this machine" if plan.tokens_per_s else "")
+    return (f"**Runs with expert offloading** (`--max-memory {memory / 1e9:g}GB`): {_gb(plan.resident)} resident, "
+            f"{plan.slots} of {plan.experts} experts cached, {plan.hit_rate:.0%} or more of them found in memory, "
+            f"{_gb(plan.bytes_read_per_token)} read from disk per token{speed}.")

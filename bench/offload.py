@@ -7,7 +7,8 @@ kernel enforces the limit and charges the page cache too) after dropping the pag
 tokens/s at batch 1 (`--new-tokens` decode steps after a `--prompt-tokens` prompt, each fed a random token, as
 llama-bench does), the cgroup's peak memory, and
 for ours the expert cache's hit rate, prefetch recall and precision, bytes read per token, and the planner's
-predicted tokens/s (memory_plan.py). Our process gets `--max-memory` = the limit minus `--headroom`.
+predicted tokens/s (memory_plan.py). Our process gets `--max-memory` = the limit minus `--headroom`. A cgroup's
+peak is its limit whenever the files do not fit (the page cache fills it); our process's own peak RSS is given too.
 
     python bench/offload.py --shape medium --limits 1100MiB 900MiB --llama-bench /path/to/llama-bench
     python bench/offload.py --shape 8x7b --limits 20GiB 12GiB 6GiB --dir /disk/with/50GB --llama-bench ...
@@ -294,7 +295,8 @@ def main(argv=None) -> int:
     print(f"\n{opts.shape} int4 (ours) vs Q4_0 (llama.cpp), batch 1, {opts.new_tokens} tokens after a "
           f"{opts.prompt_tokens}-token prompt, {opts.threads} threads; {_cpu()}")
     print("| limit | ours tok/s | no prefetch | llama.cpp tok/s | llama.cpp --repack 0 | ours / best llama.cpp | "
-          "ours peak | llama.cpp peaks | hit rate | recall / precision | read/token | planned tok/s | first token |")
+          "ours peak (RSS) | llama.cpp peaks | hit rate | recall / precision | read/token | planned tok/s | "
+          "first token |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ours, off = row.get("ours", {}), row.get("ours_no_prefetch", {})
@@ -303,7 +305,8 @@ def main(argv=None) -> int:
         best = max((r.get("decode_tok_s") or 0 for r in (llama, mapped)), default=0)
         ratio = ours["decode_tok_s"] / best if ours.get("decode_tok_s") and best else None
         cells = [row["limit"], _tps(ours), _tps(off), _tps(llama), _tps(mapped), f"{ratio:.2f}x" if ratio else "-",
-                 _mib(ours.get("peak")), f"{_mib(llama.get('peak'))} / {_mib(mapped.get('peak'))}",
+                 f"{_mib(ours.get('peak'))} ({_mib(ours.get('max_rss'))})",
+                 f"{_mib(llama.get('peak'))} / {_mib(mapped.get('peak'))}",
                  f"{store['hit_rate']:.0%}" if store.get("hit_rate") is not None else "-",
                  (f"{store['prefetch_recall']:.0%} / {store['prefetch_precision']:.0%}"
                   if store.get("prefetch_recall") is not None else "-"),

@@ -7,6 +7,7 @@ loading, with the minimum; a file that goes bad mid-run fails the pass that need
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ STEPS = 12
 def checkpoints(tmp_path_factory):
     """One bf16 Mixtral (4 layers of 4 experts, top-2) and its int8 and int4 quantizations."""
     root = tmp_path_factory.mktemp("offload")
-    bf16 = save_hf_model(make_hf_model(seed=5, num_hidden_layers=4).to(torch.bfloat16), root / "bf16")
+    bf16 = save_hf_model(make_hf_model(seed=5, num_hidden_layers=4).to(torch.bfloat16), root / "bf16",
+                         with_tokenizer=True)
     return {"bf16": bf16, "int8": quantize_checkpoint(bf16, root / "int8", 8, None, progress=False),
             "int4": quantize_checkpoint(bf16, root / "int4", 4, 32, progress=False)}
 
@@ -200,3 +202,18 @@ def test_the_reader_threads_end_with_the_model(checkpoints):
     del model
     gc.collect()
     assert readers() == before
+
+
+def test_the_commands_plan_and_refuse_a_budget_too_small(checkpoints):
+    from test_cli import run_cli
+
+    out = run_cli("info", "--preset", "mixtral-8x7b", "--memory", "12GiB", "--quantize", "int4", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["offload"] and plan["fits"] and 8 < plan["slots"] < 256 and plan["experts"] == 256
+    assert plan["quantization"]["bits"] == 4 and 0 < plan["hit_rate"] < 1
+    out = run_cli("info", "--preset", "mixtral-8x7b", "--memory", "2GiB", "--quantize", "int4")
+    assert out.returncode == 1 and "does not fit: it needs at least" in out.stdout
+    out = run_cli("chat", "--model", str(checkpoints["int4"]), "--max-memory", "1MB", stdin="hi\n")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "too small" in lines[0] and "at least" in lines[0]

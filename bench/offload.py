@@ -53,8 +53,8 @@ def model_args(shape: str):
 def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int = 0) -> Path:
     """A `mixtral quantize`-format int4 checkpoint of random weights (the output head int8, as `+head` makes it;
     llama.cpp's is Q4_0), with the shipped model's tokenizer.
-    Codes are uniform in -7..7 (zero mean, so routing is not skewed); each scale makes a row's product with a unit input about unit-sized, so activations stay
-    finite through every layer."""
+    Codes are uniform in -7..7 (zero mean, so routing is not skewed); each scale makes a row's product with a
+    unit input about unit-sized, so activations stay finite through every layer."""
     from tqdm.auto import tqdm
 
     from mixtral import quantize
@@ -67,7 +67,8 @@ def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int
     header, offset = {"__metadata__": {"format": "pt", "quantization": quantize.METHOD}}, 0
     for name, (dtype, dims) in layout.items():
         nbytes = math.prod(dims) * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(dims), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(dims),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -76,7 +77,8 @@ def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int
     step = 64 << 20  # bytes generated at a time
     with open(out / "model.safetensors", "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
-        for name, (dtype, dims) in tqdm(layout.items(), desc=f"Writing a random int4 {shape} checkpoint", unit="tensor"):
+        for name, (dtype, dims) in tqdm(layout.items(), desc=f"Writing a random int4 {shape} checkpoint",
+                                        unit="tensor"):
             count = math.prod(dims)
             for start in range(0, count, step // dtype.itemsize):
                 n = min(step // dtype.itemsize, count - start)
@@ -132,7 +134,8 @@ def child(model_dir: str, max_memory: str | None, prompt_tokens: int, new_tokens
     prompt = torch.randint(3, args.vocab_size, (1, prompt_tokens), generator=generator)
     cache = KVCache(args, 1, context, model.activation_dtype)
     with torch.inference_mode():
-        model(prompt, torch.arange(prompt_tokens)[None], cache, n_keys=prompt_tokens, logits_at=torch.tensor([prompt_tokens - 1]))
+        model(prompt, torch.arange(prompt_tokens)[None], cache, n_keys=prompt_tokens,
+              logits_at=torch.tensor([prompt_tokens - 1]))
         first = time.perf_counter()
         before = store.stats.summary() if store else None
         runner = kernels.runner(model)
@@ -147,10 +150,10 @@ def child(model_dir: str, max_memory: str | None, prompt_tokens: int, new_tokens
               "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if store is not None:
         after = store.stats.summary()
-        lookups_before = before["passes"]
         result["store"] = after
         result["slots"] = store.n_slots
-        result["bytes_read_per_token"] = (after["bytes_read"] - before["bytes_read"]) / max(1, after["passes"] - lookups_before)
+        steps = max(1, after["passes"] - before["passes"])
+        result["bytes_read_per_token"] = (after["bytes_read"] - before["bytes_read"]) / steps
     return result
 
 

@@ -44,7 +44,8 @@ def load_options(args) -> LoadOptions:
     from .loading import LoadOptions
 
     return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack,
-                       max_memory=args.max_memory, context=args.context)
+                       max_memory=args.max_memory, context=args.context,
+                       batch=getattr(args, "max_batch_size", None) or 1)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +168,8 @@ def _chat_stats(model, event, started: float | None) -> str:
         s = store.stats.summary()
         parts.append(f"expert cache {store.n_slots}/{len(store.pieces)}: hits {s['hit_rate']:.0%} "
                      f"({s['prefetched_hits'] / max(1, s['lookups']):.0%} prefetched), read "
-                     f"{(s['bytes_read_per_pass'] or 0) / 2**20:,.0f} MiB per pass at {s['disk_gb_per_s'] or 0:.2f} GB/s")
+                     f"{(s['bytes_read_per_pass'] or 0) / 2**20:,.0f} MiB per pass at "
+                     f"{s['disk_gb_per_s'] or 0:.2f} GB/s")
     return ", ".join(parts) + "]"
 
 
@@ -187,6 +189,16 @@ def _require_extra(extra: str) -> None:
                            f"(from a source checkout: pip install -e '.[{extra}]')")
 
 
+def _engine_context(args, model) -> int | None:
+    """An engine's KV-cache length: --max-total-tokens; with --max-memory, the context its plan kept room for
+    (--context, default min(model context, 4096)); else the engine's default (the model's context)."""
+    if args.max_total_tokens is not None or args.max_memory is None:
+        return args.max_total_tokens
+    from .memory_plan import DEFAULT_CONTEXT
+
+    return args.context or min(model.args.max_seq_len, DEFAULT_CONTEXT)
+
+
 def cmd_serve(args) -> int:
     _require_extra("serve")
     from . import server
@@ -196,7 +208,7 @@ def cmd_serve(args) -> int:
     is_path = args.model is None or Path(args.model).expanduser().exists()
     model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
-                    max_total_tokens=args.max_total_tokens)
+                    max_total_tokens=_engine_context(args, model))
     try:
         server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
@@ -231,7 +243,7 @@ def _ui_backend(args):
     from .engine import Engine
 
     model_dir, model, tokenizer = _load(args)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_total_tokens=args.max_total_tokens)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_total_tokens=_engine_context(args, model))
     return LocalBackend(engine, model_dir, model_dir.name)
 
 
@@ -459,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="with --memory: the dtype of unquantized weights (default bfloat16)")
     p.add_argument("--context", type=int, default=None,
-                   help=f"with --memory: KV-cache positions to plan for (default min(model context, 4096))")
+                   help="with --memory: KV-cache positions to plan for (default min(model context, 4096))")
     p.add_argument("--batch", type=int, default=1, help="with --memory: sequences decoded together (default 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)

@@ -70,7 +70,8 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloat16",
                device: str = "cpu", progress: bool = True, quantize: str | None = None,
-               pack: bool = True, max_memory: str | int | None = None, context: int | None = None) -> Transformer:
+               pack: bool = True, max_memory: str | int | None = None, context: int | None = None,
+               batch: int = 1) -> Transformer:
     """Just the model (no tokenizer) from a model directory or Hub id.
 
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
@@ -80,8 +81,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     kernels, else weights repacked for fbgemm); inference only, so pass False to train or re-quantize the model.
     max_memory: the process's memory budget ("16GB", "12GiB", bytes; memory_plan.py). When the experts do not
     all fit, they stay on disk and an expert cache holds as many as fit (kernels/offload.py); when even the rest
-    does not fit, MixtralError says the minimum, before anything is read. context: the KV-cache positions the
-    budget keeps room for (default min(the model's context, 4096)).
+    does not fit, MixtralError says the minimum, before anything is read. context, batch: the KV cache the
+    budget keeps room for: `batch` sequences of `context` positions (default min(the model's context, 4096)).
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
@@ -90,7 +91,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     stored = read_quantization(model_dir)
     if max_memory is not None:
         budget = memory_plan.parse_size(max_memory)
-        plan = memory_plan.plan(args, stored, resolve_dtype(dtype), budget, context)
+        plan = memory_plan.plan(args, stored, resolve_dtype(dtype), budget, context, batch)
         if not plan.fits:
             raise MixtralError(f"a memory budget of {memory_plan.size_text(budget)} is too small for {model_dir.name}: "
                                f"it needs at least {memory_plan.size_text(plan.minimum)} (see `mixtral info --model "
@@ -126,17 +127,18 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
 
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
          progress: bool = True, quantize: str | None = None, pack: bool = True,
-         max_memory: str | int | None = None, context: int | None = None) -> tuple[Transformer, Tokenizer]:
+         max_memory: str | int | None = None, context: int | None = None,
+         batch: int = 1) -> tuple[Transformer, Tokenizer]:
     """`model, tokenizer = load(path_or_id)`: the model in `dtype` on `device`, and its tokenizer.
 
     path: a directory with config.json, *.safetensors and tokenizer files; a Hub id; or None for the
     shipped model. quantize: None, "int8", "int4" or "int4-g32" (weight-only, each tensor as it is read; a checkpoint
-    quantized by `mixtral quantize` is detected by itself). pack, max_memory, context: see `load_model`. Raises
+    quantized by `mixtral quantize` is detected by itself). pack, max_memory, context, batch: see `load_model`. Raises
     MixtralError for anything missing or malformed.
     """
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
-    return load_model(model_dir, dtype, device, progress, quantize, pack, max_memory, context), tokenizer
+    return load_model(model_dir, dtype, device, progress, quantize, pack, max_memory, context, batch), tokenizer
 
 
 @dataclass(frozen=True)
@@ -153,3 +155,4 @@ class LoadOptions:
     pack: bool = True
     max_memory: str | None = None
     context: int | None = None
+    batch: int = 1

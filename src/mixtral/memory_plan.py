@@ -78,7 +78,7 @@ class Weights:
 
 def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype) -> Weights:
     """Sizes from the architecture and the quantization settings alone (no checkpoint read)."""
-    D, I, E = args.dim, args.hidden_dim, max(args.n_experts, 1)
+    D, hidden, E = args.dim, args.hidden_dim, max(args.n_experts, 1)
     item = dtype.itemsize
 
     def matrix(n: int, k: int, bits: int | None) -> tuple[int, int]:  # (codes or values, scales) bytes
@@ -95,7 +95,7 @@ def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype
     hd = args.head_dim
     attention = sum(sum(matrix(n, k, bits)) for n, k in ((args.n_heads * hd, D), (args.n_kv_heads * hd, D),
                                                           (args.n_kv_heads * hd, D), (D, args.n_heads * hd)))
-    parts = [matrix(I, D, bits), matrix(I, D, bits), matrix(D, I, bits)]
+    parts = [matrix(hidden, D, bits), matrix(hidden, D, bits), matrix(D, hidden, bits)]
     expert = sum(a + b for a, b in parts)
     slot = sum(-(-a // PAGE) * PAGE + -(-b // PAGE) * PAGE for a, b in parts)
     moe = args.is_moe
@@ -159,8 +159,8 @@ class Plan:
                          f"cached); give more memory, a shorter --context, or quantize (int4 is the smallest)")
             return "\n".join(lines)
         if not self.offload:
-            lines.append(f"  every expert fits: nothing is offloaded ({size_text(self.budget - self.need(self.experts))} "
-                         "to spare)")
+            spare = size_text(self.budget - self.need(self.experts))
+            lines.append(f"  every expert fits: nothing is offloaded ({spare} to spare)")
         else:
             lines.append(f"  expert cache              {self.slots} of {self.experts} experts "
                          f"({size_text(self.slots * self.expert_slot)}); the rest are read from disk")

@@ -111,7 +111,7 @@ def _locate(model_dir, args, spec, dtype, entries: dict[str, StoredTensor], expe
         if found is None or any(ours not in expected for ours, _, _ in found):
             unexpected.append(name)
             continue
-        for ours, expert, piece in found:
+        for ours, expert, _ in found:
             if ours in expert_names:
                 if expert is None:
                     raise MixtralError(f"{model_dir}: tensor {name} holds every expert of a layer at once (the "

@@ -146,7 +146,8 @@ class ExpertStore:
         self._base = self._buffer.data_ptr() + (-self._buffer.data_ptr() % ALIGN)
         self._tables = {(layer, name, part): (ctypes.c_void_p * self.n_experts)()
                         for layer in self.layers for name in ("w1", "w3", "w2") for part in ("data", "scales")}
-        self._weights = {(layer, name): self._weight(layer, name) for layer in self.layers for name in ("w1", "w3", "w2")}
+        self._weights = {(layer, name): self._weight(layer, name)
+                         for layer in self.layers for name in ("w1", "w3", "w2")}
         self.stats = StoreStats(layers={layer: LayerStats() for layer in self.layers})
         self.error: BaseException | None = None  # what made the last fetch fail (raised by the runner)
         self._cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # key -> slot, least recently used first
@@ -464,7 +465,8 @@ class ExpertStore:
 
     def describe(self) -> str:
         cached = len(self._cached)
-        return (f"expert cache: {self.n_slots} of {len(self.pieces)} experts ({self.n_slots * self.slot_bytes / 2**30:.2f} "
+        size = self.n_slots * self.slot_bytes / 2**30
+        return (f"expert cache: {self.n_slots} of {len(self.pieces)} experts ({size:.2f} "
                 f"GiB), {cached} held")
 
 

@@ -79,12 +79,16 @@ class EngineCollector:
         yield GaugeMetricFamily("mixtral_max_batch_size", "Batch slots", value=stats["max_batch_size"])
         store = stats.get("expert_store")
         if store is not None:  # the model's experts are offloaded (kernels/offload.py)
-            yield GaugeMetricFamily("mixtral_expert_cache_slots", "Experts the expert cache holds", value=store["slots"])
-            yield CounterMetricFamily("mixtral_expert_lookups", "Experts the layers asked for", value=store["lookups"])
-            yield CounterMetricFamily("mixtral_expert_misses", "Experts read from disk on demand", value=store["misses"])
+            yield GaugeMetricFamily("mixtral_expert_cache_slots", "Experts the expert cache holds",
+                                    value=store["slots"])
+            yield CounterMetricFamily("mixtral_expert_lookups", "Experts the layers asked for",
+                                      value=store["lookups"])
+            yield CounterMetricFamily("mixtral_expert_misses", "Experts read from disk on demand",
+                                      value=store["misses"])
             yield CounterMetricFamily("mixtral_expert_prefetched_hits", "Experts needed that prefetch had read ahead",
                                       value=store["prefetched_hits"])
-            yield CounterMetricFamily("mixtral_expert_bytes_read", "Expert bytes read from disk", value=store["bytes_read"])
+            yield CounterMetricFamily("mixtral_expert_bytes_read", "Expert bytes read from disk",
+                                      value=store["bytes_read"])
             by_layer = GaugeMetricFamily("mixtral_expert_hit_rate", "Share of lookups found in memory, by layer",
                                          labels=["layer"])
             for layer, rate in store["hit_rate_by_layer"].items():

@@ -290,8 +290,11 @@ def main(argv=None) -> int:
                 if cgroup:
                     cgroup.remove()
     finally:
-        if not opts.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if not opts.keep:  # what this run wrote (a --dir of the caller's keeps everything else)
+            shutil.rmtree(ours_dir, ignore_errors=True)
+            gguf.unlink(missing_ok=True)
+            if not opts.dir:
+                shutil.rmtree(work, ignore_errors=True)
     if opts.json:
         print(json.dumps({"shape": opts.shape, "rows": rows, "cpu": _cpu()}, indent=2))
         return 0

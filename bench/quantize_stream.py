@@ -120,8 +120,11 @@ def main(argv=None) -> int:
         finally:
             cgroup.remove()
     finally:
-        if not opts.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if not opts.keep:  # what this run wrote (a --dir of the caller's keeps everything else)
+            shutil.rmtree(source, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
+            if not opts.dir:
+                shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"limit": opts.limit, "layers": opts.layers, **report}, indent=2))
     return 0
 

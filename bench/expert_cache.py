@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     for row in table:
         print(f"| {row['slots']} ({row['slots'] / everything:.0%}) | "
               + " | ".join(f"{v:.1%}" for k, v in row.items() if k != "slots") + " |")
-    print("\noffloaded, greedy, the store's LRU:")
+    print("\noffloaded (a quarter of the experts cached), greedy, the store's per-layer LRU:")
     for run in runs:
         extra = (f", recall {run['recall']:.0%}, precision {run['precision']:.0%}" if run["recall"] is not None else "")
         print(f"  prefetch {'on ' if run['prefetch'] else 'off'}: {run['slots']}/{run['experts']} slots, "

@@ -114,6 +114,8 @@ def test_a_budget_too_small_fails_before_loading_and_says_the_minimum(checkpoint
 def test_a_budget_that_holds_everything_loads_the_model_whole(checkpoints):
     model = load_model(checkpoints["int4"], max_memory="64GiB", progress=False)
     assert getattr(kernels.runner(model), "store", None) is None
+    model = load_model(checkpoints["bf16"], quantize="int4", max_memory="64GiB", progress=False)  # planned at int4
+    assert getattr(kernels.runner(model), "store", None) is None and model.layers[0].ffn.w1.bits == 4
 
 
 def test_a_file_gone_bad_fails_the_pass_that_needs_it_and_the_process_goes_on(checkpoints, tmp_path):

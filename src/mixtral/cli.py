@@ -111,6 +111,7 @@ def cmd_chat(args) -> int:
     started = time.perf_counter()  # for the first reply's time from a cold start
     model_dir, model, tokenizer = _load(args)
     params = _sampling_params(args, model_dir)
+    context = _planned_context(args, model)  # what the KV cache may grow to (a budget kept room for so much)
     interactive = sys.stdin.isatty()
     system = args.system
     history: list[dict] = []
@@ -138,7 +139,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         prompt = tokenizer.apply_chat_template(messages)
-        while len(prompt) + params.max_new_tokens > model.args.max_seq_len and len(history) > 1:
+        while len(prompt) + params.max_new_tokens > context and len(history) > 1:
             history = history[2:]  # drop the oldest exchange to fit the context
             messages = ([{"role": "system", "content": system}] if system else []) + history
             prompt = tokenizer.apply_chat_template(messages)
@@ -189,14 +190,22 @@ def _require_extra(extra: str) -> None:
                            f"(from a source checkout: pip install -e '.[{extra}]')")
 
 
-def _engine_context(args, model) -> int | None:
-    """An engine's KV-cache length: --max-total-tokens; with --max-memory, the context its plan kept room for
-    (--context, default min(model context, 4096)); else the engine's default (the model's context)."""
-    if args.max_total_tokens is not None or args.max_memory is None:
-        return args.max_total_tokens
+def _planned_context(args, model) -> int:
+    """Tokens a conversation may hold: with --max-memory, the context its plan kept KV-cache room for (--context,
+    default min(model context, 4096)); else the model's context."""
+    if args.max_memory is None:
+        return model.args.max_seq_len
     from .memory_plan import DEFAULT_CONTEXT
 
-    return args.context or min(model.args.max_seq_len, DEFAULT_CONTEXT)
+    return min(model.args.max_seq_len, args.context or DEFAULT_CONTEXT)
+
+
+def _engine_context(args, model) -> int | None:
+    """An engine's KV-cache length: --max-total-tokens; with --max-memory, the planned context; else the
+    engine's default (the model's context)."""
+    if args.max_total_tokens is not None or args.max_memory is None:
+        return args.max_total_tokens
+    return _planned_context(args, model)
 
 
 def cmd_serve(args) -> int:

@@ -18,6 +18,7 @@ from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .model import Transformer
 from .offloading import load_offloaded
+from .quantize import check_settings as quantize_settings
 from .quantize import parse_quantize
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
@@ -91,16 +92,21 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     stored = read_quantization(model_dir)
     if max_memory is not None:
         budget = memory_plan.parse_size(max_memory)
-        plan = memory_plan.plan(args, stored, resolve_dtype(dtype), budget, context, batch)
+        spec = stored
+        if spec is None and wanted is not None:  # planned as it will be held once quantized
+            spec = {"bits": wanted[0], "group_size": quantize_settings(*wanted[:2]), "lm_head": wanted[2]}
+        plan = memory_plan.plan(args, spec, resolve_dtype(dtype), budget, context, batch, bandwidth=(0.0, 0.0))
         if not plan.fits:
             raise MixtralError(f"a memory budget of {memory_plan.size_text(budget)} is too small for {model_dir.name}: "
                                f"it needs at least {memory_plan.size_text(plan.minimum)} (see `mixtral info --model "
                                f"{model_dir} --memory {max_memory}`)")
         if plan.offload:
             if stored is None and wanted is not None:
-                raise MixtralError(f"with a memory budget the experts are read from disk as stored: quantize the "
-                                   f"checkpoint once with `mixtral quantize {model_dir} OUT --bits "
-                                   f"{wanted[0]}` and load OUT")
+                options = f"--bits {wanted[0]}" + (f" --group-size {wanted[1]}" if wanted[1] else "") + (
+                    " --lm-head" if wanted[2] else "")
+                raise MixtralError(f"this budget holds only some of the experts, and those left on disk are read as "
+                                   f"stored: quantize the checkpoint once with `mixtral quantize {model_dir} OUT "
+                                   f"{options}` and load OUT")
             if not (pack and kernels.will_run_native(device)):
                 raise MixtralError("expert offloading (a memory budget smaller than the model) runs on mixtral's "
                                    "own CPU kernels: x86-64 with AVX2, device cpu, without --no-pack")

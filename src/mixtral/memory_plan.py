@@ -29,7 +29,7 @@ from .config import ModelArgs
 from .errors import MixtralError
 from .paths import cache_dir
 
-WORKING_BYTES = 64 << 20  # activations, logits and the kernels' scratch, with room to spare
+PROMPT_CHUNK = 512  # prompt tokens per forward pass (generate.py; the engine takes 256)
 DEFAULT_CONTEXT = 4096  # KV-cache positions planned for when a budget is set and no context is given
 PAGE = 4096  # expert slots keep each tensor page-aligned (kernels/offload.py)
 
@@ -187,15 +187,26 @@ def plan(args: ModelArgs, quantization: dict | None, dtype: torch.dtype, budget:
         raise MixtralError("the context and the batch must be at least 1")
     runtime = process_bytes() if runtime is None else runtime
     kv = 2 * args.n_layers * batch * args.n_kv_heads * context * args.head_dim * 4
-    fixed = runtime + weights.resident + kv + WORKING_BYTES
+    working = working_bytes(args, context, batch)
+    fixed = runtime + weights.resident + kv + working
     slots = max(0, min(weights.experts, (budget - fixed) // weights.expert_slot)) if weights.experts else 0
     minimum = fixed + weights.per_layer * weights.expert_slot
     hit = _hit_rate(slots, weights) if weights.experts else 1.0
     read = (1 - hit) * weights.moe_layers * weights.top_k * weights.expert
     disk, ram = bandwidth if bandwidth is not None else measured_bandwidth()
     bound = 1 / (read / (disk * 1e9) + weights.active / (ram * 1e9)) if disk and ram else None
-    return Plan(budget, runtime, weights.resident, kv, WORKING_BYTES, weights.expert, weights.expert_slot,
+    return Plan(budget, runtime, weights.resident, kv, working, weights.expert, weights.expert_slot,
                 weights.experts, slots, minimum, context, batch, hit, read, bound, disk, ram)
+
+
+def working_bytes(args: ModelArgs, context: int, batch: int) -> int:
+    """The largest transient memory of a forward pass, in fp32: a prompt chunk's activations through a layer
+    (its residual stream, norms, q/k/v, the experts' inputs, hidden and outputs), its attention scores over the
+    context, and a decode step's logits; plus 32 MiB for everything smaller."""
+    tokens = min(PROMPT_CHUNK, context) * batch
+    activations = tokens * (6 * args.dim + 2 * args.hidden_dim) * 4
+    scores = batch * args.n_heads * min(PROMPT_CHUNK, context) * context * 4
+    return activations + scores + batch * args.vocab_size * 4 + (32 << 20)
 
 
 def _hit_rate(slots: int, weights: Weights) -> float:
@@ -225,7 +236,7 @@ def measured_bandwidth(directory: str | os.PathLike | None = None) -> tuple[floa
         pass
     try:
         disk = _disk_bandwidth(directory)
-    except OSError:  # no writable cache directory: no bound
+    except (OSError, AttributeError):  # no writable cache directory, or no posix_fadvise: no bound
         return 0.0, 0.0
     ram = _ram_bandwidth()
     try:

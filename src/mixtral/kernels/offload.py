@@ -5,8 +5,8 @@ not fit in memory can keep everything else resident and read experts as they are
 the native runner (native.py): each mixture-of-experts layer of the C side (cpu_kernels.c: store_t) calls
 `fetch` with the experts its tokens need, which returns once they are in cache slots (their addresses in the
 layer's slot tables, read by the same kernels as resident weights, so outputs are bit-identical), and with the
-experts the next layer's router picks for this layer's input: a guess, read ahead into slots that no expert used
-in this forward pass holds (speculative prefetch).
+experts the next layer's router picks for this layer's input: a guess, read ahead into free slots while no
+other read waits (speculative prefetch; `fetch` says why only then).
 
 Reads: each expert's tensors (codes and scales of w1, w3, w2; plain float weights for a float checkpoint) are read
 with positioned reads in chunks of CHUNK bytes by `threads` reader threads, demand misses before prefetches, and
@@ -70,6 +70,7 @@ class LayerStats:
     prefetched_hits: int = 0  # needed experts that a prefetch brought in (or was bringing)
     guessed: int = 0  # experts the previous layer guessed for this one
     guessed_right: int = 0  # of those, needed
+    guessed_lookups: int = 0  # experts needed by this layer in passes where it had guesses
 
 
 @dataclass
@@ -95,7 +96,7 @@ class StoreStats:
             "cache_hit_rate": (total.hits - total.prefetched_hits) / lookups if lookups else None,  # kept
             "hit_rate_by_layer": {i: s.hits / (s.hits + s.misses) for i, s in sorted(self.layers.items())
                                   if s.hits + s.misses},
-            "prefetch_recall": total.guessed_right / lookups if lookups and total.guessed else None,
+            "prefetch_recall": total.guessed_right / total.guessed_lookups if total.guessed_lookups else None,
             "prefetch_precision": total.guessed_right / total.guessed if total.guessed else None,
             "prefetched_hits": total.prefetched_hits,
             "misses": total.misses,
@@ -228,6 +229,7 @@ class ExpertStore:
         the first to be evicted."""
         stats = self.stats.layers[layer]
         waits = []
+        start = time.perf_counter()
         with self._lock:
             if layer == self.layers[0]:
                 self.stats.passes += 1
@@ -237,6 +239,11 @@ class ExpertStore:
             if guesses is not None:
                 stats.guessed += len(guesses)
                 stats.guessed_right += len(guesses & set(needed))
+                stats.guessed_lookups += len(needed)
+            for key in [k for k in self._prefetched if k[0] == layer and k not in self._pinned]:
+                self._prefetched.discard(key)  # guessed wrong: the first to go when a slot is wanted
+                if key in self._cached:
+                    self._cached.move_to_end(key, last=False)
             for key in keys:
                 if key in self._cached:
                     self._cached.move_to_end(key)
@@ -264,9 +271,6 @@ class ExpertStore:
                         self._lock.acquire()
                     read = self._start(key, DEMAND)
                 waits.append(read)
-            for key in [k for k in self._prefetched if k[0] == layer]:
-                self._prefetched.discard(key)  # guessed wrong: the first to go when a slot is wanted
-                self._cached.move_to_end(key, last=False)
             while len(self._free) < self.reserve:  # keep the reserve free (a prompt, a wrong guess took it)
                 victim = next((k for k in self._cached if self._held[k[0]] > self._share[k[0]]
                                and k not in self._pinned and k not in self._reading), None)
@@ -289,7 +293,6 @@ class ExpertStore:
                     if read is None:
                         break  # no free slot: no more reading ahead
                     self._prefetched.add(key)
-        start = time.perf_counter()
         for read in waits:
             read.done.wait()
             if read.error is not None:
@@ -322,10 +325,8 @@ class ExpertStore:
         pieces = self.pieces[key]
         for piece in pieces:
             base = self._base + slot * self.slot_bytes + self.offsets[piece.weight, piece.part]
-            if piece.stored != piece.dtype:  # converted as a whole
-                chunks = [(piece, 0, piece.nbytes, base)]
-            else:
-                chunks = [(piece, at, min(CHUNK, piece.nbytes - at), base) for at in range(0, piece.nbytes, CHUNK)]
+            step = CHUNK - CHUNK % piece.stored.itemsize  # whole elements (converted ones too)
+            chunks = [(piece, at, min(step, piece.nbytes - at), base) for at in range(0, piece.nbytes, step)]
             for chunk in chunks:
                 read.left += 1
                 heapq.heappush(self._queue, (priority, next(self._order), read, chunk))
@@ -418,6 +419,7 @@ class ExpertStore:
                         self._publish(read.key, read.slot)
                     else:
                         self._cached.pop(read.key, None)
+                        self._prefetched.discard(read.key)
                         self._held[read.key[0]] -= 1
                         self._free.append(read.slot)
                     read.done.set()
@@ -437,16 +439,21 @@ class ExpertStore:
             return fd
 
     def _read_chunk(self, piece: Piece, at: int, nbytes: int, base: int) -> None:
+        """Read bytes [at, at + nbytes) of `piece` into its place in a slot (`base`: where the piece starts there);
+        a piece stored in another dtype is converted on the way, chunk by chunk."""
         fd = self._fd(piece.path)
         if piece.stored == piece.dtype:
             _read_into(fd, piece.offset + at, (ctypes.c_char * nbytes).from_address(base + at))
-        else:  # a float tensor stored in another dtype: read, convert, place
-            staged = torch.empty(piece.nbytes, dtype=torch.uint8)
-            _read_into(fd, piece.offset, memoryview(staged.numpy()))
+        else:
+            staged = torch.empty(nbytes, dtype=torch.uint8)
+            _read_into(fd, piece.offset + at, memoryview(staged.numpy()))
             converted = staged.view(piece.stored).to(piece.dtype)
-            ctypes.memmove(base, converted.data_ptr(), converted.nbytes)
-        if hasattr(os, "posix_fadvise"):
+            ctypes.memmove(base + at // piece.stored.itemsize * piece.dtype.itemsize, converted.data_ptr(),
+                           converted.nbytes)
+        try:
             os.posix_fadvise(fd, piece.offset + at, nbytes, os.POSIX_FADV_DONTNEED)
+        except (AttributeError, OSError):  # no fadvise here: the page cache keeps what was read
+            pass
 
     # ---- lifetime ------------------------------------------------------------------------------------
 
@@ -457,11 +464,14 @@ class ExpertStore:
                 return
             self._closed = True
             self._work.notify_all()
-        for thread in self._readers:
-            thread.join()
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        try:
+            for thread in self._readers:
+                if thread is not threading.current_thread():  # (the collector may run this on a reader)
+                    thread.join()
+        finally:
+            for fd in self._files.values():
+                os.close(fd)
+            self._files.clear()
 
     def describe(self) -> str:
         cached = len(self._cached)

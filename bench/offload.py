@@ -59,24 +59,18 @@ def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int
 
     from mixtral import quantize
     from mixtral.loading import default_model_path
-    from mixtral.quantize_checkpoint import _SAFETENSORS_NAMES, _layout, _quantized_on_meta
+    from mixtral.quantize_checkpoint import _layout, _quantized_on_meta
+    from mixtral.weights import safetensors_header
 
     args = model_args(shape)
     spec = {"bits": 4, "group_size": group_size, "method": quantize.METHOD, "lm_head": True}  # head: int8
     layout = _layout(_quantized_on_meta(args, spec), spec, torch.bfloat16)
-    header, offset = {"__metadata__": {"format": "pt", "quantization": quantize.METHOD}}, 0
-    for name, (dtype, dims) in layout.items():
-        nbytes = math.prod(dims) * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(dims),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    prefix, _, _ = safetensors_header(layout, {"format": "pt", "quantization": quantize.METHOD})
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
     generator = torch.Generator().manual_seed(seed)
     step = 64 << 20  # bytes generated at a time
     with open(out / "model.safetensors", "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
+        f.write(prefix)
         for name, (dtype, dims) in tqdm(layout.items(), desc=f"Writing a random int4 {shape} checkpoint",
                                         unit="tensor"):
             count = math.prod(dims)

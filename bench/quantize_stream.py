@@ -34,25 +34,20 @@ def write_bf16_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
     from mixtral.config import ModelArgs
     from mixtral.loading import default_model_path
     from mixtral.model import Transformer
-    from mixtral.weights import hf_state_dict
+    from mixtral.weights import hf_state_dict, safetensors_header
 
     args = ModelArgs(**{**SHAPES["8x7b"], "n_layers": layers}, n_experts=8, top_k=2, vocab_size=32000,
                      max_seq_len=4096)
     with torch.device("meta"):
         names = {name: tuple(t.shape) for name, t in hf_state_dict(Transformer(args)).items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in names.items():
-        nbytes = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    prefix, _, size = safetensors_header({name: (torch.bfloat16, shape) for name, shape in names.items()},
+                                         {"format": "pt"})
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
     generator = torch.Generator().manual_seed(seed)
     step = 32 << 20  # values generated at a time
-    with open(out / "model.safetensors", "wb") as f, tqdm(total=offset, unit="B", unit_scale=True,
+    with open(out / "model.safetensors", "wb") as f, tqdm(total=size, unit="B", unit_scale=True,
                                                           desc="Writing a random bf16 checkpoint") as bar:
-        f.write(len(text).to_bytes(8, "little") + text)
+        f.write(prefix)
         for name, shape in names.items():
             count = math.prod(shape)
             for start in range(0, count, step):

@@ -24,12 +24,10 @@ from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
-from .weights import _empty_like_quantized, read_quantization, read_weights
+from .weights import _empty_like_quantized, read_quantization, read_weights, safetensors_header
 
 COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
-_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
-                      torch.uint8: "U8"}
 
 
 def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
@@ -103,25 +101,17 @@ def _layout(model: Transformer, spec: dict, dtype: torch.dtype) -> dict[str, tup
 def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: Path, progress: bool) -> None:
     """The quantized checkpoint as one safetensors file at `path`: the header first, then each tensor in place."""
     layout = _layout(_quantized_on_meta(args, spec), spec, dtype)
-    header, offset = {"__metadata__": {"format": "pt", "quantization": quantize.METHOD}}, 0
-    for name, (tensor_dtype, shape) in layout.items():
-        nbytes = math.prod(shape) * tensor_dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_NAMES[tensor_dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    start = 8 + len(text)
+    prefix, offsets, size = safetensors_header(layout, {"format": "pt", "quantization": quantize.METHOD})
     with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
-        f.truncate(start + offset)  # the whole file at once; each tensor is written at its place
+        f.write(prefix)
+        f.truncate(size)  # the whole file at once; each tensor is written at its place
 
         def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int) -> None:
             tensor_dtype, shape = layout[name]
             inner = shape[1:] if expert is not None else shape  # one expert's (N, ...) or the whole tensor
             row_bytes = math.prod(inner[1:]) * tensor_dtype.itemsize
-            at = header[name]["data_offsets"][0] + (expert or 0) * math.prod(inner) * tensor_dtype.itemsize
-            f.seek(start + at + first_row * row_bytes)
+            at = offsets[name] + (expert or 0) * math.prod(inner) * tensor_dtype.itemsize
+            f.seek(at + first_row * row_bytes)
             f.write(memoryview(rows.to(tensor_dtype).contiguous().view(-1).view(torch.uint8).numpy()))
 
         _stream(source, args, spec, dtype, layout, put, progress)

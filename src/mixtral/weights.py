@@ -105,6 +105,24 @@ class StoredTensor:
     nbytes: int
 
 
+def safetensors_header(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                       metadata: dict[str, str]) -> tuple[bytes, dict[str, int], int]:
+    """The start of a safetensors file holding `layout`'s tensors (name -> (dtype, shape)) in order, for a writer
+    that writes each tensor at its place: (the bytes the file starts with, each tensor's offset in the file, the
+    file's size). The data starts 8-byte aligned."""
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    header, offsets, at = {"__metadata__": metadata}, {}, 0
+    for name, (dtype, shape) in layout.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [at, at + nbytes]}
+        offsets[name] = at
+        at += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, {name: start + at for name, at in offsets.items()}, start + at
+
+
 def _bad_file(path: Path, why: str) -> MixtralError:
     return MixtralError(f"cannot read {path}: {why} (the file may be truncated or corrupted; download it again)")
 

@@ -473,12 +473,6 @@ class ExpertStore:
                 os.close(fd)
             self._files.clear()
 
-    def describe(self) -> str:
-        cached = len(self._cached)
-        size = self.n_slots * self.slot_bytes / 2**30
-        return (f"expert cache: {self.n_slots} of {len(self.pieces)} experts ({size:.2f} "
-                f"GiB), {cached} held")
-
 
 def _read_into(fd: int, offset: int, buffer) -> None:
     view = memoryview(buffer).cast("B")

@@ -198,7 +198,8 @@ def run_ours(opts, precision: str) -> dict:
         quantize = quantize and quantize + plus + head
         dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "bfloat16")
         model = load_model(opts.model, dtype=dtype, device=opts.device, progress=False, quantize=quantize,
-                           pack=opts.pack)
+                           pack=opts.pack, max_memory=opts.max_memory,
+                           context=opts.prompt_tokens + opts.new_tokens if opts.max_memory else None)
     else:
         model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size, opts.pack)
     sync(opts.device)
@@ -314,6 +315,7 @@ def spawn(opts, run: tuple[str, str], model_dir: str | None) -> dict:
     cmd += ["--threads", str(opts.threads)] if opts.threads else []
     cmd += [] if opts.pack else ["--no-pack"]
     cmd += ["--compile"] if opts.compile else []
+    cmd += ["--max-memory", opts.max_memory] if opts.max_memory else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -371,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="ours: torch.compile the model (compile time is part of the warm-up, not the timings)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth probe tensor")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="with --model: our runs load with this memory budget (experts that do not fit are "
+                             "read from disk: README, Models larger than memory); bench/offload.py compares "
+                             "that with llama.cpp under memory cgroups")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)

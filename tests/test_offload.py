@@ -219,3 +219,71 @@ def test_the_commands_plan_and_refuse_a_budget_too_small(checkpoints):
     out = run_cli("chat", "--model", str(checkpoints["int4"]), "--max-memory", "1MB", stdin="hi\n")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "too small" in lines[0] and "at least" in lines[0]
+
+
+def test_the_store_hands_out_the_right_bytes_through_misses_read_aheads_and_a_failing_file(tmp_path):
+    """The store alone, driven as the C side drives it: after every fetch, each needed expert's slot holds exactly
+    that expert's bytes from the file, through 300 random passes of misses, evictions and read-aheads (right and
+    wrong guesses); a file cut short fails the fetch that needs a lost expert, and the store goes on after."""
+    import ctypes
+    import random
+
+    from mixtral.kernels.native_lib import FORMATS
+    from mixtral.kernels.offload import ExpertStore, Piece, expert_format
+
+    layers, experts, size = 4, 6, 256  # bytes per weight of one expert (64 fp32 values: 8 x 8)
+    path = tmp_path / "experts.bin"
+    blob = random.Random(0).randbytes(layers * experts * 3 * size)
+    path.write_bytes(blob)
+    where = {}
+    pieces = {}
+    for layer in range(layers):
+        for e in range(experts):
+            for i, name in enumerate(("w1", "w3", "w2")):
+                offset = ((layer * experts + e) * 3 + i) * size
+                where[layer, e, name] = offset
+                pieces.setdefault((layer, e), []).append(
+                    Piece(name, "data", str(path), offset, size, torch.float32, torch.float32))
+    formats = {name: expert_format(FORMATS[torch.float32], 8, 8, 0, 4) for name in ("w1", "w3", "w2")}
+    store = ExpertStore(pieces, formats, slots=experts + 3, threads=3)
+    store._top_k = 2  # what `hook` sets from the layers' top-k (no C hooks here: guesses go to fetch by hand)
+    store.set_prefetch(True)
+
+    def check(layer, needed):
+        for e in needed:
+            for name in ("w1", "w3", "w2"):
+                address = store._tables[layer, name, "data"][e]
+                assert address and ctypes.string_at(address, size) == blob[where[layer, e, name]:][:size]
+
+    rng = random.Random(1)
+    try:
+        for step in range(300):
+            layer = step % layers
+            needed = sorted(rng.sample(range(experts), rng.choice([1, 2, 2, 2, experts])))
+            guessed = sorted(rng.sample(range(experts), 2))
+            store.fetch(layer, needed, guessed)
+            check(layer, needed)
+        assert store.stats.summary()["misses"] > 50
+        # a pass with no miss reads the next layer's guess ahead, into a free slot; needed next, it is a hit
+        cached = [e for e in range(experts) if (0, e) in store._cached and (0, e) not in store._reading]
+        absent = [e for e in range(experts) if (1, e) not in store._cached]
+        store.fetch(0, cached[:1], absent[:1])
+        assert store.stats.prefetch_reads > 0 and (1, absent[0]) in store._cached
+        hits = store.stats.summary()["prefetched_hits"]
+        store.fetch(1, absent[:1], [])
+        check(1, absent[:1])
+        assert store.stats.summary()["prefetched_hits"] == hits + 1
+        path.write_bytes(blob[: len(blob) // 2])  # layers 2 and 3 are gone
+        lost = [e for e in range(experts) if (3, e) not in store._cached]
+        with pytest.raises(OSError, match="reading expert"):
+            store.fetch(3, lost[:1], [])
+        store.fetch(0, [0, 1], [2, 3])  # still there: served as before
+        check(0, [0, 1])
+        path.write_bytes(blob)
+        for step in range(40):
+            layer = step % layers
+            needed = sorted(rng.sample(range(experts), 2))
+            store.fetch(layer, needed, sorted(rng.sample(range(experts), 2)))
+            check(layer, needed)
+    finally:
+        store.close()

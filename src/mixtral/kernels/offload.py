@@ -193,16 +193,16 @@ class ExpertStore:
         address = ctypes.addressof(next_router) if next_router is not None else None
         self._next_routers[layer] = address
         hook = self._hooks[layer] = Store(self._callback, layer, address if self.prefetch else None, next_top_k)
-        self._top_k = max(self._top_k, next_top_k)
+        if address is not None:
+            self._top_k = max(self._top_k, next_top_k)  # (the most a layer guesses)
         self.set_prefetch(self.prefetch)
         return hook
 
     def set_prefetch(self, on: bool) -> None:
         """Turn speculative prefetch on or off (the layers stop or start passing the next router's guess)."""
         self.prefetch = on
-        guessing = on and any(address is not None for address in self._next_routers.values())
         room = self.n_slots - self.n_experts if self.n_slots < len(self.pieces) else 0  # (all fit: no need)
-        self.reserve = min(self._top_k, max(0, room)) if guessing else 0
+        self.reserve = min(self._top_k, max(0, room)) if on else 0  # (_top_k is 0 while no layer guesses)
         share, extra = divmod(self.n_slots - self.reserve, len(self.layers))
         self._share = {layer: share + (i < extra) for i, layer in enumerate(self.layers)}
         for layer, hook in self._hooks.items():

@@ -219,6 +219,9 @@ def test_the_commands_plan_and_refuse_a_budget_too_small(checkpoints):
     out = run_cli("chat", "--model", str(checkpoints["int4"]), "--max-memory", "1MB", stdin="hi\n")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "too small" in lines[0] and "at least" in lines[0]
+    out = run_cli("generate", "--model", str(checkpoints["int4"]), "--max-memory", "64GiB", "--context", "8",
+                  "--raw", "--prompt", "hello there", "--max-new-tokens", "20")
+    assert out.returncode == 2 and "exceed the 8-token context" in out.stderr
 
 
 def test_the_store_hands_out_the_right_bytes_through_misses_read_aheads_and_a_failing_file(tmp_path):

@@ -88,6 +88,11 @@ def cmd_generate(args) -> int:
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt_ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": args.prompt}])
+    context = _planned_context(args, model)
+    if args.max_memory is not None and len(prompt_ids) + params.max_new_tokens > context:
+        raise MixtralError(f"the prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({params.max_new_tokens}) "
+                           f"exceed the {context:,}-token context the --max-memory plan keeps room for; "
+                           "raise --context (it takes memory from the expert cache)")
     token_ids, text, finish = [], [], None
     for event in stream_generate(model, tokenizer, prompt_ids, params):
         token_ids.append(event.token_id)

@@ -10,6 +10,16 @@ decode gets to the memory wall.
     python bench/decode.py --config small            # random weights written once to a temp dir (bf16)
     python bench/decode.py --model DIR --json        # an existing checkpoint
     mixtral bench --config mixtral-8x7b --device cuda  # full Mixtral-8x7B shapes, random bf16 on the GPU
+    python bench/decode.py --config small --llama-bench /path/to/llama-bench   # llama.cpp rows too
+
+With `--llama-bench PATH`, llama.cpp joins the table on the same checkpoint: it is converted once to a bf16 GGUF
+(llama.cpp's convert_hf_to_gguf.py, found above the binary or given by `--llama-convert`), quantized to Q8_0 and
+Q4_0 (llama-quantize, found next to the binary or given by `--llama-quantize`) in a temporary directory deleted
+afterwards, and `llama-bench -t THREADS -p PROMPT_TOKENS -n NEW_TOKENS -r REPEAT` is run on each file: rows
+"llama.cpp bf16", "int8" (Q8_0) and "int4" (Q4_0) with its prefill (pp) and decode (tg) tokens/s, which are the
+mean of its `--repeat` runs (ours are the best) and whose decode starts from an empty context (ours after the
+prompt). The random `--config` checkpoints get the shipped model's tokenizer.model (same 32000 vocabulary) for
+the converter. A step that fails puts its error in those rows; the rest of the table is unaffected.
 
 Configs: tiny (hidden 128, 2 layers: a smoke test), small (hidden 512, ffn 1792, 8 layers, 8/2 heads),
 medium (hidden 1024, ffn 3584, 16 layers, 16/4 heads), all with 8 experts top-2 and vocab 32000;
@@ -324,6 +334,88 @@ def spawn(opts, run: tuple[str, str], model_dir: str | None) -> dict:
     return {"error": f"exit {proc.returncode}: {tail[:200]}"}
 
 
+# ---- llama.cpp (optional): the same checkpoint converted to GGUF, timed by its own llama-bench ------------------
+
+LLAMA_TYPES = [("bf16", None), ("int8", "Q8_0"), ("int4", "Q4_0")]  # our precision name, llama-quantize type
+
+
+def find_llama_tool(llama_bench: str, name: str) -> Path | None:
+    """`name` next to llama-bench, or in a folder above it (the binary may be a symlink into a build tree)."""
+    here = Path(llama_bench)
+    folders = [here.parent, *here.resolve().parents]
+    return next((f / name for f in folders if (f / name).is_file()), None)
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    return f"exit {proc.returncode}: {(lines or ['no output'])[-1][:200]}"
+
+
+def llama_env() -> dict:
+    """The environment llama-bench runs in: ours less the short OpenMP spin (GOMP_SPINCOUNT) that `import
+    mixtral` sets (README, Quantization and speed), so that llama.cpp runs with its own defaults: its OpenMP
+    threads wait between many small ops, and with the short spin they fall asleep each time (the "tiny" model's
+    Q8_0 decoded at ~47 tok/s instead of ~2,000-3,000 here). A value the user chose is kept."""
+    env = dict(os.environ)
+    if env.get("GOMP_SPINCOUNT") == "10000":  # the value mixtral/__init__.py sets when none was set
+        del env["GOMP_SPINCOUNT"]
+    return env
+
+
+def run_llama(opts, model_dir: str | None, threads: int) -> list[dict]:
+    """One row per entry of LLAMA_TYPES: llama-bench's prefill and decode tokens/s on `model_dir` as a GGUF."""
+    rows = [{"engine": "llama.cpp", "precision": precision, "gguf_type": kind or "BF16"}
+            for precision, kind in LLAMA_TYPES]
+
+    def fail(message: str) -> list[dict]:
+        for row in rows:
+            row.setdefault("error", message)
+        return rows
+
+    if not model_dir:
+        return fail("needs checkpoint files (--model DIR or a CPU --config)")
+    if not os.access(opts.llama_bench, os.X_OK):
+        return fail(f"not an executable: {opts.llama_bench}")
+    convert = opts.llama_convert or find_llama_tool(opts.llama_bench, "convert_hf_to_gguf.py")
+    quantize = opts.llama_quantize or find_llama_tool(opts.llama_bench, "llama-quantize")
+    if not convert:
+        return fail("convert_hf_to_gguf.py not found above llama-bench; give --llama-convert PATH")
+    with tempfile.TemporaryDirectory(prefix="mixtral-bench-gguf-") as tmp:
+        bf16 = Path(tmp) / "model-bf16.gguf"
+        proc = subprocess.run([sys.executable, str(convert), model_dir, "--outtype", "bf16", "--outfile", str(bf16)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not bf16.is_file():
+            return fail("convert_hf_to_gguf.py: " + last_line(proc))
+        for row, (_, kind) in zip(rows, LLAMA_TYPES):
+            gguf = bf16
+            if kind:
+                if not quantize:
+                    row["error"] = "llama-quantize not found next to llama-bench; give --llama-quantize PATH"
+                    continue
+                gguf = Path(tmp) / f"model-{kind.lower()}.gguf"
+                proc = subprocess.run([str(quantize), str(bf16), str(gguf), kind], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    row["error"] = "llama-quantize: " + last_line(proc)
+                    continue
+            row["gguf_mb"] = gguf.stat().st_size / 1e6
+            proc = subprocess.run([opts.llama_bench, "-m", str(gguf), "-t", str(threads),
+                                   "-p", str(opts.prompt_tokens), "-n", str(opts.new_tokens),
+                                   "-r", str(opts.repeat), "-o", "json"], capture_output=True, text=True,
+                                  env=llama_env())
+            if proc.returncode != 0:
+                row["error"] = "llama-bench: " + last_line(proc)
+                continue
+            try:
+                tests = json.loads(proc.stdout)
+                row["prefill_tok_s"] = next(t["avg_ts"] for t in tests if t["n_prompt"] and not t["n_gen"])
+                row["decode_tok_s"] = next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"])
+                row["threads"] = tests[0]["n_threads"]
+            except (ValueError, KeyError, StopIteration, IndexError) as exc:
+                row.pop("prefill_tok_s", None)
+                row["error"] = f"llama-bench output not understood: {type(exc).__name__} {exc}"[:200]
+    return rows
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -346,12 +438,16 @@ def print_table(report: dict) -> None:
         if "error" in r:
             print(f"{name:<16}  {r['error']}")
             continue
-        growth = r["load_rss_growth_mb"]
-        print(f"{name:<16}{r.get('kernels', 'torch'):<9}{r['load_s']:>8.2f}"
-              f"{growth:>9,.0f}{fmt(weights and growth / weights, '.2f'):>8}"
+        growth = r.get("load_rss_growth_mb")  # the llama.cpp rows have only the tokens/s (and the ratio)
+        ratio = r.get("decode_vs_hf_bf16")
+        active = r.get("active_bytes")
+        print(f"{name:<16}{r.get('kernels', 'torch' if growth is not None else '-'):<9}"
+              f"{fmt(r.get('load_s'), '.2f'):>8}{fmt(growth, ',.0f'):>9}"
+              f"{fmt(growth / weights if weights and growth is not None else None, '.2f'):>8}"
               f"{r['prefill_tok_s']:>15,.1f}"
-              f"{r['decode_tok_s']:>14,.2f}{fmt(r.get('decode_vs_hf_bf16'), '.2f') + 'x':>12}"
-              f"{r['active_bytes'] / 1e6:>10,.1f}{r['bound_tok_s']:>13,.1f}{r['fraction_of_bound']:>10.0%}")
+              f"{r['decode_tok_s']:>14,.2f}{fmt(ratio, '.2f') + ('x' if ratio else ''):>12}"
+              f"{fmt(active and active / 1e6, ',.1f'):>10}{fmt(r.get('bound_tok_s'), ',.1f'):>13}"
+              f"{fmt(r.get('fraction_of_bound'), '.0%'):>10}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --model: our runs load with this memory budget (experts that do not fit are "
                              "read from disk: README, Models larger than memory); bench/offload.py compares "
                              "that with llama.cpp under memory cgroups")
+    parser.add_argument("--llama-bench", default=None, metavar="PATH",
+                        help="also time llama.cpp on the same checkpoint (GGUF bf16, Q8_0, Q4_0) with this llama-bench")
+    parser.add_argument("--llama-quantize", default=None, metavar="PATH",
+                        help="llama.cpp's llama-quantize (default: the one next to --llama-bench)")
+    parser.add_argument("--llama-convert", default=None, metavar="PATH",
+                        help="llama.cpp's convert_hf_to_gguf.py (default: found in a folder above --llama-bench)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -398,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.config and opts.config != GPU_ONLY:
         tmp = Path(tempfile.mkdtemp(prefix=f"mixtral-bench-{opts.config}-"))
         write_random_checkpoint(model_args(opts.config), tmp)
+        if opts.llama_bench:  # llama.cpp's converter needs a tokenizer; the shipped model's has the same vocabulary
+            from mixtral.loading import default_model_path
+
+            shutil.copy(default_model_path() / "tokenizer.model", tmp / "tokenizer.model")
     model_dir = opts.model or (str(tmp) if tmp else None)
     weights_mb = checkpoint_mb(model_dir)
     args = load_config(model_dir) if model_dir else model_args(opts.config)
@@ -415,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
                 result["fraction_of_bound"] = result["decode_tok_s"] / result["bound_tok_s"]
             results.append(result)
             print(f"  {engine} {precision}: {result.get('decode_tok_s', result.get('error'))}", file=sys.stderr)
+        if opts.llama_bench:
+            for result in run_llama(opts, model_dir, opts.threads or torch.get_num_threads()):
+                results.append(result)
+                print(f"  llama.cpp {result['precision']}: {result.get('decode_tok_s', result.get('error'))}",
+                      file=sys.stderr)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,16 @@ def test_decode_bench_compares_engines_side_by_side():
     assert theirs <= ours <= 1.001 * theirs
 
 
+def test_decode_bench_reports_a_llama_cpp_failure_in_its_rows(tmp_path):
+    """llama.cpp is not in CI: a missing llama-bench gives its three rows an error; the other rows are measured."""
+    report = _run("decode.py", "--config", "tiny", "--runs", "ours:bf16", "--prompt-tokens", "8", "--new-tokens", "4",
+                  "--threads", "1", "--bandwidth-mb", "16", "--repeat", "1", "--llama-bench", str(tmp_path / "none"))
+    rows = [(r["engine"], r["precision"]) for r in report["results"]]
+    assert rows == [("ours", "bf16"), ("llama.cpp", "bf16"), ("llama.cpp", "int8"), ("llama.cpp", "int4")]
+    assert report["results"][0]["decode_tok_s"] > 0
+    assert all("not an executable" in r["error"] for r in report["results"][1:])
+
+
 def test_quality_bench_reports_quantized_perplexity(tmp_path):
     prepare(tmp_path, plays=["julius_caesar", "macbeth"], progress=False)
     report = _run("quality.py", "--data", str(tmp_path), "--max-tokens", "1500", "--prompts", "2",

@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from decode import llama_env  # noqa: E402  (llama-bench without the short OpenMP spin `import mixtral` sets)
+
 SHAPES = {
     "medium": dict(dim=1024, hidden_dim=3584, n_layers=16, n_heads=16, n_kv_heads=4),
     "8x7b": dict(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8),
@@ -159,7 +161,8 @@ class Cgroup:
         self.path.mkdir(exist_ok=True)
         (self.path / "memory.limit_in_bytes").write_text(str(limit))
 
-    def run(self, command: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, int, int]:
+    def run(self, command: list[str], timeout: float, env: dict | None = None
+            ) -> tuple[subprocess.CompletedProcess, int, int]:
         """Run `command` inside the cgroup after dropping the page cache; (result, peak bytes, failcnt)."""
         subprocess.run(["sync"], check=False)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -167,7 +170,7 @@ class Cgroup:
         (self.path / "memory.failcnt").write_text("0")
         wrapped = ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$@"', "sh", *command]
         try:
-            done = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired as exc:
             done = subprocess.CompletedProcess(wrapped, 124, exc.stdout or "", exc.stderr or "")
         peak = int((self.path / "memory.max_usage_in_bytes").read_text())
@@ -202,9 +205,10 @@ def run_llama(cgroup: Cgroup | None, binary: str, gguf: Path, opts, repack: bool
                "-o", "json"] + ([] if repack else ["--repack", "0"])
     timeout = opts.llama_timeout or opts.timeout
     if cgroup is None:
-        done, peak, fails = subprocess.run(command, capture_output=True, text=True, timeout=timeout), None, None
+        done, peak, fails = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                           env=llama_env()), None, None
     else:
-        done, peak, fails = cgroup.run(command, timeout)
+        done, peak, fails = cgroup.run(command, timeout, env=llama_env())
     if done.returncode == 124:
         return {"error": f"not done after {timeout:.0f} s", "peak": peak, "failcnt": fails}
     if done.returncode != 0:

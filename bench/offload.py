@@ -65,7 +65,7 @@ def write_int4_checkpoint(shape: str, out: Path, group_size: int = 64, seed: int
     from mixtral.weights import safetensors_header
 
     args = model_args(shape)
-    spec = {"bits": 4, "group_size": group_size, "method": quantize.METHOD, "lm_head": True}  # head: int8
+    spec = quantize.spec(4, group_size, lm_head=True)  # the head: int8
     layout = _layout(_quantized_on_meta(args, spec), spec, torch.bfloat16)
     prefix, _, _ = safetensors_header(layout, {"format": "pt", "quantization": quantize.METHOD})
     out.mkdir(parents=True, exist_ok=True)

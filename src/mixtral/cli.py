@@ -318,8 +318,7 @@ def _print_plan(config, name: str, stored: dict | None, args) -> int:
 
     spec = stored
     if spec is None and args.quantize:
-        bits, group, head = quantize.parse_quantize(args.quantize)
-        spec = {"bits": bits, "group_size": quantize.check_settings(bits, group), "lm_head": head}
+        spec = quantize.spec(*quantize.parse_quantize(args.quantize))
     plan = memory_plan.plan(config, spec, resolve_dtype(args.dtype), memory_plan.parse_size(args.memory),
                             args.context, args.batch)
     if args.json:

@@ -18,8 +18,8 @@ from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .model import Transformer
 from .offloading import load_offloaded
-from .quantize import check_settings as quantize_settings
 from .quantize import parse_quantize
+from .quantize import spec as quantization_spec
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import load_quantized, load_weights, read_quantization, resolve_dtype
@@ -94,7 +94,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
         budget = memory_plan.parse_size(max_memory)
         spec = stored
         if spec is None and wanted is not None:  # planned as it will be held once quantized
-            spec = {"bits": wanted[0], "group_size": quantize_settings(*wanted[:2]), "lm_head": wanted[2]}
+            spec = quantization_spec(*wanted)
         plan = memory_plan.plan(args, spec, resolve_dtype(dtype), budget, context, batch, bandwidth=(0.0, 0.0))
         if not plan.fits:
             raise MixtralError(f"a memory budget of {memory_plan.size_text(budget)} is too small for {model_dir.name}: "

@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import kernels, quantize
 from .config import ModelArgs
@@ -32,6 +33,7 @@ def load_offloaded(model_dir: Path, args: ModelArgs, spec: dict | None, dtype: t
                    prefetch: bool = True, progress: bool = True) -> Transformer:
     """The model with every weight but the experts in memory, prepared for the native runner with an expert store
     of `plan.slots` slots. `spec`: the checkpoint's quantization (None: a plain checkpoint, loaded in `dtype`).
+    `progress`: a bar while the resident weights are read (a model's worth of tensors).
     Raises MixtralError for a checkpoint that does not match its config, or one whose experts cannot be read
     one at a time."""
     with torch.device("meta"):
@@ -49,7 +51,9 @@ def load_offloaded(model_dir: Path, args: ModelArgs, spec: dict | None, dtype: t
                     for suffix in ((".qweight", ".scales") if spec else ("",))}
     located = _locate(model_dir, args, spec, dtype, entries, expected, expert_names)
     state = {}
-    for name, entry in located["resident"].items():
+    resident = located["resident"]
+    for name, entry in tqdm(resident.items(), desc="Loading the resident weights", unit="tensor",
+                            disable=not progress or len(resident) < 50):
         tensor = read_stored(entry)
         quantized = name.endswith((".qweight", ".scales"))
         state[name] = tensor if quantized else tensor.to(dtype)

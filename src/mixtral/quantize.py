@@ -57,6 +57,12 @@ def check_settings(bits: int, group_size: int | None) -> int | None:
     return group_size
 
 
+def spec(bits: int, group_size: int | None = None, lm_head: bool = False) -> dict:
+    """The quantization settings as config.json's "quantization" block and `model.quantization` hold them (the
+    group size checked, and the default filled in for int4). Raises MixtralError."""
+    return {"bits": bits, "group_size": check_settings(bits, group_size), "method": METHOD, "lm_head": lm_head}
+
+
 def parse_quantize(text: str | None) -> tuple[int, int | None, bool] | None:
     """"int8" -> (8, None, False); "int4" -> (4, None, False) (default group); "int4-g32" -> (4, 32, False);
     a "+head" suffix also quantizes lm_head to int8 ("int8+head" -> (8, None, True)); None -> None."""
@@ -332,7 +338,7 @@ def swap_in_quantized(model, bits: int, group_size: int | None, lm_head: bool, m
         setattr(parent, name, new)
     if lm_head:
         model.lm_head = make(model.lm_head.weight, 8, None)
-    model.quantization = {"bits": bits, "group_size": group_size, "method": METHOD, "lm_head": lm_head}
+    model.quantization = spec(bits, group_size, lm_head)
 
 
 def quantize_model(model, bits: int = 8, group_size: int | None = None, lm_head: bool = False,

@@ -38,7 +38,7 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
     bfloat16 if unknown), which the tensors that stay unquantized keep. Raises MixtralError for a bad source,
     an already quantized one, `out_dir` equal to the source, or weights that do not match config.json (no
     model file is left in `out_dir` then)."""
-    group_size = quantize.check_settings(bits, group_size)
+    spec = quantize.spec(bits, group_size, lm_head)  # (checked before anything else)
     source, out_dir = Path(source), Path(out_dir)
     if not (source / "config.json").is_file():
         raise MixtralError(f"{source} is not a model directory (no config.json)")
@@ -48,7 +48,6 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
         raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
     args: ModelArgs = load_config(source)
     dtype = {"float32": torch.float32, "float16": torch.float16}.get(checkpoint_dtype(source), torch.bfloat16)
-    spec = {"bits": bits, "group_size": group_size, "method": quantize.METHOD, "lm_head": lm_head}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "model.safetensors"
@@ -124,8 +123,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     quantized and copied into the quantized model, so the peak is the quantized model plus one tensor (the
     same model as `quantize_model(load_weights(...))`, which holds the whole unquantized one first).
     `kernel_layout`: see quantize.quantize_model. Raises MixtralError for weights that do not match config.json."""
-    group_size = quantize.check_settings(bits, group_size)
-    spec = {"bits": bits, "group_size": group_size, "method": quantize.METHOD, "lm_head": lm_head}
+    spec = quantize.spec(bits, group_size, lm_head)
     model = _quantized_on_meta(args, spec)
     layout = _layout(model, spec, dtype)
     state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)

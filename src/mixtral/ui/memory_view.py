@@ -11,6 +11,7 @@ import torch
 from ..config import ModelArgs, preset
 from ..memory import BYTES_PER_PARAM, count_params, kv_cache_bytes, weight_bytes
 from ..memory_plan import plan as memory_plan_for_budget
+from ..quantize import spec as quantization_spec
 
 RUNTIME_ESTIMATE = 400 << 20  # a mixtral process before its model: Python, torch, the tokenizer
 
@@ -99,7 +100,7 @@ def offload_plan(args: ModelArgs, precision: str, context: int, batch: int, memo
     """Markdown: what expert offloading (`--max-memory`) makes of `memory` bytes on this CPU (memory_plan.py),
     for a process whose runtime takes RUNTIME_ESTIMATE."""
     bits = {"int8": 8, "int4": 4}.get(precision)
-    spec = {"bits": bits, "group_size": 64 if bits == 4 else None, "lm_head": False} if bits else None
+    spec = quantization_spec(bits) if bits else None
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
     plan = memory_plan_for_budget(args, spec, dtype, int(memory), context, batch, runtime=RUNTIME_ESTIMATE)
     if not plan.fits:

@@ -40,7 +40,8 @@ from pathlib import Path
 
 RUNS = [("ours", "fp32"), ("ours", "bf16"), ("ours", "int8"), ("ours", "int8+head"), ("ours", "int4"),
         ("hf", "fp32"), ("hf", "bf16")]  # int8+head: lm_head in int8 too (as llama.cpp's Q8_0 does)
-# also available: ours:fp16 (an fp16 copy of the weights, packed like bf16)
+# also available: ours:fp16 (an fp16 copy of the weights, packed like bf16), and exact:<precision> (ours with
+# prompts on our exact fp32 kernels too, not oneDNN's bf16 GEMMs: kernels/prompt.py)
 CONFIGS = {  # ModelArgs fields; all have 8 experts top-2 and vocab 32000
     "tiny": dict(dim=128, hidden_dim=448, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32),
     "small": dict(dim=512, hidden_dim=1792, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64),
@@ -81,7 +82,8 @@ def write_random_checkpoint(args, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def random_model_on_device(args, precision: str, device: str, group_size: int | None, pack: bool = True):
+def random_model_on_device(args, precision: str, device: str, group_size: int | None, pack: bool = True,
+                           exact: bool = False):
     """Our Transformer with random bf16 weights made directly on `device` (no files), then quantized (and on the
     CPU set up for the fastest kernels, as `load` does)."""
     import torch
@@ -109,7 +111,7 @@ def random_model_on_device(args, precision: str, device: str, group_size: int | 
     if base in ("int8", "int4"):
         quantize_model(model, 8 if base == "int8" else 4, group_size, lm_head=head == "head")
     if pack:
-        kernels.prepare(model)
+        kernels.prepare(model, exact=exact)
     return model.eval()
 
 
@@ -190,7 +192,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(opts, precision: str) -> dict:
+def run_ours(opts, precision: str, exact: bool = False) -> dict:
     import torch
 
     from mixtral import kernels, quantize  # noqa: F401  (imported here, not while loading)
@@ -209,9 +211,10 @@ def run_ours(opts, precision: str) -> dict:
         dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "bfloat16")
         model = load_model(opts.model, dtype=dtype, device=opts.device, progress=False, quantize=quantize,
                            pack=opts.pack, max_memory=opts.max_memory,
-                           context=opts.prompt_tokens + opts.new_tokens if opts.max_memory else None)
+                           context=opts.prompt_tokens + opts.new_tokens if opts.max_memory else None, exact=exact)
     else:
-        model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size, opts.pack)
+        model = random_model_on_device(model_args(opts.config), precision, opts.device, opts.group_size, opts.pack,
+                                       exact)
     sync(opts.device)
     result = {"load_s": time.perf_counter() - start, "peak_rss_load_mb": peak_rss_mb(),
               "load_rss_growth_mb": peak_rss_mb() - baseline, "active_bytes": active_bytes(model),
@@ -296,7 +299,10 @@ def worker(opts) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     engine, precision = opts.worker.split(":")
-    result = (run_ours if engine == "ours" else run_hf)(opts, precision)
+    if engine == "hf":
+        result = run_hf(opts, precision)
+    else:
+        result = run_ours(opts, precision, exact=engine == "exact")
     if opts.device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
     result["threads"] = torch.get_num_threads()

@@ -134,7 +134,7 @@ def _threads(n):
 
 def test_bf16_model_matches_transformers_in_fp32(bf16_pair):
     path, reference = bf16_pair
-    model = load_model(path, dtype="bfloat16", progress=False)
+    model = load_model(path, dtype="bfloat16", progress=False, exact=True)  # prompts too on the exact kernels
     assert kernels.runner(model).name == "native"
     assert model.dtype == torch.bfloat16 and model.activation_dtype == torch.float32
     assert model.layers[0].attn.wq.weight.dtype == torch.bfloat16  # the weights stay as loaded: one copy
@@ -159,7 +159,7 @@ def tiny_dir(tmp_path_factory):
 def test_quantized_model_equals_fp32_with_its_dequantized_weights(tiny_dir, setting):
     from test_quantize import _dequantized_copy
 
-    model = load_model(tiny_dir, dtype="float32", progress=False, quantize=setting)
+    model = load_model(tiny_dir, dtype="float32", progress=False, quantize=setting, exact=True)
     assert kernels.runner(model).name == "native" and isinstance(model.layers[0].ffn.w1, Q.QuantLinear)
     assert model.layers[0].ffn.w1.layout == "canonical"  # read as stored, never rearranged for torch's kernel
     plain = load_model(tiny_dir, dtype="float32", progress=False, pack=False)
@@ -212,7 +212,7 @@ def test_decode_checks_cache_indices_and_takes_any_integer_positions(tiny_dir):
 def test_a_decoders_step_reports_its_logits_normalizer_and_greedy_choice(tiny_dir):
     from mixtral.kv_cache import KVCache
 
-    model = load_model(tiny_dir, dtype="bfloat16", progress=False)  # the C side widens the bf16 embedding
+    model = load_model(tiny_dir, dtype="bfloat16", progress=False, exact=True)  # the C side widens the bf16 embedding
     plain = load_model(tiny_dir, dtype="bfloat16", progress=False, pack=False).float()  # the same values in fp32
     prompts = torch.randint(3, 256, (3, 6), generator=_gen(13))
     with torch.inference_mode():

@@ -25,13 +25,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model directory or Hugging Face id (default: the model shipped with mixtral)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16); on the CPU they are multiplied in fp32 by our own "
-                        "kernels (or fbgemm's) unless --no-pack")
+                        "kernels (or fbgemm's) unless --no-pack, prompts in bf16 by oneDNN unless --exact")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG[+head]",
                    help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64; "
                         "+head: lm_head too, to int8)")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
+    p.add_argument("--exact", action="store_true",
+                   help="prompts on our exact fp32 kernels too, not oneDNN's bf16 GEMMs (which round activations "
+                        "to bf16; used on CPUs with bf16 arithmetic for prompts of 16+ tokens)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 16GB or 12GiB: experts that do not fit stay on "
                         "disk and an expert cache holds the rest (see `mixtral info --memory SIZE`)")
@@ -45,7 +48,7 @@ def load_options(args) -> LoadOptions:
 
     return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack,
                        max_memory=args.max_memory, context=args.context,
-                       batch=getattr(args, "max_batch_size", None) or 1)
+                       batch=getattr(args, "max_batch_size", None) or 1, exact=args.exact)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

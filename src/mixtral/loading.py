@@ -72,7 +72,7 @@ def _from_hub_cache(repo_id: str) -> Path:
 def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloat16",
                device: str = "cpu", progress: bool = True, quantize: str | None = None,
                pack: bool = True, max_memory: str | int | None = None, context: int | None = None,
-               batch: int = 1) -> Transformer:
+               batch: int = 1, exact: bool = False) -> Transformer:
     """Just the model (no tokenizer) from a model directory or Hub id.
 
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
@@ -84,6 +84,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     all fit, they stay on disk and an expert cache holds as many as fit (kernels/offload.py); when even the rest
     does not fit, MixtralError says the minimum, before anything is read. context, batch: the KV cache the
     budget keeps room for: `batch` sequences of `context` positions (default min(the model's context, 4096)).
+    exact: prompts stay on our exact fp32 kernels instead of oneDNN's faster bf16 GEMMs (kernels/prompt.py, where
+    the CPU multiplies bf16 in hardware: the README's "Numbers" says what the GEMMs round).
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
@@ -110,7 +112,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
             if not (pack and kernels.will_run_native(device)):
                 raise MixtralError("expert offloading (a memory budget smaller than the model) runs on mixtral's "
                                    "own CPU kernels: x86-64 with AVX2, device cpu, without --no-pack")
-            return load_offloaded(model_dir, args, stored, resolve_dtype(dtype), plan, progress=progress)
+            return load_offloaded(model_dir, args, stored, resolve_dtype(dtype), plan, progress=progress, exact=exact)
     if stored is not None:
         if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])
                                    or wanted[2] and not stored.get("lm_head")):
@@ -125,7 +127,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
             model = load_quantizing(model_dir, args, *wanted, resolve_dtype(dtype), torch.device(device), progress,
                                     kernel_layout=layout)
     if pack:
-        kernels.prepare(model)
+        kernels.prepare(model, exact=exact)
     elif model.device.type == "cpu" and (stored or wanted):
         torch_lowbit.answers()  # probe torch's low-bit kernels now (once per machine), not at the first matmul
     return model
@@ -134,17 +136,19 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
          progress: bool = True, quantize: str | None = None, pack: bool = True,
          max_memory: str | int | None = None, context: int | None = None,
-         batch: int = 1) -> tuple[Transformer, Tokenizer]:
+         batch: int = 1, exact: bool = False) -> tuple[Transformer, Tokenizer]:
     """`model, tokenizer = load(path_or_id)`: the model in `dtype` on `device`, and its tokenizer.
 
     path: a directory with config.json, *.safetensors and tokenizer files; a Hub id; or None for the
     shipped model. quantize: None, "int8", "int4" or "int4-g32" (weight-only, each tensor as it is read; a checkpoint
-    quantized by `mixtral quantize` is detected by itself). pack, max_memory, context, batch: see `load_model`. Raises
+    quantized by `mixtral quantize` is detected by itself). pack, max_memory, context, batch, exact: see `load_model`.
+    Raises
     MixtralError for anything missing or malformed.
     """
     model_dir = resolve_model(path)
     tokenizer = load_tokenizer(model_dir)
-    return load_model(model_dir, dtype, device, progress, quantize, pack, max_memory, context, batch), tokenizer
+    return (load_model(model_dir, dtype, device, progress, quantize, pack, max_memory, context, batch, exact),
+            tokenizer)
 
 
 @dataclass(frozen=True)
@@ -162,3 +166,4 @@ class LoadOptions:
     max_memory: str | None = None
     context: int | None = None
     batch: int = 1
+    exact: bool = False

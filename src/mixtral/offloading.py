@@ -30,7 +30,7 @@ EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
 def load_offloaded(model_dir: Path, args: ModelArgs, spec: dict | None, dtype: torch.dtype, plan: Plan,
-                   prefetch: bool = True, progress: bool = True) -> Transformer:
+                   prefetch: bool = True, progress: bool = True, exact: bool = False) -> Transformer:
     """The model with every weight but the experts in memory, prepared for the native runner with an expert store
     of `plan.slots` slots. `spec`: the checkpoint's quantization (None: a plain checkpoint, loaded in `dtype`).
     `progress`: a bar while the resident weights are read (a model's worth of tensors).
@@ -71,7 +71,7 @@ def load_offloaded(model_dir: Path, args: ModelArgs, spec: dict | None, dtype: t
         fmt = I8 if spec["bits"] == 8 else I4
         formats = {w: expert_format(fmt, *_shape(args, w), spec["group_size"] or 0, 1) for w in EXPERT_WEIGHTS}
     store = ExpertStore(located["experts"], formats, plan.slots, prefetch=prefetch)
-    kernels.prepare(model, store=store)
+    kernels.prepare(model, store=store, exact=exact)
     if kernels.runner(model).name != "native":
         store.close()
         raise MixtralError("expert offloading runs on mixtral's own CPU kernels, which cannot run this model here")

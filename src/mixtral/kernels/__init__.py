@@ -5,7 +5,8 @@
     step = runner.decode_step(cache, tokens, positions, rows)    # -> Step(logits, lse, best)
 
 Runners (runner.py: the interface and the torch reference):
-- native.py: our C kernels (csrc/cpu_kernels.c) run the whole pass, in one C call per decode step; the weights
+- native.py: our C kernels (csrc/cpu_kernels.c) run the whole pass, in one C call per decode step (prompts of
+  bf16/int8/int4 weights: prompt.py's oneDNN bf16 GEMMs, where the CPU multiplies bf16 in hardware); the weights
   stay as loaded (native_lib.py builds and checks the library, native_weights.py describes the weights to it);
   experts that do not fit in memory are read from disk into an expert cache by offload.py's store, which the
   C side asks for each layer's experts;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import weakref
 
-from . import fbgemm, native, native_lib
+from . import fbgemm, native, native_lib, prompt
 from .runner import Runner, Step
 
 __all__ = ["Runner", "Step", "describe", "prepare", "runner", "will_run_native"]
@@ -34,16 +35,17 @@ class FbgemmRunner(Runner):
     name = "fbgemm"
 
 
-def prepare(model, store=None) -> Runner:
+def prepare(model, store=None, exact: bool = False) -> Runner:
     """Set a model up, in place, for the fastest runner this machine has for it, and return that runner: our C
     kernels on the CPU where they run, else fbgemm's packed weights on the CPU, else the torch reference.
     `store`: an expert store (offload.py) holding the experts the model does not; only our C kernels run one.
+    `exact`: prompts stay on our exact fp32 kernels rather than oneDNN's bf16 GEMMs (prompt.py).
     Inference only: a prepared model cannot be trained, re-quantized or saved."""
     if getattr(model, "runner", None) is not None or isinstance(_runners.get(model), FbgemmRunner):
         return runner(model)  # prepared already
     _runners.pop(model, None)  # a torch runner handed out before: prepare anew
     if model.device.type == "cpu":
-        prepared = native.prepare(model, store)
+        prepared = native.prepare(model, store, exact)
         if prepared is not None:
             model.runner = prepared
             return prepared
@@ -75,5 +77,5 @@ def will_run_native(device) -> bool:
 def describe() -> str:
     """Which kernels a CPU model runs on here, and why not ours if it cannot (for `mixtral info`)."""
     if native_lib.available():
-        return "ours (kernels/native.py: AVX2 kernels, compiled on first use)"
+        return ("ours (kernels/native.py: AVX2 kernels, compiled on first use); prompts: " + prompt.describe())
     return f"fbgemm (kernels/fbgemm.py), since ours cannot run: {native_lib.unavailable_reason()}"

@@ -26,6 +26,7 @@ from torch import nn
 from ..memory import release_free_memory
 from ..model import RMSNorm, Routing, apply_rope, attention_mask, rope_cos_sin
 from ..quantize import QuantLinear
+from . import prompt
 from .native_lib import library, sync_threads, will_run
 from .native_lib import to_canonical
 from .native_weights import NativeModel, move_to_huge_pages, supports
@@ -37,8 +38,9 @@ class NativeRunner(Runner):
 
     name = "native"
 
-    def __init__(self, model, store=None):
+    def __init__(self, model, store=None, exact: bool = False):
         super().__init__(model)
+        self.exact = exact  # every prefill on the exact fp32 kernels, never the bf16 GEMMs of prompt.py
         self.native = NativeModel(model, store)
         self.store = store  # an expert store (offload.py) holding some layers' experts, or None
         self._sessions = weakref.WeakKeyDictionary()  # KVCache -> its DecodeSession (own logits buffer)
@@ -67,10 +69,11 @@ class NativeRunner(Runner):
         return Step(logits, session.lse, session.best, session._out_array)
 
 
-def prepare(model, store=None) -> NativeRunner | None:
+def prepare(model, store=None, exact: bool = False) -> NativeRunner | None:
     """Set `model` up for the C kernels, in place: norms to fp32, int4 codes in our own layout, every weight moved
     onto 2 MiB pages where the OS allows, activations fp32 (model.compute_dtype). `store`: an expert store
-    (offload.py) that holds the experts the model does not (left on the meta device). Returns the runner, or None
+    (offload.py) that holds the experts the model does not (left on the meta device). `exact`: prefills stay on the
+    exact fp32 kernels (see prompt.py). Returns the runner, or None
     when the kernels are unavailable here or some weight has none (the model is then unchanged)."""
     if not will_run(model.device) or not supports(model):
         return None
@@ -83,7 +86,7 @@ def prepare(model, store=None) -> NativeRunner | None:
     release_free_memory()  # the int4 codes in torch's layout
     move_to_huge_pages(model)
     model.compute_dtype = torch.float32  # activations and the KV cache
-    return NativeRunner(model, store)
+    return NativeRunner(model, store, exact)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,7 +113,8 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
     K = args.top_k if E else 0
     logits = torch.empty(len(native.layers), N, E)  # what each router did, for `routing`
     ids, mix = torch.empty(len(native.layers), N, K, dtype=torch.int64), torch.empty(len(native.layers), N, K)
-    _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix)
+    _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix,
+                    gemms=not runner.exact)
     if routing is not None:
         routing.extend(_routing(native, logits, ids, mix, B, T))
     x = x.view(B, T, D)
@@ -265,8 +269,9 @@ def store_error(store) -> Exception:
     return error if error is not None else RuntimeError("the expert store failed")
 
 
-def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix) -> None:
-    """Several tokens per sequence: attention by torch (SDPA), every matmul and the experts by the C side."""
+def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix, gemms) -> None:
+    """Several tokens per sequence: attention by torch (SDPA); every matmul and the experts by the C side, or, for
+    prompts long enough and weights it takes (`gemms`), by oneDNN's bf16 GEMMs (prompt.py)."""
     lib, args = library(), model.args
     N, H, G, Dh = B * T, args.n_heads, args.n_kv_heads, args.head_dim
     n_keys = T if cache is None else (cache.max_seq_len if n_keys is None else n_keys)
@@ -274,25 +279,40 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
     cos, sin = rope_cos_sin(input_pos, Dh, args.rope_theta, torch.float32)
     cos, sin = cos[:, :, None], sin[:, :, None]
     for index, layer in enumerate(native.layers):
+        attention_gemms = gemms and prompt.takes((layer.q, layer.k, layer.v, layer.o), N)
         h = rms_norm(x, layer.attn_norm, args.norm_eps)
         qkv = torch.empty(N, (H + 2 * G) * Dh)
-        layer.q.linear(h, out=qkv[:, :H * Dh])
-        layer.k.linear(h, out=qkv[:, H * Dh:(H + G) * Dh])
-        layer.v.linear(h, out=qkv[:, (H + G) * Dh:])
+        if attention_gemms:
+            prompt.attention_inputs(layer, h, qkv, H, G, Dh)
+        else:
+            layer.q.linear(h, out=qkv[:, :H * Dh])
+            layer.k.linear(h, out=qkv[:, H * Dh:(H + G) * Dh])
+            layer.v.linear(h, out=qkv[:, (H + G) * Dh:])
         qkv = qkv.view(B, T, H + 2 * G, Dh)
         q, k = apply_rope(qkv[:, :, :H + G], cos, sin).split((H, G), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + G:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(index, input_pos, k, v, n_keys, slots)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)  # (B, H, T, Dh)
-        layer.o.linear(y.transpose(1, 2).reshape(N, H * Dh).contiguous(), out=x, accumulate=True)
+        y = y.transpose(1, 2).reshape(N, H * Dh)
+        if attention_gemms:
+            prompt.attention_output(layer, y, x)
+        else:
+            layer.o.linear(y.contiguous(), out=x, accumulate=True)
         h = rms_norm(x, layer.ffn_norm, args.norm_eps)
+        ffn_gemms = gemms and prompt.takes((layer.w1, layer.w3, layer.w2), N)
         if layer.moe:
-            status = lib.mx_moe(h.data_ptr(), N, layer.router.ref, layer.w1.ref, layer.w3.ref, layer.w2.ref,
-                                args.top_k, x.data_ptr(), logits[index].data_ptr(), ids[index].data_ptr(),
-                                mix[index].data_ptr(), layer.store_hook and ctypes.addressof(layer.store_hook))
+            hook = layer.store_hook and ctypes.addressof(layer.store_hook)
+            if ffn_gemms:
+                status = prompt.experts(layer, h, x, args.top_k, logits[index], ids[index], mix[index], hook)
+            else:
+                status = lib.mx_moe(h.data_ptr(), N, layer.router.ref, layer.w1.ref, layer.w3.ref, layer.w2.ref,
+                                    args.top_k, x.data_ptr(), logits[index].data_ptr(), ids[index].data_ptr(),
+                                    mix[index].data_ptr(), hook)
             if status:
                 raise store_error(native.store) if status == -5 else MemoryError(
                     "native mixture of experts: out of memory")
+        elif ffn_gemms:
+            x += prompt.dense_mlp(layer, h)
         else:
             layer.w2.linear(F.silu(layer.w1.linear(h)) * layer.w3.linear(h), out=x, accumulate=True)

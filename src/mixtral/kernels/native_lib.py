@@ -25,7 +25,7 @@ from ..quantize import QuantLinear
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-I8, I4 = 3, 4
+BF16, I8, I4 = 1, 3, 4
 
 _state: dict = {}
 
@@ -123,6 +123,12 @@ def _load():
     lib.mx_linear.restype = ctypes.c_int
     lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr, ctypes.c_void_p]
     lib.mx_moe.restype = ctypes.c_int
+    lib.mx_route.argtypes = [ptr, i64, p, i64, ptr, ptr, ptr, ctypes.c_void_p]
+    lib.mx_route.restype = ctypes.c_int
+    lib.mx_bf16_supported.argtypes = []
+    lib.mx_bf16_supported.restype = ctypes.c_int
+    lib.mx_to_bf16.argtypes = [p, i64, i64, i64, ptr]
+    lib.mx_to_bf16.restype = ctypes.c_int
     lib.mx_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.mx_attention.restype = ctypes.c_int
     lib.mx_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]

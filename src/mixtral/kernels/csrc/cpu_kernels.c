@@ -17,6 +17,8 @@
  * Entry points (all take and return fp32 activations, row-major):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight
  *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual
+ *   mx_route       the routing half of mx_moe alone (the prompt path of kernels/prompt.py runs the experts)
+ *   mx_to_bf16     an expert's rows as bf16, for the prompt path's bf16 GEMMs
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
  *   mx_rmsnorm     RMS normalization
  *   mx_decode      a whole decode step in one call: the embedding, every decoder block (all of the above), the
@@ -679,6 +681,93 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
 #define MAX_JOBS 16
 #define PARALLEL_MIN_WORK 65536 /* weights: below this a fork and join of the threads costs more than it saves */
 
+/* ---- AVX512_BF16, chosen at run time ------------------------------------------------------------------
+ * Built into the same library with per-function target attributes, and called only where the CPU reports it
+ * (mx_bf16_supported): the prompt path's int4 -> bf16 widening (mx_to_bf16), one instruction per 32 roundings. */
+#define BF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+int mx_bf16_supported(void) { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
+
+/* One row of int4 codes (K columns, groups of G, a multiple of 32) times their bf16 group scales, rounded to the
+ * nearest bf16 (ties to even, as the AVX2 path does) into dst. */
+BF_TARGET static void i4_row_to_bf16(const uint8_t *src, const uint16_t *scales, int64_t K, int64_t G, uint16_t *dst) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m512i eight = _mm512_set1_epi32(8);
+    for (int64_t i = 0; i < K; i += 32) { /* 16 bytes: columns i .. i + 31 */
+        const __m512 scale = _mm512_set1_ps(bf16_to_float(scales[i / G]));
+        const __m128i b = _mm_loadu_si128((const __m128i *)(src + i / 2));
+        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi); /* column order */
+        const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(first), eight)), scale);
+        const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(second), eight)), scale);
+        const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(c, a);
+        if (i + 32 <= K) _mm512_storeu_si512(dst + i, packed);
+        else _mm512_mask_storeu_epi16(dst + i, (__mmask32)((1ull << (K - i)) - 1), packed);
+    }
+}
+
+/* Expert e's rows [r0, r0 + nr) as bf16 (row stride K) for a bf16 GEMM (kernels/prompt.py): bf16 as is; int8 codes
+ * without their row scale (every int8 is exact in bf16: the caller multiplies each output column by its scale);
+ * fp32, fp16 and int4 (code * scale) rounded to the nearest bf16 (ties to even). Returns 0, -1 when out of memory. */
+int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *out) {
+    const int64_t K = w->k;
+    const int fast_i4 = mx_bf16_supported();
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (nr * K >= PARALLEL_MIN_WORK)
+    {
+        float *tile = malloc(sizeof(float) * K);
+        if (!tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < nr; r++) {
+            uint16_t *dst = out + r * K;
+            const int64_t row = r0 + r;
+            if (w->fmt == FMT_BF16) {
+                memcpy(dst, (const uint16_t *)expert_data(w, e) + row * K, sizeof(uint16_t) * K);
+                continue;
+            }
+            if (w->fmt == FMT_I8) {
+                const int8_t *src = (const int8_t *)expert_data(w, e) + row * K;
+                for (int64_t i = 0; i < K; i++) { /* exact: |code| <= 128 */
+                    const float f = (float)src[i];
+                    uint32_t u;
+                    memcpy(&u, &f, sizeof u);
+                    dst[i] = (uint16_t)(u >> 16);
+                }
+                continue;
+            }
+            if (w->fmt == FMT_I4 && w->group % 32 == 0 && fast_i4) {
+                const int64_t G = w->group, n_groups = (K + G - 1) / G;
+                i4_row_to_bf16((const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2),
+                               expert_scales(w, e) + row * n_groups, K, G, dst);
+                continue;
+            }
+            if (!tile) continue;
+            int64_t stride;
+            const float *f = widen(w, e, row, 1, 0, K, tile, &stride);
+            int64_t i = 0;
+            const __m256i lsb = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+            for (; i + 8 <= K; i += 8) {
+                __m256i u = _mm256_castps_si256(_mm256_loadu_ps(f + i));
+                u = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), lsb)));
+                u = _mm256_srli_epi32(u, 16);
+                __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+                _mm_storeu_si128((__m128i *)(dst + i), packed);
+            }
+            for (; i < K; i++) {
+                uint32_t u;
+                memcpy(&u, f + i, sizeof u);
+                dst[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+            }
+        }
+        free(tile);
+    }
+    return failed ? -1 : 0;
+}
+
+
 /* Run `count` jobs (each one activation row) in one parallel pass over all of their weight rows: the projections
  * of q, k and v, or the experts of one token, cost one fork and join. Returns 0, or -1 when out of memory. */
 static int run_jobs(const job_t *jobs, int count) {
@@ -913,21 +1002,13 @@ done:
     return status;
 }
 
-/* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]).
- * Router logits use the router weight (E, D) in fp32 arithmetic; the top-k go best first (ties: lower index);
- * their softmax gives the mixing weights. Experts run in ascending order, each once for all of its tokens.
- * The chosen experts and weights are written to ids_out (M, topk) and weights_out (M, topk), the logits to
- * logits_out (M, E). `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5
- * when the store failed. */
-static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
-               const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
-               int per_row, const store_t *store) {
-    const int64_t D = w1->k, I = w1->n, E = router->n;
-    /* per_row (decode): every product as at batch 1 (linear_rows), so a token's result does not depend on the
-     * tokens beside it; else the tiled kernels, faster for the many tokens of a prompt */
-    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
-        per_row ? linear_rows : mx_linear;
-    if (linear(router, 0, x, M, D, logits_out, E, 0)) return -1;
+/* The routing half of a sparse MoE block for M tokens: router logits (fp32 arithmetic) into logits_out (M, E), the
+ * top-k best first (ties: lower index) into ids_out (M, topk), their softmax into weights_out (M, topk); then the
+ * store, if any, is asked for the chosen experts. Returns 0, -1 when out of memory, -5 when the store failed. */
+static int route(const float *x, int64_t M, const weight_t *router, int64_t topk, float *logits_out,
+                 int64_t *ids_out, float *weights_out, int per_row, const store_t *store) {
+    const int64_t E = router->n;
+    if ((per_row ? linear_rows : mx_linear)(router, 0, x, M, router->k, logits_out, E, 0)) return -1;
     select_top(logits_out, M, E, topk, ids_out);
     for (int64_t m = 0; m < M; m++) {
         const float *logits = logits_out + m * E;
@@ -937,10 +1018,28 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
         for (int64_t j = 0; j < topk; j++) total += mix[j] = expf(logits[ids[j]] - top);
         for (int64_t j = 0; j < topk; j++) mix[j] /= total;
     }
-    if (store) {
-        const int status = ask_store(store, x, M, ids_out, topk, E, per_row);
-        if (status) return status;
-    }
+    return store ? ask_store(store, x, M, ids_out, topk, E, per_row) : 0;
+}
+
+int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, float *logits_out, int64_t *ids_out,
+             float *weights_out, const store_t *store) {
+    return route(x, M, router, topk, logits_out, ids_out, weights_out, 0, store);
+}
+
+/* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]), routed by
+ * `route` (which writes logits_out, ids_out, weights_out). Experts run in ascending order, each once for all of its
+ * tokens. `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5 when the store
+ * failed. */
+static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
+               const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
+               int per_row, const store_t *store) {
+    const int64_t D = w1->k, I = w1->n, E = router->n;
+    /* per_row (decode): every product as at batch 1 (linear_rows), so a token's result does not depend on the
+     * tokens beside it; else the tiled kernels, faster for the many tokens of a prompt */
+    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
+        per_row ? linear_rows : mx_linear;
+    const int routed = route(x, M, router, topk, logits_out, ids_out, weights_out, per_row, store);
+    if (routed) return routed;
     if (M == 1 && topk <= MAX_JOBS / 2) return moe_one_token(x, w1, w3, w2, topk, out, ids_out, weights_out);
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
     float *h3 = malloc(sizeof(float) * M * I), *ys = malloc(sizeof(float) * M * D);

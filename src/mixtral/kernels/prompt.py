@@ -1,0 +1,157 @@
+"""The prompt path: a prefill's matmuls as bf16 GEMMs on torch's oneDNN kernels, where this CPU multiplies bf16 in
+hardware (AVX512_BF16 or AMX).
+
+A prompt is compute-bound: every weight meets every token. Our C kernels (csrc/cpu_kernels.c) widen each weight to
+fp32 and multiply with AVX2 FMA, exactly (100-120 GFLOP/s on 2 Zen 5 cores); oneDNN's bf16 GEMM reaches 300-380
+there (AVX512_BF16 dot products). So the native runner (native.py) sends a prefill of at least `MIN_ROWS` tokens here,
+when the weights are bf16, int8 or int4; fp32 and fp16 weights, offloaded experts (offload.py, read by the C side),
+decode steps and the output projection (only the rows that need logits) stay on the C kernels.
+
+- Attention projections: one GEMM each (q, k, v, o); attention itself is torch's SDPA in fp32, as on the exact path.
+- Experts: the C side routes (`mx_route`, the exact path's routing code), then the tokens are grouped by expert
+  (one sort per layer) and each expert runs as three GEMMs on its own tokens, added back with their mixing weights.
+- Weights: bf16 weights are multiplied where they lie (no copy). int8 codes are widened to bf16 one expert at a time
+  (every int8 is exact in bf16; each output column is multiplied by its row's scale afterwards, in fp32), int4 codes
+  times their group scale rounded to the nearest bf16 (`mx_to_bf16`, with AVX512_BF16's rounding where the CPU has
+  it), into a scratch buffer reused across calls.
+- A bf16 dot-product GEMM of our own in C (vdpbf16ps, int4 widened in the tile) was measured against this and ran
+  at 60-80 % of oneDNN's speed on these shapes, so it was not kept.
+
+Numbers (the contract): each GEMM's inputs (activations) and outputs are rounded to bf16 and its sums are fp32
+(oneDNN); int4 weights are rounded to bf16 as above; the residual stream, norms, routing, SiLU and the mixing sums
+stay fp32. tests/test_prompt.py holds the result to the exact path and to transformers' bf16 model.
+`exact=True` on the runner (or MIXTRAL_PROMPT=exact) keeps every prefill on the exact path;
+MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 arithmetic: for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .native_lib import BF16, I4, I8, library, sync_threads
+
+# Rows (tokens x sequences) in a prefill from which the GEMMs win: on Zen 5, 2 threads, "small", they were even with
+# the exact kernels at 16 and 1.1-1.4x ahead at 32 (bench/decode.py --prompt-tokens N --runs ours:bf16,exact:bf16)
+MIN_ROWS = 32
+FAST_FORMATS = (BF16, I8, I4)
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def unavailable_reason() -> str | None:
+    """None when prompts take the GEMM path on this machine (given bf16, int8 or int4 weights), else why not."""
+    setting = os.environ.get("MIXTRAL_PROMPT", "")
+    if setting == "exact":
+        return "turned off by MIXTRAL_PROMPT=exact"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch has no oneDNN"
+    if setting == "gemm":
+        return None
+    if not {"avx512_bf16", "amx_bf16"} & _cpu_flags():
+        return "this CPU has no bf16 arithmetic (AVX512_BF16 or AMX), so oneDNN's bf16 GEMM would be slower"
+    return None
+
+
+def describe() -> str:
+    """One line for `mixtral info`."""
+    reason = unavailable_reason()
+    if reason is None:
+        return (f"oneDNN bf16 GEMMs for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights "
+                f"(kernels/prompt.py)")
+    return f"our C kernels (exact fp32), since {reason}"
+
+
+def takes(weights, rows: int) -> bool:
+    """Whether a prefill of `rows` tokens runs these weights (native_lib.NativeWeight) here: enough rows, weights
+    in memory (not an expert store's) and of a GEMM format, and a machine this path is for."""
+    return (rows >= MIN_ROWS and all(hasattr(w, "tensors") and w.struct.fmt in FAST_FORMATS for w in weights)
+            and unavailable_reason() is None)
+
+
+_scratch = threading.local()  # each thread's bf16 buffer for widened weights (grown, never shrunk)
+
+
+def _buffer(elements: int) -> torch.Tensor:
+    held = getattr(_scratch, "buffer", None)
+    if held is None or held.numel() < elements:
+        held = _scratch.buffer = torch.empty(elements, dtype=torch.bfloat16)
+    return held[:elements]
+
+
+def linear(weight, x: torch.Tensor, expert: int = 0) -> torch.Tensor:
+    """x (M, K) bf16 @ W_expert^T -> (M, N) fp32."""
+    struct = weight.struct
+    data, scales = weight.tensors
+    if struct.fmt == BF16:
+        matrix = data[expert] if data.dim() == 3 else data
+        return F.linear(x, matrix).float()
+    matrix = _buffer(struct.n * struct.k).view(struct.n, struct.k)
+    if library().mx_to_bf16(weight.ref, expert, 0, struct.n, matrix.data_ptr()):
+        raise MemoryError("widening a weight to bf16: out of memory")
+    y = F.linear(x, matrix).float()
+    if struct.fmt == I8:
+        y *= (scales[expert] if scales.dim() == 2 else scales).float()
+    return y
+
+
+def attention_inputs(layer, h: torch.Tensor, out: torch.Tensor, H: int, G: int, Dh: int) -> None:
+    """The q, k, v projections of normed rows h (N, D) fp32 into out (N, (H + 2G) Dh) fp32."""
+    hb = h.to(torch.bfloat16)
+    out[:, :H * Dh] = linear(layer.q, hb)
+    out[:, H * Dh:(H + G) * Dh] = linear(layer.k, hb)
+    out[:, (H + G) * Dh:] = linear(layer.v, hb)
+
+
+def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
+    """x (N, D) += y (N, H Dh) @ o^T."""
+    x += linear(layer.o, y.to(torch.bfloat16))
+
+
+def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.Tensor, ids: torch.Tensor,
+            mix: torch.Tensor, store_hook) -> int:
+    """The MoE block for normed rows h (N, D) fp32, added to x (N, D): routed by the C side (into logits (N, E), ids
+    and mix (N, top_k), the exact path's routing), then each expert's tokens as three GEMMs. Returns the C side's
+    routing status (0, -1 out of memory, -5 the store failed)."""
+    sync_threads()
+    N = h.shape[0]
+    status = library().mx_route(h.data_ptr(), N, layer.router.ref, top_k, logits.data_ptr(), ids.data_ptr(),
+                                mix.data_ptr(), store_hook)
+    if status:
+        return status
+    flat = ids.view(-1)
+    order = torch.argsort(flat, stable=True)  # the (token, choice) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=logits.shape[1]).tolist()
+    tokens = order // top_k
+    hb = h.to(torch.bfloat16).index_select(0, tokens)
+    out = torch.empty(N * top_k, x.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        rows = hb[start:start + count]
+        gate = linear(layer.w1, rows, expert)
+        up = linear(layer.w3, rows, expert)
+        out[start:start + count] = linear(layer.w2, (F.silu(gate) * up).to(torch.bfloat16), expert)
+        start += count
+    out *= mix.view(-1)[order][:, None]
+    x.index_add_(0, tokens, out)
+    return 0
+
+
+def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU block (a layer without experts) on normed rows h (N, D) fp32 -> (N, D)."""
+    hb = h.to(torch.bfloat16)
+    hidden = F.silu(linear(layer.w1, hb)) * linear(layer.w3, hb)
+    return linear(layer.w2, hidden.to(torch.bfloat16))

@@ -1,0 +1,136 @@
+"""The prompt path (kernels/prompt.py): prefills on oneDNN's bf16 GEMMs, held to the exact fp32 kernels and to
+transformers' own bf16 model.
+
+The contract (README, "Numbers"): a GEMM's inputs and outputs are rounded to bf16, its sums are fp32, int4 weights
+are rounded to bf16; the residual stream, norms, routing and mixing stay fp32. So the fast path must be at least as
+close to the exact result as transformers' bf16 model, which rounds all of that and the residual stream too.
+MIXTRAL_PROMPT=gemm runs the path on any CPU (slowly where it has no bf16 arithmetic), so these tests hold
+everywhere; MIN_ROWS is lowered where a test needs short prompts to take it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_hf_model, save_hf_model
+
+from mixtral import kernels, load
+from mixtral.kernels import prompt
+from mixtral.loading import default_model_path, load_model
+
+
+@pytest.fixture(autouse=True)
+def gemm_path(monkeypatch):
+    monkeypatch.setenv("MIXTRAL_PROMPT", "gemm")
+    monkeypatch.setattr(prompt, "MIN_ROWS", 1)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """A bf16 Mixtral written by transformers: hidden 64, ffn 96, 4 experts top-2, GQA 4/2 heads."""
+    out = tmp_path_factory.mktemp("prompt_bf16")
+    return save_hf_model(make_hf_model(seed=11, vocab_size=256).to(torch.bfloat16), out)
+
+
+def _ids(rows: int, T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (rows, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _exact_and_fast(model, ids):
+    runner = kernels.runner(model)
+    assert runner.name == "native"
+    with torch.no_grad():
+        runner.exact = True
+        exact = runner.forward(ids)
+        runner.exact = False
+        fast = runner.forward(ids)
+    return exact, fast
+
+
+@pytest.mark.parametrize("T", [1, 2, 17, 129])
+def test_fast_prompts_are_as_close_to_fp32_as_transformers_bf16(bf16_dir, T):
+    from transformers import MixtralForCausalLM
+
+    model = load_model(bf16_dir, dtype="bfloat16", progress=False)
+    ids = _ids(2, T)
+    exact, fast = _exact_and_fast(model, ids)
+    with torch.no_grad():
+        fp32 = MixtralForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32).eval()(ids).logits
+        bf16 = MixtralForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16).eval()(ids).logits.float()
+    assert (exact - fp32).abs().max() < 1e-4  # the exact path: the reference's numbers
+    ours, theirs = (fast - fp32).abs().max().item(), (bf16 - fp32).abs().max().item()
+    assert 0 < ours <= max(theirs, 1e-2), (ours, theirs)  # rounded (so the path was taken), and no worse
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_quantized_fast_prompts_stay_within_bf16_rounding_of_the_exact_path(bf16_dir, quantize):
+    model = load_model(bf16_dir, dtype="bfloat16", progress=False, quantize=quantize)
+    exact, fast = _exact_and_fast(model, _ids(3, 40, seed=1))
+    scale = exact.abs().max().item()
+    error = (fast - exact).abs().max().item()
+    assert 0 < error < 0.02 * scale, (error, scale)
+
+
+def test_experts_without_tokens_and_one_expert_with_them_all(bf16_dir):
+    model = load_model(bf16_dir, dtype="bfloat16", progress=False)
+    for block in model.layers:  # equal router logits: every token goes to experts 0 and 1 (ties: lower index)
+        block.ffn.router.weight.data.zero_()
+    routing_exact, routing_fast = [], []
+    runner = kernels.runner(model)
+    ids = _ids(1, 33, seed=2)
+    with torch.no_grad():
+        runner.exact = True
+        exact = runner.forward(ids, routing=routing_exact)
+        runner.exact = False
+        fast = runner.forward(ids, routing=routing_fast)
+    for a, b in zip(routing_exact, routing_fast):
+        assert torch.equal(a.expert_ids, b.expert_ids) and set(a.expert_ids.flatten().tolist()) == {0, 1}
+    assert (fast - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+def test_exact_loads_keep_every_prompt_on_the_fp32_kernels(bf16_dir):
+    model = load_model(bf16_dir, dtype="bfloat16", progress=False, exact=True)
+    runner = kernels.runner(model)
+    assert runner.exact
+    ids = _ids(1, 20)
+    with torch.no_grad():
+        first = runner.forward(ids)
+        runner.exact = False
+        fast = runner.forward(ids)
+        runner.exact = True
+        assert torch.equal(runner.forward(ids), first)
+    assert not torch.equal(fast, first)
+
+
+def test_the_setting_says_which_path_prompts_take(monkeypatch):
+    assert prompt.unavailable_reason() is None and "oneDNN" in prompt.describe()
+    monkeypatch.setenv("MIXTRAL_PROMPT", "exact")
+    assert "MIXTRAL_PROMPT=exact" in prompt.describe()
+
+
+SAMPLE_PROMPTS = [  # chat prompts of 32+ tokens, as a prompt must be to take the GEMM path
+    "Good morrow, my lord. I come from the court, where the king is sick and his sons are at odds. What news?",
+    "Who goes there? Stand and unfold yourself, for the night is cold and the ghost walks upon the battlements.",
+    "Tell me of the king, and of his sons, and of the lady whom the eldest loves and cannot wed. Speak plainly.",
+    "Speak, what trade art thou? A cobbler, sir, a mender of bad soles, who walks the streets on holiday.",
+    "Is this a dagger which I see before me, the handle toward my hand? Come, let me clutch thee, I pray.",
+    "Where is the fair Ophelia now? She walks in the garden with flowers, singing of her father who is dead.",
+]
+REAL_MIN_ROWS = prompt.MIN_ROWS
+
+
+def test_shipped_model_greedy_replies_equal_on_both_paths(monkeypatch):
+    from mixtral.generate import generate
+    from mixtral.sampling import SamplingParams
+
+    monkeypatch.setattr(prompt, "MIN_ROWS", REAL_MIN_ROWS)
+    model, tokenizer = load(default_model_path(), progress=False)
+    runner = kernels.runner(model)
+    replies = {}
+    for exact in (True, False):
+        runner.exact = exact
+        replies[exact] = [generate(model, tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": p}]),
+                                   SamplingParams(temperature=0, max_new_tokens=32)) for p in SAMPLE_PROMPTS]
+    assert all(len(tokenizer.apply_chat_template([{"role": "user", "content": p}])) >= REAL_MIN_ROWS
+               for p in SAMPLE_PROMPTS)
+    assert replies[True] == replies[False]

@@ -21,8 +21,8 @@ LAYERS = [
     ["mixtral.weights"],
     ["mixtral.quantize"],
     ["mixtral.model", "mixtral.experts"],
-    ["mixtral.kv_cache", "mixtral.memory", "mixtral.memory_plan", "mixtral.data", "mixtral.sampling",
-     "mixtral.torch_lowbit", "mixtral.stopping"],
+    ["mixtral.kv_cache", "mixtral.prefix_cache", "mixtral.memory", "mixtral.memory_plan", "mixtral.data",
+     "mixtral.sampling", "mixtral.torch_lowbit", "mixtral.stopping"],
     ["mixtral.errors", "mixtral.paths", "mixtral.config", "mixtral.tokenizer", "mixtral.chat_format",
      "mixtral.tokenizer_backends"],
 ]

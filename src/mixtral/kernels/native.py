@@ -275,7 +275,10 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
     lib, args = library(), model.args
     N, H, G, Dh = B * T, args.n_heads, args.n_kv_heads, args.head_dim
     n_keys = T if cache is None else (cache.max_seq_len if n_keys is None else n_keys)
-    mask = attention_mask(input_pos, n_keys, args.sliding_window)
+    # a whole prompt from position 0 (no window inside it): SDPA's causal kernel, which skips the masked half
+    causal = (n_keys == T and (args.sliding_window is None or args.sliding_window >= T)
+              and bool((input_pos == torch.arange(T)).all()))
+    mask = None if causal else attention_mask(input_pos, n_keys, args.sliding_window)
     cos, sin = rope_cos_sin(input_pos, Dh, args.rope_theta, torch.float32)
     cos, sin = cos[:, :, None], sin[:, :, None]
     for index, layer in enumerate(native.layers):
@@ -293,7 +296,8 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + G:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(index, input_pos, k, v, n_keys, slots)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=G != H)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(N, H * Dh)
         if attention_gemms:
             prompt.attention_output(layer, y, x)

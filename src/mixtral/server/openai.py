@@ -85,7 +85,8 @@ def _finish(event: Event) -> str:
 
 def _usage(event: Event) -> dict:
     return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.generated_tokens,
-            "total_tokens": event.prompt_tokens + event.generated_tokens}
+            "total_tokens": event.prompt_tokens + event.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": event.cached_tokens}}
 
 
 def _error_event(event: Event) -> str:

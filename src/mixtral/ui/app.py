@@ -48,6 +48,10 @@ def status_markdown(turn: Turn, error: str | None = None) -> str:
     end = turn.ended or time.perf_counter()
     count = f"{len(turn.token_ids)} tokens" if turn.token_ids else f"{turn.chunks} chunks"
     parts = [f"{count} in {end - turn.started:.1f} s"]
+    if turn.first_token_at:
+        parts.append(f"first token after {turn.first_token_at - turn.started:.2f} s")
+    if turn.cached_tokens is not None and turn.prompt_ids:
+        parts.append(f"{turn.cached_tokens} of {len(turn.prompt_ids)} prompt tokens reused")
     if turn.first_token_at and len(turn.token_ids) > 1 and end > turn.first_token_at:
         parts.append(f"{(len(turn.token_ids) - 1) / (end - turn.first_token_at):.1f} tokens/s after the first")
     parts.append(f"ended by: {'error' if error else turn.finish_reason or 'unknown'}")

@@ -60,6 +60,7 @@ class Turn:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     ended: float | None = None
+    cached_tokens: int | None = None  # prompt tokens the local engine took from its prefix cache
 
 
 def _number(value, default: float) -> float:
@@ -224,6 +225,7 @@ class LocalBackend(Backend):
                 if event.token_id is not None:
                     turn.token_ids.append(event.token_id)
                 turn.first_token_at = turn.first_token_at or time.perf_counter()
+                turn.cached_tokens = event.cached_tokens
                 turn.finish_reason = event.finish_reason
                 done = event.done
                 if event.text:

@@ -1,0 +1,172 @@
+"""Prefix reuse through `mixtral serve`, as a chat client sees it: time to first token at every turn of a
+conversation sent whole each turn (the OpenAI client, greedy), with the prefix cache and without it, in one run.
+
+    python bench/prefix_chat.py                     # the shipped model, then "small" random weights
+    python bench/prefix_chat.py --model DIR --turns 10
+
+Phase 1: one 10-turn conversation against two servers on the same model, one with `--prefix-cache-memory 0`:
+TTFT per turn, the cached tokens the server reported (usage.prompt_tokens_details.cached_tokens), and whether the
+replies are identical. Phase 2 (the server with the cache, a small budget): 8 conversations at a time, all
+sharing one long system prompt, interleaved turn by turn: how many prompt tokens came from the cache, evictions,
+and the cache's peak size against its budget, from /metrics.
+
+Each server is a `mixtral serve` subprocess on a free loopback port. "small" is the benchmark shape of
+bench/decode.py (hidden 512, 8 layers, 8 experts top-2, random bf16), with the shipped model's tokenizer and
+chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+QUESTIONS = ["Who goes there?", "What news from the court?", "How fares the king?", "And what of the queen?",
+             "Where is the prince tonight?", "Why does he walk the battlements?", "Who saw the ghost?",
+             "What did it say to him?", "Shall we tell the king?", "What must we do now?", "Speak plainly, friend.",
+             "Is there more?"]
+SYSTEM = ("You are a player in a company of actors at the Globe. Answer in the manner of the plays: in verse where "
+          "it suits, with courtesy to lords and ladies, plain speech to soldiers, and never break the scene. ") * 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(model: str, prefix_memory: str, extra: list[str]):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mixtral", "serve", "--model", model, "--port", str(port),
+                                "--prefix-cache-memory", prefix_memory, *extra],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {process.stderr.read()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def turn(client, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
+    """One streamed chat completion: (seconds to the first content, the reply, cached prompt tokens)."""
+    start, first, parts, cached = time.perf_counter(), None, [], 0
+    stream = client.chat.completions.create(model="mixtral", messages=messages, max_tokens=max_tokens, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            details = chunk.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details is not None else 0
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first if first is not None else time.perf_counter() - start
+                parts.append(choice.delta.content)
+    return (first if first is not None else time.perf_counter() - start), "".join(parts), cached
+
+
+def conversation(url: str, turns: int, max_tokens: int, system: str | None = None, offset: int = 0) -> list[tuple]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    messages = [{"role": "system", "content": system}] if system else []
+    results = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": QUESTIONS[(i + offset) % len(QUESTIONS)]})
+        ttft, reply, cached = turn(client, messages, max_tokens)
+        messages.append({"role": "assistant", "content": reply})
+        results.append((ttft, reply, cached))
+    return results
+
+
+def metrics(url: str) -> dict[str, float]:
+    found = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        match = re.match(r"(mixtral_prefix_cache_\w+?)(?:_total)? ([0-9.e+]+)$", line)
+        if match:
+            found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def phase_one(model: str, turns: int, max_tokens: int, extra: list[str]) -> None:
+    runs = {}
+    for label, memory in (("cache", "256MiB"), ("off", "0")):
+        with server(model, memory, extra) as url:
+            conversation(url, 1, 4)  # warm-up (kernels, first allocations), a different conversation
+            runs[label] = conversation(url, turns, max_tokens, offset=1)
+    print(f"turn  {'TTFT cache s':>13}{'TTFT off s':>12}{'speed-up':>10}{'cached tokens':>15}")
+    for i, (on, off) in enumerate(zip(runs["cache"], runs["off"]), 1):
+        print(f"{i:>4}  {on[0]:>13.3f}{off[0]:>12.3f}{off[0] / on[0]:>9.1f}x{on[2]:>15}")
+    same = [on[1] == off[1] for on, off in zip(runs["cache"], runs["off"])]
+    print(f"replies identical with and without the cache: {sum(same)}/{len(same)}")
+
+
+def phase_two(model: str, max_tokens: int, extra: list[str], budget: str) -> None:
+    with server(model, budget, extra + ["--max-batch-size", "8"]) as url:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: conversation(url, 3, max_tokens, SYSTEM, offset=i), range(8)))
+        found = metrics(url)
+    first_turns = [r[0][2] for r in results]
+    print(f"8 conversations x 3 turns sharing a {len(SYSTEM)}-character system prompt, 8 at a time, budget {budget}:")
+    print(f"  cached tokens of each conversation's first turn: {first_turns}")
+    print(f"  cached tokens of later turns: {[t[2] for r in results for t in r[1:]]}")
+    print("  /metrics: " + ", ".join(f"{k.removeprefix('mixtral_prefix_cache_')} {v:,.0f}" for k, v in found.items()))
+
+
+def small_checkpoint(out: Path) -> str:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode import model_args, write_random_checkpoint
+
+    from mixtral.loading import default_model_path
+
+    write_random_checkpoint(model_args("small"), out)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / name, out / name)
+    return str(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="a model directory (default: the shipped model, then small)")
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--budget", default="2MiB", help="phase 2's prefix cache budget (small: evictions happen)")
+    parser.add_argument("--exact", action="store_true", help="serve with --exact (prompts on the fp32 kernels)")
+    opts = parser.parse_args()
+    extra = ["--exact"] if opts.exact else []
+    with tempfile.TemporaryDirectory() as tmp:
+        if opts.model:
+            models = [(opts.model, opts.model)]
+        else:
+            from mixtral.loading import default_model_path
+
+            models = [("shipped model", str(default_model_path())), ("small", small_checkpoint(Path(tmp)))]
+        for name, path in models:
+            print(f"== {name}")
+            phase_one(path, opts.turns, opts.max_tokens, extra)
+            phase_two(path, opts.max_tokens, extra, opts.budget)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

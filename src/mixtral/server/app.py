@@ -100,20 +100,14 @@ class EngineCollector:
                     yield GaugeMetricFamily(f"mixtral_expert_{key}", doc, value=store[key])
         prefix = stats.get("prefix_cache")
         if prefix is not None:  # prompts start from the keys and values earlier requests left (prefix_cache.py)
-            yield CounterMetricFamily("mixtral_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache",
-                                      value=prefix["hit_tokens"])
-            yield CounterMetricFamily("mixtral_prefix_cache_hits", "Prompts that reused a cached prefix",
-                                      value=prefix["hits"])
-            yield CounterMetricFamily("mixtral_prefix_cache_lookups", "Prompts looked up in the prefix cache",
-                                      value=prefix["lookups"])
-            yield CounterMetricFamily("mixtral_prefix_cache_evictions", "Entries evicted for room",
-                                      value=prefix["evictions"])
-            yield GaugeMetricFamily("mixtral_prefix_cache_bytes", "Memory the prefix cache holds",
-                                    value=prefix["bytes"])
-            yield GaugeMetricFamily("mixtral_prefix_cache_budget_bytes", "Memory the prefix cache may hold",
-                                    value=prefix["budget_bytes"])
-            yield GaugeMetricFamily("mixtral_prefix_cache_entries", "Sequences the prefix cache holds",
-                                    value=prefix["entries"])
+            for key, kind, doc in (("hit_tokens", CounterMetricFamily, "Prompt tokens taken from the prefix cache"),
+                                   ("hits", CounterMetricFamily, "Prompts that reused a cached prefix"),
+                                   ("lookups", CounterMetricFamily, "Prompts looked up in the prefix cache"),
+                                   ("evictions", CounterMetricFamily, "Entries evicted for room"),
+                                   ("bytes", GaugeMetricFamily, "Memory the prefix cache holds"),
+                                   ("budget_bytes", GaugeMetricFamily, "Memory the prefix cache may hold"),
+                                   ("entries", GaugeMetricFamily, "Sequences the prefix cache holds")):
+                yield kind(f"mixtral_prefix_cache_{key}", doc, value=prefix[key])
         for name, doc in (("queue_time_seconds", "Time from submission to admission into the batch"),
                           ("time_per_token_seconds", "Mean time per generated token after the first, per request")):
             h = stats[name]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def local(tiny_chat_model, tmp_path_factory):
 
     model, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
     model.register_forward_pre_hook(lambda *_: _time.sleep(STEP_DELAY))
-    engine = Engine(model, tokenizer, max_batch_size=4)
+    engine = Engine(model, tokenizer, max_batch_size=4, prefix_cache_bytes=64 << 20)
     feedback = tmp_path_factory.mktemp("feedback") / "feedback.jsonl"
     from mixtral.config import load_config
 
@@ -147,6 +148,17 @@ def test_chat_streams_then_experts_and_memory_tabs(browser, local):
     assert reply.strip() and len({n for n in lengths if n}) >= 3, lengths  # text arrived in several pieces
     status = page.locator("#chat-status").inner_text()
     assert "24 tokens" in status and "ended by: length" in status, status
+    first = re.search(r"(\d+) of (\d+) prompt tokens reused", status)
+    assert "first token after" in status and first and first[1] == "0", status  # nothing to reuse yet
+    send(page, "And what of the king?")  # the next turn: the conversation so far comes from the prefix cache
+
+    def second_turn():
+        found = re.search(r"(\d+) of (\d+) prompt tokens reused", page.locator("#chat-status").inner_text())
+        return found if found and int(found[2]) > int(first[2]) else None
+
+    wait_for(second_turn, timeout=60)  # the status line is set when a reply ends
+    reused = second_turn()
+    assert int(first[2]) <= int(reused[1]) < int(reused[2]), page.locator("#chat-status").inner_text()
     page.screenshot(path=ARTIFACTS / "chat.png", full_page=True)
 
     page.get_by_role("button", name="Like").last.click()  # recorded to the JSONL file

@@ -408,3 +408,33 @@ def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(wrapper))
     second = native_lib._build()
     assert first != second and first.exists() and second.exists()
+
+
+@pytest.mark.parametrize("avx512", [0, 1])
+def test_bf16_decode_rows_on_either_vector_width_match_fp32_and_do_not_depend_on_the_batch(tiny_dir, avx512):
+    """The bf16 one-row kernel has an AVX2 and an AVX-512 form (the latter where the CPU has it; mx_use_avx512 says
+    whether it took): each matches fp32 and gives a row the same numbers alone or in a batch."""
+    from mixtral.kernels import native_lib
+    from mixtral.kv_cache import KVCache
+
+    lib = native_lib.library()
+    was = int(native_lib.avx512_rows())
+    try:
+        if lib.mx_use_avx512(avx512) != avx512:
+            pytest.skip("this CPU has no AVX-512")
+        model = load_model(tiny_dir, dtype="bfloat16", progress=False, exact=True)
+        plain = load_model(tiny_dir, dtype="bfloat16", progress=False, pack=False).float()
+        prompts = torch.randint(3, 256, (3, 6), generator=_gen(21))
+        with torch.inference_mode():
+            caches = [KVCache(m.args, 3, 12, torch.float32) for m in (model, plain)]
+            for m, cache in zip((model, plain), caches):
+                m(prompts, cache=cache, n_keys=6)
+            decoder = kernels.runner(model).session(caches[0])
+            batch = decoder.step([5, 77, 200], [6, 6, 6]).clone()
+            alone = decoder.step([77], [6], [1]).clone()
+            wanted = plain(torch.tensor([5, 77, 200])[:, None], torch.tensor([6, 6, 6])[:, None], caches[1],
+                           n_keys=7)[:, -1]
+        assert torch.allclose(batch, wanted, atol=1e-4)
+        assert torch.equal(alone[0], batch[1])
+    finally:
+        lib.mx_use_avx512(was)

@@ -100,10 +100,19 @@ def open_chat(browser, url):
 
 
 def set_max_new_tokens(page, n: int) -> None:
+    """Type n into the slider's number box, until the slider itself shows it (a page still hydrating can put the
+    default back over a value typed too early)."""
     page.get_by_text("Settings", exact=True).first.click()
     field = page.get_by_label("number input for Max new tokens")
-    field.fill(str(n))
-    field.press("Tab")
+    slider = page.get_by_label("range slider for Max new tokens")
+    deadline = time.time() + 30
+    while True:
+        field.fill(str(n))
+        field.press("Tab")
+        time.sleep(0.2)
+        if slider.input_value() == str(n) and field.input_value() == str(n):
+            return
+        assert time.time() < deadline, f"the slider shows {slider.input_value()}, not {n}"
 
 
 def send(page, text: str) -> None:

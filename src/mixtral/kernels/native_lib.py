@@ -2,7 +2,8 @@
 
 The library is compiled on first use with the system C compiler (about a second) into the cache directory
 (paths.cache_dir), keyed by everything the build depends on, checked against torch on a probe, and used only
-where it passed: otherwise models run on fbgemm (fbgemm.py) or plain torch. `MIXTRAL_NATIVE=0` turns it off.
+where it passed: otherwise models run on fbgemm (fbgemm.py) or plain torch. `MIXTRAL_NATIVE=0` turns it off;
+`MIXTRAL_AVX512=0` keeps bf16 decode rows on the AVX2 kernel where the CPU has AVX-512.
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ def _load():
     lib.mx_hugepages.restype = i64
     lib.mx_move.argtypes = [ptr, ptr, i64, ctypes.c_int]
     lib.mx_move.restype = None
+    lib.mx_use_avx512.argtypes = [ctypes.c_int]
+    lib.mx_use_avx512.restype = ctypes.c_int
+    _state["avx512"] = bool(lib.mx_use_avx512(int(os.environ.get("MIXTRAL_AVX512", "1") != "0")))
     lib.mx_set_num_threads.argtypes = [ctypes.c_int]
     lib.mx_set_num_threads.restype = None
     return lib
@@ -177,6 +181,12 @@ def sync_threads() -> None:
 
 def available() -> bool:
     return library() is not None
+
+
+def avx512_rows() -> bool:
+    """Whether bf16 one-row products (decode steps) run on 512-bit vectors here (the CPU has AVX-512 F/BW/DQ and
+    MIXTRAL_AVX512 is not 0)."""
+    return available() and _state.get("avx512", False)
 
 
 def will_run(device) -> bool:

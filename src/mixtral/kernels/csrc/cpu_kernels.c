@@ -74,6 +74,17 @@ typedef struct {
  * calling thread and a server runs the model on a thread of its own. */
 static int threads = 1;
 
+/* bf16 one-row products (every row of a decode step) on 512-bit vectors: set by mx_use_avx512 where the CPU has
+ * AVX-512 F/BW/DQ (native_lib.py). Every row then takes that kernel, so a row's numbers still do not depend on its
+ * batch; they differ from the AVX2 kernel's in the order of summation only. */
+static int avx512_rows = 0;
+
+int mx_use_avx512(int on) {
+    avx512_rows = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                  && __builtin_cpu_supports("avx512dq");
+    return avx512_rows;
+}
+
 void mx_set_num_threads(int n) { threads = n > 0 ? n : 1; }
 
 /* Back the 2 MiB-aligned part of [ptr, ptr + bytes) with 2 MiB pages, where the kernel allows it (Linux with
@@ -310,6 +321,57 @@ static void split_even_odd(const float *x, int64_t K, float *xp) {
  * bounding the loop.
  * xp is x split by split_even_odd; group_sums[g] = sum of x over int4 group g (int4 codes carry an offset of 8,
  * taken out once per group instead of once per code). */
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq")))
+
+/* x split for the 512-bit bf16 rows: per 32 columns, the 16 even ones then the 16 odd ones (a 32-bit lane of bf16
+ * pairs widens to its even column by a shift and to its odd one by a mask); the columns past the last 32 as they
+ * are. */
+static void split_even_odd32(const float *x, int64_t K, float *xp) {
+    int64_t i = 0;
+    for (; i + 32 <= K; i += 32)
+        for (int j = 0; j < 16; j++) { xp[i + j] = x[i + 2 * j]; xp[i + 16 + j] = x[i + 2 * j + 1]; }
+    for (; i < K; i++) xp[i] = x[i];
+}
+
+/* One bf16 weight row . x on 512-bit vectors (eight FMA chains, 128 columns a step), returned as 8 partial sums
+ * for rows_of's reduction. */
+AVX512_TARGET static __m256 row_bf16_512(const uint16_t *src, const float *x, const float *xp, int64_t K) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a, a2 = a, b2 = a, c2 = a, d2 = a;
+    int64_t i = 0;
+#define EVEN(v) _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
+#define ODD(v) _mm512_castsi512_ps(_mm512_and_si512(v, high))
+    for (; i + 128 <= K; i += 128) {
+        _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(src + i) + PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(src + i) + PREFETCH + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)(src + i) + PREFETCH + 192, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(src + i), u = _mm512_loadu_si512(src + i + 32);
+        const __m512i v2 = _mm512_loadu_si512(src + i + 64), u2 = _mm512_loadu_si512(src + i + 96);
+        a = _mm512_fmadd_ps(EVEN(v), _mm512_loadu_ps(xp + i), a);
+        b = _mm512_fmadd_ps(ODD(v), _mm512_loadu_ps(xp + i + 16), b);
+        c = _mm512_fmadd_ps(EVEN(u), _mm512_loadu_ps(xp + i + 32), c);
+        d = _mm512_fmadd_ps(ODD(u), _mm512_loadu_ps(xp + i + 48), d);
+        a2 = _mm512_fmadd_ps(EVEN(v2), _mm512_loadu_ps(xp + i + 64), a2);
+        b2 = _mm512_fmadd_ps(ODD(v2), _mm512_loadu_ps(xp + i + 80), b2);
+        c2 = _mm512_fmadd_ps(EVEN(u2), _mm512_loadu_ps(xp + i + 96), c2);
+        d2 = _mm512_fmadd_ps(ODD(u2), _mm512_loadu_ps(xp + i + 112), d2);
+    }
+    a = _mm512_add_ps(a, a2); b = _mm512_add_ps(b, b2); c = _mm512_add_ps(c, c2); d = _mm512_add_ps(d, d2);
+    for (; i + 32 <= K; i += 32) {
+        const __m512i v = _mm512_loadu_si512(src + i);
+        a = _mm512_fmadd_ps(EVEN(v), _mm512_loadu_ps(xp + i), a);
+        b = _mm512_fmadd_ps(ODD(v), _mm512_loadu_ps(xp + i + 16), b);
+    }
+#undef EVEN
+#undef ODD
+    float tail = 0.0f;
+    for (; i < K; i++) tail += bf16_to_float(src[i]) * x[i];
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d));
+    const __m256 r = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    return _mm256_add_ps(r, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+}
+
 static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, const weight_t *w, int64_t e,
                                                             int64_t row, const float *x, const float *xp,
                                                             const float *group_sums) {
@@ -317,6 +379,8 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
     __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
     float tail = 0.0f;
     int64_t i = 0;
+    if (fmt == FMT_BF16 && avx512_rows)
+        return row_bf16_512((const uint16_t *)expert_data(w, e) + row * K, x, xp, K);
     if (fmt == FMT_BF16) {
         const uint16_t *src = (const uint16_t *)expert_data(w, e) + row * K;
         const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -624,7 +688,7 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p) {
     p->xp = malloc(sizeof(float) * K);
     p->sums = malloc(sizeof(float) * (n_groups ? n_groups : 1));
     if (!p->xp || !p->sums) return -1;
-    split_even_odd(x, K, p->xp);
+    (w->fmt == FMT_BF16 && avx512_rows ? split_even_odd32 : split_even_odd)(x, K, p->xp);
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t end = (g + 1) * w->group < K ? (g + 1) * w->group : K;
         float sum = 0.0f;

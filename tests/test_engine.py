@@ -123,7 +123,9 @@ def test_cancel_frees_the_slot_at_the_next_step(loaded):
         long.cancel()
         rest = list(events)
         assert rest[-1].error_type == "cancelled" and first[-1].generated_tokens == 3
-        assert rest[-1].generated_tokens <= 6  # stopped within a few steps
+        # stopped within a few steps: a step of this tiny model is ~0.3 ms, so the reader, which shares the GIL with
+        # the worker, may see the cancel land some steps after the third event; never near the 400 asked for
+        assert rest[-1].generated_tokens <= 40
         _, _, last = run(engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=4)))  # the slot is free
         assert last.finish_reason == "length"
         assert engine.stats()["requests"]["cancelled"] == 1

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kernels
+from .kernels.native_lib import release_threads
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Routing, Transformer
@@ -230,6 +231,8 @@ class Engine:
         self._steps = 0
         self._queue_time = _Histogram(QUEUE_TIME_BUCKETS)
         self._time_per_token = _Histogram(TOKEN_TIME_BUCKETS)
+        if model.device.type == "cpu":  # the worker runs the model: this thread's idle OpenMP workers must not
+            release_threads()            # stand beside its own (native_lib.release_threads)
         self._thread = threading.Thread(target=self._run, name="mixtral-engine", daemon=True)
         self._thread.start()
 

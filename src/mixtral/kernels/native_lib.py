@@ -145,6 +145,8 @@ def _load():
     lib.mx_hugepages.restype = i64
     lib.mx_move.argtypes = [ptr, ptr, i64, ctypes.c_int]
     lib.mx_move.restype = None
+    lib.mx_release_threads.argtypes = []
+    lib.mx_release_threads.restype = None
     lib.mx_use_avx512.argtypes = [ctypes.c_int]
     lib.mx_use_avx512.restype = ctypes.c_int
     _state["avx512"] = bool(lib.mx_use_avx512(int(os.environ.get("MIXTRAL_AVX512", "1") != "0")))
@@ -181,6 +183,15 @@ def sync_threads() -> None:
 
 def available() -> bool:
     return library() is not None
+
+
+def release_threads() -> None:
+    """Let this thread's idle OpenMP workers go, before another thread runs the model (the engine's worker): with
+    them idle beside that thread's own, libgomp sees more threads than CPUs and stops spinning between parallel
+    regions, which made every region a futex wake-up (cpu_kernels.c: mx_release_threads). Harmless: a later
+    parallel region on this thread starts its workers again."""
+    if available():
+        library().mx_release_threads()
 
 
 def avx512_rows() -> bool:

@@ -74,8 +74,8 @@ def test_seeded_sampling_and_stop_rules_match_the_library(engine, loaded):
     library_stop = list(stream_generate(model, tokenizer, prompt, params.replace(stop=(stop,))))
     assert last_stop.finish_reason == "stop_sequence" == library_stop[-1].finish_reason
     assert text_stop == "".join(e.text for e in library_stop) and stop not in text_stop
-    for handle in others:
-        assert run(handle)[2].finish_reason == "length"
+    for handle in others:  # sampled without a seed beside it: they end normally (an EOS may be drawn)
+        assert run(handle)[2].finish_reason in ("length", "eos_token")
 
 
 def test_chunked_prefill_gives_the_same_tokens(loaded):

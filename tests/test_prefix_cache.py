@@ -8,6 +8,7 @@ import torch
 
 from mixtral import load
 from mixtral.engine import Engine
+from mixtral.errors import MixtralError
 from mixtral.generate import stream_generate
 from mixtral.prefix_cache import MIN_TOKENS, PrefixCache
 from mixtral.sampling import SamplingParams
@@ -212,6 +213,9 @@ def test_the_commands_take_the_prefix_cache_setting():
     parse = build_parser().parse_args
     assert prefix_cache_bytes(parse(["serve"])) == 512 << 20
     assert prefix_cache_bytes(parse(["serve", "--prefix-cache-memory", "0"])) == 0
+    assert prefix_cache_bytes(parse(["serve", "--prefix-cache-memory", "0GiB"])) == 0
+    with pytest.raises(MixtralError):
+        prefix_cache_bytes(parse(["serve", "--prefix-cache-memory", "lots"]))
     assert prefix_cache_bytes(parse(["chat", "--prefix-cache-memory", "64MiB"])) == 64 << 20
     assert prefix_cache_bytes(parse(["ui", "--max-memory", "1GiB"])) == 64 << 20  # a 16th of the budget
     args = parse(["serve", "--max-memory", "2GiB", "--prefix-cache-memory", "1GiB"])

@@ -34,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
     p.add_argument("--exact", action="store_true",
                    help="prompts on our exact fp32 kernels too, not oneDNN's bf16 GEMMs (which round activations "
-                        "to bf16; used on CPUs with bf16 arithmetic for prompts of 16+ tokens)")
+                        "to bf16; used on CPUs with bf16 arithmetic for prompts of 32+ tokens)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 16GB or 12GiB: experts that do not fit stay on "
                         "disk and an expert cache holds the rest (see `mixtral info --memory SIZE`)")
@@ -62,9 +62,7 @@ def prefix_cache_bytes(args) -> int:
     default = parse_size(PREFIX_CACHE_DEFAULT)
     if args.prefix_cache_memory is None:
         return default if args.max_memory is None else min(default, parse_size(args.max_memory) // 16)
-    if args.prefix_cache_memory.strip().rstrip("kKmMgGtTiIbB").strip() in ("0", "0.0"):
-        return 0  # off
-    return parse_size(args.prefix_cache_memory)
+    return parse_size(args.prefix_cache_memory, zero=True)
 
 
 def load_options(args) -> LoadOptions:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kernels
-from .kernels.native_lib import release_threads
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Routing, Transformer
@@ -232,7 +231,7 @@ class Engine:
         self._queue_time = _Histogram(QUEUE_TIME_BUCKETS)
         self._time_per_token = _Histogram(TOKEN_TIME_BUCKETS)
         if model.device.type == "cpu":  # the worker runs the model: this thread's idle OpenMP workers must not
-            release_threads()            # stand beside its own (native_lib.release_threads)
+            kernels.release_threads()    # stand beside its own (native_lib.release_threads)
         self._thread = threading.Thread(target=self._run, name="mixtral-engine", daemon=True)
         self._thread.start()
 

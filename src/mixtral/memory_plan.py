@@ -34,14 +34,15 @@ DEFAULT_CONTEXT = 4096  # KV-cache positions planned for when a budget is set an
 PAGE = 4096  # expert slots keep each tensor page-aligned (kernels/offload.py)
 
 
-def parse_size(text: str | int | float) -> int:
-    """"16GB", "12GiB", "900MiB", "1.5G", 2e9 -> bytes (GB = 1e9, GiB = 2**30; a bare G means GiB, as `free -g`)."""
+def parse_size(text: str | int | float, zero: bool = False) -> int:
+    """"16GB", "12GiB", "900MiB", "1.5G", 2e9 -> bytes (GB = 1e9, GiB = 2**30; a bare G means GiB, as `free -g`).
+    `zero`: 0 is a size too (a setting that turns something off)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text <= 0:
+        if text < 0 or (text == 0 and not zero):
             raise MixtralError(f"a memory size must be positive, got {text}")
         return int(text)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", str(text), re.IGNORECASE)
-    if not match or float(match[1]) <= 0:
+    if not match or (float(match[1]) <= 0 and not zero):
         raise MixtralError(f"cannot read {text!r} as a memory size; write e.g. 16GB, 12GiB or 900MiB")
     unit, suffix = match[2].lower(), match[3].lower()
     power = "kmgt".index(unit) + 1 if unit else 0

@@ -22,9 +22,10 @@ from __future__ import annotations
 import weakref
 
 from . import fbgemm, native, native_lib, prompt
+from .native_lib import release_threads
 from .runner import Runner, Step
 
-__all__ = ["Runner", "Step", "describe", "prepare", "runner", "will_run_native"]
+__all__ = ["Runner", "Step", "describe", "prepare", "release_threads", "runner", "will_run_native"]
 
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its torch or fbgemm runner
 

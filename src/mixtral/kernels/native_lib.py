@@ -9,6 +9,7 @@ where it passed: otherwise models run on fbgemm (fbgemm.py) or plain torch. `MIX
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -62,14 +63,20 @@ class Layer(ctypes.Structure):
                 ("store", ctypes.c_void_p)]
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 def _cpu_supported() -> str | None:
     """None when this CPU can run the kernels, else why not."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernels are written for x86-64 (this is {platform.machine()})"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
+    flags = cpu_flags()
     if flags and not {"avx2", "fma", "f16c"} <= flags:
         return "this CPU lacks AVX2, FMA or F16C"
     if not flags and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):

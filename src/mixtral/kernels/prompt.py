@@ -26,28 +26,18 @@ MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 a
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .native_lib import BF16, I4, I8, library, sync_threads
+from .native_lib import BF16, I4, I8, cpu_flags, library, sync_threads
 
 # Rows (tokens x sequences) in a prefill from which the GEMMs win: on Zen 5, 2 threads, "small", they were even with
 # the exact kernels at 16 and 1.1-1.4x ahead at 32 (bench/decode.py --prompt-tokens N --runs ours:bf16,exact:bf16)
 MIN_ROWS = 32
 FAST_FORMATS = (BF16, I8, I4)
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        return frozenset(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return frozenset()
 
 
 def unavailable_reason() -> str | None:
@@ -59,7 +49,7 @@ def unavailable_reason() -> str | None:
         return "this torch has no oneDNN"
     if setting == "gemm":
         return None
-    if not {"avx512_bf16", "amx_bf16"} & _cpu_flags():
+    if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
         return "this CPU has no bf16 arithmetic (AVX512_BF16 or AMX), so oneDNN's bf16 GEMM would be slower"
     return None
 

@@ -1,5 +1,7 @@
 /* CPU kernels for inference on x86-64 with AVX2, FMA and F16C, threaded with OpenMP (the runtime torch
- * already loaded, so both share one thread pool and torch.set_num_threads governs both).
+ * already loaded, so both share one thread pool and torch.set_num_threads governs both). A few functions are
+ * built for AVX-512 with target attributes and called only where the CPU has it, chosen at run time: bf16 decode
+ * rows (mx_use_avx512) and the prompt path's int4 -> bf16 widening (mx_bf16_supported).
  *
  * Weights are read where they lie, in the checkpoint's own format: fp32, bf16 or fp16 values, or our int8
  * (one bf16 scale per row) and int4 (two codes per byte, one bf16 scale per group of columns) codes, as
@@ -25,6 +27,7 @@
  *                  final norm and the output projection, for one new token per sequence
  *   mx_logsumexp   log(sum(exp(x))) of each row: what log-softmax subtracts, for the sampled token's log-prob
  *   mx_argmax      the greedy choice of each row
+ *   mx_use_avx512, mx_bf16_supported, mx_release_threads, mx_set_num_threads   run-time settings (see each)
  */
 #include <immintrin.h>
 #include <math.h>

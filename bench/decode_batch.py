@@ -1,11 +1,16 @@
 """Decode-step time of our CPU kernels by batch size, and a 128-token prompt, optionally for two versions of the
 C source side by side (kernel work: the same weights, alternating processes, one run).
 
-    python bench/decode_batch.py --config small                       # bf16, int8, int4 at batch 1, 2, 4, 8
+    python bench/decode_batch.py --config small                       # bf16, int8, int4 at batch 1, 2, 4, 8, 16
     python bench/decode_batch.py --config small --compare OLD.c       # and the same with an older cpu_kernels.c
 
 Each (source, precision) runs in a fresh process on the same random "small" weights (bench/decode.py's); a step
 is `kernels.runner(model).decode_step` with every row at its own cache row, the best of --repeat runs of --steps steps.
+
+The last lines put the steps against the two things that bound them, measured in the same run: the weights a step
+must read (memory: the dense weights once, plus the experts any row chose), and the multiply-adds it must do
+(compute: every row multiplies by its own active weights, in fp32 on our exact kernels, at most at the speed of
+torch's own fp32 GEMM here). On a CPU whose fp32 rate is low the second bound is the one a large batch meets.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BATCHES = (1, 2, 4, 8)
+BATCHES = (1, 2, 4, 8, 16)
 
 
 def worker(opts) -> dict:
@@ -56,7 +61,30 @@ def worker(opts) -> dict:
             model(ids, torch.arange(128)[None], prompt_cache, n_keys=128)
             best = min(best, time.perf_counter() - start)
     result["prefill_128_tok_s"] = 128 / best
+    result["fp32_gemm_gmac_s"] = fp32_gemm_rate()
     return result
+
+
+def fp32_gemm_rate() -> float:
+    """Multiply-adds per second (1e9) of torch's fp32 GEMM on this machine: 256 x 512 by 512 x 1792 (an expert's
+    shape on "small"), best of three runs of 100."""
+    import torch
+
+    a, b = torch.randn(256, 512), torch.randn(512, 1792)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(100):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 256 * 512 * 1792 * 100 / best / 1e9
+
+
+def active_macs(args) -> int:
+    """Multiply-adds of one decode row: attention projections, router, top-k experts per layer, output head."""
+    D, H, G, Dh = args.dim, args.n_heads, args.n_kv_heads, args.head_dim
+    per_layer = D * (H + 2 * G) * Dh + H * Dh * D + D * args.n_experts + args.top_k * 3 * D * args.hidden_dim
+    return args.n_layers * per_layer + D * args.vocab_size
 
 
 def main() -> None:
@@ -108,6 +136,16 @@ def main() -> None:
         print(f"{row['precision']:<10}{row['source']:<9}"
               + "".join(f"{row[f'step_ms_batch_{b}']:>9.2f}" for b in BATCHES)
               + f"{row['prefill_128_tok_s']:>15,.1f}")
+    args = decode.model_args(opts.config)
+    for row in rows:
+        if "error" in row:
+            continue
+        one = row["step_ms_batch_1"]
+        compute = [b * active_macs(args) / (row["fp32_gemm_gmac_s"] * 1e9) * 1e3 for b in BATCHES]
+        print(f"{row['precision']} {row['source']}: aggregate tokens/s over batch 1: "
+              + ", ".join(f"B={b} {b * one / row[f'step_ms_batch_{b}']:.2f}x" for b in BATCHES)
+              + f"; fp32 compute bound ({row['fp32_gemm_gmac_s']:.0f} GMAC/s, {active_macs(args) / 1e6:.0f}M per row): "
+              + ", ".join(f"B={b} {b * one / max(one, c):.2f}x" for b, c in zip(BATCHES, compute)))
 
 
 if __name__ == "__main__":

@@ -386,6 +386,64 @@ AVX512_TARGET static __m256 row_bf16_512(const uint16_t *src, const float *x, co
     return _mm256_add_ps(r, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
 }
 
+/* One bf16 weight row . each of nm activation rows (nm <= 3: 24 accumulators in registers), for batched decode:
+ * each pair's eight FMA chains, order of summation and tail are exactly row_bf16_512's, so a sequence's numbers do
+ * not depend on the rows beside it; the weights are loaded and widened once for all nm. */
+AVX512_TARGET static inline __attribute__((always_inline)) void row_bf16_512_multi(
+    const int nm, const uint16_t *src, const float *const *x, const float *const *xp, int64_t K, __m256 *out) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 a[3], b[3], c[3], d[3], a2[3], b2[3], c2[3], d2[3];
+    for (int j = 0; j < nm; j++) a[j] = b[j] = c[j] = d[j] = a2[j] = b2[j] = c2[j] = d2[j] = _mm512_setzero_ps();
+    int64_t i = 0;
+#define EVEN(v) _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
+#define ODD(v) _mm512_castsi512_ps(_mm512_and_si512(v, high))
+    for (; i + 128 <= K; i += 128) {
+        const __m512i v = _mm512_loadu_si512(src + i), u = _mm512_loadu_si512(src + i + 32);
+        const __m512i v2 = _mm512_loadu_si512(src + i + 64), u2 = _mm512_loadu_si512(src + i + 96);
+        const __m512 ev = EVEN(v), ov = ODD(v), eu = EVEN(u), ou = ODD(u);
+        const __m512 ev2 = EVEN(v2), ov2 = ODD(v2), eu2 = EVEN(u2), ou2 = ODD(u2);
+        for (int j = 0; j < nm; j++) {
+            const float *p = xp[j] + i;
+            a[j] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(p), a[j]);
+            b[j] = _mm512_fmadd_ps(ov, _mm512_loadu_ps(p + 16), b[j]);
+            c[j] = _mm512_fmadd_ps(eu, _mm512_loadu_ps(p + 32), c[j]);
+            d[j] = _mm512_fmadd_ps(ou, _mm512_loadu_ps(p + 48), d[j]);
+            a2[j] = _mm512_fmadd_ps(ev2, _mm512_loadu_ps(p + 64), a2[j]);
+            b2[j] = _mm512_fmadd_ps(ov2, _mm512_loadu_ps(p + 80), b2[j]);
+            c2[j] = _mm512_fmadd_ps(eu2, _mm512_loadu_ps(p + 96), c2[j]);
+            d2[j] = _mm512_fmadd_ps(ou2, _mm512_loadu_ps(p + 112), d2[j]);
+        }
+    }
+    for (int j = 0; j < nm; j++) {
+        a[j] = _mm512_add_ps(a[j], a2[j]); b[j] = _mm512_add_ps(b[j], b2[j]);
+        c[j] = _mm512_add_ps(c[j], c2[j]); d[j] = _mm512_add_ps(d[j], d2[j]);
+    }
+    for (; i + 32 <= K; i += 32) {
+        const __m512i v = _mm512_loadu_si512(src + i);
+        const __m512 ev = EVEN(v), ov = ODD(v);
+        for (int j = 0; j < nm; j++) {
+            a[j] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(xp[j] + i), a[j]);
+            b[j] = _mm512_fmadd_ps(ov, _mm512_loadu_ps(xp[j] + i + 16), b[j]);
+        }
+    }
+#undef EVEN
+#undef ODD
+    for (int j = 0; j < nm; j++) {
+        float tail = 0.0f;
+        for (int64_t t = i; t < K; t++) tail += bf16_to_float(src[t]) * x[j][t];
+        const __m512 s = _mm512_add_ps(_mm512_add_ps(a[j], b[j]), _mm512_add_ps(c[j], d[j]));
+        const __m256 r = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+        out[j] = _mm256_add_ps(r, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+    }
+}
+
+AVX512_TARGET static void row_bf16_512_x1(const uint16_t *s, const float *const *x, const float *const *xp, int64_t K,
+                                          __m256 *out) { row_bf16_512_multi(1, s, x, xp, K, out); }
+AVX512_TARGET static void row_bf16_512_x2(const uint16_t *s, const float *const *x, const float *const *xp, int64_t K,
+                                          __m256 *out) { row_bf16_512_multi(2, s, x, xp, K, out); }
+AVX512_TARGET static void row_bf16_512_x3(const uint16_t *s, const float *const *x, const float *const *xp, int64_t K,
+                                          __m256 *out) { row_bf16_512_multi(3, s, x, xp, K, out); }
+
 static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, const weight_t *w, int64_t e,
                                                             int64_t row, const float *x, const float *xp,
                                                             const float *group_sums) {
@@ -522,7 +580,10 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq
     out->blocks = blocks;
     out->span = span;
     out->spans = spans;
-    out->q = calloc((size_t)(spans * width), sizeof(int16_t)); /* whole spans: an int4 group may reach past K */
+    /* whole spans (an int4 group may reach past K), on whole cache lines (no vector load straddles two) */
+    const size_t q_bytes = ((size_t)(spans * width) * sizeof(int16_t) + 63) / 64 * 64;
+    out->q = aligned_alloc(64, q_bytes);
+    if (out->q) memset(out->q, 0, q_bytes);
     out->scale = malloc(sizeof(float) * spans);
     out->qsum = malloc(sizeof(int32_t) * spans);
     int16_t *order = chunk ? calloc((size_t)width, sizeof(int16_t)) : NULL; /* one span in column order */
@@ -699,7 +760,7 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p) {
         return w->fmt == FMT_I8 ? quantize_x(x, K, 0, I8_SPAN, &p->xq)
                                 : quantize_x(x, K, w->group % 64 == 0 ? 64 : 32, w->group / QBLOCK, &p->xq);
     const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
-    p->xp = malloc(sizeof(float) * K);
+    p->xp = aligned_alloc(64, (sizeof(float) * K + 63) / 64 * 64); /* whole cache lines: a 512-bit load never straddles two */
     p->sums = malloc(sizeof(float) * (n_groups ? n_groups : 1));
     if (!p->xp || !p->sums) return -1;
     (w->fmt == FMT_BF16 && avx512_rows ? split_even_odd32 : split_even_odd)(x, K, p->xp);
@@ -757,6 +818,7 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
 }
 
 #define MAX_JOBS 16
+#define BF16_BLOCK_BYTES (256 * 1024) /* batched bf16 decode: weight rows per block, in bytes */
 #define PARALLEL_MIN_WORK 65536 /* weights: below this a fork and join of the threads costs more than it saves */
 
 /* ---- AVX512_BF16, chosen at run time ------------------------------------------------------------------
@@ -900,7 +962,39 @@ static int linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, 
         jobs[m] = (job_t){w, e, x + m * ldx, y + m * ldy, accumulate};
         if (prepare_x(w, jobs[m].x, &preps[m])) status = -1;
     }
-    if (status == 0) {
+    if (status == 0 && w->fmt == FMT_BF16 && avx512_rows) {
+        /* Each thread takes a range of the weight's rows in blocks that stay in its L2 cache, and runs three
+         * activation rows at a time over a block (they stay in L1), each weight widened once for the three. */
+        const int64_t N = w->n, K = w->k, block = 4 * (BF16_BLOCK_BYTES / (8 * K) > 1 ? BF16_BLOCK_BYTES / (8 * K) : 1);
+        const uint16_t *data = (const uint16_t *)expert_data(w, e);
+#pragma omp parallel num_threads(threads) if (N * K >= PARALLEL_MIN_WORK)
+        {
+            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), groups = (N + 3) / 4;
+            const int64_t lo = 4 * (groups * t / nt), hi = 4 * (groups * (t + 1) / nt) < N ? 4 * (groups * (t + 1) / nt) : N;
+            for (int64_t b0 = lo; b0 < hi; b0 += block)
+                for (int64_t m0 = 0; m0 < M; m0 += 3) {
+                    const int nm = M - m0 < 3 ? (int)(M - m0) : 3;
+                    const float *xs[3], *xps[3];
+                    for (int j = 0; j < nm; j++) { xs[j] = jobs[m0 + j].x; xps[j] = preps[m0 + j].xp; }
+                    for (int64_t r0 = b0; r0 < b0 + block && r0 < hi; r0 += 4) {
+                        const int n = (int)(hi - r0 < 4 ? hi - r0 : 4);
+                        __m256 v[4][3];
+                        for (int r = 0; r < n; r++)
+                            (nm == 3 ? row_bf16_512_x3 : nm == 2 ? row_bf16_512_x2 : row_bf16_512_x1)(
+                                data + (r0 + r) * K, xs, xps, K, v[r]);
+                        for (int j = 0; j < nm; j++) { /* as rows_of stores them */
+                            const __m256 zero = _mm256_setzero_ps();
+                            float sum[4];
+                            _mm_storeu_ps(sum, reduce4(v[0][j], n > 1 ? v[1][j] : zero, n > 2 ? v[2][j] : zero,
+                                                       n > 3 ? v[3][j] : zero));
+                            const job_t *job = &jobs[m0 + j];
+                            for (int i = 0; i < n; i++)
+                                job->y[r0 + i] = job->accumulate ? job->y[r0 + i] + sum[i] : sum[i];
+                        }
+                    }
+                }
+        }
+    } else if (status == 0) {
         const int64_t N = w->n, groups = (N + 3) / 4;
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * w->k >= PARALLEL_MIN_WORK)
         for (int64_t g = 0; g < groups; g++) {

@@ -155,8 +155,12 @@ class ModelArgs:
 
 
 def load_config(path: str | Path) -> ModelArgs:
-    """Read `ModelArgs` from a `config.json` file or a model directory containing one."""
+    """Read `ModelArgs` from a `config.json` file, a model directory containing one, or a GGUF file."""
     path = Path(path)
+    from .gguf_file import is_gguf, read_config
+
+    if is_gguf(path):
+        return read_config(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():

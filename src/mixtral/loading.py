@@ -16,6 +16,7 @@ import torch
 from . import kernels, memory_plan, torch_lowbit
 from .config import ModelArgs, load_config
 from .errors import MixtralError
+from .gguf_file import is_gguf
 from .model import Transformer
 from .offloading import load_offloaded
 from .quantize import parse_quantize
@@ -42,8 +43,9 @@ def resolve_model(name: str | os.PathLike | None) -> Path:
         return default_model_path()
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise MixtralError(f"{path} is a file; pass the model directory that holds config.json and the weights")
+        if not path.is_dir() and not is_gguf(path):
+            raise MixtralError(f"{path} is a file but not a GGUF file; pass the model directory that holds "
+                               f"config.json and the weights, or a .gguf file")
         return path
     text = str(name)
     if text.count("/") != 1 or text.startswith((".", "/")) or any(c in text for c in " \\:"):
@@ -102,6 +104,9 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
             raise MixtralError(f"a memory budget of {memory_plan.size_text(budget)} is too small for {model_dir.name}: "
                                f"it needs at least {memory_plan.size_text(plan.minimum)} (see `mixtral info --model "
                                f"{model_dir} --memory {max_memory}`)")
+        if plan.offload and is_gguf(model_dir):
+            raise MixtralError("expert offloading (a memory budget smaller than the model) reads safetensors: "
+                               "convert the GGUF file with `mixtral quantize` first, or raise --max-memory")
         if plan.offload:
             if stored is None and wanted is not None:
                 options = f"--bits {wanted[0]}" + (f" --group-size {wanted[1]}" if wanted[1] else "") + (

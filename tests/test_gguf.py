@@ -96,7 +96,7 @@ def _reference_model(hf_dir: Path, path: Path):
 @pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
 def test_logits_and_greedy_tokens_equal_transformers_on_the_files_weights(files, hf_dir, kind):
     reference = _reference_model(hf_dir, files[kind])
-    ours, tokenizer = load(files[kind], dtype="float32", progress=False)
+    ours, tokenizer = load(files[kind], dtype="float32", quantize="none", progress=False)  # as the file holds it
     assert tokenizer.vocab_size == 32000 and ours.args.n_experts == 4 and ours.args.top_k == 2
     ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog, twice.")])
     with torch.no_grad():
@@ -229,3 +229,14 @@ def test_a_gguf_file_quantizes_into_a_checkpoint_that_loads_alike(files, tmp_pat
     ids = torch.tensor([tokenizer.encode(text)])
     with torch.no_grad():
         assert torch.allclose(direct(ids), stored(ids), atol=1e-4)
+
+
+def test_a_file_of_quantized_blocks_is_held_in_our_nearest_format(files, capsys):
+    from mixtral.quantize import QuantLinear
+
+    model, _ = load(files["q8_0"], progress=True, pack=False)
+    assert "Q8_0 weights are held as int8+head" in capsys.readouterr().err
+    assert isinstance(model.layers[0].attn.wq, QuantLinear) and model.layers[0].attn.wq.bits == 8
+    assert isinstance(model.lm_head, QuantLinear)
+    model, _ = load(files["bf16"], progress=True, pack=False)
+    assert "held as" not in capsys.readouterr().err and not isinstance(model.layers[0].attn.wq, QuantLinear)

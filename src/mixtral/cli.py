@@ -27,9 +27,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: bfloat16); on the CPU they are multiplied in fp32 by our own "
                         "kernels (or fbgemm's) unless --no-pack, prompts in bf16 by oneDNN unless --exact")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG[+head]",
+    p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG[+head]|none",
                    help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64; "
-                        "+head: lm_head too, to int8)")
+                        "+head: lm_head too, to int8). A GGUF file of quantized blocks is held in the nearest of "
+                        "these unless told another, or none (widened to --dtype)")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
     p.add_argument("--exact", action="store_true",

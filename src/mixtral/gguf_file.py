@@ -5,9 +5,11 @@ the `gguf` package, llama.cpp's own reader, never by a parser of ours:
 
 - the config comes from the `llama.*` metadata (Mixtral, Mistral and Llama files all say `llama`);
 - the weights are dequantized to fp32 with `gguf.quants` one tensor at a time (F32, F16, BF16, Q8_0, Q4_0, the
-  K-quants and the rest of its types) and renamed to Hugging Face names (weights.GGUF_NAMES), so that the rest
-  of loading (shapes checked, cast to the requested dtype, `--quantize`) is the safetensors path's. The query and
-  key rows that llama.cpp's converter reorders for its RoPE are put back in Hugging Face order;
+  K-quants and the rest of its types) and renamed to Hugging Face names (weights.gguf_to_hf), so that the rest
+  of loading (shapes checked, cast to the requested dtype, quantized as read) is the safetensors path's. The query
+  and key rows that llama.cpp's converter reorders for its RoPE are put back in Hugging Face order. A file of
+  quantized blocks is held quantized again, in the nearest of our formats (`nearest_quantization`: int8 for 5 bits
+  and more, int4 in groups of 32 below), unless the caller asks for another;
 - a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types) becomes a SentencePiece
   model again, so text encodes exactly as with the original `tokenizer.model`; the chat template is
   `tokenizer.chat_template`, rendered in the same sandbox as any other.
@@ -128,6 +130,35 @@ def read_config(path: str | os.PathLike) -> ModelArgs:
     if isinstance(heads, list) or isinstance(cfg["num_key_value_heads"], list):
         raise MixtralError(f"{Path(path).name}: per-layer head counts are not supported")
     return ModelArgs.from_hf_config(cfg)
+
+
+# The nearest format our kernels run for each GGUF block type: 5 bits and more -> int8, 4 bits and less -> int4 with
+# groups of 32 (the block size of Q4_0). Float types stay float (in --dtype).
+_EIGHT_BITS = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
+_FLOATS = {"F32", "F16", "BF16", "F64"}
+
+
+def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(the `quantize` setting nearest to how the file stores its matrices, a line saying so), from the type
+    holding most of the weights of the layers; "+head" when the output projection is quantized too."""
+    found = reader(path)
+    counts: dict[str, int] = {}
+    head = None
+    for tensor in found.tensors:
+        kind = tensor.tensor_type.name
+        if tensor.name == "output.weight":
+            head = kind
+        elif tensor.name.startswith("blk.") and len(tensor.shape) >= 2 and "ffn_gate_inp" not in tensor.name:
+            counts[kind] = counts.get(kind, 0) + int(tensor.n_elements)
+    if not counts:
+        return None, ""
+    main = max(counts, key=counts.get)
+    types = "/".join(sorted(counts, key=counts.get, reverse=True))
+    if main in _FLOATS:
+        return None, ""
+    setting = ("int8" if main in _EIGHT_BITS else "int4-g32") + ("+head" if head and head not in _FLOATS else "")
+    return setting, (f"{Path(path).name}: its {types} weights are held as {setting} (converted at load; "
+                     f"--quantize chooses another)")
 
 
 def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ tokenizer files. Without the model and without the Hub, the error says how to ge
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from . import kernels, memory_plan, torch_lowbit
 from .config import ModelArgs, load_config
 from .errors import MixtralError
-from .gguf_file import is_gguf
+from .gguf_file import is_gguf, nearest_quantization
 from .model import Transformer
 from .offloading import load_offloaded
 from .quantize import parse_quantize
@@ -79,7 +80,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
 
     A checkpoint written by `mixtral quantize` (a "quantization" block in config.json) loads quantized.
     quantize: "int8", "int4" or "int4-g<group size>" quantizes a plain checkpoint tensor by tensor as it is
-    read; a "+head" suffix quantizes lm_head too (to int8).
+    read; a "+head" suffix quantizes lm_head too (to int8). For a GGUF file of quantized blocks, None means the
+    nearest of these (gguf_file.nearest_quantization, said on stderr when progress is on).
     pack: prepare the model for the fastest runner this machine has (kernels.prepare: on the CPU our own C
     kernels, else weights repacked for fbgemm); inference only, so pass False to train or re-quantize the model.
     max_memory: the process's memory budget ("16GB", "12GiB", bytes; memory_plan.py). When the experts do not
@@ -91,6 +93,10 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
+    if quantize is None and is_gguf(model_dir):  # a file of quantized blocks stays quantized, in our nearest format
+        quantize, line = nearest_quantization(model_dir)
+        if line and progress:
+            print(line, file=sys.stderr, flush=True)
     wanted = parse_quantize(quantize)
     layout = not (pack and kernels.will_run_native(device))  # our kernels read int4 codes as stored
     stored = read_quantization(model_dir)

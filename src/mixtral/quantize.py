@@ -65,8 +65,8 @@ def spec(bits: int, group_size: int | None = None, lm_head: bool = False) -> dic
 
 def parse_quantize(text: str | None) -> tuple[int, int | None, bool] | None:
     """"int8" -> (8, None, False); "int4" -> (4, None, False) (default group); "int4-g32" -> (4, 32, False);
-    a "+head" suffix also quantizes lm_head to int8 ("int8+head" -> (8, None, True)); None -> None."""
-    if text is None:
+    a "+head" suffix also quantizes lm_head to int8 ("int8+head" -> (8, None, True)); None or "none" -> None."""
+    if text is None or str(text).lower() == "none":
         return None
     spec, plus, suffix = str(text).lower().partition("+")
     name, _, group = spec.partition("-g")

@@ -240,3 +240,48 @@ def test_a_file_of_quantized_blocks_is_held_in_our_nearest_format(files, capsys)
     assert isinstance(model.lm_head, QuantLinear)
     model, _ = load(files["bf16"], progress=True, pack=False)
     assert "held as" not in capsys.readouterr().err and not isinstance(model.layers[0].attn.wq, QuantLinear)
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "q4_0"])
+def test_export_writes_what_the_reader_and_gguf_quants_agree_on(hf_dir, tmp_path, kind):
+    """A model written by `export` reads back through llama.cpp's own reader with every tensor as gguf.quants
+    makes it from the original weights (q/k rows in llama.cpp's order), and loads as the same model."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader, quants
+
+    from mixtral import gguf_file
+    from mixtral.loading import load_model
+
+    model = load_model(hf_dir, dtype="float32", pack=False, progress=False)
+    tokenizer = load_tokenizer(hf_dir)
+    out = gguf_file.export(model, tokenizer, tmp_path / f"x-{kind}.gguf", kind, progress=False)
+    assert not list(tmp_path.glob(".*partial"))
+    found = {t.name: t for t in GGUFReader(out).tensors}
+    matrix = {"f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]
+    assert found["blk.0.ffn_gate_exps.weight"].tensor_type == matrix
+    assert found["blk.1.attn_norm.weight"].tensor_type == T.F32
+    assert found["blk.0.ffn_gate_inp.weight"].tensor_type == T.F32
+    # the expert tensor as gguf.quants makes it, from the original experts stacked (E, N, K)
+    original = model.layers[0].ffn.w1.detach().numpy()
+    assert np.array_equal(found["blk.0.ffn_gate_exps.weight"].data, quants.quantize(original, matrix)
+                          if matrix != T.F32 else original)
+    # llama.cpp's row order for queries: each head's even rows, then its odd rows (convert_hf_to_gguf's permute)
+    q = model.layers[1].attn.wq.weight.detach().numpy()
+    heads, half = model.args.n_heads, q.shape[0] // model.args.n_heads // 2
+    permuted = q.reshape(heads, 2, half, -1).swapaxes(1, 2).reshape(q.shape)
+    got = quants.dequantize(found["blk.1.attn_q.weight"].data, found["blk.1.attn_q.weight"].tensor_type)
+    assert np.array_equal(got, quants.dequantize(quants.quantize(permuted, matrix), matrix)
+                          if matrix != T.F32 else permuted)
+    back, back_tokenizer = load(out, dtype="float32", quantize="none", progress=False)
+    ids = torch.tensor([tokenizer.encode("Round trip, twice: once there and once back.")])
+    assert back_tokenizer.encode("Grüße 123 def f(x):") == tokenizer.encode("Grüße 123 def f(x):")
+    if kind == "f32":
+        with torch.no_grad():
+            assert (back(ids) - model(ids)).abs().max().item() < 1e-5
+        return
+    # read back: the stored values in Hugging Face row order (blocks lie along rows, so they commute with the order)
+    def stored(weight):
+        return quants.dequantize(quants.quantize(weight, matrix), matrix)
+
+    assert np.array_equal(back.layers[0].ffn.w1.detach().numpy(), stored(original))
+    assert np.array_equal(back.layers[1].attn.wq.weight.detach().numpy(), stored(q))

@@ -472,6 +472,23 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from . import gguf_file
+    from .loading import load_model, resolve_model
+    from .tokenizer import load_tokenizer
+
+    model_dir = resolve_model(args.model)
+    tokenizer = load_tokenizer(model_dir)  # first: a vocabulary GGUF cannot hold is said before the weights load
+    if args.type not in gguf_file.EXPORT_TYPES:
+        raise MixtralError(f"--type must be one of {', '.join(gguf_file.EXPORT_TYPES)}")
+    model = load_model(model_dir, dtype="float32", quantize="none" if gguf_file.is_gguf(model_dir) else None,
+                       pack=False)
+    name = model_dir.stem if gguf_file.is_gguf(model_dir) else model_dir.name
+    out = gguf_file.export(model, tokenizer, args.output, args.type, name=name)
+    print(f"wrote {out} ({args.type}, {out.stat().st_size / 1e6:,.1f} MB)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Run bench/decode.py (it lives in the source checkout, next to src/)."""
     import importlib.util
@@ -612,6 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="int4 group along the input dim (default 64)")
     p.add_argument("--lm-head", action="store_true", help="also quantize lm_head (to int8); off by default")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export-gguf", help="write a model as one GGUF file, for llama.cpp and Ollama")
+    p.add_argument("model", nargs="?", default=None, help="model directory, Hugging Face id or GGUF file "
+                                                          "(default: the shipped model)")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="the matrices' type (default f16); norms and router stay F32, q4_0 keeps the "
+                        "embedding and output at Q8_0")
+    p.set_defaults(func=cmd_export_gguf)
 
     # its options belong to bench/decode.py (`mixtral bench -h`), so this parser passes everything through
     p = sub.add_parser("bench", help="decode benchmark: our engine (fp32, bf16, int8, int4) vs transformers",

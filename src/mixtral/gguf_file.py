@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's one-file format) read as a checkpoint: config, weights, tokenizer and chat template.
+"""GGUF files (llama.cpp's one-file format): read as a checkpoint (config, weights, tokenizer, chat template), and
+written from any model we load (`export`, `mixtral export-gguf`) for llama.cpp and Ollama.
 
 A `.gguf` file is accepted wherever a model directory is (`load("x.gguf")`, `--model x.gguf`). It is read with
 the `gguf` package, llama.cpp's own reader, never by a parser of ours:
@@ -13,6 +14,8 @@ the `gguf` package, llama.cpp's own reader, never by a parser of ours:
 - a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types) becomes a SentencePiece
   model again, so text encodes exactly as with the original `tokenizer.model`; the chat template is
   `tokenizer.chat_template`, rendered in the same sandbox as any other.
+
+Writing is the same mapping the other way (weights.ours_to_gguf), with `gguf.GGUFWriter` and `gguf.quants`.
 
 Not yet: keeping Q8_0/Q4_0 blocks as they are in our kernels (every type is widened at load; quantize again with
 `--quantize`), byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`), and expert offloading from a GGUF.
@@ -256,3 +259,118 @@ def tokenizer_parts(path: str | os.PathLike) -> tuple[bytes, str | None]:
                                 bool(_value(found, "tokenizer.ggml.add_space_prefix", True)))
     template = _value(found, "tokenizer.chat_template")
     return proto, template if isinstance(template, str) else None
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
+def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's order of query/key rows (the inverse of _unpermute)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _sentencepiece_vocab(tokenizer) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and GGUF token types of a SentencePiece tokenizer (types as SentencePiece's own)."""
+    from .tokenizer_backends import SentencePieceBackend
+
+    backend = tokenizer._backend
+    if not isinstance(backend, SentencePieceBackend):
+        raise MixtralError("export-gguf writes SentencePiece vocabularies (tokenizer.model) only; this model's "
+                           "tokenizer is a tokenizer.json")
+    sp = backend.sp
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i)
+                     else 6 if sp.is_byte(i) else 1)
+    return tokens, scores, types
+
+
+def export(model, tokenizer, out: str | os.PathLike, kind: str = "f16", name: str = "mixtral",
+           progress: bool = True) -> Path:
+    """Write `model` (any precision we load: quantized weights are dequantized first) and its tokenizer to a GGUF
+    file llama.cpp reads: `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
+    stay F32, and with q4_0 the embedding and output projection are Q8_0 (as llama.cpp's quantizer keeps them
+    finer). A matrix whose rows are not a whole number of 32-weight blocks is written F16. The file appears whole
+    or not at all (written beside it, then renamed)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFWriter, LlamaFileType, quants
+
+    from .tokenizer import MIXTRAL_V1_CHAT_TEMPLATE
+    from .weights import float_weights, ours_to_gguf
+
+    if kind not in EXPORT_TYPES:
+        raise MixtralError(f"GGUF type must be one of {', '.join(EXPORT_TYPES)}, got {kind!r}")
+    args, out = model.args, Path(out)
+    tokens, scores, types = _sentencepiece_vocab(tokenizer)
+    matrix = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[kind]
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    writer = GGUFWriter(str(partial), "llama")
+    try:
+        writer.add_name(name)
+        writer.add_context_length(args.max_seq_len)
+        writer.add_embedding_length(args.dim)
+        writer.add_block_count(args.n_layers)
+        writer.add_feed_forward_length(args.hidden_dim)
+        writer.add_head_count(args.n_heads)
+        writer.add_head_count_kv(args.n_kv_heads)
+        writer.add_rope_freq_base(args.rope_theta)
+        writer.add_layer_norm_rms_eps(args.norm_eps)
+        writer.add_rope_dimension_count(args.head_dim)
+        if args.head_dim * args.n_heads != args.dim:
+            writer.add_key_length(args.head_dim)
+            writer.add_value_length(args.head_dim)
+        if args.n_experts:
+            writer.add_expert_count(args.n_experts)
+            writer.add_expert_used_count(args.top_k)
+        if args.sliding_window:
+            writer.add_sliding_window(args.sliding_window)
+        writer.add_vocab_size(args.vocab_size)
+        writer.add_file_type(file_type)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(tokenizer.bos_id)
+        writer.add_eos_token_id(tokenizer.eos_id)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        template = tokenizer.chat_template or (MIXTRAL_V1_CHAT_TEMPLATE if tokenizer.chat_format == "v1" else None)
+        if template:
+            writer.add_chat_template(template)
+        for our_name, weight in float_weights(model).items():
+            gguf_name, layout = ours_to_gguf(our_name)
+            if layout == "q":
+                weight = _permute(weight, args.n_heads)
+            elif layout == "k":
+                weight = _permute(weight, args.n_kv_heads)
+            data = weight.contiguous().numpy().astype(np.float32)
+            wanted = T.F32 if data.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight") else matrix
+            if wanted == T.Q4_0 and gguf_name in ("token_embd.weight", "output.weight"):
+                wanted = T.Q8_0
+            if wanted in (T.Q8_0, T.Q4_0) and data.shape[-1] % 32:
+                wanted = T.F16
+            if wanted == T.F32:
+                writer.add_tensor(gguf_name, data)
+            elif wanted == T.F16:
+                writer.add_tensor(gguf_name, data.astype(np.float16))
+            else:
+                writer.add_tensor(gguf_name, quants.quantize(data, wanted), raw_dtype=wanted)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, out)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return out

@@ -89,6 +89,35 @@ def gguf_to_hf(name: str) -> tuple[str, str | None] | None:
     return None
 
 
+def ours_to_gguf(name: str) -> tuple[str, str | None]:
+    """The GGUF name and layout (as gguf_to_hf gives them) of one of our weights: the inverse of the two mappings
+    above, our stacked (E, N, K) experts as one merged tensor."""
+    if name in _TOP_NAMES.values():
+        hf = next(k for k, v in _TOP_NAMES.items() if v == name)
+        return next(g for g, h in _GGUF_TOP_NAMES.items() if h == hf), None
+    layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
+    if _STACKED.fullmatch(name):
+        hf = f"block_sparse_moe.experts.{{expert}}.{rest[4:]}.weight"
+    else:
+        hf = next(h for h, ours in _LAYER_NAMES.items() if ours == rest and not h.startswith("mlp.gate."))
+    gguf = next(g for g, (h, _) in _GGUF_LAYER_NAMES.items() if h == hf)
+    return f"blk.{layer}.{gguf}", _GGUF_LAYER_NAMES[gguf][1]
+
+
+def float_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every weight of the model under our names, in fp32: quantized ones dequantized (stacked experts stay
+    (E, N, K)); a tied lm_head only once, as embed."""
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, quantize.QuantLinear):
+            out[path if _STACKED.fullmatch(path) else f"{path}.weight"] = module.dequantize()
+    for name, tensor in model.named_parameters():
+        out[name] = tensor.detach().float()
+    if model.args.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():

@@ -166,6 +166,7 @@ def test_overload_refuses_the_third_request_and_finishes_the_first_two(tiny_chat
             third = httpx.post(url + TGI, json=tgi(max_new_tokens=5), timeout=60)
             assert third.status_code == 429
             assert third.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+            assert third.headers["retry-after"] == "1"  # a hint clients (and TGI's own router) act on
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
             with pytest.raises(openai.RateLimitError):
                 client.chat.completions.create(model="small", messages=CHAT, max_tokens=5)
@@ -298,9 +299,68 @@ def test_mixtral_serve_hands_server_run_an_engine_and_plain_values(tiny_chat_mod
     monkeypatch.setattr(mixtral.server, "run", lambda *a, **kw: calls.append((a, kw)))
     assert main(["serve", "--model", str(tiny_chat_model), "--dtype", "float32", "--port", "8999",
                  "--max-batch-size", "3", "--max-concurrent-requests", "5", "--max-total-tokens", "100",
-                 "--max-input-tokens", "60", "--api-key", "k", "--max-body-bytes", "1000"]) == 0
+                 "--max-input-tokens", "60", "--api-key", "k", "--max-body-bytes", "1000",
+                 "--allowed-hosts", "a.lan,b.lan", "--cors-allow-origin", "https://x.example"]) == 0
     (engine, model_id, host, port), limits = calls[-1]
     assert (model_id, host, port) == (tiny_chat_model.name, "127.0.0.1", 8999)
     assert (engine.max_batch_size, engine.max_queue, engine.max_total_tokens) == (3, 5, 100)
-    assert limits == {"max_input_tokens": 60, "api_key": "k", "max_body_bytes": 1000, "max_prompt_chars": None}
+    assert limits == {"max_input_tokens": 60, "api_key": "k", "max_body_bytes": 1000, "max_prompt_chars": None,
+                      "allowed_hosts": ("a.lan", "b.lan"), "cors_allow_origins": ("https://x.example",)}
     assert not engine.alive
+
+
+def test_a_rebinding_page_and_a_simple_cross_site_post_are_refused(served):  # noqa: F811
+    """DNS rebinding: a page that pointed its own name at 127.0.0.1 sends `Host: <its name>`; a cross-site form or
+    `fetch` without preflight can only send text/plain, a form or multipart. Neither reaches the engine."""
+    before = served.engine.stats()["requests"]
+    port = served.url.rsplit(":", 1)[1]
+    for path in ("/generate", "/info", "/health", "/v1/models"):
+        response = httpx.request("POST" if path == "/generate" else "GET", served.url + path, json=tgi(),
+                                 headers={"Host": f"evil.example:{port}"}, timeout=30)
+        assert response.status_code == 421, path
+        assert "evil.example" in (response.json()["error"]["message"] if path.startswith("/v1")
+                                  else response.json()["error"])
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}", "LOCALHOST.", "10.1.2.3"):
+        assert httpx.get(served.url + "/health", headers={"Host": host}, timeout=30).status_code == 200, host
+    body = json.dumps(tgi(max_new_tokens=3))
+    for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        for route in (TGI, "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize"):
+            response = httpx.post(served.url + route, content=body, headers=headers, timeout=30)
+            assert response.status_code == 415, (route, content_type)
+            error = response.json()["error"]
+            assert "application/json" in (error["message"] if route.startswith("/v1") else error)
+    assert served.engine.stats()["requests"] == before  # nothing was submitted
+    for content_type in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json"):
+        response = httpx.post(served.url + TGI, content=body, headers={"Content-Type": content_type}, timeout=60)
+        assert response.status_code == 200, content_type
+    # the seed's client code and the openai client send JSON and a loopback Host: unchanged, they still work
+    assert InferenceClient(served.url).text_generation("Who goes there?", max_new_tokens=3)
+    import openai
+
+    reply = openai.OpenAI(base_url=f"{served.url}/v1", api_key="x").chat.completions.create(
+        model="tiny-mixtral", messages=CHAT, max_tokens=3)
+    assert reply.choices[0].message.content is not None
+
+
+def test_allowed_hosts_and_cors_origins_are_opt_in(served):  # noqa: F811
+    from mixtral.errors import MixtralError
+
+    origin = {"Origin": "https://evil.example"}
+    assert "access-control-allow-origin" not in httpx.get(served.url + "/info", headers=origin).headers
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    assert httpx.options(served.url + TGI, headers=preflight).status_code >= 400  # no CORS: no preflight passes
+    app = create_app(served.engine, "tiny", allowed_hosts=("my.box",), cors_allow_origins=("https://app.example",))
+    with serve_in_thread(app) as url:
+        assert httpx.get(url + "/info", headers={"Host": "my.box:80"}).status_code == 200
+        assert httpx.get(url + "/info", headers={"Host": "other.box"}).status_code == 421
+        allowed = httpx.options(url + TGI, headers=preflight)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+        refused = httpx.options(url + TGI, headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in refused.headers
+    with serve_in_thread(create_app(served.engine, "tiny", allowed_hosts=("*",))) as url:
+        assert httpx.get(url + "/info", headers={"Host": "anything.example"}).status_code == 200
+    with pytest.raises(MixtralError, match="name the origins"):
+        create_app(served.engine, "tiny", api_key="k", cors_allow_origins=("*",))

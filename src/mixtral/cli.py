@@ -265,7 +265,8 @@ def cmd_serve(args) -> int:
                     max_total_tokens=_engine_context(args, model), prefix_cache_bytes=prefix_cache_bytes(args))
     try:
         server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
-                   api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
+                   api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                   allowed_hosts=tuple(args.allowed_hosts), cors_allow_origins=tuple(args.cors_allow_origin))
     finally:
         engine.close()
     return 0
@@ -559,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens (default: context)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (health/info/metrics open)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit; past it: 413")
+    p.add_argument("--allowed-hosts", default=[], type=lambda text: [h for h in text.split(",") if h],
+                   metavar="NAME,...", help="host names a request's Host header may name besides IP addresses and "
+                                            "localhost (DNS-rebinding defence; '*' accepts any); past it: 421")
+    p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://example.org) call the API from a browser; "
+                        "repeatable; off by default")
     p.add_argument("--max-prompt-chars", type=int, default=None,
                    help="prompt characters accepted before tokenizing (default: 16 per input token)")
     _add_prefix_arg(p)

@@ -4,7 +4,8 @@
     run(engine, "my-model", port=8080)                       # or: build it and run it with uvicorn
 
 Also here: GET /health, /info, /metrics (Prometheus), the API-key check (Bearer, constant-time; health, info,
-metrics and the docs stay open), and JSON errors for everything, unknown routes included. The access log
+metrics and the docs stay open), the Host check against DNS rebinding (421), CORS only for the origins named,
+and JSON errors for everything, unknown routes included. The access log
 records the request line and status only, never headers, so the Authorization header a client sends (for
 InferenceClient: the user's Hugging Face token) is never written anywhere.
 """
@@ -52,6 +53,42 @@ class ApiKeyMiddleware:
                              "authentication", code="invalid_api_key")
             response = error_response(scope["path"], error, headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class HostCheckMiddleware:
+    """Refuse (421) a request whose Host header names a host this server was not told it is: the defence against
+    DNS rebinding, where a web page points its own domain name at 127.0.0.1 and then talks to the local server as
+    its own origin. An IP address or `localhost` is always accepted (a rebinding attack needs a name); other names
+    only when listed in `allowed` (`--allowed-hosts`; "*" accepts any)."""
+
+    def __init__(self, app, allowed: frozenset[str]):
+        self.app, self.allowed = app, allowed
+
+    def accepts(self, host: str) -> bool:
+        if not host or "*" in self.allowed:
+            return True
+        if host.startswith("["):  # [IPv6] or [IPv6]:port
+            name = host[1:host.find("]")] if "]" in host else host
+        else:  # name, name:port, IPv4:port, or a bare IPv6 address
+            name = host.split(":")[0] if host.count(":") == 1 else host
+        name = name.rstrip(".").lower()
+        if name == "localhost" or name in self.allowed:
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = Headers(scope=scope).get("host", "")
+        if not self.accepts(host):
+            error = ApiError(421, f"Host {host!r} is not a name of this server (start it with --allowed-hosts "
+                                  f"to add one)", "misdirected", code="misdirected_request")
+            return await error_response(scope["path"], error)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -118,13 +155,21 @@ class EngineCollector:
 def create_app(engine: Engine, model_id: str, *, max_input_tokens: int | None = None,
                max_total_tokens: int | None = None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_chars: int | None = None,
-               default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> FastAPI:
+               default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, allowed_hosts: tuple[str, ...] = (),
+               cors_allow_origins: tuple[str, ...] = ()) -> FastAPI:
     """A FastAPI app serving `engine` under the name `model_id`.
+
+    allowed_hosts: host names (besides IP addresses and localhost) a request's Host header may name ("*": any).
+    cors_allow_origins: web origins whose pages may call the API from a browser (CORS); none by default, and never
+    "*" together with an api_key.
 
     max_total_tokens: prompt + new tokens per request (default and upper bound: the engine's).
     max_input_tokens: prompt tokens (default: max_total_tokens minus min(256, half of it)).
     max_queue of the engine is the concurrency limit (429 past it). Raises MixtralError for impossible limits.
     """
+    if "*" in cors_allow_origins and api_key:
+        raise MixtralError("--cors-allow-origin '*' with --api-key would let any web page use the key a browser "
+                           "holds; name the origins")
     total = engine.max_total_tokens if max_total_tokens is None else max_total_tokens
     if not 2 <= total <= engine.max_total_tokens:
         raise MixtralError(f"max_total_tokens must be between 2 and {engine.max_total_tokens}, got {total}")
@@ -197,7 +242,21 @@ def create_app(engine: Engine, model_id: str, *, max_input_tokens: int | None = 
     app.openapi = openapi
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if cors_allow_origins:  # outside the key check: a browser's preflight carries no Authorization header
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostCheckMiddleware, allowed=frozenset(h.strip().rstrip(".").lower() for h in allowed_hosts))
     return app
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -211,11 +270,14 @@ def run(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080
     """Serve `engine` under the name `model_id` with uvicorn on host:port until interrupted (`mixtral serve`).
 
     limits: `create_app`'s keywords (max_input_tokens, max_total_tokens, api_key, max_body_bytes,
-    max_prompt_chars, default_max_new_tokens). The engine stays the caller's to close.
+    max_prompt_chars, default_max_new_tokens, allowed_hosts, cors_allow_origins); a host name given as `host` is
+    an allowed host. The engine stays the caller's to close.
     Raises MixtralError for impossible limits.
     """
     import uvicorn
 
+    if host not in ("0.0.0.0", "::", "") and not _is_ip(host):  # the name it listens on is one of its names
+        limits["allowed_hosts"] = (*limits.get("allowed_hosts", ()), host)
     app = create_app(engine, model_id, **limits)
     config: ServerConfig = app.state.config
     if not _is_loopback(host) and not config.api_key:

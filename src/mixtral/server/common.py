@@ -51,9 +51,10 @@ class ApiError(Exception):
     """An error reply. `kind` is the TGI error_type or the OpenAI error type; `param`/`code` are OpenAI's."""
 
     def __init__(self, status: int, message: str, kind: str = "validation", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
 
 def is_openai(path: str) -> bool:
@@ -62,11 +63,13 @@ def is_openai(path: str) -> bool:
 
 OPENAI_TYPES = {"validation": "invalid_request_error", "overloaded": "overloaded_error", "unhealthy": "server_error",
                 "generation": "server_error", "authentication": "invalid_request_error",
-                "not_found": "invalid_request_error", "payload_too_large": "invalid_request_error"}
+                "not_found": "invalid_request_error", "payload_too_large": "invalid_request_error",
+                "unsupported_media_type": "invalid_request_error", "misdirected": "invalid_request_error"}
 
 
 def error_response(path: str, error: ApiError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(path, error), status_code=error.status, headers=headers)
+    return JSONResponse(error_body(path, error), status_code=error.status, headers={**(error.headers or {}),
+                                                                                   **(headers or {})} or None)
 
 
 def error_body(path: str, error: ApiError) -> dict:
@@ -77,6 +80,9 @@ def error_body(path: str, error: ApiError) -> dict:
     if error.kind == "validation" and not message.startswith("Input validation error"):
         message = f"Input validation error: {message}"
     return {"error": message, "error_type": error.kind}
+
+
+RETRY_AFTER = {"Retry-After": "1"}  # seconds: a 429's hint (batch slots free within a few decode steps)
 
 
 # ---- request bodies ---------------------------------------------------------------------------------------
@@ -103,8 +109,14 @@ def _check_strings(value, where: str = "body") -> None:
 
 
 async def read_json(request: Request, config: ServerConfig):
-    """The request body as JSON: at most `max_body_bytes` (413), strict UTF-8, no NaN/Infinity, no lone
-    surrogates (400), a JSON object (422)."""
+    """The request body as JSON: declared JSON (415), at most `max_body_bytes` (413), strict UTF-8, no NaN/Infinity,
+    no lone surrogates (400), a JSON object (422)."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        # A page in the user's browser may POST text/plain or a form to a local server without asking first (a
+        # CORS "simple request"); a JSON API declared JSON refuses those before reading anything.
+        raise ApiError(415, f"the request body must be JSON, sent with Content-Type: application/json (got "
+                            f"{media or 'none'})", "unsupported_media_type", code="unsupported_media_type")
     limit = config.max_body_bytes
     too_large = ApiError(413, f"request body is larger than the limit of {limit} bytes", "payload_too_large")
     declared = request.headers.get("content-length")

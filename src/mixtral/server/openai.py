@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Event, Overloaded, RequestHandle
 from ..errors import MixtralError
 from ..sampling import SamplingParams
-from .common import (ApiError, ServerConfig, check_alive, collect, encode_text, json_body, parse, read_json, sse,
-                     token_text)
+from .common import (RETRY_AFTER, ApiError, ServerConfig, check_alive, collect, encode_text, json_body, parse,
+                     read_json, sse, token_text)
 from .schemas import ChatRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -74,7 +74,8 @@ def _submit(request: Request, prompt_ids: list[int], params: SamplingParams, top
     try:
         return request.app.state.engine.submit(prompt_ids, params, top_n=top_n)
     except Overloaded:
-        raise ApiError(429, "Model is overloaded; retry later", "overloaded", code="overloaded") from None
+        raise ApiError(429, "Model is overloaded; retry later", "overloaded", code="overloaded",
+                       headers=RETRY_AFTER) from None
     except MixtralError as exc:
         raise _bad(str(exc)) from None
 

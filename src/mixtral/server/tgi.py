@@ -13,8 +13,8 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Event, Overloaded, RequestHandle
 from ..errors import MixtralError
 from ..sampling import SamplingParams
-from .common import (ApiError, ServerConfig, check_alive, collect, encode_text, json_body, parse, read_json, sse,
-                     token_text)
+from .common import (RETRY_AFTER, ApiError, ServerConfig, check_alive, collect, encode_text, json_body, parse,
+                     read_json, sse, token_text)
 from .schemas import TGIParameters, TGIRequest, TokenizeRequest
 
 router = APIRouter(tags=["TGI"])
@@ -106,7 +106,7 @@ def _submit(request: Request, prepared: _Prepared) -> RequestHandle:
         return request.app.state.engine.submit(prepared.prompt_ids, prepared.params, top_n=prepared.top_n,
                                                prompt_logprobs=bool(prepared.p.decoder_input_details))
     except Overloaded:
-        raise ApiError(429, "Model is overloaded", "overloaded") from None
+        raise ApiError(429, "Model is overloaded", "overloaded", headers=RETRY_AFTER) from None
     except MixtralError as exc:
         raise _invalid(str(exc)) from None
 

@@ -239,6 +239,89 @@ def test_mixtral_serve_runs_a_server_on_loopback(tiny_chat_model):
     assert f"http://127.0.0.1:{port}" in output and "Traceback" not in output
 
 
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A random Mixtral big enough that 400 tokens take seconds here (hidden 512, 4 layers, 32,000 tokens)."""
+    from conftest import make_hf_model, save_hf_model
+
+    model = make_hf_model(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2, seed=4)
+    return save_hf_model(model, tmp_path_factory.mktemp("slow"), with_tokenizer=True)
+
+
+def _serve(model_dir, *options) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mixtral", "serve", "--model", str(model_dir), "--port",
+                                str(port), "--max-total-tokens", "512", *options], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+    while True:
+        assert process.poll() is None and time.time() < deadline, "mixtral serve did not start"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+def _stream_in_thread(url: str, route: str, body: dict) -> tuple[threading.Thread, threading.Event, list]:
+    first, events = threading.Event(), []
+
+    def run():
+        with httpx.stream("POST", url + route, json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line[5:].strip())
+                    first.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert first.wait(60)
+    return thread, first, events
+
+
+def test_a_stop_signal_drains_running_requests_refuses_new_ones_and_exits_0(slow_model):
+    process, url = _serve(slow_model, "--shutdown-timeout", "120")
+    try:
+        thread, _, events = _stream_in_thread(url, "/generate_stream", tgi(max_new_tokens=400, details=True))
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(url + "/health", timeout=10).status_code == 503
+        assert httpx.post(url + TGI, json=tgi(max_new_tokens=2), timeout=10).status_code == 503
+        late = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=2), timeout=10)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "unhealthy"
+        assert thread.is_alive()  # the running request was not cut short ...
+        thread.join(120)
+        last = json.loads(events[-1])
+        assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 400
+        output = process.communicate(timeout=60)[0]  # ... and the process ends by itself once it is done
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "stopping: new requests get 503" in output and "Traceback" not in output
+
+
+def test_requests_still_running_at_the_shutdown_timeout_end_with_a_shutdown_error(slow_model):
+    process, url = _serve(slow_model, "--shutdown-timeout", "0.5")
+    try:
+        tgi_thread, _, tgi_events = _stream_in_thread(url, "/generate_stream", tgi(max_new_tokens=400))
+        openai_thread, _, openai_events = _stream_in_thread(url, "/v1/chat/completions",
+                                                            chat(max_tokens=400, stream=True))
+        process.send_signal(signal.SIGTERM)
+        tgi_thread.join(60)
+        openai_thread.join(60)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert json.loads(tgi_events[-1]) == {"error": "the server is shutting down", "error_type": "shutdown"}
+    assert openai_events[-1] == "[DONE]"
+    error = json.loads(openai_events[-2])["error"]
+    assert error["code"] == "shutdown" and "shutting down" in error["message"]
+    assert process.returncode == 0, output
+
+
 def test_mixtral_serve_reports_a_missing_model_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mixtral", "serve", "--model", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -305,7 +388,8 @@ def test_mixtral_serve_hands_server_run_an_engine_and_plain_values(tiny_chat_mod
     assert (model_id, host, port) == (tiny_chat_model.name, "127.0.0.1", 8999)
     assert (engine.max_batch_size, engine.max_queue, engine.max_total_tokens) == (3, 5, 100)
     assert limits == {"max_input_tokens": 60, "api_key": "k", "max_body_bytes": 1000, "max_prompt_chars": None,
-                      "allowed_hosts": ("a.lan", "b.lan"), "cors_allow_origins": ("https://x.example",)}
+                      "allowed_hosts": ("a.lan", "b.lan"), "cors_allow_origins": ("https://x.example",),
+                      "shutdown_timeout": 30.0}
     assert not engine.alive
 
 

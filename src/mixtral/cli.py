@@ -266,7 +266,8 @@ def cmd_serve(args) -> int:
     try:
         server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
-                   allowed_hosts=tuple(args.allowed_hosts), cors_allow_origins=tuple(args.cors_allow_origin))
+                   allowed_hosts=tuple(args.allowed_hosts), cors_allow_origins=tuple(args.cors_allow_origin),
+                   shutdown_timeout=args.shutdown_timeout)
     finally:
         engine.close()
     return 0
@@ -563,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", default=[], type=lambda text: [h for h in text.split(",") if h],
                    metavar="NAME,...", help="host names a request's Host header may name besides IP addresses and "
                                             "localhost (DNS-rebinding defence; '*' accepts any); past it: 421")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: how long running requests may finish before they end with a "
+                        "'shutdown' error (default 30)")
     p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://example.org) call the API from a browser; "
                         "repeatable; off by default")

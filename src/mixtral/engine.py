@@ -224,6 +224,7 @@ class Engine:
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
+        self._draining = False  # drain(): no new requests, the held ones run on (a server's graceful stop)
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
         self._tokens_generated = 0
         self._prompt_tokens = 0
@@ -257,8 +258,8 @@ class Engine:
         sampler = Sampler(params)
         tracker = TextTracker(self.tokenizer, params, eos_ids=self.eos_ids)
         with self._cond:
-            if self._stopping:
-                raise MixtralError("the engine is closed")
+            if self._stopping or self._draining:
+                raise MixtralError("the engine is closed" if self._stopping else "the server is shutting down")
             if len(self._waiting) + len(self._active) >= self.max_queue:
                 self._outcomes["rejected"] += 1
                 raise Overloaded("Model is overloaded")
@@ -321,7 +322,19 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        """True while the engine takes requests: its worker runs, and it is neither closed nor draining."""
+        return self._thread.is_alive() and not self._stopping and not self._draining
+
+    def drain(self) -> None:
+        """Take no new requests (`submit` raises MixtralError, `alive` turns False); those held run on."""
+        with self._cond:
+            self._draining = True
+
+    @property
+    def idle(self) -> bool:
+        """True when no request is waiting or running."""
+        with self._cond:
+            return not (self._waiting or self._active)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker; requests still held end with a "shutdown" error event."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -266,8 +267,13 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def run(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080, **limits) -> None:
+def run(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080, shutdown_timeout: float = 30.0,
+        **limits) -> None:
     """Serve `engine` under the name `model_id` with uvicorn on host:port until interrupted (`mixtral serve`).
+
+    A stop signal (SIGTERM, SIGINT) drains: /health and new requests get 503 at once, the requests held run on for
+    up to `shutdown_timeout` seconds, then any still held end with a final "shutdown" error in their protocol's
+    shape, and run returns (a second signal stops at once).
 
     limits: `create_app`'s keywords (max_input_tokens, max_total_tokens, api_key, max_body_bytes,
     max_prompt_chars, default_max_new_tokens, allowed_hosts, cors_allow_origins); a host name given as `host` is
@@ -288,4 +294,25 @@ def run(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080
           f"max_batch_size={engine.max_batch_size} max_concurrent_requests={engine.max_queue}; "
           f"KV cache {engine.cache.nbytes() / 2**30:.2f} GiB (lower --max-total-tokens or --max-batch-size "
           "to shrink it)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=True, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=True,
+                                           timeout_graceful_shutdown=5))
+    stop_now = server.handle_exit
+
+    def finish() -> None:
+        deadline = time.monotonic() + shutdown_timeout
+        while not engine.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.close()  # what is still held ends with a "shutdown" error event, sent by its own handler
+        server.should_exit = True
+
+    def drain(sig, frame) -> None:
+        if not engine.alive:  # already draining (or the engine stopped): a second signal stops at once
+            return stop_now(sig, frame)
+        engine.drain()
+        held = engine.stats()
+        print(f"mixtral: stopping: new requests get 503; waiting up to {shutdown_timeout:g} s for "
+              f"{held['active'] + held['waiting']} held request(s)", flush=True)
+        threading.Thread(target=finish, name="mixtral-drain", daemon=True).start()
+
+    server.handle_exit = drain
+    server.run()

@@ -448,3 +448,28 @@ def test_allowed_hosts_and_cors_origins_are_opt_in(served):  # noqa: F811
         assert httpx.get(url + "/info", headers={"Host": "anything.example"}).status_code == 200
     with pytest.raises(MixtralError, match="name the origins"):
         create_app(served.engine, "tiny", api_key="k", cors_allow_origins=("*",))
+
+
+def test_a_request_that_waits_past_max_queue_time_ends_with_a_clear_503(slow_model):
+    from mixtral import load
+
+    model, tokenizer = load(slow_model, dtype="bfloat16", progress=False)
+    engine = Engine(model, tokenizer, max_batch_size=1, max_queue_time=0.5)
+    try:
+        with serve_in_thread(create_app(engine, "slow")) as url:
+            thread, _, events = _stream_in_thread(url, "/generate_stream", tgi(max_new_tokens=400, details=True))
+            started = time.time()
+            waited = httpx.post(url + TGI, json=tgi(max_new_tokens=5), timeout=60)
+            assert waited.status_code == 503 and waited.headers["retry-after"] == "1"
+            assert "longer than the server's limit of 0.5 s" in waited.json()["error"]
+            reply = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=5), timeout=60)
+            assert reply.status_code == 503 and reply.json()["error"]["code"] == "queue_timeout"
+            with httpx.stream("POST", url + "/generate_stream", json=tgi(max_new_tokens=5), timeout=60) as response:
+                streamed = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+            assert streamed == [{"error": streamed[0]["error"], "error_type": "queue_timeout"}]
+            assert time.time() - started < 20 and thread.is_alive()  # refused while the first still runs
+            thread.join(120)
+            assert json.loads(events[-1])["details"]["generated_tokens"] == 400
+            assert engine.stats()["requests"]["rejected"] == 3
+    finally:
+        engine.close()

@@ -262,7 +262,8 @@ def cmd_serve(args) -> int:
     is_path = args.model is None or Path(args.model).expanduser().exists()
     model_id = model_dir.name if is_path else str(args.model)  # a Hub id names itself
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
-                    max_total_tokens=_engine_context(args, model), prefix_cache_bytes=prefix_cache_bytes(args))
+                    max_total_tokens=_engine_context(args, model), prefix_cache_bytes=prefix_cache_bytes(args),
+                    max_queue_time=args.max_queue_time or None)
     try:
         server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
@@ -564,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", default=[], type=lambda text: [h for h in text.split(",") if h],
                    metavar="NAME,...", help="host names a request's Host header may name besides IP addresses and "
                                             "localhost (DNS-rebinding defence; '*' accepts any); past it: 421")
+    p.add_argument("--max-queue-time", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a request may wait for a batch slot before it ends with a 503 (default 300; "
+                        "0: no limit)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: how long running requests may finish before they end with a "
                         "'shutdown' error (default 30)")

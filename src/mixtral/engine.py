@@ -198,13 +198,18 @@ class Engine:
     running); past it `submit` raises `Overloaded`. max_total_tokens: prompt + new tokens of one request, and
     the cache length (default: the model's context). prefill_chunk: prompt tokens prefilled per step, at most.
     prefix_cache_bytes: memory for the keys and values of earlier requests, reused by prompts that start the same
-    way (prefix_cache.py); 0 turns prefix reuse off.
+    way (prefix_cache.py); 0 turns prefix reuse off. max_queue_time: seconds a request may wait for a batch slot;
+    past it, it ends (outcome "rejected") with an error event of type "queue_timeout" (None: no limit).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8, max_queue: int = 64,
-                 max_total_tokens: int | None = None, prefill_chunk: int = 256, prefix_cache_bytes: int = 0):
+                 max_total_tokens: int | None = None, prefill_chunk: int = 256, prefix_cache_bytes: int = 0,
+                 max_queue_time: float | None = None):
         if max_batch_size < 1 or max_queue < 1 or prefill_chunk < 1:
             raise MixtralError("max_batch_size, max_queue and prefill_chunk must be >= 1")
+        if max_queue_time is not None and not max_queue_time > 0:
+            raise MixtralError(f"max_queue_time must be a positive number of seconds, got {max_queue_time}")
+        self.max_queue_time = max_queue_time
         context = model.args.max_seq_len
         self.max_total_tokens = context if max_total_tokens is None else max_total_tokens
         if not 2 <= self.max_total_tokens <= context:
@@ -381,6 +386,11 @@ class Engine:
         with self._cond:
             for request in [r for r in [*self._active, *self._waiting] if r.handle.cancelled]:
                 self._end(request, "cancelled", "cancelled", "cancelled")
+            if self.max_queue_time is not None:
+                now = time.perf_counter()
+                for request in [r for r in self._waiting if now - r.submitted > self.max_queue_time]:
+                    self._end(request, "rejected", f"waited {now - request.submitted:.1f} s for a batch slot, longer "
+                              f"than the server's limit of {self.max_queue_time:g} s; retry later", "queue_timeout")
             admitted = []
             while self._waiting and self._free_slots:
                 request = self._waiting.popleft()

@@ -148,6 +148,8 @@ async def chat_completions(request: Request):
         return _stream_chat(handle, meta, engine.tokenizer, bool(req.logprobs), include_usage)
     events = await collect(handle, request)
     last = events[-1] if events else None
+    if last is not None and last.error_type == "queue_timeout":
+        raise ApiError(503, last.error, "overloaded", code="queue_timeout", headers=RETRY_AFTER)
     if last is None or last.error:
         raise ApiError(500, last.error if last else "generation was interrupted", "generation")
     tokens = [e for e in events if e.token_id is not None]
@@ -242,6 +244,8 @@ async def completions(request: Request):
         return _stream_completion(handle, meta, engine.tokenizer, echo, req.logprobs, include_usage)
     events = await collect(handle, request)
     last = events[-1] if events else None
+    if last is not None and last.error_type == "queue_timeout":
+        raise ApiError(503, last.error, "overloaded", code="queue_timeout", headers=RETRY_AFTER)
     if last is None or last.error:
         raise ApiError(500, last.error if last else "generation was interrupted", "generation")
     tokens = [e for e in events if e.token_id is not None]

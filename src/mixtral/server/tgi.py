@@ -126,6 +126,8 @@ async def _generate(request: Request, prepared: _Prepared) -> dict:
     tokenizer = request.app.state.engine.tokenizer
     events = await collect(_submit(request, prepared), request)
     last = events[-1] if events else None
+    if last is not None and last.error_type == "queue_timeout":
+        raise ApiError(503, last.error, "overloaded", headers=RETRY_AFTER)
     if last is None or last.error:
         raise ApiError(424, last.error if last else "generation was interrupted", "generation")
     tokens = [e for e in events if e.token_id is not None]

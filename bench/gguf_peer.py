@@ -112,6 +112,7 @@ def main() -> int:
     opts = parser.parse_args()
 
     from mixtral import gguf_file, load
+    from mixtral.weights import export_gguf
     from mixtral.loading import load_model, resolve_model
     from mixtral.tokenizer import load_tokenizer
 
@@ -123,7 +124,7 @@ def main() -> int:
         tokenizer = load_tokenizer(source)
         files = {}
         for kind in ("f16", "q8_0", "q4_0"):
-            files[f"ours {kind.upper()}"] = gguf_file.export(model, tokenizer, Path(tmp) / f"{kind}.gguf", kind,
+            files[f"ours {kind.upper()}"] = export_gguf(model, tokenizer, Path(tmp) / f"{kind}.gguf", kind,
                                                              progress=False)
         del model
         for kind in ("Q4_0", "Q4_K_M"):

@@ -249,12 +249,12 @@ def test_export_writes_what_the_reader_and_gguf_quants_agree_on(hf_dir, tmp_path
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFReader, quants
 
-    from mixtral import gguf_file
     from mixtral.loading import load_model
+    from mixtral.weights import export_gguf
 
     model = load_model(hf_dir, dtype="float32", pack=False, progress=False)
     tokenizer = load_tokenizer(hf_dir)
-    out = gguf_file.export(model, tokenizer, tmp_path / f"x-{kind}.gguf", kind, progress=False)
+    out = export_gguf(model, tokenizer, tmp_path / f"x-{kind}.gguf", kind, progress=False)
     assert not list(tmp_path.glob(".*partial"))
     found = {t.name: t for t in GGUFReader(out).tensors}
     matrix = {"f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]

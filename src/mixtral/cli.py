@@ -479,6 +479,7 @@ def cmd_export_gguf(args) -> int:
     from . import gguf_file
     from .loading import load_model, resolve_model
     from .tokenizer import load_tokenizer
+    from .weights import export_gguf
 
     model_dir = resolve_model(args.model)
     tokenizer = load_tokenizer(model_dir)  # first: a vocabulary GGUF cannot hold is said before the weights load
@@ -487,7 +488,7 @@ def cmd_export_gguf(args) -> int:
     model = load_model(model_dir, dtype="float32", quantize="none" if gguf_file.is_gguf(model_dir) else None,
                        pack=False)
     name = model_dir.stem if gguf_file.is_gguf(model_dir) else model_dir.name
-    out = gguf_file.export(model, tokenizer, args.output, args.type, name=name)
+    out = export_gguf(model, tokenizer, args.output, args.type, name=name)
     print(f"wrote {out} ({args.type}, {out.stat().st_size / 1e6:,.1f} MB)")
     return 0
 

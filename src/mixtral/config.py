@@ -157,14 +157,16 @@ class ModelArgs:
 def load_config(path: str | Path) -> ModelArgs:
     """Read `ModelArgs` from a `config.json` file, a model directory containing one, or a GGUF file."""
     path = Path(path)
-    from .gguf_file import is_gguf, read_config
+    from .gguf_file import hf_config, is_gguf
 
     if is_gguf(path):
-        return read_config(path)
+        return ModelArgs.from_hf_config(hf_config(path))
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise MixtralError(f"config.json not found: {path}")
+    if path.stat().st_size > 16 * 2**20:  # real ones are a few kB
+        raise MixtralError(f"{path} is {path.stat().st_size:,} bytes: too large for a config.json")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

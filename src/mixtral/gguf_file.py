@@ -1,24 +1,22 @@
-"""GGUF files (llama.cpp's one-file format): read as a checkpoint (config, weights, tokenizer, chat template), and
-written from any model we load (`export`, `mixtral export-gguf`) for llama.cpp and Ollama.
+"""GGUF files (llama.cpp's one-file format), at the level of the file: what it holds and how to write one.
 
-A `.gguf` file is accepted wherever a model directory is (`load("x.gguf")`, `--model x.gguf`). It is read with
-the `gguf` package, llama.cpp's own reader, never by a parser of ours:
+A `.gguf` file is accepted wherever a model directory is (`load("x.gguf")`, `--model x.gguf`). It is read and
+written with the `gguf` package, llama.cpp's own code, never by a parser of ours. Here:
 
-- the config comes from the `llama.*` metadata (Mixtral, Mistral and Llama files all say `llama`);
-- the weights are dequantized to fp32 with `gguf.quants` one tensor at a time (F32, F16, BF16, Q8_0, Q4_0, the
-  K-quants and the rest of its types) and renamed to Hugging Face names (weights.gguf_to_hf), so that the rest
-  of loading (shapes checked, cast to the requested dtype, quantized as read) is the safetensors path's. The query
-  and key rows that llama.cpp's converter reorders for its RoPE are put back in Hugging Face order. A file of
-  quantized blocks is held quantized again, in the nearest of our formats (`nearest_quantization`: int8 for 5 bits
-  and more, int4 in groups of 32 below), unless the caller asks for another;
-- a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types) becomes a SentencePiece
-  model again, so text encodes exactly as with the original `tokenizer.model`; the chat template is
-  `tokenizer.chat_template`, rendered in the same sandbox as any other.
+- `hf_config`: the config as a Hugging Face config dict, from the `llama.*` metadata (Mixtral, Mistral and Llama
+  files all say `llama`), for config.py;
+- `tensors`: every tensor dequantized to fp32 by `gguf.quants` (F32, F16, BF16, Q8_0, Q4_0, the K-quants and the
+  rest of its types), one at a time, under its GGUF name; weights.py renames them (weights.gguf_to_hf) and puts
+  the query/key rows that llama.cpp's converter reorders for its RoPE back in Hugging Face order (`unpermute`);
+- `nearest_quantization`: a file of quantized blocks is held quantized again, in the nearest of our formats
+  (int8 for 5 bits and more, int4 in groups of 32 below), unless the caller asks for another;
+- `tokenizer_parts`: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types)
+  rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, and the chat
+  template (`tokenizer.chat_template`), rendered in the same sandbox as any other; for tokenizer.py;
+- `write`: a GGUF file from metadata and named tensors (weights.export_gguf gives it a model's).
 
-Writing is the same mapping the other way (weights.ours_to_gguf), with `gguf.GGUFWriter` and `gguf.quants`.
-
-Not yet: keeping Q8_0/Q4_0 blocks as they are in our kernels (every type is widened at load; quantize again with
-`--quantize`), byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`), and expert offloading from a GGUF.
+Not yet: keeping Q8_0/Q4_0 blocks as they are in our kernels (every type is widened at load), byte-level BPE
+vocabularies (`tokenizer.ggml.model = gpt2`), and expert offloading from a GGUF.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelArgs
 from .errors import MixtralError
 
 MAGIC = b"GGUF"
@@ -91,8 +88,9 @@ def _value(found, key: str, default=None):
         raise MixtralError(f"GGUF metadata {key} cannot be read") from None
 
 
-def read_config(path: str | os.PathLike) -> ModelArgs:
-    """ModelArgs from the file's metadata. Raises MixtralError for an architecture we do not run."""
+def hf_config(path: str | os.PathLike) -> dict:
+    """The file's config as a Hugging Face config dict (for ModelArgs.from_hf_config). Raises MixtralError for an
+    architecture we do not run."""
     found = reader(path)
     arch = _value(found, "general.architecture")
     if arch != "llama":
@@ -132,7 +130,7 @@ def read_config(path: str | os.PathLike) -> ModelArgs:
         raise MixtralError(f"{Path(path).name}: GGUF metadata lacks what {', '.join(missing)} comes from")
     if isinstance(heads, list) or isinstance(cfg["num_key_value_heads"], list):
         raise MixtralError(f"{Path(path).name}: per-layer head counts are not supported")
-    return ModelArgs.from_hf_config(cfg)
+    return cfg
 
 
 # The nearest format our kernels run for each GGUF block type: 5 bits and more -> int8, 4 bits and less -> int4 with
@@ -164,40 +162,32 @@ def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
                      f"--quantize chooses another)")
 
 
-def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's converter's reordering of query/key rows (each head's two halves interleaved)."""
     rows = weight.shape[0]
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def hf_tensors(path: str | os.PathLike, args: ModelArgs, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, fp32 tensor) for every weight of the file, one tensor in memory at a time; merged
-    expert tensors (E, N, K) as one tensor per expert. Raises MixtralError for a type gguf cannot dequantize."""
+def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's order of query/key rows (the inverse of `unpermute`)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def tensors(path: str | os.PathLike, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor in row-major order) for every tensor of the file, one in memory at a time.
+    Raises MixtralError for a type gguf cannot dequantize."""
     from gguf import quants
     from tqdm.auto import tqdm
 
-    from .weights import gguf_to_hf
-
     found = reader(path)
     for tensor in tqdm(found.tensors, desc="Loading weights", unit="tensor", disable=not progress):
-        target = gguf_to_hf(tensor.name)
-        if target is None:
-            raise MixtralError(f"{Path(path).name}: tensor {tensor.name} is not one mixtral knows")
         try:
             values = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type).copy())
         except (NotImplementedError, ValueError, TypeError) as exc:
             raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type "
                                f"{getattr(tensor.tensor_type, 'name', tensor.tensor_type)} ({exc})") from None
-        name, kind = target
-        if kind == "q":
-            values = _unpermute(values, args.n_heads)
-        elif kind == "k":
-            values = _unpermute(values, args.n_kv_heads)
-        if kind == "experts":
-            for expert in range(values.shape[0]):
-                yield name.format(expert=expert), values[expert]
-        else:
-            yield name, values
+        yield tensor.name, values
         del values
 
 
@@ -240,7 +230,7 @@ def sentencepiece_model(tokens: list[str], scores: list[float], types: list[int]
 def tokenizer_parts(path: str | os.PathLike) -> tuple[bytes, str | None]:
     """(a SentencePiece model for the file's vocabulary, its chat template or None). Raises MixtralError for a
     file without a vocabulary, or with one that is not SentencePiece-style."""
-    read_config(path)  # an architecture we do not run is the first thing to say
+    hf_config(path)  # an architecture we do not run is the first thing to say
     found = reader(path)
     kind = _value(found, "tokenizer.ggml.model")
     if kind is None or _value(found, "tokenizer.ggml.tokens") is None:
@@ -266,19 +256,13 @@ def tokenizer_parts(path: str | os.PathLike) -> tuple[bytes, str | None]:
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
-def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's order of query/key rows (the inverse of _unpermute)."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def _sentencepiece_vocab(tokenizer) -> tuple[list[str], list[float], list[int]]:
-    """Pieces, scores and GGUF token types of a SentencePiece tokenizer (types as SentencePiece's own)."""
+def sentencepiece_vocab(backend) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and GGUF token types (SentencePiece's own numbering) of a tokenizer backend; MixtralError for
+    one that is not SentencePiece."""
     from .tokenizer_backends import SentencePieceBackend
 
-    backend = tokenizer._backend
     if not isinstance(backend, SentencePieceBackend):
-        raise MixtralError("export-gguf writes SentencePiece vocabularies (tokenizer.model) only; this model's "
+        raise MixtralError("GGUF export writes SentencePiece vocabularies (tokenizer.model) only; this model's "
                            "tokenizer is a tokenizer.json")
     sp = backend.sp
     tokens, scores, types = [], [], []
@@ -290,10 +274,12 @@ def _sentencepiece_vocab(tokenizer) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def export(model, tokenizer, out: str | os.PathLike, kind: str = "f16", name: str = "mixtral",
-           progress: bool = True) -> Path:
-    """Write `model` (any precision we load: quantized weights are dequantized first) and its tokenizer to a GGUF
-    file llama.cpp reads: `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
+def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str], list[float], list[int]],
+          template: str | None, weights: Iterator[tuple[str, torch.Tensor]], progress: bool = True) -> Path:
+    """A GGUF file of the `llama` architecture: `config` (name, context, dim, n_layers, hidden_dim, n_heads,
+    n_kv_heads, head_dim, rope_theta, norm_eps, n_experts, top_k, sliding_window, vocab_size, bos, eos), the
+    SentencePiece `vocab` (tokens, scores, types), the chat `template`, and `weights` as (GGUF name, fp32 tensor in
+    llama.cpp's layout). `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
     stay F32, and with q4_0 the embedding and output projection are Q8_0 (as llama.cpp's quantizer keeps them
     finer). A matrix whose rows are not a whole number of 32-weight blocks is written F16. The file appears whole
     or not at all (written beside it, then renamed)."""
@@ -301,68 +287,59 @@ def export(model, tokenizer, out: str | os.PathLike, kind: str = "f16", name: st
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFWriter, LlamaFileType, quants
 
-    from .tokenizer import MIXTRAL_V1_CHAT_TEMPLATE
-    from .weights import float_weights, ours_to_gguf
-
     if kind not in EXPORT_TYPES:
         raise MixtralError(f"GGUF type must be one of {', '.join(EXPORT_TYPES)}, got {kind!r}")
-    args, out = model.args, Path(out)
-    tokens, scores, types = _sentencepiece_vocab(tokenizer)
+    out, c = Path(out), config
     matrix = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
                  "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[kind]
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     writer = GGUFWriter(str(partial), "llama")
     try:
-        writer.add_name(name)
-        writer.add_context_length(args.max_seq_len)
-        writer.add_embedding_length(args.dim)
-        writer.add_block_count(args.n_layers)
-        writer.add_feed_forward_length(args.hidden_dim)
-        writer.add_head_count(args.n_heads)
-        writer.add_head_count_kv(args.n_kv_heads)
-        writer.add_rope_freq_base(args.rope_theta)
-        writer.add_layer_norm_rms_eps(args.norm_eps)
-        writer.add_rope_dimension_count(args.head_dim)
-        if args.head_dim * args.n_heads != args.dim:
-            writer.add_key_length(args.head_dim)
-            writer.add_value_length(args.head_dim)
-        if args.n_experts:
-            writer.add_expert_count(args.n_experts)
-            writer.add_expert_used_count(args.top_k)
-        if args.sliding_window:
-            writer.add_sliding_window(args.sliding_window)
-        writer.add_vocab_size(args.vocab_size)
+        writer.add_name(c["name"])
+        writer.add_context_length(c["context"])
+        writer.add_embedding_length(c["dim"])
+        writer.add_block_count(c["n_layers"])
+        writer.add_feed_forward_length(c["hidden_dim"])
+        writer.add_head_count(c["n_heads"])
+        writer.add_head_count_kv(c["n_kv_heads"])
+        writer.add_rope_freq_base(c["rope_theta"])
+        writer.add_layer_norm_rms_eps(c["norm_eps"])
+        writer.add_rope_dimension_count(c["head_dim"])
+        if c["head_dim"] * c["n_heads"] != c["dim"]:
+            writer.add_key_length(c["head_dim"])
+            writer.add_value_length(c["head_dim"])
+        if c["n_experts"]:
+            writer.add_expert_count(c["n_experts"])
+            writer.add_expert_used_count(c["top_k"])
+        if c.get("sliding_window"):
+            writer.add_sliding_window(c["sliding_window"])
+        writer.add_vocab_size(c["vocab_size"])
         writer.add_file_type(file_type)
+        tokens, scores, types = vocab
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        writer.add_bos_token_id(tokenizer.bos_id)
-        writer.add_eos_token_id(tokenizer.eos_id)
+        writer.add_bos_token_id(c["bos"])
+        writer.add_eos_token_id(c["eos"])
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
-        template = tokenizer.chat_template or (MIXTRAL_V1_CHAT_TEMPLATE if tokenizer.chat_format == "v1" else None)
         if template:
             writer.add_chat_template(template)
-        for our_name, weight in float_weights(model).items():
-            gguf_name, layout = ours_to_gguf(our_name)
-            if layout == "q":
-                weight = _permute(weight, args.n_heads)
-            elif layout == "k":
-                weight = _permute(weight, args.n_kv_heads)
+        for name, weight in weights:
             data = weight.contiguous().numpy().astype(np.float32)
-            wanted = T.F32 if data.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight") else matrix
-            if wanted == T.Q4_0 and gguf_name in ("token_embd.weight", "output.weight"):
+            wanted = T.F32 if data.ndim == 1 or name.endswith("ffn_gate_inp.weight") else matrix
+            if wanted == T.Q4_0 and name in ("token_embd.weight", "output.weight"):
                 wanted = T.Q8_0
             if wanted in (T.Q8_0, T.Q4_0) and data.shape[-1] % 32:
                 wanted = T.F16
             if wanted == T.F32:
-                writer.add_tensor(gguf_name, data)
+                writer.add_tensor(name, data)
             elif wanted == T.F16:
-                writer.add_tensor(gguf_name, data.astype(np.float16))
+                writer.add_tensor(name, data.astype(np.float16))
             else:
-                writer.add_tensor(gguf_name, quants.quantize(data, wanted), raw_dtype=wanted)
+                writer.add_tensor(name, quants.quantize(data, wanted), raw_dtype=wanted)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)

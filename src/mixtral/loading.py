@@ -24,7 +24,7 @@ from .quantize import parse_quantize
 from .quantize import spec as quantization_spec
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import load_quantized, load_weights, read_quantization, resolve_dtype
+from .weights import check_config_matches_files, load_quantized, load_weights, read_quantization, resolve_dtype
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 MODELS_DIR = Path(__file__).parent / "models"
@@ -93,6 +93,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
+    check_config_matches_files(model_dir, args)
     if quantize is None and is_gguf(model_dir):  # a file of quantized blocks stays quantized, in our nearest format
         quantize, line = nearest_quantization(model_dir)
         if line and progress:

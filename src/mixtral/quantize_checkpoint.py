@@ -25,7 +25,8 @@ from .gguf_file import is_gguf, tokenizer_parts
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
-from .weights import _empty_like_quantized, read_quantization, read_weights, safetensors_header
+from .weights import (_empty_like_quantized, check_config_matches_files, read_quantization, read_weights,
+                      safetensors_header)
 
 COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
@@ -50,6 +51,7 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
     if read_quantization(source) is not None:
         raise MixtralError(f"{source} is already quantized; quantize the original checkpoint")
     args: ModelArgs = load_config(source)
+    check_config_matches_files(source, args)
     dtype = {"float32": torch.float32, "float16": torch.float16}.get(None if gguf else checkpoint_dtype(source),
                                                                        torch.bfloat16)
 

@@ -24,7 +24,7 @@ from .chat_format import (
 )
 from .errors import MixtralError
 from .gguf_file import is_gguf, tokenizer_parts
-from .tokenizer_backends import HFTokenizersBackend, SentencePieceBackend
+from .tokenizer_backends import HFTokenizersBackend, SentencePieceBackend, check_size
 
 __all__ = ["MIXTRAL_V1_CHAT_TEMPLATE", "StreamingDetokenizer", "Tokenizer", "load_tokenizer",
            "mistral_v1_tokenizer_path"]
@@ -195,6 +195,7 @@ def mistral_v1_tokenizer_path() -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    check_size(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

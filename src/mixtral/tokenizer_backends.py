@@ -16,6 +16,19 @@ from pathlib import Path
 from .errors import MixtralError
 
 
+MAX_TOKENIZER_BYTES = 256 * 2**20  # the largest real tokenizer files are a few tens of MB (Llama 3's json: 9 MB)
+
+
+def check_size(path: Path, limit: int = MAX_TOKENIZER_BYTES) -> None:
+    """Refuse a tokenizer or config file too large to be one, before it is read into memory."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError as exc:
+        raise MixtralError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if size > limit:
+        raise MixtralError(f"{path} is {size:,} bytes: too large for a tokenizer file (at most {limit:,})")
+
+
 def _split_on(specials) -> re.Pattern | None:
     """A regex that splits text around any of the `specials` strings (longest first)."""
     specials = sorted(specials, key=len, reverse=True)
@@ -52,6 +65,8 @@ class SentencePieceBackend:
         """From a tokenizer.model file, or from a serialized model (`model_proto`; path then names its source)."""
         import sentencepiece
 
+        if model_proto is None:
+            check_size(path)
         try:
             self.sp = (sentencepiece.SentencePieceProcessor(model_file=str(path)) if model_proto is None
                        else sentencepiece.SentencePieceProcessor(model_proto=model_proto))
@@ -94,6 +109,7 @@ class HFTokenizersBackend:
     def __init__(self, path: Path):
         import tokenizers
 
+        check_size(path)
         try:
             self.tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception for bad JSON

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import quantize
+from . import gguf_file, quantize
 from .config import ModelArgs
 from .errors import MixtralError
 from .memory import release_free_memory
@@ -45,7 +45,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "lm_head.weight"}
-# GGUF (llama.cpp) name -> Hugging Face name, for gguf_file.py: per-layer part, and how the tensor is laid out
+# GGUF (llama.cpp) name -> Hugging Face name (GGUF files: gguf_file.py): per-layer part, and how the tensor is laid out
 # ("q"/"k": rows reordered for llama.cpp's RoPE; "experts": merged (E, N, K), one Hugging Face tensor per expert).
 _GGUF_LAYER_NAMES = {
     "attn_q.weight": ("self_attn.q_proj.weight", "q"),
@@ -233,6 +233,10 @@ def stored_tensors(path: Path) -> list[StoredTensor]:
         if not begin <= end <= data_size or end - begin != nbytes:  # checked before allocating anything
             raise _bad_file(path, f"tensor {name} lies outside the file or has the wrong size")
         found.append(StoredTensor(name, path, dtype, tuple(shape), data_start + begin, nbytes))
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in found if t.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:  # two tensors on the same bytes: a file written to confuse, not by any saver
+            raise _bad_file(path, f"tensors {first} and {second} overlap")
     return found
 
 
@@ -269,6 +273,25 @@ def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
+def _read_gguf(path: Path, args: ModelArgs, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, fp32 tensor) for every weight of a GGUF file (gguf_file.tensors): query/key rows back in
+    Hugging Face order, merged (E, N, K) experts as one tensor per expert."""
+    for name, values in gguf_file.tensors(path, progress):
+        target = gguf_to_hf(name)
+        if target is None:
+            raise MixtralError(f"{path.name}: tensor {name} is not one mixtral knows")
+        hf, layout = target
+        if layout == "q":
+            values = gguf_file.unpermute(values, args.n_heads)
+        elif layout == "k":
+            values = gguf_file.unpermute(values, args.n_kv_heads)
+        if layout == "experts":
+            for expert in range(values.shape[0]):
+                yield hf.format(expert=expert), values[expert]
+        else:
+            yield hf, values
+
+
 _STACKED = re.compile(r"layers\.\d+\.ffn\.w[123]")  # our stacked (E, N, K) expert weights (Parameters)
 
 
@@ -295,6 +318,20 @@ def pieces(hf_name: str, tensor: torch.Tensor, args: ModelArgs) -> list[tuple[st
     return None
 
 
+def check_config_matches_files(model_dir: Path, args: ModelArgs) -> None:
+    """Refuse, before anything is built or allocated, a config that describes a model far larger than the weight
+    files beside it (a config written to exhaust memory, or the wrong one): no format mixtral reads stores a weight
+    in fewer than 2 bits."""
+    from .memory import count_params
+
+    files = [model_dir] if gguf_file.is_gguf(model_dir) else safetensors_files(model_dir)
+    stored = sum(f.stat().st_size for f in files)
+    params = count_params(args).total
+    if params / 4 > stored:
+        raise MixtralError(f"{model_dir}: its config describes {params:,} parameters, but its weight files hold only "
+                           f"{stored:,} bytes; the config does not match the weights")
+
+
 def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True) -> Iterator[tuple[str, int | None,
                                                                                        torch.Tensor]]:
     """The checkpoint's weights one piece at a time, as (our name, expert index or None, tensor) (see `pieces`),
@@ -304,9 +341,7 @@ def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True) -> Ite
         shapes = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
     seen: set[tuple[str, int | None]] = set()
     unexpected = []
-    from . import gguf_file
-
-    source = (gguf_file.hf_tensors(model_dir, args, progress) if gguf_file.is_gguf(model_dir)
+    source = (_read_gguf(model_dir, args, progress) if gguf_file.is_gguf(model_dir)
               else _read_tensors(safetensors_files(model_dir), progress))
     for hf_name, tensor in source:
         found = pieces(hf_name, tensor, args)
@@ -376,6 +411,30 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+def export_gguf(model: Transformer, tokenizer, out: str | Path, kind: str = "f16", name: str = "mixtral",
+                progress: bool = True) -> Path:
+    """Write `model` (any precision we load: quantized weights are dequantized first) and its SentencePiece
+    tokenizer as one GGUF file llama.cpp and Ollama run (gguf_file.write: `kind` f32, f16, bf16, q8_0 or q4_0)."""
+    from .tokenizer import MIXTRAL_V1_CHAT_TEMPLATE
+
+    args = model.args
+    vocab = gguf_file.sentencepiece_vocab(tokenizer._backend)
+    template = tokenizer.chat_template or (MIXTRAL_V1_CHAT_TEMPLATE if tokenizer.chat_format == "v1" else None)
+    config = {"name": name, "context": args.max_seq_len, "dim": args.dim, "n_layers": args.n_layers,
+              "hidden_dim": args.hidden_dim, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "head_dim": args.head_dim, "rope_theta": args.rope_theta, "norm_eps": args.norm_eps,
+              "n_experts": args.n_experts, "top_k": args.top_k, "sliding_window": args.sliding_window,
+              "vocab_size": args.vocab_size, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for our_name, weight in float_weights(model).items():
+            gguf_name, layout = ours_to_gguf(our_name)
+            heads = {"q": args.n_heads, "k": args.n_kv_heads}.get(layout)
+            yield gguf_name, gguf_file.permute(weight, heads) if heads else weight
+
+    return gguf_file.write(out, kind, config, vocab, template, weights(), progress)
+
+
 def save_checkpoint(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `config.json` and `model.safetensors` in Hugging Face layout (loadable by transformers too)."""
     out_dir = Path(out_dir)
@@ -401,9 +460,7 @@ def _empty_like_quantized(weight: torch.Tensor, bits: int, group_size: int | Non
 def read_quantization(model_dir: str | Path) -> dict | None:
     """The "quantization" block of a checkpoint's config.json (validated), or None for a plain checkpoint (and for
     a GGUF file, whose blocks are widened as they are read)."""
-    from .gguf_file import is_gguf
-
-    if is_gguf(model_dir):
+    if gguf_file.is_gguf(model_dir):
         return None
     path = Path(model_dir) / "config.json"
     try:

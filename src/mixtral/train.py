@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .config import ModelArgs
 from .errors import MixtralError
 from .model import Routing, Transformer
+from .paths import atomic_path, write_atomic
 
 
 @dataclass
@@ -237,11 +238,10 @@ def save_training_state(run_dir: Path, model: Transformer, opt: torch.optim.Adam
                     tensors[f"adam.{key}.{name}"] = state[key]
             if "step" in state:
                 tensors[f"adam.step.{name}"] = torch.as_tensor(state["step"]).reshape(1).float()
-    tmp = run_dir / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(run_dir / "checkpoint.safetensors")
+    with atomic_path(run_dir / "checkpoint.safetensors") as partial:
+        save_file(tensors, str(partial))
     state = {"step": step, "train_config": asdict(cfg), "model_args": asdict(model.args), "history": history}
-    (run_dir / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    write_atomic(run_dir / "state.json", json.dumps(state, indent=1))
 
 
 def load_training_state(run_dir: Path, model: Transformer, opt: torch.optim.AdamW) -> tuple[int, list[dict]]:
@@ -332,9 +332,9 @@ def export(model: Transformer, out_dir: Path, tokenizer_dir: Path | None, genera
     from .weights import save_checkpoint
 
     save_checkpoint(model, out_dir, dtype=dtype)
-    (out_dir / "generation_config.json").write_text(json.dumps(
+    write_atomic(out_dir / "generation_config.json", json.dumps(
         {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id, **generation_config},
-        indent=2) + "\n", encoding="utf-8")
+        indent=2) + "\n")
     if tokenizer_dir is not None:
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer_dir / name).is_file():

@@ -25,6 +25,7 @@ from .config import ModelArgs
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
+from .paths import atomic_path, write_atomic
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -444,8 +445,9 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, dtype: torch.dtype 
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     config = model.args.to_hf_config()
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out_dir / "model.safetensors") as partial:  # each file whole or not at all
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+    write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
@@ -496,8 +498,9 @@ def save_quantized(model, out_dir: str | Path) -> Path:
     config = model.args.to_hf_config()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     config["quantization"] = dict(spec)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "quantization": quantize.METHOD})
+    with atomic_path(out_dir / "model.safetensors") as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt", "quantization": quantize.METHOD})
+    write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

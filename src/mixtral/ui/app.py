@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 
 from ..config import ModelArgs  # noqa: E402
 from ..errors import MixtralError  # noqa: E402
+from ..paths import append_line  # noqa: E402
 from ..sampling import SamplingParams  # noqa: E402
 from . import experts, memory_view  # noqa: E402
 from .backends import (  # noqa: E402
@@ -73,10 +74,9 @@ class FeedbackLog:
         entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "liked": data.liked,
                  "index": data.index, "message": _text(data.value), "conversation": conversation,
                  "backend": self.backend_label}
-        with self._lock:
+        with self._lock:  # one whole line per click, even from many tabs at once, or none on a full disk
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            append_line(self.path, json.dumps(entry, ensure_ascii=False))
 
 
 def _routing_html(backend: Backend, turn: Turn) -> tuple[str, str]:

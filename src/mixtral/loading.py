@@ -93,7 +93,6 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
-    check_config_matches_files(model_dir, args)
     if quantize is None and is_gguf(model_dir):  # a file of quantized blocks stays quantized, in our nearest format
         quantize, line = nearest_quantization(model_dir)
         if line and progress:
@@ -101,6 +100,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     wanted = parse_quantize(quantize)
     layout = not (pack and kernels.will_run_native(device))  # our kernels read int4 codes as stored
     stored = read_quantization(model_dir)
+    check_config_matches_files(model_dir, args)  # before anything is built or allocated
     if max_memory is not None:
         budget = memory_plan.parse_size(max_memory)
         spec = stored

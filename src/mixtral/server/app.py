@@ -42,8 +42,8 @@ OPEN_PATHS = frozenset({"/health", "/info", "/metrics", "/docs", "/docs/oauth2-r
 class ApiKeyMiddleware:
     """Refuse (401) any request without `Authorization: Bearer <key>`, except the open paths."""
 
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode("utf-8")
+    def __init__(self, app, api_key: str, refused: dict[int, int]):
+        self.app, self.key, self.refused = app, api_key.encode("utf-8"), refused
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -53,6 +53,7 @@ class ApiKeyMiddleware:
             error = ApiError(401, "Invalid or missing API key: send `Authorization: Bearer <key>`",
                              "authentication", code="invalid_api_key")
             response = error_response(scope["path"], error, headers={"WWW-Authenticate": "Bearer"})
+            self.refused[401] = self.refused.get(401, 0) + 1
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -63,8 +64,8 @@ class HostCheckMiddleware:
     its own origin. An IP address or `localhost` is always accepted (a rebinding attack needs a name); other names
     only when listed in `allowed` (`--allowed-hosts`; "*" accepts any)."""
 
-    def __init__(self, app, allowed: frozenset[str]):
-        self.app, self.allowed = app, allowed
+    def __init__(self, app, allowed: frozenset[str], refused: dict[int, int]):
+        self.app, self.allowed, self.refused = app, allowed, refused
 
     def accepts(self, host: str) -> bool:
         if not host or "*" in self.allowed:
@@ -89,6 +90,7 @@ class HostCheckMiddleware:
         if not self.accepts(host):
             error = ApiError(421, f"Host {host!r} is not a name of this server (start it with --allowed-hosts "
                                   f"to add one)", "misdirected", code="misdirected_request")
+            self.refused[421] = self.refused.get(421, 0) + 1
             return await error_response(scope["path"], error)(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -242,13 +244,14 @@ def create_app(engine: Engine, model_id: str, *, max_input_tokens: int | None = 
 
     app.openapi = openapi
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, refused=refused)
     if cors_allow_origins:  # outside the key check: a browser's preflight carries no Authorization header
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(HostCheckMiddleware, allowed=frozenset(h.strip().rstrip(".").lower() for h in allowed_hosts))
+    app.add_middleware(HostCheckMiddleware, allowed=frozenset(h.strip().rstrip(".").lower() for h in allowed_hosts),
+                       refused=refused)
     return app
 
 

@@ -138,7 +138,8 @@ def test_overload_is_refused_and_counted(loaded):
     engine = Engine(model, tokenizer, max_batch_size=1, max_queue=2)
     try:
         prompt = tokenizer.encode("O", add_bos=True)
-        handles = [engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=20)) for _ in range(2)]
+        # long enough that neither can finish between these submissions (20 tokens once did, on a quiet machine)
+        handles = [engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=200)) for _ in range(2)]
         with pytest.raises(Overloaded, match="overloaded"):
             engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=20))
         assert all(run(h)[2].finish_reason == "length" for h in handles)

@@ -75,13 +75,7 @@ class HostCheckMiddleware:
         else:  # name, name:port, IPv4:port, or a bare IPv6 address
             name = host.split(":")[0] if host.count(":") == 1 else host
         name = name.rstrip(".").lower()
-        if name == "localhost" or name in self.allowed:
-            return True
-        try:
-            ipaddress.ip_address(name)
-            return True
-        except ValueError:
-            return False
+        return name == "localhost" or name in self.allowed or _is_ip(name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

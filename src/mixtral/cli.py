@@ -483,9 +483,8 @@ def cmd_export_gguf(args) -> int:
     from .weights import export_gguf
 
     model_dir = resolve_model(args.model)
-    tokenizer = load_tokenizer(model_dir)  # first: a vocabulary GGUF cannot hold is said before the weights load
-    if args.type not in gguf_file.EXPORT_TYPES:
-        raise MixtralError(f"--type must be one of {', '.join(gguf_file.EXPORT_TYPES)}")
+    tokenizer = load_tokenizer(model_dir)
+    gguf_file.sentencepiece_vocab(tokenizer._backend)  # a vocabulary GGUF export cannot hold: said before loading
     model = load_model(model_dir, dtype="float32", quantize="none" if gguf_file.is_gguf(model_dir) else None,
                        pack=False)
     name = model_dir.stem if gguf_file.is_gguf(model_dir) else model_dir.name

@@ -282,10 +282,9 @@ def _read_gguf(path: Path, args: ModelArgs, progress: bool) -> Iterator[tuple[st
         if target is None:
             raise MixtralError(f"{path.name}: tensor {name} is not one mixtral knows")
         hf, layout = target
-        if layout == "q":
-            values = gguf_file.unpermute(values, args.n_heads)
-        elif layout == "k":
-            values = gguf_file.unpermute(values, args.n_kv_heads)
+        heads = {"q": args.n_heads, "k": args.n_kv_heads}.get(layout)
+        if heads:
+            values = gguf_file.unpermute(values, heads)
         if layout == "experts":
             for expert in range(values.shape[0]):
                 yield hf.format(expert=expert), values[expert]

@@ -2,13 +2,16 @@
 conversation sent whole each turn (the OpenAI client, greedy), with the prefix cache and without it, in one run.
 
     python bench/prefix_chat.py                     # the shipped model, then "small" random weights
-    python bench/prefix_chat.py --model DIR --turns 10
+    python bench/prefix_chat.py --model DIR --turns 10 --repeat 3
 
-Phase 1: one 10-turn conversation against two servers on the same model, one with `--prefix-cache-memory 0`:
-TTFT per turn, the cached tokens the server reported (usage.prompt_tokens_details.cached_tokens), and whether the
-replies are identical. Phase 2 (the server with the cache, a small budget): 8 conversations at a time, all
-sharing one long system prompt, interleaved turn by turn: how many prompt tokens came from the cache, evictions,
-and the cache's peak size against its budget, from /metrics.
+Phase 1: 10-turn conversations (`--repeat` of them, each with other questions) against two servers on the same
+model, one with `--prefix-cache-memory 0`: TTFT per turn (the median over the conversations) as the client sees
+it and as the server measures it (submission to first token, from /metrics: what the cache saves, without the
+fixed cost of HTTP and the client), the cached tokens the server reported
+(usage.prompt_tokens_details.cached_tokens), and whether the replies are identical. Phase 2 (the server with the
+cache, a small budget): 8 conversations at a time, all sharing one long system prompt, interleaved turn by turn:
+how many prompt tokens came from the cache, evictions, and the cache's peak size against its budget, from
+/metrics.
 
 Each server is a `mixtral serve` subprocess on a free loopback port. "small" is the benchmark shape of
 bench/decode.py (hidden 512, 8 layers, 8 experts top-2, random bf16), with the shipped model's tokenizer and
@@ -22,6 +25,7 @@ import contextlib
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,7 +89,17 @@ def turn(client, messages: list[dict], max_tokens: int) -> tuple[float, str, int
     return (first if first is not None else time.perf_counter() - start), "".join(parts), cached
 
 
-def conversation(url: str, turns: int, max_tokens: int, system: str | None = None, offset: int = 0) -> list[tuple]:
+def server_ttft_total(url: str) -> float:
+    """The server's own sum of times from submission to first token (/metrics), over all requests so far."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("mixtral_time_to_first_token_seconds_sum "):
+            return float(line.split()[1])
+    raise RuntimeError("the server's /metrics has no mixtral_time_to_first_token_seconds")
+
+
+def conversation(url: str, turns: int, max_tokens: int, system: str | None = None, offset: int = 0,
+                 server_side: bool = False) -> list[tuple]:
+    """(client TTFT, reply, cached tokens, server TTFT or None) per turn."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none")
@@ -93,9 +107,11 @@ def conversation(url: str, turns: int, max_tokens: int, system: str | None = Non
     results = []
     for i in range(turns):
         messages.append({"role": "user", "content": QUESTIONS[(i + offset) % len(QUESTIONS)]})
+        before = server_ttft_total(url) if server_side else None
         ttft, reply, cached = turn(client, messages, max_tokens)
+        inside = server_ttft_total(url) - before if server_side else None
         messages.append({"role": "assistant", "content": reply})
-        results.append((ttft, reply, cached))
+        results.append((ttft, reply, cached, inside))
     return results
 
 
@@ -108,16 +124,25 @@ def metrics(url: str) -> dict[str, float]:
     return found
 
 
-def phase_one(model: str, turns: int, max_tokens: int, extra: list[str]) -> None:
+def phase_one(model: str, turns: int, max_tokens: int, extra: list[str], repeat: int) -> None:
     runs = {}
     for label, memory in (("cache", "256MiB"), ("off", "0")):
         with server(model, memory, extra) as url:
             conversation(url, 1, 4)  # warm-up (kernels, first allocations), a different conversation
-            runs[label] = conversation(url, turns, max_tokens, offset=1)
-    print(f"turn  {'TTFT cache s':>13}{'TTFT off s':>12}{'speed-up':>10}{'cached tokens':>15}")
-    for i, (on, off) in enumerate(zip(runs["cache"], runs["off"]), 1):
-        print(f"{i:>4}  {on[0]:>13.3f}{off[0]:>12.3f}{off[0] / on[0]:>9.1f}x{on[2]:>15}")
-    same = [on[1] == off[1] for on, off in zip(runs["cache"], runs["off"])]
+            runs[label] = [conversation(url, turns, max_tokens, offset=1 + r, server_side=True)
+                           for r in range(repeat)]
+    print(f"{repeat} conversation(s) of {turns} turns; each TTFT is the median over the conversations, as the "
+          f"client saw it and as the server measured it (submission to first token, /metrics):")
+    print(f"turn  {'client: cache s':>16}{'off s':>8}{'speed-up':>10}  {'server: cache s':>16}{'off s':>8}"
+          f"{'speed-up':>10}{'cached tokens':>15}")
+    for i in range(turns):
+        on, off, on_in, off_in, cached = (statistics.median(run[i][k] for run in runs[label]) for label, k in
+                                          (("cache", 0), ("off", 0), ("cache", 3), ("off", 3), ("cache", 2)))
+        print(f"{i + 1:>4}  {on:>16.3f}{off:>8.3f}{off / on:>9.1f}x  {on_in:>16.3f}{off_in:>8.3f}"
+              f"{off_in / on_in:>9.1f}x{cached:>15.0f}")
+    last = [off[-1][0] / on[-1][0] for on, off in zip(runs["cache"], runs["off"])]
+    print(f"turn {turns} client speed-up of each conversation: " + ", ".join(f"{x:.1f}x" for x in last))
+    same = [on[1] == off[1] for a, b in zip(runs["cache"], runs["off"]) for on, off in zip(a, b)]
     print(f"replies identical with and without the cache: {sum(same)}/{len(same)}")
 
 
@@ -150,6 +175,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a model directory (default: the shipped model, then small)")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=3, help="phase 1's conversations (different questions)")
     parser.add_argument("--budget", default="2MiB", help="phase 2's prefix cache budget (small: evictions happen)")
     parser.add_argument("--exact", action="store_true", help="serve with --exact (prompts on the fp32 kernels)")
     opts = parser.parse_args()
@@ -163,7 +189,7 @@ def main() -> int:
             models = [("shipped model", str(default_model_path())), ("small", small_checkpoint(Path(tmp)))]
         for name, path in models:
             print(f"== {name}")
-            phase_one(path, opts.turns, opts.max_tokens, extra)
+            phase_one(path, opts.turns, opts.max_tokens, extra, opts.repeat)
             phase_two(path, opts.max_tokens, extra, opts.budget)
     return 0
 

@@ -56,6 +56,8 @@ def test_greedy_batched_equals_alone_and_library(engine, loaded):
     stats = engine.stats()
     assert stats["requests"]["finished"] == 12 and stats["tokens_generated"] == 2 * sum(lengths)
     assert stats["active"] == 0 and stats["queue_time_seconds"]["count"] == 12
+    first, queued = stats["time_to_first_token_seconds"], stats["queue_time_seconds"]
+    assert first["count"] == 12 and first["sum"] > queued["sum"]  # admission comes before the first token
 
 
 def test_seeded_sampling_and_stop_rules_match_the_library(engine, loaded):

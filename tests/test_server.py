@@ -114,7 +114,8 @@ def test_info_health_metrics_tokenize_docs(served):
     assert health.status_code == 200 and health.content == b""
     metrics = httpx.get(f"{served.url}/metrics").text
     for name in ("mixtral_requests_total", "mixtral_generated_tokens_total", "mixtral_queue_time_seconds_bucket",
-                 "mixtral_time_per_token_seconds_count", "mixtral_active_requests"):
+                 "mixtral_time_per_token_seconds_count", "mixtral_active_requests",
+                 "mixtral_time_to_first_token_seconds_count"):
         assert name in metrics
     text = "Hello wörld, good night 🙂"
     tokens = httpx.post(f"{served.url}/tokenize", json={"inputs": text}).json()

@@ -236,6 +236,7 @@ class Engine:
         self._steps = 0
         self._queue_time = _Histogram(QUEUE_TIME_BUCKETS)
         self._time_per_token = _Histogram(TOKEN_TIME_BUCKETS)
+        self._first_token_time = _Histogram(QUEUE_TIME_BUCKETS)
         if model.device.type == "cpu":  # the worker runs the model: this thread's idle OpenMP workers must not
             kernels.release_threads()    # stand beside its own (native_lib.release_threads)
         self._thread = threading.Thread(target=self._run, name="mixtral-engine", daemon=True)
@@ -275,12 +276,14 @@ class Engine:
         return handle
 
     def stats(self) -> dict:
-        """Counters and histograms: requests by outcome, tokens, queue time, time per token, active now."""
+        """Counters and histograms: requests by outcome, tokens, queue time, time to the first token (from
+        submission), time per token after it, active now."""
         with self._cond:
             return {"requests": dict(self._outcomes), "tokens_generated": self._tokens_generated,
                     "prompt_tokens": self._prompt_tokens, "active": len(self._active), "waiting": len(self._waiting),
                     "steps": self._steps, "queue_time_seconds": self._queue_time.snapshot(),
                     "time_per_token_seconds": self._time_per_token.snapshot(),
+                    "time_to_first_token_seconds": self._first_token_time.snapshot(),
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                     "expert_store": self.expert_store_stats(),
                     "prefix_cache": self.prefix.stats() if self.prefix is not None else None}
@@ -455,8 +458,9 @@ class Engine:
             if last:
                 with self._cond:
                     self._prompt_tokens += len(request.prompt_ids)
-                self._leave_prefix(request)  # for requests that start the same way while this one runs
                 self._sample(request, self.runner.step_of(logits[:, -1]))
+                if request in self._active:  # (after the first token is out) for requests that start the same way
+                    self._leave_prefix(request)  # while this one runs; one that ended left its row in _end
         except Exception as exc:
             self._fail(request, exc)
         return end - start
@@ -510,7 +514,10 @@ class Engine:
             self._fail(request, exc)
             return
         now = time.perf_counter()
-        request.first_token_at = request.first_token_at or now
+        if request.first_token_at is None:
+            request.first_token_at = now
+            with self._cond:
+                self._first_token_time.observe(now - request.submitted)
         request.generated.append(token)
         request.pending = token
         finish = request.tracker.finish_reason

@@ -143,6 +143,7 @@ class EngineCollector:
                                    ("entries", GaugeMetricFamily, "Sequences the prefix cache holds")):
                 yield kind(f"mixtral_prefix_cache_{key}", doc, value=prefix[key])
         for name, doc in (("queue_time_seconds", "Time from submission to admission into the batch"),
+                          ("time_to_first_token_seconds", "Time from submission to the first generated token"),
                           ("time_per_token_seconds", "Mean time per generated token after the first, per request")):
             h = stats[name]
             yield HistogramMetricFamily(f"mixtral_{name}", doc, sum_value=h["sum"],

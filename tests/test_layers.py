@@ -24,7 +24,7 @@ LAYERS = [
     ["mixtral.kv_cache", "mixtral.prefix_cache", "mixtral.memory", "mixtral.memory_plan", "mixtral.data",
      "mixtral.sampling", "mixtral.torch_lowbit", "mixtral.stopping"],
     ["mixtral.errors", "mixtral.paths", "mixtral.config", "mixtral.tokenizer", "mixtral.chat_format",
-     "mixtral.tokenizer_backends", "mixtral.gguf_file"],
+     "mixtral.tokenizer_backends", "mixtral.gguf_file", "mixtral.web_guard"],
 ]
 
 

@@ -295,9 +295,10 @@ def test_mixtral_ui_hands_ui_run_a_backend_and_plain_values(tiny_chat_model, tmp
     monkeypatch.setattr(mixtral.ui, "run", lambda backend, host, port, **kw: calls.append((backend, host, port, kw)))
     feedback = str(tmp_path / "feedback.jsonl")
     assert main(["ui", "--model", str(tiny_chat_model), "--dtype", "float32", "--port", "7999",
-                 "--max-batch-size", "2", "--feedback-file", feedback]) == 0
+                 "--max-batch-size", "2", "--feedback-file", feedback, "--allowed-hosts", "chat.lan,box"]) == 0
     backend, host, port, kw = calls[-1]
-    assert isinstance(backend, LocalBackend) and (host, port, kw) == ("127.0.0.1", 7999, {"feedback_file": feedback})
+    assert isinstance(backend, LocalBackend) and (host, port) == ("127.0.0.1", 7999)
+    assert kw == {"feedback_file": feedback, "allowed_hosts": ("chat.lan", "box")}
     assert backend.model_dir == tiny_chat_model and backend.engine.max_batch_size == 2
     assert backend.engine.model.dtype == torch.float32 and not backend.engine.alive
 

@@ -195,6 +195,33 @@ def test_chat_streams_then_experts_and_memory_tabs(browser, local):
     page.close()
 
 
+def test_the_app_refuses_other_hosts_and_other_sites_posts_and_serves_its_own_page(local):
+    """DNS rebinding (a foreign Host) gets 421; a POST that another site's page could send without asking (a
+    text/plain body, a form upload) gets 403 when the browser says where it came from; the app's own origin, and
+    clients that are not browsers, pass (the chat tests above drive the real page through the same guard)."""
+    url, engine, _ = local
+    origin = url.rstrip("/")
+    page = httpx.get(url, headers={"Host": "evil.example"}, timeout=30)
+    assert page.status_code == 421 and "evil.example" in page.json()["error"]
+    assert httpx.get(url, headers={"Host": f"localhost:{origin.rsplit(':', 1)[1]}"}, timeout=30).status_code == 200
+    join = f"{origin}/gradio_api/queue/join"
+    before = engine.stats()["requests"]
+    for headers in ({"Origin": "http://evil.example", "Content-Type": "text/plain"},
+                    {"Origin": "null", "Content-Type": "text/plain"},
+                    {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"},
+                    {"Origin": "http://evil.example", "Content-Type": "application/json"}):
+        refused = httpx.post(join, content=b'{"data": ["hi"], "fn_index": 0}', headers=headers, timeout=30)
+        assert refused.status_code == 403, headers
+    upload = httpx.post(f"{origin}/gradio_api/upload", files={"files": ("a.txt", b"x")},
+                        headers={"Origin": "http://evil.example"}, timeout=30)
+    assert upload.status_code == 403
+    assert engine.stats()["requests"] == before  # nothing reached the engine
+    for headers in ({"Origin": origin}, {}):  # its own page; a client that is not a browser
+        passed = httpx.post(f"{origin}/gradio_api/upload", files={"files": ("a.txt", b"x")}, headers=headers,
+                            timeout=30)
+        assert passed.status_code == 200, (headers, passed.text)
+
+
 def test_stop_cancels_generation_in_the_engine_while_another_tab_shares_the_batch(browser, local):
     url, engine, _ = local
     before = engine.stats()["requests"]

@@ -312,7 +312,8 @@ def cmd_ui(args) -> int:
 
     backend = _ui_backend(args)
     try:
-        ui.run(backend, args.host, args.port, feedback_file=args.feedback_file)
+        ui.run(backend, args.host, args.port, feedback_file=args.feedback_file,
+               allowed_hosts=tuple(args.allowed_hosts))
     finally:
         if backend.engine is not None:
             backend.engine.close()
@@ -513,6 +514,12 @@ def torch_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _allowed_hosts_option(p) -> None:
+    p.add_argument("--allowed-hosts", default=[], type=lambda text: [h for h in text.split(",") if h],
+                   metavar="NAME,...", help="host names a request's Host header may name besides IP addresses and "
+                                            "localhost (DNS-rebinding defence; '*' accepts any); past it: 421")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -563,9 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens (default: context)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (health/info/metrics open)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit; past it: 413")
-    p.add_argument("--allowed-hosts", default=[], type=lambda text: [h for h in text.split(",") if h],
-                   metavar="NAME,...", help="host names a request's Host header may name besides IP addresses and "
-                                            "localhost (DNS-rebinding defence; '*' accepts any); past it: 421")
+    _allowed_hosts_option(p)
     p.add_argument("--max-queue-time", type=float, default=300.0, metavar="SECONDS",
                    help="how long a request may wait for a batch slot before it ends with a 503 (default 300; "
                         "0: no limit)")
@@ -595,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=4, help="local engine: replies decoded together")
     p.add_argument("--max-total-tokens", type=int, default=None, help="local engine: prompt + reply (default: context)")
     p.add_argument("--feedback-file", default="mixtral-feedback.jsonl", help="likes/dislikes are appended here (JSONL)")
+    _allowed_hosts_option(p)
     _add_prefix_arg(p)
     p.set_defaults(func=cmd_ui)
 

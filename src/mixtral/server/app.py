@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import Engine
 from ..errors import MixtralError
-from . import openai, tgi
+from ..web_guard import host_allowed, is_ip, normalize_hosts
+from . import openai, responses, tgi
 from .common import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_NEW_TOKENS, ApiError, ServerConfig, error_response
 from .schemas import ChatRequest, CompletionRequest, TGIRequest, TokenizeRequest
 
@@ -59,29 +60,17 @@ class ApiKeyMiddleware:
 
 
 class HostCheckMiddleware:
-    """Refuse (421) a request whose Host header names a host this server was not told it is: the defence against
-    DNS rebinding, where a web page points its own domain name at 127.0.0.1 and then talks to the local server as
-    its own origin. An IP address or `localhost` is always accepted (a rebinding attack needs a name); other names
-    only when listed in `allowed` (`--allowed-hosts`; "*" accepts any)."""
+    """Refuse (421) a request whose Host header does not name this server (web_guard.host_allowed: the defence
+    against DNS rebinding), in the shape of the route's protocol."""
 
     def __init__(self, app, allowed: frozenset[str], refused: dict[int, int]):
         self.app, self.allowed, self.refused = app, allowed, refused
-
-    def accepts(self, host: str) -> bool:
-        if not host or "*" in self.allowed:
-            return True
-        if host.startswith("["):  # [IPv6] or [IPv6]:port
-            name = host[1:host.find("]")] if "]" in host else host
-        else:  # name, name:port, IPv4:port, or a bare IPv6 address
-            name = host.split(":")[0] if host.count(":") == 1 else host
-        name = name.rstrip(".").lower()
-        return name == "localhost" or name in self.allowed or _is_ip(name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         host = Headers(scope=scope).get("host", "")
-        if not self.accepts(host):
+        if not host_allowed(host, self.allowed):
             error = ApiError(421, f"Host {host!r} is not a name of this server (start it with --allowed-hosts "
                                   f"to add one)", "misdirected", code="misdirected_request")
             self.refused[421] = self.refused.get(421, 0) + 1
@@ -228,7 +217,8 @@ def create_app(engine: Engine, model_id: str, *, max_input_tokens: int | None = 
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = responses.document(get_openapi(title=app.title, version=app.version,
+                                                    description=app.description, routes=app.routes))
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in (TGIRequest, TokenizeRequest, ChatRequest, CompletionRequest):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -245,17 +235,8 @@ def create_app(engine: Engine, model_id: str, *, max_input_tokens: int | None = 
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(HostCheckMiddleware, allowed=frozenset(h.strip().rstrip(".").lower() for h in allowed_hosts),
-                       refused=refused)
+    app.add_middleware(HostCheckMiddleware, allowed=normalize_hosts(allowed_hosts), refused=refused)
     return app
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -280,7 +261,7 @@ def run(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080
     """
     import uvicorn
 
-    if host not in ("0.0.0.0", "::", "") and not _is_ip(host):  # the name it listens on is one of its names
+    if host not in ("0.0.0.0", "::", "") and not is_ip(host):  # the name it listens on is one of its names
         limits["allowed_hosts"] = (*limits.get("allowed_hosts", ()), host)
     app = create_app(engine, model_id, **limits)
     config: ServerConfig = app.state.config

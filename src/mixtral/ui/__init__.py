@@ -22,12 +22,14 @@ __all__ = ["Backend", "ChatSettings", "LocalBackend", "OpenAIBackend", "TGIBacke
 
 
 def run(backend: Backend, host: str = "127.0.0.1", port: int = 7860,
-        feedback_file: str | os.PathLike = "mixtral-feedback.jsonl", defaults: ChatSettings | None = None) -> None:
+        feedback_file: str | os.PathLike = "mixtral-feedback.jsonl", defaults: ChatSettings | None = None,
+        allowed_hosts: tuple[str, ...] = ()) -> None:
     """Serve the page for `backend` on host:port until interrupted (`mixtral ui`).
 
     defaults: the chat settings it starts with (default: the model's generation_config.json where the backend
-    has a model directory, else mixtral's). Likes and dislikes are appended to `feedback_file`. A local
-    backend's engine stays the caller's to close.
+    has a model directory, else mixtral's). Likes and dislikes are appended to `feedback_file`. A request's Host
+    header must name this server (IP addresses, localhost, `host`, `allowed_hosts`; "*" accepts any), and a
+    POST must come from the app's own page (web_guard.py). A local backend's engine stays the caller's to close.
     """
     from ..config import load_config
     from .app import build_app, generation_defaults, launch
@@ -46,4 +48,4 @@ def run(backend: Backend, host: str = "127.0.0.1", port: int = 7860,
               file=sys.stderr)
     print(f"mixtral: web app on http://{host}:{port} (replies from {backend.label}; "
           f"likes/dislikes go to {Path(feedback_file).resolve()})", flush=True)
-    launch(demo, host, port, block=True)
+    launch(demo, host, port, block=True, allowed_hosts=allowed_hosts)

@@ -228,9 +228,18 @@ def plain_theme() -> gr.themes.Base:
     return gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve `demo` (queue on, no analytics, no share link). block=False returns at once (for tests)."""
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           allowed_hosts: tuple[str, ...] = ()):
+    """Serve `demo` (queue on, no analytics, no share link) behind web_guard.WebAppGuard: the Host must name this
+    server (IP addresses, localhost, `host` and `allowed_hosts`), and a POST must come from the app's own page.
+    block=False returns at once (for tests)."""
+    from starlette.middleware import Middleware
+
+    from ..web_guard import WebAppGuard, is_ip
+
+    names = (*allowed_hosts, host) if host not in ("0.0.0.0", "::", "") and not is_ip(host) else allowed_hosts
     demo.queue(default_concurrency_limit=None)
     return demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
                        quiet=not block, show_error=False, theme=plain_theme(), footer_links=["gradio", "settings"],
-                       ssr_mode=False, mcp_server=False)
+                       ssr_mode=False, mcp_server=False,
+                       app_kwargs={"middleware": [Middleware(WebAppGuard, allowed_hosts=names)]})

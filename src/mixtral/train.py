@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
@@ -238,15 +239,28 @@ def save_training_state(run_dir: Path, model: Transformer, opt: torch.optim.Adam
                     tensors[f"adam.{key}.{name}"] = state[key]
             if "step" in state:
                 tensors[f"adam.step.{name}"] = torch.as_tensor(state["step"]).reshape(1).float()
-    with atomic_path(run_dir / "checkpoint.safetensors") as partial:
-        save_file(tensors, str(partial))
     state = {"step": step, "train_config": asdict(cfg), "model_args": asdict(model.args), "history": history}
+    # The state travels inside the checkpoint (one atomic file: a kill can never pair new weights with an old
+    # step); state.json is the same state for people to read.
+    with atomic_path(run_dir / "checkpoint.safetensors") as partial:
+        save_file(tensors, str(partial), metadata={STATE_KEY: json.dumps(state)})
     write_atomic(run_dir / "state.json", json.dumps(state, indent=1))
 
 
+STATE_KEY = "mixtral_training_state"
+
+
 def load_training_state(run_dir: Path, model: Transformer, opt: torch.optim.AdamW) -> tuple[int, list[dict]]:
-    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(run_dir / "checkpoint.safetensors"))
+    path = run_dir / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get(STATE_KEY)
+    if stored is None:  # a checkpoint written before the state travelled inside it: its state.json
+        if not (run_dir / "state.json").is_file():
+            raise MixtralError(f"{path} holds no training state and {run_dir / 'state.json'} is missing; "
+                               "remove the checkpoint to start over")
+        stored = (run_dir / "state.json").read_text(encoding="utf-8")
+    state = json.loads(stored)
+    tensors = load_file(str(path))
     names = dict(model.named_parameters())
     with torch.no_grad():
         for n, p in names.items():
@@ -278,7 +292,7 @@ def train(model_args: ModelArgs, cfg: TrainConfig, data_dir: Path, run_dir: Path
     init_weights(model, cfg.seed)
     opt = make_optimizer(model, cfg)
     step, history = 0, []
-    if (run_dir / "state.json").is_file() and (run_dir / "checkpoint.safetensors").is_file():
+    if (run_dir / "checkpoint.safetensors").is_file():
         step, history = load_training_state(run_dir, model, opt)
         log(f"resumed from {run_dir} at step {step}")
     model.train()

@@ -42,6 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "disk and an expert cache holds the rest (see `mixtral info --memory SIZE`)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="with --max-memory: KV-cache positions to keep room for (default min(model context, 4096))")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for a rank that does not answer (default 60)")
 
 
 PREFIX_CACHE_DEFAULT = "512MiB"
@@ -59,7 +61,7 @@ def prefix_cache_bytes(args) -> int:
     """--prefix-cache-memory in bytes (0 where the command has no such option)."""
     from .memory_plan import parse_size
 
-    if not hasattr(args, "prefix_cache_memory"):
+    if not hasattr(args, "prefix_cache_memory") or _ranks() > 1:  # a split model's KV cache is not kept (yet)
         return 0
     default = parse_size(PREFIX_CACHE_DEFAULT)
     if args.prefix_cache_memory is None:
@@ -109,8 +111,25 @@ def _load(args):
     from .loading import load, resolve_model
 
     model_dir = resolve_model(args.model)  # once: load() gets the directory, not the name
+    if _ranks() > 1:  # rank 0 under torchrun: its shard, leading the others (_main_distributed)
+        from . import distributed
+        from .tokenizer import load_tokenizer
+
+        if args.quantize or args.max_memory:
+            raise MixtralError("under torchrun, --quantize and --max-memory are not available yet: the ranks split "
+                               "a safetensors checkpoint as stored")
+        model = distributed.load_shard(model_dir, args.dtype, args.device)
+        distributed.lead(model)
+        return model_dir, model, load_tokenizer(model_dir)
     model, tokenizer = load(model_dir, **asdict(load_options(args)))
     return model_dir, model, tokenizer
+
+
+def _ranks() -> int:
+    """Processes torchrun started for this command (1 without torchrun)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def cmd_generate(args) -> int:
@@ -265,6 +284,16 @@ def cmd_serve(args) -> int:
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
                     max_total_tokens=_engine_context(args, model), prefix_cache_bytes=prefix_cache_bytes(args),
                     max_queue_time=args.max_queue_time or None)
+    leader = getattr(model, "runner", None) if _ranks() > 1 else None
+    if leader is not None:  # a rank that fails: the requests held fail, then the server stops and exits non-zero
+        import os
+        import signal
+
+        def failed() -> None:
+            print(f"mixtral: error: {leader.failed}; stopping", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)  # (torchrun may stop this rank itself before the drain ends)
+
+        leader.on_failure = failed
     try:
         server.run(engine, model_id, args.host, args.port, max_input_tokens=args.max_input_tokens,
                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
@@ -272,7 +301,7 @@ def cmd_serve(args) -> int:
                    shutdown_timeout=args.shutdown_timeout)
     finally:
         engine.close()
-    return 0
+    return 1 if leader is not None and leader.failed and leader.failed != "stopped" else 0
 
 
 def _ui_backend(args):
@@ -323,7 +352,7 @@ def cmd_ui(args) -> int:
 def cmd_info(args) -> int:
     from .config import load_config, preset
     from .loading import resolve_model
-    from .memory import format_summary, summary
+    from .memory import format_summary, per_rank, summary
 
     stored = None  # a quantized checkpoint's settings
     if args.target and args.model and args.target != args.model:
@@ -347,11 +376,14 @@ def cmd_info(args) -> int:
 
     kernels = runners.describe()
     lowbit = torch_lowbit.describe()  # where --no-pack, training and the fallback run int8/int4
+    if args.ranks < 1:
+        raise MixtralError(f"--ranks must be at least 1, got {args.ranks}")
     if args.json:
-        print(json.dumps({"name": name, **summary(config), "cpu_kernels": kernels, "torch_lowbit": lowbit},
+        split = {"per_rank": per_rank(config, args.ranks)} if args.ranks > 1 else {}
+        print(json.dumps({"name": name, **summary(config), **split, "cpu_kernels": kernels, "torch_lowbit": lowbit},
                          indent=2))
     else:
-        print(format_summary(config, name))
+        print(format_summary(config, name, args.ranks))
         print(f"CPU kernels: {kernels}")
         print(f"Plain torch ops (--no-pack): {lowbit}")
     return 0
@@ -557,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None,
                    help="with --memory: KV-cache positions to plan for (default min(model context, 4096))")
     p.add_argument("--batch", type=int, default=1, help="with --memory: sequences decoded together (default 1)")
+    p.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="also say what each of N torchrun processes holds (the model split N ways)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -669,9 +703,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("generate", "chat", "serve")
+
+
+def _main_distributed(args) -> int:
+    """Under torchrun: rank 0 runs the command on its shard of the model, leading; the other ranks load theirs
+    and follow its forward passes until it stops (distributed.py)."""
+    from . import distributed
+    from .loading import resolve_model
+
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise MixtralError(f"under torchrun, mixtral runs {', '.join(DISTRIBUTED_COMMANDS)}; run `mixtral "
+                           f"{args.command}` as one process")
+    distributed.init(args.dist_timeout, args.device)
+    if distributed.rank() == 0:
+        try:
+            return args.func(args)
+        finally:
+            distributed.finish(distributed.leader())
+    try:
+        model = distributed.load_shard(resolve_model(args.model), args.dtype, args.device, progress=False)
+        distributed.follow(model)
+    finally:
+        distributed.finish()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if _ranks() > 1:
+            return _main_distributed(args)
         return args.func(args)
     except MixtralError as exc:
         print(f"mixtral: error: {exc}", file=sys.stderr)

@@ -88,12 +88,26 @@ def summary(args: ModelArgs) -> dict:
     }
 
 
+def per_rank(args: ModelArgs, ranks: int) -> dict:
+    """What each of `ranks` processes holds under torchrun (distributed.py): attention, experts, embedding and
+    output projection split N ways; routers and norms on every rank (the replicated part); the KV cache split by
+    key/value heads."""
+    counts = count_params(args)
+    vocab_rows = -(-args.vocab_size // ranks)
+    split = (counts.n_layers * (counts.attention_per_layer + counts.n_experts * counts.expert) // ranks
+             + (vocab_rows * args.dim) * (1 if args.tie_embeddings else 2))
+    replicated = counts.n_layers * (counts.router_per_layer + counts.norms_per_layer) + counts.final_norm
+    return {"ranks": ranks, "params": split + replicated, "replicated_params": replicated,
+            "weights_gb": {p: (split + replicated) * b / 1e9 for p, b in BYTES_PER_PARAM.items() if p != "fp16"},
+            "kv_cache_bytes_per_token_bf16": kv_cache_bytes(args, 1) // ranks}
+
+
 def _size(gb: float, digits: int = 1) -> str:
     """Decimal GB with `digits` decimals; below 1 GB, MB (a small model's sizes would all read 0.0 GB)."""
     return f"{gb:.{digits}f} GB" if gb >= 1 else f"{gb * 1000:,.{0 if gb >= 0.1 else 1}f} MB"
 
 
-def format_summary(args: ModelArgs, name: str) -> str:
+def format_summary(args: ModelArgs, name: str, ranks: int = 1) -> str:
     s = summary(args)
     gb = s["weights_gb"]
     lines = [
@@ -106,6 +120,13 @@ def format_summary(args: ModelArgs, name: str) -> str:
         f"  KV cache (bf16)    {s['kv_cache_bytes_per_token_bf16'] / 1024:,.0f} KiB per token, "
         f"{_size(s['kv_cache_gb_full_context_bf16'], 2)} at the full {s['context_length']:,}-token context",
     ]
+    if ranks > 1:
+        r = per_rank(args, ranks)
+        gb = r["weights_gb"]
+        lines += [f"  per rank of {ranks} (torchrun): {r['params']:,} parameters ({r['replicated_params']:,} on every "
+                  f"rank: routers, norms)",
+                  f"    weights  fp32 {_size(gb['fp32'])} · bf16 {_size(gb['bf16'])}; KV cache (bf16) "
+                  f"{r['kv_cache_bytes_per_token_bf16'] / 1024:,.0f} KiB per token"]
     return "\n".join(lines)
 
 

@@ -254,6 +254,12 @@ class Transformer(nn.Module):
             if not head:
                 raise ValueError("head=False needs the model's own code: a runner always applies the head")
             return self.runner.forward(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+        return self.compute(input_ids, input_pos, cache, n_keys, logits_at, routing, slots, head)
+
+    def compute(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None, slots=None,
+                head: bool = True) -> torch.Tensor:
+        """`forward` in the model's own torch code, whatever runner the model holds (one that wraps this code, as
+        distributed.py's does, calls it)."""
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)

@@ -300,21 +300,31 @@ def pieces(hf_name: str, tensor: torch.Tensor, args: ModelArgs) -> list[tuple[st
     each piece of it ([] for a tensor that is skipped, e.g. a tied lm_head), or None for a name this config
     does not have. An expert's weight goes to one expert of a stacked (E, N, K) weight; transformers 5's fused
     gate_up_proj is two whole stacked weights."""
-    if _IGNORED.fullmatch(hf_name) or (args.tie_embeddings and hf_name == "lm_head.weight"):
+    if skipped(hf_name, args):
         return []
-    if m := _EXPERT.fullmatch(hf_name):
-        if int(m[2]) >= args.n_experts:
-            return None
-        return [(f"layers.{m[1]}.ffn.{m[3]}", int(m[2]), tensor)]
     if m := _FUSED.fullmatch(hf_name):  # transformers-5 in-memory layout, should someone save it
         if m[2] == "down_proj":
             return [(f"layers.{m[1]}.ffn.w2", None, tensor)]
         half = tensor.shape[1] // 2
         return [(f"layers.{m[1]}.ffn.w1", None, tensor[:, :half]), (f"layers.{m[1]}.ffn.w3", None, tensor[:, half:])]
+    found = target(hf_name, args)
+    return None if found is None else [(*found, tensor)]
+
+
+def skipped(hf_name: str, args: ModelArgs) -> bool:
+    """A checkpoint tensor the model does not take (a rotary table, a tied lm_head)."""
+    return bool(_IGNORED.fullmatch(hf_name)) or (args.tie_embeddings and hf_name == "lm_head.weight")
+
+
+def target(hf_name: str, args: ModelArgs) -> tuple[str, int | None] | None:
+    """Where a checkpoint tensor goes whole: (our name, expert index or None); None for a name this config does not
+    have (and for transformers 5's fused experts, which `pieces` splits)."""
+    if m := _EXPERT.fullmatch(hf_name):
+        return (f"layers.{m[1]}.ffn.{m[3]}", int(m[2])) if int(m[2]) < args.n_experts else None
     if hf_name in _TOP_NAMES:
-        return [(_TOP_NAMES[hf_name], None, tensor)]
+        return _TOP_NAMES[hf_name], None
     if (m := _LAYER.fullmatch(hf_name)) and m[2] in _LAYER_NAMES:
-        return [(f"layers.{m[1]}.{_LAYER_NAMES[m[2]]}", None, tensor)]
+        return f"layers.{m[1]}.{_LAYER_NAMES[m[2]]}", None
     return None
 
 

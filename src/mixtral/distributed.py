@@ -1,0 +1,389 @@
+"""One model over N processes with torch.distributed: tensor parallel attention, expert parallel MoE, vocabulary
+parallel embedding and output projection. Started by torchrun; gloo carries the collectives on CPUs, NCCL on GPUs.
+
+    torchrun --nproc-per-node 2 -m mixtral generate --model DIR --prompt "..."
+    torchrun --nproc-per-node 2 -m mixtral serve --model DIR
+
+How the model is split (rank r of N; each rank reads only its part of the checkpoint):
+- attention by heads: q, k and v keep the rows of heads [r H/N, (r+1) H/N) (and of their key/value heads), so
+  each rank's KV cache holds its heads only; o keeps the matching columns, and one all-reduce sums the ranks'
+  parts of its output;
+- the MoE block by experts: each rank holds experts [r E/N, (r+1) E/N) of every layer; the router is on every
+  rank, so every rank routes every token the same way, runs the tokens routed to its experts, and one
+  all-reduce sums the experts' contributions (a dense MLP is split like attention: w1, w3 by rows, w2 by
+  columns);
+- embedding and output projection by vocabulary rows: a token's embedding comes from the rank that holds its
+  row (an all-reduce of zeros elsewhere), and the logits are gathered from all ranks;
+- norms are on every rank.
+Numbers: the same as one process up to the order of the all-reduced sums (fp32: logits within 1e-4).
+
+One engine, N ranks: rank 0 runs the command (its engine, HTTP server, chat loop) on a model whose runner
+(`LeaderRunner`) first sends each forward pass's inputs to the other ranks, which run the same pass
+(`follow`) until rank 0 says stop. A rank that dies makes the collectives fail on the others (a dead
+process at once; a hung one after `--dist-timeout`): rank 0 fails the requests it holds and exits non-zero.
+
+Not yet split: quantized checkpoints, GGUF files and our native CPU kernels (the shards run the torch code).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import ModelArgs, load_config
+from .errors import MixtralError
+from .kernels.runner import Runner
+from .kv_cache import KVCache
+from .model import MoE, Routing, Transformer
+from .gguf_file import is_gguf
+from .weights import (read_quantization, read_stored, resolve_dtype, safetensors_files, skipped,
+                      stored_tensors, target)
+
+
+class RankFailed(MixtralError):
+    """A collective failed: another rank died or stopped answering."""
+
+
+def world() -> int:
+    """Processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init(timeout_s: float = 60.0, device: str = "cpu") -> None:
+    """Join the process group torchrun set up (gloo on CPUs, NCCL for CUDA); collectives fail after timeout_s."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of each split dimension rank `rank` of `world` holds."""
+
+    rank: int
+    world: int
+
+    def even(self, n: int, what: str) -> tuple[int, int]:
+        if n % self.world:
+            raise MixtralError(f"{what} ({n}) do not split evenly over {self.world} ranks; run with a number of "
+                               f"ranks that divides it")
+        step = n // self.world
+        return self.rank * step, (self.rank + 1) * step
+
+    def vocab(self, n: int) -> tuple[int, int]:
+        """Rows [start, stop) of an n-row vocabulary: ceil(n / world) each, the last rank fewer."""
+        step = -(-n // self.world)
+        return min(n, self.rank * step), min(n, (self.rank + 1) * step)
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) in fp32 whatever x's dtype; back in x's dtype."""
+    total = x.float() if x.dtype != torch.float32 else x.contiguous()
+    try:
+        dist.all_reduce(total)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise RankFailed(f"a rank stopped answering: {exc}") from None
+    return total.to(x.dtype)
+
+
+class VocabEmbedding(nn.Module):
+    """The embedding rows [start, stop) of the vocabulary; other tokens get zeros, summed over the ranks."""
+
+    def __init__(self, start: int, stop: int, dim: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+        self.weight = nn.Parameter(torch.empty(stop - start, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        here = (ids >= self.start) & (ids < self.stop)
+        x = F.embedding((ids - self.start).clamp_(0, max(self.stop - self.start - 1, 0)), self.weight)
+        return _sum_over_ranks(x * here[..., None].to(x.dtype))
+
+
+class VocabHead(nn.Module):
+    """The output projection's rows [start, stop); every rank's logits gathered into the whole vocabulary."""
+
+    def __init__(self, start: int, stop: int, dim: int, vocab_size: int, world_size: int):
+        super().__init__()
+        self.vocab_size, self.step = vocab_size, -(-vocab_size // world_size)
+        self.weight = nn.Parameter(torch.empty(stop - start, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.weight)
+        if local.shape[-1] < self.step:  # the last rank's slice is shorter: pad to the common size
+            local = F.pad(local, (0, self.step - local.shape[-1]))
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        try:
+            dist.all_gather(parts, local.contiguous())
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise RankFailed(f"a rank stopped answering: {exc}") from None
+        return torch.cat(parts, dim=-1)[..., :self.vocab_size]
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer holding some of its input columns: its output summed over the ranks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _sum_over_ranks(super().forward(x))
+
+
+class ExpertParallelMoE(MoE):
+    """The whole router, experts [start, stop) of the layer; each token's mix summed over the ranks."""
+
+    def __init__(self, args: ModelArgs, start: int, stop: int):
+        super().__init__(replace(args, n_experts=stop - start))
+        self.router = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.start, self.stop = start, stop
+
+    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        tokens = x.reshape(B * T, D)
+        logits, expert_ids, weights = self.route(tokens)
+        if routing is not None:
+            routing.append(Routing(logits.view(B, T, -1), expert_ids.view(B, T, -1), weights.view(B, T, -1)))
+        out = torch.zeros_like(tokens)
+        for e in range(self.start, self.stop):  # ascending, as one process sums them
+            token, choice = (expert_ids == e).nonzero(as_tuple=True)
+            if token.numel():
+                local = e - self.start
+                h = F.silu(F.linear(tokens[token], self.w1[local])) * F.linear(tokens[token], self.w3[local])
+                y = F.linear(h, self.w2[local]) * weights[token, choice][:, None].to(x.dtype)
+                out.index_add_(0, token, y)
+        return _sum_over_ranks(out).view(B, T, D)
+
+
+def _split(model: Transformer, args: ModelArgs, shard: Shard) -> dict[str, tuple[int, int, int]]:
+    """Swap in the split modules (on the meta device); return, per parameter name, (dimension, start, stop) of the
+    checkpoint tensor this rank keeps (dimension -1: all of it; for experts, the expert range)."""
+    D, Dh = args.dim, args.head_dim
+    h0, h1 = shard.even(args.n_heads, "attention heads")
+    g0, g1 = shard.even(args.n_kv_heads, "key/value heads")
+    v0, v1 = shard.vocab(args.vocab_size)
+    keep = {"embed.weight": (0, v0, v1), "lm_head.weight": (0, v0, v1)}
+    model.embed = VocabEmbedding(v0, v1, D)
+    model.lm_head = VocabHead(v0, v1, D, args.vocab_size, shard.world)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    for i, layer in enumerate(model.layers):
+        layer.attn.wo = RowParallelLinear((h1 - h0) * Dh, D, bias=False)
+        keep[f"layers.{i}.attn.wq.weight"] = (0, h0 * Dh, h1 * Dh)
+        keep[f"layers.{i}.attn.wk.weight"] = (0, g0 * Dh, g1 * Dh)
+        keep[f"layers.{i}.attn.wv.weight"] = (0, g0 * Dh, g1 * Dh)
+        keep[f"layers.{i}.attn.wo.weight"] = (1, h0 * Dh, h1 * Dh)
+        if args.is_moe:
+            e0, e1 = shard.even(args.n_experts, "experts")
+            layer.ffn = ExpertParallelMoE(args, e0, e1)
+            for w in ("w1", "w3", "w2"):
+                keep[f"layers.{i}.ffn.{w}"] = (0, e0, e1)
+        else:
+            i0, i1 = shard.even(args.hidden_dim, "MLP columns")
+            layer.ffn.w1 = nn.Linear(D, i1 - i0, bias=False)
+            layer.ffn.w3 = nn.Linear(D, i1 - i0, bias=False)
+            layer.ffn.w2 = RowParallelLinear(i1 - i0, D, bias=False)
+            keep[f"layers.{i}.ffn.w1.weight"] = keep[f"layers.{i}.ffn.w3.weight"] = (0, i0, i1)
+            keep[f"layers.{i}.ffn.w2.weight"] = (1, i0, i1)
+    return keep
+
+
+def _read_part(entry, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a stored tensor read alone (they are contiguous in the file); columns: read, sliced."""
+    if dim == 0:
+        row = entry.nbytes // entry.shape[0]
+        part = replace(entry, shape=(stop - start, *entry.shape[1:]), offset=entry.offset + start * row,
+                       nbytes=(stop - start) * row)
+        return read_stored(part)
+    return read_stored(entry).narrow(dim, start, stop - start).clone()
+
+
+def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               progress: bool = True) -> Transformer:
+    """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint), reading only that part."""
+    model_dir = Path(model_dir)
+    args = load_config(model_dir)
+    if is_gguf(model_dir) or read_quantization(model_dir) is not None:
+        raise MixtralError("under torchrun, the ranks split a Hugging Face safetensors checkpoint; quantized and GGUF "
+                           "ones are not split yet")
+    shard = Shard(rank(), world())
+    local = replace(args, n_heads=args.n_heads // shard.world, n_kv_heads=args.n_kv_heads // shard.world)
+    with torch.device("meta"):
+        model = Transformer(local)
+        keep = _split(model, args, shard)
+    model.args, model.full_args = local, args
+    dtype = resolve_dtype(dtype)
+    expected = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = {}
+    files = safetensors_files(model_dir)
+    for path in tqdm(files, desc=f"rank {shard.rank}: loading its shard", unit="file",
+                     disable=not progress or len(files) < 2):
+        for entry in stored_tensors(path):
+            if skipped(entry.name, args):
+                continue
+            found = target(entry.name, args)
+            if found is None:
+                raise MixtralError(f"{model_dir}: tensor {entry.name} is not one a split model reads (transformers 5 "
+                                   f"fused experts are not split yet)")
+            name, expert = found
+            if expert is not None:  # one expert of a stacked weight: only this rank's experts are read
+                _, e0, e1 = keep[name]
+                if e0 <= expert < e1:
+                    if name not in params:
+                        params[name] = torch.empty(expected[name].shape, dtype=dtype, device=device)
+                    params[name][expert - e0].copy_(read_stored(entry))
+                continue
+            key = name if name in expected else None
+            if key is None:
+                raise MixtralError(f"{model_dir}: tensor {entry.name} does not match this config")
+            dim, start, stop = keep.get(name, (-1, 0, 0))
+            tensor = read_stored(entry) if dim < 0 else _read_part(entry, dim, start, stop)
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise MixtralError(f"tensor {entry.name} has shape {tuple(tensor.shape)} here, but the config "
+                                   f"implies {tuple(expected[name].shape)}; the weights do not match config.json")
+            params[name] = tensor.to(device=device, dtype=dtype)
+    missing = [n for n in expected if n not in params and not (args.tie_embeddings and n == "lm_head.weight")]
+    if missing:
+        raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
+    model.load_state_dict(params, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+# ---- rank 0 leads, the others follow -------------------------------------------------------------------------
+
+STOP, FORWARD, NEW_CACHE = 0, 1, 2
+_HEADER = 10  # int64s: command, B, T, n_keys (-1 none), cache id (-1 none), has pos, has logits_at, has slots,
+# and for NEW_CACHE: batch size, max length
+
+
+def _broadcast(tensor: torch.Tensor) -> None:
+    try:
+        dist.broadcast(tensor, src=0)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise RankFailed(f"a rank stopped answering: {exc}") from None
+
+
+class LeaderRunner(Runner):
+    """Rank 0's runner: each forward pass's inputs go to the other ranks first (they run the same pass), then
+    the model's own code runs here. A failed collective marks the runner `failed` and raises RankFailed."""
+
+    name = "torch.distributed"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._caches: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
+        self._ids = 0
+        self.failed: str | None = None
+        self.on_failure = None  # called once, from the thread that saw a collective fail
+
+    def _cache_id(self, cache: KVCache) -> int:
+        for key, known in self._caches.items():
+            if known is cache:
+                return key
+        self._ids += 1
+        self._caches[self._ids] = cache
+        alive = sorted(self._caches)
+        header = torch.tensor([NEW_CACHE, self._ids, len(alive), 0, 0, 0, 0, 0, cache.batch_size,
+                               cache.max_seq_len], dtype=torch.int64)
+        _broadcast(header)
+        _broadcast(torch.tensor(alive, dtype=torch.int64))
+        return self._ids
+
+    def forward(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None,
+                slots=None) -> torch.Tensor:
+        if self.failed:
+            raise RankFailed(f"the model's ranks are broken ({self.failed}); restart the command")
+        try:
+            B, T = input_ids.shape
+            cache_id = -1 if cache is None else self._cache_id(cache)
+            header = torch.tensor([FORWARD, B, T, -1 if n_keys is None else n_keys, cache_id, input_pos is not None,
+                                   logits_at is not None, slots is not None, 0, 0], dtype=torch.int64)
+            _broadcast(header)
+            for part in (input_ids, input_pos, logits_at, slots):
+                if part is not None:
+                    _broadcast(part.to(torch.int64).cpu().contiguous())
+            return self.model.compute(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+        except RankFailed as exc:
+            first = self.failed is None
+            self.failed = str(exc)
+            if first and self.on_failure is not None:
+                self.on_failure()
+            raise
+
+    def stop(self) -> None:
+        """Tell the other ranks to return from `follow` (once; not after a failure)."""
+        if not self.failed:
+            self.failed = "stopped"
+            try:
+                _broadcast(torch.zeros(_HEADER, dtype=torch.int64))
+            except RankFailed:
+                pass
+
+
+_leaders: list[LeaderRunner] = []
+
+
+def lead(model: Transformer) -> LeaderRunner:
+    """Make `model` (rank 0's shard) send every forward pass to the other ranks."""
+    model.runner = LeaderRunner(model)
+    _leaders.append(model.runner)
+    return model.runner
+
+
+def leader() -> LeaderRunner | None:
+    """The runner `lead` made in this process, if any."""
+    return _leaders[-1] if _leaders else None
+
+
+def follow(model: Transformer) -> None:
+    """Run the forward passes rank 0 sends, on this rank's shard, until it says stop. Raises RankFailed when rank
+    0 is gone. Stop signals are ignored here: rank 0 gets them too (Ctrl-C reaches the whole process group),
+    drains its requests, then says stop; a follower that left first would fail the requests rank 0 still runs."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    caches: dict[int, KVCache] = {}
+    device = model.device
+    with torch.inference_mode():
+        while True:
+            header = torch.empty(_HEADER, dtype=torch.int64)
+            _broadcast(header)
+            command, b, t, n_keys, cache_id, has_pos, has_at, has_slots, batch, length = header.tolist()
+            if command == STOP:
+                return
+            if command == NEW_CACHE:
+                alive = torch.empty(t, dtype=torch.int64)
+                _broadcast(alive)
+                caches = {key: c for key, c in caches.items() if key in set(alive.tolist())}
+                caches[b] = KVCache(model.args, batch, length, model.activation_dtype, device)
+                continue
+            parts = []
+            for shape, present in (((b, t), True), ((b, t), has_pos), ((b,), has_at), ((b,), has_slots)):
+                part = None
+                if present:
+                    part = torch.empty(shape, dtype=torch.int64)
+                    _broadcast(part)
+                    part = part.to(device)
+                parts.append(part)
+            ids, pos, at, slots = parts
+            model.compute(ids, pos, caches.get(cache_id), None if n_keys < 0 else n_keys, at, None, slots)
+
+
+def finish(leading: LeaderRunner | None = None) -> None:
+    """At the end of a command: rank 0 (`leading`) tells the others to stop; every rank leaves the process group."""
+    if leading is not None:
+        leading.stop()
+    if dist.is_initialized():
+        dist.destroy_process_group()

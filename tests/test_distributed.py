@@ -1,0 +1,210 @@
+"""One model over two processes started by torchrun (gloo on this CPU): the same numbers as one process and as
+transformers, through the library, `mixtral generate`, two "nodes", `mixtral serve` with real clients, and a rank
+killed mid-stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import make_hf_model, save_hf_model
+from mixtral.config import load_config
+from mixtral.distributed import Shard
+from mixtral.memory import per_rank
+from mixtral.errors import MixtralError
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def split_model(tmp_path_factory):
+    """A random Mixtral (4 heads, 2 key/value heads, 4 experts, untied head) with the real v1 tokenizer."""
+    model = make_hf_model(vocab_size=32000, hidden_size=64, intermediate_size=48, num_attention_heads=4,
+                          num_key_value_heads=2, num_local_experts=4, seed=3, tie_word_embeddings=False)
+    return save_hf_model(model, tmp_path_factory.mktemp("split"), with_tokenizer=True), model
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), *args], capture_output=True,
+                         text=True, env=ENV, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+LOGITS_SCRIPT = """
+import sys, torch
+from mixtral import distributed
+from mixtral.generate import generate_step
+from mixtral.sampling import Sampler, SamplingParams
+distributed.init()
+model = distributed.load_shard(sys.argv[1], "float32", progress=False)
+if distributed.rank() == 0:
+    distributed.lead(model)
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    logits = model(ids)
+    steps = generate_step(model, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
+    tokens = [step[0][0] for step in steps]
+    params = sum(p.numel() for p in model.parameters())  # (a tied head is one parameter)
+    torch.save({"logits": logits, "tokens": torch.tensor(tokens), "params": params}, sys.argv[2])
+    distributed.finish(distributed.leader())
+else:
+    distributed.follow(model)
+    distributed.finish()
+"""
+
+
+def test_two_ranks_give_transformers_logits_and_greedy_tokens(split_model, tmp_path):
+    model_dir, reference = split_model
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
+    torchrun(str(script), str(model_dir), str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt")
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    with torch.no_grad():
+        want = reference(ids).logits
+        greedy = reference.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert (got["logits"] - want).abs().max().item() < 1e-4
+    assert got["tokens"].tolist() == greedy.tolist()
+    assert got["params"] == per_rank(load_config(model_dir), 2)["params"]  # what `mixtral info --ranks 2` says
+
+
+def test_torchrun_generate_equals_one_process(split_model):
+    model_dir, _ = split_model
+    command = ["-m", "mixtral", "generate", "--model", str(model_dir), "--dtype", "float32", "--prompt",
+               "Who goes there?", "--temperature", "0", "--max-new-tokens", "24", "--json"]
+    one = subprocess.run([sys.executable, *command, "--no-pack"], capture_output=True, text=True, env=ENV,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(*command)
+    assert json.loads(two.stdout.strip().splitlines()[-1]) == json.loads(one.stdout.strip().splitlines()[-1])
+    assert two.stdout.count('"token_ids"') == 1  # only rank 0 prints
+
+
+def test_two_nodes_rendezvous_on_loopback(split_model):
+    """`--nnodes 2`: two torchrun launchers (one process each) meet at a c10d rendezvous on 127.0.0.1."""
+    model_dir, _ = split_model
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = ["-m", "mixtral", "generate", "--model", str(model_dir), "--dtype", "float32", "--prompt", "Hello",
+               "--temperature", "0", "--max-new-tokens", "8", "--json"]
+    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(n),
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "mixtral-test",
+                               *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for n in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    one = subprocess.run([sys.executable, *command, "--no-pack"], capture_output=True, text=True, env=ENV,
+                         timeout=300)
+    printed = [out for out, _ in outputs if '"token_ids"' in out]
+    assert len(printed) == 1 and json.loads(printed[0].strip().splitlines()[-1]) == json.loads(
+        one.stdout.strip().splitlines()[-1])
+
+
+def test_a_split_that_does_not_divide_is_refused_with_what_to_do():
+    with pytest.raises(MixtralError, match="do not split evenly over 3 ranks"):
+        Shard(0, 3).even(8, "experts")
+    assert [Shard(r, 3).vocab(10) for r in range(3)] == [(0, 4), (4, 8), (8, 10)]
+
+
+def _serve(*launcher, model_dir, port) -> subprocess.Popen:
+    return subprocess.Popen([*launcher, "-m", "mixtral", "serve", "--model", str(model_dir), "--dtype", "float32",
+                             "--port", str(port), "--max-total-tokens", "512", "--dist-timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            start_new_session=True)
+
+
+def _wait_healthy(process, url: str) -> None:
+    deadline = time.time() + 180
+    while True:
+        assert process.poll() is None and time.time() < deadline, "mixtral serve did not start"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+def _replies(url: str) -> list[str]:
+    """Streamed greedy replies through the seed's InferenceClient code and the openai client."""
+    from huggingface_hub import InferenceClient
+    from openai import OpenAI
+
+    client = InferenceClient(url)
+    tgi = "".join(client.text_generation("[INST] Who goes there? [/INST]", max_new_tokens=20, stream=True,
+                                         do_sample=False))
+    openai = OpenAI(base_url=url + "/v1", api_key="none")
+    chunks = openai.chat.completions.create(model="m", messages=[{"role": "user", "content": "What news?"}],
+                                            max_tokens=20, temperature=0, stream=True)
+    return [tgi, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)]
+
+
+def test_serve_on_two_ranks_streams_what_one_process_streams(split_model):
+    model_dir, _ = split_model
+    replies = {}
+    for label, launcher in (("one", [sys.executable]), ("two", [*TORCHRUN, "--standalone", "--nproc-per-node", "2"])):
+        port = free_port()
+        process = _serve(*launcher, model_dir=model_dir, port=port)
+        try:
+            _wait_healthy(process, f"http://127.0.0.1:{port}")
+            replies[label] = _replies(f"http://127.0.0.1:{port}")
+            # a stop signal to rank 0 drains it like one process; it then stops the other rank, and torchrun exits 0
+            os.kill(process.pid if label == "one" else _worker(process.pid, rank=0), signal.SIGTERM)
+            output = process.communicate(timeout=120)[0]
+            assert process.returncode == 0, output[-3000:]
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert replies["two"] == replies["one"] and all(replies["one"])
+
+
+def _worker(launcher: int, rank: int) -> int:
+    """The pid of the worker torchrun (process `launcher`) started as `rank`."""
+    children = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return pid
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def test_killing_rank_1_mid_stream_fails_the_request_and_rank_0_exits_non_zero(split_model):
+    model_dir, _ = split_model
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _serve(*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "0", model_dir=model_dir,
+                     port=port)
+    try:
+        _wait_healthy(process, url)
+        rank1 = _worker(process.pid, rank=1)
+        events, started = [], time.time()
+        with httpx.stream("POST", url + "/generate_stream", json={"inputs": "Hello", "parameters": {
+                "max_new_tokens": 400, "do_sample": False}}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    if len(events) == 3:
+                        os.kill(rank1, signal.SIGKILL)
+        assert 3 <= len(events) < 400 and "error" in events[-1], events[-3:]
+        assert time.time() - started < 30  # --dist-timeout 20: a dead rank is seen at once, a hung one by then
+        output = process.communicate(timeout=90)[0]
+        assert process.returncode != 0
+        assert "mixtral: error: a rank stopped answering" in output, output[-4000:]  # rank 0's last word, exit 1
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

@@ -208,3 +208,14 @@ def test_killing_rank_1_mid_stream_fails_the_request_and_rank_0_exits_non_zero(s
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_info_says_what_each_rank_holds_and_other_commands_are_refused_under_torchrun(capsys, monkeypatch):
+    from mixtral.cli import main
+
+    assert main(["info", "--preset", "mixtral-8x7b", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 2 (torchrun): 23,352,053,760 parameters" in out and "64 KiB per token" in out
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["info", "--preset", "mixtral-8x7b"]) == 2
+    assert "under torchrun, mixtral runs generate, chat, serve" in capsys.readouterr().err

@@ -122,9 +122,9 @@ def test_a_split_that_does_not_divide_is_refused_with_what_to_do():
     assert [Shard(r, 3).vocab(10) for r in range(3)] == [(0, 4), (4, 8), (8, 10)]
 
 
-def _serve(*launcher, model_dir, port) -> subprocess.Popen:
+def _serve(*launcher, model_dir, port, timeout: float = 20) -> subprocess.Popen:
     return subprocess.Popen([*launcher, "-m", "mixtral", "serve", "--model", str(model_dir), "--dtype", "float32",
-                             "--port", str(port), "--max-total-tokens", "512", "--dist-timeout", "20"],
+                             "--port", str(port), "--max-total-tokens", "512", "--dist-timeout", str(timeout)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                             start_new_session=True)
 
@@ -183,25 +183,33 @@ def _worker(launcher: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} among {children}")
 
 
-def test_killing_rank_1_mid_stream_fails_the_request_and_rank_0_exits_non_zero(split_model):
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_dead_or_hung_rank_1_fails_the_stream_and_rank_0_exits_non_zero(split_model, how):
+    """Killed: its sockets close and rank 0's next collective fails at once. Hung (SIGSTOP): rank 0's collective
+    gives up after --dist-timeout (5 s here)."""
     model_dir, _ = split_model
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    timeout = 20 if how == "killed" else 5
     process = _serve(*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "0", model_dir=model_dir,
-                     port=port)
+                     port=port, timeout=timeout)
     try:
         _wait_healthy(process, url)
         rank1 = _worker(process.pid, rank=1)
-        events, started = [], time.time()
+        events, stopped = [], None
         with httpx.stream("POST", url + "/generate_stream", json={"inputs": "Hello", "parameters": {
                 "max_new_tokens": 400, "do_sample": False}}, timeout=60) as response:
             for line in response.iter_lines():
                 if line.startswith("data:"):
                     events.append(json.loads(line[5:]))
                     if len(events) == 3:
-                        os.kill(rank1, signal.SIGKILL)
+                        os.kill(rank1, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+                        stopped = time.time()
+        waited = time.time() - stopped
+        if how == "hung":
+            os.kill(rank1, signal.SIGCONT)  # it finds rank 0 gone and exits too (else torchrun waits to kill it)
         assert 3 <= len(events) < 400 and "error" in events[-1], events[-3:]
-        assert time.time() - started < 30  # --dist-timeout 20: a dead rank is seen at once, a hung one by then
+        assert waited < 10 if how == "killed" else timeout - 1 < waited < timeout + 15, waited
         output = process.communicate(timeout=90)[0]
         assert process.returncode != 0
         assert "mixtral: error: a rank stopped answering" in output, output[-4000:]  # rank 0's last word, exit 1

@@ -44,6 +44,7 @@ from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .kernels.runner import Runner
 from .kv_cache import KVCache
+from .memory import release_free_memory
 from .model import MoE, Routing, Transformer
 from .gguf_file import is_gguf
 from .weights import (read_quantization, read_stored, resolve_dtype, safetensors_files, skipped,
@@ -230,6 +231,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     for path in tqdm(files, desc=f"rank {shard.rank}: loading its shard", unit="file",
                      disable=not progress or len(files) < 2):
         for entry in stored_tensors(path):
+            release_free_memory()  # the tensors read so far and dropped (else glibc keeps them resident)
             if skipped(entry.name, args):
                 continue
             found = target(entry.name, args)

@@ -159,9 +159,10 @@ def test_serve_on_two_ranks_streams_what_one_process_streams(split_model):
     replies = {}
     for label, launcher in (("one", [sys.executable]), ("two", [*TORCHRUN, "--standalone", "--nproc-per-node", "2"])):
         port = free_port()
-        process = _serve(*launcher, model_dir=model_dir, port=port)
+        process = _serve(*launcher, model_dir=model_dir, port=port, timeout=3)
         try:
             _wait_healthy(process, f"http://127.0.0.1:{port}")
+            time.sleep(5)  # idle for longer than --dist-timeout: the other rank waits for rank 0 as long as it takes
             replies[label] = _replies(f"http://127.0.0.1:{port}")
             # a stop signal to rank 0 drains it like one process; it then stops the other rank, and torchrun exits 0
             os.kill(process.pid if label == "one" else _worker(process.pid, rank=0), signal.SIGTERM)

@@ -115,9 +115,6 @@ def _load(args):
         from . import distributed
         from .tokenizer import load_tokenizer
 
-        if args.quantize or args.max_memory:
-            raise MixtralError("under torchrun, --quantize and --max-memory are not available yet: the ranks split "
-                               "a safetensors checkpoint as stored")
         model = distributed.load_shard(model_dir, args.dtype, args.device)
         distributed.lead(model)
         return model_dir, model, load_tokenizer(model_dir)
@@ -423,7 +420,7 @@ def cmd_prepare_data(args) -> int:
 def cmd_train(args) -> int:
     from .config import ModelArgs
     from .data import prepare
-    from .train import TrainConfig, train
+    from .train import TrainConfig, read_state, train
 
     data_dir = Path(args.data)
     if not (data_dir / "meta.json").is_file():
@@ -443,7 +440,7 @@ def cmd_train(args) -> int:
     torch_threads(args.threads)
     model = train(model_args, cfg, data_dir, Path(args.run), log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.export:
-        state = json.loads((Path(args.run) / "state.json").read_text(encoding="utf-8"))
+        state = read_state(Path(args.run))
         if state["step"] < cfg.steps:
             print(f"not exporting: the run stopped at step {state['step']} of {cfg.steps}", file=sys.stderr)
             return 0
@@ -715,7 +712,10 @@ def _main_distributed(args) -> int:
     if args.command not in DISTRIBUTED_COMMANDS:
         raise MixtralError(f"under torchrun, mixtral runs {', '.join(DISTRIBUTED_COMMANDS)}; run `mixtral "
                            f"{args.command}` as one process")
-    distributed.init(args.dist_timeout, args.device)
+    if args.quantize or args.max_memory or args.device != "cpu":  # (checked on every rank, before any loading)
+        raise MixtralError("under torchrun, --quantize, --max-memory and devices other than cpu are not available "
+                           "yet: the ranks split a safetensors checkpoint as stored, on CPUs")
+    distributed.init(args.dist_timeout)
     if distributed.rank() == 0:
         try:
             return args.func(args)

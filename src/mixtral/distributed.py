@@ -1,10 +1,12 @@
 """One model over N processes with torch.distributed: tensor parallel attention, expert parallel MoE, vocabulary
-parallel embedding and output projection. Started by torchrun; gloo carries the collectives on CPUs, NCCL on GPUs.
+parallel embedding and output projection. Started by torchrun; gloo carries the collectives (the ranks run on
+CPUs: GPUs are not split yet).
 
     torchrun --nproc-per-node 2 -m mixtral generate --model DIR --prompt "..."
     torchrun --nproc-per-node 2 -m mixtral serve --model DIR
 
-How the model is split (rank r of N; each rank reads only its part of the checkpoint):
+How the model is split (rank r of N; each rank reads only its rows of the checkpoint, and a tensor split by
+columns, o and a dense w2, whole and one at a time):
 - attention by heads: q, k and v keep the rows of heads [r H/N, (r+1) H/N) (and of their key/value heads), so
   each rank's KV cache holds its heads only; o keeps the matching columns, and one all-reduce sums the ranks'
   parts of its output;
@@ -21,8 +23,10 @@ One engine, N ranks: rank 0 runs the command (its engine, HTTP server, chat loop
 (`LeaderRunner`) first sends each forward pass's inputs to the other ranks, which run the same pass
 (`follow`) until rank 0 says stop. A rank that dies makes the collectives fail on the others (a dead
 process at once; a hung one after `--dist-timeout`): rank 0 fails the requests it holds and exits non-zero.
+Every rank routes every token itself (in fp32): ranks on CPUs that round differently could route a near-tie
+differently, so a split over unlike machines is not supported.
 
-Not yet split: quantized checkpoints, GGUF files and our native CPU kernels (the shards run the torch code).
+Not yet split: quantized checkpoints, GGUF files, GPUs and our native CPU kernels (the shards run the torch code).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import threading
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,11 +69,19 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init(timeout_s: float = 60.0, device: str = "cpu") -> None:
-    """Join the process group torchrun set up (gloo on CPUs, NCCL for CUDA); collectives fail after timeout_s."""
+_control: list = []  # the process group rank 0's commands travel on, and the model's timeout (see init)
+
+
+def init(timeout_s: float = 60.0) -> None:
+    """Join the process group torchrun set up (gloo: the ranks run on CPUs); the model's collectives fail after
+    timeout_s. Rank 0's commands travel on a second group that waits as long as it takes: a follower waits for the
+    next forward pass however long rank 0 stays idle (a server between requests, a chat while the user types),
+    and still sees a dead rank 0 at once, by its closed connection; rank 0 itself gives a command timeout_s to
+    be taken."""
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("gloo", timeout=timeout)
+        _control[:] = [dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365)), timeout]
 
 
 @dataclass(frozen=True)
@@ -272,15 +285,24 @@ _HEADER = 10  # int64s: command, B, T, n_keys (-1 none), cache id (-1 none), has
 
 
 def _broadcast(tensor: torch.Tensor) -> None:
+    """A command or its inputs, from rank 0 to the others, on the control group: rank 0 waits the model's timeout
+    for the others to take it (a hung rank holds it up), they wait for it as long as it takes."""
+    group, timeout = _control if _control else (None, None)
     try:
-        dist.broadcast(tensor, src=0)
+        work = dist.broadcast(tensor, src=0, group=group, async_op=True)
+        if dist.get_rank() == 0 and timeout is not None:
+            work.wait(timeout)
+        else:
+            work.wait()
     except (RuntimeError, dist.DistBackendError) as exc:
         raise RankFailed(f"a rank stopped answering: {exc}") from None
 
 
 class LeaderRunner(Runner):
     """Rank 0's runner: each forward pass's inputs go to the other ranks first (they run the same pass), then
-    the model's own code runs here. A failed collective marks the runner `failed` and raises RankFailed."""
+    the model's own code runs here. Anything that stops a pass once the others have started it (a failed
+    collective, an error or an interrupt here) leaves the ranks out of step: the runner is then `failed`, every
+    later pass raises RankFailed, and `on_failure` is called once."""
 
     name = "torch.distributed"
 
@@ -289,7 +311,8 @@ class LeaderRunner(Runner):
         self._caches: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
         self._ids = 0
         self.failed: str | None = None
-        self.on_failure = None  # called once, from the thread that saw a collective fail
+        self.on_failure = None  # called once, from the thread whose pass failed
+        self._lock = threading.Lock()  # one pass at a time; stop() never cuts into one
 
     def _cache_id(self, cache: KVCache) -> int:
         for key, known in self._caches.items():
@@ -306,33 +329,39 @@ class LeaderRunner(Runner):
 
     def forward(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None,
                 slots=None) -> torch.Tensor:
-        if self.failed:
-            raise RankFailed(f"the model's ranks are broken ({self.failed}); restart the command")
-        try:
-            B, T = input_ids.shape
-            cache_id = -1 if cache is None else self._cache_id(cache)
-            header = torch.tensor([FORWARD, B, T, -1 if n_keys is None else n_keys, cache_id, input_pos is not None,
-                                   logits_at is not None, slots is not None, 0, 0], dtype=torch.int64)
-            _broadcast(header)
-            for part in (input_ids, input_pos, logits_at, slots):
-                if part is not None:
-                    _broadcast(part.to(torch.int64).cpu().contiguous())
-            return self.model.compute(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
-        except RankFailed as exc:
-            first = self.failed is None
-            self.failed = str(exc)
-            if first and self.on_failure is not None:
-                self.on_failure()
-            raise
+        with self._lock:
+            if self.failed:
+                raise RankFailed(f"the model's ranks are out of step ({self.failed}); restart the command")
+            try:
+                B, T = input_ids.shape
+                cache_id = -1 if cache is None else self._cache_id(cache)
+                header = torch.tensor([FORWARD, B, T, -1 if n_keys is None else n_keys, cache_id,
+                                       input_pos is not None, logits_at is not None, slots is not None, 0, 0],
+                                      dtype=torch.int64)
+                _broadcast(header)
+                for part in (input_ids, input_pos, logits_at, slots):
+                    if part is not None:
+                        _broadcast(part.to(torch.int64).cpu().contiguous())
+                return self.model.compute(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+            except BaseException as exc:
+                self.failed = str(exc) if isinstance(exc, RankFailed) else f"a pass failed on rank 0: {exc!r}"
+                if self.on_failure is not None:
+                    self.on_failure()
+                raise
 
     def stop(self) -> None:
-        """Tell the other ranks to return from `follow` (once; not after a failure)."""
-        if not self.failed:
-            self.failed = "stopped"
-            try:
+        """Tell the other ranks to return from `follow` (once; not after a failure, nor while a pass still runs in
+        another thread: the others then end by their timeout)."""
+        if not self._lock.acquire(timeout=5):
+            return
+        try:
+            if not self.failed:
+                self.failed = "stopped"
                 _broadcast(torch.zeros(_HEADER, dtype=torch.int64))
-            except RankFailed:
-                pass
+        except RankFailed:
+            pass
+        finally:
+            self._lock.release()
 
 
 _leaders: list[LeaderRunner] = []
@@ -380,6 +409,8 @@ def follow(model: Transformer) -> None:
                     part = part.to(device)
                 parts.append(part)
             ids, pos, at, slots = parts
+            if cache_id >= 0 and cache_id not in caches:
+                raise RankFailed(f"rank 0 used a KV cache ({cache_id}) this rank was never told of")
             model.compute(ids, pos, caches.get(cache_id), None if n_keys < 0 else n_keys, at, None, slots)
 
 

@@ -250,16 +250,23 @@ def save_training_state(run_dir: Path, model: Transformer, opt: torch.optim.Adam
 STATE_KEY = "mixtral_training_state"
 
 
-def load_training_state(run_dir: Path, model: Transformer, opt: torch.optim.AdamW) -> tuple[int, list[dict]]:
+def read_state(run_dir: Path) -> dict:
+    """A run's saved state (step, configs, history): the one inside its checkpoint (for a checkpoint written before
+    the state travelled inside it, its state.json)."""
     path = run_dir / "checkpoint.safetensors"
     with safe_open(str(path), "pt") as f:
         stored = (f.metadata() or {}).get(STATE_KEY)
-    if stored is None:  # a checkpoint written before the state travelled inside it: its state.json
+    if stored is None:
         if not (run_dir / "state.json").is_file():
             raise MixtralError(f"{path} holds no training state and {run_dir / 'state.json'} is missing; "
                                "remove the checkpoint to start over")
         stored = (run_dir / "state.json").read_text(encoding="utf-8")
-    state = json.loads(stored)
+    return json.loads(stored)
+
+
+def load_training_state(run_dir: Path, model: Transformer, opt: torch.optim.AdamW) -> tuple[int, list[dict]]:
+    path = run_dir / "checkpoint.safetensors"
+    state = read_state(run_dir)
     tensors = load_file(str(path))
     names = dict(model.named_parameters())
     with torch.no_grad():

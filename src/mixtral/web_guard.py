@@ -5,9 +5,11 @@ page of another site.
   (`--allowed-hosts`; "*" accepts any). The defence against DNS rebinding, where a page points its own domain
   name at 127.0.0.1 and then talks to the local server as its own origin; the attack needs a name.
 - For the web app (`WebAppGuard`), a request that can change something (POST, PUT, PATCH, DELETE) must come from
-  the page itself: a browser's `Origin` must be the address the request went to, and `Sec-Fetch-Site` must not
-  say cross-site. A page elsewhere could otherwise send the app a form, an upload or a text/plain POST without
-  asking first (a CORS "simple request"). Clients that are not browsers send neither header and pass.
+  the page itself: a browser's `Origin` must be the address the request went to, or name one of the allowed
+  hosts (behind a reverse proxy the page's origin is the proxy's: list its name with --allowed-hosts), and
+  `Sec-Fetch-Site` must not say cross-site. A page elsewhere could otherwise send the app a form, an upload or a
+  text/plain POST without asking first (a CORS "simple request"). Clients that are not browsers send neither
+  header and pass.
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ def host_allowed(host: str, allowed: frozenset[str]) -> bool:
     return name == "localhost" or name in allowed or is_ip(name)
 
 
-def same_origin(origin: str, host: str, scheme: str) -> bool:
-    """Whether an Origin header names the address a request was sent to (its Host header and scheme)."""
+def origin_allowed(origin: str, host: str, scheme: str, allowed: frozenset[str]) -> bool:
+    """Whether an Origin header names the address a request was sent to (its Host header and scheme), or a host
+    this server was told is its own (`allowed`, from normalize_hosts: a reverse proxy's name)."""
     parts = urlsplit(origin)
-    return parts.scheme == scheme and parts.netloc.lower() == host.lower()
+    if parts.scheme == scheme and parts.netloc.lower() == host.lower():
+        return True
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and (
+        "*" in allowed or host_name(parts.netloc) in allowed)
 
 
 def _header(scope, name: bytes) -> str:
@@ -79,7 +85,7 @@ class WebAppGuard:
         if method not in SAFE_METHODS or scope["type"] == "websocket":
             origin, site = _header(scope, b"origin"), _header(scope, b"sec-fetch-site")
             scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
-            if (origin and not same_origin(origin, host, scheme)) or site == "cross-site":
+            if (origin and not origin_allowed(origin, host, scheme, self.allowed)) or site == "cross-site":
                 return await self._refuse(scope, send, 403, f"a {method} from another site's page ({origin or site})"
                                                             " is refused; open the app's own page")
         return await self.app(scope, receive, send)

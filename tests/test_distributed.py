@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -149,12 +150,17 @@ def _replies(url: str) -> list[str]:
     tgi = "".join(client.text_generation("[INST] Who goes there? [/INST]", max_new_tokens=20, stream=True,
                                          do_sample=False))
     openai = OpenAI(base_url=url + "/v1", api_key="none")
-    chunks = openai.chat.completions.create(model="m", messages=[{"role": "user", "content": "What news?"}],
-                                            max_tokens=20, temperature=0, stream=True)
-    return [tgi, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)]
+    messages = [{"role": "user", "content": "What news from the court, and how fares the king tonight?"}]
+    chunks = openai.chat.completions.create(model="m", messages=messages, max_tokens=20, temperature=0, stream=True)
+    first = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And the queen?"}]
+    second = openai.chat.completions.create(model="m", messages=messages, max_tokens=20, temperature=0)
+    return [tgi, first, second.choices[0].message.content, second.usage.prompt_tokens_details.cached_tokens > 16]
 
 
 def test_serve_on_two_ranks_streams_what_one_process_streams(split_model):
+    """The same replies through both protocols, and a conversation's next turn reuses the first's keys and values
+    on every rank (rank 0's prefix cache sends its loads and stores to the other)."""
     model_dir, _ = split_model
     replies = {}
     for label, launcher in (("one", [sys.executable]), ("two", [*TORCHRUN, "--standalone", "--nproc-per-node", "2"])):
@@ -171,7 +177,7 @@ def test_serve_on_two_ranks_streams_what_one_process_streams(split_model):
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
-    assert replies["two"] == replies["one"] and all(replies["one"])
+    assert replies["two"] == replies["one"] and all(replies["one"])  # the second turn reused the first (prefix)
 
 
 def _worker(launcher: int, rank: int) -> int:
@@ -228,3 +234,18 @@ def test_info_says_what_each_rank_holds_and_other_commands_are_refused_under_tor
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["info", "--preset", "mixtral-8x7b"]) == 2
     assert "under torchrun, mixtral runs generate, chat, serve" in capsys.readouterr().err
+
+
+def test_chat_on_two_ranks_reuses_the_conversation_and_answers_as_one_process(split_model):
+    model_dir, _ = split_model
+    command = ["-m", "mixtral", "chat", "--model", str(model_dir), "--dtype", "float32", "--temperature", "0",
+               "--max-new-tokens", "12", "--verbose"]
+    turns = "Who goes there?\nWhat news from the court?\nAnd the queen?\n"
+    one = subprocess.run([sys.executable, *command, "--no-pack"], input=turns, capture_output=True, text=True,
+                         env=ENV, timeout=300)
+    two = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *command], input=turns,
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and len(one.stdout.splitlines()) == 3
+    reused = [[int(m) for m in re.findall(r"\((\d+) reused", run.stderr)] for run in (one, two)]
+    assert reused[1] == reused[0] and len(reused[0]) == 3 and reused[0][0] == 0 and min(reused[0][1:]) >= 12, reused

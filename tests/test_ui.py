@@ -332,3 +332,26 @@ def test_chat_settings_start_from_generation_config_else_the_pages_defaults(tmp_
     assert write("{not json") == ChatSettings()
     assert write({"temperature": 0.5, "top_p": 0}) == ChatSettings()  # a value SamplingParams refuses
     assert "top_p must be" in caplog.text and "the chat starts from mixtral's settings" in caplog.text
+
+
+def test_behind_a_reverse_proxy_the_proxys_name_is_an_allowed_origin():
+    """A page served through a proxy (https://chat.example -> 127.0.0.1:7860) posts with the proxy's origin: it
+    passes once the name is an allowed host, and other sites' pages still do not (the guard on a bare ASGI app;
+    tests/test_ui_browser.py runs it in front of the real page)."""
+    from starlette.testclient import TestClient
+
+    from mixtral.web_guard import WebAppGuard
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def post(guard, origin: str) -> int:  # (no lifespan: the bare app answers http only)
+        client = TestClient(guard, base_url="http://127.0.0.1:7860")
+        return client.post("/gradio_api/queue/join", headers={"Origin": origin}).status_code
+
+    proxied = WebAppGuard(app, allowed_hosts=("chat.example",))
+    assert post(proxied, "https://chat.example") == 200
+    assert post(proxied, "https://evil.example") == 403
+    assert post(WebAppGuard(app), "https://chat.example") == 403
+    assert post(WebAppGuard(app), "http://127.0.0.1:7860") == 200

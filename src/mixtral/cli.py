@@ -61,7 +61,7 @@ def prefix_cache_bytes(args) -> int:
     """--prefix-cache-memory in bytes (0 where the command has no such option)."""
     from .memory_plan import parse_size
 
-    if not hasattr(args, "prefix_cache_memory") or _ranks() > 1:  # a split model's KV cache is not kept (yet)
+    if not hasattr(args, "prefix_cache_memory"):
         return 0
     default = parse_size(PREFIX_CACHE_DEFAULT)
     if args.prefix_cache_memory is None:
@@ -173,9 +173,9 @@ def cmd_chat(args) -> int:
     history: list[dict] = []
     prefix = None
     if prefix_cache_bytes(args):  # the conversation so far: each turn prefills only what is new
-        from .prefix_cache import PrefixCache
+        from . import kernels
 
-        prefix = PrefixCache(prefix_cache_bytes(args))
+        prefix = kernels.runner(model).prefix_cache(prefix_cache_bytes(args))
     if interactive:
         print(f"Chatting with {model_dir.name}. Commands: /reset, /system TEXT, /exit. Ctrl-D quits.")
     while True:

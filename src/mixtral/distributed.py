@@ -26,11 +26,14 @@ process at once; a hung one after `--dist-timeout`): rank 0 fails the requests i
 Every rank routes every token itself (in fp32): ranks on CPUs that round differently could route a near-tie
 differently, so a split over unlike machines is not supported.
 
-Not yet split: quantized checkpoints, GGUF files, GPUs and our native CPU kernels (the shards run the torch code).
+Prefix reuse works as in one process: rank 0's prefix cache sends each load and store to the other ranks, which
+do the same on their own KV caches. Not yet split: quantized checkpoints, GGUF files, GPUs and our native CPU
+kernels (the shards run the torch code).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -50,6 +53,7 @@ from .errors import MixtralError
 from .kernels.runner import Runner
 from .kv_cache import KVCache
 from .memory import release_free_memory
+from .prefix_cache import MIN_TOKENS, PrefixCache
 from .model import MoE, Routing, Transformer
 from .gguf_file import is_gguf
 from .weights import (read_quantization, read_stored, resolve_dtype, safetensors_files, skipped,
@@ -279,9 +283,25 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
 
 # ---- rank 0 leads, the others follow -------------------------------------------------------------------------
 
-STOP, FORWARD, NEW_CACHE = 0, 1, 2
-_HEADER = 10  # int64s: command, B, T, n_keys (-1 none), cache id (-1 none), has pos, has logits_at, has slots,
-# and for NEW_CACHE: batch size, max length
+STOP, FORWARD, NEW_CACHE, NEW_PREFIX, PREFIX_LOAD, PREFIX_STORE = range(6)
+_HEADER = 8  # int64s: the command and its numbers (zeros after them); then the tensors it names
+# FORWARD: B, T, n_keys (-1 none), cache id (-1 none), has pos, has logits_at, has slots; then the tensors
+# NEW_CACHE: id, how many caches are alive, batch size, max length; then the live ids
+# NEW_PREFIX: budget bytes. PREFIX_LOAD / PREFIX_STORE: cache id, row, tokens; then the token ids
+
+
+def _send(numbers: list[int], *tensors) -> None:
+    """Rank 0: a command header, then the tensors that are not None (as int64)."""
+    _broadcast(torch.tensor([int(n) for n in numbers] + [0] * (_HEADER - len(numbers)), dtype=torch.int64))
+    for tensor in tensors:
+        if tensor is not None:
+            _broadcast(torch.as_tensor(tensor).to(torch.int64).cpu().contiguous())
+
+
+def _receive(shape) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=torch.int64)
+    _broadcast(tensor)
+    return tensor
 
 
 def _broadcast(tensor: torch.Tensor) -> None:
@@ -321,33 +341,38 @@ class LeaderRunner(Runner):
         self._ids += 1
         self._caches[self._ids] = cache
         alive = sorted(self._caches)
-        header = torch.tensor([NEW_CACHE, self._ids, len(alive), 0, 0, 0, 0, 0, cache.batch_size,
-                               cache.max_seq_len], dtype=torch.int64)
-        _broadcast(header)
-        _broadcast(torch.tensor(alive, dtype=torch.int64))
+        _send([NEW_CACHE, self._ids, len(alive), cache.batch_size, cache.max_seq_len], torch.tensor(alive))
         return self._ids
 
-    def forward(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None,
-                slots=None) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _step(self):
+        """One command to the other ranks and its work here, under the lock; a failure marks the ranks out of step."""
         with self._lock:
             if self.failed:
                 raise RankFailed(f"the model's ranks are out of step ({self.failed}); restart the command")
             try:
-                B, T = input_ids.shape
-                cache_id = -1 if cache is None else self._cache_id(cache)
-                header = torch.tensor([FORWARD, B, T, -1 if n_keys is None else n_keys, cache_id,
-                                       input_pos is not None, logits_at is not None, slots is not None, 0, 0],
-                                      dtype=torch.int64)
-                _broadcast(header)
-                for part in (input_ids, input_pos, logits_at, slots):
-                    if part is not None:
-                        _broadcast(part.to(torch.int64).cpu().contiguous())
-                return self.model.compute(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+                yield
             except BaseException as exc:
                 self.failed = str(exc) if isinstance(exc, RankFailed) else f"a pass failed on rank 0: {exc!r}"
                 if self.on_failure is not None:
                     self.on_failure()
                 raise
+
+    def forward(self, input_ids, input_pos=None, cache=None, n_keys=None, logits_at=None, routing=None,
+                slots=None) -> torch.Tensor:
+        with self._step():
+            B, T = input_ids.shape
+            cache_id = -1 if cache is None else self._cache_id(cache)
+            _send([FORWARD, B, T, -1 if n_keys is None else n_keys, cache_id, input_pos is not None,
+                   logits_at is not None, slots is not None], input_ids, input_pos, logits_at, slots)
+            return self.model.compute(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+
+    def prefix_cache(self, budget_bytes: int) -> PrefixCache:
+        """A prefix cache whose every load and store the other ranks repeat on their own KV caches (their entries
+        are as large as rank 0's, so the same budget makes the same choices)."""
+        with self._step():
+            _send([NEW_PREFIX, budget_bytes])
+        return MirroredPrefixCache(budget_bytes, self)
 
     def stop(self) -> None:
         """Tell the other ranks to return from `follow` (once; not after a failure, nor while a pass still runs in
@@ -357,7 +382,7 @@ class LeaderRunner(Runner):
         try:
             if not self.failed:
                 self.failed = "stopped"
-                _broadcast(torch.zeros(_HEADER, dtype=torch.int64))
+                _send([STOP])
         except RankFailed:
             pass
         finally:
@@ -386,32 +411,63 @@ def follow(model: Transformer) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     caches: dict[int, KVCache] = {}
+    prefix: PrefixCache | None = None
     device = model.device
     with torch.inference_mode():
         while True:
-            header = torch.empty(_HEADER, dtype=torch.int64)
-            _broadcast(header)
-            command, b, t, n_keys, cache_id, has_pos, has_at, has_slots, batch, length = header.tolist()
+            command, *numbers = _receive(_HEADER).tolist()
             if command == STOP:
                 return
             if command == NEW_CACHE:
-                alive = torch.empty(t, dtype=torch.int64)
-                _broadcast(alive)
-                caches = {key: c for key, c in caches.items() if key in set(alive.tolist())}
-                caches[b] = KVCache(model.args, batch, length, model.activation_dtype, device)
-                continue
-            parts = []
-            for shape, present in (((b, t), True), ((b, t), has_pos), ((b,), has_at), ((b,), has_slots)):
-                part = None
-                if present:
-                    part = torch.empty(shape, dtype=torch.int64)
-                    _broadcast(part)
-                    part = part.to(device)
-                parts.append(part)
-            ids, pos, at, slots = parts
-            if cache_id >= 0 and cache_id not in caches:
-                raise RankFailed(f"rank 0 used a KV cache ({cache_id}) this rank was never told of")
-            model.compute(ids, pos, caches.get(cache_id), None if n_keys < 0 else n_keys, at, None, slots)
+                cache_id, n_alive, batch, length = numbers[:4]
+                alive = set(_receive(n_alive).tolist())
+                caches = {key: c for key, c in caches.items() if key in alive}
+                caches[cache_id] = KVCache(model.args, batch, length, model.activation_dtype, device)
+            elif command == NEW_PREFIX:
+                prefix = PrefixCache(numbers[0])
+            elif command in (PREFIX_LOAD, PREFIX_STORE):
+                cache_id, row, n = numbers[:3]
+                tokens = _receive(n).tolist()
+                if prefix is None or cache_id not in caches:
+                    raise RankFailed("rank 0 used a prefix cache or KV cache this rank was never told of")
+                if command == PREFIX_LOAD:
+                    prefix.load(tokens, caches[cache_id], row)
+                else:
+                    prefix.store(tokens, caches[cache_id], row)
+            elif command == FORWARD:
+                b, t, n_keys, cache_id, has_pos, has_at, has_slots = numbers[:7]
+                ids = _receive((b, t)).to(device)
+                pos, at, slots = (_receive(shape).to(device) if present else None
+                                  for shape, present in (((b, t), has_pos), ((b,), has_at), ((b,), has_slots)))
+                if cache_id >= 0 and cache_id not in caches:
+                    raise RankFailed(f"rank 0 used a KV cache ({cache_id}) this rank was never told of")
+                model.compute(ids, pos, caches.get(cache_id), None if n_keys < 0 else n_keys, at, None, slots)
+            else:
+                raise RankFailed(f"rank 0 sent a command this rank does not know ({command})")
+
+
+class MirroredPrefixCache(PrefixCache):
+    """Rank 0's prefix cache: each load and store is sent to the other ranks first, which do the same on theirs."""
+
+    def __init__(self, budget_bytes: int, runner: LeaderRunner):
+        super().__init__(budget_bytes)
+        self._runner = runner
+
+    def load(self, prompt_ids, cache, row: int) -> int:
+        prompt_ids = list(prompt_ids)
+        if len(prompt_ids) < 2:  # nothing to reuse (the last prompt token always runs)
+            return 0
+        with self._runner._step():
+            _send([PREFIX_LOAD, self._runner._cache_id(cache), row, len(prompt_ids)], torch.tensor(prompt_ids))
+            return super().load(prompt_ids, cache, row)
+
+    def store(self, tokens, cache, row: int) -> bool:
+        tokens = list(tokens)
+        if len(tokens) < MIN_TOKENS:  # not kept, here or there
+            return False
+        with self._runner._step():
+            _send([PREFIX_STORE, self._runner._cache_id(cache), row, len(tokens)], torch.tensor(tokens))
+            return super().store(tokens, cache, row)
 
 
 def finish(leading: LeaderRunner | None = None) -> None:

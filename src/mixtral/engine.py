@@ -36,7 +36,6 @@ from . import kernels
 from .errors import MixtralError
 from .kv_cache import KVCache
 from .model import Routing, Transformer
-from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 from .stopping import TextTracker
 from .tokenizer import Tokenizer
@@ -221,7 +220,7 @@ class Engine:
         self.cache = KVCache(model.args, max_batch_size, self.max_total_tokens,
                              getattr(model, "activation_dtype", model.dtype), model.device)
         self.runner = kernels.runner(model)  # how the model runs: one decode step per call, whatever runs it
-        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.prefix = self.runner.prefix_cache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._free_slots = list(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []

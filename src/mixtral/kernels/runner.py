@@ -5,7 +5,8 @@ Callers (generate.py, engine.py, eval, bench) step a runner and never branch on 
 - `decode_step(cache, tokens, positions, rows, routing)`: one new token for each of B sequences -> a `Step`:
   the (B, V) logits, each row's log-normalizer (a token's log-prob is its logit minus it) and, where the runner
   computed it on the way, each row's greedy choice;
-- `step_of(logits)`: the same for logits the caller already has (the last prompt position after a prefill).
+- `step_of(logits)`: the same for logits the caller already has (the last prompt position after a prefill);
+- `prefix_cache(budget)`: a prefix cache for the model's KV caches.
 """
 
 from __future__ import annotations
@@ -81,3 +82,10 @@ class Runner:
 
     def step_of(self, logits: torch.Tensor) -> Step:
         return Step(logits, log_normalizers(logits))
+
+    def prefix_cache(self, budget_bytes: int):
+        """A prefix cache (prefix_cache.py) for KV caches of this runner's model (a split model's runner makes one
+        that its other ranks follow)."""
+        from ..prefix_cache import PrefixCache
+
+        return PrefixCache(budget_bytes)

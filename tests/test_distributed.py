@@ -55,7 +55,8 @@ from mixtral import distributed
 from mixtral.generate import generate_step
 from mixtral.sampling import Sampler, SamplingParams
 distributed.init()
-model = distributed.load_shard(sys.argv[1], "float32", progress=False)
+quantize = sys.argv[3] if len(sys.argv) > 3 else None
+model = distributed.load_shard(sys.argv[1], "float32", progress=False, quantize=quantize)
 if distributed.rank() == 0:
     distributed.lead(model)
     ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
@@ -84,6 +85,26 @@ def test_two_ranks_give_transformers_logits_and_greedy_tokens(split_model, tmp_p
     assert (got["logits"] - want).abs().max().item() < 1e-4
     assert got["tokens"].tolist() == greedy.tolist()
     assert got["params"] == per_rank(load_config(model_dir), 2)["params"]  # what `mixtral info --ranks 2` says
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_two_ranks_quantized_as_they_load_are_as_close_as_one_process_quantized(split_model, tmp_path, quantize):
+    """Each rank quantizes its part: q/k/v and experts exactly as one process does, o with per-row scales over its
+    own columns. Held to one process's own quantization error against transformers fp32 (at most 1.5x, + 1e-3)."""
+    from mixtral import load
+
+    model_dir, reference = split_model
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
+    torchrun(str(script), str(model_dir), str(tmp_path / "out.pt"), quantize)
+    split = torch.load(tmp_path / "out.pt")["logits"]
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    one, _ = load(model_dir, dtype="float32", quantize=quantize, pack=False, progress=False)
+    with torch.no_grad():
+        want = reference(ids).logits
+        one_error = (one(ids) - want).abs().max().item()
+    split_error = (split - want).abs().max().item()
+    assert 0 < split_error <= 1.5 * one_error + 1e-3, (split_error, one_error)
 
 
 def test_torchrun_generate_equals_one_process(split_model):

@@ -115,7 +115,7 @@ def _load(args):
         from . import distributed
         from .tokenizer import load_tokenizer
 
-        model = distributed.load_shard(model_dir, args.dtype, args.device)
+        model = distributed.load_shard(model_dir, args.dtype, args.device, quantize=args.quantize)
         distributed.lead(model)
         return model_dir, model, load_tokenizer(model_dir)
     model, tokenizer = load(model_dir, **asdict(load_options(args)))
@@ -712,9 +712,9 @@ def _main_distributed(args) -> int:
     if args.command not in DISTRIBUTED_COMMANDS:
         raise MixtralError(f"under torchrun, mixtral runs {', '.join(DISTRIBUTED_COMMANDS)}; run `mixtral "
                            f"{args.command}` as one process")
-    if args.quantize or args.max_memory or args.device != "cpu":  # (checked on every rank, before any loading)
-        raise MixtralError("under torchrun, --quantize, --max-memory and devices other than cpu are not available "
-                           "yet: the ranks split a safetensors checkpoint as stored, on CPUs")
+    if args.max_memory or args.device != "cpu":  # (checked on every rank, before any loading)
+        raise MixtralError("under torchrun, --max-memory and devices other than cpu are not available yet: the ranks "
+                           "split a safetensors checkpoint, on CPUs")
     distributed.init(args.dist_timeout)
     if distributed.rank() == 0:
         try:
@@ -722,7 +722,8 @@ def _main_distributed(args) -> int:
         finally:
             distributed.finish(distributed.leader())
     try:
-        model = distributed.load_shard(resolve_model(args.model), args.dtype, args.device, progress=False)
+        model = distributed.load_shard(resolve_model(args.model), args.dtype, args.device, progress=False,
+                                       quantize=args.quantize)
         distributed.follow(model)
     finally:
         distributed.finish()

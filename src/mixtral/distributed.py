@@ -27,8 +27,9 @@ Every rank routes every token itself (in fp32): ranks on CPUs that round differe
 differently, so a split over unlike machines is not supported.
 
 Prefix reuse works as in one process: rank 0's prefix cache sends each load and store to the other ranks, which
-do the same on their own KV caches. Not yet split: quantized checkpoints, GGUF files, GPUs and our native CPU
-kernels (the shards run the torch code).
+do the same on their own KV caches. Weights can be quantized as each rank loads them (`--quantize int8|int4`).
+Not yet split: checkpoints quantized on disk, GGUF files, GPUs and our native CPU kernels (the shards run the
+torch code).
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import experts
 from .config import ModelArgs, load_config
 from .errors import MixtralError
 from .kernels.runner import Runner
 from .kv_cache import KVCache
 from .memory import release_free_memory
 from .prefix_cache import MIN_TOKENS, PrefixCache
+from .quantize import parse_quantize, quantize_model
 from .model import MoE, Routing, Transformer
 from .gguf_file import is_gguf
 from .weights import (read_quantization, read_stored, resolve_dtype, safetensors_files, skipped,
@@ -152,11 +155,10 @@ class VocabHead(nn.Module):
         return torch.cat(parts, dim=-1)[..., :self.vocab_size]
 
 
-class RowParallelLinear(nn.Linear):
-    """A linear layer holding some of its input columns: its output summed over the ranks."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _sum_over_ranks(super().forward(x))
+def _sum_output_over_ranks(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a module whose last linear layer holds some of its input columns (attention's o, a dense
+    MLP's w2): its output summed over the ranks, whatever that layer is (plain or quantized)."""
+    return _sum_over_ranks(output)
 
 
 class ExpertParallelMoE(MoE):
@@ -177,10 +179,8 @@ class ExpertParallelMoE(MoE):
         for e in range(self.start, self.stop):  # ascending, as one process sums them
             token, choice = (expert_ids == e).nonzero(as_tuple=True)
             if token.numel():
-                local = e - self.start
-                h = F.silu(F.linear(tokens[token], self.w1[local])) * F.linear(tokens[token], self.w3[local])
-                y = F.linear(h, self.w2[local]) * weights[token, choice][:, None].to(x.dtype)
-                out.index_add_(0, token, y)
+                y = experts.swiglu(tokens[token], e - self.start, self.w1, self.w3, self.w2)  # plain or quantized
+                out.index_add_(0, token, y * weights[token, choice][:, None].to(x.dtype))
         return _sum_over_ranks(out).view(B, T, D)
 
 
@@ -197,7 +197,8 @@ def _split(model: Transformer, args: ModelArgs, shard: Shard) -> dict[str, tuple
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     for i, layer in enumerate(model.layers):
-        layer.attn.wo = RowParallelLinear((h1 - h0) * Dh, D, bias=False)
+        layer.attn.wo = nn.Linear((h1 - h0) * Dh, D, bias=False)
+        layer.attn.register_forward_hook(_sum_output_over_ranks)
         keep[f"layers.{i}.attn.wq.weight"] = (0, h0 * Dh, h1 * Dh)
         keep[f"layers.{i}.attn.wk.weight"] = (0, g0 * Dh, g1 * Dh)
         keep[f"layers.{i}.attn.wv.weight"] = (0, g0 * Dh, g1 * Dh)
@@ -211,7 +212,8 @@ def _split(model: Transformer, args: ModelArgs, shard: Shard) -> dict[str, tuple
             i0, i1 = shard.even(args.hidden_dim, "MLP columns")
             layer.ffn.w1 = nn.Linear(D, i1 - i0, bias=False)
             layer.ffn.w3 = nn.Linear(D, i1 - i0, bias=False)
-            layer.ffn.w2 = RowParallelLinear(i1 - i0, D, bias=False)
+            layer.ffn.w2 = nn.Linear(i1 - i0, D, bias=False)
+            layer.ffn.register_forward_hook(_sum_output_over_ranks)
             keep[f"layers.{i}.ffn.w1.weight"] = keep[f"layers.{i}.ffn.w3.weight"] = (0, i0, i1)
             keep[f"layers.{i}.ffn.w2.weight"] = (1, i0, i1)
     return keep
@@ -228,8 +230,11 @@ def _read_part(entry, dim: int, start: int, stop: int) -> torch.Tensor:
 
 
 def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               progress: bool = True) -> Transformer:
-    """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint), reading only that part."""
+               progress: bool = True, quantize: str | None = None) -> Transformer:
+    """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint), reading only that part.
+    quantize: "int8", "int4" or "int4-g<group size>" quantizes this rank's attention and expert weights once read
+    (quantize.py; a split weight's scales are those of the rank's own part: o's per-row int8 scales cover its
+    columns only); "+head" is not available."""
     model_dir = Path(model_dir)
     args = load_config(model_dir)
     if is_gguf(model_dir) or read_quantization(model_dir) is not None:
@@ -278,6 +283,13 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     model.load_state_dict(params, strict=False, assign=True)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    wanted = parse_quantize(quantize)
+    if wanted is not None:
+        bits, group_size, head = wanted
+        if head:
+            raise MixtralError("under torchrun, the output projection (+head) is not quantized yet")
+        quantize_model(model, bits, group_size)
+        release_free_memory()
     return model.eval()
 
 

@@ -8,6 +8,12 @@ equal bf16's (up to the first difference, and overall) is reported.
 
     python bench/quality.py --data runs/data                    # the shipped model
     python bench/quality.py --model DIR --data runs/data --json
+    python bench/quality.py --data runs/data --gguf m.Q4_K_M.gguf --gguf m.Q8_0.gguf   # GGUF files of the model too
+
+A `--gguf` file is loaded as `--model FILE.gguf` loads it: its blocks dequantized and held in our nearest format
+(int8, or int4 in groups of 32): the row says what reading a llama.cpp quantization costs, against our bf16. Its
+"exact" row holds the file's own values in fp32 (`--quantize none --dtype float32`): the difference between the two
+rows is what our second rounding, from the file's blocks into our formats, costs.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--gguf", action="append", default=[], metavar="FILE",
+                        help="also a GGUF file of the same model, loaded the default way (repeatable)")
     opts = parser.parse_args(argv)
 
     import torch
@@ -65,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     chars = reply_chars_tensor(ids, mask, meta)
     prompts = validation_prompts(Path(opts.data), opts.prompts)
     rows, greedy = [], {}
-    for name, quantize in SETTINGS:
+    settings = [(name, opts.model, quantize, "bfloat16") for name, quantize in SETTINGS]
+    for f in opts.gguf:
+        label = Path(f).name.removesuffix(".gguf").rpartition(".")[2] or Path(f).name
+        settings.append((label, f, None, "bfloat16"))
+        settings.append((f"{label} exact", f, "none", "float32"))  # the file's own values, no second rounding
+    for name, path, quantize, dtype in settings:
         start = time.perf_counter()
-        model = load_model(opts.model, dtype="bfloat16", progress=False, quantize=quantize)
+        model = load_model(path, dtype=dtype, progress=False, quantize=quantize)
         result = reply_nats_per_char(model, ids, mask, chars, max_tokens=opts.max_tokens)
         steps = generate_step(model, prompts, [Sampler(SamplingParams(temperature=0)) for _ in prompts],
                               opts.new_tokens)
@@ -93,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{report['model']}: {base['reply_tokens']:,} held-out reply tokens; greedy {opts.new_tokens} tokens from "
           f"{len(prompts)} validation prompts, compared with bf16")
-    print(f"{'setting':<8}{'nats/char':>11}{'perplexity':>12}{'vs bf16':>9}{'same tokens':>13}{'same prefix':>13}")
+    print(f"{'setting':<14}{'nats/char':>11}{'perplexity':>12}{'vs bf16':>9}{'same tokens':>13}{'same prefix':>13}")
     for row in rows:
-        print(f"{row['setting']:<8}{row['nats_per_char']:>11.4f}{row['perplexity']:>12.3f}"
+        print(f"{row['setting']:<14}{row['nats_per_char']:>11.4f}{row['perplexity']:>12.3f}"
               f"{row['perplexity_change']:>+9.2%}{row['greedy_token_agreement']:>13.1%}"
               f"{row['greedy_identical_prefix']:>13.1%}")
     return 0

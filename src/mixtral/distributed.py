@@ -487,4 +487,5 @@ def finish(leading: LeaderRunner | None = None) -> None:
     if leading is not None:
         leading.stop()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # (the control group with it)
+    _control.clear()

@@ -281,7 +281,9 @@ def cmd_serve(args) -> int:
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_concurrent_requests,
                     max_total_tokens=_engine_context(args, model), prefix_cache_bytes=prefix_cache_bytes(args),
                     max_queue_time=args.max_queue_time or None)
-    leader = getattr(model, "runner", None) if _ranks() > 1 else None
+    from .distributed import leader as distributed_leader
+
+    leader = distributed_leader()  # rank 0 under torchrun, else None
     if leader is not None:  # a rank that fails: the requests held fail, then the server stops and exits non-zero
         import os
         import signal

@@ -111,13 +111,20 @@ class Shard:
         return min(n, self.rank * step), min(n, (self.rank + 1) * step)
 
 
+@contextlib.contextmanager
+def _collective():
+    """A collective's failure (a dead peer's closed connection, a timeout) as RankFailed."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise RankFailed(f"a rank stopped answering: {exc}") from None
+
+
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) in fp32 whatever x's dtype; back in x's dtype."""
     total = x.float() if x.dtype != torch.float32 else x.contiguous()
-    try:
+    with _collective():
         dist.all_reduce(total)
-    except (RuntimeError, dist.DistBackendError) as exc:
-        raise RankFailed(f"a rank stopped answering: {exc}") from None
     return total.to(x.dtype)
 
 
@@ -148,10 +155,8 @@ class VocabHead(nn.Module):
         if local.shape[-1] < self.step:  # the last rank's slice is shorter: pad to the common size
             local = F.pad(local, (0, self.step - local.shape[-1]))
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        try:
+        with _collective():
             dist.all_gather(parts, local.contiguous())
-        except (RuntimeError, dist.DistBackendError) as exc:
-            raise RankFailed(f"a rank stopped answering: {exc}") from None
         return torch.cat(parts, dim=-1)[..., :self.vocab_size]
 
 
@@ -320,14 +325,12 @@ def _broadcast(tensor: torch.Tensor) -> None:
     """A command or its inputs, from rank 0 to the others, on the control group: rank 0 waits the model's timeout
     for the others to take it (a hung rank holds it up), they wait for it as long as it takes."""
     group, timeout = _control if _control else (None, None)
-    try:
+    with _collective():
         work = dist.broadcast(tensor, src=0, group=group, async_op=True)
         if dist.get_rank() == 0 and timeout is not None:
             work.wait(timeout)
         else:
             work.wait()
-    except (RuntimeError, dist.DistBackendError) as exc:
-        raise RankFailed(f"a rank stopped answering: {exc}") from None
 
 
 class LeaderRunner(Runner):

@@ -62,12 +62,34 @@ def test_fast_prompts_are_as_close_to_fp32_as_transformers_bf16(bf16_dir, T):
     assert 0 < ours <= max(theirs, 1e-2), (ours, theirs)  # rounded (so the path was taken), and no worse
 
 
+def _same_routing_so_far(a: list, b: list) -> torch.Tensor:
+    """(B, T) True where every layer chose the same experts in both runs, at that position and all before it (a
+    position sees the ones before it through attention)."""
+    same = torch.ones(a[0].expert_ids.shape[:2], dtype=torch.bool)
+    for x, y in zip(a, b):
+        same &= (x.expert_ids.sort(-1).values == y.expert_ids.sort(-1).values).all(-1)
+    return same.cumprod(-1).bool()
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
-def test_quantized_fast_prompts_stay_within_bf16_rounding_of_the_exact_path(bf16_dir, quantize):
+@pytest.mark.parametrize("seed", [1, 2])
+def test_quantized_fast_prompts_stay_within_bf16_rounding_of_the_exact_path(bf16_dir, quantize, seed):
+    """Rounding may flip a near-tie between two experts, and that token then differs by far more than rounding
+    (on this model about a third of random prompts of 3 x 40 tokens flip one, on either path's rounding): so the
+    bound holds where the routing agreed, and a quarter of the positions at least must agree."""
     model = load_model(bf16_dir, dtype="bfloat16", progress=False, quantize=quantize)
-    exact, fast = _exact_and_fast(model, _ids(3, 40, seed=1))
+    ids = _ids(3, 40, seed=seed)
+    runner = kernels.runner(model)
+    routing_exact, routing_fast = [], []
+    with torch.no_grad():
+        runner.exact = True
+        exact = runner.forward(ids, routing=routing_exact)
+        runner.exact = False
+        fast = runner.forward(ids, routing=routing_fast)
+    agreed = _same_routing_so_far(routing_exact, routing_fast)
+    assert agreed.float().mean() > 0.25, agreed
     scale = exact.abs().max().item()
-    error = (fast - exact).abs().max().item()
+    error = (fast - exact).abs().amax(-1)[agreed].max().item()
     assert 0 < error < 0.02 * scale, (error, scale)
 
 

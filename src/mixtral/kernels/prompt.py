@@ -10,16 +10,19 @@ decode steps and the output projection (only the rows that need logits) stay on 
 - Attention projections: one GEMM each (q, k, v, o); attention itself is torch's SDPA in fp32, as on the exact path.
 - Experts: the C side routes (`mx_route`, the exact path's routing code), then the tokens are grouped by expert
   (one sort per layer) and each expert runs as three GEMMs on its own tokens, added back with their mixing weights.
-- Weights: bf16 weights are multiplied where they lie (no copy). int8 codes are widened to bf16 one expert at a time
-  (every int8 is exact in bf16; each output column is multiplied by its row's scale afterwards, in fp32), int4 codes
-  times their group scale rounded to the nearest bf16 (`mx_to_bf16`, with AVX512_BF16's rounding where the CPU has
-  it), into a scratch buffer reused across calls.
+- Weights: bf16 weights are multiplied where they lie (no copy). int8 and int4 codes times their scale are rounded
+  to the nearest bf16 one expert at a time (`mx_to_bf16`, with AVX512_BF16's rounding where the CPU has it), into a
+  scratch buffer reused across calls. (Widening int8 codes exactly and scaling each output column after cost a
+  pass over every output in fp32: int8 prompts on "small" ran ~15 % slower on an AMX Xeon.)
+- A GEMM writes bf16; the experts' down projections write straight into one (pairs, D) buffer in expert order,
+  which is then put back in (token, choice) order and added to the residual stream with the mixing weights.
 - A bf16 dot-product GEMM of our own in C (vdpbf16ps, int4 widened in the tile) was measured against this and ran
   at 60-80 % of oneDNN's speed on these shapes, so it was not kept.
 
 Numbers (the contract): each GEMM's inputs (activations) and outputs are rounded to bf16 and its sums are fp32
-(oneDNN); int4 weights are rounded to bf16 as above; the residual stream, norms, routing, SiLU and the mixing sums
-stay fp32. tests/test_prompt.py holds the result to the exact path and to transformers' bf16 model.
+(oneDNN); int8 and int4 weights are rounded to bf16 as above; SiLU and its product with the up projection are bf16
+ops (each computed in fp32, then rounded, as transformers' bf16 model does); the residual stream, norms, routing and
+the mixing sums stay fp32. tests/test_prompt.py holds the result to the exact path and to transformers' bf16 model.
 `exact=True` on the runner (or MIXTRAL_PROMPT=exact) keeps every prefill on the exact path;
 MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 arithmetic: for tests).
 """
@@ -80,20 +83,21 @@ def _buffer(elements: int) -> torch.Tensor:
     return held[:elements]
 
 
-def linear(weight, x: torch.Tensor, expert: int = 0) -> torch.Tensor:
-    """x (M, K) bf16 @ W_expert^T -> (M, N) fp32."""
-    struct = weight.struct
-    data, scales = weight.tensors
-    if struct.fmt == BF16:
-        matrix = data[expert] if data.dim() == 3 else data
-        return F.linear(x, matrix).float()
-    matrix = _buffer(struct.n * struct.k).view(struct.n, struct.k)
-    if library().mx_to_bf16(weight.ref, expert, 0, struct.n, matrix.data_ptr()):
+def _matrix(weight, expert: int) -> torch.Tensor:
+    """The (N, K) bf16 matrix a GEMM multiplies: a bf16 weight where it lies, else int8 or int4 codes times their
+    scale rounded to bf16 in this thread's scratch buffer."""
+    data = weight.tensors[0]
+    if weight.struct.fmt == BF16:
+        return data[expert] if data.dim() == 3 else data
+    matrix = _buffer(weight.struct.n * weight.struct.k).view(weight.struct.n, weight.struct.k)
+    if library().mx_to_bf16(weight.ref, expert, 0, weight.struct.n, matrix.data_ptr()):
         raise MemoryError("widening a weight to bf16: out of memory")
-    y = F.linear(x, matrix).float()
-    if struct.fmt == I8:
-        y *= (scales[expert] if scales.dim() == 2 else scales).float()
-    return y
+    return matrix
+
+
+def linear(weight, x: torch.Tensor, expert: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) bf16 @ W_expert^T -> (M, N) bf16 (into `out`, contiguous bf16, if given)."""
+    return torch.mm(x, _matrix(weight, expert).t(), out=out)
 
 
 def attention_inputs(layer, h: torch.Tensor, out: torch.Tensor, H: int, G: int, Dh: int) -> None:
@@ -109,11 +113,17 @@ def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
     x += linear(layer.o, y.to(torch.bfloat16))
 
 
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up on bf16 GEMM outputs, in bf16 as transformers does (each op computes in fp32 and rounds)."""
+    return F.silu(gate).mul_(up)
+
+
 def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.Tensor, ids: torch.Tensor,
             mix: torch.Tensor, store_hook) -> int:
     """The MoE block for normed rows h (N, D) fp32, added to x (N, D): routed by the C side (into logits (N, E), ids
-    and mix (N, top_k), the exact path's routing), then each expert's tokens as three GEMMs. Returns the C side's
-    routing status (0, -1 out of memory, -5 the store failed)."""
+    and mix (N, top_k), the exact path's routing), then each expert's tokens as three GEMMs, their outputs laid
+    side by side in expert order and added to x, each token's top_k of them with their mixing weights. Returns the
+    C side's routing status (0, -1 out of memory, -5 the store failed)."""
     sync_threads()
     N = h.shape[0]
     status = library().mx_route(h.data_ptr(), N, layer.router.ref, top_k, logits.data_ptr(), ids.data_ptr(),
@@ -123,25 +133,23 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     flat = ids.view(-1)
     order = torch.argsort(flat, stable=True)  # the (token, choice) pairs grouped by expert
     counts = torch.bincount(flat, minlength=logits.shape[1]).tolist()
-    tokens = order // top_k
-    hb = h.to(torch.bfloat16).index_select(0, tokens)
-    out = torch.empty(N * top_k, x.shape[1])
+    hb = h.to(torch.bfloat16)[order // top_k]
+    out = torch.empty(N * top_k, x.shape[1], dtype=torch.bfloat16)
     start = 0
     for expert, count in enumerate(counts):
         if not count:
             continue
         rows = hb[start:start + count]
-        gate = linear(layer.w1, rows, expert)
-        up = linear(layer.w3, rows, expert)
-        out[start:start + count] = linear(layer.w2, (F.silu(gate) * up).to(torch.bfloat16), expert)
+        hidden = _swiglu(linear(layer.w1, rows, expert), linear(layer.w3, rows, expert))
+        linear(layer.w2, hidden, expert, out=out[start:start + count])
         start += count
-    out *= mix.view(-1)[order][:, None]
-    x.index_add_(0, tokens, out)
+    pairs = out[torch.argsort(order)].view(N, top_k, -1)  # back in (token, choice) order
+    for choice in range(top_k):
+        x.addcmul_(pairs[:, choice], mix[:, choice, None])
     return 0
 
 
 def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:
     """A dense SwiGLU block (a layer without experts) on normed rows h (N, D) fp32 -> (N, D)."""
     hb = h.to(torch.bfloat16)
-    hidden = F.silu(linear(layer.w1, hb)) * linear(layer.w3, hb)
-    return linear(layer.w2, hidden.to(torch.bfloat16))
+    return linear(layer.w2, _swiglu(linear(layer.w1, hb), linear(layer.w3, hb)))

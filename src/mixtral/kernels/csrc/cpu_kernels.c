@@ -823,7 +823,7 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
 
 /* ---- AVX512_BF16, chosen at run time ------------------------------------------------------------------
  * Built into the same library with per-function target attributes, and called only where the CPU reports it
- * (mx_bf16_supported): the prompt path's int4 -> bf16 widening (mx_to_bf16), one instruction per 32 roundings. */
+ * (mx_bf16_supported): the prompt path's int8/int4 -> bf16 widening (mx_to_bf16), one instruction per 32 roundings. */
 #define BF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 int mx_bf16_supported(void) { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
@@ -846,12 +846,25 @@ BF_TARGET static void i4_row_to_bf16(const uint8_t *src, const uint16_t *scales,
     }
 }
 
-/* Expert e's rows [r0, r0 + nr) as bf16 (row stride K) for a bf16 GEMM (kernels/prompt.py): bf16 as is; int8 codes
- * without their row scale (every int8 is exact in bf16: the caller multiplies each output column by its scale);
- * fp32, fp16 and int4 (code * scale) rounded to the nearest bf16 (ties to even). Returns 0, -1 when out of memory. */
+/* One row of int8 codes times their bf16 row scale, rounded to the nearest bf16 (ties to even) into dst. */
+BF_TARGET static void i8_row_to_bf16(const int8_t *src, uint16_t scale_bits, int64_t K, uint16_t *dst) {
+    const __m512 scale = _mm512_set1_ps(bf16_to_float(scale_bits));
+    for (int64_t i = 0; i < K; i += 32) {
+        const int64_t n = K - i < 32 ? K - i : 32;
+        const __m256i b = _mm256_maskz_loadu_epi8((__mmask32)(n == 32 ? ~0u : (1u << n) - 1), src + i);
+        const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))), scale);
+        const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))), scale);
+        const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(c, a);
+        if (n == 32) _mm512_storeu_si512(dst + i, packed);
+        else _mm512_mask_storeu_epi16(dst + i, (__mmask32)((1ull << n) - 1), packed);
+    }
+}
+
+/* Expert e's rows [r0, r0 + nr) as bf16 (row stride K) for a bf16 GEMM (kernels/prompt.py): bf16 as is; fp32, fp16,
+ * int8 and int4 (code * scale) rounded to the nearest bf16 (ties to even). Returns 0, -1 when out of memory. */
 int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *out) {
     const int64_t K = w->k;
-    const int fast_i4 = mx_bf16_supported();
+    const int fast_bf16 = mx_bf16_supported();
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (nr * K >= PARALLEL_MIN_WORK)
     {
@@ -868,17 +881,11 @@ int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *o
                 memcpy(dst, (const uint16_t *)expert_data(w, e) + row * K, sizeof(uint16_t) * K);
                 continue;
             }
-            if (w->fmt == FMT_I8) {
-                const int8_t *src = (const int8_t *)expert_data(w, e) + row * K;
-                for (int64_t i = 0; i < K; i++) { /* exact: |code| <= 128 */
-                    const float f = (float)src[i];
-                    uint32_t u;
-                    memcpy(&u, &f, sizeof u);
-                    dst[i] = (uint16_t)(u >> 16);
-                }
+            if (w->fmt == FMT_I8 && fast_bf16) {
+                i8_row_to_bf16((const int8_t *)expert_data(w, e) + row * K, expert_scales(w, e)[row], K, dst);
                 continue;
             }
-            if (w->fmt == FMT_I4 && w->group % 32 == 0 && fast_i4) {
+            if (w->fmt == FMT_I4 && w->group % 32 == 0 && fast_bf16) {
                 const int64_t G = w->group, n_groups = (K + G - 1) / G;
                 i4_row_to_bf16((const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2),
                                expert_scales(w, e) + row * n_groups, K, G, dst);

@@ -14,8 +14,9 @@ decode steps and the output projection (only the rows that need logits) stay on 
   to the nearest bf16 one expert at a time (`mx_to_bf16`, with AVX512_BF16's rounding where the CPU has it), into a
   scratch buffer reused across calls. (Widening int8 codes exactly and scaling each output column after cost a
   pass over every output in fp32: int8 prompts on "small" ran ~15 % slower on an AMX Xeon.)
-- A GEMM writes bf16; the experts' down projections write straight into one (pairs, D) buffer in expert order,
-  which is then put back in (token, choice) order and added to the residual stream with the mixing weights.
+- A GEMM of up to TRANSPOSED_MAX_ROWS rows is computed as W x^T (below). GEMMs write bf16; the experts' down
+  projections go into one (pairs, D) buffer in expert order, which is then put back in (token, choice) order and
+  added to the residual stream with the mixing weights.
 - A bf16 dot-product GEMM of our own in C (vdpbf16ps, int4 widened in the tile) was measured against this and ran
   at 60-80 % of oneDNN's speed on these shapes, so it was not kept.
 
@@ -41,6 +42,10 @@ from .native_lib import BF16, I4, I8, cpu_flags, library, sync_threads
 # the exact kernels at 16 and 1.1-1.4x ahead at 32 (bench/decode.py --prompt-tokens N --runs ours:bf16,exact:bf16)
 MIN_ROWS = 32
 FAST_FORMATS = (BF16, I8, I4)
+# Up to this many rows a GEMM runs as W @ x^T: oneDNN then reads the weight as its first operand where it lies,
+# where x @ W^T repacks the whole weight on every call (its second operand). On an AMX Xeon (2 threads) that made
+# the experts' GEMMs of 16-128 rows 1.3-1.8x faster; from 512 rows the two were even or x @ W^T ahead.
+TRANSPOSED_MAX_ROWS = 256
 
 
 def unavailable_reason() -> str | None:
@@ -95,9 +100,12 @@ def _matrix(weight, expert: int) -> torch.Tensor:
     return matrix
 
 
-def linear(weight, x: torch.Tensor, expert: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) bf16 @ W_expert^T -> (M, N) bf16 (into `out`, contiguous bf16, if given)."""
-    return torch.mm(x, _matrix(weight, expert).t(), out=out)
+def linear(weight, x: torch.Tensor, expert: int = 0) -> torch.Tensor:
+    """x (M, K) bf16 @ W_expert^T -> (M, N) bf16; up to TRANSPOSED_MAX_ROWS rows as (W x^T)^T, a transposed view."""
+    matrix = _matrix(weight, expert)
+    if x.shape[0] <= TRANSPOSED_MAX_ROWS:
+        return torch.mm(matrix, x.t()).t()
+    return torch.mm(x, matrix.t())
 
 
 def attention_inputs(layer, h: torch.Tensor, out: torch.Tensor, H: int, G: int, Dh: int) -> None:
@@ -141,7 +149,7 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
             continue
         rows = hb[start:start + count]
         hidden = _swiglu(linear(layer.w1, rows, expert), linear(layer.w3, rows, expert))
-        linear(layer.w2, hidden, expert, out=out[start:start + count])
+        out[start:start + count] = linear(layer.w2, hidden, expert)
         start += count
     pairs = out[torch.argsort(order)].view(N, top_k, -1)  # back in (token, choice) order
     for choice in range(top_k):

@@ -156,3 +156,22 @@ def test_shipped_model_greedy_replies_equal_on_both_paths(monkeypatch):
     assert all(len(tokenizer.apply_chat_template([{"role": "user", "content": p}])) >= REAL_MIN_ROWS
                for p in SAMPLE_PROMPTS)
     assert replies[True] == replies[False]
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_weights_widened_a_chunk_of_rows_at_a_time_give_the_same_prompt(bf16_dir, quantize, monkeypatch):
+    """Large int8/int4 weights are widened and multiplied in chunks of rows (WIDEN_CHUNK_BYTES); forced here down
+    to 5 rows a chunk, which leaves a short last chunk for every matrix of this model."""
+    model = load_model(bf16_dir, dtype="bfloat16", progress=False, quantize=quantize)
+    runner = kernels.runner(model)
+    ids = _ids(2, 24, seed=3)
+    with torch.no_grad():
+        whole = runner.forward(ids)
+        widened = []
+        real_widen = prompt._widen
+        monkeypatch.setattr(prompt, "_widen", lambda w, e, first, into: widened.append(len(into)) or
+                            real_widen(w, e, first, into))
+        monkeypatch.setattr(prompt, "WIDEN_CHUNK_BYTES", 2 * 5 * 96)  # 5 rows of the widest input (ffn 96)
+        chunked = runner.forward(ids)
+    assert widened and max(widened) <= 10 and min(widened) < 5  # chunks were taken, with short last ones
+    assert (chunked - whole).abs().max() <= 1e-3 * whole.abs().max()

@@ -70,7 +70,10 @@ def describe() -> str:
     """One line for `mixtral info`."""
     reason = unavailable_reason()
     if reason is None:
-        return (f"oneDNN bf16 GEMMs for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights "
+        flags = cpu_flags()
+        unit = ("AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags
+                else "no bf16 arithmetic: MIXTRAL_PROMPT=gemm")
+        return (f"oneDNN bf16 GEMMs ({unit}) for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights "
                 f"(kernels/prompt.py)")
     return f"our C kernels (exact fp32), since {reason}"
 

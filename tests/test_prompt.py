@@ -1,9 +1,10 @@
 """The prompt path (kernels/prompt.py): prefills on oneDNN's bf16 GEMMs, held to the exact fp32 kernels and to
 transformers' own bf16 model.
 
-The contract (README, "Numbers"): a GEMM's inputs and outputs are rounded to bf16, its sums are fp32, int4 weights
-are rounded to bf16; the residual stream, norms, routing and mixing stay fp32. So the fast path must be at least as
-close to the exact result as transformers' bf16 model, which rounds all of that and the residual stream too.
+The contract (README, "Numbers"): a GEMM's inputs and outputs are rounded to bf16, its sums are fp32, int8 and int4
+weights are rounded to bf16, SiLU x up are bf16 ops; the residual stream, norms, routing and mixing stay fp32. So the
+fast path must be at least as close to the exact result as transformers' bf16 model, which rounds all of that and
+the residual stream too.
 MIXTRAL_PROMPT=gemm runs the path on any CPU (slowly where it has no bf16 arithmetic), so these tests hold
 everywhere; MIN_ROWS is lowered where a test needs short prompts to take it.
 """

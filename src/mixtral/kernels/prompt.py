@@ -122,6 +122,8 @@ def linear(weight, x: torch.Tensor, expert: int = 0) -> torch.Tensor:
     rows = max(1, WIDEN_CHUNK_BYTES // (2 * k))
     if weight.struct.fmt == BF16 or rows >= n:
         return torch.mm(_matrix(weight, expert), x.t()).t()
+    chunks = -(-n // rows)
+    rows = -(-n // chunks)  # chunks of equal size, none left with a few rows
     out, xt = torch.empty(n, x.shape[0], dtype=torch.bfloat16), x.t()
     buffer = _buffer(rows * k)
     for first in range(0, n, rows):
@@ -180,6 +182,7 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
 
 
 def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:
-    """A dense SwiGLU block (a layer without experts) on normed rows h (N, D) fp32 -> (N, D)."""
+    """A dense SwiGLU block (a layer without experts) on normed rows h (N, D) fp32 -> (N, D) bf16 (maybe a
+    transposed view)."""
     hb = h.to(torch.bfloat16)
     return linear(layer.w2, _swiglu(linear(layer.w1, hb), linear(layer.w3, hb)))

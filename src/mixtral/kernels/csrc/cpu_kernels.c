@@ -826,7 +826,9 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
  * (mx_bf16_supported): the prompt path's int8/int4 -> bf16 widening (mx_to_bf16), one instruction per 32 roundings. */
 #define BF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-int mx_bf16_supported(void) { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
+int mx_bf16_supported(void) {
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
 
 /* One row of int4 codes (K columns, groups of G, a multiple of 32) times their bf16 group scales, rounded to the
  * nearest bf16 (ties to even, as the AVX2 path does) into dst. */

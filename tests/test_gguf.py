@@ -43,9 +43,9 @@ def converter() -> Path:
         with tarfile.open(download / f"{SDIST}.tar.gz") as tar:
             prefix = f"{SDIST}/vendor/llama.cpp/"
             for member in tar.getmembers():
-                name = member.name[len(prefix):] if member.name.startswith(prefix) else None
+                name = member.name[len(prefix):] if member.name.startswith(prefix) else ""
                 wanted = name == "convert_hf_to_gguf.py" or name.startswith(("gguf-py/", "conversion/"))
-                if member.isfile() and name and wanted:
+                if member.isfile() and wanted:
                     (CACHE / name).parent.mkdir(parents=True, exist_ok=True)
                     (CACHE / name).write_bytes(tar.extractfile(member).read())
     return script

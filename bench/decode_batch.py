@@ -35,7 +35,7 @@ def worker(opts) -> dict:
 
     if opts.source:
         native_lib.SOURCE = Path(opts.source)
-    quantize = {"bf16": None, "int8": "int8", "int4": "int4"}[opts.precision]
+    quantize = None if opts.precision == "bf16" else opts.precision  # int8, int4, int4-g32, ...
     model, _ = load(opts.model, dtype="bfloat16", quantize=quantize, progress=False)
     runner = kernels.runner(model)
     if runner.name != "native":
@@ -90,7 +90,7 @@ def active_macs(args) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="small", help="a bench/decode.py config (tiny, small, medium)")
-    parser.add_argument("--precisions", default="bf16,int8,int4")
+    parser.add_argument("--precisions", default="bf16,int8,int4", help="bf16 and quantize settings (int4-g32, ...)")
     parser.add_argument("--compare", default=None, help="another cpu_kernels.c to time side by side")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)

@@ -410,6 +410,41 @@ def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     assert first != second and first.exists() and second.exists()
 
 
+@pytest.mark.parametrize("name,k", [
+    ("int8", 200), ("int8", 1100),  # a tail past the last block of 32; spans of 8 blocks and a short last one
+    ("int4-g32", 32 * 9), ("int4-g32", 32 * 11),  # four groups a 512-bit load, then one or three left
+    ("int4-g64", 64 * 7), ("int4-g64", 64 * 1030 + 5),  # an odd group left; scales multiplied 512 groups at a time
+    ("int4-g128", 128 * 3 + 40), ("int4-g256", 256 * 2)])
+def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batched(name, k):
+    """The int8 and int4 decode kernels have an AVX2 and an AVX-512 form, and the batched form unpacks a weight row
+    once for up to four activation rows. Every form must give every row the same numbers, bit for bit (integer
+    sums, then the same fp32 steps), near the fp32 product with the activation rounded to 16 bits."""
+    lib = native_lib.library()
+    was = int(native_lib.avx512_rows())
+    dense = torch.randn(2, 9, k, generator=_gen(k)) * 0.05
+    bits, group = (8, None) if name == "int8" else (4, int(name[len("int4-g"):]))
+    weight = native_lib.NativeWeight(Q.QuantLinear.from_weight(dense, bits, group, pack=False))
+    x = torch.randn(9, k, generator=_gen(k + 1))
+    x[3, : k // 2] *= 1e-3  # rows of different scales in one batch
+    results = []
+    try:
+        for avx512 in (0, 1):
+            if lib.mx_use_avx512(avx512) != avx512:
+                continue  # this CPU has no AVX-512
+            alone = torch.cat([weight.linear(x[m:m + 1], expert=1, per_row=True) for m in range(9)])
+            batched = weight.linear(x, expert=1, per_row=True)  # rows 4 + 4 + 1
+            pairs = weight.linear(x[:6], expert=1, per_row=True)  # 4 + 2
+            assert torch.equal(alone, batched) and torch.equal(alone[:6], pairs), avx512
+            results.append(alone)
+    finally:
+        lib.mx_use_avx512(was)
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    span = 256 if bits == 8 else group
+    reference = Q.QuantLinear.from_weight(dense, bits, group, pack=False).dequantize().float()[1]
+    wanted = torch.cat([_rounded_to_16_bits(x[m:m + 1], span) for m in range(9)]) @ reference.T
+    assert torch.allclose(results[0], wanted, rtol=1e-5, atol=5e-5)  # (int32 span sums to fp32: ~2^-24 of each)
+
+
 @pytest.mark.parametrize("avx512", [0, 1])
 def test_bf16_decode_rows_on_either_vector_width_match_fp32_and_do_not_depend_on_the_batch(tiny_dir, avx512):
     """The bf16 one-row kernel has an AVX2 and an AVX-512 form (the latter where the CPU has it; mx_use_avx512 says

@@ -78,7 +78,7 @@ def will_run_native(device) -> bool:
 def describe() -> str:
     """Which kernels a CPU model runs on here, and why not ours if it cannot (for `mixtral info`)."""
     if native_lib.available():
-        rows = "; bf16 decode rows on AVX-512" if native_lib.avx512_rows() else ""
+        rows = "; bf16 decode rows and batched int8/int4 rows on AVX-512" if native_lib.avx512_rows() else ""
         return (f"ours (kernels/native.py: AVX2 kernels, compiled on first use{rows}); prompts: "
                 + prompt.describe())
     return f"fbgemm (kernels/fbgemm.py), since ours cannot run: {native_lib.unavailable_reason()}"

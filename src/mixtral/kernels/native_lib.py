@@ -129,6 +129,9 @@ def _load():
     p, i64, ptr = ctypes.POINTER(Weight), ctypes.c_int64, ctypes.c_void_p
     lib.mx_linear.argtypes = [p, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.mx_linear.restype = ctypes.c_int
+    if hasattr(lib, "mx_linear_rows"):  # (absent from an older source that bench/decode_batch.py --compare builds)
+        lib.mx_linear_rows.argtypes = lib.mx_linear.argtypes
+        lib.mx_linear_rows.restype = ctypes.c_int
     lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr, ctypes.c_void_p]
     lib.mx_moe.restype = ctypes.c_int
     lib.mx_route.argtypes = [ptr, i64, p, i64, ptr, ptr, ptr, ctypes.c_void_p]
@@ -279,16 +282,17 @@ class NativeWeight:
         self.n, self.k = n, k
 
     def linear(self, x: torch.Tensor, expert: int = 0, out: torch.Tensor | None = None,
-               accumulate: bool = False) -> torch.Tensor:
-        """x (M, K) fp32 contiguous -> x @ W^T (M, N), into `out` (added to it when `accumulate`)."""
+               accumulate: bool = False, per_row: bool = False) -> torch.Tensor:
+        """x (M, K) fp32 contiguous -> x @ W^T (M, N), into `out` (added to it when `accumulate`). `per_row`:
+        each row as a decode step computes it (the same numbers for a row alone or among others)."""
         M = x.shape[0]
         sync_threads()
         if out is None:
             out = torch.empty(M, self.n)
         if x.dtype != torch.float32 or x.stride(-1) != 1 or out.dtype != torch.float32 or out.stride(-1) != 1:
             raise TypeError("native linear takes fp32 rows with contiguous columns")
-        if library().mx_linear(self.ref, expert, x.data_ptr(), M, x.stride(0), out.data_ptr(), out.stride(0),
-                               int(accumulate)):
+        run = library().mx_linear_rows if per_row else library().mx_linear
+        if run(self.ref, expert, x.data_ptr(), M, x.stride(0), out.data_ptr(), out.stride(0), int(accumulate)):
             raise MemoryError("native linear: out of memory")
         return out
 

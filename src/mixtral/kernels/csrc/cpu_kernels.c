@@ -1,7 +1,8 @@
 /* CPU kernels for inference on x86-64 with AVX2, FMA and F16C, threaded with OpenMP (the runtime torch
  * already loaded, so both share one thread pool and torch.set_num_threads governs both). A few functions are
  * built for AVX-512 with target attributes and called only where the CPU has it, chosen at run time: bf16 decode
- * rows (mx_use_avx512) and the prompt path's int4 -> bf16 widening (mx_bf16_supported).
+ * rows and the integer ones of batched steps (mx_use_avx512), and the prompt path's int8/int4 -> bf16 widening
+ * (mx_bf16_supported).
  *
  * Weights are read where they lie, in the checkpoint's own format: fp32, bf16 or fp16 values, or our int8
  * (one bf16 scale per row) and int4 (two codes per byte, one bf16 scale per group of columns) codes, as
@@ -18,6 +19,7 @@
  *
  * Entry points (all take and return fp32 activations, row-major):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight
+ *   mx_linear_rows the same, each row computed as a decode step computes it (the same numbers alone or batched)
  *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual
  *   mx_route       the routing half of mx_moe alone (the prompt path of kernels/prompt.py runs the experts)
  *   mx_to_bf16     an expert's rows as bf16, for the prompt path's bf16 GEMMs
@@ -563,7 +565,7 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
 
 #define QBLOCK 32        /* columns per vpmaddwd block */
 #define I8_SPAN 8        /* int8: blocks per activation scale */
-#define I4_GROUPS_AHEAD 512 /* int4, groups of 64: rows of up to this many groups take the fast path */
+#define I4_GROUPS_AHEAD 512 /* int4, groups of 64: the groups whose scales are multiplied ahead, at a time */
 
 typedef struct {
     int16_t *q;       /* x / scale rounded, zero past K; for int4 in nibble order per chunk (see quantize_x) */
@@ -572,10 +574,17 @@ typedef struct {
     int64_t blocks, span, spans;  /* blocks of QBLOCK columns; blocks per span; spans (int4: groups) */
 } xq_t;
 
-/* Round x to int16 per span of `span` blocks. With chunk = 0 the columns stay in order (int8); with chunk = 32 or
- * 64 each chunk of that many columns is reordered as int4 codes unpack: columns 4j, then 4j + 1, 4j + 2, 4j + 3
- * (16-bit lane j of a chunk's bytes holds columns 4j..4j+3 in its four nibbles). */
-static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq_t *out) {
+/* Columns 4j, 4j + 1, 4j + 2, 4j + 3 of a chunk of n (32, 64 or 128) to lanes j, n/4 + j, n/2 + j, 3n/4 + j: the
+ * order int4 codes unpack in (16-bit lane j of the chunk's bytes holds columns 4j..4j+3 in its four nibbles). */
+static void nibble_order(int16_t *q, const int16_t *cols, int64_t n) {
+    for (int64_t j = 0; j < n / 4; j++)
+        for (int64_t t = 0; t < 4; t++) q[t * (n / 4) + j] = cols[4 * j + t];
+}
+
+/* Round x to int16 per span of `span` blocks. With chunk = 0 the columns stay in order (int8); else each chunk of
+ * `chunk` columns (32, 64 or 128) is put in nibble order, and the last columns, short of a whole chunk, in chunks
+ * of `last` (a divisor of the span's width). */
+static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t last, int64_t span, xq_t *out) {
     const int64_t blocks = (K + QBLOCK - 1) / QBLOCK, spans = (blocks + span - 1) / span, width = span * QBLOCK;
     out->blocks = blocks;
     out->span = span;
@@ -586,8 +595,10 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq
     if (out->q) memset(out->q, 0, q_bytes);
     out->scale = malloc(sizeof(float) * spans);
     out->qsum = malloc(sizeof(int32_t) * spans);
-    int16_t *order = chunk ? calloc((size_t)width, sizeof(int16_t)) : NULL; /* one span in column order */
-    if (!out->q || !out->scale || !out->qsum || (chunk && !order)) { free(order); return -1; }
+    int16_t *cols = chunk ? malloc(q_bytes) : NULL; /* the row in column order, before nibble_order */
+    if (!out->q || !out->scale || !out->qsum || (chunk && !cols)) { free(cols); return -1; }
+    int16_t *const dst = chunk ? cols : out->q;
+    if (chunk) memset(cols, 0, q_bytes);
     for (int64_t sp = 0; sp < spans; sp++) {
         const int64_t start = sp * width, n = K - start < width ? K - start : width;
         int nan;
@@ -595,8 +606,7 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq
         const int finite = !nan && top < INFINITY;
         int64_t i;
         const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
-        int16_t *q = chunk ? order : out->q + start;
-        if (chunk && n < width) memset(order + n, 0, sizeof(int16_t) * (width - n)); /* the last span, past K */
+        int16_t *q = dst + start;
         int32_t sum = 0;
         if (finite) { /* x / scale rounded to nearest even, as lrintf does */
             const __m256 s8 = _mm256_set1_ps(scale);
@@ -614,14 +624,16 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t span, xq
         } else {
             memset(q, 0, sizeof(int16_t) * n);
         }
-        if (chunk) /* chunk by chunk: columns 4j, 4j + 1, 4j + 2, 4j + 3 go to lanes j, c/4 + j, c/2 + j, 3c/4 + j */
-            for (int64_t base = 0; base < width; base += chunk)
-                for (int64_t j = 0; j < chunk / 4; j++)
-                    for (int64_t t = 0; t < 4; t++) out->q[start + base + t * (chunk / 4) + j] = order[base + 4 * j + t];
         out->scale[sp] = finite ? scale : NAN; /* an inf or NaN in x makes the products NaN, as in fp32 */
         out->qsum[sp] = sum;
     }
-    free(order);
+    if (chunk) {
+        const int64_t total = spans * width;
+        int64_t base = 0;
+        for (; base + chunk <= total; base += chunk) nibble_order(out->q + base, cols + base, chunk);
+        for (; base < total; base += last) nibble_order(out->q + base, cols + base, last);
+    }
+    free(cols);
     return 0;
 }
 
@@ -657,6 +669,20 @@ static inline __m128i i4_chunk32(const uint8_t *src, const int16_t *q) {
                                        _mm_madd_epi16(c1, _mm_loadu_si128((const __m128i *)(q + 8)))),
                          _mm_add_epi32(_mm_madd_epi16(c2, _mm_loadu_si128((const __m128i *)(q + 16))),
                                        _mm_madd_epi16(c3, _mm_loadu_si128((const __m128i *)(q + 24)))));
+}
+
+/* both[i] = weight scale (bf16) x activation scale of group i, for up to I4_GROUPS_AHEAD of the n groups left;
+ * returns how many */
+static inline int64_t group_scales(float *both, const uint16_t *scales, const float *scale, int64_t n) {
+    if (n > I4_GROUPS_AHEAD) n = I4_GROUPS_AHEAD;
+    int64_t g = 0;
+    for (; g + 8 <= n; g += 8) {
+        const __m256 ws = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scales + g))), 16));
+        _mm256_storeu_ps(both + g, _mm256_mul_ps(ws, _mm256_loadu_ps(scale + g)));
+    }
+    for (; g < n; g++) both[g] = bf16_to_float(scales[g]) * scale[g];
+    return n;
 }
 
 /* The same for the integer kernels (int8: before the row's scale, which rows_of applies to four rows at once). */
@@ -695,20 +721,17 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     if (G % 64 == 0) {
         __m256 b = _mm256_setzero_ps(); /* two FMA chains */
         int64_t g = 0;
-        if (G == 64 && n_groups <= I4_GROUPS_AHEAD) { /* the common case: one chunk per group, two groups a step */
-            float both[I4_GROUPS_AHEAD]; /* each group's weight scale times its activation scale, 8 at a time */
-            for (; g + 8 <= n_groups; g += 8) {
-                const __m256 ws = _mm256_castsi256_ps(
-                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scales + g))), 16));
-                _mm256_storeu_ps(both + g, _mm256_mul_ps(ws, _mm256_loadu_ps(scale + g)));
-            }
-            for (; g < n_groups; g++) both[g] = bf16_to_float(scales[g]) * scale[g];
-            for (g = 0; g + 2 <= n_groups; g += 2, at += 64, q += 128) {
-                _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
-                const __m256i s0 = _mm256_sub_epi32(i4_chunk64(at, q), _mm256_set1_epi32(xq->qsum[g]));
-                const __m256i s1 = _mm256_sub_epi32(i4_chunk64(at + 32, q + 64), _mm256_set1_epi32(xq->qsum[g + 1]));
-                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(both + g), a);
-                b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(both + g + 1), b);
+        if (G == 64) { /* the common case: one chunk per group, two groups a step */
+            float both[I4_GROUPS_AHEAD];
+            while (g + 2 <= n_groups) { /* scales multiplied ahead for I4_GROUPS_AHEAD groups at a time */
+                const int64_t g0 = g, end = g0 + group_scales(both, scales + g0, scale + g0, n_groups - g0);
+                for (; g + 2 <= end; g += 2, at += 64, q += 128) {
+                    _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                    const __m256i s0 = _mm256_sub_epi32(i4_chunk64(at, q), _mm256_set1_epi32(xq->qsum[g]));
+                    const __m256i s1 = _mm256_sub_epi32(i4_chunk64(at + 32, q + 64), _mm256_set1_epi32(xq->qsum[g + 1]));
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(both + (g - g0)), a);
+                    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(both + (g - g0) + 1), b);
+                }
             }
         }
         for (; g < n_groups; g++) {
@@ -735,6 +758,154 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     return _mm256_insertf128_ps(_mm256_setzero_ps(), b, 0);
 }
 
+/* ---- the integer kernels on 512-bit vectors (AVX-512 BW), chosen with the bf16 rows (mx_use_avx512) ----
+ * The same products as row_vec_int: the same int16 activations (quantize_x puts int4 columns in chunks of 128, so
+ * one 64-byte load unpacks 128 codes), the same exact int32 sum of each span in each of row_vec_int's lanes (16
+ * lanes folded to its 8, or its 4 for groups of 32) and the same fp32 steps after it, so every result is bit for
+ * bit row_vec_int's. A weight row's codes are loaded and unpacked once for nm activation rows (nm <= INT_ROWS):
+ * batched decode reuses the unpacking, which is most of the work. */
+#define INT_ROWS 4
+
+AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_multi(
+    const int64_t fmt, const int nm, const weight_t *w, int64_t e, int64_t row, const float *const *x,
+    const xq_t *const *xq, __m256 *out) {
+    const int64_t K = w->k;
+    __m256 a[INT_ROWS], b[INT_ROWS];
+    for (int j = 0; j < nm; j++) a[j] = b[j] = _mm256_setzero_ps();
+    if (fmt == FMT_I8) {
+        const int8_t *src = (const int8_t *)expert_data(w, e) + row * K, *at = src;
+        int64_t col = 0, sp = 0;
+        for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN, sp++) {
+            const int64_t n = left < I8_SPAN ? left : I8_SPAN;
+            __m512i s[INT_ROWS];
+            for (int j = 0; j < nm; j++) s[j] = _mm512_setzero_si512();
+            for (int64_t blk = 0; blk < n; blk++, at += QBLOCK, col += QBLOCK) {
+                if (!(blk & 1)) _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                const __m512i c = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)at));
+                for (int j = 0; j < nm; j++)
+                    s[j] = _mm512_add_epi32(s[j], _mm512_madd_epi16(c, _mm512_loadu_si512(xq[j]->q + col)));
+            }
+            for (int j = 0; j < nm; j++) {
+                const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s[j]), _mm512_extracti64x4_epi64(s[j], 1));
+                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(xq[j]->scale[sp]), a[j]);
+            }
+        }
+        for (int j = 0; j < nm; j++) {
+            float tail = 0.0f;
+            for (int64_t i = col; i < K; i++) tail += (float)src[i] * x[j][i];
+            out[j] = _mm256_add_ps(a[j], _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+        }
+        return;
+    }
+    const int64_t G = w->group, n_groups = xq[0]->spans;
+    const uint8_t *at = (const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2);
+    const uint16_t *scales = expert_scales(w, e) + row * n_groups;
+    const __m512i low = _mm512_set1_epi16(15);
+    __m512i c0, c1, c2, c3;
+#define UNPACK(v) (c0 = _mm512_and_si512(v, low), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low), \
+                   c2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), low), c3 = _mm512_srli_epi16(v, 12))
+#define DOT128(q) _mm512_add_epi32(                                                                            \
+        _mm512_add_epi32(_mm512_madd_epi16(c0, _mm512_loadu_si512(q)), _mm512_madd_epi16(c1, _mm512_loadu_si512((q) + 32))), \
+        _mm512_add_epi32(_mm512_madd_epi16(c2, _mm512_loadu_si512((q) + 64)), _mm512_madd_epi16(c3, _mm512_loadu_si512((q) + 96))))
+    int64_t g = 0;
+    if (G % 64 == 0) {
+        if (G == 64) { /* two groups a load: lanes 0-7 are row_vec_int's chain a, lanes 8-15 its chain b */
+            float both[INT_ROWS][I4_GROUPS_AHEAD];
+            __m512 acc[INT_ROWS];
+            for (int j = 0; j < nm; j++) acc[j] = _mm512_setzero_ps();
+            const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            while (g + 2 <= n_groups) { /* as row_vec_int: scales multiplied ahead, I4_GROUPS_AHEAD groups at a time */
+                const int64_t g0 = g;
+                int64_t end = g0;
+                for (int j = 0; j < nm; j++) end = g0 + group_scales(both[j], scales + g0, xq[j]->scale + g0, n_groups - g0);
+                for (; g + 2 <= end; g += 2, at += 64) {
+                    _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                    UNPACK(_mm512_loadu_si512(at));
+                    for (int j = 0; j < nm; j++) {
+                        const __m512i offset = _mm512_permutexvar_epi32(
+                            halves, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(xq[j]->qsum + g))));
+                        const __m512 scale = _mm512_permutexvar_ps(
+                            halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(both[j] + (g - g0))))));
+                        const __m512i s = _mm512_sub_epi32(DOT128(xq[j]->q + g * 64), offset);
+                        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
+                    }
+                }
+            }
+            for (int j = 0; j < nm; j++) {
+                a[j] = _mm512_castps512_ps256(acc[j]);
+                b[j] = _mm512_extractf32x8_ps(acc[j], 1);
+            }
+        }
+        for (; g < n_groups; g++) { /* groups of 128 or more; or the last of an odd number of groups of 64 */
+            __m256i sum[INT_ROWS];
+            if (G == 64) { /* 64 columns, in row_vec_int's order (quantize_x's `last`) */
+                for (int j = 0; j < nm; j++) sum[j] = i4_chunk64(at, xq[j]->q + g * 64);
+                at += 32;
+            } else {
+                __m512i s[INT_ROWS];
+                for (int j = 0; j < nm; j++) s[j] = _mm512_setzero_si512();
+                for (int64_t c = 0; c < G; c += 128, at += 64) {
+                    _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                    UNPACK(_mm512_loadu_si512(at));
+                    for (int j = 0; j < nm; j++) s[j] = _mm512_add_epi32(s[j], DOT128(xq[j]->q + g * G + c));
+                }
+                for (int j = 0; j < nm; j++)
+                    sum[j] = _mm256_add_epi32(_mm512_castsi512_si256(s[j]), _mm512_extracti64x4_epi64(s[j], 1));
+            }
+            for (int j = 0; j < nm; j++) {
+                const __m256i t = _mm256_sub_epi32(sum[j], _mm256_set1_epi32(xq[j]->qsum[g]));
+                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(bf16_to_float(scales[g]) * xq[j]->scale[g]),
+                                       a[j]);
+            }
+        }
+        for (int j = 0; j < nm; j++) out[j] = _mm256_add_ps(a[j], b[j]);
+        return;
+    }
+    /* groups of 32: four groups a load, lanes 4i..4i+3 group g + i, each added in turn to row_vec_int's one chain */
+    __m128 chain[INT_ROWS];
+    for (int j = 0; j < nm; j++) chain[j] = _mm_setzero_ps();
+    const __m512i quarters = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (; g + 4 <= n_groups; g += 4, at += 64) {
+        _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+        UNPACK(_mm512_loadu_si512(at));
+        for (int j = 0; j < nm; j++) {
+            const __m512i offset = _mm512_permutexvar_epi32(
+                quarters, _mm512_castsi128_si512(_mm_slli_epi32(_mm_loadu_si128((const __m128i *)(xq[j]->qsum + g)), 1)));
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(DOT128(xq[j]->q + g * 32), offset));
+            const float *xs = xq[j]->scale + g;
+            chain[j] = _mm_fmadd_ps(_mm512_castps512_ps128(f), _mm_set1_ps(bf16_to_float(scales[g]) * xs[0]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 1), _mm_set1_ps(bf16_to_float(scales[g + 1]) * xs[1]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 2), _mm_set1_ps(bf16_to_float(scales[g + 2]) * xs[2]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 3), _mm_set1_ps(bf16_to_float(scales[g + 3]) * xs[3]), chain[j]);
+        }
+    }
+    for (; g < n_groups; g++, at += 16) /* the last groups, in row_vec_int's order of 32 */
+        for (int j = 0; j < nm; j++) {
+            const __m128i s = _mm_sub_epi32(i4_chunk32(at, xq[j]->q + g * 32), _mm_set1_epi32(2 * xq[j]->qsum[g]));
+            chain[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(bf16_to_float(scales[g]) * xq[j]->scale[g]), chain[j]);
+        }
+    for (int j = 0; j < nm; j++) out[j] = _mm256_insertf128_ps(_mm256_setzero_ps(), chain[j], 0);
+#undef UNPACK
+#undef DOT128
+}
+
+/* Weight rows [r0, r0 + nr) (nr <= 4) . each of nm activation rows, into out[row][activation row] */
+typedef void (*int_rows_fn)(const weight_t *, int64_t, int64_t, int, const float *const *, const xq_t *const *,
+                            __m256 (*)[INT_ROWS]);
+#define INT_ROWS_FN(name, fmt, nm)                                                                                  \
+    AVX512_TARGET static void name(const weight_t *w, int64_t e, int64_t r0, int nr, const float *const *x,       \
+                                   const xq_t *const *xq, __m256 (*out)[INT_ROWS]) {                               \
+        for (int r = 0; r < nr; r++) row_int_512_multi(fmt, nm, w, e, r0 + r, x, xq, out[r]);                      \
+    }
+INT_ROWS_FN(row_i8_512_x1, FMT_I8, 1) INT_ROWS_FN(row_i8_512_x2, FMT_I8, 2)
+INT_ROWS_FN(row_i8_512_x3, FMT_I8, 3) INT_ROWS_FN(row_i8_512_x4, FMT_I8, 4)
+INT_ROWS_FN(row_i4_512_x1, FMT_I4, 1) INT_ROWS_FN(row_i4_512_x2, FMT_I4, 2)
+INT_ROWS_FN(row_i4_512_x3, FMT_I4, 3) INT_ROWS_FN(row_i4_512_x4, FMT_I4, 4)
+#undef INT_ROWS_FN
+/* [int4?][activation rows - 1] */
+static const int_rows_fn int_rows_512[2][INT_ROWS] = {{row_i8_512_x1, row_i8_512_x2, row_i8_512_x3, row_i8_512_x4},
+                                                      {row_i4_512_x1, row_i4_512_x2, row_i4_512_x3, row_i4_512_x4}};
+
 /* One matrix-vector product of a batch-1 step: y = (y if accumulate else 0) + W_e . x. */
 typedef struct {
     const weight_t *w;
@@ -745,20 +916,27 @@ typedef struct {
 } job_t;
 
 /* What a job's x becomes before the products: int16 blocks (integer kernels) or the even/odd split and int4
- * group sums (fp32 kernels). Jobs with the same x and weight layout share one. */
+ * group sums (fp32 kernels). Jobs with the same x and weight layout share one. `wide`: the integer kernels run on
+ * 512-bit vectors (int_rows_512), whose int4 columns come in chunks of 128. They are chosen for the rows of a batched
+ * step (linear_rows), where they unpack a weight once for several rows, and for int4 groups of 32 (four groups a
+ * load); a batch-1 product of int8 or int4 in groups of 64 or more measured no faster on them (and its int4 a few
+ * percent slower), so it keeps row_vec_int. Either way the numbers are the same. */
 typedef struct {
-    int integer;
+    int integer, wide;
     xq_t xq;
     float *xp, *sums;
 } prep_t;
 
-static int prepare_x(const weight_t *w, const float *x, prep_t *p) {
+static int prepare_x(const weight_t *w, const float *x, prep_t *p, int batched) {
     const int64_t K = w->k;
     memset(p, 0, sizeof *p);
     p->integer = w->fmt == FMT_I8 || (w->fmt == FMT_I4 && w->group % QBLOCK == 0);
-    if (p->integer)
-        return w->fmt == FMT_I8 ? quantize_x(x, K, 0, I8_SPAN, &p->xq)
-                                : quantize_x(x, K, w->group % 64 == 0 ? 64 : 32, w->group / QBLOCK, &p->xq);
+    if (p->integer) {
+        p->wide = avx512_rows && (batched || (w->fmt == FMT_I4 && w->group % 64));
+        if (w->fmt == FMT_I8) return quantize_x(x, K, 0, 0, I8_SPAN, &p->xq);
+        const int64_t chunk = w->group % 64 == 0 ? 64 : 32; /* row_vec_int's chunk; the 512-bit kernels read 128 */
+        return quantize_x(x, K, p->wide ? 128 : chunk, chunk, w->group / QBLOCK, &p->xq);
+    }
     const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
     p->xp = aligned_alloc(64, (sizeof(float) * K + 63) / 64 * 64); /* whole cache lines: a 512-bit load never straddles two */
     p->sums = malloc(sizeof(float) * (n_groups ? n_groups : 1));
@@ -776,7 +954,7 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p) {
 static void free_prep(prep_t *p) { free_xq(&p->xq); free(p->xp); free(p->sums); }
 
 static int same_layout(const weight_t *a, const weight_t *b) {
-    return a->fmt == b->fmt && a->k == b->k && a->group == b->group;
+    return a->fmt == b->fmt && a->k == b->k && a->group == b->group; /* (and so the same `wide`) */
 }
 
 /* The totals of four rows' partial sums: ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) of each. A row reduced
@@ -793,10 +971,18 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
     const weight_t *w = job->w;
     const int64_t e = job->e;
 #define ROW(r) (p->integer ? row_vec_int(fmt, w, e, (r), job->x, &p->xq) : row_vec(fmt, w, e, (r), job->x, p->xp, p->sums))
+    const xq_t *xq = &p->xq;
     for (int64_t r = r0; r < r1; r += 4) {
         const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
         const __m256 zero = _mm256_setzero_ps();
-        const __m256 v0 = ROW(r), v1 = n > 1 ? ROW(r + 1) : zero, v2 = n > 2 ? ROW(r + 2) : zero, v3 = n > 3 ? ROW(r + 3) : zero;
+        __m256 v0, v1, v2, v3;
+        if ((fmt == FMT_I8 || fmt == FMT_I4) && p->wide) {
+            __m256 v[4][INT_ROWS] = {{zero}, {zero}, {zero}, {zero}};
+            int_rows_512[fmt == FMT_I4][0](w, e, r, n, &job->x, &xq, v);
+            v0 = v[0][0]; v1 = v[1][0]; v2 = v[2][0]; v3 = v[3][0];
+        } else {
+            v0 = ROW(r); v1 = n > 1 ? ROW(r + 1) : zero; v2 = n > 2 ? ROW(r + 2) : zero; v3 = n > 3 ? ROW(r + 3) : zero;
+        }
         float sum[4];
         _mm_storeu_ps(sum, reduce4(v0, v1, v2, v3));
         for (int i = 0; i < n; i++) {
@@ -929,7 +1115,7 @@ static int run_jobs(const job_t *jobs, int count) {
         for (int j = 0; j < i && !prep_of[i]; j++)
             if (jobs[j].x == jobs[i].x && same_layout(jobs[j].w, jobs[i].w)) prep_of[i] = prep_of[j];
         if (!prep_of[i]) {
-            if (prepare_x(jobs[i].w, jobs[i].x, &preps[prepared])) status = -1;
+            if (prepare_x(jobs[i].w, jobs[i].x, &preps[prepared], 0)) status = -1;
             prep_of[i] = &preps[prepared++];
         }
         total += jobs[i].w->n;
@@ -969,36 +1155,48 @@ static int linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, 
     int status = jobs && preps ? 0 : -1;
     for (int64_t m = 0; m < M && status == 0; m++) {
         jobs[m] = (job_t){w, e, x + m * ldx, y + m * ldy, accumulate};
-        if (prepare_x(w, jobs[m].x, &preps[m])) status = -1;
+        if (prepare_x(w, jobs[m].x, &preps[m], 1)) status = -1;
     }
-    if (status == 0 && w->fmt == FMT_BF16 && avx512_rows) {
-        /* Each thread takes a range of the weight's rows in blocks that stay in its L2 cache, and runs three
-         * activation rows at a time over a block (they stay in L1), each weight widened once for the three. */
-        const int64_t N = w->n, K = w->k, block = 4 * (BF16_BLOCK_BYTES / (8 * K) > 1 ? BF16_BLOCK_BYTES / (8 * K) : 1);
+    if (status == 0 && avx512_rows && (w->fmt == FMT_BF16 || preps[0].wide)) {
+        /* Each thread takes a range of the weight's rows in blocks that stay in its L2 cache, and runs a few
+         * activation rows at a time over a block (they stay in L1), each weight loaded and widened or unpacked
+         * once for them: three rows for bf16 (24 accumulators), INT_ROWS for the integer kernels. */
+        const int integer = preps[0].integer, per = integer ? INT_ROWS : 3;
+        const int64_t N = w->n, K = w->k;
+        const int64_t row_bytes = w->fmt == FMT_BF16 ? 2 * K : w->fmt == FMT_I8 ? K : (K + 1) / 2;
+        const int64_t block = 4 * (BF16_BLOCK_BYTES / (4 * row_bytes) > 1 ? BF16_BLOCK_BYTES / (4 * row_bytes) : 1);
         const uint16_t *data = (const uint16_t *)expert_data(w, e);
+        const uint16_t *row_scales = w->fmt == FMT_I8 ? expert_scales(w, e) : NULL;
 #pragma omp parallel num_threads(threads) if (N * K >= PARALLEL_MIN_WORK)
         {
             const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), groups = (N + 3) / 4;
             const int64_t lo = 4 * (groups * t / nt), hi = 4 * (groups * (t + 1) / nt) < N ? 4 * (groups * (t + 1) / nt) : N;
             for (int64_t b0 = lo; b0 < hi; b0 += block)
-                for (int64_t m0 = 0; m0 < M; m0 += 3) {
-                    const int nm = M - m0 < 3 ? (int)(M - m0) : 3;
-                    const float *xs[3], *xps[3];
-                    for (int j = 0; j < nm; j++) { xs[j] = jobs[m0 + j].x; xps[j] = preps[m0 + j].xp; }
+                for (int64_t m0 = 0; m0 < M; m0 += per) {
+                    const int nm = M - m0 < per ? (int)(M - m0) : per;
+                    const float *xs[INT_ROWS], *xps[INT_ROWS];
+                    const xq_t *xqs[INT_ROWS];
+                    for (int j = 0; j < nm; j++) {
+                        xs[j] = jobs[m0 + j].x; xps[j] = preps[m0 + j].xp; xqs[j] = &preps[m0 + j].xq;
+                    }
                     for (int64_t r0 = b0; r0 < b0 + block && r0 < hi; r0 += 4) {
                         const int n = (int)(hi - r0 < 4 ? hi - r0 : 4);
-                        __m256 v[4][3];
-                        for (int r = 0; r < n; r++)
-                            (nm == 3 ? row_bf16_512_x3 : nm == 2 ? row_bf16_512_x2 : row_bf16_512_x1)(
-                                data + (r0 + r) * K, xs, xps, K, v[r]);
+                        __m256 v[4][INT_ROWS];
+                        if (integer) int_rows_512[w->fmt == FMT_I4][nm - 1](w, e, r0, n, xs, xqs, v);
+                        else
+                            for (int r = 0; r < n; r++)
+                                (nm == 3 ? row_bf16_512_x3 : nm == 2 ? row_bf16_512_x2 : row_bf16_512_x1)(
+                                    data + (r0 + r) * K, xs, xps, K, v[r]);
                         for (int j = 0; j < nm; j++) { /* as rows_of stores them */
                             const __m256 zero = _mm256_setzero_ps();
                             float sum[4];
                             _mm_storeu_ps(sum, reduce4(v[0][j], n > 1 ? v[1][j] : zero, n > 2 ? v[2][j] : zero,
                                                        n > 3 ? v[3][j] : zero));
                             const job_t *job = &jobs[m0 + j];
-                            for (int i = 0; i < n; i++)
-                                job->y[r0 + i] = job->accumulate ? job->y[r0 + i] + sum[i] : sum[i];
+                            for (int i = 0; i < n; i++) {
+                                const float value = row_scales ? sum[i] * bf16_to_float(row_scales[r0 + i]) : sum[i];
+                                job->y[r0 + i] = job->accumulate ? job->y[r0 + i] + value : value;
+                            }
                         }
                     }
                 }
@@ -1066,6 +1264,13 @@ int mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t l
     return 0;
 }
 
+/* y[m] (+)= W_e . x[m] for M rows, each computed as a decode step computes it (linear_rows): a row's numbers are the
+ * same alone or among others. Returns 0, or -1 when out of memory. */
+int mx_linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+                   int accumulate) {
+    return linear_rows(w, e, x, M, ldx, y, ldy, accumulate);
+}
+
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* One token's experts (decode at batch 1): with top-k a multiple of the threads, each thread runs whole experts;
@@ -1093,7 +1298,7 @@ static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3,
          * in one go, with no join between the gate/up products and the down product (a join restarts every
          * thread's memory stream; on small experts that costs a sizeable part of the bandwidth). */
         prep_t shared;
-        int failed = prepare_x(w1, x, &shared);
+        int failed = prepare_x(w1, x, &shared, 0);
         if (!failed)
 #pragma omp parallel num_threads(threads)
         for (int64_t j = omp_get_thread_num(); j < topk; j += omp_get_num_threads()) {
@@ -1103,7 +1308,7 @@ static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3,
             for (int64_t i = 0; i < I; i++) gate[i] = silu(gate[i]) * up[i];
             const job_t down = {w2, ids[order[j]], gate, ys + j * D, 0};
             prep_t own;
-            if (prepare_x(w2, gate, &own) == 0) rows_dot(&down, &own, 0, D);
+            if (prepare_x(w2, gate, &own, 0) == 0) rows_dot(&down, &own, 0, D);
             else {
 #pragma omp atomic write
                 failed = 1;

@@ -81,28 +81,44 @@ def ours_speed(model, prompt_tokens: int, new_tokens: int, repeat: int) -> dict:
             "decode_tok_s": max(new_tokens / (t[-1] - t[1]) for t in runs)}
 
 
-def llama_continuation(bin_dir: Path, gguf: Path, prompt: str, tokens: int) -> str:
+def llama_continuation(bin_dir: Path, gguf: Path, prompt: str, tokens: int, bos: str = "<s>") -> str:
+    """llama.cpp's greedy continuation, printed as llama-simple prints it: the BOS piece, the prompt, the new text.
+    llama-simple cannot turn off llama.cpp's weight repacking, whose AMX path for Q8_0/Q4_0 crashes on some Xeons
+    (README: peers); when it is killed by a signal, llama-completion runs instead with `--no-repack`, greedy (top-k
+    1), its output put in llama-simple's form (no BOS piece printed, " [end of text]" at the end of a reply)."""
     proc = subprocess.run([str(bin_dir / "llama-simple"), "-m", str(gguf), "-n", str(tokens), prompt],
                           capture_output=True, text=True, env=llama_env(), timeout=600)
+    if proc.returncode < 0 and (bin_dir / "llama-completion").exists():
+        proc = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(tokens),
+                               "--no-repack", "--samplers", "top_k", "--top-k", "1", "-no-cnv", "--simple-io",
+                               "--no-warmup", "-t", "2"], capture_output=True, text=True, env=llama_env(), timeout=600)
+        if proc.returncode == 0:
+            return bos + proc.stdout.rstrip("\n").removesuffix(" [end of text]").rstrip("\n")
     if proc.returncode != 0:
-        raise RuntimeError("llama-simple: " + last_line(proc))
+        raise RuntimeError(f"{Path(proc.args[0]).name}: " + last_line(proc))
     return proc.stdout.rstrip("\n")
 
 
 def llama_speed(bin_dir: Path, gguf: Path, prompt_tokens: int, new_tokens: int, repeat: int) -> dict:
-    proc = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", "2", "-p", str(prompt_tokens),
-                           "-n", str(new_tokens), "-r", str(repeat), "-o", "json"], capture_output=True, text=True,
-                          env=llama_env(), timeout=900)
+    """llama-bench's prefill and decode tokens/s; rerun with `--repack 0` when killed by a signal (as llama_continuation
+    does; the row's "repack" then says so)."""
+    command = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", "2", "-p", str(prompt_tokens),
+               "-n", str(new_tokens), "-r", str(repeat), "-o", "json"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=llama_env(), timeout=900)
+    repack = proc.returncode >= 0
+    if not repack:
+        proc = subprocess.run(command + ["--repack", "0"], capture_output=True, text=True, env=llama_env(), timeout=900)
     if proc.returncode != 0:
         return {"error": "llama-bench: " + last_line(proc)}
     tests = json.loads(proc.stdout)
     return {"prefill_tok_s": next(t["avg_ts"] for t in tests if t["n_prompt"] and not t["n_gen"]),
-            "decode_tok_s": next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"])}
+            "decode_tok_s": next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"]), "repack": repack}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-bin", required=True, help="folder with llama-simple, llama-quantize, llama-bench")
+    parser.add_argument("--llama-bin", required=True, help="folder with llama-simple, llama-quantize, llama-bench "
+                                                           "(and llama-completion, where llama-simple crashes)")
     parser.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -135,6 +151,7 @@ def main() -> int:
                 print(f"llama-quantize {kind}: {last_line(proc)}", file=sys.stderr)
                 continue
             files[f"llama-quantize {kind}"] = out
+        bos = tokenizer.id_to_piece(tokenizer.bos_id)
         for name, path in files.items():
             model, tok = load(path, progress=False)
             row = {"file": name, "mb": round(path.stat().st_size / 1e6, 1),
@@ -143,7 +160,7 @@ def main() -> int:
             row["held_as"] = held or "bfloat16"
             for prompt in PROMPTS:
                 ours = ours_continuation(model, tok, prompt, opts.tokens)
-                theirs = llama_continuation(bin_dir, path, prompt, opts.tokens)
+                theirs = llama_continuation(bin_dir, path, prompt, opts.tokens, bos)
                 if ours == theirs:
                     row["agree"] += 1
                 else:
@@ -156,7 +173,7 @@ def main() -> int:
             # is arithmetic (llama.cpp rounds activations to 8 bits for its quantized dot products), not the weights
             model, _ = load(path, dtype="float32", quantize="none", progress=False)
             row["agree_fp32"] = sum(ours_continuation(model, tok, p, opts.tokens)
-                                    == llama_continuation(bin_dir, path, p, opts.tokens) for p in PROMPTS)
+                                    == llama_continuation(bin_dir, path, p, opts.tokens, bos) for p in PROMPTS)
             row["llama.cpp"] = llama_speed(bin_dir, path, opts.prompt_tokens, opts.new_tokens, opts.repeat)
             rows.append(row)
             del model
@@ -172,7 +189,8 @@ def main() -> int:
         print(f"{row['file']:<24}{row['mb']:>7}  {row['held_as']:<14}{row['agree']:>3}/{row['prompts']:<3}"
               f"{row['agree_fp32']:>5}/{row['prompts']:<3}"
               f"{o['prefill_tok_s']:>10,.0f}{t.get('prefill_tok_s', float('nan')):>10,.0f}"
-              f"{o['decode_tok_s']:>9,.0f}{t.get('decode_tok_s', float('nan')):>10,.0f}")
+              f"{o['decode_tok_s']:>9,.0f}{t.get('decode_tok_s', float('nan')):>10,.0f}"
+              + ("" if t.get("repack", True) else "  (llama.cpp: --repack 0)"))
         for diff in row["first_difference"]:
             print(f"    differs on {diff['prompt']!r}: ours {diff['ours']!r} / llama.cpp {diff['llama.cpp']!r}")
     return 0

@@ -6,16 +6,19 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
 - `hf_config`: the config as a Hugging Face config dict, from the `llama.*` metadata (Mixtral, Mistral and Llama
   files all say `llama`), for config.py;
 - `tensors`: every tensor dequantized to fp32 by `gguf.quants` (F32, F16, BF16, Q8_0, Q4_0, the K-quants and the
-  rest of its types), one at a time, under its GGUF name; weights.py renames them (weights.gguf_to_hf) and puts
-  the query/key rows that llama.cpp's converter reorders for its RoPE back in Hugging Face order (`unpermute`);
-- `nearest_quantization`: a file of quantized blocks is held quantized again, in the nearest of our formats
-  (int8 for 5 bits and more, int4 in groups of 32 below), unless the caller asks for another;
+  rest of its types), one at a time, under its GGUF name; or, where the caller can take them, Q4_0 tensors as
+  their blocks (`Q4Blocks`); weights.py renames them (weights.gguf_to_hf) and puts the query/key rows that
+  llama.cpp's converter reorders for its RoPE back in Hugging Face order (`unpermute`);
+- `nearest_quantization`: a file of quantized blocks is held in the nearest of our formats (int8 for 5 bits and
+  more, int4 in groups of 32 below), unless the caller asks for another. Q4_0 is our int4 in groups of 32 but for
+  the scale's type: its codes are kept as they are and its fp16 scales rounded to bf16 (each weight within 2^-8
+  of its value in the file). Other types are quantized again from their values;
 - `tokenizer_parts`: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types)
   rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, and the chat
   template (`tokenizer.chat_template`), rendered in the same sandbox as any other; for tokenizer.py;
 - `write`: a GGUF file from metadata and named tensors (weights.export_gguf gives it a model's).
 
-Not yet: keeping Q8_0/Q4_0 blocks as they are in our kernels (every type is widened at load), byte-level BPE
+Not yet: Q8_0 blocks as they are (held as int8, one scale per row), byte-level BPE
 vocabularies (`tokenizer.ggml.model = gpt2`), and expert offloading from a GGUF.
 """
 
@@ -159,8 +162,8 @@ def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
     if main in _FLOATS:
         return None, ""
     setting = ("int8" if main in _EIGHT_BITS else "int4-g32") + ("+head" if head and head not in _FLOATS else "")
-    return setting, (f"{Path(path).name}: its {types} weights are held as {setting} (converted at load; "
-                     f"--quantize chooses another)")
+    how = "their codes as they are, their fp16 scales rounded to bf16" if main == "Q4_0" else "converted at load"
+    return setting, f"{Path(path).name}: its {types} weights are held as {setting} ({how}; --quantize chooses another)"
 
 
 def unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -175,14 +178,60 @@ def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def tensors(path: str | os.PathLike, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, fp32 tensor in row-major order) for every tensor of the file, one in memory at a time.
-    Raises MixtralError for a type gguf cannot dequantize."""
-    from gguf import quants
+class Q4Blocks:
+    """A Q4_0 tensor as the file stores it: in each block of 32 weights along a row, codes in 0..15 and one fp16
+    scale d, each weight (code - 8) * d. codes (..., N, K) uint8, scales (..., N, K / 32) fp32 (d exactly).
+    Indexing the first dimension and `rows` (a reordering of the rows) work as on a tensor of shape `shape`."""
+
+    BLOCK = 32
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        self.codes, self.scales = codes, scales
+
+    @classmethod
+    def from_raw(cls, raw) -> "Q4Blocks":
+        """From the file's bytes (..., N, K / 32 * 18): per block d (fp16, little-endian), then 16 bytes whose low
+        nibbles are the block's first 16 codes and high nibbles its last 16."""
+        blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 18))
+        scales = blocks[..., :2].contiguous().view(torch.float16)[..., 0].float()
+        packed = blocks[..., 2:]
+        codes = torch.cat((packed & 15, packed >> 4), dim=-1).flatten(-2)
+        return cls(codes, scales)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def __getitem__(self, index) -> "Q4Blocks":
+        return Q4Blocks(self.codes[index], self.scales[index])
+
+    def rows(self, reorder) -> "Q4Blocks":
+        """The same blocks with the rows reordered by `reorder` (a function of a tensor whose first dimension is
+        the rows: it is applied to the codes and the scales alike)."""
+        return Q4Blocks(reorder(self.codes), reorder(self.scales))
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weights."""
+        return ((self.codes.float() - 8).unflatten(-1, (-1, self.BLOCK)) * self.scales[..., None]).flatten(-2)
+
+
+def tensors(path: str | os.PathLike, progress: bool = True,
+            q4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4Blocks]]:
+    """(GGUF name, fp32 tensor in row-major order) for every tensor of the file, one in memory at a time; with
+    `q4_blocks`, Q4_0 tensors come as their blocks (Q4Blocks). Raises MixtralError for a type gguf cannot
+    dequantize."""
+    from gguf import GGMLQuantizationType, quants
     from tqdm.auto import tqdm
 
     found = reader(path)
     for tensor in tqdm(found.tensors, desc="Loading weights", unit="tensor", disable=not progress):
+        if q4_blocks and tensor.tensor_type == GGMLQuantizationType.Q4_0:
+            try:
+                blocks = Q4Blocks.from_raw(tensor.data)
+            except (RuntimeError, ValueError) as exc:
+                raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type Q4_0 ({exc})") from None
+            yield tensor.name, blocks
+            continue
         try:
             values = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type).copy())
         except (NotImplementedError, ValueError, TypeError) as exc:

@@ -7,6 +7,8 @@ The scheme (recorded in config.json as method "mixtral-weight-only"), for a weig
   dimension is zero-padded to a multiple of the group size. Stored as offset codes u = q + 8, two per byte,
   the even column in the low nibble.
 Scales are bfloat16, rounded *up* from the exact value, so every weight satisfies |W - q * scale| <= scale / 2.
+(A GGUF file's Q4_0 blocks are held as they are, int4 in groups of 32 with their own codes: their scales are the
+file's fp16 ones rounded to the nearest bf16, and may be negative; see gguf_file.Q4Blocks.)
 
 Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; the dense MLP's for `mistral`
 models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's
@@ -106,8 +108,12 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None):
     groups = F.pad(w, (0, padded - K)).unflatten(-1, (padded // group_size, group_size))  # (..., N, Kp/G, G)
     scales = _round_up_to_bf16((groups.abs().amax(-1) / 7.5).clamp(min=tiny))  # (..., N, Kp/G)
     q = (groups / scales.float()[..., None]).round().clamp(-8, 7)
-    codes = (q + 8).to(torch.uint8).flatten(-2)  # (..., N, Kp) in 0..15
-    return codes[..., 0::2] | (codes[..., 1::2] << 4), scales
+    return pack_codes((q + 8).to(torch.uint8).flatten(-2)), scales
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes (..., N, Kp) in 0..15 -> qweight (..., N, Kp/2), two per byte, the even column in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None,

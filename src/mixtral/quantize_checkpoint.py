@@ -20,7 +20,7 @@ import torch
 
 from . import quantize
 from .config import ModelArgs, load_config
-from .gguf_file import is_gguf, tokenizer_parts
+from .gguf_file import Q4Blocks, is_gguf, tokenizer_parts
 from .paths import atomic_path, write_atomic
 from .errors import MixtralError
 from .memory import release_free_memory
@@ -155,13 +155,21 @@ def _stream(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layou
     """Read the checkpoint one tensor at a time and hand every output tensor's rows to `put(name, rows, expert,
     first_row)`: the kept tensors cast to `dtype`, the quantized ones as codes and scales, a million weights at a
     time. Raises MixtralError for tensors the config does not have, misshapen or missing ones (weights.read_weights)."""
-    def place(name: str, expert: int | None, matrix: torch.Tensor) -> None:
+    def place(name: str, expert: int | None, matrix: torch.Tensor | Q4Blocks) -> None:
         """One weight (or one expert of a stacked one): quantized where the layout says so."""
         base = name.removesuffix(".weight")
+        bits = 8 if base == "lm_head" else spec["bits"]  # the head is always int8
+        if isinstance(matrix, Q4Blocks):
+            if f"{base}.qweight" in layout and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK:
+                if not torch.isfinite(matrix.scales).all():
+                    raise MixtralError(f"{name}: its Q4_0 scales hold inf or NaN values")
+                put(f"{base}.qweight", quantize.pack_codes(matrix.codes), expert, 0)  # the file's codes, as they are
+                put(f"{base}.scales", matrix.scales.to(torch.bfloat16), expert, 0)
+                return
+            matrix = matrix.dequantize().to(dtype)
         if f"{base}.qweight" not in layout:  # kept as it is
             put(name, matrix, expert, 0)
             return
-        bits = 8 if base == "lm_head" else spec["bits"]  # the head is always int8
         step = max(1, quantize.QUANTIZE_STEP // matrix.shape[-1])
         for first in range(0, matrix.shape[0], step):  # rows are quantized independently
             qweight, scales = quantize.quantize_weight(matrix[first:first + step], bits,
@@ -169,10 +177,11 @@ def _stream(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layou
             put(f"{base}.qweight", qweight, expert, first)
             put(f"{base}.scales", scales, expert, first)
 
-    for name, expert, piece in read_weights(source, args, progress):
-        piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
-        stacked = expert is None and piece.dim() == 3  # a whole (E, N, K) weight at once
-        for index, matrix in enumerate(piece) if stacked else [(expert, piece)]:
+    for name, expert, piece in read_weights(source, args, progress, q4_blocks=True):
+        if not isinstance(piece, Q4Blocks):
+            piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
+        stacked = expert is None and len(piece.shape) == 3  # a whole (E, N, K) weight at once
+        for index, matrix in ((i, piece[i]) for i in range(piece.shape[0])) if stacked else [(expert, piece)]:
             place(name, index, matrix)
             if name == "embed.weight" and args.tie_embeddings and "lm_head.qweight" in layout:
                 place("lm_head.weight", None, matrix)  # a tied head quantized: from the embedding

@@ -274,17 +274,20 @@ def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
-def _read_gguf(path: Path, args: ModelArgs, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_gguf(path: Path, args: ModelArgs, progress: bool,
+               q4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | gguf_file.Q4Blocks]]:
     """(Hugging Face name, fp32 tensor) for every weight of a GGUF file (gguf_file.tensors): query/key rows back in
-    Hugging Face order, merged (E, N, K) experts as one tensor per expert."""
-    for name, values in gguf_file.tensors(path, progress):
+    Hugging Face order, merged (E, N, K) experts as one tensor per expert. `q4_blocks`: Q4_0 weights as their
+    blocks (gguf_file.Q4Blocks), for a loader that keeps them as they are."""
+    for name, values in gguf_file.tensors(path, progress, q4_blocks):
         target = gguf_to_hf(name)
         if target is None:
             raise MixtralError(f"{path.name}: tensor {name} is not one mixtral knows")
         hf, layout = target
         heads = {"q": args.n_heads, "k": args.n_kv_heads}.get(layout)
         if heads:
-            values = gguf_file.unpermute(values, heads)
+            values = (values.rows(lambda t: gguf_file.unpermute(t, heads)) if isinstance(values, gguf_file.Q4Blocks)
+                      else gguf_file.unpermute(values, heads))
         if layout == "experts":
             for expert in range(values.shape[0]):
                 yield hf.format(expert=expert), values[expert]
@@ -342,16 +345,17 @@ def check_config_matches_files(model_dir: Path, args: ModelArgs) -> None:
                            f"{stored:,} bytes; the config does not match the weights")
 
 
-def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True) -> Iterator[tuple[str, int | None,
-                                                                                       torch.Tensor]]:
+def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True,
+                 q4_blocks: bool = False) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     """The checkpoint's weights one piece at a time, as (our name, expert index or None, tensor) (see `pieces`),
-    each shape checked against the config. Raises MixtralError for a misshapen tensor (at once), for tensors
-    the config does not have (after the last one) and for weights missing from the checkpoint (at the end)."""
+    each shape checked against the config. `q4_blocks`: a GGUF file's Q4_0 weights come as gguf_file.Q4Blocks.
+    Raises MixtralError for a misshapen tensor (at once), for tensors the config does not have (after the last
+    one) and for weights missing from the checkpoint (at the end)."""
     with torch.device("meta"):  # the weights a checkpoint holds (a tied lm_head once, as embed)
         shapes = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
     seen: set[tuple[str, int | None]] = set()
     unexpected = []
-    source = (_read_gguf(model_dir, args, progress) if gguf_file.is_gguf(model_dir)
+    source = (_read_gguf(model_dir, args, progress, q4_blocks) if gguf_file.is_gguf(model_dir)
               else _read_tensors(safetensors_files(model_dir), progress))
     for hf_name, tensor in source:
         found = pieces(hf_name, tensor, args)

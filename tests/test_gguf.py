@@ -243,38 +243,49 @@ def test_a_file_of_quantized_blocks_is_held_in_our_nearest_format(files, capsys)
     assert "held as" not in capsys.readouterr().err and not isinstance(model.layers[0].attn.wq, QuantLinear)
 
 
-def test_q4_0_blocks_are_held_as_they_are_but_for_their_scales_rounded_to_bf16(hf_dir, tmp_path, capsys):
-    """Q4_0 is our int4 in groups of 32 but for the scale's type, so a Q4_0 file loaded in its nearest format keeps
-    the file's codes: each weight is what gguf.quants makes of the file, within the rounding of its block's fp16
-    scale to bf16 (2^-8 of the weight), far below what quantizing the file's values again would cost."""
+def test_q4_0_blocks_are_held_as_they_are_and_finer_matrices_as_int8(hf_dir, tmp_path, capsys):
+    """Q4_0 is our int4 in groups of 32 with fp16 scales, so a Q4_0 file loaded in its nearest format holds exactly
+    what gguf.quants makes of the file; the matrices it stores finer (Q8_0: the embedding, the output and, as
+    llama.cpp's quantizer does for expert models, the attention's keys and values) are held as int8, not as int4.
+    A checkpoint written from the file (`mixtral quantize --bits 4 --group-size 32`) keeps the codes, its scales
+    rounded to bf16 (2^-8 of a weight)."""
     from gguf import GGMLQuantizationType as T
-    from gguf import quants
+    from gguf import GGUFReader, quants
 
     from mixtral.loading import load_model
+    from mixtral.quantize_checkpoint import quantize_checkpoint
     from mixtral.weights import export_gguf
 
     model = load_model(hf_dir, dtype="float32", pack=False, progress=False)
     out = export_gguf(model, load_tokenizer(hf_dir), tmp_path / "x-q4_0.gguf", "q4_0", progress=False)
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == T.Q4_0 and types["blk.0.attn_k.weight"] == T.Q8_0
     held, _ = load(out, progress=True, pack=False)
-    assert "Q4_0 weights are held as int4-g32+head (their codes as they are" in capsys.readouterr().err
-    again, _ = load(out, quantize="int4-g32", progress=False, pack=False)  # asked for: the same
-    for ours, other, original in [  # an expert (split from the file's (E, N, K) tensor); queries (rows reordered)
-            (held.layers[0].ffn.w1.dequantize(3), again.layers[0].ffn.w1.dequantize(3), model.layers[0].ffn.w1[3]),
-            (held.layers[1].attn.wq.dequantize(), again.layers[1].attn.wq.dequantize(), model.layers[1].attn.wq.weight)]:
-        stored = torch.from_numpy(quants.dequantize(quants.quantize(original.detach().numpy(), T.Q4_0), T.Q4_0))
-        assert torch.equal(ours, other)
-        assert ((ours - stored).abs() <= stored.abs() * 2**-8).all()
-        assert not torch.equal(ours, stored)  # (the scales were rounded: a check that the bound is not vacuous)
-        # quantizing the file's values again (what a load did before) is far outside that bound
-        again_values = Q.dequantize_weight(*Q.quantize_weight(stored, 4, 32), 4, 32, stored.shape[-1])
-        assert ((again_values - stored).abs() > stored.abs() * 2**-6).float().mean() > 0.3
-    # `mixtral quantize FILE.gguf OUT --bits 4 --group-size 32` keeps the codes too
-    from mixtral.quantize_checkpoint import quantize_checkpoint
-
+    err = capsys.readouterr().err
+    assert "Q4_0/Q8_0 weights are held as int4-g32+head" in err and "held as int8" in err
+    assert held.layers[0].attn.wk.bits == held.layers[1].attn.wv.bits == 8
     checkpoint, _ = load(quantize_checkpoint(out, tmp_path / "q", bits=4, group_size=32, progress=False),
                          progress=False, pack=False)
-    assert torch.equal(checkpoint.layers[0].ffn.w1.canonical()[0], held.layers[0].ffn.w1.canonical()[0])
-    assert torch.equal(checkpoint.layers[1].attn.wq.canonical()[1], held.layers[1].attn.wq.canonical()[1])
+
+    def stored(weight):
+        rows = weight.detach().numpy()
+        return torch.from_numpy(quants.dequantize(quants.quantize(rows, T.Q4_0), T.Q4_0))
+
+    # an expert (split from the file's (E, N, K) tensor); queries (rows reordered by llama.cpp, put back)
+    for name, index, original in [("ffn.w1", 3, model.layers[0].ffn.w1[3]), ("attn.wq", None, model.layers[1].attn.wq.weight)]:
+        layer = int(name == "attn.wq")
+        ours = held.get_submodule(f"layers.{layer}.{name}")
+        assert ours.bits == 4 and ours.group_size == 32 and ours.scales.dtype == torch.float16
+        want = stored(original)
+        assert torch.equal(ours.dequantize(index), want)
+        # the checkpoint: the same codes, the scales rounded to bf16
+        theirs = checkpoint.get_submodule(f"layers.{layer}.{name}")
+        assert torch.equal(theirs.canonical(index)[0], ours.canonical(index)[0])
+        in_checkpoint = theirs.dequantize(index)
+        assert ((in_checkpoint - want).abs() <= want.abs() * 2**-8).all() and not torch.equal(in_checkpoint, want)
+        # quantizing the file's values again (what a load did before) is far outside that bound
+        again = Q.dequantize_weight(*Q.quantize_weight(want, 4, 32), 4, 32, want.shape[-1])
+        assert ((again - want).abs() > want.abs() * 2**-6).float().mean() > 0.3
 
 
 @pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "q4_0"])

@@ -24,14 +24,19 @@ def _gen(seed):
 
 # ---- one matmul, every weight format --------------------------------------------------------------------
 
+def _quantized(dense, name: str):
+    """A QuantLinear: "int8", "int4-g64", or "int4-g32-fp16" (fp16 scales, as a GGUF file's Q4_0 blocks are held)."""
+    bits, group = (8, None) if name == "int8" else (4, int(name.split("-")[1][1:]))
+    weight = Q.QuantLinear.from_weight(dense, bits, group, pack=False)
+    if name.endswith("-fp16"):
+        weight.scales = (weight.scales.float() * 1.001).half()  # values a bf16 scale cannot hold
+    return weight
+
+
 def _weights(n, k, experts=2):
     dense = torch.randn(experts, n, k, generator=_gen(n * k)) * 0.05
-    return {
-        "fp32": dense, "bf16": dense.bfloat16(), "fp16": dense.half(),
-        "int8": Q.QuantLinear.from_weight(dense, 8, pack=False),
-        "int4-g16": Q.QuantLinear.from_weight(dense, 4, 16, pack=False),
-        **{f"int4-g{g}": Q.QuantLinear.from_weight(dense, 4, g, pack=False) for g in (32, 64, 128)},
-    }
+    names = ["int8", "int4-g16", "int4-g32", "int4-g64", "int4-g128", "int4-g32-fp16"]
+    return {"fp32": dense, "bf16": dense.bfloat16(), "fp16": dense.half(), **{n: _quantized(dense, n) for n in names}}
 
 
 def _rounded_to_16_bits(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -52,7 +57,7 @@ def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
     for name, weight in _weights(n, k).items():
         dense = (weight.dequantize() if isinstance(weight, Q.QuantLinear) else weight).float()
         integer = rows == 1 and name != "int4-g16" and name.startswith("int")
-        span = 256 if name == "int8" else int(name[len("int4-g"):]) if integer else 0
+        span = 256 if name == "int8" else int(name.split("-")[1][1:]) if integer else 0
         wanted = (_rounded_to_16_bits(x, span) if integer else x) @ dense[1].T  # expert 1 of 2: the stride is right
         if integer:  # and the rounding is far below the weights' own (int8: ~1e-2 here)
             assert torch.allclose(wanted, x @ dense[1].T, rtol=1e-4, atol=2e-4)
@@ -414,7 +419,7 @@ def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     ("int8", 200), ("int8", 1100),  # a tail past the last block of 32; spans of 8 blocks and a short last one
     ("int4-g32", 32 * 9), ("int4-g32", 32 * 11),  # four groups a 512-bit load, then one or three left
     ("int4-g64", 64 * 7), ("int4-g64", 64 * 1030 + 5),  # an odd group left; scales multiplied 512 groups at a time
-    ("int4-g128", 128 * 3 + 40), ("int4-g256", 256 * 2)])
+    ("int4-g128", 128 * 3 + 40), ("int4-g256", 256 * 2), ("int4-g32-fp16", 32 * 11), ("int4-g64-fp16", 64 * 7)])
 def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batched(name, k):
     """The int8 and int4 decode kernels have an AVX2 and an AVX-512 form, and the batched form unpacks a weight row
     once for up to four activation rows. Every form must give every row the same numbers, bit for bit (integer
@@ -422,8 +427,9 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
     lib = native_lib.library()
     was = int(native_lib.avx512_rows())
     dense = torch.randn(2, 9, k, generator=_gen(k)) * 0.05
-    bits, group = (8, None) if name == "int8" else (4, int(name[len("int4-g"):]))
-    weight = native_lib.NativeWeight(Q.QuantLinear.from_weight(dense, bits, group, pack=False))
+    quantized = _quantized(dense, name)
+    bits, group = quantized.bits, quantized.group_size
+    weight = native_lib.NativeWeight(quantized)
     x = torch.randn(9, k, generator=_gen(k + 1))
     x[3, : k // 2] *= 1e-3  # rows of different scales in one batch
     results = []
@@ -440,9 +446,20 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
         lib.mx_use_avx512(was)
     assert all(torch.equal(results[0], other) for other in results[1:])
     span = 256 if bits == 8 else group
-    reference = Q.QuantLinear.from_weight(dense, bits, group, pack=False).dequantize().float()[1]
+    reference = quantized.dequantize().float()[1]
     wanted = torch.cat([_rounded_to_16_bits(x[m:m + 1], span) for m in range(9)]) @ reference.T
     assert torch.allclose(results[0], wanted, rtol=1e-5, atol=5e-5)  # (int32 span sums to fp32: ~2^-24 of each)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g32-fp16"])
+def test_prompt_widening_rounds_each_code_times_its_scale_to_the_nearest_bf16(name):
+    """What the prompt path's bf16 GEMMs read of an int8/int4 weight (kernels/prompt.py, mx_to_bf16): rows of one
+    expert, each weight's exact value rounded to the nearest bf16, as torch rounds it."""
+    from mixtral.kernels import prompt
+
+    quantized = _quantized(torch.randn(2, 40, 200, generator=_gen(3)) * 0.05, name)
+    got = prompt._widen(native_lib.NativeWeight(quantized), 1, 3, torch.empty(30, 200, dtype=torch.bfloat16))
+    assert torch.equal(got, quantized.dequantize(1)[3:33].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("avx512", [0, 1])

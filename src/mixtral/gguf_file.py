@@ -10,9 +10,9 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
   their blocks (`Q4Blocks`); weights.py renames them (weights.gguf_to_hf) and puts the query/key rows that
   llama.cpp's converter reorders for its RoPE back in Hugging Face order (`unpermute`);
 - `nearest_quantization`: a file of quantized blocks is held in the nearest of our formats (int8 for 5 bits and
-  more, int4 in groups of 32 below), unless the caller asks for another. Q4_0 is our int4 in groups of 32 but for
-  the scale's type: its codes are kept as they are and its fp16 scales rounded to bf16 (each weight within 2^-8
-  of its value in the file). Other types are quantized again from their values;
+  more, int4 in groups of 32 below, the matrices a 4-bit file stores finer as int8: weights.gguf_int8_weights),
+  unless the caller asks for another. Q4_0 is our int4 in groups of 32 with fp16 scales: its blocks are held as
+  they are (quantize_checkpoint.load_quantizing). Other types are quantized again from their values;
 - `tokenizer_parts`: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types)
   rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, and the chat
   template (`tokenizer.chat_template`), rendered in the same sandbox as any other; for tokenizer.py;
@@ -139,8 +139,8 @@ def hf_config(path: str | os.PathLike) -> dict:
 
 # The nearest format our kernels run for each GGUF block type: 5 bits and more -> int8, 4 bits and less -> int4 with
 # groups of 32 (the block size of Q4_0). Float types stay float (in --dtype).
-_EIGHT_BITS = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
-_FLOATS = {"F32", "F16", "BF16", "F64"}
+EIGHT_BITS = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
+FLOATS = {"F32", "F16", "BF16", "F64"}
 
 
 def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
@@ -159,10 +159,10 @@ def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
         return None, ""
     main = max(counts, key=counts.get)
     types = "/".join(sorted(counts, key=counts.get, reverse=True))
-    if main in _FLOATS:
+    if main in FLOATS:
         return None, ""
-    setting = ("int8" if main in _EIGHT_BITS else "int4-g32") + ("+head" if head and head not in _FLOATS else "")
-    how = "their codes as they are, their fp16 scales rounded to bf16" if main == "Q4_0" else "converted at load"
+    setting = ("int8" if main in EIGHT_BITS else "int4-g32") + ("+head" if head and head not in FLOATS else "")
+    how = "their blocks as they are" if main == "Q4_0" else "converted at load"
     return setting, f"{Path(path).name}: its {types} weights are held as {setting} ({how}; --quantize chooses another)"
 
 
@@ -330,8 +330,9 @@ def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str
     n_kv_heads, head_dim, rope_theta, norm_eps, n_experts, top_k, sliding_window, vocab_size, bos, eos), the
     SentencePiece `vocab` (tokens, scores, types), the chat `template`, and `weights` as (GGUF name, fp32 tensor in
     llama.cpp's layout). `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
-    stay F32, and with q4_0 the embedding and output projection are Q8_0 (as llama.cpp's quantizer keeps them
-    finer). A matrix whose rows are not a whole number of 32-weight blocks is written F16. The file appears whole
+    stay F32, and with q4_0 the embedding and output projection are Q8_0, and so are the attention's keys and
+    values in a model with experts (as llama.cpp's quantizer keeps them finer: for Mixtral they are a small part of
+    the weights). A matrix whose rows are not a whole number of 32-weight blocks is written F16. The file appears whole
     or not at all (written beside it, then renamed)."""
     import numpy as np
     from gguf import GGMLQuantizationType as T
@@ -379,7 +380,8 @@ def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str
         for name, weight in weights:
             data = weight.contiguous().numpy().astype(np.float32)
             wanted = T.F32 if data.ndim == 1 or name.endswith("ffn_gate_inp.weight") else matrix
-            if wanted == T.Q4_0 and name in ("token_embd.weight", "output.weight"):
+            if wanted == T.Q4_0 and (name in ("token_embd.weight", "output.weight")
+                                     or c["n_experts"] and name.endswith(("attn_k.weight", "attn_v.weight"))):
                 wanted = T.Q8_0
             if wanted in (T.Q8_0, T.Q4_0) and data.shape[-1] % 32:
                 wanted = T.F16

@@ -24,7 +24,8 @@ from .quantize import parse_quantize
 from .quantize import spec as quantization_spec
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import check_config_matches_files, load_quantized, load_weights, read_quantization, resolve_dtype
+from .weights import (check_config_matches_files, gguf_int8_weights, load_quantized, load_weights, read_quantization,
+                      resolve_dtype)
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 MODELS_DIR = Path(__file__).parent / "models"
@@ -93,8 +94,13 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)
+    int8_weights = frozenset()
     if quantize is None and is_gguf(model_dir):  # a file of quantized blocks stays quantized, in our nearest format
         quantize, line = nearest_quantization(model_dir)
+        if quantize and quantize.startswith("int4"):  # and what it stores in more than 4 bits stays int8
+            int8_weights = gguf_int8_weights(model_dir, args)
+            if int8_weights:
+                line += f"; its {len(int8_weights)} matrices stored in more than 4 bits are held as int8"
         if line and progress:
             print(line, file=sys.stderr, flush=True)
     wanted = parse_quantize(quantize)
@@ -137,7 +143,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
             model = load_weights(model_dir, args, resolve_dtype(dtype), torch.device(device), progress)
         else:  # quantized on the way in: never the whole unquantized model in memory
             model = load_quantizing(model_dir, args, *wanted, resolve_dtype(dtype), torch.device(device), progress,
-                                    kernel_layout=layout)
+                                    kernel_layout=layout, int8_weights=int8_weights)
     if pack:
         kernels.prepare(model, exact=exact)
     elif model.device.type == "cpu" and (stored or wanted):

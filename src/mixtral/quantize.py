@@ -7,8 +7,8 @@ The scheme (recorded in config.json as method "mixtral-weight-only"), for a weig
   dimension is zero-padded to a multiple of the group size. Stored as offset codes u = q + 8, two per byte,
   the even column in the low nibble.
 Scales are bfloat16, rounded *up* from the exact value, so every weight satisfies |W - q * scale| <= scale / 2.
-(A GGUF file's Q4_0 blocks are held as they are, int4 in groups of 32 with their own codes: their scales are the
-file's fp16 ones rounded to the nearest bf16, and may be negative; see gguf_file.Q4Blocks.)
+(A GGUF file's Q4_0 blocks are held as they are, int4 in groups of 32 with the file's codes and fp16 scales, which
+may be negative: a QuantLinear's int4 scales are bf16 or fp16, and our kernels read either; see gguf_file.Q4Blocks.)
 
 Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; the dense MLP's for `mistral`
 models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's

@@ -25,8 +25,8 @@ from .paths import atomic_path, write_atomic
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
-from .weights import (_empty_like_quantized, check_config_matches_files, read_quantization, read_weights,
-                      safetensors_header)
+from .weights import (_empty_like_quantized, check_config_matches_files, gguf_weight_types, read_quantization,
+                      read_weights, safetensors_header)
 
 COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
@@ -83,11 +83,19 @@ def checkpoint_dtype(source: Path) -> str | None:
     return declared if isinstance(declared, str) else None
 
 
-def _quantized_on_meta(args: ModelArgs, spec: dict) -> Transformer:
-    """The quantized model with no data: its state dict names every output tensor's dtype and shape."""
+def _quantized_on_meta(args: ModelArgs, spec: dict, int8_weights: frozenset[str] = frozenset()) -> Transformer:
+    """The quantized model with no data: its state dict names every output tensor's dtype and shape. Weights named
+    in `int8_weights` (as named_parameters names them) are int8 whatever the spec says."""
     with torch.device("meta"):
         model = Transformer(args)
-        quantize.swap_in_quantized(model, spec["bits"], spec["group_size"], spec["lm_head"], _empty_like_quantized)
+        names = {id(p): name for name, p in model.named_parameters()}
+
+        def make(weight, bits, group_size):
+            if names.get(id(weight)) in int8_weights:
+                bits, group_size = 8, None
+            return _empty_like_quantized(weight, bits, group_size)
+
+        quantize.swap_in_quantized(model, spec["bits"], spec["group_size"], spec["lm_head"], make)
     return model
 
 
@@ -123,14 +131,22 @@ def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: 
 
 def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: int | None, lm_head: bool,
                     dtype: torch.dtype, device: str | torch.device = "cpu", progress: bool = True,
-                    kernel_layout: bool = True) -> Transformer:
+                    kernel_layout: bool = True, int8_weights: frozenset[str] = frozenset()) -> Transformer:
     """A plain checkpoint loaded and quantized on the way in: each tensor is read alone, cast to `dtype`,
     quantized and copied into the quantized model, so the peak is the quantized model plus one tensor (the
     same model as `quantize_model(load_weights(...))`, which holds the whole unquantized one first).
-    `kernel_layout`: see quantize.quantize_model. Raises MixtralError for weights that do not match config.json."""
+    `kernel_layout`: see quantize.quantize_model. `int8_weights`: weights held as int8 whatever `bits` says (a
+    GGUF file's matrices stored in more than 4 bits: loading.gguf_int8_weights). A GGUF file's Q4_0 blocks held as
+    int4 in groups of 32 keep their codes and their fp16 scales. Raises MixtralError for weights that do not match
+    config.json."""
     spec = quantize.spec(bits, group_size, lm_head)
-    model = _quantized_on_meta(args, spec)
+    model = _quantized_on_meta(args, spec, int8_weights)
     layout = _layout(model, spec, dtype)
+    if is_gguf(source) and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK:
+        for name, kinds in gguf_weight_types(Path(source), args).items():
+            scales = name.removesuffix(".weight") + ".scales"
+            if kinds == {"Q4_0"} and layout.get(scales, (None,))[0] == torch.bfloat16:  # an int4 weight's scales
+                layout[scales] = (torch.float16, layout[scales][1])
     state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)
              for name, (tensor_dtype, shape) in layout.items()}
 
@@ -158,16 +174,17 @@ def _stream(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layou
     def place(name: str, expert: int | None, matrix: torch.Tensor | Q4Blocks) -> None:
         """One weight (or one expert of a stacked one): quantized where the layout says so."""
         base = name.removesuffix(".weight")
-        bits = 8 if base == "lm_head" else spec["bits"]  # the head is always int8
+        quantized = f"{base}.qweight" in layout
+        bits = 8 if quantized and layout[f"{base}.qweight"][0] == torch.int8 else spec["bits"]  # (the head: int8)
         if isinstance(matrix, Q4Blocks):
-            if f"{base}.qweight" in layout and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK:
+            if quantized and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK:
                 if not torch.isfinite(matrix.scales).all():
                     raise MixtralError(f"{name}: its Q4_0 scales hold inf or NaN values")
                 put(f"{base}.qweight", quantize.pack_codes(matrix.codes), expert, 0)  # the file's codes, as they are
-                put(f"{base}.scales", matrix.scales.to(torch.bfloat16), expert, 0)
+                put(f"{base}.scales", matrix.scales, expert, 0)  # fp16 when loading, bf16 in a checkpoint (layout)
                 return
             matrix = matrix.dequantize().to(dtype)
-        if f"{base}.qweight" not in layout:  # kept as it is
+        if not quantized:  # kept as it is
             put(name, matrix, expert, 0)
             return
         step = max(1, quantize.QUANTIZE_STEP // matrix.shape[-1])

@@ -295,6 +295,26 @@ def _read_gguf(path: Path, args: ModelArgs, progress: bool,
             yield hf, values
 
 
+def gguf_weight_types(path: Path, args: ModelArgs) -> dict[str, set[str]]:
+    """Our weights (e.g. "layers.0.attn.wq.weight", "layers.0.ffn.w1") -> the GGUF types a file stores them in
+    ({"Q4_0"}; more than one only for per-expert tensors of different types)."""
+    kinds: dict[str, set[str]] = {}
+    for tensor in gguf_file.reader(path).tensors:
+        found = gguf_to_hf(tensor.name)
+        ours = found and target(found[0].format(expert=0) if found[1] == "experts" else found[0], args)
+        if ours:
+            kinds.setdefault(ours[0], set()).add(tensor.tensor_type.name)
+    return kinds
+
+
+def gguf_int8_weights(path: Path, args: ModelArgs) -> frozenset[str]:
+    """The weights a GGUF file stores in more than 4 bits (Q8_0, Q6_K, the 5-bit types, floats): held as int8 when
+    the rest of the file is held as int4, not rounded down with it (llama-quantize keeps the attention's keys and
+    values in Q8_0 or Q6_K in some files)."""
+    wider = gguf_file.EIGHT_BITS | gguf_file.FLOATS
+    return frozenset(name for name, kinds in gguf_weight_types(path, args).items() if kinds and kinds <= wider)
+
+
 _STACKED = re.compile(r"layers\.\d+\.ffn\.w[123]")  # our stacked (E, N, K) expert weights (Parameters)
 
 

@@ -38,7 +38,8 @@ class Weight(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("fmt", ctypes.c_int64),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
                 ("expert_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64),
-                ("slots", ctypes.c_void_p), ("slot_scales", ctypes.c_void_p)]  # per-expert addresses (offload.py)
+                ("slots", ctypes.c_void_p), ("slot_scales", ctypes.c_void_p),  # per-expert addresses (offload.py)
+                ("scale_fmt", ctypes.c_int64)]  # int4 scales: FORMATS[bf16] or, from a GGUF's Q4_0, FORMATS[fp16]
 
 
 # int fetch(layer, needed, n_needed, guessed, n_guessed): store_t's callback (offload.py)
@@ -263,7 +264,9 @@ class NativeWeight:
             weight = weight.weight
         if isinstance(weight, QuantLinear):
             to_canonical(weight)
-            data, scales = weight.qweight.contiguous(), weight.scales.to(torch.bfloat16).contiguous()
+            half = weight.bits == 4 and weight.scales.dtype == torch.float16  # a GGUF file's Q4_0 scales
+            data = weight.qweight.contiguous()
+            scales = weight.scales.to(torch.float16 if half else torch.bfloat16).contiguous()
             n, k = weight.out_features, weight.in_features
             fmt, group = (I8, 0) if weight.bits == 8 else (I4, weight.group_size)
             stacked = weight.n_experts is not None
@@ -277,7 +280,8 @@ class NativeWeight:
         per_expert = data[0].numel() if stacked else 0  # elements (int4: bytes, one per two codes)
         self.tensors = (data, scales)
         self.struct = Weight(data.data_ptr(), 0 if scales is None else scales.data_ptr(), fmt, n, k, group,
-                             per_expert, 0 if scales is None or not stacked else scales[0].numel())
+                             per_expert, 0 if scales is None or not stacked else scales[0].numel(), None, None,
+                             FORMATS[torch.bfloat16 if scales is None else scales.dtype])
         self.ref = ctypes.pointer(self.struct)
         self.n, self.k = n, k
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .native_lib import FETCH, I4, I8, Store, Weight
+from .native_lib import FETCH, FORMATS, I4, I8, Store, Weight
 
 CHUNK = 4 << 20  # bytes per positioned read: large enough for the disk, small enough to share among threads
 ALIGN = 4096  # each tensor of a slot starts on a page
@@ -181,7 +181,7 @@ class ExpertStore:
         f = self.formats[name]
         return Weight(0, 0, f.fmt, f.n, f.k, f.group, 0, 0,
                       ctypes.addressof(self._tables[layer, name, "data"]),
-                      ctypes.addressof(self._tables[layer, name, "scales"]))
+                      ctypes.addressof(self._tables[layer, name, "scales"]), FORMATS[torch.bfloat16])
 
     def weight(self, layer: int, name: str) -> Weight:
         """Layer `layer`'s weight `name` ("w1", "w3", "w2") as the C side reads it: through the slot tables."""

@@ -51,6 +51,7 @@ typedef struct {
     const void *const *slots;  /* or, for experts that are not all in memory (an expert cache), expert e's values at
                                 * slots[e] and its scales at slot_scales[e] (kernels/offload.py); NULL: none */
     const uint16_t *const *slot_scales;
+    int64_t scale_fmt;         /* int4: FMT_BF16 (ours) or FMT_F16 (a GGUF file's Q4_0 blocks) scales; int8: FMT_BF16 */
 } weight_t;
 
 static inline const void *expert_data(const weight_t *w, int64_t e) {
@@ -149,6 +150,11 @@ static inline float bf16_to_float(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* An int4 group scale's value: bf16, or fp16 (weight_t.scale_fmt) */
+static inline float scale_value(const weight_t *w, uint16_t bits) {
+    return w->scale_fmt == FMT_F16 ? _cvtsh_ss(bits) : bf16_to_float(bits);
 }
 
 /* Software prefetch distance in bytes for the batch-1 kernels: a weight row is one sequential stream, and
@@ -258,7 +264,7 @@ static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int6
             const __m128i low4 = _mm_set1_epi8(0x0F);
             const __m256i eight = _mm256_set1_epi32(8);
             for (; i < kc; i += 16) { /* kc is a multiple of 16 except at the row's end (the codes are padded) */
-                const __m256 scale = _mm256_set1_ps(bf16_to_float(scales[i / G]));
+                const __m256 scale = _mm256_set1_ps(scale_value(w, scales[i / G]));
                 __m128i b = _mm_loadl_epi64((const __m128i *)(src + i / 2));
                 __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
                 __m128i codes = _mm_unpacklo_epi8(lo, hi); /* 16 codes in column order */
@@ -542,7 +548,7 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
             }
             float part = 0.0f;
             for (; i < end; i++) part += (float)((src[i / 2] >> (4 * (i & 1))) & 15) * x[i];
-            const float scale = bf16_to_float(scales[g]);
+            const float scale = scale_value(w, scales[g]);
             total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)), _mm256_set1_ps(scale), total);
             offset += scale * (8.0f * group_sums[g] - part);
         }
@@ -673,15 +679,17 @@ static inline __m128i i4_chunk32(const uint8_t *src, const int16_t *q) {
 
 /* both[i] = weight scale (bf16) x activation scale of group i, for up to I4_GROUPS_AHEAD of the n groups left;
  * returns how many */
-static inline int64_t group_scales(float *both, const uint16_t *scales, const float *scale, int64_t n) {
+static inline int64_t group_scales(const weight_t *w, float *both, const uint16_t *scales, const float *scale,
+                                   int64_t n) {
     if (n > I4_GROUPS_AHEAD) n = I4_GROUPS_AHEAD;
     int64_t g = 0;
     for (; g + 8 <= n; g += 8) {
-        const __m256 ws = _mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scales + g))), 16));
+        const __m128i bits = _mm_loadu_si128((const __m128i *)(scales + g));
+        const __m256 ws = w->scale_fmt == FMT_F16 ? _mm256_cvtph_ps(bits)
+                          : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
         _mm256_storeu_ps(both + g, _mm256_mul_ps(ws, _mm256_loadu_ps(scale + g)));
     }
-    for (; g < n; g++) both[g] = bf16_to_float(scales[g]) * scale[g];
+    for (; g < n; g++) both[g] = scale_value(w, scales[g]) * scale[g];
     return n;
 }
 
@@ -724,7 +732,7 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
         if (G == 64) { /* the common case: one chunk per group, two groups a step */
             float both[I4_GROUPS_AHEAD];
             while (g + 2 <= n_groups) { /* scales multiplied ahead for I4_GROUPS_AHEAD groups at a time */
-                const int64_t g0 = g, end = g0 + group_scales(both, scales + g0, scale + g0, n_groups - g0);
+                const int64_t g0 = g, end = g0 + group_scales(w, both, scales + g0, scale + g0, n_groups - g0);
                 for (; g + 2 <= end; g += 2, at += 64, q += 128) {
                     _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
                     const __m256i s0 = _mm256_sub_epi32(i4_chunk64(at, q), _mm256_set1_epi32(xq->qsum[g]));
@@ -741,7 +749,7 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
                 sum = _mm256_add_epi32(sum, i4_chunk64(at, q));
             }
             sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(xq->qsum[g])); /* 8 lanes: the offset of 8, exactly */
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(bf16_to_float(scales[g]) * scale[g]), a);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale_value(w, scales[g]) * scale[g]), a);
         }
         return _mm256_add_ps(a, b);
     }
@@ -753,7 +761,7 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
             sum = _mm_add_epi32(sum, i4_chunk32(at, q));
         }
         sum = _mm_sub_epi32(sum, _mm_set1_epi32(2 * xq->qsum[g])); /* 4 lanes */
-        b = _mm_fmadd_ps(_mm_cvtepi32_ps(sum), _mm_set1_ps(bf16_to_float(scales[g]) * scale[g]), b);
+        b = _mm_fmadd_ps(_mm_cvtepi32_ps(sum), _mm_set1_ps(scale_value(w, scales[g]) * scale[g]), b);
     }
     return _mm256_insertf128_ps(_mm256_setzero_ps(), b, 0);
 }
@@ -817,7 +825,7 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
             while (g + 2 <= n_groups) { /* as row_vec_int: scales multiplied ahead, I4_GROUPS_AHEAD groups at a time */
                 const int64_t g0 = g;
                 int64_t end = g0;
-                for (int j = 0; j < nm; j++) end = g0 + group_scales(both[j], scales + g0, xq[j]->scale + g0, n_groups - g0);
+                for (int j = 0; j < nm; j++) end = g0 + group_scales(w, both[j], scales + g0, xq[j]->scale + g0, n_groups - g0);
                 for (; g + 2 <= end; g += 2, at += 64) {
                     _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
                     UNPACK(_mm512_loadu_si512(at));
@@ -854,7 +862,7 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
             }
             for (int j = 0; j < nm; j++) {
                 const __m256i t = _mm256_sub_epi32(sum[j], _mm256_set1_epi32(xq[j]->qsum[g]));
-                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(bf16_to_float(scales[g]) * xq[j]->scale[g]),
+                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(scale_value(w, scales[g]) * xq[j]->scale[g]),
                                        a[j]);
             }
         }
@@ -873,16 +881,16 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
                 quarters, _mm512_castsi128_si512(_mm_slli_epi32(_mm_loadu_si128((const __m128i *)(xq[j]->qsum + g)), 1)));
             const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(DOT128(xq[j]->q + g * 32), offset));
             const float *xs = xq[j]->scale + g;
-            chain[j] = _mm_fmadd_ps(_mm512_castps512_ps128(f), _mm_set1_ps(bf16_to_float(scales[g]) * xs[0]), chain[j]);
-            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 1), _mm_set1_ps(bf16_to_float(scales[g + 1]) * xs[1]), chain[j]);
-            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 2), _mm_set1_ps(bf16_to_float(scales[g + 2]) * xs[2]), chain[j]);
-            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 3), _mm_set1_ps(bf16_to_float(scales[g + 3]) * xs[3]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm512_castps512_ps128(f), _mm_set1_ps(scale_value(w, scales[g]) * xs[0]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 1), _mm_set1_ps(scale_value(w, scales[g + 1]) * xs[1]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 2), _mm_set1_ps(scale_value(w, scales[g + 2]) * xs[2]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 3), _mm_set1_ps(scale_value(w, scales[g + 3]) * xs[3]), chain[j]);
         }
     }
     for (; g < n_groups; g++, at += 16) /* the last groups, in row_vec_int's order of 32 */
         for (int j = 0; j < nm; j++) {
             const __m128i s = _mm_sub_epi32(i4_chunk32(at, xq[j]->q + g * 32), _mm_set1_epi32(2 * xq[j]->qsum[g]));
-            chain[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(bf16_to_float(scales[g]) * xq[j]->scale[g]), chain[j]);
+            chain[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(scale_value(w, scales[g]) * xq[j]->scale[g]), chain[j]);
         }
     for (int j = 0; j < nm; j++) out[j] = _mm256_insertf128_ps(_mm256_setzero_ps(), chain[j], 0);
 #undef UNPACK
@@ -1016,13 +1024,14 @@ int mx_bf16_supported(void) {
     return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
-/* One row of int4 codes (K columns, groups of G, a multiple of 32) times their bf16 group scales, rounded to the
- * nearest bf16 (ties to even, as the AVX2 path does) into dst. */
-BF_TARGET static void i4_row_to_bf16(const uint8_t *src, const uint16_t *scales, int64_t K, int64_t G, uint16_t *dst) {
+/* One row of int4 codes (K columns, groups of G, a multiple of 32) times their group scales (w's scale_fmt),
+ * rounded to the nearest bf16 (ties to even, as the AVX2 path does) into dst. */
+BF_TARGET static void i4_row_to_bf16(const weight_t *w, const uint8_t *src, const uint16_t *scales, int64_t K, int64_t G,
+                                     uint16_t *dst) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const __m512i eight = _mm512_set1_epi32(8);
     for (int64_t i = 0; i < K; i += 32) { /* 16 bytes: columns i .. i + 31 */
-        const __m512 scale = _mm512_set1_ps(bf16_to_float(scales[i / G]));
+        const __m512 scale = _mm512_set1_ps(scale_value(w, scales[i / G]));
         const __m128i b = _mm_loadu_si128((const __m128i *)(src + i / 2));
         const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
         const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi); /* column order */
@@ -1075,7 +1084,7 @@ int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *o
             }
             if (w->fmt == FMT_I4 && w->group % 32 == 0 && fast_bf16) {
                 const int64_t G = w->group, n_groups = (K + G - 1) / G;
-                i4_row_to_bf16((const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2),
+                i4_row_to_bf16(w, (const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2),
                                expert_scales(w, e) + row * n_groups, K, G, dst);
                 continue;
             }

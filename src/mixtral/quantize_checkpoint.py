@@ -136,7 +136,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     quantized and copied into the quantized model, so the peak is the quantized model plus one tensor (the
     same model as `quantize_model(load_weights(...))`, which holds the whole unquantized one first).
     `kernel_layout`: see quantize.quantize_model. `int8_weights`: weights held as int8 whatever `bits` says (a
-    GGUF file's matrices stored in more than 4 bits: loading.gguf_int8_weights). A GGUF file's Q4_0 blocks held as
+    GGUF file's matrices stored in more than 4 bits: weights.gguf_int8_weights). A GGUF file's Q4_0 blocks held as
     int4 in groups of 32 keep their codes and their fp16 scales. Raises MixtralError for weights that do not match
     config.json."""
     spec = quantize.spec(bits, group_size, lm_head)

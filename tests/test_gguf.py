@@ -262,8 +262,13 @@ def test_q4_0_blocks_are_held_as_they_are_and_finer_matrices_as_int8(hf_dir, tmp
     assert types["blk.0.attn_q.weight"] == T.Q4_0 and types["blk.0.attn_k.weight"] == T.Q8_0
     held, _ = load(out, progress=True, pack=False)
     err = capsys.readouterr().err
-    assert "Q4_0/Q8_0 weights are held as int4-g32+head" in err and "held as int8" in err
+    assert "Q4_0/Q8_0 weights are held as int4-g32+head" in err
+    assert f"its {2 * len(held.layers)} matrices stored in more than 4 bits are held as int8" in err  # k and v
     assert held.layers[0].attn.wk.bits == held.layers[1].attn.wv.bits == 8
+    from mixtral.weights import save_quantized
+
+    with pytest.raises(MixtralError, match="more than one format"):  # a checkpoint's config has one
+        save_quantized(held, tmp_path / "saved")
     checkpoint, _ = load(quantize_checkpoint(out, tmp_path / "q", bits=4, group_size=32, progress=False),
                          progress=False, pack=False)
 

@@ -28,8 +28,9 @@ def _quantized(dense, name: str):
     """A QuantLinear: "int8", "int4-g64", or "int4-g32-fp16" (fp16 scales, as a GGUF file's Q4_0 blocks are held)."""
     bits, group = (8, None) if name == "int8" else (4, int(name.split("-")[1][1:]))
     weight = Q.QuantLinear.from_weight(dense, bits, group, pack=False)
-    if name.endswith("-fp16"):
-        weight.scales = (weight.scales.float() * 1.001).half()  # values a bf16 scale cannot hold
+    if name.endswith("-fp16"):  # values a bf16 scale cannot hold, and negative ones, as Q4_0 blocks may have
+        sign = 1 - 2 * (torch.arange(weight.scales.numel()) % 3 == 0).view(weight.scales.shape)
+        weight.scales = (weight.scales.float() * 1.001 * sign).half()
     return weight
 
 
@@ -449,6 +450,31 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
     reference = quantized.dequantize().float()[1]
     wanted = torch.cat([_rounded_to_16_bits(x[m:m + 1], span) for m in range(9)]) @ reference.T
     assert torch.allclose(results[0], wanted, rtol=1e-5, atol=5e-5)  # (int32 span sums to fp32: ~2^-24 of each)
+
+
+def test_an_expert_layer_of_mixed_formats_decodes_alike_on_one_thread_or_two(tiny_dir):
+    """A GGUF file can hold an expert layer's gate projections in one format and its up projections in another
+    (int8 beside int4): each gets its x prepared for its own kernel. A batch-1 step on two threads (whole experts per
+    thread, one x prepared for both when their formats agree) must give what one thread gives (each weight alone)."""
+    from mixtral.kv_cache import KVCache
+
+    model = load_model(tiny_dir, dtype="bfloat16", quantize="int4-g32", pack=False, progress=False)
+    for layer in model.layers:
+        layer.ffn.w1 = Q.QuantLinear.from_weight(layer.ffn.w1.dequantize(), 8, pack=False)
+    assert kernels.prepare(model).name == "native"
+    prompt = torch.randint(3, 256, (1, 7), generator=_gen(31))
+    was = torch.get_num_threads()
+    logits = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cache = KVCache(model.args, 1, 16, torch.float32)
+            with torch.inference_mode():
+                model(prompt, cache=cache, n_keys=7)
+                logits.append(kernels.runner(model).decode_step(cache, [42], [7], [0]).logits[0].clone())
+    finally:
+        torch.set_num_threads(was)
+    assert torch.equal(logits[0], logits[1])
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g32-fp16"])

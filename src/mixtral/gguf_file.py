@@ -331,8 +331,8 @@ def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str
     SentencePiece `vocab` (tokens, scores, types), the chat `template`, and `weights` as (GGUF name, fp32 tensor in
     llama.cpp's layout). `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
     stay F32, and with q4_0 the embedding and output projection are Q8_0, and so are the attention's keys and
-    values in a model with experts (as llama.cpp's quantizer keeps them finer: for Mixtral they are a small part of
-    the weights). A matrix whose rows are not a whole number of 32-weight blocks is written F16. The file appears whole
+    values in a model with experts (llama.cpp's quantizer keeps them so for Mixtral's 8 experts, where they are a
+    small part of the weights). A matrix whose rows are not a whole number of 32-weight blocks is written F16. The file appears whole
     or not at all (written beside it, then renamed)."""
     import numpy as np
     from gguf import GGMLQuantizationType as T

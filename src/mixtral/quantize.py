@@ -234,6 +234,8 @@ class QuantLinear(nn.Module):
         passed its check (`force` skips the check: the check itself uses it)."""
         if self.bits != 4 or self.layout != "canonical" or self.group_size not in _INT4_KERNEL_GROUPS:
             return
+        if self.scales.dtype == torch.float16:  # a GGUF file's Q4_0 scales: torch's kernels take bf16 ones, so these
+            return                              # weights stay on the exact dequantize path
         device = self.qweight.device
         if not force and not kernel_available(device, 4):
             return

@@ -144,9 +144,9 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     layout = _layout(model, spec, dtype)
     if is_gguf(source) and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK:
         for name, kinds in gguf_weight_types(Path(source), args).items():
-            scales = name.removesuffix(".weight") + ".scales"
-            if kinds == {"Q4_0"} and layout.get(scales, (None,))[0] == torch.bfloat16:  # an int4 weight's scales
-                layout[scales] = (torch.float16, layout[scales][1])
+            base = name.removesuffix(".weight")
+            if kinds == {"Q4_0"} and layout.get(f"{base}.qweight", (None,))[0] == torch.uint8:  # held as int4
+                layout[f"{base}.scales"] = (torch.float16, layout[f"{base}.scales"][1])
     state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)
              for name, (tensor_dtype, shape) in layout.items()}
 

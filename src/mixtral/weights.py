@@ -307,12 +307,16 @@ def gguf_weight_types(path: Path, args: ModelArgs) -> dict[str, set[str]]:
     return kinds
 
 
+_QUANTIZED = re.compile(r"layers\.\d+\.(attn\.w[qkvo]|ffn\.w[123])(\.weight)?")  # what quantize.py quantizes
+
+
 def gguf_int8_weights(path: Path, args: ModelArgs) -> frozenset[str]:
-    """The weights a GGUF file stores in more than 4 bits (Q8_0, Q6_K, the 5-bit types, floats): held as int8 when
-    the rest of the file is held as int4, not rounded down with it (llama-quantize keeps the attention's keys and
-    values in Q8_0 or Q6_K in some files)."""
+    """The quantized weights (attention and feed-forward matrices) a GGUF file stores in more than 4 bits (Q8_0,
+    Q6_K, the 5-bit types, floats): held as int8 when the rest of the file is held as int4, not rounded down with it
+    (llama.cpp's quantizer keeps Mixtral's attention keys and values in Q8_0, and some down projections in Q6_K)."""
     wider = gguf_file.EIGHT_BITS | gguf_file.FLOATS
-    return frozenset(name for name, kinds in gguf_weight_types(path, args).items() if kinds and kinds <= wider)
+    return frozenset(name for name, kinds in gguf_weight_types(path, args).items()
+                     if kinds and kinds <= wider and _QUANTIZED.fullmatch(name))
 
 
 _STACKED = re.compile(r"layers\.\d+\.ffn\.w[123]")  # our stacked (E, N, K) expert weights (Parameters)
@@ -522,12 +526,19 @@ def save_quantized(model, out_dir: str | Path) -> Path:
     spec = getattr(model, "quantization", None)
     if not spec:
         raise MixtralError("this model is not quantized; call quantize_model first")
+    for name, module in model.named_modules():
+        if (isinstance(module, quantize.QuantLinear) and name != "lm_head"
+                and (module.bits, module.group_size) != (spec["bits"], spec["group_size"])):
+            raise MixtralError(f"this model holds its weights in more than one format ({name} is int{module.bits}, "
+                               f"the rest int{spec['bits']}), which a checkpoint cannot describe; for a GGUF file, "
+                               f"write one with `mixtral quantize FILE.gguf OUT`")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = model.state_dict()
     if model.args.tie_embeddings and not spec["lm_head"]:
         tensors.pop("lm_head.weight")  # the same tensor as embed.weight
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    tensors = {name: (t.to(torch.bfloat16) if name.endswith(".scales") and t.dtype == torch.float16 else t)
+               .detach().cpu().contiguous() for name, t in tensors.items()}  # (a GGUF's Q4_0 scales: bf16 here)
     config = model.args.to_hf_config()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     config["quantization"] = dict(spec)

@@ -5,7 +5,7 @@
  * (mx_bf16_supported).
  *
  * Weights are read where they lie, in the checkpoint's own format: fp32, bf16 or fp16 values, or our int8
- * (one bf16 scale per row) and int4 (two codes per byte, one bf16 scale per group of columns) codes, as
+ * (one bf16 scale per row) and int4 (two codes per byte, one bf16 or fp16 scale per group of columns) codes, as
  * quantize.py stores them. Nothing is repacked, so a model keeps one copy of its weights. A block of 4
  * weight rows is widened to fp32 in a small tile that stays in the L1 cache, then multiplied with every
  * activation row: at batch 1 the weights stream from memory once, at batch N they are widened once.
@@ -82,7 +82,8 @@ static int threads = 1;
 
 /* bf16 one-row products (every row of a decode step) on 512-bit vectors: set by mx_use_avx512 where the CPU has
  * AVX-512 F/BW/DQ (native_lib.py). Every row then takes that kernel, so a row's numbers still do not depend on its
- * batch; they differ from the AVX2 kernel's in the order of summation only. */
+ * batch; they differ from the AVX2 kernel's in the order of summation only. The integer rows of batched steps (and
+ * int4 in groups of 32) take 512-bit kernels too, whose numbers are the AVX2 kernel's bit for bit (prep_t.wide). */
 static int avx512_rows = 0;
 
 /* Let the calling thread's OpenMP worker threads go (omp_pause_resource_all, where the runtime has it; torch's
@@ -940,7 +941,9 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p, int batched) 
     memset(p, 0, sizeof *p);
     p->integer = w->fmt == FMT_I8 || (w->fmt == FMT_I4 && w->group % QBLOCK == 0);
     if (p->integer) {
-        p->wide = avx512_rows && (batched || (w->fmt == FMT_I4 && w->group % 64));
+        const int pow2 = (w->group & (w->group - 1)) == 0; /* the 512-bit int4 kernels step through groups of 32,
+                                                              * 64 or 128 and more by halves of 128 columns */
+        p->wide = avx512_rows && (w->fmt == FMT_I8 || pow2) && (batched || (w->fmt == FMT_I4 && w->group % 64));
         if (w->fmt == FMT_I8) return quantize_x(x, K, 0, 0, I8_SPAN, &p->xq);
         const int64_t chunk = w->group % 64 == 0 ? 64 : 32; /* row_vec_int's chunk; the 512-bit kernels read 128 */
         return quantize_x(x, K, p->wide ? 128 : chunk, chunk, w->group / QBLOCK, &p->xq);
@@ -1306,14 +1309,16 @@ static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3,
         /* As many experts per thread as each thread can take whole: a thread streams its experts' w1, w3 and w2
          * in one go, with no join between the gate/up products and the down product (a join restarts every
          * thread's memory stream; on small experts that costs a sizeable part of the bandwidth). */
-        prep_t shared;
+        prep_t shared, own3; /* w3's x: w1's, unless the two are held in different formats (a GGUF file's) */
+        const int apart = !same_layout(w1, w3);
         int failed = prepare_x(w1, x, &shared, 0);
+        if (apart) failed |= prepare_x(w3, x, &own3, 0);
         if (!failed)
 #pragma omp parallel num_threads(threads)
         for (int64_t j = omp_get_thread_num(); j < topk; j += omp_get_num_threads()) {
             float *gate = h + 2 * j * I, *up = gate + I;
             rows_dot(&jobs[2 * j], &shared, 0, I);
-            rows_dot(&jobs[2 * j + 1], &shared, 0, I);
+            rows_dot(&jobs[2 * j + 1], apart ? &own3 : &shared, 0, I);
             for (int64_t i = 0; i < I; i++) gate[i] = silu(gate[i]) * up[i];
             const job_t down = {w2, ids[order[j]], gate, ys + j * D, 0};
             prep_t own;
@@ -1325,6 +1330,7 @@ static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3,
             free_prep(&own);
         }
         free_prep(&shared);
+        if (apart) free_prep(&own3);
         if (failed) goto done;
     } else {
         if (run_jobs(jobs, (int)(2 * topk))) goto done;

@@ -597,15 +597,16 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t last, in
     out->span = span;
     out->spans = spans;
     /* whole spans (an int4 group may reach past K), on whole cache lines (no vector load straddles two) */
-    const size_t q_bytes = ((size_t)(spans * width) * sizeof(int16_t) + 63) / 64 * 64;
+    const int64_t total = spans * width;
+    const size_t q_bytes = ((size_t)total * sizeof(int16_t) + 63) / 64 * 64;
     out->q = aligned_alloc(64, q_bytes);
-    if (out->q) memset(out->q, 0, q_bytes);
     out->scale = malloc(sizeof(float) * spans);
     out->qsum = malloc(sizeof(int32_t) * spans);
-    int16_t *cols = chunk ? malloc(q_bytes) : NULL; /* the row in column order, before nibble_order */
+    int16_t *cols = chunk ? malloc(sizeof(int16_t) * total) : NULL; /* the row in column order, before nibble_order */
     if (!out->q || !out->scale || !out->qsum || (chunk && !cols)) { free(cols); return -1; }
     int16_t *const dst = chunk ? cols : out->q;
-    if (chunk) memset(cols, 0, q_bytes);
+    memset(dst + K, 0, sizeof(int16_t) * (total - K)); /* past K: zeros (the columns below are all written) */
+    memset((char *)out->q + sizeof(int16_t) * total, 0, q_bytes - sizeof(int16_t) * total);
     for (int64_t sp = 0; sp < spans; sp++) {
         const int64_t start = sp * width, n = K - start < width ? K - start : width;
         int nan;
@@ -635,7 +636,6 @@ static int quantize_x(const float *x, int64_t K, int64_t chunk, int64_t last, in
         out->qsum[sp] = sum;
     }
     if (chunk) {
-        const int64_t total = spans * width;
         int64_t base = 0;
         for (; base + chunk <= total; base += chunk) nibble_order(out->q + base, cols + base, chunk);
         for (; base < total; base += last) nibble_order(out->q + base, cols + base, last);
@@ -734,12 +734,14 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
             float both[I4_GROUPS_AHEAD];
             while (g + 2 <= n_groups) { /* scales multiplied ahead for I4_GROUPS_AHEAD groups at a time */
                 const int64_t g0 = g, end = g0 + group_scales(w, both, scales + g0, scale + g0, n_groups - g0);
-                for (; g + 2 <= end; g += 2, at += 64, q += 128) {
+                const float *o = both;
+                const int32_t *qs = xq->qsum + g0;
+                for (; g + 2 <= end; g += 2, at += 64, q += 128, o += 2, qs += 2) {
                     _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
-                    const __m256i s0 = _mm256_sub_epi32(i4_chunk64(at, q), _mm256_set1_epi32(xq->qsum[g]));
-                    const __m256i s1 = _mm256_sub_epi32(i4_chunk64(at + 32, q + 64), _mm256_set1_epi32(xq->qsum[g + 1]));
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(both + (g - g0)), a);
-                    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(both + (g - g0) + 1), b);
+                    const __m256i s0 = _mm256_sub_epi32(i4_chunk64(at, q), _mm256_set1_epi32(qs[0]));
+                    const __m256i s1 = _mm256_sub_epi32(i4_chunk64(at + 32, q + 64), _mm256_set1_epi32(qs[1]));
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(o), a);
+                    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(o + 1), b);
                 }
             }
         }
@@ -982,18 +984,10 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
     const weight_t *w = job->w;
     const int64_t e = job->e;
 #define ROW(r) (p->integer ? row_vec_int(fmt, w, e, (r), job->x, &p->xq) : row_vec(fmt, w, e, (r), job->x, p->xp, p->sums))
-    const xq_t *xq = &p->xq;
     for (int64_t r = r0; r < r1; r += 4) {
         const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
         const __m256 zero = _mm256_setzero_ps();
-        __m256 v0, v1, v2, v3;
-        if ((fmt == FMT_I8 || fmt == FMT_I4) && p->wide) {
-            __m256 v[4][INT_ROWS] = {{zero}, {zero}, {zero}, {zero}};
-            int_rows_512[fmt == FMT_I4][0](w, e, r, n, &job->x, &xq, v);
-            v0 = v[0][0]; v1 = v[1][0]; v2 = v[2][0]; v3 = v[3][0];
-        } else {
-            v0 = ROW(r); v1 = n > 1 ? ROW(r + 1) : zero; v2 = n > 2 ? ROW(r + 2) : zero; v3 = n > 3 ? ROW(r + 3) : zero;
-        }
+        const __m256 v0 = ROW(r), v1 = n > 1 ? ROW(r + 1) : zero, v2 = n > 2 ? ROW(r + 2) : zero, v3 = n > 3 ? ROW(r + 3) : zero;
         float sum[4];
         _mm_storeu_ps(sum, reduce4(v0, v1, v2, v3));
         for (int i = 0; i < n; i++) {
@@ -1004,7 +998,30 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
 #undef ROW
 }
 
+/* rows_of for an integer weight whose x was prepared `wide` (prep_t): the same numbers, on the 512-bit kernels */
+static void rows_wide(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) {
+    const weight_t *w = job->w;
+    const int64_t e = job->e;
+    const xq_t *xq = &p->xq;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t r = r0; r < r1; r += 4) {
+        const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
+        __m256 v[4][INT_ROWS] = {{zero}, {zero}, {zero}, {zero}};
+        int_rows_512[w->fmt == FMT_I4][0](w, e, r, n, &job->x, &xq, v);
+        float sum[4];
+        _mm_storeu_ps(sum, reduce4(v[0][0], v[1][0], v[2][0], v[3][0]));
+        for (int i = 0; i < n; i++) {
+            const float v1 = w->fmt == FMT_I8 ? sum[i] * bf16_to_float(expert_scales(w, e)[r + i]) : sum[i];
+            job->y[r + i] = job->accumulate ? job->y[r + i] + v1 : v1;
+        }
+    }
+}
+
 static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) {
+    if (p->wide) {
+        rows_wide(job, p, r0, r1);
+        return;
+    }
     switch (job->w->fmt) {
     case FMT_BF16: rows_of(FMT_BF16, job, p, r0, r1); break;
     case FMT_I8: rows_of(FMT_I8, job, p, r0, r1); break;

@@ -6,6 +6,8 @@ C source side by side (kernel work: the same weights, alternating processes, one
 
 Each (source, precision) runs in a fresh process on the same random "small" weights (bench/decode.py's); a step
 is `kernels.runner(model).decode_step` with every row at its own cache row, the best of --repeat runs of --steps steps.
+A source whose C structures differ from this version's (weight_t, store_t, layer_t) is refused and its rows say so:
+to compare across such a change, give the older source the newer structures first.
 
 The last lines put the steps against the two things that bound them, measured in the same run: the weights a step
 must read (memory: the dense weights once, plus the experts any row chose), and the multiply-adds it must do

@@ -404,6 +404,19 @@ def test_a_failed_build_names_the_compiler_error(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # nothing half-written is left in the cache
 
 
+def test_a_library_built_from_another_versions_source_is_refused(tmp_path, monkeypatch):
+    """The C structures the Python side fills (weight_t, store_t, layer_t) are checked by size before any call: a
+    source whose structures differ (bench/decode_batch.py --compare builds any) is refused, not misread."""
+    monkeypatch.setenv("MIXTRAL_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "cpu_kernels.c"
+    text = native_lib.SOURCE.read_text()
+    assert text.count("    int64_t scale_fmt;") == 1
+    source.write_text(text.replace("    int64_t scale_fmt;", "    int64_t scale_fmt, added;"))
+    monkeypatch.setattr(native_lib, "SOURCE", source)
+    with pytest.raises(RuntimeError, match="another version's source"):
+        native_lib._load()
+
+
 def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     """A library built by another compiler (or another version of it) is never loaded in place of this one's."""
     monkeypatch.setenv("MIXTRAL_CACHE_DIR", str(tmp_path / "cache"))

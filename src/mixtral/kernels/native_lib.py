@@ -128,11 +128,18 @@ def _load():
     path = _build()
     lib = ctypes.CDLL(str(path))
     p, i64, ptr = ctypes.POINTER(Weight), ctypes.c_int64, ctypes.c_void_p
+    sizes = (ctypes.c_int64 * 3)()
+    if hasattr(lib, "mx_struct_sizes"):
+        lib.mx_struct_sizes.argtypes = [ptr]
+        lib.mx_struct_sizes(sizes)
+    ours = [ctypes.sizeof(Weight), ctypes.sizeof(Store), ctypes.sizeof(Layer)]
+    if list(sizes) != ours:  # a source from another version (bench/decode_batch.py --compare builds any)
+        raise RuntimeError(f"{SOURCE.name} describes its weights, stores and layers in {list(sizes)} bytes, this "
+                           f"version of mixtral in {ours}: it is another version's source")
     lib.mx_linear.argtypes = [p, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.mx_linear.restype = ctypes.c_int
-    if hasattr(lib, "mx_linear_rows"):  # (absent from an older source that bench/decode_batch.py --compare builds)
-        lib.mx_linear_rows.argtypes = lib.mx_linear.argtypes
-        lib.mx_linear_rows.restype = ctypes.c_int
+    lib.mx_linear_rows.argtypes = lib.mx_linear.argtypes
+    lib.mx_linear_rows.restype = ctypes.c_int
     lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr, ctypes.c_void_p]
     lib.mx_moe.restype = ctypes.c_int
     lib.mx_route.argtypes = [ptr, i64, p, i64, ptr, ptr, ptr, ctypes.c_void_p]

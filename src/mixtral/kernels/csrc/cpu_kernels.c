@@ -30,6 +30,7 @@
  *   mx_logsumexp   log(sum(exp(x))) of each row: what log-softmax subtracts, for the sampled token's log-prob
  *   mx_argmax      the greedy choice of each row
  *   mx_use_avx512, mx_bf16_supported, mx_release_threads, mx_set_num_threads   run-time settings (see each)
+ *   mx_struct_sizes the sizes of the structures above, for the Python side's check
  */
 #include <immintrin.h>
 #include <math.h>
@@ -1606,6 +1607,14 @@ typedef struct {
     int64_t n_heads, n_kv_heads, head_dim, window, top_k;
     const store_t *store;                    /* NULL: every expert in memory */
 } layer_t;
+
+/* sizeof(weight_t), sizeof(store_t), sizeof(layer_t) into out[0..2]: native_lib.py checks them against its ctypes
+ * mirrors before it calls anything, so a library built from another version's source is refused, not misread. */
+void mx_struct_sizes(int64_t *out) {
+    out[0] = (int64_t)sizeof(weight_t);
+    out[1] = (int64_t)sizeof(store_t);
+    out[2] = (int64_t)sizeof(layer_t);
+}
 
 /* x (B, D) += attention(norm(x)); x += feed-forward(norm(x)). The router's logits, choices and weights go to
  * logits (B, E), ids (B, top_k), mix (B, top_k) for a mixture of experts. Returns 0, -1 when out of memory, -5 when

@@ -277,7 +277,8 @@ def test_q4_0_blocks_are_held_as_they_are_and_finer_matrices_as_int8(hf_dir, tmp
         return torch.from_numpy(quants.dequantize(quants.quantize(rows, T.Q4_0), T.Q4_0))
 
     # an expert (split from the file's (E, N, K) tensor); queries (rows reordered by llama.cpp, put back)
-    for name, index, original in [("ffn.w1", 3, model.layers[0].ffn.w1[3]), ("attn.wq", None, model.layers[1].attn.wq.weight)]:
+    for name, index, original in [("ffn.w1", 3, model.layers[0].ffn.w1[3]),
+                                  ("attn.wq", None, model.layers[1].attn.wq.weight)]:
         layer = int(name == "attn.wq")
         ours = held.get_submodule(f"layers.{layer}.{name}")
         assert ours.bits == 4 and ours.group_size == 32 and ours.scales.dtype == torch.float16

@@ -189,7 +189,7 @@ class Q4Blocks:
         self.codes, self.scales = codes, scales
 
     @classmethod
-    def from_raw(cls, raw) -> "Q4Blocks":
+    def from_raw(cls, raw) -> Q4Blocks:
         """From the file's bytes (..., N, K / 32 * 18): per block d (fp16, little-endian), then 16 bytes whose low
         nibbles are the block's first 16 codes and high nibbles its last 16."""
         blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 18))
@@ -202,10 +202,10 @@ class Q4Blocks:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
-    def __getitem__(self, index) -> "Q4Blocks":
+    def __getitem__(self, index) -> Q4Blocks:
         return Q4Blocks(self.codes[index], self.scales[index])
 
-    def rows(self, reorder) -> "Q4Blocks":
+    def rows(self, reorder) -> Q4Blocks:
         """The same blocks with the rows reordered by `reorder` (a function of a tensor whose first dimension is
         the rows: it is applied to the codes and the scales alike)."""
         return Q4Blocks(reorder(self.codes), reorder(self.scales))
@@ -229,7 +229,8 @@ def tensors(path: str | os.PathLike, progress: bool = True,
             try:
                 blocks = Q4Blocks.from_raw(tensor.data)
             except (RuntimeError, ValueError) as exc:
-                raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type Q4_0 ({exc})") from None
+                raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type Q4_0 "
+                                   f"({exc})") from None
             yield tensor.name, blocks
             continue
         try:
@@ -332,8 +333,8 @@ def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str
     llama.cpp's layout). `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
     stay F32, and with q4_0 the embedding and output projection are Q8_0, and so are the attention's keys and
     values in a model with experts (llama.cpp's quantizer keeps them so for Mixtral's 8 experts, where they are a
-    small part of the weights). A matrix whose rows are not a whole number of 32-weight blocks is written F16. The file appears whole
-    or not at all (written beside it, then renamed)."""
+    small part of the weights). A matrix whose rows are not a whole number of 32-weight blocks is written F16.
+    The file appears whole or not at all (written beside it, then renamed)."""
     import numpy as np
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFWriter, LlamaFileType, quants

@@ -8,6 +8,7 @@ Only safetensors are read: pickled `.bin` / `.pt` files can run arbitrary code w
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -286,8 +287,8 @@ def _read_gguf(path: Path, args: ModelArgs, progress: bool,
         hf, layout = target
         heads = {"q": args.n_heads, "k": args.n_kv_heads}.get(layout)
         if heads:
-            values = (values.rows(lambda t: gguf_file.unpermute(t, heads)) if isinstance(values, gguf_file.Q4Blocks)
-                      else gguf_file.unpermute(values, heads))
+            unpermute = functools.partial(gguf_file.unpermute, heads=heads)
+            values = values.rows(unpermute) if isinstance(values, gguf_file.Q4Blocks) else unpermute(values)
         if layout == "experts":
             for expert in range(values.shape[0]):
                 yield hf.format(expert=expert), values[expert]

@@ -757,7 +757,7 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
         }
         return _mm256_add_ps(a, b);
     }
-    __m128 b = _mm_setzero_ps();
+    __m128 chain[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()}; /* group g: g % 4 */
     for (int64_t g = 0; g < n_groups; g++) {
         __m128i sum = _mm_setzero_si128();
         for (int64_t c = 0; c < G; c += 32, at += 16, q += 32) {
@@ -765,8 +765,9 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
             sum = _mm_add_epi32(sum, i4_chunk32(at, q));
         }
         sum = _mm_sub_epi32(sum, _mm_set1_epi32(2 * xq->qsum[g])); /* 4 lanes */
-        b = _mm_fmadd_ps(_mm_cvtepi32_ps(sum), _mm_set1_ps(scale_value(w, scales[g]) * scale[g]), b);
+        chain[g & 3] = _mm_fmadd_ps(_mm_cvtepi32_ps(sum), _mm_set1_ps(scale_value(w, scales[g]) * scale[g]), chain[g & 3]);
     }
+    const __m128 b = _mm_add_ps(_mm_add_ps(chain[0], chain[1]), _mm_add_ps(chain[2], chain[3]));
     return _mm256_insertf128_ps(_mm256_setzero_ps(), b, 0);
 }
 
@@ -873,30 +874,36 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
         for (int j = 0; j < nm; j++) out[j] = _mm256_add_ps(a[j], b[j]);
         return;
     }
-    /* groups of 32: four groups a load, lanes 4i..4i+3 group g + i, each added in turn to row_vec_int's one chain */
-    __m128 chain[INT_ROWS];
-    for (int j = 0; j < nm; j++) chain[j] = _mm_setzero_ps();
+    /* groups of 32: four groups a load, lanes 4i..4i+3 group g + i, which are row_vec_int's chain i (g % 4 == 0) */
+    __m512 acc[INT_ROWS];
+    for (int j = 0; j < nm; j++) acc[j] = _mm512_setzero_ps();
     const __m512i quarters = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int half = w->scale_fmt == FMT_F16;
     for (; g + 4 <= n_groups; g += 4, at += 64) {
         _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
         UNPACK(_mm512_loadu_si512(at));
+        const __m128i bits = _mm_loadl_epi64((const __m128i *)(scales + g)); /* the four groups' weight scales */
+        const __m128 ws = half ? _mm_cvtph_ps(bits) : _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
         for (int j = 0; j < nm; j++) {
             const __m512i offset = _mm512_permutexvar_epi32(
                 quarters, _mm512_castsi128_si512(_mm_slli_epi32(_mm_loadu_si128((const __m128i *)(xq[j]->qsum + g)), 1)));
             const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(DOT128(xq[j]->q + g * 32), offset));
-            const float *xs = xq[j]->scale + g;
-            chain[j] = _mm_fmadd_ps(_mm512_castps512_ps128(f), _mm_set1_ps(scale_value(w, scales[g]) * xs[0]), chain[j]);
-            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 1), _mm_set1_ps(scale_value(w, scales[g + 1]) * xs[1]), chain[j]);
-            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 2), _mm_set1_ps(scale_value(w, scales[g + 2]) * xs[2]), chain[j]);
-            chain[j] = _mm_fmadd_ps(_mm512_extractf32x4_ps(f, 3), _mm_set1_ps(scale_value(w, scales[g + 3]) * xs[3]), chain[j]);
+            const __m128 both = _mm_mul_ps(ws, _mm_loadu_ps(xq[j]->scale + g)); /* as row_vec_int's, one at a time */
+            acc[j] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(both)), acc[j]);
         }
     }
-    for (; g < n_groups; g++, at += 16) /* the last groups, in row_vec_int's order of 32 */
-        for (int j = 0; j < nm; j++) {
-            const __m128i s = _mm_sub_epi32(i4_chunk32(at, xq[j]->q + g * 32), _mm_set1_epi32(2 * xq[j]->qsum[g]));
-            chain[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(scale_value(w, scales[g]) * xq[j]->scale[g]), chain[j]);
+    for (int j = 0; j < nm; j++) {
+        __m128 chain[4] = {_mm512_castps512_ps128(acc[j]), _mm512_extractf32x4_ps(acc[j], 1),
+                           _mm512_extractf32x4_ps(acc[j], 2), _mm512_extractf32x4_ps(acc[j], 3)};
+        const uint8_t *left = at;
+        for (int64_t h = g; h < n_groups; h++, left += 16) { /* the last groups, in row_vec_int's order of 32 */
+            const __m128i s = _mm_sub_epi32(i4_chunk32(left, xq[j]->q + h * 32), _mm_set1_epi32(2 * xq[j]->qsum[h]));
+            chain[h & 3] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(scale_value(w, scales[h]) * xq[j]->scale[h]),
+                                        chain[h & 3]);
         }
-    for (int j = 0; j < nm; j++) out[j] = _mm256_insertf128_ps(_mm256_setzero_ps(), chain[j], 0);
+        const __m128 b = _mm_add_ps(_mm_add_ps(chain[0], chain[1]), _mm_add_ps(chain[2], chain[3]));
+        out[j] = _mm256_insertf128_ps(_mm256_setzero_ps(), b, 0);
+    }
 #undef UNPACK
 #undef DOT128
 }

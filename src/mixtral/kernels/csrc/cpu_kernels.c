@@ -986,6 +986,18 @@ static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+/* Four weight rows' partial sums (v0..v3, zeros past n) reduced and stored as y[r .. r + n) of a job: times the row
+ * scale for int8, added to y when the job accumulates. Every kernel's rows end here, in the same order. */
+static inline __attribute__((always_inline)) void store4(const int64_t fmt, const job_t *job, int64_t r, int n,
+                                                          __m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+    float sum[4];
+    _mm_storeu_ps(sum, reduce4(v0, v1, v2, v3));
+    for (int i = 0; i < n; i++) {
+        const float v = fmt == FMT_I8 ? sum[i] * bf16_to_float(expert_scales(job->w, job->e)[r + i]) : sum[i];
+        job->y[r + i] = job->accumulate ? job->y[r + i] + v : v;
+    }
+}
+
 /* y[row] (+)= W_e[row] . x for rows [r0, r1) of one job, on the calling thread; fmt is a constant at each call. */
 static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, const job_t *job, const prep_t *p,
                                                            int64_t r0, int64_t r1) {
@@ -996,12 +1008,7 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
         const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
         const __m256 zero = _mm256_setzero_ps();
         const __m256 v0 = ROW(r), v1 = n > 1 ? ROW(r + 1) : zero, v2 = n > 2 ? ROW(r + 2) : zero, v3 = n > 3 ? ROW(r + 3) : zero;
-        float sum[4];
-        _mm_storeu_ps(sum, reduce4(v0, v1, v2, v3));
-        for (int i = 0; i < n; i++) {
-            const float v = fmt == FMT_I8 ? sum[i] * bf16_to_float(expert_scales(w, e)[r + i]) : sum[i];
-            job->y[r + i] = job->accumulate ? job->y[r + i] + v : v;
-        }
+        store4(fmt, job, r, n, v0, v1, v2, v3);
     }
 #undef ROW
 }
@@ -1016,12 +1023,7 @@ static void rows_wide(const job_t *job, const prep_t *p, int64_t r0, int64_t r1)
         const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
         __m256 v[4][INT_ROWS] = {{zero}, {zero}, {zero}, {zero}};
         int_rows_512[w->fmt == FMT_I4][0](w, e, r, n, &job->x, &xq, v);
-        float sum[4];
-        _mm_storeu_ps(sum, reduce4(v[0][0], v[1][0], v[2][0], v[3][0]));
-        for (int i = 0; i < n; i++) {
-            const float v1 = w->fmt == FMT_I8 ? sum[i] * bf16_to_float(expert_scales(w, e)[r + i]) : sum[i];
-            job->y[r + i] = job->accumulate ? job->y[r + i] + v1 : v1;
-        }
+        store4(w->fmt, job, r, n, v[0][0], v[1][0], v[2][0], v[3][0]);
     }
 }
 
@@ -1203,7 +1205,6 @@ static int linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, 
         const int64_t row_bytes = w->fmt == FMT_BF16 ? 2 * K : w->fmt == FMT_I8 ? K : (K + 1) / 2;
         const int64_t block = 4 * (BF16_BLOCK_BYTES / (4 * row_bytes) > 1 ? BF16_BLOCK_BYTES / (4 * row_bytes) : 1);
         const uint16_t *data = (const uint16_t *)expert_data(w, e);
-        const uint16_t *row_scales = w->fmt == FMT_I8 ? expert_scales(w, e) : NULL;
 #pragma omp parallel num_threads(threads) if (N * K >= PARALLEL_MIN_WORK)
         {
             const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), groups = (N + 3) / 4;
@@ -1226,14 +1227,8 @@ static int linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, 
                                     data + (r0 + r) * K, xs, xps, K, v[r]);
                         for (int j = 0; j < nm; j++) { /* as rows_of stores them */
                             const __m256 zero = _mm256_setzero_ps();
-                            float sum[4];
-                            _mm_storeu_ps(sum, reduce4(v[0][j], n > 1 ? v[1][j] : zero, n > 2 ? v[2][j] : zero,
-                                                       n > 3 ? v[3][j] : zero));
-                            const job_t *job = &jobs[m0 + j];
-                            for (int i = 0; i < n; i++) {
-                                const float value = row_scales ? sum[i] * bf16_to_float(row_scales[r0 + i]) : sum[i];
-                                job->y[r0 + i] = job->accumulate ? job->y[r0 + i] + value : value;
-                            }
+                            store4(w->fmt, &jobs[m0 + j], r0, n, v[0][j], n > 1 ? v[1][j] : zero,
+                                   n > 2 ? v[2][j] : zero, n > 3 ? v[3][j] : zero);
                         }
                     }
                 }

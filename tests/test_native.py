@@ -529,3 +529,54 @@ def test_bf16_decode_rows_on_either_vector_width_match_fp32_and_do_not_depend_on
         assert torch.equal(alone[0], batch[1])
     finally:
         lib.mx_use_avx512(was)
+
+
+@pytest.mark.parametrize("window", [None, 9])  # a window shorter than the prefix: each token sees its last 9
+def test_a_short_prompt_after_a_cached_prefix_is_one_c_call_and_matches_transformers(tmp_path, monkeypatch, window):
+    """A chat turn's new tokens after its reused prefix (a prompt too short for the GEMMs): every token a row of its
+    sequence's cache row, one C call (DecodeSession.prompt), logits only where asked. Two sequences at once, in
+    rows 3 and 1 of the cache, against transformers' logits of the whole sequences."""
+    from transformers import AutoModelForCausalLM
+
+    from mixtral.kernels import native
+    from mixtral.kv_cache import KVCache
+
+    path = save_hf_model(make_hf_model(seed=8, hidden_size=128, intermediate_size=192, sliding_window=window),
+                         tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path, dtype="float32", progress=False)
+    calls = []
+    prompt = native.DecodeSession.prompt
+    monkeypatch.setattr(native.DecodeSession, "prompt", lambda self, *a, **k: calls.append(len(a[0])) or
+                        prompt(self, *a, **k))
+    P, T = 40, 11
+    ids = torch.randint(3, 256, (2, P + T), generator=_gen(9))
+    with torch.inference_mode():
+        expected = reference(ids).logits
+        theirs_routing = reference(ids, output_router_logits=True).router_logits
+        cache = KVCache(model.args, 4, 64, torch.float32)
+        slots = torch.tensor([3, 1])
+        model(ids[:, :P], torch.arange(P).expand(2, P), cache, n_keys=P, slots=slots, logits_at=torch.tensor([0, 0]))
+        assert calls == []  # the prefix: a prompt of 40 tokens takes the ordinary path
+        fresh = KVCache(model.args, 2, 64, torch.float32)  # rows 0 and 1 when no slots are named
+        assert (model(ids[:, :5], cache=fresh, n_keys=5) - expected[:, :5]).abs().max() < 1e-4
+        assert calls == [10]
+        calls.clear()
+        routing = []
+        positions = torch.arange(P, P + T).expand(2, T)
+        ours = model(ids[:, P:], positions, cache, n_keys=P + T, slots=slots, routing=routing)
+        assert calls == [2 * T]
+        assert ours.shape == (2, T, 256) and (ours - expected[:, P:]).abs().max() < 1e-4
+        for layer, theirs in zip(routing, theirs_routing):  # transformers: (B * (P + T), E) router logits
+            theirs = theirs.view(2, P + T, -1)[:, P:]
+            assert layer.logits.shape == theirs.shape and (layer.logits - theirs).abs().max() < 1e-4
+            assert torch.equal(layer.expert_ids, theirs.topk(2, dim=-1).indices)
+        # the same tokens again, in the same places, asking for one position per sequence
+        last = model(ids[:, P:], positions, cache, n_keys=P + T, slots=slots, logits_at=torch.tensor([T - 1, 4]))
+        assert last.shape == (2, 1, 256)
+        assert (last[0, 0] - expected[0, -1]).abs().max() < 1e-4
+        assert (last[1, 0] - expected[1, P + 4]).abs().max() < 1e-4
+        # and the cache holds what the ordinary path writes: a next token continues both sequences as transformers
+        nxt = torch.randint(3, 256, (2, 1), generator=_gen(10))
+        step = model(nxt, torch.full((2, 1), P + T), cache, n_keys=P + T + 1, slots=slots)
+        assert (step[:, 0] - reference(torch.cat([ids, nxt], 1)).logits[:, -1]).abs().max() < 1e-4

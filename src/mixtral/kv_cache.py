@@ -30,7 +30,17 @@ class KVCache:
 
         Returns the layer's keys and values for those rows over the first n_keys positions, (B, G, S, Dh).
         """
-        B = k.shape[0]
+        B, T = k.shape[0], k.shape[2]
+        if B == 1:  # one sequence (a prompt, or one row's step): a slice of its row, written and read in place
+            row = 0 if slots is None else int(slots[0])
+            start = int(input_pos[0, 0])
+            inside = 0 <= row < self.batch_size and 0 <= start and start + T <= self.max_seq_len  # else index_put_
+            if inside and (T == 1 or torch.equal(input_pos[0], torch.arange(start, start + T,   # raises as it does
+                                                                              device=input_pos.device))):
+                keys, values = self.keys[layer][row:row + 1], self.values[layer][row:row + 1]
+                keys[:, :, start:start + T] = k
+                values[:, :, start:start + T] = v
+                return keys.narrow(2, 0, n_keys), values.narrow(2, 0, n_keys)
         if slots is None:
             rows = self._rows if B == self.batch_size else self._rows[:B]  # (B, 1, 1)
         else:

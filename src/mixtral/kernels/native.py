@@ -33,6 +33,9 @@ from .native_weights import NativeModel, move_to_huge_pages, supports
 from .runner import Runner, Step
 
 
+PROMPT_ROWS_MAX = 64  # prompts (chunks) of at most this many tokens not on GEMMs run as one C call (_forward)
+
+
 class NativeRunner(Runner):
     """Runs a model on the C kernels; made by `prepare` (which also readies the model's tensors for them)."""
 
@@ -108,6 +111,16 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
         decoder = runner.session(cache, own_logits=False)
         rows = range(B) if slots is None else slots.tolist()
         return decoder.step(input_ids[:, 0].tolist(), input_pos[:, 0].tolist(), rows, routing, fresh=True)[:, None]
+    if (1 < N <= PROMPT_ROWS_MAX and cache is not None and decodes(cache) and not _has_hooks(model.embed)
+            and (runner.exact or not _takes_gemms(native, N))):
+        # a short prompt (a chat turn after its reused prefix, a prompt's last chunk): the whole pass in one C
+        # call, each token a row of its sequence's cache row, logits only where wanted
+        rows = list(range(B)) if slots is None else slots.tolist()
+        wanted = list(range(N)) if logits_at is None else [b * T + t for b, t in enumerate(logits_at.tolist())]
+        logits = runner.session(cache, own_logits=False).prompt(
+            input_ids.reshape(N).tolist(), input_pos.reshape(N).tolist(), [r for r in rows for _ in range(T)],
+            wanted, routing, B)
+        return logits.view(B, -1 if logits_at is None else 1, logits.shape[-1])
     x = model.embed(input_ids).reshape(N, D).float().contiguous()  # the residual stream, updated in place
     E = native.n_experts
     K = args.top_k if E else 0
@@ -123,6 +136,12 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
     rows = x.shape[0] * x.shape[1]
     h = rms_norm(x.reshape(rows, D).contiguous(), model.norm.weight, model.norm.eps)
     return native.lm_head.linear(h).view(x.shape[0], x.shape[1], -1)
+
+
+def _takes_gemms(native, rows: int) -> bool:
+    """Whether a prefill of `rows` tokens runs any product as a GEMM (prompt.py)."""
+    return any(prompt.takes((layer.q, layer.k, layer.v, layer.o), rows)
+               or prompt.takes((layer.w1, layer.w3, layer.w2), rows) for layer in native.layers)
 
 
 def _routing(native, logits, ids, mix, B, T) -> list:
@@ -232,7 +251,7 @@ class DecodeSession:
         status = library().mx_decode(
             self.native.structs, L, self.native.embed.ref, self.tokens, pointers["x"], B, self.positions, self.rows,
             self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, *router, pointers["norm"],
-            self.norm_eps, self.native.lm_head.ref, out_at, self.lse_out, self.best_out)
+            self.norm_eps, self.native.lm_head.ref, out_at, self.lse_out, self.best_out, None, 0, 1)
         if status:
             raise _decode_error(status, tokens, positions, rows, self)
         self.lse, self.best = self.lse_out[:B], self.best_out[:B]
@@ -244,6 +263,35 @@ class DecodeSession:
         if view is None:
             view = self._views[B] = self.out[:B]
         return view
+
+    def prompt(self, tokens, positions, rows, wanted, routing: list | None = None, sequences: int = 1) -> torch.Tensor:
+        """Short prompts, or chunks of them, in one C call: token i at positions[i] of cache row rows[i] (the
+        tokens of one sequence share its row, at consecutive positions), on the tiled kernels; fresh logits
+        (len(wanted), V) of the tokens listed in `wanted` only. `routing` as for `step`, shaped (sequences, tokens
+        of each)."""
+        N = len(tokens)
+        cache = self._cache()
+        if cache is None:
+            raise ValueError("this decoder's KV cache is gone")
+        self._follow(cache)
+        sync_threads()
+        L, E, K = len(self.native.layers), self.native.n_experts, self.K
+        x = torch.empty(N, self.native.lm_head.k)
+        logits, ids, mix = torch.empty(L * N * E), torch.empty(L * N * K, dtype=torch.int64), torch.empty(L * N * K)
+        out = torch.empty(len(wanted), self.native.lm_head.n)
+        ints = ctypes.c_int64 * N
+        lse, best = (ctypes.c_double * len(wanted))(), (ctypes.c_int64 * len(wanted))()
+        status = library().mx_decode(
+            self.native.structs, L, self.native.embed.ref, ints(*tokens), x.data_ptr(), N, ints(*positions),
+            ints(*rows), self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, logits.data_ptr(),
+            ids.data_ptr(), mix.data_ptr(), self._pointers["norm"], self.norm_eps, self.native.lm_head.ref,
+            out.data_ptr(), lse, best, (ctypes.c_int64 * len(wanted))(*wanted), len(wanted), 0)
+        if status:
+            raise _decode_error(status, tokens, positions, rows, self)
+        if routing is not None:
+            routing.extend(_routing(self.native, logits.view(L, N, E), ids.view(L, N, K), mix.view(L, N, K),
+                                    sequences, N // sequences))
+        return out
 
     def logit(self, row: int, token: int) -> float:
         """The last step's logit of `token` in row `row` (of a step that was not `fresh`)."""

@@ -153,7 +153,7 @@ def _load():
     lib.mx_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.mx_rmsnorm.restype = None
     lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, p, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr,
-                              ptr, ptr, ptr, ctypes.c_float, p, ptr, ptr, ptr]
+                              ptr, ptr, ptr, ctypes.c_float, p, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.mx_decode.restype = ctypes.c_int
     lib.mx_logsumexp.argtypes = [ptr, i64, i64, ptr]
     lib.mx_logsumexp.restype = None

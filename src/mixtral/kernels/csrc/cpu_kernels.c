@@ -1044,6 +1044,7 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
 #define MAX_JOBS 16
 #define BF16_BLOCK_BYTES (256 * 1024) /* batched bf16 decode: weight rows per block, in bytes */
 #define PARALLEL_MIN_WORK 65536 /* weights: below this a fork and join of the threads costs more than it saves */
+#define PARALLEL_MIN_PRODUCTS (1 << 20) /* multiply-adds of a tiled product: below this, one thread */
 
 /* ---- AVX512_BF16, chosen at run time ------------------------------------------------------------------
  * Built into the same library with per-function target attributes, and called only where the CPU reports it
@@ -1268,7 +1269,7 @@ int mx_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t l
     if (!scratch) return -1;
     for (int64_t m0 = 0; m0 < rows_all; m0 += MBLOCK, x += MBLOCK * ldx, y += MBLOCK * ldy) {
     M = rows_all - m0 < MBLOCK ? rows_all - m0 : MBLOCK;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (N * K * M >= PARALLEL_MIN_PRODUCTS)
     {
         float tile[ROWS * KCHUNK];
         float *acc = scratch + per_thread * omp_get_thread_num();
@@ -1530,11 +1531,24 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
     for (; s < S; s++) total += scores[s] = expf(scores[s] - top); /* NaN or inf scores stay NaN, as in torch */
     memset(o, 0, sizeof(float) * Dh);
-    for (s = 0; s < S; s++) {
-        const float p = scores[s];
-        const float *v = values + s * Dh;
-        for (int64_t d = 0; d < Dh; d++) o[d] += p * v[d];
-    }
+    if (Dh % 8 == 0 && Dh <= 256)
+        for (int64_t d0 = 0; d0 < Dh; d0 += 64) { /* up to 8 vectors of the output held in registers */
+            const int nv = (int)((Dh - d0 < 64 ? Dh - d0 : 64) / 8);
+            __m256 acc[8];
+            for (int j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+            for (s = 0; s < S; s++) {
+                const __m256 p = _mm256_set1_ps(scores[s]);
+                const float *v = values + s * Dh + d0;
+                for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+            }
+            for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
+        }
+    else
+        for (s = 0; s < S; s++) {
+            const float p = scores[s];
+            const float *v = values + s * Dh;
+            for (int64_t d = 0; d < Dh; d++) o[d] += p * v[d];
+        }
     const float inv = 1.0f / total;
     for (int64_t d = 0; d < Dh; d++) o[d] *= inv;
 }
@@ -1622,7 +1636,8 @@ void mx_struct_sizes(int64_t *out) {
  * logits (B, E), ids (B, top_k), mix (B, top_k) for a mixture of experts. Returns 0, -1 when out of memory, -5 when
  * the layer's expert store failed. */
 static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
-                    float *k_cache, float *v_cache, int64_t s_max, float *logits, int64_t *ids, float *mix) {
+                    float *k_cache, float *v_cache, int64_t s_max, float *logits, int64_t *ids, float *mix,
+                    int per_row) {
     const int64_t D = L->q.k, H = L->n_heads, G = L->n_kv_heads, Dh = L->head_dim, width = (H + 2 * G) * Dh;
     const int64_t I = L->w1.n;
     float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * width);
@@ -1632,22 +1647,26 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
     if (!h || !qkv || !attn || (!L->router.n && (!h1 || !h3))) goto done;
     mx_rmsnorm(x, B, D, L->attn_norm, (float)L->eps, h);
     const job_t proj[3] = {{&L->q, 0, h, qkv, 0}, {&L->k, 0, h, qkv + H * Dh, 0}, {&L->v, 0, h, qkv + (H + G) * Dh, 0}};
-    /* every product of a decode step as at batch 1 (linear_rows): a row's numbers do not depend on its batch */
+    /* every product of a decode step as at batch 1 (linear_rows): a row's numbers do not depend on its batch; the
+     * tokens of a prompt (per_row 0) on the tiled kernels, as a prompt's products are computed elsewhere */
+    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
+        per_row ? linear_rows : mx_linear;
     if ((B != 1 || run_jobs(proj, 3))
-        && (linear_rows(&L->q, 0, h, B, D, qkv, width, 0) || linear_rows(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
-            || linear_rows(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
+        && (linear(&L->q, 0, h, B, D, qkv, width, 0) || linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
+            || linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
         goto done;
     if (mx_attention(qkv, B, H, G, Dh, pos, rows, k_cache, v_cache, s_max, L->window, (float)L->theta, attn)
-        || linear_rows(&L->o, 0, attn, B, H * Dh, x, D, 1))
+        || linear(&L->o, 0, attn, B, H * Dh, x, D, 1))
         goto done;
     mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
     if (L->router.n) {
-        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, 1, L->store);
+        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, per_row,
+                               L->store);
         if (failed) { status = failed; goto done; }
     } else {
-        if (linear_rows(&L->w1, 0, h, B, D, h1, I, 0) || linear_rows(&L->w3, 0, h, B, D, h3, I, 0)) goto done;
+        if (linear(&L->w1, 0, h, B, D, h1, I, 0) || linear(&L->w3, 0, h, B, D, h3, I, 0)) goto done;
         for (int64_t i = 0; i < B * I; i++) h1[i] = silu(h1[i]) * h3[i];
-        if (linear_rows(&L->w2, 0, h1, B, I, x, D, 1)) goto done;
+        if (linear(&L->w2, 0, h1, B, I, x, D, 1)) goto done;
     }
     status = 0;
 done:
@@ -1684,17 +1703,27 @@ void mx_argmax(const float *x, int64_t M, int64_t n, int64_t *out) {
  * Python the weights just streamed have pushed the interpreter's own data out of the caches, so each Python
  * statement in between is slow. Tokens, positions (< s_max) and cache rows (< cache_rows) are checked before
  * anything is written. Returns 0; -1 when out of memory; -2, -3, -4 for a token, position or cache row out of range;
- * -5 when a layer's expert store failed (store_t). */
+ * -5 when a layer's expert store failed (store_t).
+ *
+ * The same call runs a short prompt (or a chunk of one) in one go: its T tokens are T rows of the same cache row
+ * at consecutive positions (every row's key and value are written before any row attends, and each attends up to
+ * its own position: causal). per_row 0 puts the products on the tiled kernels, as for any prompt; head_rows, when
+ * not NULL, names the n_head rows whose logits are wanted (out, lse and best then have n_head rows), so a prompt
+ * pays for the output projection of its last token only. */
 int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, const int64_t *tokens, float *x,
               int64_t B, const int64_t *pos, const int64_t *rows, int64_t cache_rows, float *const *k_caches,
               float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits, int64_t *ids,
-              float *mix, const float *norm, float eps, const weight_t *head, float *out, double *lse, int64_t *best) {
+              float *mix, const float *norm, float eps, const weight_t *head, float *out, double *lse, int64_t *best,
+              const int64_t *head_rows, int64_t n_head, int per_row) {
     const int64_t D = head->k, V = head->n;
     for (int64_t b = 0; b < B; b++) {
         if (tokens[b] < 0 || tokens[b] >= embed->n) return -2;
         if (pos[b] < 0 || pos[b] >= s_max) return -3;
         if (rows[b] < 0 || rows[b] >= cache_rows) return -4;
     }
+    if (head_rows == NULL) n_head = B;
+    for (int64_t i = 0; head_rows && i < n_head; i++)
+        if (head_rows[i] < 0 || head_rows[i] >= B) return -6;
     for (int64_t b = 0; b < B; b++) {
         int64_t stride;
         const float *row = widen(embed, 0, tokens[b], 1, 0, D, x + b * D, &stride);
@@ -1702,17 +1731,18 @@ int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, co
     }
     for (int64_t i = 0; i < n_layers; i++) {
         const int status = decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max,
-                                        logits + i * B * E, ids + i * B * top_k, mix + i * B * top_k);
+                                        logits + i * B * E, ids + i * B * top_k, mix + i * B * top_k, per_row);
         if (status) return status;
     }
-    float *h = malloc(sizeof(float) * B * D);
+    float *h = malloc(sizeof(float) * n_head * D);
     if (!h) return -1;
-    mx_rmsnorm(x, B, D, norm, eps, h);
-    const int status = linear_rows(head, 0, h, B, D, out, V, 0);
+    for (int64_t i = 0; i < n_head; i++)
+        mx_rmsnorm(x + (head_rows ? head_rows[i] : i) * D, 1, D, norm, eps, h + i * D);
+    const int status = linear_rows(head, 0, h, n_head, D, out, V, 0);
     free(h);
     if (status) return status;
-    mx_logsumexp(out, B, V, lse);
-    mx_argmax(out, B, V, best);
+    mx_logsumexp(out, n_head, V, lse);
+    mx_argmax(out, n_head, V, best);
     return 0;
 }
 

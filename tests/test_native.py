@@ -531,8 +531,9 @@ def test_bf16_decode_rows_on_either_vector_width_match_fp32_and_do_not_depend_on
         lib.mx_use_avx512(was)
 
 
-@pytest.mark.parametrize("window", [None, 9])  # a window shorter than the prefix: each token sees its last 9
-def test_a_short_prompt_after_a_cached_prefix_is_one_c_call_and_matches_transformers(tmp_path, monkeypatch, window):
+@pytest.mark.parametrize("window,head_dim", [(None, 32), (9, 32), (None, 128)])  # window 9: each token sees its
+def test_a_short_prompt_after_a_cached_prefix_is_one_c_call_and_matches_transformers(  # last 9; Dh as Mixtral's
+        tmp_path, monkeypatch, window, head_dim):
     """A chat turn's new tokens after its reused prefix (a prompt too short for the GEMMs): every token a row of its
     sequence's cache row, one C call (DecodeSession.prompt), logits only where asked. Two sequences at once, in
     rows 3 and 1 of the cache, against transformers' logits of the whole sequences."""
@@ -541,8 +542,8 @@ def test_a_short_prompt_after_a_cached_prefix_is_one_c_call_and_matches_transfor
     from mixtral.kernels import native
     from mixtral.kv_cache import KVCache
 
-    path = save_hf_model(make_hf_model(seed=8, hidden_size=128, intermediate_size=192, sliding_window=window),
-                         tmp_path)
+    path = save_hf_model(make_hf_model(seed=8, hidden_size=128, intermediate_size=192, sliding_window=window,
+                                       head_dim=head_dim), tmp_path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = load_model(path, dtype="float32", progress=False)
     calls = []
@@ -576,6 +577,10 @@ def test_a_short_prompt_after_a_cached_prefix_is_one_c_call_and_matches_transfor
         assert last.shape == (2, 1, 256)
         assert (last[0, 0] - expected[0, -1]).abs().max() < 1e-4
         assert (last[1, 0] - expected[1, P + 4]).abs().max() < 1e-4
+        from_the_end = model(ids[:, P:], positions, cache, n_keys=P + T, slots=slots, logits_at=torch.tensor([-1, 4]))
+        assert torch.equal(from_the_end, last)  # a negative index counts from the end, as x[b, t] does
+        with pytest.raises(IndexError):
+            model(ids[:, P:], positions, cache, n_keys=P + T, slots=slots, logits_at=torch.tensor([T, 0]))
         # and the cache holds what the ordinary path writes: a next token continues both sequences as transformers
         nxt = torch.randint(3, 256, (2, 1), generator=_gen(10))
         step = model(nxt, torch.full((2, 1), P + T), cache, n_keys=P + T + 1, slots=slots)

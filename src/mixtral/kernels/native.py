@@ -3,14 +3,16 @@ native_lib.py; weights described by native_weights.py).
 
 A decode step is one C call (`DecodeSession.step`: the embedding, every block, the final norm, the output
 projection, and each row's log-normalizer and argmax), because whatever Python runs between steps runs on caches
-the step's weights have just flushed. Prompts run every matmul and the experts in C and attention in torch (SDPA).
+the step's weights have just flushed. A short prompt is one such call too (`DecodeSession.prompt`: its tokens are
+rows of their sequence's cache row); longer prompts run every matmul and the experts in C or on oneDNN's GEMMs
+(prompt.py) and attention in torch (SDPA).
 
 Numbers: every weight is widened to its exact fp32 value and multiplied in fp32, so the result equals an fp32
 matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights in
-one-row products (every row of a decode step, and any one-row matmul, such as a one-token prompt chunk) meet
-activations rounded to int16 with one scale per span of columns, 256 for int8 and one group for int4 (error
-<= 2^-16 of the span's largest value). Each row of a batched decode step is computed exactly as at batch 1.
-Activations and the KV cache are fp32. Routing ties (equal router logits) may pick other experts than
+one-row products (every row of a decode step, a short prompt's products on the decode rows' kernel, and any
+one-row matmul) meet activations rounded to int16 with one scale per span of columns, 256 for int8 and one group
+for int4 (error <= 2^-16 of the span's largest value). Each row of a batched decode step is computed exactly as
+at batch 1. Activations and the KV cache are fp32. Routing ties (equal router logits) may pick other experts than
 torch.topk, whose order for ties is unspecified.
 """
 
@@ -33,6 +35,7 @@ from .native_weights import NativeModel, move_to_huge_pages, supports
 from .runner import Runner, Step
 
 
+ROWS_SHORT = 2  # cpu_kernels.c: a short prompt's products on the kernel that suits each shape (short_linear)
 PROMPT_ROWS_MAX = 64  # prompts (chunks) of at most this many tokens not on GEMMs run as one C call (_forward)
 
 
@@ -116,9 +119,15 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
         # a short prompt (a chat turn after its reused prefix, a prompt's last chunk): the whole pass in one C
         # call, each token a row of its sequence's cache row, logits only where wanted
         rows = list(range(B)) if slots is None else slots.tolist()
-        wanted = list(range(N)) if logits_at is None else [b * T + t for b, t in enumerate(logits_at.tolist())]
+        wanted = list(range(N))
+        if logits_at is not None:  # an index along T per sequence, negative ones from the end, as x[b, t] takes it
+            at = logits_at.tolist()
+            if any(not -T <= t < T for t in at):
+                raise IndexError(f"logits_at {at} is outside the {T} positions of the input")
+            wanted = [b * T + t % T for b, t in enumerate(at)]
         logits = runner.session(cache, own_logits=False).prompt(
-            input_ids.reshape(N).tolist(), input_pos.reshape(N).tolist(), [r for r in rows for _ in range(T)],
+            input_ids.reshape(N).tolist(), input_pos.expand(B, T).reshape(N).tolist(),
+            [r for r in rows for _ in range(T)],
             wanted, routing, B)
         return logits.view(B, -1 if logits_at is None else 1, logits.shape[-1])
     x = model.embed(input_ids).reshape(N, D).float().contiguous()  # the residual stream, updated in place
@@ -266,10 +275,12 @@ class DecodeSession:
 
     def prompt(self, tokens, positions, rows, wanted, routing: list | None = None, sequences: int = 1) -> torch.Tensor:
         """Short prompts, or chunks of them, in one C call: token i at positions[i] of cache row rows[i] (the
-        tokens of one sequence share its row, at consecutive positions), on the tiled kernels; fresh logits
+        tokens of one sequence share its row, at consecutive positions); fresh logits
         (len(wanted), V) of the tokens listed in `wanted` only. `routing` as for `step`, shaped (sequences, tokens
         of each)."""
         N = len(tokens)
+        if len(positions) != N or len(rows) != N or N % sequences:
+            raise ValueError(f"{N} tokens, {len(positions)} positions and {len(rows)} rows for {sequences} sequences")
         cache = self._cache()
         if cache is None:
             raise ValueError("this decoder's KV cache is gone")
@@ -285,7 +296,7 @@ class DecodeSession:
             self.native.structs, L, self.native.embed.ref, ints(*tokens), x.data_ptr(), N, ints(*positions),
             ints(*rows), self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, logits.data_ptr(),
             ids.data_ptr(), mix.data_ptr(), self._pointers["norm"], self.norm_eps, self.native.lm_head.ref,
-            out.data_ptr(), lse, best, (ctypes.c_int64 * len(wanted))(*wanted), len(wanted), 0)
+            out.data_ptr(), lse, best, (ctypes.c_int64 * len(wanted))(*wanted), len(wanted), ROWS_SHORT)
         if status:
             raise _decode_error(status, tokens, positions, rows, self)
         if routing is not None:
@@ -308,6 +319,8 @@ def _decode_error(status: int, tokens, positions, rows, decoder) -> Exception:
     if status == -4:
         rows = range(len(tokens)) if rows is None else rows
         return IndexError(f"cache rows {list(rows)} are outside the KV cache's {decoder.cache_rows} rows")
+    if status == -6:
+        return IndexError(f"the tokens whose logits are wanted are not all among the {len(tokens)} given")
     return MemoryError("native decode: out of memory")
 
 

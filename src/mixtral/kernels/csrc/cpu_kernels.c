@@ -1304,6 +1304,25 @@ int mx_linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, int6
     return linear_rows(w, e, x, M, ldx, y, ldy, accumulate);
 }
 
+/* A few tokens of a short prompt: the decode rows' kernel for a weight too large to stay in the cache (it streams
+ * the weight once per few rows, where the tiled kernel widens every tile to fp32 for rows too few to pay for it),
+ * the tiled one for small weights or more rows. Measured on a 2-core Xeon: up to 16 rows of the "small"
+ * benchmark model's products (262K-917K weights) ran faster on the rows' kernel, the shipped model's (33K-66K)
+ * on the tiled one. */
+static int short_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+                        int accumulate) {
+    return (M <= 16 && w->n * w->k >= (1 << 18) ? linear_rows : mx_linear)(w, e, x, M, ldx, y, ldy, accumulate);
+}
+
+typedef int (*linear_fn)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int);
+
+/* The products of a pass: ROWS_EXACT (decode: every row as at batch 1, a row's numbers never depend on the rows
+ * beside it), ROWS_TILED (a prompt), ROWS_SHORT (a short prompt: short_linear). */
+enum { ROWS_TILED = 0, ROWS_EXACT = 1, ROWS_SHORT = 2 };
+static linear_fn products(int mode) {
+    return mode == ROWS_EXACT ? linear_rows : mode == ROWS_SHORT ? short_linear : mx_linear;
+}
+
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* One token's experts (decode at batch 1): with top-k a multiple of the threads, each thread runs whole experts;
@@ -1403,7 +1422,7 @@ static int64_t distinct(const int64_t *ids, int64_t n, int64_t E, int64_t *out) 
 /* Tell the expert store which experts the M tokens need (ids, M x topk), and which the next layer's router guesses
  * from x; returns once the needed ones are in place. Returns 0, -1 when out of memory, -5 when the store failed. */
 static int ask_store(const store_t *store, const float *x, int64_t M, const int64_t *ids, int64_t topk, int64_t E,
-                     int per_row) {
+                     int mode) {
     const weight_t *next = store->next_router;
     const int64_t E2 = next ? next->n : 0, k2 = next ? store->next_top_k : 0;
     int64_t *needed = malloc(sizeof(int64_t) * (E + E2 + 1)), *guessed = needed + E;
@@ -1414,7 +1433,7 @@ static int ask_store(const store_t *store, const float *x, int64_t M, const int6
     const int64_t n_needed = distinct(ids, M * topk, E, needed);
     int64_t n_guessed = 0;
     if (next) {
-        if ((per_row ? linear_rows : mx_linear)(next, 0, x, M, next->k, logits, E2, 0)) goto done;
+        if (products(mode)(next, 0, x, M, next->k, logits, E2, 0)) goto done;
         select_top(logits, M, E2, k2, picks);
         n_guessed = distinct(picks, M * k2, E2, guessed);
     }
@@ -1428,9 +1447,9 @@ done:
  * top-k best first (ties: lower index) into ids_out (M, topk), their softmax into weights_out (M, topk); then the
  * store, if any, is asked for the chosen experts. Returns 0, -1 when out of memory, -5 when the store failed. */
 static int route(const float *x, int64_t M, const weight_t *router, int64_t topk, float *logits_out,
-                 int64_t *ids_out, float *weights_out, int per_row, const store_t *store) {
+                 int64_t *ids_out, float *weights_out, int mode, const store_t *store) {
     const int64_t E = router->n;
-    if ((per_row ? linear_rows : mx_linear)(router, 0, x, M, router->k, logits_out, E, 0)) return -1;
+    if (products(mode)(router, 0, x, M, router->k, logits_out, E, 0)) return -1;
     select_top(logits_out, M, E, topk, ids_out);
     for (int64_t m = 0; m < M; m++) {
         const float *logits = logits_out + m * E;
@@ -1440,12 +1459,12 @@ static int route(const float *x, int64_t M, const weight_t *router, int64_t topk
         for (int64_t j = 0; j < topk; j++) total += mix[j] = expf(logits[ids[j]] - top);
         for (int64_t j = 0; j < topk; j++) mix[j] /= total;
     }
-    return store ? ask_store(store, x, M, ids_out, topk, E, per_row) : 0;
+    return store ? ask_store(store, x, M, ids_out, topk, E, mode) : 0;
 }
 
 int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, float *logits_out, int64_t *ids_out,
              float *weights_out, const store_t *store) {
-    return route(x, M, router, topk, logits_out, ids_out, weights_out, 0, store);
+    return route(x, M, router, topk, logits_out, ids_out, weights_out, ROWS_TILED, store);
 }
 
 /* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]), routed by
@@ -1454,13 +1473,11 @@ int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, fl
  * failed. */
 static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
                const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
-               int per_row, const store_t *store) {
+               int mode, const store_t *store) {
     const int64_t D = w1->k, I = w1->n, E = router->n;
-    /* per_row (decode): every product as at batch 1 (linear_rows), so a token's result does not depend on the
-     * tokens beside it; else the tiled kernels, faster for the many tokens of a prompt */
-    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
-        per_row ? linear_rows : mx_linear;
-    const int routed = route(x, M, router, topk, logits_out, ids_out, weights_out, per_row, store);
+    /* mode: see products (ROWS_EXACT for decode, so a token's result does not depend on the tokens beside it) */
+    const linear_fn linear = products(mode);
+    const int routed = route(x, M, router, topk, logits_out, ids_out, weights_out, mode, store);
     if (routed) return routed;
     if (M == 1 && topk <= MAX_JOBS / 2) return moe_one_token(x, w1, w3, w2, topk, out, ids_out, weights_out);
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
@@ -1495,7 +1512,7 @@ done:
 int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
            const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
            const store_t *store) {
-    return moe(x, M, router, w1, w3, w2, topk, out, logits_out, ids_out, weights_out, 0, store);
+    return moe(x, M, router, w1, w3, w2, topk, out, logits_out, ids_out, weights_out, ROWS_TILED, store);
 }
 
 /* One query head over S positions of its keys and values (S, Dh): softmax(q . k * scale) . v into o (Dh). Scores
@@ -1637,7 +1654,7 @@ void mx_struct_sizes(int64_t *out) {
  * the layer's expert store failed. */
 static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
                     float *k_cache, float *v_cache, int64_t s_max, float *logits, int64_t *ids, float *mix,
-                    int per_row) {
+                    int mode) {
     const int64_t D = L->q.k, H = L->n_heads, G = L->n_kv_heads, Dh = L->head_dim, width = (H + 2 * G) * Dh;
     const int64_t I = L->w1.n;
     float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * width);
@@ -1647,10 +1664,9 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
     if (!h || !qkv || !attn || (!L->router.n && (!h1 || !h3))) goto done;
     mx_rmsnorm(x, B, D, L->attn_norm, (float)L->eps, h);
     const job_t proj[3] = {{&L->q, 0, h, qkv, 0}, {&L->k, 0, h, qkv + H * Dh, 0}, {&L->v, 0, h, qkv + (H + G) * Dh, 0}};
-    /* every product of a decode step as at batch 1 (linear_rows): a row's numbers do not depend on its batch; the
-     * tokens of a prompt (per_row 0) on the tiled kernels, as a prompt's products are computed elsewhere */
-    int (*linear)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int) =
-        per_row ? linear_rows : mx_linear;
+    /* every product of a decode step as at batch 1 (ROWS_EXACT): a row's numbers do not depend on its batch; a short
+     * prompt's (ROWS_SHORT) on whichever kernel suits the shape */
+    const linear_fn linear = products(mode);
     if ((B != 1 || run_jobs(proj, 3))
         && (linear(&L->q, 0, h, B, D, qkv, width, 0) || linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
             || linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
@@ -1660,7 +1676,7 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
         goto done;
     mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
     if (L->router.n) {
-        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, per_row,
+        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, mode,
                                L->store);
         if (failed) { status = failed; goto done; }
     } else {
@@ -1703,18 +1719,19 @@ void mx_argmax(const float *x, int64_t M, int64_t n, int64_t *out) {
  * Python the weights just streamed have pushed the interpreter's own data out of the caches, so each Python
  * statement in between is slow. Tokens, positions (< s_max) and cache rows (< cache_rows) are checked before
  * anything is written. Returns 0; -1 when out of memory; -2, -3, -4 for a token, position or cache row out of range;
- * -5 when a layer's expert store failed (store_t).
+ * -5 when a layer's expert store failed (store_t); -6 for a head row out of range.
  *
  * The same call runs a short prompt (or a chunk of one) in one go: its T tokens are T rows of the same cache row
  * at consecutive positions (every row's key and value are written before any row attends, and each attends up to
- * its own position: causal). per_row 0 puts the products on the tiled kernels, as for any prompt; head_rows, when
+ * its own position: causal). mode: the kernels of the products (products: ROWS_EXACT for decode, ROWS_SHORT for
+ * a short prompt); head_rows, when
  * not NULL, names the n_head rows whose logits are wanted (out, lse and best then have n_head rows), so a prompt
  * pays for the output projection of its last token only. */
 int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, const int64_t *tokens, float *x,
               int64_t B, const int64_t *pos, const int64_t *rows, int64_t cache_rows, float *const *k_caches,
               float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits, int64_t *ids,
               float *mix, const float *norm, float eps, const weight_t *head, float *out, double *lse, int64_t *best,
-              const int64_t *head_rows, int64_t n_head, int per_row) {
+              const int64_t *head_rows, int64_t n_head, int mode) {
     const int64_t D = head->k, V = head->n;
     for (int64_t b = 0; b < B; b++) {
         if (tokens[b] < 0 || tokens[b] >= embed->n) return -2;
@@ -1731,14 +1748,14 @@ int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, co
     }
     for (int64_t i = 0; i < n_layers; i++) {
         const int status = decode_layer(&layers[i], x, B, pos, rows, k_caches[i], v_caches[i], s_max,
-                                        logits + i * B * E, ids + i * B * top_k, mix + i * B * top_k, per_row);
+                                        logits + i * B * E, ids + i * B * top_k, mix + i * B * top_k, mode);
         if (status) return status;
     }
     float *h = malloc(sizeof(float) * n_head * D);
     if (!h) return -1;
     for (int64_t i = 0; i < n_head; i++)
         mx_rmsnorm(x + (head_rows ? head_rows[i] : i) * D, 1, D, norm, eps, h + i * D);
-    const int status = linear_rows(head, 0, h, n_head, D, out, V, 0);
+    const int status = products(mode)(head, 0, h, n_head, D, out, V, 0);
     free(h);
     if (status) return status;
     mx_logsumexp(out, n_head, V, lse);

@@ -35,7 +35,7 @@ from .native_weights import NativeModel, move_to_huge_pages, supports
 from .runner import Runner, Step
 
 
-ROWS_SHORT = 2  # cpu_kernels.c: a short prompt's products on the kernel that suits each shape (short_linear)
+ROWS_EXACT, ROWS_SHORT = 1, 2  # cpu_kernels.c's products: decode rows as at batch 1; a short prompt's, by shape
 PROMPT_ROWS_MAX = 64  # prompts (chunks) of at most this many tokens not on GEMMs run as one C call (_forward)
 
 
@@ -241,11 +241,7 @@ class DecodeSession:
             raise ValueError(f"{B} tokens, {len(positions)} positions and {B if rows is None else len(rows)} rows")
         if not 0 < B <= self.cache_rows:
             raise IndexError(f"a decode step takes 1 to {self.cache_rows} sequences (the KV cache's rows), got {B}")
-        cache = self._cache()
-        if cache is None:
-            raise ValueError("this decoder's KV cache is gone")
-        self._follow(cache)
-        sync_threads()
+        self._ready()
         self.tokens[:B], self.positions[:B] = tokens, positions
         self.rows[:B] = range(B) if rows is None else rows
         L, E, K = len(self.native.layers), self.native.n_experts, self.K
@@ -257,10 +253,8 @@ class DecodeSession:
         if fresh or self.out is None:
             fresh, out = True, torch.empty(B, self.native.lm_head.n)
             out_at = out.data_ptr()
-        status = library().mx_decode(
-            self.native.structs, L, self.native.embed.ref, self.tokens, pointers["x"], B, self.positions, self.rows,
-            self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, *router, pointers["norm"],
-            self.norm_eps, self.native.lm_head.ref, out_at, self.lse_out, self.best_out, None, 0, 1)
+        status = self._run(self.tokens, pointers["x"], B, self.positions, self.rows, router, out_at, self.lse_out,
+                           self.best_out, None, 0, ROWS_EXACT)
         if status:
             raise _decode_error(status, tokens, positions, rows, self)
         self.lse, self.best = self.lse_out[:B], self.best_out[:B]
@@ -281,28 +275,36 @@ class DecodeSession:
         N = len(tokens)
         if len(positions) != N or len(rows) != N or N % sequences:
             raise ValueError(f"{N} tokens, {len(positions)} positions and {len(rows)} rows for {sequences} sequences")
-        cache = self._cache()
-        if cache is None:
-            raise ValueError("this decoder's KV cache is gone")
-        self._follow(cache)
-        sync_threads()
+        self._ready()
         L, E, K = len(self.native.layers), self.native.n_experts, self.K
         x = torch.empty(N, self.native.lm_head.k)
         logits, ids, mix = torch.empty(L * N * E), torch.empty(L * N * K, dtype=torch.int64), torch.empty(L * N * K)
         out = torch.empty(len(wanted), self.native.lm_head.n)
         ints = ctypes.c_int64 * N
         lse, best = (ctypes.c_double * len(wanted))(), (ctypes.c_int64 * len(wanted))()
-        status = library().mx_decode(
-            self.native.structs, L, self.native.embed.ref, ints(*tokens), x.data_ptr(), N, ints(*positions),
-            ints(*rows), self.cache_rows, self._keys, self._values, self.max_seq_len, E, K, logits.data_ptr(),
-            ids.data_ptr(), mix.data_ptr(), self._pointers["norm"], self.norm_eps, self.native.lm_head.ref,
-            out.data_ptr(), lse, best, (ctypes.c_int64 * len(wanted))(*wanted), len(wanted), ROWS_SHORT)
+        status = self._run(ints(*tokens), x.data_ptr(), N, ints(*positions), ints(*rows),
+                           [t.data_ptr() for t in (logits, ids, mix)], out.data_ptr(), lse, best,
+                           (ctypes.c_int64 * len(wanted))(*wanted), len(wanted), ROWS_SHORT)
         if status:
             raise _decode_error(status, tokens, positions, rows, self)
         if routing is not None:
             routing.extend(_routing(self.native, logits.view(L, N, E), ids.view(L, N, K), mix.view(L, N, K),
                                     sequences, N // sequences))
         return out
+
+    def _ready(self) -> None:
+        cache = self._cache()
+        if cache is None:
+            raise ValueError("this decoder's KV cache is gone")
+        self._follow(cache)
+        sync_threads()
+
+    def _run(self, tokens, x, B, positions, rows, router, out, lse, best, head_rows, n_head, mode) -> int:
+        """mx_decode on this session's model and cache; the rest as cpu_kernels.c describes it."""
+        return library().mx_decode(
+            self.native.structs, len(self.native.layers), self.native.embed.ref, tokens, x, B, positions, rows,
+            self.cache_rows, self._keys, self._values, self.max_seq_len, self.native.n_experts, self.K, *router,
+            self._pointers["norm"], self.norm_eps, self.native.lm_head.ref, out, lse, best, head_rows, n_head, mode)
 
     def logit(self, row: int, token: int) -> float:
         """The last step's logit of `token` in row `row` (of a step that was not `fresh`)."""

@@ -127,8 +127,7 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
             wanted = [b * T + t % T for b, t in enumerate(at)]
         logits = runner.session(cache, own_logits=False).prompt(
             input_ids.reshape(N).tolist(), input_pos.expand(B, T).reshape(N).tolist(),
-            [r for r in rows for _ in range(T)],
-            wanted, routing, B)
+            [r for r in rows for _ in range(T)], wanted, routing, B)
         return logits.view(B, -1 if logits_at is None else 1, logits.shape[-1])
     x = model.embed(input_ids).reshape(N, D).float().contiguous()  # the residual stream, updated in place
     E = native.n_experts
@@ -269,9 +268,8 @@ class DecodeSession:
 
     def prompt(self, tokens, positions, rows, wanted, routing: list | None = None, sequences: int = 1) -> torch.Tensor:
         """Short prompts, or chunks of them, in one C call: token i at positions[i] of cache row rows[i] (the
-        tokens of one sequence share its row, at consecutive positions); fresh logits
-        (len(wanted), V) of the tokens listed in `wanted` only. `routing` as for `step`, shaped (sequences, tokens
-        of each)."""
+        tokens of one sequence share its row, at consecutive positions). Returns fresh logits (len(wanted), V) of
+        the tokens listed in `wanted` only. `routing` as for `step`, shaped (sequences, tokens of each)."""
         N = len(tokens)
         if len(positions) != N or len(rows) != N or N % sequences:
             raise ValueError(f"{N} tokens, {len(positions)} positions and {len(rows)} rows for {sequences} sequences")
@@ -293,6 +291,7 @@ class DecodeSession:
         return out
 
     def _ready(self) -> None:
+        """Before a call: the cache still lives, its tensors are the ones the C side writes, the threads are set."""
         cache = self._cache()
         if cache is None:
             raise ValueError("this decoder's KV cache is gone")

@@ -1723,10 +1723,9 @@ void mx_argmax(const float *x, int64_t M, int64_t n, int64_t *out) {
  *
  * The same call runs a short prompt (or a chunk of one) in one go: its T tokens are T rows of the same cache row
  * at consecutive positions (every row's key and value are written before any row attends, and each attends up to
- * its own position: causal). mode: the kernels of the products (products: ROWS_EXACT for decode, ROWS_SHORT for
- * a short prompt); head_rows, when
- * not NULL, names the n_head rows whose logits are wanted (out, lse and best then have n_head rows), so a prompt
- * pays for the output projection of its last token only. */
+ * its own position: causal). mode picks the kernels of the products (`products`: ROWS_EXACT for decode, ROWS_SHORT
+ * for a short prompt). head_rows, when not NULL, names the n_head rows whose logits are wanted (out, lse and best
+ * then have n_head rows), so a prompt pays for the output projection of its last token only. */
 int mx_decode(const layer_t *layers, int64_t n_layers, const weight_t *embed, const int64_t *tokens, float *x,
               int64_t B, const int64_t *pos, const int64_t *rows, int64_t cache_rows, float *const *k_caches,
               float *const *v_caches, int64_t s_max, int64_t E, int64_t top_k, float *logits, int64_t *ids,

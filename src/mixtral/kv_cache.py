@@ -31,7 +31,8 @@ class KVCache:
         Returns the layer's keys and values for those rows over the first n_keys positions, (B, G, S, Dh).
         """
         B, T = k.shape[0], k.shape[2]
-        if B == 1:  # one sequence (a prompt, or one row's step): a slice of its row, written and read in place
+        if B == 1 and k.device.type == "cpu":  # one sequence: a slice of its row, written and read in place (on the
+            # CPU only: reading the row and positions back would stall a GPU's stream at every layer)
             row = 0 if slots is None else int(slots[0])
             start = int(input_pos[0, 0])
             inside = 0 <= row < self.batch_size and 0 <= start and start + T <= self.max_seq_len  # else index_put_

@@ -21,8 +21,10 @@ import torch
 from conftest import make_hf_model, save_hf_model
 from mixtral.config import load_config
 from mixtral.distributed import Shard
+from mixtral.generate import generate_step
 from mixtral.memory import per_rank
 from mixtral.errors import MixtralError
+from mixtral.sampling import Sampler, SamplingParams
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -42,9 +44,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(*args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(*args, nproc: int = 2, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     out = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), *args], capture_output=True,
-                         text=True, env=ENV, timeout=timeout)
+                         text=True, env={**ENV, **(env or {})}, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -105,6 +107,53 @@ def test_two_ranks_quantized_as_they_load_are_as_close_as_one_process_quantized(
         one_error = (one(ids) - want).abs().max().item()
     split_error = (split - want).abs().max().item()
     assert 0 < split_error <= 1.5 * one_error + 1e-3, (split_error, one_error)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_process(split_model, tmp_path, bits,
+                                                                                     group):
+    """`mixtral quantize` output under torchrun: each rank reads its rows of the codes and scales (o's columns: int8
+    with its whole per-row scales, int4 cut at a group boundary), so the two ranks hold exactly the weights one
+    process holds: the same logits up to the order of the summed parts, the same greedy tokens. torch's low-bit
+    kernels (bf16 activations, taken for some widths only: o is half as wide on a rank) are off on both sides."""
+    from mixtral import load
+    from mixtral.quantize import kernels_disabled
+    from mixtral.quantize_checkpoint import quantize_checkpoint
+
+    model_dir, _ = split_model
+    quantized = quantize_checkpoint(model_dir, tmp_path / "q", bits, group, progress=False)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
+    torchrun(str(script), str(quantized), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
+    got = torch.load(tmp_path / "out.pt")
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    one, _ = load(quantized, dtype="float32", pack=False, progress=False)
+    assert one.quantization["bits"] == bits
+    with torch.no_grad(), kernels_disabled():
+        want = one(ids)
+        steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
+    assert (got["logits"] - want).abs().max().item() < 1e-4
+    assert got["tokens"].tolist() == [step[0][0] for step in steps]
+
+
+def test_a_quantized_checkpoint_that_does_not_split_as_stored_is_refused(split_model, tmp_path, monkeypatch):
+    """Rank 0 of 2 of int4 in groups of 64: o's 32 columns per rank are half a group. A +head checkpoint, and
+    --quantize on a quantized one, are refused too; each before anything is loaded into the process group."""
+    from mixtral import distributed
+    from mixtral.quantize_checkpoint import quantize_checkpoint
+
+    model_dir, _ = split_model
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    g64 = quantize_checkpoint(model_dir, tmp_path / "g64", 4, 64, progress=False)
+    with pytest.raises(MixtralError, match=r"columns \[0, 32\) on this rank do not start and end at a boundary of "
+                                           r"its int4 groups of 64"):
+        distributed.load_shard(g64, progress=False)
+    with pytest.raises(MixtralError, match="already quantized .* leave out --quantize"):
+        distributed.load_shard(g64, progress=False, quantize="int8")
+    head = quantize_checkpoint(model_dir, tmp_path / "head", 8, lm_head=True, progress=False)
+    with pytest.raises(MixtralError, match=r"output projection quantized \(\+head\)"):
+        distributed.load_shard(head, progress=False)
 
 
 def test_torchrun_generate_equals_one_process(split_model):

@@ -27,9 +27,9 @@ Every rank routes every token itself (in fp32): ranks on CPUs that round differe
 differently, so a split over unlike machines is not supported.
 
 Prefix reuse works as in one process: rank 0's prefix cache sends each load and store to the other ranks, which
-do the same on their own KV caches. Weights can be quantized as each rank loads them (`--quantize int8|int4`).
-Not yet split: checkpoints quantized on disk, GGUF files, GPUs and our native CPU kernels (the shards run the
-torch code).
+do the same on their own KV caches. Weights can be quantized as each rank loads them (`--quantize int8|int4`), or
+come quantized from a checkpoint written by `mixtral quantize` (split as stored). Not yet split: GGUF files, a
+quantized output projection (+head), GPUs and our native CPU kernels (the shards run the torch code).
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ from .kernels.runner import Runner
 from .kv_cache import KVCache
 from .memory import release_free_memory
 from .prefix_cache import MIN_TOKENS, PrefixCache
-from .quantize import parse_quantize, quantize_model
+from .quantize import QuantLinear, parse_quantize, quantize_model, swap_in_quantized
 from .model import MoE, Routing, Transformer
 from .gguf_file import is_gguf
-from .weights import (read_quantization, read_stored, resolve_dtype, safetensors_files, skipped,
-                      stored_tensors, target)
+from .weights import (_empty_like_quantized, read_quantization, read_stored, resolve_dtype, safetensors_files,
+                      skipped, stored_tensors, target)
 
 
 class RankFailed(MixtralError):
@@ -234,60 +234,108 @@ def _read_part(entry, dim: int, start: int, stop: int) -> torch.Tensor:
     return read_stored(entry).narrow(dim, start, stop - start).clone()
 
 
+def _quantized_part(entry, keep: dict[str, tuple[int, int, int]], stored: dict) -> torch.Tensor:
+    """This rank's part of a tensor of a checkpoint quantized on disk, as stored. Codes and scales are split as the
+    weight they stand for is: by rows (q, k, v, w1, w3; experts; vocabulary rows) their rows; by columns (o, a
+    dense w2) their columns: int8's per-row scales then stay whole (the rank's columns are scaled as in the full
+    row), int4's codes (two per byte) and group scales are cut at a group boundary."""
+    base, _, kind = entry.name.rpartition(".")
+    if kind not in ("qweight", "scales"):
+        dim, start, stop = keep.get(entry.name, (-1, 0, 0))
+    else:
+        dim, start, stop = keep.get(f"{base}.weight", keep.get(base, (-1, 0, 0)))
+        if dim == 1 and stored["bits"] == 8:
+            if kind == "scales":
+                return read_stored(entry)
+        elif dim == 1:
+            group = stored["group_size"]
+            if start % group or stop % group:
+                raise MixtralError(f"{base}: its columns [{start}, {stop}) on this rank do not start and end at a "
+                                   f"boundary of its int4 groups of {group}; run with a number of ranks that "
+                                   f"splits it at one")
+            start, stop = (start // 2, stop // 2) if kind == "qweight" else (start // group, stop // group)
+    return read_stored(entry) if dim < 0 else _read_part(entry, dim, start, stop)
+
+
 def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
                progress: bool = True, quantize: str | None = None) -> Transformer:
-    """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint), reading only that part.
+    """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint, or one written by
+    `mixtral quantize`), reading only that part.
     quantize: "int8", "int4" or "int4-g<group size>" quantizes this rank's attention and expert weights once read
     (quantize.py; a split weight's scales are those of the rank's own part: o's per-row int8 scales cover its
-    columns only); "+head" is not available."""
+    columns only); "+head" is not available. A checkpoint quantized on disk is split as stored: each rank holds
+    exactly the codes and scales one process would (`_quantized_part`)."""
     model_dir = Path(model_dir)
     args = load_config(model_dir)
-    if is_gguf(model_dir) or read_quantization(model_dir) is not None:
-        raise MixtralError("under torchrun, the ranks split a Hugging Face safetensors checkpoint; quantized and GGUF "
-                           "ones are not split yet")
+    if is_gguf(model_dir):
+        raise MixtralError("under torchrun, the ranks split a Hugging Face safetensors checkpoint or one written by "
+                           "`mixtral quantize`; GGUF files are not split yet (`mixtral quantize FILE.gguf OUT` "
+                           "writes one that is)")
+    stored = read_quantization(model_dir)
+    if stored is not None and quantize is not None:
+        raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); under torchrun it is split as "
+                           f"it is: leave out --quantize")
+    if stored is not None and stored["lm_head"]:
+        raise MixtralError(f"{model_dir} has its output projection quantized (+head), which torchrun does not split "
+                           f"yet; quantize the checkpoint without +head")
     shard = Shard(rank(), world())
     local = replace(args, n_heads=args.n_heads // shard.world, n_kv_heads=args.n_kv_heads // shard.world)
     with torch.device("meta"):
         model = Transformer(local)
         keep = _split(model, args, shard)
     model.args, model.full_args = local, args
+    if stored is not None:
+        with torch.device("meta"):
+            swap_in_quantized(model, stored["bits"], stored["group_size"], False, _empty_like_quantized)
     dtype = resolve_dtype(dtype)
-    expected = dict(model.named_parameters())
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     params: dict[str, torch.Tensor] = {}
     files = safetensors_files(model_dir)
     for path in tqdm(files, desc=f"rank {shard.rank}: loading its shard", unit="file",
                      disable=not progress or len(files) < 2):
         for entry in stored_tensors(path):
             release_free_memory()  # the tensors read so far and dropped (else glibc keeps them resident)
-            if skipped(entry.name, args):
-                continue
-            found = target(entry.name, args)
-            if found is None:
-                raise MixtralError(f"{model_dir}: tensor {entry.name} is not one a split model reads (transformers 5 "
-                                   f"fused experts are not split yet)")
-            name, expert = found
-            if expert is not None:  # one expert of a stacked weight: only this rank's experts are read
-                _, e0, e1 = keep[name]
-                if e0 <= expert < e1:
-                    if name not in params:
-                        params[name] = torch.empty(expected[name].shape, dtype=dtype, device=device)
-                    params[name][expert - e0].copy_(read_stored(entry))
-                continue
-            key = name if name in expected else None
-            if key is None:
-                raise MixtralError(f"{model_dir}: tensor {entry.name} does not match this config")
-            dim, start, stop = keep.get(name, (-1, 0, 0))
-            tensor = read_stored(entry) if dim < 0 else _read_part(entry, dim, start, stop)
+            if stored is not None:
+                if entry.name not in expected:
+                    raise MixtralError(f"{model_dir}: tensor {entry.name} is not one this config's quantized model "
+                                       f"has; the checkpoint does not match its config.json")
+                name, tensor = entry.name, _quantized_part(entry, keep, stored)
+            else:
+                if skipped(entry.name, args):
+                    continue
+                found = target(entry.name, args)
+                if found is None:
+                    raise MixtralError(f"{model_dir}: tensor {entry.name} is not one a split model reads "
+                                       f"(transformers 5 fused experts are not split yet)")
+                name, expert = found
+                if expert is not None:  # one expert of a stacked weight: only this rank's experts are read
+                    _, e0, e1 = keep[name]
+                    if e0 <= expert < e1:
+                        if name not in params:
+                            params[name] = torch.empty(expected[name].shape, dtype=dtype, device=device)
+                        params[name][expert - e0].copy_(read_stored(entry))
+                    continue
+                if name not in expected:
+                    raise MixtralError(f"{model_dir}: tensor {entry.name} does not match this config")
+                dim, start, stop = keep.get(name, (-1, 0, 0))
+                tensor = read_stored(entry) if dim < 0 else _read_part(entry, dim, start, stop)
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise MixtralError(f"tensor {entry.name} has shape {tuple(tensor.shape)} here, but the config "
                                    f"implies {tuple(expected[name].shape)}; the weights do not match config.json")
-            params[name] = tensor.to(device=device, dtype=dtype)
+            quantized = name.endswith((".qweight", ".scales"))
+            if quantized and tensor.dtype != expected[name].dtype:
+                raise MixtralError(f"{model_dir}: tensor {name} is {tensor.dtype}, expected {expected[name].dtype}; "
+                                   f"the weights do not match config.json")
+            params[name] = tensor.to(device=device, dtype=tensor.dtype if quantized else dtype)
     missing = [n for n in expected if n not in params and not (args.tie_embeddings and n == "lm_head.weight")]
     if missing:
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
     model.load_state_dict(params, strict=False, assign=True)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module._pack()  # (as one process's load does: int4 in torch's kernel layout where it has one)
     wanted = parse_quantize(quantize)
     if wanted is not None:
         bits, group_size, head = wanted

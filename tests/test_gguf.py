@@ -294,6 +294,34 @@ def test_q4_0_blocks_are_held_as_they_are_and_finer_matrices_as_int8(hf_dir, tmp
         assert ((again - want).abs() > want.abs() * 2**-6).float().mean() > 0.3
 
 
+def test_the_memory_planner_counts_a_4_bit_files_finer_matrices_as_held(hf_dir, tmp_path):
+    """A Q4_0 file's keys and values are Q8_0 and held as int8: the plan (`mixtral info FILE --memory`, and load's
+    budget check) counts them so, and its weights add up to the bytes of the model a load holds."""
+    import json
+
+    from mixtral import memory_plan
+    from mixtral.config import load_config
+    from mixtral.loading import load_model
+    from mixtral.weights import export_gguf
+
+    model = load_model(hf_dir, dtype="float32", pack=False, progress=False)
+    out = export_gguf(model, load_tokenizer(hf_dir), tmp_path / "x-q4_0.gguf", "q4_0", progress=False)
+    held, _ = load(out, dtype="bfloat16", progress=False, pack=False)
+    info = run_cli("info", str(out), "--memory", "1GiB", "--json")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["quantization"] == {"bits": 4, "group_size": 32, "method": Q.METHOD, "lm_head": True}
+    args = load_config(out)
+    in_memory = sum(t.nbytes for t in held.state_dict().values())
+    norms = (2 * args.n_layers + 1) * args.dim * 2  # fp32 in the plan (as our kernels hold them), bf16 here
+    assert data["resident"] + data["experts"] * data["expert"] == in_memory + norms
+    as_if_int4 = memory_plan.model_weights(args, data["quantization"], torch.bfloat16)
+    rows = 2 * args.n_layers * args.n_kv_heads * args.head_dim  # of k and v, all layers
+    int8, int4 = rows * args.dim + rows * 2, rows * args.dim // 2 + rows * (args.dim // 32) * 2  # codes + scales
+    assert data["resident"] - as_if_int4.resident == int8 - int4
+    assert "matrices stored finer held as int8" in run_cli("info", str(out), "--memory", "1GiB").stdout
+
+
 @pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "q4_0"])
 def test_export_writes_what_the_reader_and_gguf_quants_agree_on(hf_dir, tmp_path, kind):
     """A model written by `export` reads back through llama.cpp's own reader with every tensor as gguf.quants

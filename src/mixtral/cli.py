@@ -353,7 +353,8 @@ def cmd_info(args) -> int:
     from .loading import resolve_model
     from .memory import format_summary, per_rank, summary
 
-    stored = None  # a quantized checkpoint's settings
+    stored = None  # a quantized checkpoint's settings (a GGUF file's: the format it is held in)
+    int8_weights = frozenset()  # a 4-bit GGUF file's matrices held as int8
     if args.target and args.model and args.target != args.model:
         raise MixtralError("give the model once: as TARGET or as --model")
     target_name = args.target or args.model
@@ -363,13 +364,19 @@ def cmd_info(args) -> int:
         target = Path(target_name) if target_name else None
         if target is not None and target.is_file():
             config, name = load_config(target), str(target)
+            if args.memory is not None and not args.quantize:
+                from . import quantize
+                from .weights import gguf_held_as
+
+                setting, _, int8_weights = gguf_held_as(target, config)
+                stored = setting and quantize.spec(*quantize.parse_quantize(setting))
         else:
             from .weights import read_quantization
 
             model_dir = resolve_model(target_name)
             config, name, stored = load_config(model_dir), model_dir.name, read_quantization(model_dir)
     if args.memory is not None:
-        return _print_plan(config, name, stored, args)
+        return _print_plan(config, name, stored, args, int8_weights)
     from . import kernels as runners
     from . import torch_lowbit
 
@@ -388,7 +395,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _print_plan(config, name: str, stored: dict | None, args) -> int:
+def _print_plan(config, name: str, stored: dict | None, args, int8_weights: frozenset[str] = frozenset()) -> int:
     """`mixtral info --memory SIZE`: the plan load(max_memory=SIZE) would follow (memory_plan.py)."""
     from . import memory_plan, quantize
     from .weights import resolve_dtype
@@ -397,11 +404,13 @@ def _print_plan(config, name: str, stored: dict | None, args) -> int:
     if spec is None and args.quantize:
         spec = quantize.spec(*quantize.parse_quantize(args.quantize))
     plan = memory_plan.plan(config, spec, resolve_dtype(args.dtype), memory_plan.parse_size(args.memory),
-                            args.context, args.batch)
+                            args.context, args.batch, int8_weights=int8_weights)
     if args.json:
         print(json.dumps({"name": name, "quantization": spec, **plan.as_dict()}, indent=2))
     else:
         weights = f"{spec['bits']}-bit weights" if spec else f"{args.dtype} weights"
+        if int8_weights:
+            weights += f" ({len(int8_weights)} matrices stored finer held as int8)"
         print(f"{name} with {weights}")
         print(plan.describe())
     return 0 if plan.fits else 1

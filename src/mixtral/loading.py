@@ -17,14 +17,14 @@ import torch
 from . import kernels, memory_plan, torch_lowbit
 from .config import ModelArgs, load_config
 from .errors import MixtralError
-from .gguf_file import is_gguf, nearest_quantization
+from .gguf_file import is_gguf
 from .model import Transformer
 from .offloading import load_offloaded
 from .quantize import parse_quantize
 from .quantize import spec as quantization_spec
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import (check_config_matches_files, gguf_int8_weights, load_quantized, load_weights, read_quantization,
+from .weights import (check_config_matches_files, gguf_held_as, load_quantized, load_weights, read_quantization,
                       resolve_dtype)
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
@@ -96,11 +96,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     args: ModelArgs = load_config(model_dir)
     int8_weights = frozenset()
     if quantize is None and is_gguf(model_dir):  # a file of quantized blocks stays quantized, in our nearest format
-        quantize, line = nearest_quantization(model_dir)
-        if quantize and quantize.startswith("int4"):  # and what it stores in more than 4 bits stays int8
-            int8_weights = gguf_int8_weights(model_dir, args)
-            if int8_weights:
-                line += f"; its {len(int8_weights)} matrices stored in more than 4 bits are held as int8"
+        quantize, line, int8_weights = gguf_held_as(model_dir, args)  # (what it stores finer stays int8)
         if line and progress:
             print(line, file=sys.stderr, flush=True)
     wanted = parse_quantize(quantize)
@@ -112,7 +108,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
         spec = stored
         if spec is None and wanted is not None:  # planned as it will be held once quantized
             spec = quantization_spec(*wanted)
-        plan = memory_plan.plan(args, spec, resolve_dtype(dtype), budget, context, batch, bandwidth=(0.0, 0.0))
+        plan = memory_plan.plan(args, spec, resolve_dtype(dtype), budget, context, batch, bandwidth=(0.0, 0.0),
+                                int8_weights=int8_weights)
         if not plan.fits:
             raise MixtralError(f"a memory budget of {memory_plan.size_text(budget)} is too small for {model_dir.name}: "
                                f"it needs at least {memory_plan.size_text(plan.minimum)} (see `mixtral info --model "

@@ -77,8 +77,12 @@ class Weights:
     moe_layers: int
 
 
-def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype) -> Weights:
-    """Sizes from the architecture and the quantization settings alone (no checkpoint read)."""
+def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype,
+                  int8_weights: frozenset[str] = frozenset()) -> Weights:
+    """Sizes from the architecture and the quantization settings alone (no checkpoint read). `int8_weights`: the
+    matrices held as int8 in a model otherwise held as int4 (a GGUF file's finer ones, weights.gguf_int8_weights:
+    "layers.0.attn.wk.weight", "layers.0.ffn.w2"); where they make the layers differ, `expert` and `expert_slot`
+    are a mean over the layers, so that all experts together are counted exactly."""
     D, hidden, E = args.dim, args.hidden_dim, max(args.n_experts, 1)
     item = dtype.itemsize
 
@@ -93,21 +97,30 @@ def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype
 
     bits = quantization["bits"] if quantization else None
     head_bits = 8 if quantization and quantization.get("lm_head") else None
-    hd = args.head_dim
-    attention = sum(sum(matrix(n, k, bits)) for n, k in ((args.n_heads * hd, D), (args.n_kv_heads * hd, D),
-                                                          (args.n_kv_heads * hd, D), (D, args.n_heads * hd)))
-    parts = [matrix(hidden, D, bits), matrix(hidden, D, bits), matrix(D, hidden, bits)]
-    expert = sum(a + b for a, b in parts)
-    slot = sum(-(-a // PAGE) * PAGE + -(-b // PAGE) * PAGE for a, b in parts)
     moe = args.is_moe
-    per_layer = attention + (D * E * item if moe else 0) + 2 * D * 4
+    hd = args.head_dim
+
+    def held(name: str) -> int | None:
+        return 8 if bits and name in int8_weights else bits
+
+    attention, experts, slots = [], [], []
+    for i in range(args.n_layers):
+        attention.append(sum(sum(matrix(n, k, held(f"layers.{i}.attn.{w}.weight"))) for w, n, k in (
+            ("wq", args.n_heads * hd, D), ("wk", args.n_kv_heads * hd, D), ("wv", args.n_kv_heads * hd, D),
+            ("wo", D, args.n_heads * hd))))
+        parts = [matrix(n, k, held(f"layers.{i}.ffn.{w}" + ("" if moe else ".weight")))
+                 for w, n, k in (("w1", hidden, D), ("w3", hidden, D), ("w2", D, hidden))]
+        experts.append(sum(a + b for a, b in parts))
+        slots.append(sum(-(-a // PAGE) * PAGE + -(-b // PAGE) * PAGE for a, b in parts))
+    expert, slot = -(-sum(experts) // args.n_layers), -(-sum(slots) // args.n_layers)  # (alike unless int8_weights)
+    per_layer = [a + (D * E * item if moe else 0) + 2 * D * 4 for a in attention]
     embedding = args.vocab_size * D * item
     head = 0 if args.tie_embeddings and not head_bits else sum(matrix(args.vocab_size, D, head_bits))
-    resident = args.n_layers * per_layer + embedding + head + D * 4
+    resident = sum(per_layer) + embedding + head + D * 4
     if not moe:
-        resident += args.n_layers * expert
+        resident += sum(experts)
     top_k = args.top_k if moe else 1
-    active = args.n_layers * (per_layer + top_k * expert) + head + D * item
+    active = sum(per_layer) + top_k * sum(experts) + head + D * item
     return Weights(resident, expert, slot, active, args.n_layers * E if moe else 0, E if moe else 0, top_k,
                    args.n_layers if moe else 0)
 
@@ -178,11 +191,12 @@ class Plan:
 
 
 def plan(args: ModelArgs, quantization: dict | None, dtype: torch.dtype, budget: int, context: int | None = None,
-         batch: int = 1, runtime: int | None = None, bandwidth: tuple[float, float] | None = None) -> Plan:
-    """The plan for `args` (quantized as `quantization`, else in `dtype`) within `budget` bytes. `runtime`: bytes
-    the process holds already (default: this process's now). `bandwidth`: (disk, RAM) GB/s (default: as measured
-    on this machine, once, by `measured_bandwidth`)."""
-    weights = model_weights(args, quantization, dtype)
+         batch: int = 1, runtime: int | None = None, bandwidth: tuple[float, float] | None = None,
+         int8_weights: frozenset[str] = frozenset()) -> Plan:
+    """The plan for `args` (quantized as `quantization`, else in `dtype`; `int8_weights`: see model_weights) within
+    `budget` bytes. `runtime`: bytes the process holds already (default: this process's now). `bandwidth`: (disk,
+    RAM) GB/s (default: as measured on this machine, once, by `measured_bandwidth`)."""
+    weights = model_weights(args, quantization, dtype, int8_weights)
     context = min(args.max_seq_len, DEFAULT_CONTEXT) if context is None else context
     if context < 1 or batch < 1:
         raise MixtralError("the context and the batch must be at least 1")

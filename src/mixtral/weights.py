@@ -320,6 +320,16 @@ def gguf_int8_weights(path: Path, args: ModelArgs) -> frozenset[str]:
                      if kinds and kinds <= wider and _QUANTIZED.fullmatch(name))
 
 
+def gguf_held_as(path: Path, args: ModelArgs) -> tuple[str | None, str, frozenset[str]]:
+    """How a GGUF file is held when loaded without --quantize: (the `quantize` setting nearest to its blocks or None
+    for floats, the line that says so, the matrices held as int8 beside int4: gguf_int8_weights)."""
+    setting, line = gguf_file.nearest_quantization(path)
+    wider = gguf_int8_weights(path, args) if setting and setting.startswith("int4") else frozenset()
+    if wider:
+        line += f"; its {len(wider)} matrices stored in more than 4 bits are held as int8"
+    return setting, line, wider
+
+
 _STACKED = re.compile(r"layers\.\d+\.ffn\.w[123]")  # our stacked (E, N, K) expert weights (Parameters)
 
 

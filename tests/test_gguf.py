@@ -150,6 +150,96 @@ def test_the_files_tokenizer_gives_the_original_ids_and_mistral_commons_chat_ids
         assert tokenizer.apply_chat_template(messages) == _reference(mistral, messages)
 
 
+BPE_FAMILIES = ("gpt-2", "llama-bpe", "qwen2")  # tokenizer.ggml.pre values of three ways of splitting words
+
+
+def _bpe_gguf(path: Path, pre: str, lines: list[str], merges: bool = True, written_pre: str | None = None) -> Path:
+    """A llama-architecture GGUF file (metadata and one tensor) whose vocabulary is a byte-level BPE trained on
+    `lines` with the `tokenizers` library, written as llama.cpp's converter writes one: tokens, token types (3:
+    control, 4: user-defined), merges, tokenizer.ggml.pre, BOS/EOS. It is trained on GPT-2's split (runs of
+    digits whole), so that the families' ways of splitting give different ids."""
+    import json
+
+    from gguf import GGUFWriter
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    trained.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=3000, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(trained.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda item: item[1])] + ["<think>"]
+    types = [3 if t in specials else 4 if t == "<think>" else 1 for t in tokens]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_context_length(64)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(written_pre or pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if merges:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    writer.add_bos_token_id(tokens.index("<|begin_of_text|>"))
+    writer.add_eos_token_id(tokens.index("<|eot_id|>"))
+    writer.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}")
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("pre", BPE_FAMILIES)
+def test_a_byte_level_bpe_vocabulary_gives_the_ids_transformers_reads_from_the_file(tmp_path, pre):
+    """A 'gpt2' vocabulary (Llama 3, Qwen 2, GPT-2 families) against transformers' own GGUF tokenizer conversion
+    (its code, its table of split expressions) on a multilingual and code corpus; text round-trips; control tokens
+    are one id when parsed and text when not; a user-defined token is always one id; BOS/EOS and the chat
+    template come from the file."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    lines = _corpus()
+    assert len(lines) >= 1000
+    path = _bpe_gguf(tmp_path / f"bpe-{pre}.gguf", pre, lines[::2])
+    ours = load_tokenizer(path)
+    architecture, vocab, _ = get_gguf_tokenizer(str(path))
+    theirs, _ = convert_gguf_tokenizer(architecture, vocab)
+    theirs.encode_special_tokens = True  # text, as ours encodes it unless told to parse special tokens
+    for line in lines:
+        ids = ours.encode(line)
+        assert ids == theirs.encode(line, add_special_tokens=False).ids, line
+        assert ours.decode(ids) == line
+    text = " ".join(lines[:50])
+    assert len(ours.encode(text)) < len(text.encode()) / 2  # the merges are used: not one id per byte
+    bos, eot, think = (vocab["tokens"].index(t) for t in ("<|begin_of_text|>", "<|eot_id|>", "<think>"))
+    text = "<|begin_of_text|>Hello<think>world<|eot_id|>"
+    assert ours.encode(text, parse_special=True) == [bos, *ours.encode("Hello"), think, *ours.encode("world"), eot]
+    assert bos not in ours.encode(text) and think in ours.encode(text)
+    assert (ours.bos_id, ours.eos_id, ours.chat_format) == (bos, eot, "template")
+    assert ours.apply_chat_template([{"role": "user", "content": "Hi there"}]) == [bos, *ours.encode("Hi there"), eot]
+    assert ours.decode([bos, *ours.encode("Hello")]) == "Hello"
+    # what `mixtral quantize FILE.gguf OUT` writes beside the weights: a tokenizer.json that loads alike
+    from mixtral.quantize_checkpoint import write_gguf_tokenizer
+
+    write_gguf_tokenizer(path, tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert (again.bos_id, again.eos_id, again.chat_template) == (bos, eot, ours.chat_template)
+    assert all(again.encode(line) == ours.encode(line) for line in lines[:300])
+
+
+def test_a_bpe_vocabulary_that_cannot_be_read_as_llama_cpp_reads_it_is_refused(tmp_path):
+    lines = _corpus()[:300]
+    with pytest.raises(MixtralError, match="splits text the 'default' way, which mixtral does not read yet"):
+        load_tokenizer(_bpe_gguf(tmp_path / "default.gguf", "gpt-2", lines, written_pre="default"))
+    with pytest.raises(MixtralError, match="has no merges"):
+        load_tokenizer(_bpe_gguf(tmp_path / "no-merges.gguf", "llama-bpe", lines, merges=False))
+
+
 def _writer(path: Path, arch: str = "llama", vocab: bool = True):
     from gguf import GGUFWriter
 

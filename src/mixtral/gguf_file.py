@@ -14,12 +14,14 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
   unless the caller asks for another. Q4_0 is our int4 in groups of 32 with fp16 scales: its blocks are held as
   they are (quantize_checkpoint.load_quantizing). Other types are quantized again from their values;
 - `tokenizer_parts`: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types)
-  rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, and the chat
-  template (`tokenizer.chat_template`), rendered in the same sandbox as any other; for tokenizer.py;
+  rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, or a
+  byte-level BPE one (`gpt2`: tokens, merges, and `tokenizer.ggml.pre`, the way its words are split, as
+  llama.cpp splits them) rebuilt as a `tokenizers` BPE; and the chat template (`tokenizer.chat_template`),
+  rendered in the same sandbox as any other; for tokenizer.py;
 - `write`: a GGUF file from metadata and named tensors (weights.export_gguf gives it a model's).
 
-Not yet: Q8_0 blocks as they are (held as int8, one scale per row), byte-level BPE
-vocabularies (`tokenizer.ggml.model = gpt2`), and expert offloading from a GGUF.
+Not yet: Q8_0 blocks as they are (held as int8, one scale per row), BPE pre-tokenizers other than the GPT-2,
+Llama 3 and Qwen 2 families, and expert offloading from a GGUF.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -278,28 +281,96 @@ def sentencepiece_model(tokens: list[str], scores: list[float], types: list[int]
     return pieces + _field(2, trainer) + _field(3, normalizer)
 
 
-def tokenizer_parts(path: str | os.PathLike) -> tuple[bytes, str | None]:
-    """(a SentencePiece model for the file's vocabulary, its chat template or None). Raises MixtralError for a
-    file without a vocabulary, or with one that is not SentencePiece-style."""
+# How a byte-level BPE vocabulary ('gpt2') splits text into words before its merges, by tokenizer.ggml.pre: the
+# regular expression llama.cpp's tokenizer uses for that family, and whether it takes a word that is a token whole
+# (llama.cpp's ignore_merges). Other families are refused rather than tokenized differently from llama.cpp.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+BPE_PRE_TOKENIZERS = {
+    **dict.fromkeys(("gpt-2", "phi-2"), (_GPT2_SPLIT, False)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), (_LLAMA3_SPLIT, True)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), (_QWEN2_SPLIT, False)),
+}
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A GGUF file's tokenizer, rebuilt for a tokenizer backend (tokenizer_backends.py): a SentencePiece model
+    (`sentencepiece`, serialized) or a `tokenizers` library Tokenizer (`bpe`); its chat template; its BOS and EOS."""
+
+    sentencepiece: bytes | None
+    bpe: object | None
+    template: str | None
+    bos_id: int | None
+    eos_id: int | None
+
+
+def tokenizer_parts(path: str | os.PathLike) -> Vocabulary:
+    """The file's vocabulary (`tokenizer.ggml.*`) and chat template. Raises MixtralError for a file without a
+    vocabulary, or with one of a kind or pre-tokenizer we do not read."""
     hf_config(path)  # an architecture we do not run is the first thing to say
     found = reader(path)
+    name = Path(path).name
     kind = _value(found, "tokenizer.ggml.model")
-    if kind is None or _value(found, "tokenizer.ggml.tokens") is None:
-        raise MixtralError(f"{Path(path).name}: this GGUF file has no tokenizer (tokenizer.ggml.tokens)")
-    if kind != "llama":
-        raise MixtralError(f"{Path(path).name}: its {kind!r} vocabulary is not supported yet (only SentencePiece-"
-                           f"style 'llama' vocabularies are)")
     tokens = _value(found, "tokenizer.ggml.tokens")
-    scores = _value(found, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    if kind is None or tokens is None:
+        raise MixtralError(f"{name}: this GGUF file has no tokenizer (tokenizer.ggml.tokens)")
     types = _value(found, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    if not (len(tokens) == len(scores) == len(types)):
-        raise MixtralError(f"{Path(path).name}: its vocabulary's tokens, scores and types differ in length")
-    unk = _value(found, "tokenizer.ggml.unknown_token_id", next((i for i, t in enumerate(types) if t == 2), 0))
-    proto = sentencepiece_model(tokens, scores, types, _value(found, "tokenizer.ggml.bos_token_id", 1),
-                                _value(found, "tokenizer.ggml.eos_token_id", 2), unk,
-                                bool(_value(found, "tokenizer.ggml.add_space_prefix", True)))
+    bos, eos = _value(found, "tokenizer.ggml.bos_token_id"), _value(found, "tokenizer.ggml.eos_token_id")
     template = _value(found, "tokenizer.chat_template")
-    return proto, template if isinstance(template, str) else None
+    template = template if isinstance(template, str) else None
+    if kind == "gpt2":
+        if len(tokens) != len(types):
+            raise MixtralError(f"{name}: its vocabulary's tokens and types differ in length")
+        pre = _value(found, "tokenizer.ggml.pre", "default")
+        merges = _value(found, "tokenizer.ggml.merges")
+        if pre not in BPE_PRE_TOKENIZERS:
+            raise MixtralError(f"{name}: its byte-level BPE vocabulary splits text the {pre!r} way, which mixtral "
+                               f"does not read yet (it reads {', '.join(sorted(BPE_PRE_TOKENIZERS))})")
+        if not merges:
+            raise MixtralError(f"{name}: its byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
+        return Vocabulary(None, byte_level_bpe(tokens, types, merges, *BPE_PRE_TOKENIZERS[pre]), template, bos, eos)
+    if kind != "llama":
+        raise MixtralError(f"{name}: its {kind!r} vocabulary is not supported (mixtral reads SentencePiece-style "
+                           f"'llama' and byte-level BPE 'gpt2' vocabularies)")
+    scores = _value(found, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    if not (len(tokens) == len(scores) == len(types)):
+        raise MixtralError(f"{name}: its vocabulary's tokens, scores and types differ in length")
+    unk = _value(found, "tokenizer.ggml.unknown_token_id", next((i for i, t in enumerate(types) if t == 2), 0))
+    proto = sentencepiece_model(tokens, scores, types, 1 if bos is None else bos, 2 if eos is None else eos, unk,
+                                bool(_value(found, "tokenizer.ggml.add_space_prefix", True)))
+    return Vocabulary(proto, None, template, None, None)
+
+
+def byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], split: str, whole_words: bool):
+    """A `tokenizers` Tokenizer for a byte-level BPE vocabulary as GGUF stores it: tokens spelled in GPT-2's byte
+    alphabet, merges as "left right" strings ranked by their order, control tokens (type 3) special and
+    user-defined ones (type 4) matched whole, as llama.cpp does."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = []
+    for merge in merges:
+        left, _, right = merge.partition(" ")
+        if not left or not right:
+            raise MixtralError(f"a BPE merge {merge!r} is not two tokens separated by a space")
+        pairs.append((left, right))
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=whole_words))
+    except Exception as exc:  # the library's own message says which merge names an unknown token
+        raise MixtralError(f"the GGUF file's BPE vocabulary cannot be read: {exc}") from None
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types) if kind == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, types) if kind == 4])
+    return tokenizer
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

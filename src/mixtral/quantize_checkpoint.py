@@ -63,14 +63,26 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
     config["quantization"] = spec
     write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     if gguf:
-        proto, template = tokenizer_parts(source)
-        write_atomic(out_dir / "tokenizer.model", proto)
-        if template is not None:
-            write_atomic(out_dir / "tokenizer_config.json", json.dumps({"chat_template": template}) + "\n")
+        write_gguf_tokenizer(source, out_dir)
     for name in COPIED_FILES if not gguf else ():
         if (source / name).is_file():
             shutil.copy(source / name, out_dir / name)
     return out_dir
+
+
+def write_gguf_tokenizer(source: Path, out_dir: Path) -> None:
+    """A GGUF file's vocabulary as tokenizer.model (SentencePiece-style) or tokenizer.json (byte-level BPE), and its
+    chat template (and a BPE vocabulary's BOS and EOS) in tokenizer_config.json, for a checkpoint made from it."""
+    vocab = tokenizer_parts(source)
+    settings = {"chat_template": vocab.template} if vocab.template is not None else {}
+    if vocab.bpe is None:
+        write_atomic(out_dir / "tokenizer.model", vocab.sentencepiece)
+    else:
+        write_atomic(out_dir / "tokenizer.json", vocab.bpe.to_str())
+        settings.update({name: vocab.bpe.id_to_token(i) for name, i in (("bos_token", vocab.bos_id),
+                                                                        ("eos_token", vocab.eos_id)) if i is not None})
+    if settings:
+        write_atomic(out_dir / "tokenizer_config.json", json.dumps(settings) + "\n")
 
 
 def checkpoint_dtype(source: Path) -> str | None:

@@ -284,9 +284,15 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
     requested = chat_format or {True: "v1", False: "template", None: None}[mistral_v1] or configured
 
     if gguf:
-        proto, gguf_template = tokenizer_parts(path)
-        backend, extended = SentencePieceBackend(path, model_proto=proto), False
-        config = {"chat_template": gguf_template} if gguf_template else {}
+        vocab = tokenizer_parts(path)
+        backend = (SentencePieceBackend(path, model_proto=vocab.sentencepiece) if vocab.bpe is None
+                   else HFTokenizersBackend(path, tokenizer=vocab.bpe))
+        extended = False
+        if vocab.bos_id is not None:
+            backend.default_bos = vocab.bos_id
+        if vocab.eos_id is not None:
+            backend.default_eos = vocab.eos_id
+        config = {"chat_template": vocab.template} if vocab.template else {}
     else:
         backend, extended = _backend(path, requested)
     generation = mistral_generation(backend.control_id) if _dummy_prefix(backend) and not extended else None

@@ -106,14 +106,18 @@ class HFTokenizersBackend:
 
     separators = False  # set by load_tokenizer for Mistral's instruct tokenizers (see _encode_runs)
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None, tokenizer=None):
+        """From a tokenizer.json file, or from a `tokenizers.Tokenizer` built elsewhere (a GGUF file's vocabulary)."""
         import tokenizers
 
-        check_size(path)
-        try:
-            self.tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception for bad JSON
-            raise MixtralError(f"cannot read tokenizer file {path}: {e}") from e
+        if tokenizer is not None:
+            self.tok = tokenizer
+        else:
+            check_size(path)
+            try:
+                self.tok = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises plain Exception for bad JSON
+                raise MixtralError(f"cannot read tokenizer file {path}: {e}") from e
         self.size = self.tok.get_vocab_size(with_added_tokens=True)
         added = self.tok.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)

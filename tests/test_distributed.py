@@ -89,7 +89,7 @@ def test_two_ranks_give_transformers_logits_and_greedy_tokens(split_model, tmp_p
     assert got["params"] == per_rank(load_config(model_dir), 2)["params"]  # what `mixtral info --ranks 2` says
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32+head"])
 def test_two_ranks_quantized_as_they_load_are_as_close_as_one_process_quantized(split_model, tmp_path, quantize):
     """Each rank quantizes its part: q/k/v and experts exactly as one process does, o with per-row scales over its
     own columns. Held to one process's own quantization error against transformers fp32 (at most 1.5x, + 1e-3)."""
@@ -109,9 +109,9 @@ def test_two_ranks_quantized_as_they_load_are_as_close_as_one_process_quantized(
     assert 0 < split_error <= 1.5 * one_error + 1e-3, (split_error, one_error)
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+@pytest.mark.parametrize("bits, group, head", [(8, None, False), (4, 32, True)])
 def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_process(split_model, tmp_path, bits,
-                                                                                     group):
+                                                                                     group, head):
     """`mixtral quantize` output under torchrun: each rank reads its rows of the codes and scales (o's columns: int8
     with its whole per-row scales, int4 cut at a group boundary), so the two ranks hold exactly the weights one
     process holds: the same logits up to the order of the summed parts, the same greedy tokens. torch's low-bit
@@ -121,14 +121,14 @@ def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_proce
     from mixtral.quantize_checkpoint import quantize_checkpoint
 
     model_dir, _ = split_model
-    quantized = quantize_checkpoint(model_dir, tmp_path / "q", bits, group, progress=False)
+    quantized = quantize_checkpoint(model_dir, tmp_path / "q", bits, group, lm_head=head, progress=False)
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(LOGITS_SCRIPT))
     torchrun(str(script), str(quantized), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
     got = torch.load(tmp_path / "out.pt")
     ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
     one, _ = load(quantized, dtype="float32", pack=False, progress=False)
-    assert one.quantization["bits"] == bits
+    assert (one.quantization["bits"], one.quantization["lm_head"]) == (bits, head)
     with torch.no_grad(), kernels_disabled():
         want = one(ids)
         steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
@@ -137,8 +137,8 @@ def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_proce
 
 
 def test_a_quantized_checkpoint_that_does_not_split_as_stored_is_refused(split_model, tmp_path, monkeypatch):
-    """Rank 0 of 2 of int4 in groups of 64: o's 32 columns per rank are half a group. A +head checkpoint, and
-    --quantize on a quantized one, are refused too; each before anything is loaded into the process group."""
+    """Rank 0 of 2 of int4 in groups of 64: o's 32 columns per rank are half a group. --quantize on a quantized
+    checkpoint is refused too; each before anything is loaded into the process group."""
     from mixtral import distributed
     from mixtral.quantize_checkpoint import quantize_checkpoint
 
@@ -151,9 +151,6 @@ def test_a_quantized_checkpoint_that_does_not_split_as_stored_is_refused(split_m
         distributed.load_shard(g64, progress=False)
     with pytest.raises(MixtralError, match="already quantized .* leave out --quantize"):
         distributed.load_shard(g64, progress=False, quantize="int8")
-    head = quantize_checkpoint(model_dir, tmp_path / "head", 8, lm_head=True, progress=False)
-    with pytest.raises(MixtralError, match=r"output projection quantized \(\+head\)"):
-        distributed.load_shard(head, progress=False)
 
 
 def test_torchrun_generate_equals_one_process(split_model):

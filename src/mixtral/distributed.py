@@ -28,8 +28,8 @@ differently, so a split over unlike machines is not supported.
 
 Prefix reuse works as in one process: rank 0's prefix cache sends each load and store to the other ranks, which
 do the same on their own KV caches. Weights can be quantized as each rank loads them (`--quantize int8|int4`), or
-come quantized from a checkpoint written by `mixtral quantize` (split as stored). Not yet split: GGUF files, a
-quantized output projection (+head), GPUs and our native CPU kernels (the shards run the torch code).
+come quantized from a checkpoint written by `mixtral quantize` (split as stored; +head too). Not yet split: GGUF
+files, GPUs and our native CPU kernels (the shards run the torch code).
 """
 
 from __future__ import annotations
@@ -151,13 +151,24 @@ class VocabHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(stop - start, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight)
-        if local.shape[-1] < self.step:  # the last rank's slice is shorter: pad to the common size
-            local = F.pad(local, (0, self.step - local.shape[-1]))
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        with _collective():
-            dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts, dim=-1)[..., :self.vocab_size]
+        return _gather_vocabulary(F.linear(x, self.weight), self.vocab_size, self.step)
+
+
+def _gather_vocabulary(local: torch.Tensor, vocab_size: int, step: int) -> torch.Tensor:
+    """Each rank's logits for its `step` vocabulary rows (the last rank's fewer), gathered into the whole vocabulary."""
+    if local.shape[-1] < step:  # the last rank's slice is shorter: pad to the common size
+        local = F.pad(local, (0, step - local.shape[-1]))
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    with _collective():
+        dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=-1)[..., :vocab_size]
+
+
+def _head_gathers(model: Transformer, args: ModelArgs) -> None:
+    """After the output projection's rows were quantized (+head: int8 per row, so a rank's rows are exactly one
+    process's), its logits are gathered by a forward hook, as VocabHead gathers a plain one's."""
+    step = -(-args.vocab_size // world())
+    model.lm_head.register_forward_hook(lambda module, inputs, out: _gather_vocabulary(out, args.vocab_size, step))
 
 
 def _sum_output_over_ranks(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
@@ -263,8 +274,8 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     `mixtral quantize`), reading only that part.
     quantize: "int8", "int4" or "int4-g<group size>" quantizes this rank's attention and expert weights once read
     (quantize.py; a split weight's scales are those of the rank's own part: o's per-row int8 scales cover its
-    columns only); "+head" is not available. A checkpoint quantized on disk is split as stored: each rank holds
-    exactly the codes and scales one process would (`_quantized_part`)."""
+    columns only; "+head" quantizes its vocabulary rows, int8 per row). A checkpoint quantized on disk is split as
+    stored: each rank holds exactly the codes and scales one process would (`_quantized_part`)."""
     model_dir = Path(model_dir)
     args = load_config(model_dir)
     if is_gguf(model_dir):
@@ -275,9 +286,6 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     if stored is not None and quantize is not None:
         raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); under torchrun it is split as "
                            f"it is: leave out --quantize")
-    if stored is not None and stored["lm_head"]:
-        raise MixtralError(f"{model_dir} has its output projection quantized (+head), which torchrun does not split "
-                           f"yet; quantize the checkpoint without +head")
     shard = Shard(rank(), world())
     local = replace(args, n_heads=args.n_heads // shard.world, n_kv_heads=args.n_kv_heads // shard.world)
     with torch.device("meta"):
@@ -286,7 +294,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     model.args, model.full_args = local, args
     if stored is not None:
         with torch.device("meta"):
-            swap_in_quantized(model, stored["bits"], stored["group_size"], False, _empty_like_quantized)
+            swap_in_quantized(model, stored["bits"], stored["group_size"], stored["lm_head"], _empty_like_quantized)
     dtype = resolve_dtype(dtype)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     params: dict[str, torch.Tensor] = {}
@@ -331,18 +339,17 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     if missing:
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
     model.load_state_dict(params, strict=False, assign=True)
-    if args.tie_embeddings:
+    if args.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.lm_head.weight = model.embed.weight
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module._pack()  # (as one process's load does: int4 in torch's kernel layout where it has one)
     wanted = parse_quantize(quantize)
     if wanted is not None:
-        bits, group_size, head = wanted
-        if head:
-            raise MixtralError("under torchrun, the output projection (+head) is not quantized yet")
-        quantize_model(model, bits, group_size)
+        quantize_model(model, *wanted)
         release_free_memory()
+    if isinstance(model.lm_head, QuantLinear):
+        _head_gathers(model, args)
     return model.eval()
 
 

@@ -3,6 +3,7 @@ process, prompt and decode tokens/s, and how far the split model's logits are fr
 
     python bench/distributed.py                          # "medium" (hidden 1024, 16 layers, 8 experts), bf16, N=2
     python bench/distributed.py --config small --dtype float32 --ranks 2
+    python bench/distributed.py --quantize int4                # a checkpoint written by `mixtral quantize`
 
 Random weights in Hugging Face layout (bench/decode.py's configs). One process runs twice: on the model's own torch
 code (`--no-pack`, the code each rank runs) and on our C kernels (what `mixtral generate` uses). The split run is
@@ -10,6 +11,8 @@ code (`--no-pack`, the code each rank runs) and on our C kernels (what `mixtral 
 threads, one process all of them): on a 2-core machine its speed says what the split and the collectives cost
 here, not what N machines would give. Greedy decoding; the logits compared are the last position's of one fixed
 sequence, against one process in fp32 (for a bf16 run, an extra fp32 run of the same weights is the reference).
+With --quantize the weights are first written quantized (`mixtral quantize`), each rank reads its part of that
+checkpoint as stored, and the reference is one process on the same checkpoint (the fp32 run reads it too).
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG[+head]",
+                        help="split a checkpoint quantized on disk this way")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--native", action="store_true", help=argparse.SUPPRESS)
@@ -112,6 +117,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model").mkdir()
         model_dir = write_random_checkpoint(args, Path(tmp) / "model")
+        if opts.quantize:
+            from mixtral.quantize import parse_quantize
+            from mixtral.quantize_checkpoint import quantize_checkpoint
+
+            bits, group, head = parse_quantize(opts.quantize)
+            model_dir = quantize_checkpoint(model_dir, Path(tmp) / "quantized", bits, group, head, progress=False)
         common = [__file__, "--model", str(model_dir), "--dtype", opts.dtype, "--prompt-tokens",
                   str(opts.prompt_tokens), "--new-tokens", str(opts.new_tokens)]
         rows = {}
@@ -129,8 +140,8 @@ def main() -> int:
                            torch.load(out + ".logits"))
         reference = rows["1 process, fp32 torch code" if fp32 else "1 process, torch code"][1]
         params = count_params(args).total
-        print(f"{opts.config} ({params / 1e6:,.0f}M parameters, {opts.dtype}), {opts.prompt_tokens}-token prompt, "
-              f"{opts.new_tokens} greedy tokens; {os.cpu_count()} CPU cores")
+        print(f"{opts.config} ({params / 1e6:,.0f}M parameters, {opts.quantize or opts.dtype}), "
+              f"{opts.prompt_tokens}-token prompt, {opts.new_tokens} greedy tokens; {os.cpu_count()} CPU cores")
         print(f"{'':<24}{'peak RSS per process MB':>26}{'prefill tok/s':>15}{'decode tok/s':>14}"
               f"{'max |logit diff|':>18}  same tokens")
         first = rows["1 process, torch code"][0][0]["tokens"]  # same tokens: as the one process on the torch code

@@ -95,7 +95,8 @@ def turn(client, messages: list[dict], max_tokens: int) -> tuple[float, str, int
 
 
 def openai_client(url: str):
-    """The OpenAI client, on an httpx client that notes when each request is sent (`client.sent`)."""
+    """The OpenAI client, on an httpx client that notes when each request is sent (`client.sent`); closing the
+    OpenAI client closes it."""
     from openai import OpenAI
 
     def sent(request):
@@ -116,16 +117,16 @@ def server_ttft_total(url: str) -> float:
 def conversation(url: str, turns: int, max_tokens: int, system: str | None = None, offset: int = 0,
                  server_side: bool = False) -> list[tuple]:
     """(client TTFT, reply, cached tokens, server TTFT or None, TTFT from the request sent) per turn."""
-    client = openai_client(url)
     messages = [{"role": "system", "content": system}] if system else []
     results = []
-    for i in range(turns):
-        messages.append({"role": "user", "content": QUESTIONS[(i + offset) % len(QUESTIONS)]})
-        before = server_ttft_total(url) if server_side else None
-        ttft, reply, cached, from_sent = turn(client, messages, max_tokens)
-        inside = server_ttft_total(url) - before if server_side else None
-        messages.append({"role": "assistant", "content": reply})
-        results.append((ttft, reply, cached, inside, from_sent))
+    with openai_client(url) as client:
+        for i in range(turns):
+            messages.append({"role": "user", "content": QUESTIONS[(i + offset) % len(QUESTIONS)]})
+            before = server_ttft_total(url) if server_side else None
+            ttft, reply, cached, from_sent = turn(client, messages, max_tokens)
+            inside = server_ttft_total(url) - before if server_side else None
+            messages.append({"role": "assistant", "content": reply})
+            results.append((ttft, reply, cached, inside, from_sent))
     return results
 
 

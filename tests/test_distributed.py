@@ -137,8 +137,8 @@ def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_proce
 
 
 def test_a_quantized_checkpoint_that_does_not_split_as_stored_is_refused(split_model, tmp_path, monkeypatch):
-    """Rank 0 of 2 of int4 in groups of 64: o's 32 columns per rank are half a group. --quantize on a quantized
-    checkpoint is refused too; each before anything is loaded into the process group."""
+    """Rank 0 of 2 of int4 in groups of 64: o's 32 columns per rank are half a group, refused before any tensor is
+    read. --quantize on a quantized checkpoint is refused unless it asks for what is stored (as in one process)."""
     from mixtral import distributed
     from mixtral.quantize_checkpoint import quantize_checkpoint
 
@@ -146,11 +146,41 @@ def test_a_quantized_checkpoint_that_does_not_split_as_stored_is_refused(split_m
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     g64 = quantize_checkpoint(model_dir, tmp_path / "g64", 4, 64, progress=False)
-    with pytest.raises(MixtralError, match=r"columns \[0, 32\) on this rank do not start and end at a boundary of "
-                                           r"its int4 groups of 64"):
-        distributed.load_shard(g64, progress=False)
-    with pytest.raises(MixtralError, match="already quantized .* leave out --quantize"):
-        distributed.load_shard(g64, progress=False, quantize="int8")
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "read_stored", lambda *args: pytest.fail("a tensor was read"))
+        with pytest.raises(MixtralError, match=r"columns \[0, 32\) on this rank do not start and end at a "
+                                               r"boundary of its int4 groups of 64"):
+            distributed.load_shard(g64, progress=False)
+        with pytest.raises(MixtralError, match="already quantized .* cannot be re-quantized to 'int8'"):
+            distributed.load_shard(g64, progress=False, quantize="int8")
+    int8 = quantize_checkpoint(model_dir, tmp_path / "int8", 8, progress=False)
+    assert distributed.load_shard(int8, progress=False, quantize="int8").quantization["bits"] == 8
+
+
+def test_one_expert_per_rank_a_tied_head_quantized_and_an_uneven_vocabulary_split_as_one_process(tmp_path):
+    """2 experts over 2 ranks (a token's top-2 spans both), a tied embedding with its head quantized on disk
+    (+head, int4 elsewhere) and a vocabulary of 32,001 rows (the last rank's slice one row shorter, padded for the
+    gather): logits within 1e-4 of one process on the same checkpoint, the same greedy tokens."""
+    from mixtral import load
+    from mixtral.quantize import kernels_disabled
+    from mixtral.quantize_checkpoint import quantize_checkpoint
+
+    model = make_hf_model(vocab_size=32001, hidden_size=64, intermediate_size=48, num_attention_heads=4,
+                          num_key_value_heads=2, num_local_experts=2, seed=8, tie_word_embeddings=True)
+    plain = save_hf_model(model, tmp_path / "plain", with_tokenizer=True)
+    quantized = quantize_checkpoint(plain, tmp_path / "q", 4, 32, lm_head=True, progress=False)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
+    torchrun(str(script), str(quantized), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
+    got = torch.load(tmp_path / "out.pt")
+    one, _ = load(quantized, dtype="float32", pack=False, progress=False)
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    with torch.no_grad(), kernels_disabled():
+        want = one(ids)
+        steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
+    assert got["logits"].shape[-1] == 32001
+    assert (got["logits"] - want).abs().max().item() < 1e-4
+    assert got["tokens"].tolist() == [step[0][0] for step in steps]
 
 
 def test_torchrun_generate_equals_one_process(split_model):

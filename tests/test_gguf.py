@@ -153,14 +153,14 @@ def test_the_files_tokenizer_gives_the_original_ids_and_mistral_commons_chat_ids
 BPE_FAMILIES = ("gpt-2", "llama-bpe", "qwen2")  # tokenizer.ggml.pre values of three ways of splitting words
 
 
-def _bpe_gguf(path: Path, pre: str, lines: list[str], merges: bool = True, written_pre: str | None = None) -> Path:
+def _bpe_gguf(path: Path, pre: str, lines: list[str], merges: bool = True, written_pre: str | None = None,
+              add_bos: bool | None = None) -> Path:
     """A llama-architecture GGUF file (metadata and one tensor) whose vocabulary is a byte-level BPE trained on
     `lines` with the `tokenizers` library, written as llama.cpp's converter writes one: tokens, token types (3:
     control, 4: user-defined), merges, tokenizer.ggml.pre, BOS/EOS. It is trained on GPT-2's split (runs of
     digits whole), so that the families' ways of splitting give different ids."""
     import json
 
-    from gguf import GGUFWriter
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     trained = Tokenizer(models.BPE())
@@ -171,6 +171,15 @@ def _bpe_gguf(path: Path, pre: str, lines: list[str], merges: bool = True, writt
     model = json.loads(trained.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda item: item[1])] + ["<think>"]
     types = [3 if t in specials else 4 if t == "<think>" else 1 for t in tokens]
+    return _write_bpe(path, written_pre or pre, tokens, types,
+                      [m if isinstance(m, str) else " ".join(m) for m in model["merges"]] if merges else None,
+                      tokens.index("<|begin_of_text|>"), tokens.index("<|eot_id|>"), add_bos)
+
+
+def _write_bpe(path: Path, pre: str, tokens: list[str], types: list[int], merges: list[str] | None, bos: int,
+               eos: int, add_bos: bool | None = None) -> Path:
+    from gguf import GGUFWriter
+
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(1)
     writer.add_embedding_length(8)
@@ -179,13 +188,15 @@ def _bpe_gguf(path: Path, pre: str, lines: list[str], merges: bool = True, writt
     writer.add_context_length(64)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(written_pre or pre)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    if merges:
-        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
-    writer.add_bos_token_id(tokens.index("<|begin_of_text|>"))
-    writer.add_eos_token_id(tokens.index("<|eot_id|>"))
+    if merges is not None:
+        writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     writer.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}")
     writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
     writer.write_header_to_file()
@@ -203,7 +214,7 @@ def test_a_byte_level_bpe_vocabulary_gives_the_ids_transformers_reads_from_the_f
     template come from the file."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    lines = _corpus()
+    lines = _corpus() + ["a\n\nb", "x  \r\n  y", "def f():\n    return 1\n", "\n\n\n", "end\t\t\n ", "  \n\n  z"]
     assert len(lines) >= 1000
     path = _bpe_gguf(tmp_path / f"bpe-{pre}.gguf", pre, lines[::2])
     ours = load_tokenizer(path)
@@ -221,15 +232,37 @@ def test_a_byte_level_bpe_vocabulary_gives_the_ids_transformers_reads_from_the_f
     assert ours.encode(text, parse_special=True) == [bos, *ours.encode("Hello"), think, *ours.encode("world"), eot]
     assert bos not in ours.encode(text) and think in ours.encode(text)
     assert (ours.bos_id, ours.eos_id, ours.chat_format) == (bos, eot, "template")
+    # generation ends at the file's EOS and, as in llama.cpp, at the tokens whose text says so
+    assert ours.eos_ids == {eot, vocab["tokens"].index("<|end_of_text|>")}
     assert ours.apply_chat_template([{"role": "user", "content": "Hi there"}]) == [bos, *ours.encode("Hi there"), eot]
     assert ours.decode([bos, *ours.encode("Hello")]) == "Hello"
+    # a prompt starts with BOS as llama.cpp's default for the family says (Llama 3: yes; GPT-2, Qwen 2: no)
+    assert ours.add_bos == (pre == "llama-bpe")
+    assert ours.with_bos(ours.encode("Hi")) == ([bos] if pre == "llama-bpe" else []) + ours.encode("Hi")
     # what `mixtral quantize FILE.gguf OUT` writes beside the weights: a tokenizer.json that loads alike
     from mixtral.quantize_checkpoint import write_gguf_tokenizer
 
     write_gguf_tokenizer(path, tmp_path)
     again = load_tokenizer(tmp_path)
     assert (again.bos_id, again.eos_id, again.chat_template) == (bos, eot, ours.chat_template)
+    assert (again.eos_ids, again.add_bos) == (ours.eos_ids, ours.add_bos)
     assert all(again.encode(line) == ours.encode(line) for line in lines[:300])
+
+
+def test_a_llama_3_vocabulary_takes_a_word_that_is_a_token_whole_as_llama_cpp_does(tmp_path):
+    """llama.cpp's Llama 3 tokenizer takes a word whole when it is a token (ignore_merges), where merges alone
+    would stop short: with tokens 'ab' and 'abc' but only the merge 'a b', 'abc' is one token for llama-bpe and
+    'ab' + 'c' for GPT-2's family. A file that says add_bos_token overrides the family's default."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|begin_of_text|>", "<|eot_id|>", *alphabet, "ab", "abc"]
+    types = [3, 3] + [1] * (len(tokens) - 2)
+    ids = {pre: load_tokenizer(_write_bpe(tmp_path / f"{pre}.gguf", pre, tokens, types, ["a b"], 0, 1,
+                                          add_bos=True)) for pre in ("llama-bpe", "gpt-2")}
+    assert ids["llama-bpe"].encode("abc") == [tokens.index("abc")]
+    assert ids["gpt-2"].encode("abc") == [tokens.index("ab"), tokens.index("c")]
+    assert ids["gpt-2"].add_bos  # (written in the file)
 
 
 def test_a_bpe_vocabulary_that_cannot_be_read_as_llama_cpp_reads_it_is_refused(tmp_path):
@@ -385,8 +418,9 @@ def test_q4_0_blocks_are_held_as_they_are_and_finer_matrices_as_int8(hf_dir, tmp
 
 
 def test_the_memory_planner_counts_a_4_bit_files_finer_matrices_as_held(hf_dir, tmp_path):
-    """A Q4_0 file's keys and values are Q8_0 and held as int8: the plan (`mixtral info FILE --memory`, and load's
-    budget check) counts them so, and its weights add up to the bytes of the model a load holds."""
+    """A Q4_0 file's keys and values are Q8_0 and held as int8: the plan `mixtral info FILE --memory` prints (the
+    one load's budget check makes, from the same weights.gguf_held_as) counts them so, and its weights add up to
+    the bytes of the model a load holds."""
     import json
 
     from mixtral import memory_plan

@@ -135,7 +135,7 @@ def cmd_generate(args) -> int:
     model_dir, model, tokenizer = _load(args)
     params = _sampling_params(args, model_dir)
     if args.raw:
-        prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.add_bos)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt_ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": args.prompt}])

@@ -59,8 +59,8 @@ from .prefix_cache import MIN_TOKENS, PrefixCache
 from .quantize import QuantLinear, parse_quantize, quantize_model, swap_in_quantized
 from .model import MoE, Routing, Transformer
 from .gguf_file import is_gguf
-from .weights import (_empty_like_quantized, read_quantization, read_stored, resolve_dtype, safetensors_files,
-                      skipped, stored_tensors, target)
+from .weights import (_empty_like_quantized, check_stored_takes, read_quantization, read_stored, resolve_dtype,
+                      safetensors_files, skipped, stored_tensors, target)
 
 
 class RankFailed(MixtralError):
@@ -105,9 +105,13 @@ class Shard:
         step = n // self.world
         return self.rank * step, (self.rank + 1) * step
 
+    def vocab_step(self, n: int) -> int:
+        """Rows of an n-row vocabulary per rank: ceil(n / world), the last rank fewer (`vocab`)."""
+        return -(-n // self.world)
+
     def vocab(self, n: int) -> tuple[int, int]:
-        """Rows [start, stop) of an n-row vocabulary: ceil(n / world) each, the last rank fewer."""
-        step = -(-n // self.world)
+        """Rows [start, stop) of an n-row vocabulary."""
+        step = self.vocab_step(n)
         return min(n, self.rank * step), min(n, (self.rank + 1) * step)
 
 
@@ -145,9 +149,9 @@ class VocabEmbedding(nn.Module):
 class VocabHead(nn.Module):
     """The output projection's rows [start, stop); every rank's logits gathered into the whole vocabulary."""
 
-    def __init__(self, start: int, stop: int, dim: int, vocab_size: int, world_size: int):
+    def __init__(self, start: int, stop: int, dim: int, vocab_size: int, step: int):
         super().__init__()
-        self.vocab_size, self.step = vocab_size, -(-vocab_size // world_size)
+        self.vocab_size, self.step = vocab_size, step  # (step: every rank's rows but the last's, Shard.vocab_step)
         self.weight = nn.Parameter(torch.empty(stop - start, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,10 +168,9 @@ def _gather_vocabulary(local: torch.Tensor, vocab_size: int, step: int) -> torch
     return torch.cat(parts, dim=-1)[..., :vocab_size]
 
 
-def _head_gathers(model: Transformer, args: ModelArgs) -> None:
+def _head_gathers(model: Transformer, args: ModelArgs, step: int) -> None:
     """After the output projection's rows were quantized (+head: int8 per row, so a rank's rows are exactly one
     process's), its logits are gathered by a forward hook, as VocabHead gathers a plain one's."""
-    step = -(-args.vocab_size // world())
     model.lm_head.register_forward_hook(lambda module, inputs, out: _gather_vocabulary(out, args.vocab_size, step))
 
 
@@ -181,7 +184,8 @@ class ExpertParallelMoE(MoE):
     """The whole router, experts [start, stop) of the layer; each token's mix summed over the ranks."""
 
     def __init__(self, args: ModelArgs, start: int, stop: int):
-        super().__init__(replace(args, n_experts=stop - start))
+        super().__init__(replace(args, n_experts=stop - start, top_k=min(args.top_k, stop - start)))
+        self.top_k = args.top_k  # (of all the experts: fewer may be held here than a token picks)
         self.router = nn.Linear(args.dim, args.n_experts, bias=False)
         self.start, self.stop = start, stop
 
@@ -209,7 +213,7 @@ def _split(model: Transformer, args: ModelArgs, shard: Shard) -> dict[str, tuple
     v0, v1 = shard.vocab(args.vocab_size)
     keep = {"embed.weight": (0, v0, v1), "lm_head.weight": (0, v0, v1)}
     model.embed = VocabEmbedding(v0, v1, D)
-    model.lm_head = VocabHead(v0, v1, D, args.vocab_size, shard.world)
+    model.lm_head = VocabHead(v0, v1, D, args.vocab_size, shard.vocab_step(args.vocab_size))
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     for i, layer in enumerate(model.layers):
@@ -258,12 +262,8 @@ def _quantized_part(entry, keep: dict[str, tuple[int, int, int]], stored: dict) 
         if dim == 1 and stored["bits"] == 8:
             if kind == "scales":
                 return read_stored(entry)
-        elif dim == 1:
+        elif dim == 1:  # (at group boundaries: load_shard checked)
             group = stored["group_size"]
-            if start % group or stop % group:
-                raise MixtralError(f"{base}: its columns [{start}, {stop}) on this rank do not start and end at a "
-                                   f"boundary of its int4 groups of {group}; run with a number of ranks that "
-                                   f"splits it at one")
             start, stop = (start // 2, stop // 2) if kind == "qweight" else (start // group, stop // group)
     return read_stored(entry) if dim < 0 else _read_part(entry, dim, start, stop)
 
@@ -283,15 +283,21 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
                            "`mixtral quantize`; GGUF files are not split yet (`mixtral quantize FILE.gguf OUT` "
                            "writes one that is)")
     stored = read_quantization(model_dir)
-    if stored is not None and quantize is not None:
-        raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); under torchrun it is split as "
-                           f"it is: leave out --quantize")
+    if stored is not None:
+        check_stored_takes(model_dir, stored, quantize)
+        quantize = None  # (what it asks for is what the checkpoint holds)
     shard = Shard(rank(), world())
     local = replace(args, n_heads=args.n_heads // shard.world, n_kv_heads=args.n_kv_heads // shard.world)
     with torch.device("meta"):
         model = Transformer(local)
         keep = _split(model, args, shard)
     model.args, model.full_args = local, args
+    for name, (dim, start, stop) in keep.items():  # before anything is read: int4 codes split at group boundaries
+        if stored is not None and stored["bits"] == 4 and dim == 1 and (start % stored["group_size"]
+                                                                        or stop % stored["group_size"]):
+            raise MixtralError(f"{name}: its columns [{start}, {stop}) on this rank do not start and end at a "
+                               f"boundary of its int4 groups of {stored['group_size']}; run with a number of ranks "
+                               f"that splits it at one")
     if stored is not None:
         with torch.device("meta"):
             swap_in_quantized(model, stored["bits"], stored["group_size"], stored["lm_head"], _empty_like_quantized)
@@ -349,7 +355,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         quantize_model(model, *wanted)
         release_free_memory()
     if isinstance(model.lm_head, QuantLinear):
-        _head_gathers(model, args)
+        _head_gathers(model, args, shard.vocab_step(args.vocab_size))
     return model.eval()
 
 

@@ -128,7 +128,7 @@ class GenerationEvent:
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_bos=True)
+        return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
     return list(prompt)
 
 

@@ -296,16 +296,27 @@ BPE_PRE_TOKENIZERS = {
 }
 
 
+# Token texts that end generation wherever a vocabulary has them, as llama.cpp decides (llama-vocab.cpp), beside
+# the file's EOS, EOT and EOM ids: those of the families whose files mixtral reads
+END_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
+             "<end_of_turn>", "<EOT>")
+# Families whose prompts llama.cpp starts with BOS when the file does not say (tokenizer.ggml.add_bos_token)
+BOS_BY_DEFAULT = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """A GGUF file's tokenizer, rebuilt for a tokenizer backend (tokenizer_backends.py): a SentencePiece model
-    (`sentencepiece`, serialized) or a `tokenizers` library Tokenizer (`bpe`); its chat template; its BOS and EOS."""
+    (`sentencepiece`, serialized) or a `tokenizers` library Tokenizer (`bpe`); its chat template; its BOS and EOS
+    (None: the backend's own), the ids that end generation, and whether a prompt starts with BOS."""
 
     sentencepiece: bytes | None
     bpe: object | None
     template: str | None
     bos_id: int | None
     eos_id: int | None
+    end_ids: frozenset[int]
+    add_bos: bool
 
 
 def tokenizer_parts(path: str | os.PathLike) -> Vocabulary:
@@ -322,17 +333,23 @@ def tokenizer_parts(path: str | os.PathLike) -> Vocabulary:
     bos, eos = _value(found, "tokenizer.ggml.bos_token_id"), _value(found, "tokenizer.ggml.eos_token_id")
     template = _value(found, "tokenizer.chat_template")
     template = template if isinstance(template, str) else None
+    ends = {i for i in (eos, _value(found, "tokenizer.ggml.eot_token_id"), _value(found, "tokenizer.ggml.eom_token_id"))
+            if isinstance(i, int) and 0 <= i < len(tokens)}
+    ends |= {i for i, token in enumerate(tokens) if token in END_TEXTS}
+    pre = _value(found, "tokenizer.ggml.pre", "default")
+    add_bos = _value(found, "tokenizer.ggml.add_bos_token")
+    add_bos = bool(add_bos) if add_bos is not None else kind != "gpt2" or pre in BOS_BY_DEFAULT
     if kind == "gpt2":
         if len(tokens) != len(types):
             raise MixtralError(f"{name}: its vocabulary's tokens and types differ in length")
-        pre = _value(found, "tokenizer.ggml.pre", "default")
         merges = _value(found, "tokenizer.ggml.merges")
         if pre not in BPE_PRE_TOKENIZERS:
             raise MixtralError(f"{name}: its byte-level BPE vocabulary splits text the {pre!r} way, which mixtral "
                                f"does not read yet (it reads {', '.join(sorted(BPE_PRE_TOKENIZERS))})")
         if not merges:
             raise MixtralError(f"{name}: its byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
-        return Vocabulary(None, byte_level_bpe(tokens, types, merges, *BPE_PRE_TOKENIZERS[pre]), template, bos, eos)
+        return Vocabulary(None, byte_level_bpe(tokens, types, merges, *BPE_PRE_TOKENIZERS[pre]), template, bos, eos,
+                          frozenset(ends), add_bos)
     if kind != "llama":
         raise MixtralError(f"{name}: its {kind!r} vocabulary is not supported (mixtral reads SentencePiece-style "
                            f"'llama' and byte-level BPE 'gpt2' vocabularies)")
@@ -342,7 +359,7 @@ def tokenizer_parts(path: str | os.PathLike) -> Vocabulary:
     unk = _value(found, "tokenizer.ggml.unknown_token_id", next((i for i, t in enumerate(types) if t == 2), 0))
     proto = sentencepiece_model(tokens, scores, types, 1 if bos is None else bos, 2 if eos is None else eos, unk,
                                 bool(_value(found, "tokenizer.ggml.add_space_prefix", True)))
-    return Vocabulary(proto, None, template, None, None)
+    return Vocabulary(proto, None, template, None, None, frozenset(ends), add_bos)
 
 
 def byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], split: str, whole_words: bool):

@@ -24,8 +24,8 @@ from .quantize import parse_quantize
 from .quantize import spec as quantization_spec
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import (check_config_matches_files, gguf_held_as, load_quantized, load_weights, read_quantization,
-                      resolve_dtype)
+from .weights import (check_config_matches_files, check_stored_takes, gguf_held_as, load_quantized, load_weights,
+                      read_quantization, resolve_dtype)
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 MODELS_DIR = Path(__file__).parent / "models"
@@ -129,10 +129,7 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
                                    "own CPU kernels: x86-64 with AVX2, device cpu, without --no-pack")
             return load_offloaded(model_dir, args, stored, resolve_dtype(dtype), plan, progress=progress, exact=exact)
     if stored is not None:
-        if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])
-                                   or wanted[2] and not stored.get("lm_head")):
-            raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); it cannot be "
-                               f"re-quantized to {quantize!r}: load the original checkpoint instead")
+        check_stored_takes(model_dir, stored, quantize)
         model = load_quantized(model_dir, args, stored, resolve_dtype(dtype), torch.device(device), progress,
                                kernel_layout=layout)
     else:

@@ -71,8 +71,9 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
 
 
 def write_gguf_tokenizer(source: Path, out_dir: Path) -> None:
-    """A GGUF file's vocabulary as tokenizer.model (SentencePiece-style) or tokenizer.json (byte-level BPE), and its
-    chat template (and a BPE vocabulary's BOS and EOS) in tokenizer_config.json, for a checkpoint made from it."""
+    """A GGUF file's vocabulary as tokenizer.model (SentencePiece-style) or tokenizer.json (byte-level BPE); its
+    chat template, a BPE vocabulary's BOS and EOS, and whether prompts start with BOS in tokenizer_config.json; the
+    ids that end generation in generation_config.json: what load_tokenizer reads back the same."""
     vocab = tokenizer_parts(source)
     settings = {"chat_template": vocab.template} if vocab.template is not None else {}
     if vocab.bpe is None:
@@ -81,8 +82,12 @@ def write_gguf_tokenizer(source: Path, out_dir: Path) -> None:
         write_atomic(out_dir / "tokenizer.json", vocab.bpe.to_str())
         settings.update({name: vocab.bpe.id_to_token(i) for name, i in (("bos_token", vocab.bos_id),
                                                                         ("eos_token", vocab.eos_id)) if i is not None})
+    if not vocab.add_bos:
+        settings["add_bos_token"] = False
     if settings:
         write_atomic(out_dir / "tokenizer_config.json", json.dumps(settings) + "\n")
+    if vocab.end_ids:
+        write_atomic(out_dir / "generation_config.json", json.dumps({"eos_token_id": sorted(vocab.end_ids)}) + "\n")
 
 
 def checkpoint_dtype(source: Path) -> str | None:

@@ -34,8 +34,9 @@ class Tokenizer:
     """A loaded tokenizer; create it with `load_tokenizer`.
 
     Attributes: `vocab_size`, `bos_id`, `eos_id`, `eos_ids` (every id that ends generation), `bos_token`,
-    `eos_token`, `chat_template` (Jinja source or None), `chat_format` (how chats are encoded: "v1", "v3",
-    "v7" or "template"; see mixtral.chat_format) and `mistral_v1` (chat_format == "v1").
+    `eos_token`, `add_bos` (whether a prompt starts with BOS: `with_bos`), `chat_template` (Jinja source or None),
+    `chat_format` (how chats are encoded: "v1", "v3", "v7" or "template"; see mixtral.chat_format) and
+    `mistral_v1` (chat_format == "v1").
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class Tokenizer:
         extra_eos_ids: set[int] | None = None,
         chat_template: str | None = None,
         chat_format: str = "template",
+        add_bos: bool = True,
     ):
         if chat_format not in CHAT_FORMATS:
             raise MixtralError(f"unknown chat format {chat_format!r} (known: {', '.join(CHAT_FORMATS)})")
@@ -55,6 +57,7 @@ class Tokenizer:
         self.bos_id, self.eos_id = bos_id, eos_id
         self.eos_ids: set[int] = {eos_id} | set(extra_eos_ids or ())
         self.bos_token, self.eos_token = backend.piece(bos_id), backend.piece(eos_id)
+        self.add_bos = add_bos
         self.chat_template = chat_template
         self.chat_format = chat_format
         self._template = None
@@ -74,6 +77,16 @@ class Tokenizer:
         """
         ids = self._backend.encode(text, parse_special)
         return [self.bos_id, *ids] if add_bos else ids
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """A prompt's ids starting with exactly one BOS; as they are for a tokenizer that adds none (`add_bos`
+        False: a GGUF file's vocabulary that says so, as those of the GPT-2 and Qwen 2 families do by default)."""
+        if not self.add_bos:
+            return list(ids)
+        start = 0
+        while start < len(ids) and ids[start] == self.bos_id:
+            start += 1
+        return [self.bos_id, *ids[start:]]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         """Decode ids to text, dropping special tokens, or writing them out (e.g. "<s>") if not `skip_special`.
@@ -110,7 +123,7 @@ class Tokenizer:
         return i in self._backend.special_ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Encode a chat to prompt ids that start with exactly one BOS, in the tokenizer's `chat_format`.
+        """Encode a chat to prompt ids that start with exactly one BOS (`with_bos`), in the tokenizer's `chat_format`.
 
         `messages` are dicts {"role": "system" | "user" | "assistant", "content": str}: an optional first
         system message, then user and assistant turns alternating, starting with user. With
@@ -129,10 +142,7 @@ class Tokenizer:
             self._template = compile_template(self.chat_template or MIXTRAL_V1_CHAT_TEMPLATE)
         text = render_template(self._template, messages, system, add_generation_prompt, self.bos_token,
                                self.eos_token)
-        ids = self.encode(text, parse_special=True)
-        while ids and ids[0] == self.bos_id:
-            ids = ids[1:]
-        return [self.bos_id, *ids]
+        return self.with_bos(self.encode(text, parse_special=True))
 
     def chat_prompt_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat prompt as text with special tokens written out ("<s>[INST] ... [/INST]").
@@ -283,8 +293,10 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
         raise MixtralError(f"unknown chat format {chat_format!r} (known: {', '.join(CHAT_FORMATS)})")
     requested = chat_format or {True: "v1", False: "template", None: None}[mistral_v1] or configured
 
+    add_bos, extra = config.get("add_bos_token") is not False, set()  # (Hugging Face's key; true unless false)
     if gguf:
         vocab = tokenizer_parts(path)
+        add_bos, extra = vocab.add_bos, set(vocab.end_ids)
         backend = (SentencePieceBackend(path, model_proto=vocab.sentencepiece) if vocab.bpe is None
                    else HFTokenizersBackend(path, tokenizer=vocab.bpe))
         extended = False
@@ -331,7 +343,6 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
         if token is None or token < 0:
             raise MixtralError(f"{path}: no {name} (set {name} in tokenizer_config.json)")
         ids[name] = token
-    extra: set[int] = set()
     if (folder / "generation_config.json").is_file() and not gguf:
         eos = _read_json(folder / "generation_config.json").get("eos_token_id")
         extra = {eos} if isinstance(eos, int) else {i for i in eos or () if isinstance(i, int)}
@@ -342,4 +353,5 @@ def load_tokenizer(path: str | Path, *, mistral_v1: bool | None = None, chat_for
         extra_eos_ids=extra,
         chat_template=template,
         chat_format=requested,
+        add_bos=add_bos,
     )

@@ -527,6 +527,16 @@ def read_quantization(model_dir: str | Path) -> dict | None:
             "lm_head": bool(block.get("lm_head", False))}
 
 
+def check_stored_takes(model_dir: str | Path, stored: dict, setting: str | None) -> None:
+    """Raise MixtralError when `setting` (a --quantize value, or None) asks for other than what the checkpoint in
+    `model_dir` is quantized as (`stored`: read_quantization's): a quantized checkpoint is not quantized again."""
+    wanted = quantize.parse_quantize(setting)
+    if wanted is not None and (wanted[0] != stored["bits"] or wanted[1] not in (None, stored["group_size"])
+                               or wanted[2] and not stored.get("lm_head")):
+        raise MixtralError(f"{model_dir} is already quantized ({stored['bits']} bits); it cannot be re-quantized to "
+                           f"{setting!r}: load the original checkpoint instead")
+
+
 def save_quantized(model, out_dir: str | Path) -> Path:
     """Write a quantized model as config.json (with its "quantization" block) + model.safetensors.
 

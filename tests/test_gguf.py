@@ -269,6 +269,58 @@ def test_a_llama_3_vocabulary_takes_a_word_that_is_a_token_whole_as_llama_cpp_do
     assert im_end in ids["gpt-2"].eos_ids and im_end not in ids["gpt-2"].encode("a<|im_end|>")
 
 
+@pytest.mark.parametrize("pre", BPE_FAMILIES)
+def test_a_model_with_a_byte_level_bpe_tokenizer_exports_to_gguf_and_reads_back_alike(tmp_path, pre):
+    """A model whose tokenizer is a byte-level BPE tokenizer.json (here: one `mixtral quantize` wrote from a GGUF
+    file) exported with `export_gguf`: the file names its way of splitting words (tokenizer.ggml.pre), and reads
+    back to the same ids, BOS/EOS, end ids and add_bos, and the same logits."""
+    from gguf import GGUFReader
+
+    from mixtral.loading import load_model
+    from mixtral.quantize_checkpoint import write_gguf_tokenizer
+    from mixtral.weights import export_gguf
+
+    lines = _corpus()
+    vocab = _bpe_gguf(tmp_path / "vocab.gguf", pre, lines[::2])
+    size = len(load_tokenizer(vocab)._backend.tok.get_vocab())
+    model_dir = save_hf_model(make_hf_model(vocab_size=size, seed=4), tmp_path / "model")
+    write_gguf_tokenizer(vocab, model_dir)
+    model, tokenizer = load_model(model_dir, dtype="float32", pack=False, progress=False), load_tokenizer(model_dir)
+    out = export_gguf(model, tokenizer, tmp_path / "out.gguf", "f32", progress=False)
+    assert GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == pre
+    back = load_tokenizer(out)
+    assert all(back.encode(line) == tokenizer.encode(line) for line in lines[:400])
+    assert (back.bos_id, back.eos_id, back.eos_ids, back.add_bos) == (tokenizer.bos_id, tokenizer.eos_id,
+                                                                      tokenizer.eos_ids, tokenizer.add_bos)
+    held, _ = load(out, dtype="float32", pack=False, progress=False)
+    ids = torch.tensor([tokenizer.encode("Who goes there? 1234")])
+    with torch.no_grad():
+        assert (held(ids) - model(ids)).abs().max().item() < 1e-5
+
+
+def test_a_tokenizer_json_gguf_cannot_describe_is_refused_on_export():
+    """Hugging Face's own spelling of Llama 3's split is llama-bpe; a split llama.cpp has no name for, or a model
+    that is not BPE, is refused with a one-line error."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from mixtral.gguf_file import bpe_vocab
+
+    def tokenizer(split: str, model=None) -> Tokenizer:
+        made = Tokenizer(model or models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+        made.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                      pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                               use_regex=False)])
+        return made
+
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")  # as Llama 3's tokenizer.json writes it
+    assert bpe_vocab(tokenizer(llama3))["pre"] == "llama-bpe"
+    with pytest.raises(MixtralError, match="splits words by '.*', not a way llama.cpp names"):
+        bpe_vocab(tokenizer(r"\w+"))
+    with pytest.raises(MixtralError, match="GGUF export writes SentencePiece vocabularies and byte-level BPE"):
+        bpe_vocab(tokenizer(llama3, models.WordLevel({"a": 0}, unk_token="a")))
+
+
 def test_a_bpe_vocabulary_that_cannot_be_read_as_llama_cpp_reads_it_is_refused(tmp_path):
     lines = _corpus()[:300]
     with pytest.raises(MixtralError, match="splits text the 'default' way, which mixtral does not read yet"):

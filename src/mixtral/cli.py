@@ -525,7 +525,7 @@ def cmd_export_gguf(args) -> int:
 
     model_dir = resolve_model(args.model)
     tokenizer = load_tokenizer(model_dir)
-    gguf_file.sentencepiece_vocab(tokenizer._backend)  # a vocabulary GGUF export cannot hold: said before loading
+    gguf_file.vocabulary_of(tokenizer._backend)  # a vocabulary GGUF export cannot hold: said before loading
     model = load_model(model_dir, dtype="float32", quantize="none" if gguf_file.is_gguf(model_dir) else None,
                        pack=False)
     name = model_dir.stem if gguf_file.is_gguf(model_dir) else model_dir.name

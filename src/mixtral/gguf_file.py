@@ -396,13 +396,7 @@ EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def sentencepiece_vocab(backend) -> tuple[list[str], list[float], list[int]]:
-    """Pieces, scores and GGUF token types (SentencePiece's own numbering) of a tokenizer backend; MixtralError for
-    one that is not SentencePiece."""
-    from .tokenizer_backends import SentencePieceBackend
-
-    if not isinstance(backend, SentencePieceBackend):
-        raise MixtralError("GGUF export writes SentencePiece vocabularies (tokenizer.model) only; this model's "
-                           "tokenizer is a tokenizer.json")
+    """Pieces, scores and GGUF token types (SentencePiece's own numbering) of a SentencePiece tokenizer backend."""
     sp = backend.sp
     tokens, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
@@ -413,12 +407,60 @@ def sentencepiece_vocab(backend) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str], list[float], list[int]],
+# The way a tokenizer.json splits words (its Split expression, or GPT-2's built into ByteLevel) -> the
+# tokenizer.ggml.pre that makes llama.cpp split them so: our expressions, and those of Hugging Face's files
+_PRE_OF_SPLIT = {
+    _GPT2_SPLIT: "gpt-2", None: "gpt-2", _LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2",
+    _LLAMA3_SPLIT.replace(_CONTRACTIONS, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"): "llama-bpe",
+    _QWEN2_SPLIT.replace(_CONTRACTIONS, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"): "qwen2",
+}
+
+
+def bpe_vocab(tokenizer) -> dict:
+    """A byte-level BPE `tokenizers` Tokenizer as GGUF stores one: tokens by id, their types (3: special, 4: other
+    added tokens), merges, and tokenizer.ggml.pre. MixtralError for one that GGUF cannot describe so that llama.cpp
+    tokenizes alike (another model, a normalizer, or a way of splitting words not in BPE_PRE_TOKENIZERS)."""
+    import json
+
+    data = json.loads(tokenizer.to_str())
+    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+    splits = [step for step in steps if step.get("type") == "Split"]
+    if model.get("type") != "BPE" or not byte_level or data.get("normalizer") or len(splits) > 1:
+        raise MixtralError("GGUF export writes SentencePiece vocabularies and byte-level BPE ones (a tokenizer.json "
+                           "with a BPE model, a ByteLevel pre-tokenizer and no normalizer); this tokenizer is neither")
+    split = splits[0]["pattern"].get("Regex") if splits else None
+    if split is None and not byte_level[0].get("use_regex", True):
+        split = ""  # no split at all: no llama.cpp family
+    if split not in _PRE_OF_SPLIT:
+        raise MixtralError(f"this tokenizer splits words by {split!r}, not a way llama.cpp names (mixtral writes "
+                           f"the GPT-2, Llama 3 and Qwen 2 ways)")
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    tokens = [tokenizer.id_to_token(i) for i in range(size)]
+    if any(t is None for t in tokens):
+        raise MixtralError("this tokenizer's ids have gaps; GGUF needs one token per id")
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    types = [(3 if added[i].get("special") else 4) if i in added else 1 for i in range(size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": _PRE_OF_SPLIT[split]}
+
+
+def vocabulary_of(backend) -> tuple[list[str], list[float], list[int]] | dict:
+    """What `write` takes for a tokenizer backend: sentencepiece_vocab's or bpe_vocab's. MixtralError for one GGUF
+    cannot hold."""
+    from .tokenizer_backends import SentencePieceBackend
+
+    return sentencepiece_vocab(backend) if isinstance(backend, SentencePieceBackend) else bpe_vocab(backend.tok)
+
+
+def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str], list[float], list[int]] | dict,
           template: str | None, weights: Iterator[tuple[str, torch.Tensor]], progress: bool = True) -> Path:
     """A GGUF file of the `llama` architecture: `config` (name, context, dim, n_layers, hidden_dim, n_heads,
-    n_kv_heads, head_dim, rope_theta, norm_eps, n_experts, top_k, sliding_window, vocab_size, bos, eos), the
-    SentencePiece `vocab` (tokens, scores, types), the chat `template`, and `weights` as (GGUF name, fp32 tensor in
-    llama.cpp's layout). `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
+    n_kv_heads, head_dim, rope_theta, norm_eps, n_experts, top_k, sliding_window, vocab_size, bos, eos, add_bos),
+    the `vocab` (vocabulary_of: SentencePiece tokens, scores, types; or a byte-level BPE), the chat `template`,
+    and `weights` as (GGUF name, fp32 tensor in llama.cpp's layout).
+    `kind` is the type of the matrices (f32, f16, bf16, q8_0 or q4_0); norms and the router
     stay F32, and with q4_0 the embedding and output projection are Q8_0, and so are the attention's keys and
     values in a model with experts (llama.cpp's quantizer keeps them so for Mixtral's 8 experts, where they are a
     small part of the weights). A matrix whose rows are not a whole number of 32-weight blocks is written F16.
@@ -455,14 +497,21 @@ def write(out: str | os.PathLike, kind: str, config: dict, vocab: tuple[list[str
             writer.add_sliding_window(c["sliding_window"])
         writer.add_vocab_size(c["vocab_size"])
         writer.add_file_type(file_type)
-        tokens, scores, types = vocab
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
+        if isinstance(vocab, dict):  # byte-level BPE (bpe_vocab)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(vocab["pre"])
+            writer.add_token_list(vocab["tokens"])
+            writer.add_token_types(vocab["types"])
+            writer.add_token_merges(vocab["merges"])
+        else:
+            tokens, scores, types = vocab
+            writer.add_tokenizer_model("llama")
+            writer.add_token_list(tokens)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
         writer.add_bos_token_id(c["bos"])
         writer.add_eos_token_id(c["eos"])
-        writer.add_add_bos_token(True)
+        writer.add_add_bos_token(c.get("add_bos", True))
         writer.add_add_eos_token(False)
         if template:
             writer.add_chat_template(template)

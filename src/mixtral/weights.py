@@ -462,18 +462,20 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def export_gguf(model: Transformer, tokenizer, out: str | Path, kind: str = "f16", name: str = "mixtral",
                 progress: bool = True) -> Path:
-    """Write `model` (any precision we load: quantized weights are dequantized first) and its SentencePiece
-    tokenizer as one GGUF file llama.cpp and Ollama run (gguf_file.write: `kind` f32, f16, bf16, q8_0 or q4_0)."""
+    """Write `model` (any precision we load: quantized weights are dequantized first) and its tokenizer
+    (SentencePiece, or byte-level BPE: gguf_file.vocabulary_of) as one GGUF file llama.cpp and Ollama run
+    (gguf_file.write: `kind` f32, f16, bf16, q8_0 or q4_0)."""
     from .tokenizer import MIXTRAL_V1_CHAT_TEMPLATE
 
     args = model.args
-    vocab = gguf_file.sentencepiece_vocab(tokenizer._backend)
+    vocab = gguf_file.vocabulary_of(tokenizer._backend)
     template = tokenizer.chat_template or (MIXTRAL_V1_CHAT_TEMPLATE if tokenizer.chat_format == "v1" else None)
     config = {"name": name, "context": args.max_seq_len, "dim": args.dim, "n_layers": args.n_layers,
               "hidden_dim": args.hidden_dim, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
               "head_dim": args.head_dim, "rope_theta": args.rope_theta, "norm_eps": args.norm_eps,
               "n_experts": args.n_experts, "top_k": args.top_k, "sliding_window": args.sliding_window,
-              "vocab_size": args.vocab_size, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+              "vocab_size": args.vocab_size, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+              "add_bos": tokenizer.add_bos}
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for our_name, weight in float_weights(model).items():

@@ -292,12 +292,12 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         model = Transformer(local)
         keep = _split(model, args, shard)
     model.args, model.full_args = local, args
+    group = stored["group_size"] if stored is not None and stored["bits"] == 4 else None
     for name, (dim, start, stop) in keep.items():  # before anything is read: int4 codes split at group boundaries
-        if stored is not None and stored["bits"] == 4 and dim == 1 and (start % stored["group_size"]
-                                                                        or stop % stored["group_size"]):
+        if group and dim == 1 and (start % group or stop % group):
             raise MixtralError(f"{name}: its columns [{start}, {stop}) on this rank do not start and end at a "
-                               f"boundary of its int4 groups of {stored['group_size']}; run with a number of ranks "
-                               f"that splits it at one")
+                               f"boundary of its int4 groups of {group}; run with a number of ranks that splits it "
+                               f"at one")
     if stored is not None:
         with torch.device("meta"):
             swap_in_quantized(model, stored["bits"], stored["group_size"], stored["lm_head"], _empty_like_quantized)

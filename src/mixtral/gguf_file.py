@@ -245,7 +245,7 @@ def tensors(path: str | os.PathLike, progress: bool = True,
         del values
 
 
-# ---- the tokenizer: a SentencePiece model written back from the vocabulary ----------------------------------
+# ---- the tokenizer: a SentencePiece model or a tokenizers BPE, rebuilt from the vocabulary ----------------------
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -289,9 +289,10 @@ _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                  r"|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_LLAMA3_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
 BPE_PRE_TOKENIZERS = {
     **dict.fromkeys(("gpt-2", "phi-2"), (_GPT2_SPLIT, False)),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), (_LLAMA3_SPLIT, True)),
+    **dict.fromkeys(_LLAMA3_NAMES, (_LLAMA3_SPLIT, True)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), (_QWEN2_SPLIT, False)),
 }
 
@@ -301,7 +302,7 @@ BPE_PRE_TOKENIZERS = {
 END_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
              "<end_of_turn>", "<EOT>")
 # Families whose prompts llama.cpp starts with BOS when the file does not say (tokenizer.ggml.add_bos_token)
-BOS_BY_DEFAULT = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
+BOS_BY_DEFAULT = _LLAMA3_NAMES
 
 
 @dataclass(frozen=True)

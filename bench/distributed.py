@@ -5,12 +5,13 @@ process, prompt and decode tokens/s, and how far the split model's logits are fr
     python bench/distributed.py --config small --dtype float32 --ranks 2
     python bench/distributed.py --quantize int4                # a checkpoint written by `mixtral quantize`
 
-Random weights in Hugging Face layout (bench/decode.py's configs). One process runs twice: on the model's own torch
-code (`--no-pack`, the code each rank runs) and on our C kernels (what `mixtral generate` uses). The split run is
-`torchrun --standalone --nproc-per-node N` on the same machine, the cores shared out (each rank gets cores / N
-threads, one process all of them): on a 2-core machine its speed says what the split and the collectives cost
-here, not what N machines would give. Greedy decoding; the logits compared are the last position's of one fixed
-sequence, against one process in fp32 (for a bf16 run, an extra fp32 run of the same weights is the reference).
+Random weights in Hugging Face layout (bench/decode.py's configs). One process and the split model each run
+twice: on the model's own torch code (`--no-pack`; `load_shard(pack=False)`) and on our C kernels (what `mixtral
+generate` uses, one process or split). The split runs are `torchrun --standalone --nproc-per-node N` on the same
+machine, the cores shared out (each rank gets cores / N threads, one process all of them): on a 2-core machine
+their speed says what the split and the collectives cost here, not what N machines would give. Greedy decoding;
+the logits compared are the last position's of one fixed sequence, against one process in fp32 (for a bf16 run,
+an extra fp32 run of the same weights is the reference).
 With --quantize the weights are first written quantized (`mixtral quantize`), each rank reads its part of that
 checkpoint as stored, and the reference is one process on the same checkpoint (the fp32 run reads it too).
 """
@@ -50,7 +51,7 @@ def worker(opts) -> None:
     started = time.perf_counter()
     if split:
         distributed.init()
-        model = distributed.load_shard(opts.model, opts.dtype, progress=False)
+        model = distributed.load_shard(opts.model, opts.dtype, progress=False, pack=opts.native)
         if distributed.rank() > 0:
             loaded = time.perf_counter() - started
             distributed.follow(model)
@@ -127,15 +128,15 @@ def main() -> int:
                   str(opts.prompt_tokens), "--new-tokens", str(opts.new_tokens)]
         rows = {}
         fp32 = [("1 process, fp32 torch code", [sys.executable], ["--fp32"])] if opts.dtype != "float32" else []
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(opts.ranks)]
         for label, launcher, extra in (
                 *fp32,
                 ("1 process, torch code", [sys.executable], []),
                 ("1 process, our kernels", [sys.executable], ["--native"]),
-                (f"{opts.ranks} ranks (torchrun)",
-                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(opts.ranks)],
-                 [])):
+                (f"{opts.ranks} ranks, torch code", torchrun, []),
+                (f"{opts.ranks} ranks, our kernels", torchrun, ["--native"])):
             out = str(Path(tmp) / label.replace(" ", "_").replace(",", ""))
-            processes = opts.ranks if "torchrun" in label else 1
+            processes = opts.ranks if "ranks" in label else 1
             rows[label] = (run([*launcher, *common, "--worker", out, *extra], out, processes),
                            torch.load(out + ".logits"))
         reference = rows["1 process, fp32 torch code" if fp32 else "1 process, torch code"][1]

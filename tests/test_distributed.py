@@ -56,17 +56,30 @@ import sys, torch
 from mixtral import distributed
 from mixtral.generate import generate_step
 from mixtral.sampling import Sampler, SamplingParams
+from mixtral.kernels import prompt
 distributed.init()
-quantize = sys.argv[3] if len(sys.argv) > 3 else None
-model = distributed.load_shard(sys.argv[1], "float32", progress=False, quantize=quantize)
+quantize = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "none" else None
+pack = sys.argv[4] != "torch" if len(sys.argv) > 4 else True
+dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
+prompt_ids = [int(t) for t in sys.argv[6].split(",")] if len(sys.argv) > 6 else [1, 415, 2936, 9060, 285, 1142,
+                                                                                  28723, 851, 349, 264]
+model = distributed.load_shard(sys.argv[1], dtype, progress=False, quantize=quantize, pack=pack)
+runs = "torch" if model.runner is None else model.runner.name  # what runs this rank's passes
+gemm_experts = []  # the experts a prompt's GEMMs ran here (kernels/prompt.py), per MoE layer
+experts = prompt.experts
+def counted(layer, *rest):
+    gemm_experts.append((layer.first, layer.held))
+    return experts(layer, *rest)
+prompt.experts = counted
 if distributed.rank() == 0:
     distributed.lead(model)
-    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    ids = torch.tensor([prompt_ids])
     logits = model(ids)
     steps = generate_step(model, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
     tokens = [step[0][0] for step in steps]
     params = sum(p.numel() for p in model.parameters())  # (a tied head is one parameter)
-    torch.save({"logits": logits, "tokens": torch.tensor(tokens), "params": params}, sys.argv[2])
+    torch.save({"logits": logits, "tokens": torch.tensor(tokens), "params": params, "runs": runs,
+                "gemm_experts": gemm_experts}, sys.argv[2])
     distributed.finish(distributed.leader())
 else:
     distributed.follow(model)
@@ -74,12 +87,23 @@ else:
 """
 
 
-def test_two_ranks_give_transformers_logits_and_greedy_tokens(split_model, tmp_path):
+def native_kernels_run_here() -> bool:
+    from mixtral.kernels import will_run_native
+
+    return will_run_native(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("runs", ["native", "torch"])
+def test_two_ranks_give_transformers_logits_and_greedy_tokens(split_model, tmp_path, runs):
+    """On our C kernels (each rank's passes op by op, its parts of attention and of the MoE block summed over the
+    ranks; the one-expert decode path and the grouped one both leave out the other rank's experts) and on the
+    torch code: within 1e-4 of transformers' fp32 logits, its greedy tokens."""
     model_dir, reference = split_model
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(LOGITS_SCRIPT))
-    torchrun(str(script), str(model_dir), str(tmp_path / "out.pt"))
+    torchrun(str(script), str(model_dir), str(tmp_path / "out.pt"), "none", runs)
     got = torch.load(tmp_path / "out.pt")
+    assert got["runs"] == (runs if native_kernels_run_here() else "torch")
     ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
     with torch.no_grad():
         want = reference(ids).logits
@@ -109,6 +133,35 @@ def test_two_ranks_quantized_as_they_load_are_as_close_as_one_process_quantized(
     assert 0 < split_error <= 1.5 * one_error + 1e-3, (split_error, one_error)
 
 
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float32", "int8")])
+def test_two_ranks_prompt_gemms_on_their_own_experts_are_as_close_as_one_process(split_model, tmp_path, dtype,
+                                                                                  quantize):
+    """A 40-token prompt with bf16 or int8 weights: where this CPU runs prompts on oneDNN's bf16 GEMMs
+    (kernels/prompt.py), each rank runs them for its own two experts only (the tokens routed to the other rank's
+    add nothing there) and its part of attention; summed over the ranks, as close to transformers' fp32 logits as
+    one process on the same path (at most 1.5x its error, + 1e-3)."""
+    from mixtral import load
+    from mixtral.kernels import prompt
+
+    model_dir, reference = split_model
+    ids = torch.randint(3, 32000, (1, 40), generator=torch.Generator().manual_seed(5))
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
+    torchrun(str(script), str(model_dir), str(tmp_path / "out.pt"), quantize, "native", dtype,
+             ",".join(map(str, ids[0].tolist())))
+    got = torch.load(tmp_path / "out.pt")
+    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
+    gemms = native_kernels_run_here() and prompt.unavailable_reason() is None
+    # rank 0 holds experts 0 and 1 of 4; both layers, for the prompt and for generate's prefill of it
+    assert got["gemm_experts"] == ([(0, 2)] * 4 if gemms else [])
+    one, _ = load(model_dir, dtype=dtype, quantize=None if quantize == "none" else quantize, progress=False)
+    with torch.no_grad():
+        want = reference(ids).logits
+        one_error = (one(ids).float() - want).abs().max().item()
+    split_error = (got["logits"].float() - want).abs().max().item()
+    assert 0 < split_error <= 1.5 * one_error + 1e-3, (split_error, one_error)
+
+
 @pytest.mark.parametrize("bits, group, head", [(8, None, False), (4, 32, True)])
 def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_process(split_model, tmp_path, bits,
                                                                                      group, head):
@@ -126,6 +179,7 @@ def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_proce
     script.write_text(textwrap.dedent(LOGITS_SCRIPT))
     torchrun(str(script), str(quantized), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
     got = torch.load(tmp_path / "out.pt")
+    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
     ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
     one, _ = load(quantized, dtype="float32", pack=False, progress=False)
     assert (one.quantization["bits"], one.quantization["lm_head"]) == (bits, head)
@@ -173,6 +227,7 @@ def test_one_expert_per_rank_a_tied_head_quantized_and_an_uneven_vocabulary_spli
     script.write_text(textwrap.dedent(LOGITS_SCRIPT))
     torchrun(str(script), str(quantized), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
     got = torch.load(tmp_path / "out.pt")
+    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
     one, _ = load(quantized, dtype="float32", pack=False, progress=False)
     ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
     with torch.no_grad(), kernels_disabled():

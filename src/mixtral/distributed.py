@@ -28,8 +28,11 @@ differently, so a split over unlike machines is not supported.
 
 Prefix reuse works as in one process: rank 0's prefix cache sends each load and store to the other ranks, which
 do the same on their own KV caches. Weights can be quantized as each rank loads them (`--quantize int8|int4`), or
-come quantized from a checkpoint written by `mixtral quantize` (split as stored; +head too). Not yet split: GGUF
-files, GPUs and our native CPU kernels (the shards run the torch code).
+come quantized from a checkpoint written by `mixtral quantize` (split as stored; +head too).
+
+Each rank runs its part on our C kernels where they run (kernels/native.py with a `Split`: every pass op by op,
+the decode steps too, each part summed over the ranks before it is added to the residual stream), else on the
+model's own torch code (`load_shard(pack=False)`, and other devices). Not yet split: GGUF files and GPUs.
 """
 
 from __future__ import annotations
@@ -124,11 +127,30 @@ def _collective():
         raise RankFailed(f"a rank stopped answering: {exc}") from None
 
 
-def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """All-reduce (sum) in fp32 whatever x's dtype; back in x's dtype."""
-    total = x.float() if x.dtype != torch.float32 else x.contiguous()
+# Up to this size a sum over the ranks gathers every rank's part and adds them up in rank order on each: gloo's
+# all-reduce of a decode step's few rows took 4x as long as a gather (2 ranks on one machine: 1.4 ms against 0.36
+# for 4 KB; even at 256 KB). Every rank adds the same parts in the same order, so all hold the same sum.
+GATHERED_SUM_BYTES = 128 << 10
+
+
+def _sum_in_place(x: torch.Tensor) -> None:
+    """x (fp32, contiguous) becomes its sum over the ranks."""
     with _collective():
-        dist.all_reduce(total)
+        if x.nbytes > GATHERED_SUM_BYTES:
+            dist.all_reduce(x)
+            return
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    x.copy_(total)
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks, in fp32 whatever x's dtype; back in x's dtype."""
+    total = x.float() if x.dtype != torch.float32 else x.contiguous().clone()
+    _sum_in_place(total)
     return total.to(x.dtype)
 
 
@@ -269,13 +291,14 @@ def _quantized_part(entry, keep: dict[str, tuple[int, int, int]], stored: dict) 
 
 
 def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               progress: bool = True, quantize: str | None = None) -> Transformer:
+               progress: bool = True, quantize: str | None = None, pack: bool = True) -> Transformer:
     """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint, or one written by
     `mixtral quantize`), reading only that part.
     quantize: "int8", "int4" or "int4-g<group size>" quantizes this rank's attention and expert weights once read
     (quantize.py; a split weight's scales are those of the rank's own part: o's per-row int8 scales cover its
     columns only; "+head" quantizes its vocabulary rows, int8 per row). A checkpoint quantized on disk is split as
-    stored: each rank holds exactly the codes and scales one process would (`_quantized_part`)."""
+    stored: each rank holds exactly the codes and scales one process would (`_quantized_part`).
+    pack: run the rank's passes on our C kernels where they run here (`_prepare_kernels`), else the torch code."""
     model_dir = Path(model_dir)
     args = load_config(model_dir)
     if is_gguf(model_dir):
@@ -345,6 +368,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     if missing:
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
     model.load_state_dict(params, strict=False, assign=True)
+    del params, expected  # (the model holds its tensors alone: preparing them for the kernels moves, not copies)
     if args.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.lm_head.weight = model.embed.weight
     for module in model.modules():
@@ -356,7 +380,26 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         release_free_memory()
     if isinstance(model.lm_head, QuantLinear):
         _head_gathers(model, args, shard.vocab_step(args.vocab_size))
-    return model.eval()
+    model.eval()
+    if pack:
+        _prepare_kernels(model, args, shard)
+    return model
+
+
+def _prepare_kernels(model: Transformer, args: ModelArgs, shard: Shard) -> None:
+    """The rank's passes on our C kernels (kernels/native.py, op by op, the parts joined where the torch code joins
+    them), where they run on this device; else the model stays on its torch code."""
+    from .kernels import native
+
+    step = shard.vocab_step(args.vocab_size)
+    split = native.Split(reduce=_sum_in_place, gather=lambda logits: _gather_vocabulary(logits, args.vocab_size, step))
+    model.runner = native.prepare(model, split=split)
+
+
+def _passes(model: Transformer):
+    """What runs a forward pass on this rank: the kernels' runner `_prepare_kernels` gave the model, else its own
+    torch code."""
+    return model.runner.forward if model.runner is not None else model.compute
 
 
 # ---- rank 0 leads, the others follow -------------------------------------------------------------------------
@@ -396,14 +439,15 @@ def _broadcast(tensor: torch.Tensor) -> None:
 
 class LeaderRunner(Runner):
     """Rank 0's runner: each forward pass's inputs go to the other ranks first (they run the same pass), then
-    the model's own code runs here. Anything that stops a pass once the others have started it (a failed
-    collective, an error or an interrupt here) leaves the ranks out of step: the runner is then `failed`, every
-    later pass raises RankFailed, and `on_failure` is called once."""
+    it runs here (on our C kernels where they run, else the model's own code). Anything that stops a pass once
+    the others have started it (a failed collective, an error or an interrupt here) leaves the ranks out of step:
+    the runner is then `failed`, every later pass raises RankFailed, and `on_failure` is called once."""
 
     name = "torch.distributed"
 
     def __init__(self, model):
         super().__init__(model)
+        self._run = _passes(model)  # (before `lead` makes this the model's runner)
         self._caches: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
         self._ids = 0
         self.failed: str | None = None
@@ -441,7 +485,7 @@ class LeaderRunner(Runner):
             cache_id = -1 if cache is None else self._cache_id(cache)
             _send([FORWARD, B, T, -1 if n_keys is None else n_keys, cache_id, input_pos is not None,
                    logits_at is not None, slots is not None], input_ids, input_pos, logits_at, slots)
-            return self.model.compute(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
+            return self._run(input_ids, input_pos, cache, n_keys, logits_at, routing, slots)
 
     def prefix_cache(self, budget_bytes: int) -> PrefixCache:
         """A prefix cache whose every load and store the other ranks repeat on their own KV caches (their entries
@@ -489,6 +533,7 @@ def follow(model: Transformer) -> None:
     caches: dict[int, KVCache] = {}
     prefix: PrefixCache | None = None
     device = model.device
+    run = _passes(model)
     with torch.inference_mode():
         while True:
             command, *numbers = _receive(_HEADER).tolist()
@@ -517,7 +562,7 @@ def follow(model: Transformer) -> None:
                                   for shape, present in (((b, t), has_pos), ((b,), has_at), ((b,), has_slots)))
                 if cache_id >= 0 and cache_id not in caches:
                     raise RankFailed(f"rank 0 used a KV cache ({cache_id}) this rank was never told of")
-                model.compute(ids, pos, caches.get(cache_id), None if n_keys < 0 else n_keys, at, None, slots)
+                run(ids, pos, caches.get(cache_id), None if n_keys < 0 else n_keys, at, None, slots)
             else:
                 raise RankFailed(f"rank 0 sent a command this rank does not know ({command})")
 

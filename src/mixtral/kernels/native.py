@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +41,27 @@ ROWS_EXACT, ROWS_SHORT = 1, 2  # cpu_kernels.c's products: decode rows as at bat
 PROMPT_ROWS_MAX = 64  # prompts (chunks) of at most this many tokens not on GEMMs run as one C call (_forward)
 
 
+@dataclass
+class Split:
+    """How the parts of a model split over processes (distributed.py: this process holds some heads, experts and
+    vocabulary rows) are joined: `reduce` sums a tensor over the processes in place (attention's output, the MoE
+    or MLP block's), `gather` makes each process's logits for its vocabulary rows the whole vocabulary's."""
+
+    reduce: Callable[[torch.Tensor], None]
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+
 class NativeRunner(Runner):
     """Runs a model on the C kernels; made by `prepare` (which also readies the model's tensors for them)."""
 
     name = "native"
 
-    def __init__(self, model, store=None, exact: bool = False):
+    def __init__(self, model, store=None, exact: bool = False, split: Split | None = None):
         super().__init__(model)
         self.exact = exact  # every prefill on the exact fp32 kernels, never the bf16 GEMMs of prompt.py
+        # a process's part of a split model: every pass op by op (_prefill_layers, decode steps too), joining the
+        # parts where the model's own code does; the one-call decode step does not join them
+        self.split = split
         self.native = NativeModel(model, store)
         self.store = store  # an expert store (offload.py) holding some layers' experts, or None
         self._sessions = weakref.WeakKeyDictionary()  # KVCache -> its DecodeSession (own logits buffer)
@@ -68,18 +83,19 @@ class NativeRunner(Runner):
     def decode_step(self, cache, tokens, positions, rows=None, routing=None) -> Step:
         """One C call, unless forward hooks must run (then through the model, as `model(...)` would) or the cache
         is not the fp32 CPU kind the C side writes."""
-        if hooked(self.model) or not decodes(cache):
+        if hooked(self.model) or not decodes(cache) or self.split is not None:
             return super().decode_step(cache, tokens, positions, rows, routing)
         session = self.session(cache)
         logits = session.step(tokens, positions, rows, routing)
         return Step(logits, session.lse, session.best, session._out_array)
 
 
-def prepare(model, store=None, exact: bool = False) -> NativeRunner | None:
+def prepare(model, store=None, exact: bool = False, split: Split | None = None) -> NativeRunner | None:
     """Set `model` up for the C kernels, in place: norms to fp32, int4 codes in our own layout, every weight moved
     onto 2 MiB pages where the OS allows, activations fp32 (model.compute_dtype). `store`: an expert store
     (offload.py) that holds the experts the model does not (left on the meta device). `exact`: prefills stay on the
-    exact fp32 kernels (see prompt.py). Returns the runner, or None
+    exact fp32 kernels (see prompt.py). `split`: the model is one process's part of a split model (see Split).
+    Returns the runner, or None
     when the kernels are unavailable here or some weight has none (the model is then unchanged)."""
     if not will_run(model.device) or not supports(model):
         return None
@@ -92,7 +108,7 @@ def prepare(model, store=None, exact: bool = False) -> NativeRunner | None:
     release_free_memory()  # the int4 codes in torch's layout
     move_to_huge_pages(model)
     model.compute_dtype = torch.float32  # activations and the KV cache
-    return NativeRunner(model, store, exact)
+    return NativeRunner(model, store, exact, split)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,11 +126,12 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
     N, D = B * T, args.dim
     if input_pos is None:
         input_pos = torch.arange(T).expand(B, T)
-    if T == 1 and cache is not None and decodes(cache) and not _has_hooks(model.embed):
+    whole = runner.split is None  # (a split model's parts are joined between the ops: no one-call passes)
+    if T == 1 and whole and cache is not None and decodes(cache) and not _has_hooks(model.embed):
         decoder = runner.session(cache, own_logits=False)
         rows = range(B) if slots is None else slots.tolist()
         return decoder.step(input_ids[:, 0].tolist(), input_pos[:, 0].tolist(), rows, routing, fresh=True)[:, None]
-    if (1 < N <= PROMPT_ROWS_MAX and cache is not None and decodes(cache) and not _has_hooks(model.embed)
+    if (1 < N <= PROMPT_ROWS_MAX and whole and cache is not None and decodes(cache) and not _has_hooks(model.embed)
             and (runner.exact or not _takes_gemms(native, N))):
         # a short prompt (a chat turn after its reused prefix, a prompt's last chunk): the whole pass in one C
         # call, each token a row of its sequence's cache row, logits only where wanted
@@ -135,7 +152,7 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
     logits = torch.empty(len(native.layers), N, E)  # what each router did, for `routing`
     ids, mix = torch.empty(len(native.layers), N, K, dtype=torch.int64), torch.empty(len(native.layers), N, K)
     _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix,
-                    gemms=not runner.exact)
+                    gemms=not runner.exact, split=runner.split)
     if routing is not None:
         routing.extend(_routing(native, logits, ids, mix, B, T))
     x = x.view(B, T, D)
@@ -143,7 +160,10 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
         x = x[torch.arange(B), logits_at][:, None]  # (B, 1, D)
     rows = x.shape[0] * x.shape[1]
     h = rms_norm(x.reshape(rows, D).contiguous(), model.norm.weight, model.norm.eps)
-    return native.lm_head.linear(h).view(x.shape[0], x.shape[1], -1)
+    logits = native.lm_head.linear(h)
+    if runner.split is not None:
+        logits = runner.split.gather(logits)
+    return logits.view(x.shape[0], x.shape[1], -1)
 
 
 def _takes_gemms(native, rows: int) -> bool:
@@ -331,10 +351,14 @@ def store_error(store) -> Exception:
     return error if error is not None else RuntimeError("the expert store failed")
 
 
-def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix, gemms) -> None:
+def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix, gemms,
+                    split: Split | None = None) -> None:
     """Several tokens per sequence: attention by torch (SDPA); every matmul and the experts by the C side, or, for
-    prompts long enough and weights it takes (`gemms`), by oneDNN's bf16 GEMMs (prompt.py)."""
+    prompts long enough and weights it takes (`gemms`), by oneDNN's bf16 GEMMs (prompt.py). `split`: x is one
+    process's part of a split model; the attention and MoE/MLP outputs are summed over the processes before they
+    are added to x, and one new token per sequence (a decode step) is computed as a decode step computes it."""
     lib, args = library(), model.args
+    step = split is not None and T == 1  # (each row as at batch 1: its numbers do not depend on the rows beside it)
     N, H, G, Dh = B * T, args.n_heads, args.n_kv_heads, args.head_dim
     n_keys = T if cache is None else (cache.max_seq_len if n_keys is None else n_keys)
     # a whole prompt from position 0 (no window inside it): SDPA's causal kernel, which skips the masked half
@@ -350,9 +374,9 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
         if attention_gemms:
             prompt.attention_inputs(layer, h, qkv, H, G, Dh)
         else:
-            layer.q.linear(h, out=qkv[:, :H * Dh])
-            layer.k.linear(h, out=qkv[:, H * Dh:(H + G) * Dh])
-            layer.v.linear(h, out=qkv[:, (H + G) * Dh:])
+            layer.q.linear(h, out=qkv[:, :H * Dh], per_row=step)
+            layer.k.linear(h, out=qkv[:, H * Dh:(H + G) * Dh], per_row=step)
+            layer.v.linear(h, out=qkv[:, (H + G) * Dh:], per_row=step)
         qkv = qkv.view(B, T, H + 2 * G, Dh)
         q, k = apply_rope(qkv[:, :, :H + G], cos, sin).split((H, G), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + G:].transpose(1, 2)
@@ -361,24 +385,37 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=G != H)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(N, H * Dh)
+        out = x if split is None else torch.zeros_like(x)  # what the block adds to x (a split model's part first)
         if attention_gemms:
-            prompt.attention_output(layer, y, x)
+            prompt.attention_output(layer, y, out)
         else:
-            layer.o.linear(y.contiguous(), out=x, accumulate=True)
+            layer.o.linear(y.contiguous(), out=out, accumulate=True, per_row=step)
+        _join(x, out, split)
         h = rms_norm(x, layer.ffn_norm, args.norm_eps)
+        out = x if split is None else out.zero_()
         ffn_gemms = gemms and prompt.takes((layer.w1, layer.w3, layer.w2), N)
         if layer.moe:
             hook = layer.store_hook and ctypes.addressof(layer.store_hook)
             if ffn_gemms:
-                status = prompt.experts(layer, h, x, args.top_k, logits[index], ids[index], mix[index], hook)
+                status = prompt.experts(layer, h, out, args.top_k, logits[index], ids[index], mix[index], hook)
             else:
                 status = lib.mx_moe(h.data_ptr(), N, layer.router.ref, layer.w1.ref, layer.w3.ref, layer.w2.ref,
-                                    args.top_k, x.data_ptr(), logits[index].data_ptr(), ids[index].data_ptr(),
-                                    mix[index].data_ptr(), hook)
+                                    args.top_k, layer.first, layer.held, out.data_ptr(), logits[index].data_ptr(),
+                                    ids[index].data_ptr(), mix[index].data_ptr(), hook, step)
             if status:
                 raise store_error(native.store) if status == -5 else MemoryError(
                     "native mixture of experts: out of memory")
         elif ffn_gemms:
-            x += prompt.dense_mlp(layer, h)
+            out += prompt.dense_mlp(layer, h)
         else:
-            layer.w2.linear(F.silu(layer.w1.linear(h)) * layer.w3.linear(h), out=x, accumulate=True)
+            gate, up = layer.w1.linear(h, per_row=step), layer.w3.linear(h, per_row=step)
+            layer.w2.linear(F.silu(gate) * up, out=out, accumulate=True, per_row=step)
+        _join(x, out, split)
+
+
+def _join(x: torch.Tensor, out: torch.Tensor, split: Split | None) -> None:
+    """A split model's part of a block's output, summed over the processes and added to x (in one process the
+    block added to x itself: out is x)."""
+    if split is not None:
+        split.reduce(out)
+        x += out

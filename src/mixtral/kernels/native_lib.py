@@ -140,7 +140,7 @@ def _load():
     lib.mx_linear.restype = ctypes.c_int
     lib.mx_linear_rows.argtypes = lib.mx_linear.argtypes
     lib.mx_linear_rows.restype = ctypes.c_int
-    lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, ptr, ptr, ptr, ptr, ctypes.c_void_p]
+    lib.mx_moe.argtypes = [ptr, i64, p, p, p, p, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_void_p, ctypes.c_int]
     lib.mx_moe.restype = ctypes.c_int
     lib.mx_route.argtypes = [ptr, i64, p, i64, ptr, ptr, ptr, ctypes.c_void_p]
     lib.mx_route.restype = ctypes.c_int
@@ -267,7 +267,7 @@ class NativeWeight:
 
     def __init__(self, weight):
 
-        if isinstance(weight, nn.Linear):
+        if isinstance(weight, nn.Module) and not isinstance(weight, QuantLinear):  # nn.Linear or alike
             weight = weight.weight
         if isinstance(weight, QuantLinear):
             to_canonical(weight)

@@ -45,6 +45,10 @@ class NativeLayer:
         self.q, self.k, self.v, self.o = (NativeWeight(w) for w in (attn.wq, attn.wk, attn.wv, attn.wo))
         self.moe = isinstance(ffn, MoE)
         self.router = NativeWeight(ffn.router) if self.moe else None
+        # the experts w1, w3, w2 hold: [first, first + held) of the router's (a rank's share when they are split
+        # over processes, distributed.py's ExpertParallelMoE; else all of them)
+        self.first = getattr(ffn, "start", 0)
+        self.held = getattr(ffn, "stop", self.router.n if self.moe else 0) - self.first
         self.index = index
         self.stored = store is not None and self.moe and self.index in store.layers
         if self.stored:

@@ -155,7 +155,8 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     """The MoE block for normed rows h (N, D) fp32, added to x (N, D): routed by the C side (into logits (N, E), ids
     and mix (N, top_k), the exact path's routing), then each expert's tokens as three GEMMs, their outputs laid
     side by side in expert order and added to x, each token's top_k of them with their mixing weights. Returns the
-    C side's routing status (0, -1 out of memory, -5 the store failed)."""
+    C side's routing status (0, -1 out of memory, -5 the store failed). Experts the layer does not hold (a split
+    model's other processes hold them) add nothing here."""
     sync_threads()
     N = h.shape[0]
     status = library().mx_route(h.data_ptr(), N, layer.router.ref, top_k, logits.data_ptr(), ids.data_ptr(),
@@ -171,9 +172,13 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     for expert, count in enumerate(counts):
         if not count:
             continue
-        rows = hb[start:start + count]
-        hidden = _swiglu(linear(layer.w1, rows, expert), linear(layer.w3, rows, expert))
-        out[start:start + count] = linear(layer.w2, hidden, expert)
+        held = expert - layer.first  # (the layer may hold some of the experts only: a split model's part)
+        if 0 <= held < layer.held:
+            rows = hb[start:start + count]
+            hidden = _swiglu(linear(layer.w1, rows, held), linear(layer.w3, rows, held))
+            out[start:start + count] = linear(layer.w2, hidden, held)
+        else:
+            out[start:start + count] = 0
         start += count
     pairs = out[torch.argsort(order)].view(N, top_k, -1)  # back in (token, choice) order
     for choice in range(top_k):

@@ -20,7 +20,8 @@
  * Entry points (all take and return fp32 activations, row-major):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight
  *   mx_linear_rows the same, each row computed as a decode step computes it (the same numbers alone or batched)
- *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual
+ *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual (all the
+ *                  experts, or the ones a process holds when they are split over processes)
  *   mx_route       the routing half of mx_moe alone (the prompt path of kernels/prompt.py runs the experts)
  *   mx_to_bf16     an expert's rows as bf16, for the prompt path's bf16 GEMMs
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
@@ -1469,17 +1470,25 @@ int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, fl
 
 /* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]), routed by
  * `route` (which writes logits_out, ids_out, weights_out). Experts run in ascending order, each once for all of its
- * tokens. `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5 when the store
+ * tokens. w1, w3 and w2 hold experts [first, first + held) of the router's E (all of them in one process; a rank's
+ * share when the experts are split over processes, distributed.py): the others' contributions are left out.
+ * `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5 when the store
  * failed. */
 static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
-               const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
-               int mode, const store_t *store) {
-    const int64_t D = w1->k, I = w1->n, E = router->n;
+               const weight_t *w2, int64_t topk, int64_t first, int64_t held, float *out, float *logits_out,
+               int64_t *ids_out, float *weights_out, int mode, const store_t *store) {
+    const int64_t D = w1->k, I = w1->n;
     /* mode: see products (ROWS_EXACT for decode, so a token's result does not depend on the tokens beside it) */
     const linear_fn linear = products(mode);
     const int routed = route(x, M, router, topk, logits_out, ids_out, weights_out, mode, store);
     if (routed) return routed;
-    if (M == 1 && topk <= MAX_JOBS / 2) return moe_one_token(x, w1, w3, w2, topk, out, ids_out, weights_out);
+    if (M == 1 && topk <= MAX_JOBS / 2) {
+        int64_t ids[MAX_JOBS / 2], n = 0; /* the chosen experts held here, as indices into w1, w3, w2 */
+        float mix[MAX_JOBS / 2];
+        for (int64_t j = 0; j < topk; j++)
+            if (ids_out[j] >= first && ids_out[j] < first + held) { ids[n] = ids_out[j] - first; mix[n++] = weights_out[j]; }
+        return n ? moe_one_token(x, w1, w3, w2, n, out, ids, mix) : 0;
+    }
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
     float *h3 = malloc(sizeof(float) * M * I), *ys = malloc(sizeof(float) * M * D);
     float *sum = calloc((size_t)(M * D), sizeof(float));
@@ -1487,16 +1496,16 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
     float *scale = malloc(sizeof(float) * M);
     int status = 0;
     if (!xs || !h1 || !h3 || !ys || !sum || !token || !scale) { status = -1; goto done; }
-    for (int64_t e = 0; e < E; e++) {
+    for (int64_t e = first; e < first + held; e++) {
         int64_t n = 0;
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < topk; j++)
                 if (ids_out[m * topk + j] == e) { token[n] = m; scale[n++] = weights_out[m * topk + j]; }
         if (!n) continue;
         for (int64_t i = 0; i < n; i++) memcpy(xs + i * D, x + token[i] * D, sizeof(float) * D);
-        if (linear(w1, e, xs, n, D, h1, I, 0) || linear(w3, e, xs, n, D, h3, I, 0)) { status = -1; goto done; }
+        if (linear(w1, e - first, xs, n, D, h1, I, 0) || linear(w3, e - first, xs, n, D, h3, I, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
-        if (linear(w2, e, h1, n, I, ys, D, 0)) { status = -1; goto done; }
+        if (linear(w2, e - first, h1, n, I, ys, D, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n; i++) {
             float *dst = sum + token[i] * D;
             const float *src = ys + i * D;
@@ -1510,9 +1519,10 @@ done:
 }
 
 int mx_moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
-           const weight_t *w2, int64_t topk, float *out, float *logits_out, int64_t *ids_out, float *weights_out,
-           const store_t *store) {
-    return moe(x, M, router, w1, w3, w2, topk, out, logits_out, ids_out, weights_out, ROWS_TILED, store);
+           const weight_t *w2, int64_t topk, int64_t first, int64_t held, float *out, float *logits_out,
+           int64_t *ids_out, float *weights_out, const store_t *store, int exact_rows) {
+    return moe(x, M, router, w1, w3, w2, topk, first, held, out, logits_out, ids_out, weights_out,
+               exact_rows ? ROWS_EXACT : ROWS_TILED, store);
 }
 
 /* One query head over S positions of its keys and values (S, Dh): softmax(q . k * scale) . v into o (Dh). Scores
@@ -1676,7 +1686,7 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
         goto done;
     mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
     if (L->router.n) {
-        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, x, logits, ids, mix, mode,
+        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, 0, L->router.n, x, logits, ids, mix, mode,
                                L->store);
         if (failed) { status = failed; goto done; }
     } else {

@@ -238,6 +238,38 @@ def test_one_expert_per_rank_a_tied_head_quantized_and_an_uneven_vocabulary_spli
     assert got["tokens"].tolist() == [step[0][0] for step in steps]
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "q8_0", "f16"])
+def test_a_gguf_file_is_split_as_one_process_holds_it(tmp_path, kind):
+    """A GGUF file under torchrun: each rank reads each tensor whole, one at a time, and keeps its part, held as one
+    process holds the file (Q4_0: int4 in groups of 32 with the file's codes and fp16 scales, the keys, values and
+    output projection it stores in Q8_0 as int8; Q8_0 as int8, o's per-row scales whole on each rank; F16 as
+    floats): logits within 1e-4 of one process on the same file, the same greedy tokens."""
+    from mixtral import load
+    from mixtral.loading import load_model, load_tokenizer
+    from mixtral.quantize import kernels_disabled
+    from mixtral.weights import export_gguf
+
+    model = make_hf_model(vocab_size=32000, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, num_local_experts=4, seed=11, tie_word_embeddings=False)
+    plain = save_hf_model(model, tmp_path / "plain", with_tokenizer=True)
+    out = export_gguf(load_model(plain, dtype="float32", pack=False, progress=False), load_tokenizer(plain),
+                      tmp_path / f"x-{kind}.gguf", kind, progress=False)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
+    torchrun(str(script), str(out), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
+    got = torch.load(tmp_path / "out.pt")
+    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
+    one, _ = load(out, dtype="float32", pack=False, progress=False)
+    if kind == "q4_0":
+        assert one.layers[0].attn.wq.bits == 4 and one.layers[0].attn.wk.bits == 8 and one.lm_head.bits == 8
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    with torch.no_grad(), kernels_disabled():
+        want = one(ids)
+        steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
+    assert (got["logits"] - want).abs().max().item() < 1e-4
+    assert got["tokens"].tolist() == [step[0][0] for step in steps]
+
+
 def test_torchrun_generate_equals_one_process(split_model):
     model_dir, _ = split_model
     command = ["-m", "mixtral", "generate", "--model", str(model_dir), "--dtype", "float32", "--prompt",

@@ -115,7 +115,8 @@ def _load(args):
         from . import distributed
         from .tokenizer import load_tokenizer
 
-        model = distributed.load_shard(model_dir, args.dtype, args.device, quantize=args.quantize)
+        model = distributed.load_shard(model_dir, args.dtype, args.device, quantize=args.quantize, pack=args.pack,
+                                       exact=args.exact)
         distributed.lead(model)
         return model_dir, model, load_tokenizer(model_dir)
     model, tokenizer = load(model_dir, **asdict(load_options(args)))
@@ -725,7 +726,7 @@ def _main_distributed(args) -> int:
                            f"{args.command}` as one process")
     if args.max_memory or args.device != "cpu":  # (checked on every rank, before any loading)
         raise MixtralError("under torchrun, --max-memory and devices other than cpu are not available yet: the ranks "
-                           "split a safetensors checkpoint, on CPUs")
+                           "split a checkpoint or a GGUF file, on CPUs")
     distributed.init(args.dist_timeout)
     if distributed.rank() == 0:
         try:
@@ -734,7 +735,7 @@ def _main_distributed(args) -> int:
             distributed.finish(distributed.leader())
     try:
         model = distributed.load_shard(resolve_model(args.model), args.dtype, args.device, progress=False,
-                                       quantize=args.quantize)
+                                       quantize=args.quantize, pack=args.pack, exact=args.exact)
         distributed.follow(model)
     finally:
         distributed.finish()

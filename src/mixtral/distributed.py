@@ -28,11 +28,12 @@ differently, so a split over unlike machines is not supported.
 
 Prefix reuse works as in one process: rank 0's prefix cache sends each load and store to the other ranks, which
 do the same on their own KV caches. Weights can be quantized as each rank loads them (`--quantize int8|int4`), or
-come quantized from a checkpoint written by `mixtral quantize` (split as stored; +head too).
+come quantized from a checkpoint written by `mixtral quantize` (split as stored; +head too) or a GGUF file (each
+tensor read whole, one at a time, held as one process holds the file, the rank's part kept).
 
 Each rank runs its part on our C kernels where they run (kernels/native.py with a `Split`: every pass op by op,
 the decode steps too, each part summed over the ranks before it is added to the residual stream), else on the
-model's own torch code (`load_shard(pack=False)`, and other devices). Not yet split: GGUF files and GPUs.
+model's own torch code (`load_shard(pack=False)`, and other devices). Not yet split: GPUs.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import contextlib
 import datetime
 import os
 import signal
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, replace
@@ -59,11 +61,12 @@ from .kernels.runner import Runner
 from .kv_cache import KVCache
 from .memory import release_free_memory
 from .prefix_cache import MIN_TOKENS, PrefixCache
-from .quantize import QuantLinear, parse_quantize, quantize_model, swap_in_quantized
+from .quantize import QuantLinear, parse_quantize, quantize_model, spec, swap_in_quantized
 from .model import MoE, Routing, Transformer
 from .gguf_file import is_gguf
-from .weights import (_empty_like_quantized, check_stored_takes, read_quantization, read_stored, resolve_dtype,
-                      safetensors_files, skipped, stored_tensors, target)
+from .quantize_checkpoint import gguf_q4_scales, quantize_on_meta, stream_quantized
+from .weights import (_empty_like_quantized, check_stored_takes, gguf_held_as, read_quantization, read_stored,
+                      read_weights, resolve_dtype, safetensors_files, skipped, stored_tensors, target)
 
 
 class RankFailed(MixtralError):
@@ -290,32 +293,87 @@ def _quantized_part(entry, keep: dict[str, tuple[int, int, int]], stored: dict) 
     return read_stored(entry) if dim < 0 else _read_part(entry, dim, start, stop)
 
 
+def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, tuple[int, int, int]],
+               streamed: dict | None, dtype: torch.dtype, device: str, progress: bool) -> dict[str, torch.Tensor]:
+    """This rank's part of a GGUF file's weights, by name: each tensor is read (dequantized by `gguf`) whole, one at
+    a time, and only the rank's part kept. `streamed`: the quantization spec they are held in (the split model on
+    the meta device already has its modules): quantized as one process quantizes them
+    (quantize_checkpoint.stream_quantized: Q4_0 blocks with their codes and fp16 scales as stored, what the file
+    stores finer as int8), then cut as a checkpoint quantized on disk is (_quantized_part)."""
+    layout = {name: (t.dtype if name.endswith((".qweight", ".scales")) else dtype, tuple(t.shape))
+              for name, t in model.state_dict().items()}
+    if streamed is not None:
+        layout = gguf_q4_scales(path, args, streamed, layout)
+    state: dict[str, torch.Tensor] = {}
+
+    def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int) -> None:
+        """Rows [first_row, ...) of one output tensor of the whole model (of one expert of it): the rank's part."""
+        base, _, kind = name.rpartition(".")
+        codes = kind in ("qweight", "scales")
+        dim, start, stop = keep.get(f"{base}.weight", keep.get(base, (-1, 0, 0))) if codes else keep.get(
+            name, (-1, 0, 0))
+        if name not in layout:
+            raise MixtralError(f"{path}: tensor {name} does not match this config")
+        if name not in state:
+            state[name] = torch.empty(layout[name][1], dtype=layout[name][0], device=device)
+        into = state[name]
+        if expert is not None:  # one expert of a stacked weight: dimension 0 of `keep` is the rank's experts
+            if not start <= expert < stop:
+                return
+            into, dim = into[expert - start], -1
+        if dim == 0:
+            low, high = max(first_row, start), min(first_row + rows.shape[0], stop)
+            if low < high:
+                into[low - start:high - start].copy_(rows[low - first_row:high - first_row])
+            return
+        if dim == 1:  # columns (at group boundaries: load_shard checked); int8's per-row scales stay whole
+            int8 = codes and layout[f"{base}.qweight"][0] == torch.int8
+            if not (int8 and kind == "scales"):
+                step = 2 if kind == "qweight" and not int8 else streamed["group_size"] if kind == "scales" else 1
+                rows = rows[:, start // step:stop // step]
+        into[first_row:first_row + rows.shape[0]].copy_(rows)
+
+    if streamed is not None:
+        stream_quantized(path, args, streamed, dtype, layout, put, progress and rank() == 0)
+    else:
+        for name, expert, piece in read_weights(path, args, progress and rank() == 0):
+            put(name, piece.to(dtype), expert, 0)
+            release_free_memory()
+    return state
+
+
 def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               progress: bool = True, quantize: str | None = None, pack: bool = True) -> Transformer:
-    """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint, or one written by
-    `mixtral quantize`), reading only that part.
+               progress: bool = True, quantize: str | None = None, pack: bool = True,
+               exact: bool = False) -> Transformer:
+    """This rank's part of the model in `model_dir` (a Hugging Face safetensors checkpoint, one written by `mixtral
+    quantize`, or a GGUF file), reading only that part (a GGUF file: each tensor read whole, one at a time).
     quantize: "int8", "int4" or "int4-g<group size>" quantizes this rank's attention and expert weights once read
     (quantize.py; a split weight's scales are those of the rank's own part: o's per-row int8 scales cover its
     columns only; "+head" quantizes its vocabulary rows, int8 per row). A checkpoint quantized on disk is split as
     stored: each rank holds exactly the codes and scales one process would (`_quantized_part`).
-    pack: run the rank's passes on our C kernels where they run here (`_prepare_kernels`), else the torch code."""
+    pack: run the rank's passes on our C kernels where they run here (`_prepare_kernels`), else the torch code;
+    exact: their prompts on our exact fp32 kernels, not oneDNN's bf16 GEMMs (as `load(exact=True)`)."""
     model_dir = Path(model_dir)
     args = load_config(model_dir)
-    if is_gguf(model_dir):
-        raise MixtralError("under torchrun, the ranks split a Hugging Face safetensors checkpoint or one written by "
-                           "`mixtral quantize`; GGUF files are not split yet (`mixtral quantize FILE.gguf OUT` "
-                           "writes one that is)")
-    stored = read_quantization(model_dir)
+    shard = Shard(rank(), world())
+    gguf, int8_weights = is_gguf(model_dir), frozenset()
+    if gguf and quantize is None:  # held in our nearest format, as one process holds it
+        quantize, line, int8_weights = gguf_held_as(model_dir, args)
+        if line and progress and shard.rank == 0:
+            print(line, file=sys.stderr, flush=True)
+    stored = None if gguf else read_quantization(model_dir)
     if stored is not None:
         check_stored_takes(model_dir, stored, quantize)
         quantize = None  # (what it asks for is what the checkpoint holds)
-    shard = Shard(rank(), world())
+    wanted = parse_quantize(quantize)
     local = replace(args, n_heads=args.n_heads // shard.world, n_kv_heads=args.n_kv_heads // shard.world)
     with torch.device("meta"):
         model = Transformer(local)
         keep = _split(model, args, shard)
     model.args, model.full_args = local, args
-    group = stored["group_size"] if stored is not None and stored["bits"] == 4 else None
+    streamed = spec(*wanted) if gguf and wanted is not None else None  # a GGUF file quantized as it is read
+    held = stored or streamed
+    group = held["group_size"] if held is not None and held["bits"] == 4 else None
     for name, (dim, start, stop) in keep.items():  # before anything is read: int4 codes split at group boundaries
         if group and dim == 1 and (start % group or stop % group):
             raise MixtralError(f"{name}: its columns [{start}, {stop}) on this rank do not start and end at a "
@@ -324,10 +382,15 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     if stored is not None:
         with torch.device("meta"):
             swap_in_quantized(model, stored["bits"], stored["group_size"], stored["lm_head"], _empty_like_quantized)
+    if streamed is not None:
+        quantize_on_meta(model, streamed, int8_weights)
+        wanted = None  # (quantized as it is read)
     dtype = resolve_dtype(dtype)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     params: dict[str, torch.Tensor] = {}
-    files = safetensors_files(model_dir)
+    files = [] if gguf else safetensors_files(model_dir)
+    if gguf:
+        params = _gguf_part(model_dir, model, args, keep, streamed, dtype, device, progress)
     for path in tqdm(files, desc=f"rank {shard.rank}: loading its shard", unit="file",
                      disable=not progress or len(files) < 2):
         for entry in stored_tensors(path):
@@ -374,7 +437,6 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module._pack()  # (as one process's load does: int4 in torch's kernel layout where it has one)
-    wanted = parse_quantize(quantize)
     if wanted is not None:
         quantize_model(model, *wanted)
         release_free_memory()
@@ -382,18 +444,18 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         _head_gathers(model, args, shard.vocab_step(args.vocab_size))
     model.eval()
     if pack:
-        _prepare_kernels(model, args, shard)
+        _prepare_kernels(model, args, shard, exact)
     return model
 
 
-def _prepare_kernels(model: Transformer, args: ModelArgs, shard: Shard) -> None:
+def _prepare_kernels(model: Transformer, args: ModelArgs, shard: Shard, exact: bool = False) -> None:
     """The rank's passes on our C kernels (kernels/native.py, op by op, the parts joined where the torch code joins
     them), where they run on this device; else the model stays on its torch code."""
     from .kernels import native
 
     step = shard.vocab_step(args.vocab_size)
     split = native.Split(reduce=_sum_in_place, gather=lambda logits: _gather_vocabulary(logits, args.vocab_size, step))
-    model.runner = native.prepare(model, split=split)
+    model.runner = native.prepare(model, exact=exact, split=split)
 
 
 def _passes(model: Transformer):

@@ -105,6 +105,13 @@ def _quantized_on_meta(args: ModelArgs, spec: dict, int8_weights: frozenset[str]
     in `int8_weights` (as named_parameters names them) are int8 whatever the spec says."""
     with torch.device("meta"):
         model = Transformer(args)
+    return quantize_on_meta(model, spec, int8_weights)
+
+
+def quantize_on_meta(model: Transformer, spec: dict, int8_weights: frozenset[str] = frozenset()) -> Transformer:
+    """A model on the meta device (one process's, or a rank's part: distributed.py) made quantized as `spec` and
+    `int8_weights` say (see _quantized_on_meta), in place."""
+    with torch.device("meta"):
         names = {id(p): name for name, p in model.named_parameters()}
 
         def make(weight, bits, group_size):
@@ -143,7 +150,7 @@ def _write(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, path: 
             f.seek(at + first_row * row_bytes)
             f.write(memoryview(rows.to(tensor_dtype).contiguous().view(-1).view(torch.uint8).numpy()))
 
-        _stream(source, args, spec, dtype, layout, put, progress)
+        stream_quantized(source, args, spec, dtype, layout, put, progress)
 
 
 def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: int | None, lm_head: bool,
@@ -158,12 +165,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     config.json."""
     spec = quantize.spec(bits, group_size, lm_head)
     model = _quantized_on_meta(args, spec, int8_weights)
-    layout = _layout(model, spec, dtype)
-    if is_gguf(source) and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK:
-        for name, kinds in gguf_weight_types(Path(source), args).items():
-            base = name.removesuffix(".weight")
-            if kinds == {"Q4_0"} and layout.get(f"{base}.qweight", (None,))[0] == torch.uint8:  # held as int4
-                layout[f"{base}.scales"] = (torch.float16, layout[f"{base}.scales"][1])
+    layout = gguf_q4_scales(source, args, spec, _layout(model, spec, dtype))
     state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)
              for name, (tensor_dtype, shape) in layout.items()}
 
@@ -171,7 +173,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
         target = state[name] if expert is None else state[name][expert]
         target[first_row:first_row + rows.shape[0]].copy_(rows)
 
-    _stream(Path(source), args, spec, dtype, layout, put, progress)
+    stream_quantized(Path(source), args, spec, dtype, layout, put, progress)
     model.load_state_dict(state, strict=False, assign=True)
     state.clear()  # the model holds its tensors now; packing below replaces some of them
     if args.tie_embeddings and not lm_head:
@@ -184,7 +186,19 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     return model.eval()
 
 
-def _stream(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layout: dict, put, progress: bool) -> None:
+def gguf_q4_scales(source: str | Path, args: ModelArgs, spec: dict, layout: dict) -> dict:
+    """`layout` with the scales of a GGUF file's Q4_0 matrices held as int4 in groups of 32 in fp16, as the file
+    stores them (they are loaded exactly: stream_quantized); unchanged for any other source or spec."""
+    if is_gguf(source) and spec["bits"] == 4 and spec["group_size"] == Q4Blocks.BLOCK:
+        for name, kinds in gguf_weight_types(Path(source), args).items():
+            base = name.removesuffix(".weight")
+            if kinds == {"Q4_0"} and layout.get(f"{base}.qweight", (None,))[0] == torch.uint8:  # held as int4
+                layout[f"{base}.scales"] = (torch.float16, layout[f"{base}.scales"][1])
+    return layout
+
+
+def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layout: dict, put,
+                     progress: bool) -> None:
     """Read the checkpoint one tensor at a time and hand every output tensor's rows to `put(name, rows, expert,
     first_row)`: the kept tensors cast to `dtype`, the quantized ones as codes and scales, a million weights at a
     time. Raises MixtralError for tensors the config does not have, misshapen or missing ones (weights.read_weights)."""

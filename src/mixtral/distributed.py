@@ -57,6 +57,7 @@ from tqdm import tqdm
 from . import experts
 from .config import ModelArgs, load_config
 from .errors import MixtralError
+from .kernels import will_run_native
 from .kernels.runner import Runner
 from .kv_cache import KVCache
 from .memory import release_free_memory
@@ -434,11 +435,12 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     del params, expected  # (the model holds its tensors alone: preparing them for the kernels moves, not copies)
     if args.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.lm_head.weight = model.embed.weight
+    native = pack and will_run_native(model.device)  # (our kernels read int4 codes as stored)
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) and not native:
             module._pack()  # (as one process's load does: int4 in torch's kernel layout where it has one)
     if wanted is not None:
-        quantize_model(model, *wanted)
+        quantize_model(model, *wanted, kernel_layout=not native)
         release_free_memory()
     if isinstance(model.lm_head, QuantLinear):
         _head_gathers(model, args, shard.vocab_step(args.vocab_size))

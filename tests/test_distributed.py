@@ -65,21 +65,30 @@ prompt_ids = [int(t) for t in sys.argv[6].split(",")] if len(sys.argv) > 6 else 
                                                                                   28723, 851, 349, 264]
 model = distributed.load_shard(sys.argv[1], dtype, progress=False, quantize=quantize, pack=pack)
 runs = "torch" if model.runner is None else model.runner.name  # what runs this rank's passes
-gemm_experts = []  # the experts a prompt's GEMMs ran here (kernels/prompt.py), per MoE layer
-experts = prompt.experts
+gemm_experts = []  # per MoE layer a prompt's GEMMs ran for (kernels/prompt.py): its experts, and how many GEMMs ran
+experts, linear, products = prompt.experts, prompt.linear, []
 def counted(layer, *rest):
-    gemm_experts.append((layer.first, layer.held))
-    return experts(layer, *rest)
-prompt.experts = counted
+    products.clear()
+    status = experts(layer, *rest)
+    gemm_experts.append((layer.first, layer.held, len(products)))
+    return status
+def counting(weight, x, expert=0):
+    products.append(expert)
+    return linear(weight, x, expert)
+prompt.experts, prompt.linear = counted, counting
 if distributed.rank() == 0:
     distributed.lead(model)
     ids = torch.tensor([prompt_ids])
     logits = model(ids)
     steps = generate_step(model, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
     tokens = [step[0][0] for step in steps]
+    other = ids[0, :5].tolist()[::-1]  # a second sequence, decoded beside the first and alone
+    greedy = [Sampler(SamplingParams(temperature=0)) for _ in range(2)]
+    together = [[s[0] for s in step] for step in generate_step(model, [ids[0].tolist(), other], greedy, 6)]
+    alone = [step[0][0] for step in generate_step(model, [other], greedy[:1], 6)]
     params = sum(p.numel() for p in model.parameters())  # (a tied head is one parameter)
     torch.save({"logits": logits, "tokens": torch.tensor(tokens), "params": params, "runs": runs,
-                "gemm_experts": gemm_experts}, sys.argv[2])
+                "gemm_experts": gemm_experts, "together": together, "alone": alone}, sys.argv[2])
     distributed.finish(distributed.leader())
 else:
     distributed.follow(model)
@@ -111,6 +120,9 @@ def test_two_ranks_give_transformers_logits_and_greedy_tokens(split_model, tmp_p
     assert (got["logits"] - want).abs().max().item() < 1e-4
     assert got["tokens"].tolist() == greedy.tolist()
     assert got["params"] == per_rank(load_config(model_dir), 2)["params"]  # what `mixtral info --ranks 2` says
+    # a batched decode step (two rows): each sequence's tokens as decoded alone
+    assert [row[0] for row in got["together"]] == got["tokens"].tolist()[:6]
+    assert [row[1] for row in got["together"]] == got["alone"]
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4-g32+head"])
@@ -152,8 +164,10 @@ def test_two_ranks_prompt_gemms_on_their_own_experts_are_as_close_as_one_process
     got = torch.load(tmp_path / "out.pt")
     assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
     gemms = native_kernels_run_here() and prompt.unavailable_reason() is None
-    # rank 0 holds experts 0 and 1 of 4; both layers, for the prompt and for generate's prefill of it
-    assert got["gemm_experts"] == ([(0, 2)] * 4 if gemms else [])
+    # rank 0 holds experts 0 and 1 of 4; both layers, for the prompt, generate's prefill of it and the batched
+    # prefill of it beside a second sequence: three GEMMs for each of its two experts (every expert gets tokens),
+    # none for the other rank's
+    assert got["gemm_experts"] == ([(0, 2, 6)] * 6 if gemms else [])
     one, _ = load(model_dir, dtype=dtype, quantize=None if quantize == "none" else quantize, progress=False)
     with torch.no_grad():
         want = reference(ids).logits

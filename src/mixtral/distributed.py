@@ -8,14 +8,14 @@ CPUs: GPUs are not split yet).
 How the model is split (rank r of N; each rank reads only its rows of the checkpoint, and a tensor split by
 columns, o and a dense w2, whole and one at a time):
 - attention by heads: q, k and v keep the rows of heads [r H/N, (r+1) H/N) (and of their key/value heads), so
-  each rank's KV cache holds its heads only; o keeps the matching columns, and one all-reduce sums the ranks'
-  parts of its output;
+  each rank's KV cache holds its heads only; o keeps the matching columns, and one sum over the ranks (a gather of
+  the parts for a few rows, else an all-reduce: _sum_in_place) adds up their parts of its output;
 - the MoE block by experts: each rank holds experts [r E/N, (r+1) E/N) of every layer; the router is on every
-  rank, so every rank routes every token the same way, runs the tokens routed to its experts, and one
-  all-reduce sums the experts' contributions (a dense MLP is split like attention: w1, w3 by rows, w2 by
+  rank, so every rank routes every token the same way, runs the tokens routed to its experts, and one sum over
+  the ranks adds up the experts' contributions (a dense MLP is split like attention: w1, w3 by rows, w2 by
   columns);
 - embedding and output projection by vocabulary rows: a token's embedding comes from the rank that holds its
-  row (an all-reduce of zeros elsewhere), and the logits are gathered from all ranks;
+  row (zeros elsewhere, summed over the ranks), and the logits are gathered from all ranks;
 - norms are on every rank.
 Numbers: the same as one process up to the order of the all-reduced sums (fp32: logits within 1e-4).
 
@@ -133,7 +133,8 @@ def _collective():
 
 # Up to this size a sum over the ranks gathers every rank's part and adds them up in rank order on each: gloo's
 # all-reduce of a decode step's few rows took 4x as long as a gather (2 ranks on one machine: 1.4 ms against 0.36
-# for 4 KB; even at 256 KB). Every rank adds the same parts in the same order, so all hold the same sum.
+# for 4 KB; at 256 KB the all-reduce was the faster, 1.0 ms against 1.3). Every rank adds the same parts in the
+# same order, so all hold the same sum (with 3 or more ranks, a larger sum's order is gloo's).
 GATHERED_SUM_BYTES = 128 << 10
 
 
@@ -289,16 +290,23 @@ def _quantized_part(entry, keep: dict[str, tuple[int, int, int]], stored: dict) 
             if kind == "scales":
                 return read_stored(entry)
         elif dim == 1:  # (at group boundaries: load_shard checked)
-            group = stored["group_size"]
-            start, stop = (start // 2, stop // 2) if kind == "qweight" else (start // group, stop // group)
+            step = _column_step(kind, stored["bits"] == 8, stored["group_size"])
+            start, stop = start // step, stop // step
     return read_stored(entry) if dim < 0 else _read_part(entry, dim, start, stop)
+
+
+def _column_step(kind: str, int8: bool, group: int | None) -> int:
+    """Weight columns per column of a quantized weight's stored tensor `kind` ("qweight" or "scales"), for cutting
+    it by columns (int8's per-row scales are not cut: the callers keep them whole)."""
+    return 1 if int8 else 2 if kind == "qweight" else group
 
 
 def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, tuple[int, int, int]],
                streamed: dict | None, dtype: torch.dtype, device: str, progress: bool) -> dict[str, torch.Tensor]:
-    """This rank's part of a GGUF file's weights, by name: each tensor is read (dequantized by `gguf`) whole, one at
-    a time, and only the rank's part kept. `streamed`: the quantization spec they are held in (the split model on
-    the meta device already has its modules): quantized as one process quantizes them
+    """This rank's part of a GGUF file's weights, by name: each tensor is read whole (dequantized by `gguf`, but for
+    Q4_0 blocks held as they are), one at a time, and only the rank's part kept. `streamed`: the quantization spec
+    they are held in (the split model on the meta device already has its modules): quantized as one process
+    quantizes them
     (quantize_checkpoint.stream_quantized: Q4_0 blocks with their codes and fp16 scales as stored, what the file
     stores finer as int8), then cut as a checkpoint quantized on disk is (_quantized_part)."""
     layout = {name: (t.dtype if name.endswith((".qweight", ".scales")) else dtype, tuple(t.shape))
@@ -330,7 +338,7 @@ def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, 
         if dim == 1:  # columns (at group boundaries: load_shard checked); int8's per-row scales stay whole
             int8 = codes and layout[f"{base}.qweight"][0] == torch.int8
             if not (int8 and kind == "scales"):
-                step = 2 if kind == "qweight" and not int8 else streamed["group_size"] if kind == "scales" else 1
+                step = _column_step(kind, int8, streamed and streamed["group_size"]) if codes else 1
                 rows = rows[:, start // step:stop // step]
         into[first_row:first_row + rows.shape[0]].copy_(rows)
 
@@ -433,6 +441,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
     model.load_state_dict(params, strict=False, assign=True)
     del params, expected  # (the model holds its tensors alone: preparing them for the kernels moves, not copies)
+    tensor = None
     if args.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.lm_head.weight = model.embed.weight
     native = pack and will_run_native(model.device)  # (our kernels read int4 codes as stored)
@@ -659,6 +668,7 @@ def finish(leading: LeaderRunner | None = None) -> None:
     """At the end of a command: rank 0 (`leading`) tells the others to stop; every rank leaves the process group."""
     if leading is not None:
         leading.stop()
+    _leaders.clear()  # (each holds its rank's weights through the runner it runs passes on)
     if dist.is_initialized():
         dist.destroy_process_group()  # (the control group with it)
     _control.clear()

@@ -160,7 +160,7 @@ def _forward(runner, input_ids, input_pos, cache, n_keys, logits_at, routing, sl
         x = x[torch.arange(B), logits_at][:, None]  # (B, 1, D)
     rows = x.shape[0] * x.shape[1]
     h = rms_norm(x.reshape(rows, D).contiguous(), model.norm.weight, model.norm.eps)
-    logits = native.lm_head.linear(h)
+    logits = native.lm_head.linear(h, per_row=runner.split is not None and T == 1)
     if runner.split is not None:
         logits = runner.split.gather(logits)
     return logits.view(x.shape[0], x.shape[1], -1)
@@ -359,6 +359,7 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
     are added to x, and one new token per sequence (a decode step) is computed as a decode step computes it."""
     lib, args = library(), model.args
     step = split is not None and T == 1  # (each row as at batch 1: its numbers do not depend on the rows beside it)
+    gemms = gemms and not step
     N, H, G, Dh = B * T, args.n_heads, args.n_kv_heads, args.head_dim
     n_keys = T if cache is None else (cache.max_seq_len if n_keys is None else n_keys)
     # a whole prompt from position 0 (no window inside it): SDPA's causal kernel, which skips the masked half

@@ -343,7 +343,8 @@ def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, 
         into[first_row:first_row + rows.shape[0]].copy_(rows)
 
     if streamed is not None:
-        stream_quantized(path, args, streamed, dtype, layout, put, progress and rank() == 0)
+        stream_quantized(path, args, streamed, dtype, layout, put, progress and rank() == 0,
+                         experts=lambda name: range(*keep[name][1:]))
     else:
         for name, expert, piece in read_weights(path, args, progress and rank() == 0):
             put(name, piece.to(dtype), expert, 0)

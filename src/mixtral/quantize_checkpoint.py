@@ -198,10 +198,12 @@ def gguf_q4_scales(source: str | Path, args: ModelArgs, spec: dict, layout: dict
 
 
 def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layout: dict, put,
-                     progress: bool) -> None:
+                     progress: bool, experts=None) -> None:
     """Read the checkpoint one tensor at a time and hand every output tensor's rows to `put(name, rows, expert,
     first_row)`: the kept tensors cast to `dtype`, the quantized ones as codes and scales, a million weights at a
-    time. Raises MixtralError for tensors the config does not have, misshapen or missing ones (weights.read_weights)."""
+    time. `experts(name)`: the range of a stacked weight's experts wanted (default all; a rank's share: the others
+    are not quantized). Raises MixtralError for tensors the config does not have, misshapen or missing ones
+    (weights.read_weights)."""
     def place(name: str, expert: int | None, matrix: torch.Tensor | Q4Blocks) -> None:
         """One weight (or one expert of a stacked one): quantized where the layout says so."""
         base = name.removesuffix(".weight")
@@ -230,6 +232,8 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
             piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
         stacked = expert is None and len(piece.shape) == 3  # a whole (E, N, K) weight at once
         for index, matrix in ((i, piece[i]) for i in range(piece.shape[0])) if stacked else [(expert, piece)]:
+            if index is not None and experts is not None and index not in experts(name):
+                continue
             place(name, index, matrix)
             if name == "embed.weight" and args.tie_embeddings and "lm_head.qweight" in layout:
                 place("lm_head.weight", None, matrix)  # a tied head quantized: from the embedding

@@ -304,7 +304,8 @@ def _column_step(kind: str, int8: bool, group: int | None) -> int:
 def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, tuple[int, int, int]],
                streamed: dict | None, dtype: torch.dtype, device: str, progress: bool) -> dict[str, torch.Tensor]:
     """This rank's part of a GGUF file's weights, by name: each tensor is read whole (dequantized by `gguf`, but for
-    Q4_0 blocks held as they are), one at a time, and only the rank's part kept. `streamed`: the quantization spec
+    Q4_0 blocks held as they are; of merged experts, the rank's only), one at a time, and only the rank's part
+    kept. `streamed`: the quantization spec
     they are held in (the split model on the meta device already has its modules): quantized as one process
     quantizes them
     (quantize_checkpoint.stream_quantized: Q4_0 blocks with their codes and fp16 scales as stored, what the file
@@ -342,11 +343,13 @@ def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, 
                 rows = rows[:, start // step:stop // step]
         into[first_row:first_row + rows.shape[0]].copy_(rows)
 
+    def experts(name: str) -> range:
+        return range(*keep[name][1:])
+
     if streamed is not None:
-        stream_quantized(path, args, streamed, dtype, layout, put, progress and rank() == 0,
-                         experts=lambda name: range(*keep[name][1:]))
+        stream_quantized(path, args, streamed, dtype, layout, put, progress and rank() == 0, experts)
     else:
-        for name, expert, piece in read_weights(path, args, progress and rank() == 0):
+        for name, expert, piece in read_weights(path, args, progress and rank() == 0, experts=experts):
             put(name, piece.to(dtype), expert, 0)
             release_free_memory()
     return state

@@ -218,30 +218,33 @@ class Q4Blocks:
         return ((self.codes.float() - 8).unflatten(-1, (-1, self.BLOCK)) * self.scales[..., None]).flatten(-2)
 
 
-def tensors(path: str | os.PathLike, progress: bool = True,
-            q4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4Blocks]]:
-    """(GGUF name, fp32 tensor in row-major order) for every tensor of the file, one in memory at a time; with
-    `q4_blocks`, Q4_0 tensors come as their blocks (Q4Blocks). Raises MixtralError for a type gguf cannot
-    dequantize."""
+def tensors(path: str | os.PathLike, progress: bool = True, q4_blocks: bool = False,
+            first_dim=None) -> Iterator[tuple[str, torch.Tensor | Q4Blocks, int]]:
+    """(GGUF name, fp32 tensor in row-major order, 0) for every tensor of the file, one in memory at a time; with
+    `q4_blocks`, Q4_0 tensors come as their blocks (Q4Blocks). `first_dim(name)`: the range of a 3-D tensor's first
+    dimension to read (None: all of it); the third value is where it starts. Raises MixtralError for a type gguf
+    cannot dequantize."""
     from gguf import GGMLQuantizationType, quants
     from tqdm.auto import tqdm
 
     found = reader(path)
     for tensor in tqdm(found.tensors, desc="Loading weights", unit="tensor", disable=not progress):
+        part = first_dim(tensor.name) if first_dim is not None and tensor.data.ndim == 3 else None
+        data, start = (tensor.data, 0) if part is None else (tensor.data[part.start:part.stop], part.start)
         if q4_blocks and tensor.tensor_type == GGMLQuantizationType.Q4_0:
             try:
-                blocks = Q4Blocks.from_raw(tensor.data)
+                blocks = Q4Blocks.from_raw(data)
             except (RuntimeError, ValueError) as exc:
                 raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type Q4_0 "
                                    f"({exc})") from None
-            yield tensor.name, blocks
+            yield tensor.name, blocks, start
             continue
         try:
-            values = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type).copy())
+            values = torch.from_numpy(quants.dequantize(data, tensor.tensor_type).copy())
         except (NotImplementedError, ValueError, TypeError) as exc:
             raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type "
                                f"{getattr(tensor.tensor_type, 'name', tensor.tensor_type)} ({exc})") from None
-        yield tensor.name, values
+        yield tensor.name, values, start
         del values
 
 

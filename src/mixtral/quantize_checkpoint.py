@@ -202,8 +202,8 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
     """Read the checkpoint one tensor at a time and hand every output tensor's rows to `put(name, rows, expert,
     first_row)`: the kept tensors cast to `dtype`, the quantized ones as codes and scales, a million weights at a
     time. `experts(name)`: the range of a stacked weight's experts wanted (default all; a rank's share: the others
-    are not quantized). Raises MixtralError for tensors the config does not have, misshapen or missing ones
-    (weights.read_weights)."""
+    are neither read, where the file allows, nor quantized). Raises MixtralError for tensors the config does not
+    have, misshapen or missing ones (weights.read_weights)."""
     def place(name: str, expert: int | None, matrix: torch.Tensor | Q4Blocks) -> None:
         """One weight (or one expert of a stacked one): quantized where the layout says so."""
         base = name.removesuffix(".weight")
@@ -227,7 +227,7 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
             put(f"{base}.qweight", qweight, expert, first)
             put(f"{base}.scales", scales, expert, first)
 
-    for name, expert, piece in read_weights(source, args, progress, q4_blocks=True):
+    for name, expert, piece in read_weights(source, args, progress, True, experts):
         if not isinstance(piece, Q4Blocks):
             piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
         stacked = expert is None and len(piece.shape) == 3  # a whole (E, N, K) weight at once

@@ -275,23 +275,31 @@ def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
-def _read_gguf(path: Path, args: ModelArgs, progress: bool,
-               q4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | gguf_file.Q4Blocks]]:
+def _read_gguf(path: Path, args: ModelArgs, progress: bool, q4_blocks: bool = False,
+               experts=None) -> Iterator[tuple[str, torch.Tensor | gguf_file.Q4Blocks]]:
     """(Hugging Face name, fp32 tensor) for every weight of a GGUF file (gguf_file.tensors): query/key rows back in
-    Hugging Face order, merged (E, N, K) experts as one tensor per expert. `q4_blocks`: Q4_0 weights as their
-    blocks (gguf_file.Q4Blocks), for a loader that keeps them as they are."""
-    for name, values in gguf_file.tensors(path, progress, q4_blocks):
-        target = gguf_to_hf(name)
-        if target is None:
+    Hugging Face order, merged (E, N, K) experts as one tensor per expert (with `experts`, see read_weights, only
+    those of them are read). `q4_blocks`: Q4_0 weights as their blocks (gguf_file.Q4Blocks), for a loader that
+    keeps them as they are."""
+    def first_dim(name: str):
+        found = gguf_to_hf(name)
+        if experts is None or found is None or found[1] != "experts":
+            return None
+        ours = target(found[0].format(expert=0), args)
+        return None if ours is None else experts(ours[0])
+
+    for name, values, start in gguf_file.tensors(path, progress, q4_blocks, first_dim):
+        known = gguf_to_hf(name)
+        if known is None:
             raise MixtralError(f"{path.name}: tensor {name} is not one mixtral knows")
-        hf, layout = target
+        hf, layout = known
         heads = {"q": args.n_heads, "k": args.n_kv_heads}.get(layout)
         if heads:
             unpermute = functools.partial(gguf_file.unpermute, heads=heads)
             values = values.rows(unpermute) if isinstance(values, gguf_file.Q4Blocks) else unpermute(values)
         if layout == "experts":
             for expert in range(values.shape[0]):
-                yield hf.format(expert=expert), values[expert]
+                yield hf.format(expert=start + expert), values[expert]
         else:
             yield hf, values
 
@@ -380,17 +388,19 @@ def check_config_matches_files(model_dir: Path, args: ModelArgs) -> None:
                            f"{stored:,} bytes; the config does not match the weights")
 
 
-def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True,
-                 q4_blocks: bool = False) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True, q4_blocks: bool = False,
+                 experts=None) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     """The checkpoint's weights one piece at a time, as (our name, expert index or None, tensor) (see `pieces`),
     each shape checked against the config. `q4_blocks`: a GGUF file's Q4_0 weights come as gguf_file.Q4Blocks.
+    `experts(name)`: the range of a stacked weight's experts wanted (a rank's: distributed.py); a GGUF file's merged
+    experts outside it are not read, and no other expert is missed if absent (default: all are).
     Raises MixtralError for a misshapen tensor (at once), for tensors the config does not have (after the last
     one) and for weights missing from the checkpoint (at the end)."""
     with torch.device("meta"):  # the weights a checkpoint holds (a tied lm_head once, as embed)
         shapes = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
     seen: set[tuple[str, int | None]] = set()
     unexpected = []
-    source = (_read_gguf(model_dir, args, progress, q4_blocks) if gguf_file.is_gguf(model_dir)
+    source = (_read_gguf(model_dir, args, progress, q4_blocks, experts) if gguf_file.is_gguf(model_dir)
               else _read_tensors(safetensors_files(model_dir), progress))
     for hf_name, tensor in source:
         found = pieces(hf_name, tensor, args)
@@ -410,8 +420,9 @@ def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True,
     if unexpected:
         raise MixtralError(f"{model_dir}: {len(unexpected)} tensor(s) this {args.model_type} config does not "
                            f"have, e.g. {', '.join(unexpected[:3])}; check that config.json matches the weights")
+    wanted = experts or (lambda name: range(args.n_experts))
     missing = [name for name in shapes if not all(
-        (name, e) in seen for e in (range(args.n_experts) if _STACKED.fullmatch(name) else [None]))]
+        (name, e) in seen for e in (wanted(name) if _STACKED.fullmatch(name) else [None]))]
     if missing:
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
                            f"{', '.join(missing[:3])}; a shard may be missing or the config may not match")

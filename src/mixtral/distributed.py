@@ -305,11 +305,10 @@ def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, 
                streamed: dict | None, dtype: torch.dtype, device: str, progress: bool) -> dict[str, torch.Tensor]:
     """This rank's part of a GGUF file's weights, by name: each tensor is read whole (dequantized by `gguf`, but for
     Q4_0 blocks held as they are; of merged experts, the rank's only), one at a time, and only the rank's part
-    kept. `streamed`: the quantization spec
-    they are held in (the split model on the meta device already has its modules): quantized as one process
-    quantizes them
-    (quantize_checkpoint.stream_quantized: Q4_0 blocks with their codes and fp16 scales as stored, what the file
-    stores finer as int8), then cut as a checkpoint quantized on disk is (_quantized_part)."""
+    kept. `streamed`: the quantization spec they are held in (the split model on the meta device already has its
+    modules): quantized as one process quantizes them (quantize_checkpoint.stream_quantized: Q4_0 blocks with
+    their codes and fp16 scales as stored, what the file stores finer as int8), then cut as a checkpoint
+    quantized on disk is (_quantized_part)."""
     layout = {name: (t.dtype if name.endswith((".qweight", ".scales")) else dtype, tuple(t.shape))
               for name, t in model.state_dict().items()}
     if streamed is not None:
@@ -445,7 +444,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
     model.load_state_dict(params, strict=False, assign=True)
     del params, expected  # (the model holds its tensors alone: preparing them for the kernels moves, not copies)
-    tensor = None
+    tensor = None  # (nor the last one read)
     if args.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.lm_head.weight = model.embed.weight
     native = pack and will_run_native(model.device)  # (our kernels read int4 codes as stored)

@@ -220,10 +220,10 @@ class Q4Blocks:
 
 def tensors(path: str | os.PathLike, progress: bool = True, q4_blocks: bool = False,
             first_dim=None) -> Iterator[tuple[str, torch.Tensor | Q4Blocks, int]]:
-    """(GGUF name, fp32 tensor in row-major order, 0) for every tensor of the file, one in memory at a time; with
-    `q4_blocks`, Q4_0 tensors come as their blocks (Q4Blocks). `first_dim(name)`: the range of a 3-D tensor's first
-    dimension to read (None: all of it); the third value is where it starts. Raises MixtralError for a type gguf
-    cannot dequantize."""
+    """(GGUF name, fp32 tensor in row-major order, where it starts along the first dimension) for every tensor of
+    the file, one in memory at a time; with `q4_blocks`, Q4_0 tensors come as their blocks (Q4Blocks).
+    `first_dim(name)`: the range of a 3-D tensor's first dimension to read (None, and without it: all of it, from
+    0). Raises MixtralError for a type gguf cannot dequantize."""
     from gguf import GGMLQuantizationType, quants
     from tqdm.auto import tqdm
 

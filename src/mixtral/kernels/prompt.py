@@ -172,11 +172,11 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     for expert, count in enumerate(counts):
         if not count:
             continue
-        held = expert - layer.first  # (the layer may hold some of the experts only: a split model's part)
-        if 0 <= held < layer.held:
+        local = expert - layer.first  # (the layer may hold some of the experts only: a split model's part)
+        if 0 <= local < layer.held:
             rows = hb[start:start + count]
-            hidden = _swiglu(linear(layer.w1, rows, held), linear(layer.w3, rows, held))
-            out[start:start + count] = linear(layer.w2, hidden, held)
+            hidden = _swiglu(linear(layer.w1, rows, local), linear(layer.w3, rows, local))
+            out[start:start + count] = linear(layer.w2, hidden, local)
         else:
             out[start:start + count] = 0
         start += count

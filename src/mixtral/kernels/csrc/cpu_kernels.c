@@ -1486,7 +1486,10 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
         int64_t ids[MAX_JOBS / 2], n = 0; /* the chosen experts held here, as indices into w1, w3, w2 */
         float mix[MAX_JOBS / 2];
         for (int64_t j = 0; j < topk; j++)
-            if (ids_out[j] >= first && ids_out[j] < first + held) { ids[n] = ids_out[j] - first; mix[n++] = weights_out[j]; }
+            if (ids_out[j] >= first && ids_out[j] < first + held) {
+                ids[n] = ids_out[j] - first;
+                mix[n++] = weights_out[j];
+            }
         return n ? moe_one_token(x, w1, w3, w2, n, out, ids, mix) : 0;
     }
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
@@ -1503,7 +1506,10 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
                 if (ids_out[m * topk + j] == e) { token[n] = m; scale[n++] = weights_out[m * topk + j]; }
         if (!n) continue;
         for (int64_t i = 0; i < n; i++) memcpy(xs + i * D, x + token[i] * D, sizeof(float) * D);
-        if (linear(w1, e - first, xs, n, D, h1, I, 0) || linear(w3, e - first, xs, n, D, h3, I, 0)) { status = -1; goto done; }
+        if (linear(w1, e - first, xs, n, D, h1, I, 0) || linear(w3, e - first, xs, n, D, h3, I, 0)) {
+            status = -1;
+            goto done;
+        }
         for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
         if (linear(w2, e - first, h1, n, I, ys, D, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n; i++) {
@@ -1686,8 +1692,8 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
         goto done;
     mx_rmsnorm(x, B, D, L->ffn_norm, (float)L->eps, h);
     if (L->router.n) {
-        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, 0, L->router.n, x, logits, ids, mix, mode,
-                               L->store);
+        const int failed = moe(h, B, &L->router, &L->w1, &L->w3, &L->w2, L->top_k, 0, L->router.n, x, logits, ids,
+                               mix, mode, L->store);
         if (failed) { status = failed; goto done; }
     } else {
         if (linear(&L->w1, 0, h, B, D, h1, I, 0) || linear(&L->w3, 0, h, B, D, h3, I, 0)) goto done;

@@ -102,6 +102,29 @@ def native_kernels_run_here() -> bool:
     return will_run_native(torch.device("cpu"))
 
 
+def two_ranks_run_as_one_process(model_path, tmp_path):
+    """Two ranks on `model_path` (torch's low-bit kernels off there and here: their bf16 products are taken for some
+    widths only) against one process on the same file, as loaded (the reference path, dequantized weights): logits
+    within 1e-4, the same 12 greedy tokens. Returns rank 0's results and the one process's model."""
+    from mixtral import load
+    from mixtral.quantize import kernels_disabled
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
+    torchrun(str(script), str(model_path), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
+    got = torch.load(tmp_path / "out.pt")
+    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
+    one, _ = load(model_path, dtype="float32", pack=False, progress=False)
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
+    with torch.no_grad(), kernels_disabled():
+        want = one(ids)
+        steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
+    assert got["logits"].shape == want.shape
+    assert (got["logits"] - want).abs().max().item() < 1e-4
+    assert got["tokens"].tolist() == [step[0][0] for step in steps]
+    return got, one
+
+
 @pytest.mark.parametrize("runs", ["native", "torch"])
 def test_two_ranks_give_transformers_logits_and_greedy_tokens(split_model, tmp_path, runs):
     """On our C kernels (each rank's passes op by op, its parts of attention and of the MoE block summed over the
@@ -183,25 +206,12 @@ def test_a_checkpoint_quantized_on_disk_is_split_as_stored_and_runs_as_one_proce
     with its whole per-row scales, int4 cut at a group boundary), so the two ranks hold exactly the weights one
     process holds: the same logits up to the order of the summed parts, the same greedy tokens. torch's low-bit
     kernels (bf16 activations, taken for some widths only: o is half as wide on a rank) are off on both sides."""
-    from mixtral import load
-    from mixtral.quantize import kernels_disabled
     from mixtral.quantize_checkpoint import quantize_checkpoint
 
     model_dir, _ = split_model
     quantized = quantize_checkpoint(model_dir, tmp_path / "q", bits, group, lm_head=head, progress=False)
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
-    torchrun(str(script), str(quantized), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
-    got = torch.load(tmp_path / "out.pt")
-    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
-    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
-    one, _ = load(quantized, dtype="float32", pack=False, progress=False)
+    _, one = two_ranks_run_as_one_process(quantized, tmp_path)
     assert (one.quantization["bits"], one.quantization["lm_head"]) == (bits, head)
-    with torch.no_grad(), kernels_disabled():
-        want = one(ids)
-        steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
-    assert (got["logits"] - want).abs().max().item() < 1e-4
-    assert got["tokens"].tolist() == [step[0][0] for step in steps]
 
 
 def test_a_quantized_checkpoint_that_does_not_split_as_stored_is_refused(split_model, tmp_path, monkeypatch):
@@ -229,27 +239,14 @@ def test_one_expert_per_rank_a_tied_head_quantized_and_an_uneven_vocabulary_spli
     """2 experts over 2 ranks (a token's top-2 spans both), a tied embedding with its head quantized on disk
     (+head, int4 elsewhere) and a vocabulary of 32,001 rows (the last rank's slice one row shorter, padded for the
     gather): logits within 1e-4 of one process on the same checkpoint, the same greedy tokens."""
-    from mixtral import load
-    from mixtral.quantize import kernels_disabled
     from mixtral.quantize_checkpoint import quantize_checkpoint
 
     model = make_hf_model(vocab_size=32001, hidden_size=64, intermediate_size=48, num_attention_heads=4,
                           num_key_value_heads=2, num_local_experts=2, seed=8, tie_word_embeddings=True)
     plain = save_hf_model(model, tmp_path / "plain", with_tokenizer=True)
     quantized = quantize_checkpoint(plain, tmp_path / "q", 4, 32, lm_head=True, progress=False)
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
-    torchrun(str(script), str(quantized), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
-    got = torch.load(tmp_path / "out.pt")
-    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
-    one, _ = load(quantized, dtype="float32", pack=False, progress=False)
-    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
-    with torch.no_grad(), kernels_disabled():
-        want = one(ids)
-        steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
+    got, _ = two_ranks_run_as_one_process(quantized, tmp_path)
     assert got["logits"].shape[-1] == 32001
-    assert (got["logits"] - want).abs().max().item() < 1e-4
-    assert got["tokens"].tolist() == [step[0][0] for step in steps]
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q8_0", "f16"])
@@ -258,9 +255,7 @@ def test_a_gguf_file_is_split_as_one_process_holds_it(tmp_path, kind):
     process holds the file (Q4_0: int4 in groups of 32 with the file's codes and fp16 scales, the keys, values and
     output projection it stores in Q8_0 as int8; Q8_0 as int8, o's per-row scales whole on each rank; F16 as
     floats): logits within 1e-4 of one process on the same file, the same greedy tokens."""
-    from mixtral import load
     from mixtral.loading import load_model, load_tokenizer
-    from mixtral.quantize import kernels_disabled
     from mixtral.weights import export_gguf
 
     model = make_hf_model(vocab_size=32000, hidden_size=64, intermediate_size=64, num_attention_heads=4,
@@ -268,20 +263,9 @@ def test_a_gguf_file_is_split_as_one_process_holds_it(tmp_path, kind):
     plain = save_hf_model(model, tmp_path / "plain", with_tokenizer=True)
     out = export_gguf(load_model(plain, dtype="float32", pack=False, progress=False), load_tokenizer(plain),
                       tmp_path / f"x-{kind}.gguf", kind, progress=False)
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(LOGITS_SCRIPT))
-    torchrun(str(script), str(out), str(tmp_path / "out.pt"), env={"MIXTRAL_TORCH_LOWBIT": "0"})
-    got = torch.load(tmp_path / "out.pt")
-    assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
-    one, _ = load(out, dtype="float32", pack=False, progress=False)
+    _, one = two_ranks_run_as_one_process(out, tmp_path)
     if kind == "q4_0":
         assert one.layers[0].attn.wq.bits == 4 and one.layers[0].attn.wk.bits == 8 and one.lm_head.bits == 8
-    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723, 851, 349, 264]])
-    with torch.no_grad(), kernels_disabled():
-        want = one(ids)
-        steps = generate_step(one, [ids[0].tolist()], [Sampler(SamplingParams(temperature=0))], 12)
-    assert (got["logits"] - want).abs().max().item() < 1e-4
-    assert got["tokens"].tolist() == [step[0][0] for step in steps]
 
 
 def test_torchrun_generate_equals_one_process(split_model):

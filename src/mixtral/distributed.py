@@ -154,7 +154,7 @@ def _sum_in_place(x: torch.Tensor) -> None:
 
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The sum over the ranks, in fp32 whatever x's dtype; back in x's dtype."""
-    total = x.float() if x.dtype != torch.float32 else x.contiguous().clone()
+    total = x.float() if x.dtype != torch.float32 else x.contiguous()  # (callers pass a temporary: summed in place)
     _sum_in_place(total)
     return total.to(x.dtype)
 

@@ -9,7 +9,8 @@ Runners (runner.py: the interface and the torch reference):
   bf16/int8/int4 weights: prompt.py's oneDNN bf16 GEMMs, where the CPU multiplies bf16 in hardware); the weights
   stay as loaded (native_lib.py builds and checks the library, native_weights.py describes the weights to it);
   experts that do not fit in memory are read from disk into an expert cache by offload.py's store, which the
-  C side asks for each layer's experts;
+  C side asks for each layer's experts; a rank's part of a model split over processes (distributed.py) runs on
+  it too, given a `native.Split`: op by op, each part summed over the ranks before it joins the residual stream;
 - fbgemm.py: where ours cannot run, the CPU's weights are repacked for fbgemm (a module swap) and the model's own
   torch code runs them;
 - torch: the model's own ops (`pack=False`, other devices, training).

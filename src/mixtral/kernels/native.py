@@ -5,7 +5,8 @@ A decode step is one C call (`DecodeSession.step`: the embedding, every block, t
 projection, and each row's log-normalizer and argmax), because whatever Python runs between steps runs on caches
 the step's weights have just flushed. A short prompt is one such call too (`DecodeSession.prompt`: its tokens are
 rows of their sequence's cache row); longer prompts run every matmul and the experts in C or on oneDNN's GEMMs
-(prompt.py) and attention in torch (SDPA).
+(prompt.py) and attention in torch (SDPA). A rank's part of a split model (`Split`, distributed.py) runs every pass
+that way, decode steps too, its parts summed over the ranks between the ops.
 
 Numbers: every weight is widened to its exact fp32 value and multiplied in fp32, so the result equals an fp32
 matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights in

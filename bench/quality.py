@@ -10,10 +10,10 @@ equal bf16's (up to the first difference, and overall) is reported.
     python bench/quality.py --model DIR --data runs/data --json
     python bench/quality.py --data runs/data --gguf m.Q4_K_M.gguf --gguf m.Q8_0.gguf   # GGUF files of the model too
 
-A `--gguf` file is loaded as `--model FILE.gguf` loads it: its blocks dequantized and held in our nearest format
-(int8, or int4 in groups of 32): the row says what reading a llama.cpp quantization costs, against our bf16. Its
-"exact" row holds the file's own values in fp32 (`--quantize none --dtype float32`): the difference between the two
-rows is what our second rounding, from the file's blocks into our formats, costs.
+A `--gguf` file is loaded as `--model FILE.gguf` loads it: held in our nearest format (int8, or int4 in groups of
+32; Q4_0, Q4_1 and Q4_K blocks as they are, the others dequantized and quantized again): the row says what reading
+a llama.cpp quantization costs, against our bf16. Its "exact" row holds the file's own values in fp32 (`--quantize
+none --dtype float32`): the difference between the two rows is what our holding of the file's blocks costs.
 """
 
 from __future__ import annotations

@@ -249,23 +249,30 @@ def test_one_expert_per_rank_a_tied_head_quantized_and_an_uneven_vocabulary_spli
     assert got["logits"].shape[-1] == 32001
 
 
-@pytest.mark.parametrize("kind", ["q4_0", "q8_0", "f16"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "f16"])
 def test_a_gguf_file_is_split_as_one_process_holds_it(tmp_path, kind):
     """A GGUF file under torchrun: each rank reads each tensor whole, one at a time, and keeps its part, held as one
     process holds the file (Q4_0: int4 in groups of 32 with the file's codes and fp16 scales, the keys, values and
-    output projection it stores in Q8_0 as int8; Q8_0 as int8, o's per-row scales whole on each rank; F16 as
-    floats): logits within 1e-4 of one process on the same file, the same greedy tokens."""
+    output projection it stores in Q8_0 as int8; Q4_1: the same with an offset per group, cut as the scales are;
+    Q8_0 as int8, o's per-row scales whole on each rank; F16 as floats): logits within 1e-4 of one process on the
+    same file, the same greedy tokens."""
+    from gguf import GGMLQuantizationType as T
+    from test_gguf import export_retyped
+
     from mixtral.loading import load_model, load_tokenizer
     from mixtral.weights import export_gguf
 
     model = make_hf_model(vocab_size=32000, hidden_size=64, intermediate_size=64, num_attention_heads=4,
                           num_key_value_heads=2, num_local_experts=4, seed=11, tie_word_embeddings=False)
     plain = save_hf_model(model, tmp_path / "plain", with_tokenizer=True)
-    out = export_gguf(load_model(plain, dtype="float32", pack=False, progress=False), load_tokenizer(plain),
-                      tmp_path / f"x-{kind}.gguf", kind, progress=False)
+    model, tokenizer = load_model(plain, dtype="float32", pack=False, progress=False), load_tokenizer(plain)
+    out = tmp_path / f"x-{kind}.gguf"
+    out = (export_retyped(model, tokenizer, out, {"*": T.Q4_1}) if kind == "q4_1"
+           else export_gguf(model, tokenizer, out, kind, progress=False))
     _, one = two_ranks_run_as_one_process(out, tmp_path)
-    if kind == "q4_0":
+    if kind.startswith("q4"):
         assert one.layers[0].attn.wq.bits == 4 and one.layers[0].attn.wk.bits == 8 and one.lm_head.bits == 8
+        assert (one.layers[0].attn.wo.offsets is not None) == (kind == "q4_1")
 
 
 def test_torchrun_generate_equals_one_process(split_model):

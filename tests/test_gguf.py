@@ -545,3 +545,134 @@ def test_export_writes_what_the_reader_and_gguf_quants_agree_on(hf_dir, tmp_path
 
     assert np.array_equal(back.layers[0].ffn.w1.detach().numpy(), stored(original))
     assert np.array_equal(back.layers[1].attn.wq.weight.detach().numpy(), stored(q))
+
+
+def _q4_k_blocks(rows: np.ndarray) -> np.ndarray:
+    """Q4_K bytes for fp32 rows (..., K), K a multiple of 256, by a plain rule of this test's own (each group of 32
+    spans its [min(w, 0), max(w)] in 16 steps): what a load holds is checked against gguf.quants' reading of these
+    bytes, never against this rule."""
+    lead, k = rows.shape[:-1], rows.shape[-1]
+    w = rows.reshape(-1, 8, 32).astype(np.float32)  # (super-blocks, groups, 32)
+    low, high = np.minimum(w.min(-1), 0), w.max(-1)
+    step, minimum = (high - low) / 15, -low
+    d, dmin = (step.max(-1) / 63).astype(np.float16), (minimum.max(-1) / 63).astype(np.float16)
+
+    def positive(a):
+        return np.where(a > 0, a, 1).astype(np.float32)
+
+    sc = np.clip(np.rint(step / positive(d)[:, None]), 1, 63).astype(np.uint8)
+    m = np.clip(np.rint(minimum / positive(dmin)[:, None]), 0, 63).astype(np.uint8)
+    scale, shift = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * m
+    codes = np.clip(np.rint((w + shift[..., None]) / positive(scale)[..., None]), 0, 15).astype(np.uint8)
+    packed = np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6,
+                             (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
+    runs = codes.reshape(-1, 4, 2, 32)
+    quants = (runs[:, :, 0] | runs[:, :, 1] << 4).reshape(-1, 128)
+    blocks = np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed, quants], axis=1)
+    return blocks.reshape(*lead, k // 256 * 144)
+
+
+def export_retyped(model, tokenizer, out: Path, types: dict) -> Path:
+    """Our Q4_0 export of `model`, with the Q4_0 matrices named in `types` (by kind: "attn_q", "ffn_up_exps", ...;
+    "*": all of them) stored in another 4-bit type instead (Q4_1 by gguf.quants, Q4_K by _q4_k_blocks), from the
+    values of their Q4_0 blocks: a file such as llama.cpp's quantizer writes, which gguf.quants cannot make."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    from mixtral.weights import export_gguf
+
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def retyped(self, name, tensor, *args, raw_dtype=None, **kwargs):
+        kind = types.get(name.split(".")[2], types.get("*")) if name.startswith("blk.") else None
+        if raw_dtype == T.Q4_0 and kind is not None:
+            values = quants.dequantize(tensor, T.Q4_0)
+            tensor, raw_dtype = (_q4_k_blocks(values) if kind == T.Q4_K else quants.quantize(values, kind)), kind
+        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kwargs)
+
+    gguf.GGUFWriter.add_tensor = retyped
+    try:
+        return export_gguf(model, tokenizer, out, "q4_0", progress=False)
+    finally:
+        gguf.GGUFWriter.add_tensor = add_tensor
+
+
+def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
+    """Q4_K and Q4_1 blocks are int4 in groups of 32 whose weights are code * scale - min: a load holds their codes,
+    their scales (Q4_K's d * sc rounded to fp16) and an offset per group (rounded to fp16), so each held weight is
+    what gguf.quants reads from the file, to within those roundings: at most 2^-11 of 15 scales plus the offset
+    (quantizing the file's values again, what a load did before, is far outside that); our kernels compute with
+    them as torch does. The file's experts mix Q4_K and Q4_1 and its keys and values are Q8_0 (held as int8), as
+    llama.cpp's Q4_K_M writes Mixtral's."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    from mixtral.loading import load_model
+    from mixtral.weights import save_quantized
+
+    hf = make_hf_model(vocab_size=32000, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, seed=5)
+    hf_dir = save_hf_model(hf, tmp_path / "hf", with_tokenizer=True)
+    model = load_model(hf_dir, dtype="float32", pack=False, progress=False)
+    out = export_retyped(model, load_tokenizer(hf_dir), tmp_path / "x-q4_k.gguf",
+                         {"attn_q": T.Q4_K, "attn_output": T.Q4_K, "ffn_gate_exps": T.Q4_K, "ffn_down_exps": T.Q4_K,
+                          "ffn_up_exps": T.Q4_1})
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert types["blk.1.ffn_down_exps.weight"] == T.Q4_K and types["blk.0.ffn_up_exps.weight"] == T.Q4_1
+    assert types["blk.0.attn_k.weight"] == T.Q8_0
+
+    values, _ = load(out, dtype="float32", quantize="none", progress=False, pack=False)  # gguf.quants' reading
+    held, tokenizer = load(out, progress=True, pack=False)
+    assert "Q4_K/Q4_1/Q8_0 weights are held as int4-g32+head (their blocks as they are" in capsys.readouterr().err
+    checked = 0
+    for name, module in held.named_modules():
+        if not isinstance(module, Q.QuantLinear) or name == "lm_head" or module.bits == 8:
+            continue
+        assert module.offsets is not None and module.offsets.dtype == module.scales.dtype == torch.float16, name
+        exact = values.get_parameter(name) if module.n_experts else values.get_submodule(name).weight
+        exact = exact.detach()
+        ours = module.dequantize()
+        step = module.scales.float().abs().repeat_interleave(32, -1)
+        offset = module.offsets.float().abs().repeat_interleave(32, -1)
+        assert ((ours - exact).abs() <= (15 * step + offset) * 2**-11 + 1e-7).all(), name  # fp16 rounding of each
+        again = Q.dequantize_weight(*Q.quantize_weight(exact.reshape(-1, exact.shape[-1]), 4, 32), 4, 32,
+                                    exact.shape[-1]).reshape(exact.shape)
+        assert ((again - exact).abs() > step * 2**-4).float().mean() > 0.2, name
+        checked += 1
+    assert checked == 2 * 5  # q, o, and the three expert weights of each layer
+    with pytest.raises(MixtralError, match="minimums"):
+        save_quantized(held, tmp_path / "saved")
+    # the memory planner counts the offsets: its weights add up to the bytes of the model a load holds
+    import json
+
+    info = run_cli("info", str(out), "--memory", "1GiB", "--json")
+    assert info.returncode == 0, info.stderr
+    plan = json.loads(info.stdout)
+    bf16, _ = load(out, dtype="bfloat16", progress=False, pack=False)
+    norms = (2 * bf16.args.n_layers + 1) * bf16.args.dim * 2  # fp32 in the plan (as our kernels hold them)
+    assert plan["resident"] + plan["experts"] * plan["expert"] == sum(
+        t.nbytes for t in bf16.state_dict().values()) + norms
+
+    # our C kernels on the held weights against torch's matmuls of them dequantized (pack=False): a prompt (the
+    # prompt path's bf16 GEMMs read the offsets too: tests/test_native.py's widening test), then greedy decode steps
+    from mixtral import kernels
+    from mixtral.kv_cache import KVCache
+
+    ours, _ = load(out, dtype="float32", progress=False, exact=True)
+    plain, _ = load(out, dtype="float32", progress=False, pack=False)
+    ids = tokenizer.encode("Minimums and scales, held as the file stores them.")
+
+    def greedy(model) -> list[torch.Tensor]:  # the prompt's last logits, then 8 decode steps' (kv cache)
+        cache = KVCache(model.args, 1, 64, torch.float32)
+        steps = [model(torch.tensor([ids]), cache=cache, n_keys=len(ids))[0, -1]]
+        for position in range(len(ids), len(ids) + 8):
+            step = kernels.runner(model).decode_step(cache, [int(steps[-1].argmax())], [position])
+            steps.append(step.logits[0].clone())  # (the runner's own buffer)
+        return steps
+
+    with torch.no_grad(), Q.kernels_disabled():  # (torch's int8 kernel computes in bf16)
+        reference, mine = greedy(plain), greedy(ours)
+    for theirs, got in zip(reference, mine):
+        assert theirs.argmax() == got.argmax()
+        assert (got - theirs).abs().max().item() < 1e-3 * theirs.abs().max().item()

@@ -25,19 +25,40 @@ def _gen(seed):
 # ---- one matmul, every weight format --------------------------------------------------------------------
 
 def _quantized(dense, name: str):
-    """A QuantLinear: "int8", "int4-g64", or "int4-g32-fp16" (fp16 scales, as a GGUF file's Q4_0 blocks are held)."""
+    """A QuantLinear: "int8", "int4-g64", "int4-g32-fp16" (fp16 scales, as a GGUF file's Q4_0 blocks are held) or
+    "int4-g32-offsets" (fp16 scales and group offsets, as its Q4_K and Q4_1 blocks are)."""
     bits, group = (8, None) if name == "int8" else (4, int(name.split("-")[1][1:]))
     weight = Q.QuantLinear.from_weight(dense, bits, group, pack=False)
-    if name.endswith("-fp16"):  # values a bf16 scale cannot hold, and negative ones, as Q4_0 blocks may have
+    if name.endswith(("-fp16", "-offsets")):  # values a bf16 scale cannot hold, and negative ones, as Q4_0 has
         sign = 1 - 2 * (torch.arange(weight.scales.numel()) % 3 == 0).view(weight.scales.shape)
         weight.scales = (weight.scales.float() * 1.001 * sign).half()
+    if name.endswith("-offsets"):  # a group's minimum: of the order of its range, either sign
+        weight.offsets = (torch.randn(weight.scales.shape, generator=_gen(weight.scales.numel())) * 8
+                          * weight.scales.float().abs()).half()
     return weight
 
 
 def _weights(n, k, experts=2):
     dense = torch.randn(experts, n, k, generator=_gen(n * k)) * 0.05
-    names = ["int8", "int4-g16", "int4-g32", "int4-g64", "int4-g128", "int4-g32-fp16"]
+    names = ["int8", "int4-g16", "int4-g32", "int4-g64", "int4-g128", "int4-g32-fp16", "int4-g32-offsets"]
     return {"fp32": dense, "bf16": dense.bfloat16(), "fp16": dense.half(), **{n: _quantized(dense, n) for n in names}}
+
+
+def _offsets(weight) -> torch.Tensor | None:
+    """What a QuantLinear's int4 group offsets add to each of its weights (..., N, K), or None."""
+    if getattr(weight, "offsets", None) is None:
+        return None
+    return weight.offsets.float().repeat_interleave(weight.group_size, -1)[..., :weight.in_features]
+
+
+def _integer_product(x: torch.Tensor, span: int, weight, dense: torch.Tensor) -> torch.Tensor:
+    """What the integer kernels compute of x (M, K) @ dense^T for a QuantLinear: activations rounded to 16 bits
+    per span of columns times the codes' part, and the exact activations times the group offsets' part."""
+    offsets = _offsets(weight)
+    if offsets is None:
+        return _rounded_to_16_bits(x, span) @ dense.T
+    offsets = offsets[1] if dense.dim() == 2 and offsets.dim() == 3 else offsets
+    return _rounded_to_16_bits(x, span) @ (dense - offsets).T + x @ offsets.T
 
 
 def _rounded_to_16_bits(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -59,7 +80,7 @@ def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
         dense = (weight.dequantize() if isinstance(weight, Q.QuantLinear) else weight).float()
         integer = rows == 1 and name != "int4-g16" and name.startswith("int")
         span = 256 if name == "int8" else int(name.split("-")[1][1:]) if integer else 0
-        wanted = (_rounded_to_16_bits(x, span) if integer else x) @ dense[1].T  # expert 1 of 2: the stride is right
+        wanted = _integer_product(x, span, weight, dense[1]) if integer else x @ dense[1].T  # expert 1 of 2
         if integer:  # and the rounding is far below the weights' own (int8: ~1e-2 here)
             assert torch.allclose(wanted, x @ dense[1].T, rtol=1e-4, atol=2e-4)
         got = native_lib.NativeWeight(weight).linear(x, expert=1)
@@ -433,7 +454,8 @@ def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     ("int8", 200), ("int8", 1100),  # a tail past the last block of 32; spans of 8 blocks and a short last one
     ("int4-g32", 32 * 9), ("int4-g32", 32 * 11),  # four groups a 512-bit load, then one or three left
     ("int4-g64", 64 * 7), ("int4-g64", 64 * 1030 + 5),  # an odd group left; scales multiplied 512 groups at a time
-    ("int4-g128", 128 * 3 + 40), ("int4-g256", 256 * 2), ("int4-g32-fp16", 32 * 11), ("int4-g64-fp16", 64 * 7)])
+    ("int4-g128", 128 * 3 + 40), ("int4-g256", 256 * 2), ("int4-g32-fp16", 32 * 11), ("int4-g64-fp16", 64 * 7),
+    ("int4-g32-offsets", 32 * 11), ("int4-g64-offsets", 64 * 7)])
 def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batched(name, k):
     """The int8 and int4 decode kernels have an AVX2 and an AVX-512 form, and the batched form unpacks a weight row
     once for up to four activation rows. Every form must give every row the same numbers, bit for bit (integer
@@ -461,7 +483,7 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
     assert all(torch.equal(results[0], other) for other in results[1:])
     span = 256 if bits == 8 else group
     reference = quantized.dequantize().float()[1]
-    wanted = torch.cat([_rounded_to_16_bits(x[m:m + 1], span) for m in range(9)]) @ reference.T
+    wanted = torch.cat([_integer_product(x[m:m + 1], span, quantized, reference) for m in range(9)])
     assert torch.allclose(results[0], wanted, rtol=1e-5, atol=5e-5)  # (int32 span sums to fp32: ~2^-24 of each)
 
 
@@ -490,7 +512,7 @@ def test_an_expert_layer_of_mixed_formats_decodes_alike_on_one_thread_or_two(tin
     assert torch.equal(logits[0], logits[1])
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g32-fp16"])
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g32-fp16", "int4-g32-offsets"])
 def test_prompt_widening_rounds_each_code_times_its_scale_to_the_nearest_bf16(name):
     """What the prompt path's bf16 GEMMs read of an int8/int4 weight (kernels/prompt.py, mx_to_bf16): rows of one
     expert, each weight's exact value rounded to the nearest bf16, as torch rounds it."""

@@ -62,7 +62,7 @@ from .kernels.runner import Runner
 from .kv_cache import KVCache
 from .memory import release_free_memory
 from .prefix_cache import MIN_TOKENS, PrefixCache
-from .quantize import QuantLinear, parse_quantize, quantize_model, spec, swap_in_quantized
+from .quantize import QuantLinear, parse_quantize, quantize_model, spec, swap_in_quantized, take_offsets
 from .model import MoE, Routing, Transformer
 from .gguf_file import is_gguf
 from .quantize_checkpoint import gguf_q4_scales, quantize_on_meta, stream_quantized
@@ -296,29 +296,29 @@ def _quantized_part(entry, keep: dict[str, tuple[int, int, int]], stored: dict) 
 
 
 def _column_step(kind: str, int8: bool, group: int | None) -> int:
-    """Weight columns per column of a quantized weight's stored tensor `kind` ("qweight" or "scales"), for cutting
-    it by columns (int8's per-row scales are not cut: the callers keep them whole)."""
+    """Weight columns per column of a quantized weight's stored tensor `kind` ("qweight", "scales" or an int4
+    weight's "offsets"), for cutting it by columns (int8's per-row scales are not cut: the callers keep them whole)."""
     return 1 if int8 else 2 if kind == "qweight" else group
 
 
 def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, tuple[int, int, int]],
                streamed: dict | None, dtype: torch.dtype, device: str, progress: bool) -> dict[str, torch.Tensor]:
     """This rank's part of a GGUF file's weights, by name: each tensor is read whole (dequantized by `gguf`, but for
-    Q4_0 blocks held as they are; of merged experts, the rank's only), one at a time, and only the rank's part
+    4-bit blocks held as they are; of merged experts, the rank's only), one at a time, and only the rank's part
     kept. `streamed`: the quantization spec they are held in (the split model on the meta device already has its
-    modules): quantized as one process quantizes them (quantize_checkpoint.stream_quantized: Q4_0 blocks with
-    their codes and fp16 scales as stored, what the file stores finer as int8), then cut as a checkpoint
-    quantized on disk is (_quantized_part)."""
+    modules): quantized as one process quantizes them (quantize_checkpoint.stream_quantized: Q4_0, Q4_1 and Q4_K
+    blocks with their codes, fp16 scales and group offsets as one process holds them, what the file stores finer as
+    int8), then cut as a checkpoint quantized on disk is (_quantized_part); offsets as the group scales are."""
     layout = {name: (t.dtype if name.endswith((".qweight", ".scales")) else dtype, tuple(t.shape))
               for name, t in model.state_dict().items()}
     if streamed is not None:
-        layout = gguf_q4_scales(path, args, streamed, layout)
+        layout = gguf_q4_scales(path, args, streamed, layout, offsets=True)
     state: dict[str, torch.Tensor] = {}
 
     def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int) -> None:
         """Rows [first_row, ...) of one output tensor of the whole model (of one expert of it): the rank's part."""
         base, _, kind = name.rpartition(".")
-        codes = kind in ("qweight", "scales")
+        codes = kind in ("qweight", "scales", "offsets")
         dim, start, stop = keep.get(f"{base}.weight", keep.get(base, (-1, 0, 0))) if codes else keep.get(
             name, (-1, 0, 0))
         if name not in layout:
@@ -442,6 +442,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     missing = [n for n in expected if n not in params and not (args.tie_embeddings and n == "lm_head.weight")]
     if missing:
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
+    take_offsets(model, params)
     model.load_state_dict(params, strict=False, assign=True)
     del params, expected  # (the model holds its tensors alone: preparing them for the kernels moves, not copies)
     tensor = None  # (nor the last one read)

@@ -6,13 +6,14 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
 - `hf_config`: the config as a Hugging Face config dict, from the `llama.*` metadata (Mixtral, Mistral and Llama
   files all say `llama`), for config.py;
 - `tensors`: every tensor dequantized to fp32 by `gguf.quants` (F32, F16, BF16, Q8_0, Q4_0, the K-quants and the
-  rest of its types), one at a time, under its GGUF name; or, where the caller can take them, Q4_0 tensors as
-  their blocks (`Q4Blocks`); weights.py renames them (weights.gguf_to_hf) and puts the query/key rows that
+  rest of its types), one at a time, under its GGUF name; or, where the caller can take them, Q4_0, Q4_1 and Q4_K
+  tensors as their blocks (`Q4Blocks`); weights.py renames them (weights.gguf_to_hf) and puts the query/key rows that
   llama.cpp's converter reorders for its RoPE back in Hugging Face order (`unpermute`);
 - `nearest_quantization`: a file of quantized blocks is held in the nearest of our formats (int8 for 5 bits and
   more, int4 in groups of 32 below, the matrices a 4-bit file stores finer as int8: weights.gguf_int8_weights),
-  unless the caller asks for another. Q4_0 is our int4 in groups of 32 with fp16 scales: its blocks are held as
-  they are (quantize_checkpoint.load_quantizing). Other types are quantized again from their values;
+  unless the caller asks for another. Q4_0 is our int4 in groups of 32 with fp16 scales, and Q4_1 and Q4_K are
+  that with an offset per group (their minimums): their blocks are held as they are, Q4_K's scales rounded to fp16
+  (quantize_checkpoint.load_quantizing). Other types are quantized again from their values;
 - `tokenizer_parts`: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types)
   rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, or a
   byte-level BPE one (`gpt2`: tokens, merges, and `tokenizer.ggml.pre`, the way its words are split, as
@@ -20,15 +21,15 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
   rendered in the same sandbox as any other; for tokenizer.py;
 - `write`: a GGUF file from metadata and named tensors (weights.export_gguf gives it a model's).
 
-Not yet: Q8_0 blocks as they are (held as int8, one scale per row), BPE pre-tokenizers other than the GPT-2,
-Llama 3 and Qwen 2 families, and expert offloading from a GGUF.
+Not yet: Q8_0, Q6_K and Q5_K blocks as they are (held as int8, one scale per row), BPE pre-tokenizers other than
+the GPT-2, Llama 3 and Qwen 2 families, and expert offloading from a GGUF.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
     if main in FLOATS:
         return None, ""
     setting = ("int8" if main in EIGHT_BITS else "int4-g32") + ("+head" if head and head not in FLOATS else "")
-    how = "their blocks as they are" if main == "Q4_0" else "converted at load"
+    how = "their blocks as they are" if main in Q4Blocks.TYPES else "converted at load"
     return setting, f"{Path(path).name}: its {types} weights are held as {setting} ({how}; --quantize chooses another)"
 
 
@@ -182,60 +183,113 @@ def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class Q4Blocks:
-    """A Q4_0 tensor as the file stores it: in each block of 32 weights along a row, codes in 0..15 and one fp16
-    scale d, each weight (code - 8) * d. codes (..., N, K) uint8, scales (..., N, K / 32) fp32 (d exactly).
+    """A 4-bit tensor as the file stores it, in groups of 32 weights along a row: codes in 0..15, one scale per
+    group and, for the types with a minimum, one offset per group: each weight is (code - 8) * scale (+ offset).
+    codes (..., N, K) uint8, scales and offsets (..., N, K / 32) fp32.
+    - Q4_0: scale d (fp16), exactly; no offsets.
+    - Q4_1: d and m (fp16), each weight code * d + m: scale d, offset 8d + m.
+    - Q4_K: 256-weight super-blocks of eight groups, each with a 6-bit scale and a 6-bit minimum times the super-
+      block's fp16 d and dmin, each weight code * d * sc - dmin * m: scale d * sc rounded to the nearest fp16 (the
+      format the kernels read scales in), offset 8 * scale - dmin * m; so a held weight differs from the file's by
+      code * (the scale's rounding), at most 15 * 2^-12 of the scale, before the offset is rounded in its turn.
     Indexing the first dimension and `rows` (a reordering of the rows) work as on a tensor of shape `shape`."""
 
     BLOCK = 32
+    TYPES = ("Q4_0", "Q4_1", "Q4_K")  # what `of` reads
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
-        self.codes, self.scales = codes, scales
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None):
+        self.codes, self.scales, self.offsets = codes, scales, offsets
+
+    @classmethod
+    def of(cls, raw, kind: str) -> Q4Blocks:
+        """From the file's bytes (..., N, bytes per row) of a tensor of type `kind` (one of TYPES)."""
+        return {"Q4_0": cls.from_raw, "Q4_1": cls._from_q4_1, "Q4_K": cls._from_q4_k}[kind](raw)
 
     @classmethod
     def from_raw(cls, raw) -> Q4Blocks:
-        """From the file's bytes (..., N, K / 32 * 18): per block d (fp16, little-endian), then 16 bytes whose low
-        nibbles are the block's first 16 codes and high nibbles its last 16."""
+        """From a Q4_0 tensor's bytes (..., N, K / 32 * 18): per block d (fp16, little-endian), then 16 bytes whose
+        low nibbles are the block's first 16 codes and high nibbles its last 16."""
         blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 18))
-        scales = blocks[..., :2].contiguous().view(torch.float16)[..., 0].float()
-        packed = blocks[..., 2:]
-        codes = torch.cat((packed & 15, packed >> 4), dim=-1).flatten(-2)
-        return cls(codes, scales)
+        scales = _halves(blocks[..., :2])[..., 0]
+        return cls(_nibbles(blocks[..., 2:]), scales)
+
+    @classmethod
+    def _from_q4_1(cls, raw) -> Q4Blocks:
+        """Per block of 32: d, m (fp16), then the codes as Q4_0 packs them."""
+        blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 20))
+        d, m = _halves(blocks[..., :4]).unbind(-1)
+        return cls(_nibbles(blocks[..., 4:]), d, 8 * d + m)
+
+    @classmethod
+    def _from_q4_k(cls, raw) -> Q4Blocks:
+        """Per super-block of 256: d, dmin (fp16); twelve bytes of eight 6-bit scales and minimums (the first four
+        of each in the low six bits of bytes 0-3 and 4-7; the last four in the nibbles of bytes 8-11, their top two
+        bits in the top bits of bytes 0-3 and 4-7); then four runs of 32 bytes, whose low nibbles are one group's
+        codes and high nibbles the next group's."""
+        blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 144))
+        d, dmin = _halves(blocks[..., :4]).unbind(-1)
+        packed = blocks[..., 4:16].to(torch.int32)
+        low, high, last = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+        sc = torch.cat((low & 63, (last & 15) | ((low >> 6) << 4)), dim=-1).float()  # (..., blocks, 8)
+        mins = torch.cat((high & 63, (last >> 4) | ((high >> 6) << 4)), dim=-1).float()
+        runs = blocks[..., 16:].unflatten(-1, (4, 32))  # (..., blocks, 4, 32)
+        codes = torch.stack((runs & 15, runs >> 4), dim=-2).flatten(-4)  # groups in order, 32 codes each
+        scales = (d[..., None] * sc).to(torch.float16).float()
+        offsets = 8 * scales - dmin[..., None] * mins
+        return cls(codes, scales.flatten(-2), offsets.flatten(-2))
 
     @property
     def shape(self) -> torch.Size:
         return self.codes.shape
 
     def __getitem__(self, index) -> Q4Blocks:
-        return Q4Blocks(self.codes[index], self.scales[index])
+        return Q4Blocks(self.codes[index], self.scales[index],
+                        None if self.offsets is None else self.offsets[index])
 
     def rows(self, reorder) -> Q4Blocks:
         """The same blocks with the rows reordered by `reorder` (a function of a tensor whose first dimension is
-        the rows: it is applied to the codes and the scales alike)."""
-        return Q4Blocks(reorder(self.codes), reorder(self.scales))
+        the rows: it is applied to the codes, the scales and the offsets alike)."""
+        return Q4Blocks(reorder(self.codes), reorder(self.scales),
+                        None if self.offsets is None else reorder(self.offsets))
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weights."""
-        return ((self.codes.float() - 8).unflatten(-1, (-1, self.BLOCK)) * self.scales[..., None]).flatten(-2)
+        w = (self.codes.float() - 8).unflatten(-1, (-1, self.BLOCK)) * self.scales[..., None]
+        if self.offsets is not None:
+            w += self.offsets[..., None]
+        return w.flatten(-2)
 
 
-def tensors(path: str | os.PathLike, progress: bool = True, q4_blocks: bool = False,
+def _halves(pairs: torch.Tensor) -> torch.Tensor:
+    """(..., 2n) bytes -> (..., n) fp32: little-endian fp16 values."""
+    return pairs.contiguous().view(torch.float16).float()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(..., blocks, 16) bytes -> (..., blocks * 32) codes: each block's low nibbles, then its high ones."""
+    return torch.cat((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def tensors(path: str | os.PathLike, progress: bool = True, q4_blocks: Collection[str] = (),
             first_dim=None) -> Iterator[tuple[str, torch.Tensor | Q4Blocks, int]]:
     """(GGUF name, fp32 tensor in row-major order, where it starts along the first dimension) for every tensor of
-    the file, one in memory at a time; with `q4_blocks`, Q4_0 tensors come as their blocks (Q4Blocks).
+    the file, one in memory at a time; tensors of the types named in `q4_blocks` (of Q4Blocks.TYPES) come as their
+    blocks.
     `first_dim(name)`: the range of a 3-D tensor's first dimension to read (None, and without it: all of it, from
     0). Raises MixtralError for a type gguf cannot dequantize."""
-    from gguf import GGMLQuantizationType, quants
+    from gguf import quants
     from tqdm.auto import tqdm
 
     found = reader(path)
     for tensor in tqdm(found.tensors, desc="Loading weights", unit="tensor", disable=not progress):
         part = first_dim(tensor.name) if first_dim is not None and tensor.data.ndim == 3 else None
         data, start = (tensor.data, 0) if part is None else (tensor.data[part.start:part.stop], part.start)
-        if q4_blocks and tensor.tensor_type == GGMLQuantizationType.Q4_0:
+        kind = getattr(tensor.tensor_type, "name", None)
+        if kind in q4_blocks and kind in Q4Blocks.TYPES:
             try:
-                blocks = Q4Blocks.from_raw(data)
+                blocks = Q4Blocks.of(data, kind)
             except (RuntimeError, ValueError) as exc:
-                raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type Q4_0 "
+                raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type {kind} "
                                    f"({exc})") from None
             yield tensor.name, blocks, start
             continue

@@ -78,21 +78,23 @@ class Weights:
 
 
 def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype,
-                  int8_weights: frozenset[str] = frozenset()) -> Weights:
+                  int8_weights: frozenset[str] = frozenset(), offset_weights: frozenset[str] = frozenset()) -> Weights:
     """Sizes from the architecture and the quantization settings alone (no checkpoint read). `int8_weights`: the
     matrices held as int8 in a model otherwise held as int4 (a GGUF file's finer ones, weights.gguf_int8_weights:
     "layers.0.attn.wk.weight", "layers.0.ffn.w2"); where they make the layers differ, `expert` and `expert_slot`
-    are a mean over the layers, so that all experts together are counted exactly."""
+    are a mean over the layers, so that all experts together are counted exactly. `offset_weights`: int4 matrices
+    that also hold an offset per group (a GGUF file's Q4_K and Q4_1 ones, weights.gguf_offset_weights)."""
     D, hidden, E = args.dim, args.hidden_dim, max(args.n_experts, 1)
     item = dtype.itemsize
 
-    def matrix(n: int, k: int, bits: int | None) -> tuple[int, int]:  # (codes or values, scales) bytes
+    def matrix(n: int, k: int, bits: int | None, offsets: bool = False) -> tuple[int, int]:
+        """(codes or values, scales and offsets) bytes"""
         if bits == 8:
             return n * k, n * 2
         if bits == 4:
             group = quantization["group_size"]
             groups = math.ceil(k / group)
-            return n * groups * group // 2, n * groups * 2
+            return n * groups * group // 2, n * groups * 2 * (2 if offsets else 1)
         return n * k * item, 0
 
     bits = quantization["bits"] if quantization else None
@@ -100,15 +102,15 @@ def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype
     moe = args.is_moe
     hd = args.head_dim
 
-    def held(name: str) -> int | None:
-        return 8 if bits and name in int8_weights else bits
+    def held(name: str) -> tuple[int | None, bool]:  # (bits, offsets)
+        return (8 if bits and name in int8_weights else bits), name in offset_weights
 
     attention, experts, slots = [], [], []
     for i in range(args.n_layers):
-        attention.append(sum(sum(matrix(n, k, held(f"layers.{i}.attn.{w}.weight"))) for w, n, k in (
+        attention.append(sum(sum(matrix(n, k, *held(f"layers.{i}.attn.{w}.weight"))) for w, n, k in (
             ("wq", args.n_heads * hd, D), ("wk", args.n_kv_heads * hd, D), ("wv", args.n_kv_heads * hd, D),
             ("wo", D, args.n_heads * hd))))
-        parts = [matrix(n, k, held(f"layers.{i}.ffn.{w}" + ("" if moe else ".weight")))
+        parts = [matrix(n, k, *held(f"layers.{i}.ffn.{w}" + ("" if moe else ".weight")))
                  for w, n, k in (("w1", hidden, D), ("w3", hidden, D), ("w2", D, hidden))]
         experts.append(sum(a + b for a, b in parts))
         slots.append(sum(-(-a // PAGE) * PAGE + -(-b // PAGE) * PAGE for a, b in parts))
@@ -192,11 +194,12 @@ class Plan:
 
 def plan(args: ModelArgs, quantization: dict | None, dtype: torch.dtype, budget: int, context: int | None = None,
          batch: int = 1, runtime: int | None = None, bandwidth: tuple[float, float] | None = None,
-         int8_weights: frozenset[str] = frozenset()) -> Plan:
-    """The plan for `args` (quantized as `quantization`, else in `dtype`; `int8_weights`: see model_weights) within
+         int8_weights: frozenset[str] = frozenset(), offset_weights: frozenset[str] = frozenset()) -> Plan:
+    """The plan for `args` (quantized as `quantization`, else in `dtype`; `int8_weights`, `offset_weights`: see
+    model_weights) within
     `budget` bytes. `runtime`: bytes the process holds already (default: this process's now). `bandwidth`: (disk,
     RAM) GB/s (default: as measured on this machine, once, by `measured_bandwidth`)."""
-    weights = model_weights(args, quantization, dtype, int8_weights)
+    weights = model_weights(args, quantization, dtype, int8_weights, offset_weights)
     context = min(args.max_seq_len, DEFAULT_CONTEXT) if context is None else context
     if context < 1 or batch < 1:
         raise MixtralError("the context and the batch must be at least 1")

@@ -117,13 +117,18 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None,
-                      in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (..., N, K) weight that canonical (qweight, scales) stand for (computed exactly in fp32)."""
+                      in_features: int, dtype: torch.dtype = torch.float32,
+                      offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The (..., N, K) weight that canonical (qweight, scales[, offsets]) stand for (computed in fp32: exactly,
+    but for the one rounding of adding an int4 group's offset)."""
     if bits == 8:
         return (qweight.float() * scales.float()[..., None]).to(dtype)
     codes = torch.stack((qweight & 15, qweight >> 4), dim=-1).flatten(-2)  # (..., N, Kp)
     q = codes.float().unflatten(-1, (-1, group_size)) - 8  # (..., N, Kp/G, G)
-    return (q * scales.float()[..., None]).flatten(-2)[..., :in_features].to(dtype)
+    w = q * scales.float()[..., None]
+    if offsets is not None:
+        w += offsets.float()[..., None]
+    return w.flatten(-2)[..., :in_features].to(dtype)
 
 
 # ---- kernel layouts ----------------------------------------------------------------------------------
@@ -180,7 +185,9 @@ QUANTIZE_STEP = 1 << 20  # weights quantized per step: bounds the fp32 temporari
 
 class QuantLinear(nn.Module):
     """A weight-only quantized stand-in for a bias-free nn.Linear, or (with `n_experts`) for a stacked
-    (E, N, K) expert weight. Buffers: `qweight` and `scales`, canonical form or a kernel's layout."""
+    (E, N, K) expert weight. Buffers: `qweight` and `scales`, canonical form or a kernel's layout, and for int4
+    `offsets` (None, or one per group like the scales: each weight is (code - 8) * scale + offset; a GGUF file's
+    Q4_K and Q4_1 blocks, whose weights are code * scale - min, held as they are; such weights stay canonical)."""
 
     def __init__(self, out_features: int, in_features: int, bits: int, group_size: int | None = None,
                  n_experts: int | None = None, device=None):
@@ -201,6 +208,7 @@ class QuantLinear(nn.Module):
                                                         dtype=torch.uint8, device=device))
             self.register_buffer("scales", torch.empty(*lead, out_features, n_groups, dtype=torch.bfloat16,
                                                        device=device))
+        self.register_buffer("offsets", None)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int, group_size: int | None = None, pack: bool = True):
@@ -232,7 +240,8 @@ class QuantLinear(nn.Module):
     def _pack(self, force: bool = False) -> None:
         """Rearrange the canonical buffers into the layout of this device's kernel, when one applies and
         passed its check (`force` skips the check: the check itself uses it)."""
-        if self.bits != 4 or self.layout != "canonical" or self.group_size not in _INT4_KERNEL_GROUPS:
+        if (self.bits != 4 or self.layout != "canonical" or self.group_size not in _INT4_KERNEL_GROUPS
+                or self.offsets is not None):
             return
         if self.scales.dtype == torch.float16:  # a GGUF file's Q4_0 scales: torch's kernels take bf16 ones, so these
             return                              # weights stay on the exact dequantize path
@@ -272,12 +281,15 @@ class QuantLinear(nn.Module):
     def dequantize(self, index=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (or experts `index` of it: an int or an index tensor) in `dtype`."""
         qweight, scales = self.canonical(index)
-        return dequantize_weight(qweight, scales, self.bits, self.group_size, self.in_features, dtype)
+        offsets = self.offsets if self.offsets is None or index is None else self.offsets[index]
+        return dequantize_weight(qweight, scales, self.bits, self.group_size, self.in_features, dtype, offsets)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """state_dict() always holds the canonical form, so a checkpoint does not depend on the device."""
         qweight, scales = self.canonical()
         destination[prefix + "qweight"], destination[prefix + "scales"] = qweight, scales
+        if self.offsets is not None:
+            destination[prefix + "offsets"] = self.offsets
 
     # -- matmuls
 
@@ -324,6 +336,13 @@ class QuantLinear(nn.Module):
 
 
 # ---- whole models ----------------------------------------------------------------------------------------
+
+def take_offsets(model, state: dict) -> None:
+    """Move the int4 group offsets in `state` (names ending ".offsets", a GGUF file's minimums) onto `model`'s
+    QuantLinear modules: a buffer that starts as None is not one load_state_dict assigns."""
+    for name in [name for name in state if name.endswith(".offsets")]:
+        model.get_submodule(name.removesuffix(".offsets")).offsets = state.pop(name)
+
 
 def _quantizable(model) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of every weight the scheme quantizes (lm_head not included)."""

@@ -165,7 +165,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     config.json."""
     spec = quantize.spec(bits, group_size, lm_head)
     model = _quantized_on_meta(args, spec, int8_weights)
-    layout = gguf_q4_scales(source, args, spec, _layout(model, spec, dtype))
+    layout = gguf_q4_scales(source, args, spec, _layout(model, spec, dtype), offsets=True)
     state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)
              for name, (tensor_dtype, shape) in layout.items()}
 
@@ -174,6 +174,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
         target[first_row:first_row + rows.shape[0]].copy_(rows)
 
     stream_quantized(Path(source), args, spec, dtype, layout, put, progress)
+    quantize.take_offsets(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     state.clear()  # the model holds its tensors now; packing below replaces some of them
     if args.tie_embeddings and not lm_head:
@@ -186,14 +187,20 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     return model.eval()
 
 
-def gguf_q4_scales(source: str | Path, args: ModelArgs, spec: dict, layout: dict) -> dict:
-    """`layout` with the scales of a GGUF file's Q4_0 matrices held as int4 in groups of 32 in fp16, as the file
-    stores them (they are loaded exactly: stream_quantized); unchanged for any other source or spec."""
+def gguf_q4_scales(source: str | Path, args: ModelArgs, spec: dict, layout: dict, offsets: bool = False) -> dict:
+    """`layout` with the scales of a GGUF file's 4-bit matrices (gguf_file.Q4Blocks.TYPES) held as int4 in groups
+    of 32 in fp16, so that they are held as the file stores them (stream_quantized); with `offsets`, also the group
+    offsets of those that have a minimum (Q4_1, Q4_K; without it these are quantized again, for a checkpoint or a
+    loader that cannot hold offsets). Unchanged for any other source or spec."""
     if is_gguf(source) and spec["bits"] == 4 and spec["group_size"] == Q4Blocks.BLOCK:
         for name, kinds in gguf_weight_types(Path(source), args).items():
             base = name.removesuffix(".weight")
-            if kinds == {"Q4_0"} and layout.get(f"{base}.qweight", (None,))[0] == torch.uint8:  # held as int4
+            if not kinds or layout.get(f"{base}.qweight", (None,))[0] != torch.uint8:  # not held as int4
+                continue
+            if kinds == {"Q4_0"} or (offsets and kinds <= set(Q4Blocks.TYPES)):
                 layout[f"{base}.scales"] = (torch.float16, layout[f"{base}.scales"][1])
+                if kinds != {"Q4_0"}:
+                    layout[f"{base}.offsets"] = layout[f"{base}.scales"]
     return layout
 
 
@@ -210,11 +217,17 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
         quantized = f"{base}.qweight" in layout
         bits = 8 if quantized and layout[f"{base}.qweight"][0] == torch.int8 else spec["bits"]  # (the head: int8)
         if isinstance(matrix, Q4Blocks):
-            if quantized and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK:
-                if not torch.isfinite(matrix.scales).all():
-                    raise MixtralError(f"{name}: its Q4_0 scales hold inf or NaN values")
+            offsets = f"{base}.offsets" in layout
+            if (quantized and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK
+                    and (matrix.offsets is None or offsets)):
+                for part in (matrix.scales, matrix.offsets):
+                    if part is not None and not torch.isfinite(part).all():
+                        raise MixtralError(f"{name}: its 4-bit blocks' scales or minimums hold inf or NaN values")
                 put(f"{base}.qweight", quantize.pack_codes(matrix.codes), expert, 0)  # the file's codes, as they are
                 put(f"{base}.scales", matrix.scales, expert, 0)  # fp16 when loading, bf16 in a checkpoint (layout)
+                if offsets:  # (zero for the Q4_0 experts of a tensor whose others have minimums)
+                    put(f"{base}.offsets", torch.zeros_like(matrix.scales) if matrix.offsets is None
+                        else matrix.offsets, expert, 0)
                 return
             matrix = matrix.dequantize().to(dtype)
         if not quantized:  # kept as it is
@@ -227,7 +240,8 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
             put(f"{base}.qweight", qweight, expert, first)
             put(f"{base}.scales", scales, expert, first)
 
-    for name, expert, piece in read_weights(source, args, progress, True, experts):
+    blocks = Q4Blocks.TYPES if any(name.endswith(".offsets") for name in layout) else ("Q4_0",)
+    for name, expert, piece in read_weights(source, args, progress, blocks, experts):
         if not isinstance(piece, Q4Blocks):
             piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
         stacked = expert is None and len(piece.shape) == 3  # a whole (E, N, K) weight at once

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,12 +275,12 @@ def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
-def _read_gguf(path: Path, args: ModelArgs, progress: bool, q4_blocks: bool = False,
+def _read_gguf(path: Path, args: ModelArgs, progress: bool, q4_blocks: Collection[str] = (),
                experts=None) -> Iterator[tuple[str, torch.Tensor | gguf_file.Q4Blocks]]:
     """(Hugging Face name, fp32 tensor) for every weight of a GGUF file (gguf_file.tensors): query/key rows back in
     Hugging Face order, merged (E, N, K) experts as one tensor per expert (with `experts`, see read_weights, only
-    those of them are read). `q4_blocks`: Q4_0 weights as their blocks (gguf_file.Q4Blocks), for a loader that
-    keeps them as they are."""
+    those of them are read). `q4_blocks`: the 4-bit types ("Q4_0", ...) whose weights come as their blocks
+    (gguf_file.Q4Blocks), for a loader that keeps them as they are."""
     def first_dim(name: str):
         found = gguf_to_hf(name)
         if experts is None or found is None or found[1] != "experts":
@@ -326,6 +326,18 @@ def gguf_int8_weights(path: Path, args: ModelArgs) -> frozenset[str]:
     wider = gguf_file.EIGHT_BITS | gguf_file.FLOATS
     return frozenset(name for name, kinds in gguf_weight_types(path, args).items()
                      if kinds and kinds <= wider and _QUANTIZED.fullmatch(name))
+
+
+def gguf_offset_weights(path: Path, args: ModelArgs, quantization: dict | None) -> frozenset[str]:
+    """The quantized weights a GGUF file stores in 4-bit blocks with a minimum (Q4_K, Q4_1; with Q4_0 experts beside
+    them): held with an offset per group when the model is held as int4 in groups of 32 (`quantization`), which
+    the file's blocks are (quantize_checkpoint.gguf_q4_scales); else none."""
+    if not quantization or (quantization["bits"], quantization["group_size"]) != (4, gguf_file.Q4Blocks.BLOCK):
+        return frozenset()
+    minimums = set(gguf_file.Q4Blocks.TYPES) - {"Q4_0"}
+    return frozenset(name for name, kinds in gguf_weight_types(path, args).items()
+                     if kinds and kinds <= set(gguf_file.Q4Blocks.TYPES) and kinds & minimums
+                     and _QUANTIZED.fullmatch(name))
 
 
 def gguf_held_as(path: Path, args: ModelArgs) -> tuple[str | None, str, frozenset[str]]:
@@ -388,10 +400,11 @@ def check_config_matches_files(model_dir: Path, args: ModelArgs) -> None:
                            f"{stored:,} bytes; the config does not match the weights")
 
 
-def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True, q4_blocks: bool = False,
+def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True, q4_blocks: Collection[str] = (),
                  experts=None) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     """The checkpoint's weights one piece at a time, as (our name, expert index or None, tensor) (see `pieces`),
-    each shape checked against the config. `q4_blocks`: a GGUF file's Q4_0 weights come as gguf_file.Q4Blocks.
+    each shape checked against the config. `q4_blocks`: a GGUF file's weights of these 4-bit types ("Q4_0", ...)
+    come as gguf_file.Q4Blocks.
     `experts(name)`: the range of a stacked weight's experts wanted (a rank's: distributed.py); a GGUF file's merged
     experts outside it are not read, and no other expert is missed if absent (default: all are).
     Raises MixtralError for a misshapen tensor (at once), for tensors the config does not have (after the last
@@ -566,6 +579,9 @@ def save_quantized(model, out_dir: str | Path) -> Path:
             raise MixtralError(f"this model holds its weights in more than one format ({name} is int{module.bits}, "
                                f"the rest int{spec['bits']}), which a checkpoint cannot describe; for a GGUF file, "
                                f"write one with `mixtral quantize FILE.gguf OUT`")
+        if isinstance(module, quantize.QuantLinear) and module.offsets is not None:
+            raise MixtralError(f"{name} holds a GGUF file's int4 blocks with their minimums, which a checkpoint cannot "
+                               f"describe; write one with `mixtral quantize FILE.gguf OUT` (it quantizes them again)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = model.state_dict()

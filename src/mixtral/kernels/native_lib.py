@@ -39,7 +39,8 @@ class Weight(ctypes.Structure):
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
                 ("expert_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64),
                 ("slots", ctypes.c_void_p), ("slot_scales", ctypes.c_void_p),  # per-expert addresses (offload.py)
-                ("scale_fmt", ctypes.c_int64)]  # int4 scales: FORMATS[bf16] or, from a GGUF's Q4_0, FORMATS[fp16]
+                ("scale_fmt", ctypes.c_int64),  # int4 scales: FORMATS[bf16] or, from a GGUF's Q4_0, FORMATS[fp16]
+                ("offsets", ctypes.c_void_p)]  # int4 group offsets, as the scales (a GGUF's Q4_K / Q4_1), or None
 
 
 # int fetch(layer, needed, n_needed, guessed, n_guessed): store_t's callback (offload.py)
@@ -274,21 +275,23 @@ class NativeWeight:
             half = weight.bits == 4 and weight.scales.dtype == torch.float16  # a GGUF file's Q4_0 scales
             data = weight.qweight.contiguous()
             scales = weight.scales.to(torch.float16 if half else torch.bfloat16).contiguous()
+            offsets = None if weight.offsets is None else weight.offsets.to(scales.dtype).contiguous()
             n, k = weight.out_features, weight.in_features
             fmt, group = (I8, 0) if weight.bits == 8 else (I4, weight.group_size)
             stacked = weight.n_experts is not None
         else:
-            data, scales = weight.detach().contiguous(), None
+            data, scales, offsets = weight.detach().contiguous(), None, None
             if data.dtype not in FORMATS:
                 raise TypeError(f"no native kernel for {data.dtype} weights")
             n, k = data.shape[-2:]
             fmt, group = FORMATS[data.dtype], 0
             stacked = data.dim() == 3
         per_expert = data[0].numel() if stacked else 0  # elements (int4: bytes, one per two codes)
-        self.tensors = (data, scales)
+        self.tensors = (data, scales, offsets)
         self.struct = Weight(data.data_ptr(), 0 if scales is None else scales.data_ptr(), fmt, n, k, group,
                              per_expert, 0 if scales is None or not stacked else scales[0].numel(), None, None,
-                             FORMATS[torch.bfloat16 if scales is None else scales.dtype])
+                             FORMATS[torch.bfloat16 if scales is None else scales.dtype],
+                             None if offsets is None else offsets.data_ptr())
         self.ref = ctypes.pointer(self.struct)
         self.n, self.k = n, k
 

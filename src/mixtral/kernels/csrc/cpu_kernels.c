@@ -54,6 +54,9 @@ typedef struct {
                                 * slots[e] and its scales at slot_scales[e] (kernels/offload.py); NULL: none */
     const uint16_t *const *slot_scales;
     int64_t scale_fmt;         /* int4: FMT_BF16 (ours) or FMT_F16 (a GGUF file's Q4_0 blocks) scales; int8: FMT_BF16 */
+    const uint16_t *offsets;   /* int4: NULL, or one per group (shape and format of the scales), added to each of the
+                                * group's weights: (code - 8) * scale + offset (a GGUF file's Q4_K / Q4_1 blocks, whose
+                                * weights are code * scale - min); not with slots */
 } weight_t;
 
 static inline const void *expert_data(const weight_t *w, int64_t e) {
@@ -63,6 +66,10 @@ static inline const void *expert_data(const weight_t *w, int64_t e) {
 
 static inline const uint16_t *expert_scales(const weight_t *w, int64_t e) {
     return w->slots ? w->slot_scales[e] : w->scales + e * w->scale_stride;
+}
+
+static inline const uint16_t *expert_offsets(const weight_t *w, int64_t e) {
+    return w->offsets ? w->offsets + e * w->scale_stride : NULL;
 }
 
 /* Experts that are not all in memory (an expert store, kernels/offload.py). Before a mixture-of-experts layer runs
@@ -264,10 +271,12 @@ static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int6
             const int64_t G = w->group, n_groups = (K + G - 1) / G, row_bytes = n_groups * G / 2;
             const uint8_t *src = (const uint8_t *)expert_data(w, e) + row * row_bytes + k0 / 2;
             const uint16_t *scales = expert_scales(w, e) + row * n_groups + k0 / G;
+            const uint16_t *offsets = w->offsets ? expert_offsets(w, e) + row * n_groups + k0 / G : NULL;
             const __m128i low4 = _mm_set1_epi8(0x0F);
             const __m256i eight = _mm256_set1_epi32(8);
             for (; i < kc; i += 16) { /* kc is a multiple of 16 except at the row's end (the codes are padded) */
                 const __m256 scale = _mm256_set1_ps(scale_value(w, scales[i / G]));
+                const __m256 offset = _mm256_set1_ps(offsets ? scale_value(w, offsets[i / G]) : 0.0f);
                 __m128i b = _mm_loadl_epi64((const __m128i *)(src + i / 2));
                 __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
                 __m128i codes = _mm_unpacklo_epi8(lo, hi); /* 16 codes in column order */
@@ -275,8 +284,11 @@ static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int6
                 __m256i c1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), eight);
                 float tmp[16];
                 float *out = i + 16 <= kc ? dst + i : tmp;
-                _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(c0), scale));
-                _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c1), scale));
+                __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(c0), scale);
+                __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(c1), scale);
+                __asm__("" : "+x"(w0), "+x"(w1)); /* code x scale rounded, then the offset added: never fused */
+                _mm256_storeu_ps(out, _mm256_add_ps(w0, offset));
+                _mm256_storeu_ps(out + 8, _mm256_add_ps(w1, offset));
                 if (out == tmp) memcpy(dst + i, tmp, (size_t)(kc - i) * sizeof(float));
             }
         }
@@ -935,12 +947,13 @@ typedef struct {
     int accumulate;
 } job_t;
 
-/* What a job's x becomes before the products: int16 blocks (integer kernels) or the even/odd split and int4
- * group sums (fp32 kernels). Jobs with the same x and weight layout share one. `wide`: the integer kernels run on
- * 512-bit vectors (int_rows_512), whose int4 columns come in chunks of 128. They are chosen for the rows of a batched
- * step (linear_rows), where they unpack a weight once for several rows, and for int4 groups of 32 (four groups a
- * load); a batch-1 product of int8 or int4 in groups of 64 or more measured no faster on them (and its int4 a few
- * percent slower), so it keeps row_vec_int. Either way the numbers are the same. */
+/* What a job's x becomes before the products: int16 blocks (integer kernels) or the even/odd split (fp32 kernels),
+ * and for int4 the sum of x over each group (the fp32 kernels' offset of 8; weight_t.offsets). Jobs with the same x
+ * and weight layout share one. `wide`: the integer kernels run on 512-bit vectors (int_rows_512), whose int4 columns
+ * come in chunks of 128. They are chosen for the rows of a batched step (linear_rows), where they unpack a weight
+ * once for several rows, and for int4 groups of 32 (four groups a load); a batch-1 product of int8 or int4 in groups
+ * of 64 or more measured no faster on them (and its int4 a few percent slower), so it keeps row_vec_int. Either way
+ * the numbers are the same. */
 typedef struct {
     int integer, wide;
     xq_t xq;
@@ -951,6 +964,17 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p, int batched) 
     const int64_t K = w->k;
     memset(p, 0, sizeof *p);
     p->integer = w->fmt == FMT_I8 || (w->fmt == FMT_I4 && w->group % QBLOCK == 0);
+    const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
+    if (n_groups) {
+        p->sums = malloc(sizeof(float) * n_groups);
+        if (!p->sums) return -1;
+        for (int64_t g = 0; g < n_groups; g++) {
+            const int64_t end = (g + 1) * w->group < K ? (g + 1) * w->group : K;
+            float sum = 0.0f;
+            for (int64_t i = g * w->group; i < end; i++) sum += x[i];
+            p->sums[g] = sum;
+        }
+    }
     if (p->integer) {
         const int pow2 = (w->group & (w->group - 1)) == 0; /* the 512-bit int4 kernels step through groups of 32,
                                                               * 64 or 128 and more by halves of 128 columns */
@@ -959,18 +983,26 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p, int batched) 
         const int64_t chunk = w->group % 64 == 0 ? 64 : 32; /* row_vec_int's chunk; the 512-bit kernels read 128 */
         return quantize_x(x, K, p->wide ? 128 : chunk, chunk, w->group / QBLOCK, &p->xq);
     }
-    const int64_t n_groups = w->fmt == FMT_I4 ? (K + w->group - 1) / w->group : 0;
     p->xp = aligned_alloc(64, (sizeof(float) * K + 63) / 64 * 64); /* whole cache lines: a 512-bit load never straddles two */
-    p->sums = malloc(sizeof(float) * (n_groups ? n_groups : 1));
-    if (!p->xp || !p->sums) return -1;
+    if (!p->xp) return -1;
     (w->fmt == FMT_BF16 && avx512_rows ? split_even_odd32 : split_even_odd)(x, K, p->xp);
-    for (int64_t g = 0; g < n_groups; g++) {
-        const int64_t end = (g + 1) * w->group < K ? (g + 1) * w->group : K;
-        float sum = 0.0f;
-        for (int64_t i = g * w->group; i < end; i++) sum += x[i];
-        p->sums[g] = sum;
-    }
     return 0;
+}
+
+/* sum over groups g of offset[g] * (x's sum over group g): what a weight row's group offsets add to its product.
+ * Not inlined: every kernel's rows get it from the same code (store4), so its rounding is the same everywhere. */
+static __attribute__((noinline)) float offsets_dot(const weight_t *w, const uint16_t *offsets, const float *sums, int64_t n_groups) {
+    __m256 a = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n_groups; g += 8) {
+        const __m128i bits = _mm_loadu_si128((const __m128i *)(offsets + g));
+        const __m256 o = w->scale_fmt == FMT_F16 ? _mm256_cvtph_ps(bits)
+                         : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+        a = _mm256_fmadd_ps(o, _mm256_loadu_ps(sums + g), a);
+    }
+    float total = hsum(a);
+    for (; g < n_groups; g++) total += scale_value(w, offsets[g]) * sums[g];
+    return total;
 }
 
 static void free_prep(prep_t *p) { free_xq(&p->xq); free(p->xp); free(p->sums); }
@@ -988,13 +1020,21 @@ static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 /* Four weight rows' partial sums (v0..v3, zeros past n) reduced and stored as y[r .. r + n) of a job: times the row
- * scale for int8, added to y when the job accumulates. Every kernel's rows end here, in the same order. */
-static inline __attribute__((always_inline)) void store4(const int64_t fmt, const job_t *job, int64_t r, int n,
-                                                          __m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+ * scale for int8, plus the group offsets' part for int4 that has them, added to y when the job accumulates. Every
+ * kernel's rows end here, in the same order. */
+static inline __attribute__((always_inline)) void store4(const int64_t fmt, const job_t *job, const prep_t *p,
+                                                          int64_t r, int n, __m256 v0, __m256 v1, __m256 v2,
+                                                          __m256 v3) {
     float sum[4];
     _mm_storeu_ps(sum, reduce4(v0, v1, v2, v3));
+    const uint16_t *offsets = fmt == FMT_I4 ? expert_offsets(job->w, job->e) : NULL;
+    const int64_t n_groups = offsets ? (job->w->k + job->w->group - 1) / job->w->group : 0;
     for (int i = 0; i < n; i++) {
-        const float v = fmt == FMT_I8 ? sum[i] * bf16_to_float(expert_scales(job->w, job->e)[r + i]) : sum[i];
+        /* (the int8 scale's product rounded on its own: a multiply-add the compiler fused at some inlined copies of
+         * this and not at others would give a row other numbers in a batch than alone) */
+        const float scale = fmt == FMT_I8 ? bf16_to_float(expert_scales(job->w, job->e)[r + i]) : 1.0f;
+        float v = fmt == FMT_I8 ? _mm_cvtss_f32(_mm_mul_ss(_mm_set_ss(sum[i]), _mm_set_ss(scale))) : sum[i];
+        if (offsets) v += offsets_dot(job->w, offsets + (r + i) * n_groups, p->sums, n_groups);
         job->y[r + i] = job->accumulate ? job->y[r + i] + v : v;
     }
 }
@@ -1009,7 +1049,7 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
         const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
         const __m256 zero = _mm256_setzero_ps();
         const __m256 v0 = ROW(r), v1 = n > 1 ? ROW(r + 1) : zero, v2 = n > 2 ? ROW(r + 2) : zero, v3 = n > 3 ? ROW(r + 3) : zero;
-        store4(fmt, job, r, n, v0, v1, v2, v3);
+        store4(fmt, job, p, r, n, v0, v1, v2, v3);
     }
 #undef ROW
 }
@@ -1024,7 +1064,7 @@ static void rows_wide(const job_t *job, const prep_t *p, int64_t r0, int64_t r1)
         const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
         __m256 v[4][INT_ROWS] = {{zero}, {zero}, {zero}, {zero}};
         int_rows_512[w->fmt == FMT_I4][0](w, e, r, n, &job->x, &xq, v);
-        store4(w->fmt, job, r, n, v[0][0], v[1][0], v[2][0], v[3][0]);
+        store4(w->fmt, job, p, r, n, v[0][0], v[1][0], v[2][0], v[3][0]);
     }
 }
 
@@ -1056,19 +1096,23 @@ int mx_bf16_supported(void) {
     return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
-/* One row of int4 codes (K columns, groups of G, a multiple of 32) times their group scales (w's scale_fmt),
- * rounded to the nearest bf16 (ties to even, as the AVX2 path does) into dst. */
-BF_TARGET static void i4_row_to_bf16(const weight_t *w, const uint8_t *src, const uint16_t *scales, int64_t K, int64_t G,
-                                     uint16_t *dst) {
+/* One row of int4 codes (K columns, groups of G, a multiple of 32) times their group scales (w's scale_fmt), plus
+ * the group offsets where there are any, rounded to the nearest bf16 (ties to even, as the AVX2 path does) into dst. */
+BF_TARGET static void i4_row_to_bf16(const weight_t *w, const uint8_t *src, const uint16_t *scales,
+                                     const uint16_t *offsets, int64_t K, int64_t G, uint16_t *dst) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const __m512i eight = _mm512_set1_epi32(8);
     for (int64_t i = 0; i < K; i += 32) { /* 16 bytes: columns i .. i + 31 */
         const __m512 scale = _mm512_set1_ps(scale_value(w, scales[i / G]));
+        const __m512 offset = _mm512_set1_ps(offsets ? scale_value(w, offsets[i / G]) : 0.0f);
         const __m128i b = _mm_loadu_si128((const __m128i *)(src + i / 2));
         const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
         const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi); /* column order */
-        const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(first), eight)), scale);
-        const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(second), eight)), scale);
+        __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(first), eight)), scale);
+        __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(second), eight)), scale);
+        __asm__("" : "+v"(a), "+v"(c)); /* code x scale rounded, then the offset added (as dequantize): never fused */
+        a = _mm512_add_ps(a, offset);
+        c = _mm512_add_ps(c, offset);
         const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(c, a);
         if (i + 32 <= K) _mm512_storeu_si512(dst + i, packed);
         else _mm512_mask_storeu_epi16(dst + i, (__mmask32)((1ull << (K - i)) - 1), packed);
@@ -1090,7 +1134,7 @@ BF_TARGET static void i8_row_to_bf16(const int8_t *src, uint16_t scale_bits, int
 }
 
 /* Expert e's rows [r0, r0 + nr) as bf16 (row stride K) for a bf16 GEMM (kernels/prompt.py): bf16 as is; fp32, fp16,
- * int8 and int4 (code * scale) rounded to the nearest bf16 (ties to even). Returns 0, -1 when out of memory. */
+ * int8 and int4 (code * scale, + offset) rounded to the nearest bf16 (ties to even). Returns 0, -1 when out of memory. */
 int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *out) {
     const int64_t K = w->k;
     const int fast_bf16 = mx_bf16_supported();
@@ -1116,8 +1160,10 @@ int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *o
             }
             if (w->fmt == FMT_I4 && w->group % 32 == 0 && fast_bf16) {
                 const int64_t G = w->group, n_groups = (K + G - 1) / G;
+                const uint16_t *offsets = expert_offsets(w, e);
                 i4_row_to_bf16(w, (const uint8_t *)expert_data(w, e) + row * (n_groups * G / 2),
-                               expert_scales(w, e) + row * n_groups, K, G, dst);
+                               expert_scales(w, e) + row * n_groups, offsets ? offsets + row * n_groups : NULL, K,
+                               G, dst);
                 continue;
             }
             if (!tile) continue;
@@ -1229,7 +1275,7 @@ static int linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, 
                                     data + (r0 + r) * K, xs, xps, K, v[r]);
                         for (int j = 0; j < nm; j++) { /* as rows_of stores them */
                             const __m256 zero = _mm256_setzero_ps();
-                            store4(w->fmt, &jobs[m0 + j], r0, n, v[0][j], n > 1 ? v[1][j] : zero,
+                            store4(w->fmt, &jobs[m0 + j], &preps[m0 + j], r0, n, v[0][j], n > 1 ? v[1][j] : zero,
                                    n > 2 ? v[2][j] : zero, n > 3 ? v[3][j] : zero);
                         }
                     }

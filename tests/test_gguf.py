@@ -573,9 +573,10 @@ def _q4_k_blocks(rows: np.ndarray) -> np.ndarray:
 
 
 def export_retyped(model, tokenizer, out: Path, types: dict) -> Path:
-    """Our Q4_0 export of `model`, with the Q4_0 matrices named in `types` (by kind: "attn_q", "ffn_up_exps", ...;
-    "*": all of them) stored in another 4-bit type instead (Q4_1 by gguf.quants, Q4_K by _q4_k_blocks), from the
-    values of their Q4_0 blocks: a file such as llama.cpp's quantizer writes, which gguf.quants cannot make."""
+    """Our Q4_0 export of `model`, with the quantized tensors named in `types` (by kind: "attn_q", "ffn_up_exps",
+    "token_embd", ...; "*": all of the layers' Q4_0 ones) stored in another type instead (Q4_1 by gguf.quants, Q4_K
+    by _q4_k_blocks), from the values the export stored: a file such as llama.cpp's quantizer writes, which
+    gguf.quants cannot make."""
     import gguf
     from gguf import GGMLQuantizationType as T
     from gguf import quants
@@ -585,9 +586,10 @@ def export_retyped(model, tokenizer, out: Path, types: dict) -> Path:
     add_tensor = gguf.GGUFWriter.add_tensor
 
     def retyped(self, name, tensor, *args, raw_dtype=None, **kwargs):
-        kind = types.get(name.split(".")[2], types.get("*")) if name.startswith("blk.") else None
-        if raw_dtype == T.Q4_0 and kind is not None:
-            values = quants.dequantize(tensor, T.Q4_0)
+        part = name.split(".")[2] if name.startswith("blk.") else name.split(".")[0]
+        kind = types.get(part, types.get("*") if name.startswith("blk.") and raw_dtype == T.Q4_0 else None)
+        if raw_dtype in (T.Q4_0, T.Q8_0) and kind is not None:
+            values = quants.dequantize(tensor, raw_dtype)
             tensor, raw_dtype = (_q4_k_blocks(values) if kind == T.Q4_K else quants.quantize(values, kind)), kind
         return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kwargs)
 
@@ -606,7 +608,7 @@ def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
     them as torch does. The file's experts mix Q4_K and Q4_1 and its keys and values are Q8_0 (held as int8), as
     llama.cpp's Q4_K_M writes Mixtral's."""
     from gguf import GGMLQuantizationType as T
-    from gguf import GGUFReader
+    from gguf import GGUFReader, quants
 
     from mixtral.loading import load_model
     from mixtral.weights import save_quantized
@@ -617,13 +619,17 @@ def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
     model = load_model(hf_dir, dtype="float32", pack=False, progress=False)
     out = export_retyped(model, load_tokenizer(hf_dir), tmp_path / "x-q4_k.gguf",
                          {"attn_q": T.Q4_K, "attn_output": T.Q4_K, "ffn_gate_exps": T.Q4_K, "ffn_down_exps": T.Q4_K,
-                          "ffn_up_exps": T.Q4_1})
+                          "ffn_up_exps": T.Q4_1, "token_embd": T.Q4_K})
     types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
     assert types["blk.1.ffn_down_exps.weight"] == T.Q4_K and types["blk.0.ffn_up_exps.weight"] == T.Q4_1
-    assert types["blk.0.attn_k.weight"] == T.Q8_0
+    assert types["blk.0.attn_k.weight"] == T.Q8_0 and types["token_embd.weight"] == T.Q4_K
+    reader = {t.name: t for t in GGUFReader(out).tensors}
+    embedding = torch.from_numpy(quants.dequantize(reader["token_embd.weight"].data, T.Q4_K).copy())
 
     values, _ = load(out, dtype="float32", quantize="none", progress=False, pack=False)  # gguf.quants' reading
-    held, tokenizer = load(out, progress=True, pack=False)
+    held, tokenizer = load(out, dtype="float32", progress=True, pack=False)
+    assert torch.equal(values.embed.weight, embedding) and torch.equal(held.embed.weight, embedding)  # not held as
+    # int4: the file's values (a Q4_K tensor another weight of the file is not read as rounded for the kernels)
     assert "Q4_K/Q4_1/Q8_0 weights are held as int4-g32+head (their blocks as they are" in capsys.readouterr().err
     checked = 0
     for name, module in held.named_modules():
@@ -641,6 +647,17 @@ def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
         assert ((again - exact).abs() > step * 2**-4).float().mean() > 0.2, name
         checked += 1
     assert checked == 2 * 5  # q, o, and the three expert weights of each layer
+    explicit, _ = load(out, quantize="int4-g32+head", progress=False, pack=False)  # asked for: the same
+    assert torch.equal(explicit.layers[1].ffn.w2.offsets, held.layers[1].ffn.w2.offsets)
+    # a checkpoint holds no offsets: `mixtral quantize` quantizes the file's values again (not the held ones)
+    from mixtral.quantize_checkpoint import quantize_checkpoint
+
+    checkpoint, _ = load(quantize_checkpoint(out, tmp_path / "q", bits=4, group_size=32, progress=False),
+                         progress=False, pack=False)
+    exact = values.layers[1].attn.wo.weight.detach()
+    codes, scales = Q.quantize_weight(exact.bfloat16(), 4, 32)  # (from bf16, as `mixtral quantize` reads a GGUF)
+    assert checkpoint.layers[1].attn.wo.offsets is None
+    assert torch.equal(checkpoint.layers[1].attn.wo.dequantize(), Q.dequantize_weight(codes, scales, 4, 32, 256))
     with pytest.raises(MixtralError, match="minimums"):
         save_quantized(held, tmp_path / "saved")
     # the memory planner counts the offsets: its weights add up to the bytes of the model a load holds

@@ -355,7 +355,7 @@ def cmd_info(args) -> int:
     from .memory import format_summary, per_rank, summary
 
     stored = None  # a quantized checkpoint's settings (a GGUF file's: the format it is held in)
-    int8_weights = offset_weights = frozenset()  # a 4-bit GGUF file's matrices held as int8 / with group offsets
+    int8_weights = frozenset()  # a 4-bit GGUF file's matrices held as int8
     if args.target and args.model and args.target != args.model:
         raise MixtralError("give the model once: as TARGET or as --model")
     target_name = args.target or args.model
@@ -367,18 +367,20 @@ def cmd_info(args) -> int:
             config, name = load_config(target), str(target)
             if args.memory is not None and not args.quantize:
                 from . import quantize
-                from .weights import gguf_held_as, gguf_offset_weights
+                from .weights import gguf_held_as
 
                 setting, _, int8_weights = gguf_held_as(target, config)
                 stored = setting and quantize.spec(*quantize.parse_quantize(setting))
-                offset_weights = gguf_offset_weights(target, config, stored)
         else:
             from .weights import read_quantization
 
             model_dir = resolve_model(target_name)
             config, name, stored = load_config(model_dir), model_dir.name, read_quantization(model_dir)
     if args.memory is not None:
-        return _print_plan(config, name, stored, args, int8_weights, offset_weights)
+        from .gguf_file import is_gguf
+
+        gguf = Path(target_name) if target_name and is_gguf(target_name) else None
+        return _print_plan(config, name, stored, args, int8_weights, gguf)
     from . import kernels as runners
     from . import torch_lowbit
 
@@ -398,14 +400,16 @@ def cmd_info(args) -> int:
 
 
 def _print_plan(config, name: str, stored: dict | None, args, int8_weights: frozenset[str] = frozenset(),
-                offset_weights: frozenset[str] = frozenset()) -> int:
-    """`mixtral info --memory SIZE`: the plan load(max_memory=SIZE) would follow (memory_plan.py)."""
+                gguf: Path | None = None) -> int:
+    """`mixtral info --memory SIZE`: the plan load(max_memory=SIZE) would follow (memory_plan.py); `gguf`: the
+    GGUF file planned for (whose Q4_K/Q4_1 matrices held as int4 in groups of 32 keep an offset per group)."""
     from . import memory_plan, quantize
-    from .weights import resolve_dtype
+    from .weights import gguf_offset_weights, resolve_dtype
 
     spec = stored
     if spec is None and args.quantize:
         spec = quantize.spec(*quantize.parse_quantize(args.quantize))
+    offset_weights = gguf_offset_weights(gguf, config, spec) if gguf is not None else frozenset()
     plan = memory_plan.plan(config, spec, resolve_dtype(args.dtype), memory_plan.parse_size(args.memory),
                             args.context, args.batch, int8_weights=int8_weights, offset_weights=offset_weights)
     if args.json:

@@ -303,12 +303,13 @@ def _column_step(kind: str, int8: bool, group: int | None) -> int:
 
 def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, tuple[int, int, int]],
                streamed: dict | None, dtype: torch.dtype, device: str, progress: bool) -> dict[str, torch.Tensor]:
-    """This rank's part of a GGUF file's weights, by name: each tensor is read whole (dequantized by `gguf`, but for
-    4-bit blocks held as they are; of merged experts, the rank's only), one at a time, and only the rank's part
-    kept. `streamed`: the quantization spec they are held in (the split model on the meta device already has its
-    modules): quantized as one process quantizes them (quantize_checkpoint.stream_quantized: Q4_0, Q4_1 and Q4_K
-    blocks with their codes, fp16 scales and group offsets as one process holds them, what the file stores finer as
-    int8), then cut as a checkpoint quantized on disk is (_quantized_part); offsets as the group scales are."""
+    """This rank's part of a GGUF file's weights, by name: each tensor is read whole (dequantized to the file's
+    values, but for 4-bit blocks held as they are; of merged experts, the rank's only), one at a time, and only the
+    rank's part kept. `streamed`: the quantization spec they are held in (the split model on the meta device already
+    has its modules): quantized as one process quantizes them (quantize_checkpoint.stream_quantized: Q4_0, Q4_1 and
+    Q4_K blocks with their codes, fp16 scales and group offsets as one process holds them, what the file stores
+    finer as int8), then cut as a checkpoint quantized on disk is (_quantized_part); offsets as the group scales
+    are."""
     layout = {name: (t.dtype if name.endswith((".qweight", ".scales")) else dtype, tuple(t.shape))
               for name, t in model.state_dict().items()}
     if streamed is not None:

@@ -184,21 +184,22 @@ def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 class Q4Blocks:
     """A 4-bit tensor as the file stores it, in groups of 32 weights along a row: codes in 0..15, one scale per
-    group and, for the types with a minimum, one offset per group: each weight is (code - 8) * scale (+ offset).
-    codes (..., N, K) uint8, scales and offsets (..., N, K / 32) fp32.
-    - Q4_0: scale d (fp16), exactly; no offsets.
-    - Q4_1: d and m (fp16), each weight code * d + m: scale d, offset 8d + m.
+    group and, for the types with a minimum, one minimum per group, each exact (fp32). codes (..., N, K) uint8,
+    scales and minimums (..., N, K / 32).
+    - Q4_0: scale d (fp16); each weight (code - 8) * d.
+    - Q4_1: d and m (fp16); each weight code * d + m: scale d, minimum -m.
     - Q4_K: 256-weight super-blocks of eight groups, each with a 6-bit scale and a 6-bit minimum times the super-
-      block's fp16 d and dmin, each weight code * d * sc - dmin * m: scale d * sc rounded to the nearest fp16 (the
-      format the kernels read scales in), offset 8 * scale - dmin * m; so a held weight differs from the file's by
-      code * (the scale's rounding), at most 15 * 2^-12 of the scale, before the offset is rounded in its turn.
-    Indexing the first dimension and `rows` (a reordering of the rows) work as on a tensor of shape `shape`."""
+      block's fp16 d and dmin; each weight code * d * sc - dmin * m: scale d * sc, minimum dmin * m.
+    `dequantize` gives the file's values (as gguf.quants does); `held` the form our kernels read (quantize.py's int4
+    with fp16 scales, and for the types with a minimum an fp16 offset per group), exact for Q4_0 and within fp16's
+    rounding of the scale and the offset for the others. Indexing the first dimension and `rows` (a reordering of
+    the rows) work as on a tensor of shape `shape`."""
 
     BLOCK = 32
     TYPES = ("Q4_0", "Q4_1", "Q4_K")  # what `of` reads
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None):
-        self.codes, self.scales, self.offsets = codes, scales, offsets
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor | None = None):
+        self.codes, self.scales, self.minimums = codes, scales, minimums
 
     @classmethod
     def of(cls, raw, kind: str) -> Q4Blocks:
@@ -210,15 +211,14 @@ class Q4Blocks:
         """From a Q4_0 tensor's bytes (..., N, K / 32 * 18): per block d (fp16, little-endian), then 16 bytes whose
         low nibbles are the block's first 16 codes and high nibbles its last 16."""
         blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 18))
-        scales = _halves(blocks[..., :2])[..., 0]
-        return cls(_nibbles(blocks[..., 2:]), scales)
+        return cls(_nibbles(blocks[..., 2:]), _halves(blocks[..., :2])[..., 0])
 
     @classmethod
     def _from_q4_1(cls, raw) -> Q4Blocks:
         """Per block of 32: d, m (fp16), then the codes as Q4_0 packs them."""
         blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 20))
         d, m = _halves(blocks[..., :4]).unbind(-1)
-        return cls(_nibbles(blocks[..., 4:]), d, 8 * d + m)
+        return cls(_nibbles(blocks[..., 4:]), d, -m)
 
     @classmethod
     def _from_q4_k(cls, raw) -> Q4Blocks:
@@ -234,9 +234,7 @@ class Q4Blocks:
         mins = torch.cat((high & 63, (last >> 4) | ((high >> 6) << 4)), dim=-1).float()
         runs = blocks[..., 16:].unflatten(-1, (4, 32))  # (..., blocks, 4, 32)
         codes = torch.stack((runs & 15, runs >> 4), dim=-2).flatten(-4)  # groups in order, 32 codes each
-        scales = (d[..., None] * sc).to(torch.float16).float()
-        offsets = 8 * scales - dmin[..., None] * mins
-        return cls(codes, scales.flatten(-2), offsets.flatten(-2))
+        return cls(codes, (d[..., None] * sc).flatten(-2), (dmin[..., None] * mins).flatten(-2))
 
     @property
     def shape(self) -> torch.Size:
@@ -244,20 +242,29 @@ class Q4Blocks:
 
     def __getitem__(self, index) -> Q4Blocks:
         return Q4Blocks(self.codes[index], self.scales[index],
-                        None if self.offsets is None else self.offsets[index])
+                        None if self.minimums is None else self.minimums[index])
 
     def rows(self, reorder) -> Q4Blocks:
         """The same blocks with the rows reordered by `reorder` (a function of a tensor whose first dimension is
-        the rows: it is applied to the codes, the scales and the offsets alike)."""
+        the rows: it is applied to the codes, the scales and the minimums alike)."""
         return Q4Blocks(reorder(self.codes), reorder(self.scales),
-                        None if self.offsets is None else reorder(self.offsets))
+                        None if self.minimums is None else reorder(self.minimums))
 
     def dequantize(self) -> torch.Tensor:
-        """The fp32 weights."""
-        w = (self.codes.float() - 8).unflatten(-1, (-1, self.BLOCK)) * self.scales[..., None]
-        if self.offsets is not None:
-            w += self.offsets[..., None]
-        return w.flatten(-2)
+        """The file's values, fp32."""
+        codes = self.codes.float().unflatten(-1, (-1, self.BLOCK))
+        if self.minimums is None:
+            return ((codes - 8) * self.scales[..., None]).flatten(-2)
+        return (codes * self.scales[..., None] - self.minimums[..., None]).flatten(-2)
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scales, offsets) as the kernels hold them, fp16: each weight (code - 8) * scale + offset. The scale is
+        rounded to fp16 (Q4_0's and Q4_1's d are fp16 already; Q4_K's d * sc is held to 2^-11), the offset 8 * scale
+        - minimum is computed with the rounded scale and then rounded itself; None for Q4_0."""
+        scales = self.scales.to(torch.float16)
+        if self.minimums is None:
+            return scales, None
+        return scales, (8 * scales.float() - self.minimums).to(torch.float16)
 
 
 def _halves(pairs: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ The scheme (recorded in config.json as method "mixtral-weight-only"), for a weig
   the even column in the low nibble.
 Scales are bfloat16, rounded *up* from the exact value, so every weight satisfies |W - q * scale| <= scale / 2.
 (A GGUF file's Q4_0 blocks are held as they are, int4 in groups of 32 with the file's codes and fp16 scales, which
-may be negative: a QuantLinear's int4 scales are bf16 or fp16, and our kernels read either; see gguf_file.Q4Blocks.)
+may be negative: a QuantLinear's int4 scales are bf16 or fp16, and our kernels read either. Its Q4_1 and Q4_K blocks
+also carry a minimum per group: held as an fp16 offset per group (`offsets`), added to each weight of the group;
+see gguf_file.Q4Blocks.)
 
 Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; the dense MLP's for `mistral`
 models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's
@@ -243,8 +245,8 @@ class QuantLinear(nn.Module):
         if (self.bits != 4 or self.layout != "canonical" or self.group_size not in _INT4_KERNEL_GROUPS
                 or self.offsets is not None):
             return
-        if self.scales.dtype == torch.float16:  # a GGUF file's Q4_0 scales: torch's kernels take bf16 ones, so these
-            return                              # weights stay on the exact dequantize path
+        if self.scales.dtype == torch.float16:  # a GGUF file's 4-bit scales: torch's kernels take bf16 ones, so these
+            return                              # weights stay on the exact dequantize path (and those with offsets)
         device = self.qweight.device
         if not force and not kernel_available(device, 4):
             return

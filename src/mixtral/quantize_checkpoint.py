@@ -160,9 +160,9 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     quantized and copied into the quantized model, so the peak is the quantized model plus one tensor (the
     same model as `quantize_model(load_weights(...))`, which holds the whole unquantized one first).
     `kernel_layout`: see quantize.quantize_model. `int8_weights`: weights held as int8 whatever `bits` says (a
-    GGUF file's matrices stored in more than 4 bits: weights.gguf_int8_weights). A GGUF file's Q4_0 blocks held as
-    int4 in groups of 32 keep their codes and their fp16 scales. Raises MixtralError for weights that do not match
-    config.json."""
+    GGUF file's matrices stored in more than 4 bits: weights.gguf_int8_weights). A GGUF file's Q4_0, Q4_1 and Q4_K
+    blocks held as int4 in groups of 32 keep their codes, with fp16 scales and (Q4_1, Q4_K) an fp16 offset per
+    group (gguf_file.Q4Blocks.held). Raises MixtralError for weights that do not match config.json."""
     spec = quantize.spec(bits, group_size, lm_head)
     model = _quantized_on_meta(args, spec, int8_weights)
     layout = gguf_q4_scales(source, args, spec, _layout(model, spec, dtype), offsets=True)
@@ -219,17 +219,18 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
         if isinstance(matrix, Q4Blocks):
             offsets = f"{base}.offsets" in layout
             if (quantized and bits == 4 and spec["group_size"] == Q4Blocks.BLOCK
-                    and (matrix.offsets is None or offsets)):
-                for part in (matrix.scales, matrix.offsets):
+                    and (matrix.minimums is None or offsets)):
+                scales, held_offsets = matrix.held()
+                for part in (scales, held_offsets):
                     if part is not None and not torch.isfinite(part).all():
-                        raise MixtralError(f"{name}: its 4-bit blocks' scales or minimums hold inf or NaN values")
+                        raise MixtralError(f"{name}: its 4-bit blocks' scales or minimums are inf or NaN (in fp16)")
                 put(f"{base}.qweight", quantize.pack_codes(matrix.codes), expert, 0)  # the file's codes, as they are
-                put(f"{base}.scales", matrix.scales, expert, 0)  # fp16 when loading, bf16 in a checkpoint (layout)
+                put(f"{base}.scales", scales, expert, 0)  # fp16 when loading, bf16 in a checkpoint (layout)
                 if offsets:  # (zero for the Q4_0 experts of a tensor whose others have minimums)
-                    put(f"{base}.offsets", torch.zeros_like(matrix.scales) if matrix.offsets is None
-                        else matrix.offsets, expert, 0)
+                    put(f"{base}.offsets", torch.zeros_like(scales) if held_offsets is None else held_offsets,
+                        expert, 0)
                 return
-            matrix = matrix.dequantize().to(dtype)
+            matrix = matrix.dequantize().to(dtype)  # the file's values, quantized again below or kept
         if not quantized:  # kept as it is
             put(name, matrix, expert, 0)
             return

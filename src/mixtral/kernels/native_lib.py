@@ -39,7 +39,7 @@ class Weight(ctypes.Structure):
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
                 ("expert_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64),
                 ("slots", ctypes.c_void_p), ("slot_scales", ctypes.c_void_p),  # per-expert addresses (offload.py)
-                ("scale_fmt", ctypes.c_int64),  # int4 scales: FORMATS[bf16] or, from a GGUF's Q4_0, FORMATS[fp16]
+                ("scale_fmt", ctypes.c_int64),  # int4 scales: FORMATS[bf16] or, from a GGUF's blocks, FORMATS[fp16]
                 ("offsets", ctypes.c_void_p)]  # int4 group offsets, as the scales (a GGUF's Q4_K / Q4_1), or None
 
 
@@ -240,7 +240,10 @@ def _probe() -> bool:
     weight = torch.randn(2, 36, 80, generator=gen) * 0.1  # 2 experts, rows not a multiple of 4
     x = torch.randn(3, 80, generator=gen)
     candidates = [weight, weight.bfloat16(), weight.half(), QuantLinear.from_weight(weight, 8, pack=False),
-                  *(QuantLinear.from_weight(weight, 4, group, pack=False) for group in (16, 32))]
+                  *(QuantLinear.from_weight(weight, 4, group, pack=False) for group in (16, 32, 32))]
+    held = candidates[-1]  # as a GGUF file's Q4_K blocks are held: fp16 scales and an offset per group
+    held.scales = held.scales.half()
+    held.offsets = (torch.randn(held.scales.shape, generator=gen) * held.scales.float()).half()
     _state["lib"].mx_set_num_threads(torch.get_num_threads())
     _state["threads"] = torch.get_num_threads()
     for candidate in candidates:
@@ -272,7 +275,7 @@ class NativeWeight:
             weight = weight.weight
         if isinstance(weight, QuantLinear):
             to_canonical(weight)
-            half = weight.bits == 4 and weight.scales.dtype == torch.float16  # a GGUF file's Q4_0 scales
+            half = weight.bits == 4 and weight.scales.dtype == torch.float16  # a GGUF file's 4-bit blocks' scales
             data = weight.qweight.contiguous()
             scales = weight.scales.to(torch.float16 if half else torch.bfloat16).contiguous()
             offsets = None if weight.offsets is None else weight.offsets.to(scales.dtype).contiguous()

@@ -53,7 +53,7 @@ typedef struct {
     const void *const *slots;  /* or, for experts that are not all in memory (an expert cache), expert e's values at
                                 * slots[e] and its scales at slot_scales[e] (kernels/offload.py); NULL: none */
     const uint16_t *const *slot_scales;
-    int64_t scale_fmt;         /* int4: FMT_BF16 (ours) or FMT_F16 (a GGUF file's Q4_0 blocks) scales; int8: FMT_BF16 */
+    int64_t scale_fmt;         /* int4 scales: FMT_BF16 (ours) or FMT_F16 (a GGUF file's 4-bit blocks); int8: FMT_BF16 */
     const uint16_t *offsets;   /* int4: NULL, or one per group (shape and format of the scales), added to each of the
                                 * group's weights: (code - 8) * scale + offset (a GGUF file's Q4_K / Q4_1 blocks, whose
                                 * weights are code * scale - min); not with slots */

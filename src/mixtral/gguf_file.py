@@ -12,8 +12,8 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
 - `nearest_quantization`: a file of quantized blocks is held in the nearest of our formats (int8 for 5 bits and
   more, int4 in groups of 32 below, the matrices a 4-bit file stores finer as int8: weights.gguf_int8_weights),
   unless the caller asks for another. Q4_0 is our int4 in groups of 32 with fp16 scales, and Q4_1 and Q4_K are
-  that with an offset per group (their minimums): their blocks are held as they are, Q4_K's scales rounded to fp16
-  (quantize_checkpoint.load_quantizing). Other types are quantized again from their values;
+  that with an offset per group (from their minimums): their blocks are held as they are, with fp16 scales and
+  offsets (Q4Blocks.held; quantize_checkpoint.load_quantizing). Other types are quantized again from their values;
 - `tokenizer_parts`: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types)
   rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, or a
   byte-level BPE one (`gpt2`: tokens, merges, and `tokenizer.ggml.pre`, the way its words are split, as

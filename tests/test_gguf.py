@@ -620,16 +620,16 @@ def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
     out = export_retyped(model, load_tokenizer(hf_dir), tmp_path / "x-q4_k.gguf",
                          {"attn_q": T.Q4_K, "attn_output": T.Q4_K, "ffn_gate_exps": T.Q4_K, "ffn_down_exps": T.Q4_K,
                           "ffn_up_exps": T.Q4_1, "token_embd": T.Q4_K})
-    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    stored = {t.name: t for t in GGUFReader(out).tensors}
+    types = {name: t.tensor_type for name, t in stored.items()}
     assert types["blk.1.ffn_down_exps.weight"] == T.Q4_K and types["blk.0.ffn_up_exps.weight"] == T.Q4_1
     assert types["blk.0.attn_k.weight"] == T.Q8_0 and types["token_embd.weight"] == T.Q4_K
-    reader = {t.name: t for t in GGUFReader(out).tensors}
-    embedding = torch.from_numpy(quants.dequantize(reader["token_embd.weight"].data, T.Q4_K).copy())
+    embedding = torch.from_numpy(quants.dequantize(stored["token_embd.weight"].data, T.Q4_K).copy())
 
     values, _ = load(out, dtype="float32", quantize="none", progress=False, pack=False)  # gguf.quants' reading
     held, tokenizer = load(out, dtype="float32", progress=True, pack=False)
-    assert torch.equal(values.embed.weight, embedding) and torch.equal(held.embed.weight, embedding)  # not held as
-    # int4: the file's values (a Q4_K tensor another weight of the file is not read as rounded for the kernels)
+    # a Q4_K tensor that is not held as int4 (the embedding) is the file's values, not the held form's roundings
+    assert torch.equal(values.embed.weight, embedding) and torch.equal(held.embed.weight, embedding)
     assert "Q4_K/Q4_1/Q8_0 weights are held as int4-g32+head (their blocks as they are" in capsys.readouterr().err
     checked = 0
     for name, module in held.named_modules():

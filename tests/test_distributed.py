@@ -170,20 +170,21 @@ def test_two_ranks_quantized_as_they_load_are_as_close_as_one_process_quantized(
 
 @pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float32", "int8")])
 def test_two_ranks_prompt_gemms_on_their_own_experts_are_as_close_as_one_process(split_model, tmp_path, dtype,
-                                                                                  quantize):
-    """A 40-token prompt with bf16 or int8 weights: where this CPU runs prompts on oneDNN's bf16 GEMMs
-    (kernels/prompt.py), each rank runs them for its own two experts only (the tokens routed to the other rank's
-    add nothing there) and its part of attention; summed over the ranks, as close to transformers' fp32 logits as
-    one process on the same path (at most 1.5x its error, + 1e-3)."""
+                                                                                  quantize, monkeypatch):
+    """A 40-token prompt with bf16 or int8 weights on oneDNN's bf16 GEMMs (kernels/prompt.py; MIXTRAL_PROMPT=gemm:
+    on any CPU, and for weights this small): each rank runs them for its own two experts only (the tokens routed to
+    the other rank's add nothing there) and its part of attention; summed over the ranks, as close to
+    transformers' fp32 logits as one process on the same path (at most 1.5x its error, + 1e-3)."""
     from mixtral import load
     from mixtral.kernels import prompt
 
+    monkeypatch.setenv("MIXTRAL_PROMPT", "gemm")
     model_dir, reference = split_model
     ids = torch.randint(3, 32000, (1, 40), generator=torch.Generator().manual_seed(5))
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(LOGITS_SCRIPT))
     torchrun(str(script), str(model_dir), str(tmp_path / "out.pt"), quantize, "native", dtype,
-             ",".join(map(str, ids[0].tolist())))
+             ",".join(map(str, ids[0].tolist())), env={"MIXTRAL_PROMPT": "gemm"})
     got = torch.load(tmp_path / "out.pt")
     assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
     gemms = native_kernels_run_here() and prompt.unavailable_reason() is None

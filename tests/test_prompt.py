@@ -176,3 +176,27 @@ def test_weights_widened_a_chunk_of_rows_at_a_time_give_the_same_prompt(bf16_dir
         chunked = runner.forward(ids)
     assert widened and max(widened) <= 10 and min(widened) < 5  # chunks were taken, with short last ones
     assert (chunked - whole).abs().max() <= 1e-3 * whole.abs().max()
+
+
+def test_weights_too_small_for_the_gemms_stay_on_the_exact_kernels(monkeypatch):
+    """Prompts take the GEMMs from MIN_ROWS tokens, and only for weights of MIN_WEIGHTS elements or more (the exact
+    kernels were faster on smaller ones at every prompt length measured): the shipped model's (256 x 256 at most)
+    stay on the exact kernels, a 512 x 512 one goes to the GEMMs; MIXTRAL_PROMPT=gemm takes any size."""
+    from mixtral.kernels.native_lib import NativeWeight
+
+    monkeypatch.setattr(prompt, "unavailable_reason", lambda: None)  # as on a CPU with bf16 arithmetic
+    monkeypatch.setattr(prompt, "MIN_ROWS", REAL_MIN_ROWS)
+    small, large = (NativeWeight(torch.zeros(n, n, dtype=torch.bfloat16)) for n in (256, 512))
+    assert prompt.takes([small, large], REAL_MIN_ROWS) and prompt.takes([small], REAL_MIN_ROWS)  # (the gemm fixture)
+    monkeypatch.delenv("MIXTRAL_PROMPT")
+    assert prompt.takes([small, large], REAL_MIN_ROWS) and not prompt.takes([large], REAL_MIN_ROWS - 1)
+    assert not prompt.takes([small], REAL_MIN_ROWS) and not prompt.takes([small], 4096)
+    model, tokenizer = load(default_model_path(), progress=False)
+    calls = []
+    real_linear = prompt.linear
+    monkeypatch.setattr(prompt, "linear", lambda *args: calls.append(1) or real_linear(*args))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": SAMPLE_PROMPTS[0]}])
+    assert len(ids) >= REAL_MIN_ROWS
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    assert not calls

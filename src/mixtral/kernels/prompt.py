@@ -41,6 +41,13 @@ from .native_lib import BF16, I4, I8, cpu_flags, library, sync_threads
 # Rows (tokens x sequences) in a prefill from which the GEMMs win: on Zen 5, 2 threads, "small", they were even with
 # the exact kernels at 16 and 1.1-1.4x ahead at 32 (bench/decode.py --prompt-tokens N --runs ours:bf16,exact:bf16)
 MIN_ROWS = 32
+# Elements of the largest weight of a group of products (q, k, v, o; an expert's w1, w3, w2) from which the group
+# takes the GEMMs: smaller weights stay in cache on the exact kernels' tiled products, which won at every prompt
+# length measured. On an AMX Xeon (2 threads), the shipped model (q 256 x 256, experts 128 x 256) prefilled 32
+# tokens in 8.2 ms on the exact kernels against 20.3 ms on the GEMMs, and 512 tokens in 88 against 98 ms; "small"
+# (q 512 x 512, experts 1792 x 512) took 77 ms against 65 at 32 tokens, 284 against 152 at 128. (Our products switch
+# kernels at the same size: cpu_kernels.c short_linear.) MIXTRAL_PROMPT=gemm takes the GEMMs for any size (tests).
+MIN_WEIGHTS = 1 << 18
 FAST_FORMATS = (BF16, I8, I4)
 # Up to this many rows a GEMM runs as W @ x^T: oneDNN then reads the weight as its first operand where it lies,
 # where x @ W^T repacks the whole weight on every call (its second operand). On an AMX Xeon (2 threads) that made
@@ -73,15 +80,18 @@ def describe() -> str:
         flags = cpu_flags()
         unit = ("AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags
                 else "no bf16 arithmetic: MIXTRAL_PROMPT=gemm")
-        return (f"oneDNN bf16 GEMMs ({unit}) for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights "
-                f"(kernels/prompt.py)")
+        return (f"oneDNN bf16 GEMMs ({unit}) for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights of "
+                f"{MIN_WEIGHTS:,}+ elements (kernels/prompt.py)")
     return f"our C kernels (exact fp32), since {reason}"
 
 
 def takes(weights, rows: int) -> bool:
     """Whether a prefill of `rows` tokens runs these weights (native_lib.NativeWeight) here: enough rows, weights
-    in memory (not an expert store's) and of a GEMM format, and a machine this path is for."""
+    in memory (not an expert store's), of a GEMM format and large enough (MIN_WEIGHTS), and a machine this path is
+    for."""
     return (rows >= MIN_ROWS and all(hasattr(w, "tensors") and w.struct.fmt in FAST_FORMATS for w in weights)
+            and (max(w.struct.n * w.struct.k for w in weights) >= MIN_WEIGHTS
+                 or os.environ.get("MIXTRAL_PROMPT") == "gemm")
             and unavailable_reason() is None)
 
 

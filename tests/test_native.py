@@ -44,20 +44,13 @@ def _weights(n, k, experts=2):
     return {"fp32": dense, "bf16": dense.bfloat16(), "fp16": dense.half(), **{n: _quantized(dense, n) for n in names}}
 
 
-def _offsets(weight) -> torch.Tensor | None:
-    """What a QuantLinear's int4 group offsets add to each of its weights (..., N, K), or None."""
-    if getattr(weight, "offsets", None) is None:
-        return None
-    return weight.offsets.float().repeat_interleave(weight.group_size, -1)[..., :weight.in_features]
-
-
-def _integer_product(x: torch.Tensor, span: int, weight, dense: torch.Tensor) -> torch.Tensor:
-    """What the integer kernels compute of x (M, K) @ dense^T for a QuantLinear: activations rounded to 16 bits
-    per span of columns times the codes' part, and the exact activations times the group offsets' part."""
-    offsets = _offsets(weight)
-    if offsets is None:
+def _integer_product(x: torch.Tensor, span: int, weight, expert: int) -> torch.Tensor:
+    """What the integer kernels compute of x (M, K) @ W_expert^T for a stacked QuantLinear: activations rounded to
+    16 bits per span of columns times the codes' part, and the exact activations times the group offsets' part."""
+    dense = weight.dequantize(expert).float()
+    if weight.offsets is None:
         return _rounded_to_16_bits(x, span) @ dense.T
-    offsets = offsets[1] if dense.dim() == 2 and offsets.dim() == 3 else offsets
+    offsets = weight.offsets[expert].float().repeat_interleave(weight.group_size, -1)[:, :weight.in_features]
     return _rounded_to_16_bits(x, span) @ (dense - offsets).T + x @ offsets.T
 
 
@@ -80,7 +73,7 @@ def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
         dense = (weight.dequantize() if isinstance(weight, Q.QuantLinear) else weight).float()
         integer = rows == 1 and name != "int4-g16" and name.startswith("int")
         span = 256 if name == "int8" else int(name.split("-")[1][1:]) if integer else 0
-        wanted = _integer_product(x, span, weight, dense[1]) if integer else x @ dense[1].T  # expert 1 of 2
+        wanted = _integer_product(x, span, weight, 1) if integer else x @ dense[1].T  # expert 1 of 2
         if integer:  # and the rounding is far below the weights' own (int8: ~1e-2 here)
             assert torch.allclose(wanted, x @ dense[1].T, rtol=1e-4, atol=2e-4)
         got = native_lib.NativeWeight(weight).linear(x, expert=1)
@@ -482,8 +475,7 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
         lib.mx_use_avx512(was)
     assert all(torch.equal(results[0], other) for other in results[1:])
     span = 256 if bits == 8 else group
-    reference = quantized.dequantize().float()[1]
-    wanted = torch.cat([_integer_product(x[m:m + 1], span, quantized, reference) for m in range(9)])
+    wanted = torch.cat([_integer_product(x[m:m + 1], span, quantized, 1) for m in range(9)])
     assert torch.allclose(results[0], wanted, rtol=1e-5, atol=5e-5)  # (int32 span sums to fp32: ~2^-24 of each)
 
 

@@ -196,9 +196,8 @@ def plan(args: ModelArgs, quantization: dict | None, dtype: torch.dtype, budget:
          batch: int = 1, runtime: int | None = None, bandwidth: tuple[float, float] | None = None,
          int8_weights: frozenset[str] = frozenset(), offset_weights: frozenset[str] = frozenset()) -> Plan:
     """The plan for `args` (quantized as `quantization`, else in `dtype`; `int8_weights`, `offset_weights`: see
-    model_weights) within
-    `budget` bytes. `runtime`: bytes the process holds already (default: this process's now). `bandwidth`: (disk,
-    RAM) GB/s (default: as measured on this machine, once, by `measured_bandwidth`)."""
+    model_weights) within `budget` bytes. `runtime`: bytes the process holds already (default: this process's
+    now). `bandwidth`: (disk, RAM) GB/s (default: as measured on this machine, once, by `measured_bandwidth`)."""
     weights = model_weights(args, quantization, dtype, int8_weights, offset_weights)
     context = min(args.max_seq_len, DEFAULT_CONTEXT) if context is None else context
     if context < 1 or batch < 1:

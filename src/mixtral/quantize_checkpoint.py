@@ -25,8 +25,8 @@ from .paths import atomic_path, write_atomic
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
-from .weights import (_empty_like_quantized, check_config_matches_files, gguf_weight_types, read_quantization,
-                      read_weights, safetensors_header)
+from .weights import (_empty_like_quantized, check_config_matches_files, gguf_offset_weights, gguf_weight_types,
+                      read_quantization, read_weights, safetensors_header)
 
 COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
@@ -193,14 +193,15 @@ def gguf_q4_scales(source: str | Path, args: ModelArgs, spec: dict, layout: dict
     offsets of those that have a minimum (Q4_1, Q4_K; without it these are quantized again, for a checkpoint or a
     loader that cannot hold offsets). Unchanged for any other source or spec."""
     if is_gguf(source) and spec["bits"] == 4 and spec["group_size"] == Q4Blocks.BLOCK:
+        with_offsets = gguf_offset_weights(Path(source), args, spec) if offsets else frozenset()
         for name, kinds in gguf_weight_types(Path(source), args).items():
             base = name.removesuffix(".weight")
-            if not kinds or layout.get(f"{base}.qweight", (None,))[0] != torch.uint8:  # not held as int4
+            if layout.get(f"{base}.qweight", (None,))[0] != torch.uint8:  # not held as int4
                 continue
-            if kinds == {"Q4_0"} or (offsets and kinds <= set(Q4Blocks.TYPES)):
+            if kinds == {"Q4_0"} or name in with_offsets:
                 layout[f"{base}.scales"] = (torch.float16, layout[f"{base}.scales"][1])
-                if kinds != {"Q4_0"}:
-                    layout[f"{base}.offsets"] = layout[f"{base}.scales"]
+            if name in with_offsets:  # (the same rule the memory planner counts them by)
+                layout[f"{base}.offsets"] = layout[f"{base}.scales"]
     return layout
 
 

@@ -255,8 +255,8 @@ def test_a_gguf_file_is_split_as_one_process_holds_it(tmp_path, kind):
     """A GGUF file under torchrun: each rank reads each tensor whole, one at a time, and keeps its part, held as one
     process holds the file (Q4_0: int4 in groups of 32 with the file's codes and fp16 scales, the keys, values and
     output projection it stores in Q8_0 as int8; Q4_1: the same with an offset per group, cut as the scales are;
-    Q8_0 as int8, o's per-row scales whole on each rank; F16 as floats): logits within 1e-4 of one process on the
-    same file, the same greedy tokens."""
+    Q8_0 as int8 with the file's codes and a scale per group of 32, cut as group scales are; F16 as floats): logits
+    within 1e-4 of one process on the same file, the same greedy tokens."""
     from gguf import GGMLQuantizationType as T
     from test_gguf import export_retyped
 
@@ -274,6 +274,8 @@ def test_a_gguf_file_is_split_as_one_process_holds_it(tmp_path, kind):
     if kind.startswith("q4"):
         assert one.layers[0].attn.wq.bits == 4 and one.layers[0].attn.wk.bits == 8 and one.lm_head.bits == 8
         assert (one.layers[0].attn.wo.offsets is not None) == (kind == "q4_1")
+    if kind != "f16":  # the Q8_0 matrices (q4: keys and values) keep their scale per group of 32
+        assert one.layers[0].attn.wk.scale_group == 32 and one.lm_head.scale_group is None
 
 
 def test_torchrun_generate_equals_one_process(split_model):

@@ -600,6 +600,72 @@ def export_retyped(model, tokenizer, out: Path, types: dict) -> Path:
         gguf.GGUFWriter.add_tensor = add_tensor
 
 
+def test_q8_0_blocks_are_held_as_the_file_stores_them(tmp_path, capsys):
+    """A Q8_0 file (gguf.quants' own quantizer, through our export) loads with its codes and its fp16 scale per
+    group of 32 held as they are: every held matrix is exactly what gguf.quants reads from the file (quantizing those
+    values again with a scale per row, what a load did before, is not); the memory planner counts the group scales;
+    a checkpoint cannot hold them; and our C kernels compute with them as torch does with their dequantized values."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    from mixtral import kernels
+    from mixtral.kv_cache import KVCache
+    from mixtral.loading import load_model
+    from mixtral.weights import export_gguf, save_quantized
+
+    hf = make_hf_model(vocab_size=32000, hidden_size=256, intermediate_size=224, num_attention_heads=4,
+                       num_key_value_heads=2, seed=6)
+    hf_dir = save_hf_model(hf, tmp_path / "hf", with_tokenizer=True)
+    out = export_gguf(load_model(hf_dir, dtype="float32", pack=False, progress=False), load_tokenizer(hf_dir),
+                      tmp_path / "x-q8_0.gguf", "q8_0", progress=False)
+    assert {t.tensor_type for t in GGUFReader(out).tensors if t.name.startswith("blk.") and "norm" not in t.name
+            and "gate_inp" not in t.name} == {T.Q8_0}
+    values, _ = load(out, dtype="float32", quantize="none", progress=False, pack=False)  # gguf.quants' reading
+    held, tokenizer = load(out, dtype="float32", progress=True, pack=False)
+    assert "Q8_0 weights are held as int8+head (their blocks as they are" in capsys.readouterr().err
+    checked = 0
+    for name, module in held.named_modules():
+        if not isinstance(module, Q.QuantLinear) or name == "lm_head":  # (the head: a scale per row, as before)
+            continue
+        assert module.scale_group == 32 and module.scales.dtype == torch.float16, name
+        exact = (values.get_parameter(name) if module.n_experts else values.get_submodule(name).weight).detach()
+        assert torch.equal(module.dequantize(), exact), name
+        again = Q.dequantize_weight(*Q.quantize_weight(exact, 8), 8, None, exact.shape[-1])
+        assert not torch.equal(again, exact), name
+        checked += 1
+    assert checked == 2 * 7  # q, k, v, o and the three expert weights of each layer
+    assert held.lm_head.scale_group is None
+    with pytest.raises(MixtralError, match="Q8_0"):
+        save_quantized(held, tmp_path / "saved")
+    import json  # the memory planner counts the group scales: its weights add up to the bytes a load holds
+
+    info = run_cli("info", str(out), "--memory", "1GiB", "--json")
+    assert info.returncode == 0, info.stderr
+    plan = json.loads(info.stdout)
+    bf16, _ = load(out, dtype="bfloat16", progress=False, pack=False)
+    norms = (2 * bf16.args.n_layers + 1) * bf16.args.dim * 2  # fp32 in the plan (as our kernels hold them)
+    assert plan["resident"] + plan["experts"] * plan["expert"] == sum(
+        t.nbytes for t in bf16.state_dict().values()) + norms
+
+    ours, _ = load(out, dtype="float32", progress=False, exact=True)  # our C kernels on the held weights
+    assert kernels.runner(ours).name == "native"
+    ids = tokenizer.encode("Codes and scales, held as the file stores them.")
+
+    def greedy(model) -> list[torch.Tensor]:  # the prompt's last logits, then 8 decode steps' (kv cache)
+        cache = KVCache(model.args, 1, 64, torch.float32)
+        steps = [model(torch.tensor([ids]), cache=cache, n_keys=len(ids))[0, -1]]
+        for position in range(len(ids), len(ids) + 8):
+            step = kernels.runner(model).decode_step(cache, [int(steps[-1].argmax())], [position])
+            steps.append(step.logits[0].clone())  # (the runner's own buffer)
+        return steps
+
+    with torch.no_grad(), Q.kernels_disabled():  # (torch's int8 kernel computes in bf16)
+        reference, mine = greedy(held), greedy(ours)
+    for theirs, got in zip(reference, mine):
+        assert theirs.argmax() == got.argmax()
+        assert (got - theirs).abs().max().item() < 1e-3 * theirs.abs().max().item()
+
+
 def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
     """Q4_K and Q4_1 blocks are int4 in groups of 32 whose weights are code * scale - min: a load holds their codes,
     their scales (Q4_K's d * sc rounded to fp16) and an offset per group (rounded to fp16), so each held weight is
@@ -633,6 +699,8 @@ def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
     assert "Q4_K/Q4_1/Q8_0 weights are held as int4-g32+head (their blocks as they are" in capsys.readouterr().err
     checked = 0
     for name, module in held.named_modules():
+        if isinstance(module, Q.QuantLinear) and module.bits == 8 and name != "lm_head":  # the keys and values: Q8_0
+            assert module.scale_group == 32, name  # blocks held as they are (test_q8_0_blocks_are_held_as_...)
         if not isinstance(module, Q.QuantLinear) or name == "lm_head" or module.bits == 8:
             continue
         assert module.offsets is not None and module.offsets.dtype == module.scales.dtype == torch.float16, name

@@ -25,8 +25,19 @@ def _gen(seed):
 # ---- one matmul, every weight format --------------------------------------------------------------------
 
 def _quantized(dense, name: str):
-    """A QuantLinear: "int8", "int4-g64", "int4-g32-fp16" (fp16 scales, as a GGUF file's Q4_0 blocks are held) or
-    "int4-g32-offsets" (fp16 scales and group offsets, as its Q4_K and Q4_1 blocks are)."""
+    """A QuantLinear: "int8", "int4-g64", "int4-g32-fp16" (fp16 scales, as a GGUF file's Q4_0 blocks are held),
+    "int4-g32-offsets" (fp16 scales and group offsets, as its Q4_K and Q4_1 blocks are) or "int8-g32" (codes and an
+    fp16 scale per 32 columns, as its Q8_0 blocks are: made by gguf.quants' own Q8_0 quantizer)."""
+    if name == "int8-g32":
+        from gguf import GGMLQuantizationType, quants
+
+        from mixtral.gguf_file import Q8Blocks
+
+        blocks = Q8Blocks.of(quants.quantize(dense.numpy(), GGMLQuantizationType.Q8_0))
+        weight = Q.QuantLinear.from_weight(dense, 8, pack=False)
+        weight.qweight, weight.scales = blocks.codes, blocks.held()
+        assert weight.scale_group == 32 and torch.equal(weight.dequantize(), blocks.dequantize())
+        return weight
     bits, group = (8, None) if name == "int8" else (4, int(name.split("-")[1][1:]))
     weight = Q.QuantLinear.from_weight(dense, bits, group, pack=False)
     if name.endswith(("-fp16", "-offsets")):  # values a bf16 scale cannot hold, and negative ones, as Q4_0 has
@@ -41,6 +52,7 @@ def _quantized(dense, name: str):
 def _weights(n, k, experts=2):
     dense = torch.randn(experts, n, k, generator=_gen(n * k)) * 0.05
     names = ["int8", "int4-g16", "int4-g32", "int4-g64", "int4-g128", "int4-g32-fp16", "int4-g32-offsets"]
+    names += ["int8-g32"] if k % 32 == 0 else []  # (Q8_0 blocks: whole groups of 32)
     return {"fp32": dense, "bf16": dense.bfloat16(), "fp16": dense.half(), **{n: _quantized(dense, n) for n in names}}
 
 
@@ -64,7 +76,8 @@ def _rounded_to_16_bits(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 70])  # batch-1 decode; a few sequences; a prompt (over 64 rows)
-@pytest.mark.parametrize("n,k", [(37, 200), (64, 1100), (8, 48)])  # odd row counts, K past one 1024 tile
+@pytest.mark.parametrize("n,k", [(37, 200), (64, 1100), (8, 48), (13, 1056)])  # odd row counts, K past one
+# 1024-column tile; 1056 = 33 groups of 32
 def test_linear_equals_fp32_matmul_of_the_dequantized_weight(rows, n, k):
     """Exact fp32 products, except int8 and int4 (groups of 32 or more) at one row: activations rounded to
     16 bits per span of columns, then integer products."""
@@ -448,7 +461,7 @@ def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     ("int4-g32", 32 * 9), ("int4-g32", 32 * 11),  # four groups a 512-bit load, then one or three left
     ("int4-g64", 64 * 7), ("int4-g64", 64 * 1030 + 5),  # an odd group left; scales multiplied 512 groups at a time
     ("int4-g128", 128 * 3 + 40), ("int4-g256", 256 * 2), ("int4-g32-fp16", 32 * 11), ("int4-g64-fp16", 64 * 7),
-    ("int4-g32-offsets", 32 * 11), ("int4-g64-offsets", 64 * 7)])
+    ("int4-g32-offsets", 32 * 11), ("int4-g64-offsets", 64 * 7), ("int8-g32", 32 * 3), ("int8-g32", 32 * 37)])
 def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batched(name, k):
     """The int8 and int4 decode kernels have an AVX2 and an AVX-512 form, and the batched form unpacks a weight row
     once for up to four activation rows. Every form must give every row the same numbers, bit for bit (integer
@@ -457,7 +470,6 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
     was = int(native_lib.avx512_rows())
     dense = torch.randn(2, 9, k, generator=_gen(k)) * 0.05
     quantized = _quantized(dense, name)
-    bits, group = quantized.bits, quantized.group_size
     weight = native_lib.NativeWeight(quantized)
     x = torch.randn(9, k, generator=_gen(k + 1))
     x[3, : k // 2] *= 1e-3  # rows of different scales in one batch
@@ -474,7 +486,7 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
     finally:
         lib.mx_use_avx512(was)
     assert all(torch.equal(results[0], other) for other in results[1:])
-    span = 256 if bits == 8 else group
+    span = quantized.scale_group or 256  # int8's spans of 256 columns, or its groups
     wanted = torch.cat([_integer_product(x[m:m + 1], span, quantized, 1) for m in range(9)])
     assert torch.allclose(results[0], wanted, rtol=1e-5, atol=5e-5)  # (int32 span sums to fp32: ~2^-24 of each)
 
@@ -504,14 +516,15 @@ def test_an_expert_layer_of_mixed_formats_decodes_alike_on_one_thread_or_two(tin
     assert torch.equal(logits[0], logits[1])
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g32-fp16", "int4-g32-offsets"])
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g32-fp16", "int4-g32-offsets", "int8-g32"])
 def test_prompt_widening_rounds_each_code_times_its_scale_to_the_nearest_bf16(name):
     """What the prompt path's bf16 GEMMs read of an int8/int4 weight (kernels/prompt.py, mx_to_bf16): rows of one
     expert, each weight's exact value rounded to the nearest bf16, as torch rounds it."""
     from mixtral.kernels import prompt
 
-    quantized = _quantized(torch.randn(2, 40, 200, generator=_gen(3)) * 0.05, name)
-    got = prompt._widen(native_lib.NativeWeight(quantized), 1, 3, torch.empty(30, 200, dtype=torch.bfloat16))
+    k = 224 if name == "int8-g32" else 200  # (whole groups of 32)
+    quantized = _quantized(torch.randn(2, 40, k, generator=_gen(3)) * 0.05, name)
+    got = prompt._widen(native_lib.NativeWeight(quantized), 1, 3, torch.empty(30, k, dtype=torch.bfloat16))
     assert torch.equal(got, quantized.dequantize(1)[3:33].to(torch.bfloat16))
 
 

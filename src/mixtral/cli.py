@@ -402,16 +402,17 @@ def cmd_info(args) -> int:
 def _print_plan(config, name: str, stored: dict | None, args, int8_weights: frozenset[str] = frozenset(),
                 gguf: Path | None = None) -> int:
     """`mixtral info --memory SIZE`: the plan load(max_memory=SIZE) would follow (memory_plan.py); `gguf`: the
-    GGUF file planned for (whose Q4_K/Q4_1 matrices held as int4 in groups of 32 keep an offset per group)."""
+    GGUF file planned for (whose Q4_K/Q4_1 matrices held as int4 in groups of 32 keep an offset per group, and Q8_0
+    matrices held as int8 a scale per group of 32)."""
     from . import memory_plan, quantize
-    from .weights import gguf_offset_weights, resolve_dtype
+    from .weights import gguf_planned, resolve_dtype
 
     spec = stored
     if spec is None and args.quantize:
         spec = quantize.spec(*quantize.parse_quantize(args.quantize))
-    offset_weights = gguf_offset_weights(gguf, config, spec) if gguf is not None else frozenset()
+    held = gguf_planned(gguf, config, spec) if gguf is not None else {}
     plan = memory_plan.plan(config, spec, resolve_dtype(args.dtype), memory_plan.parse_size(args.memory),
-                            args.context, args.batch, int8_weights=int8_weights, offset_weights=offset_weights)
+                            args.context, args.batch, int8_weights=int8_weights, **held)
     if args.json:
         print(json.dumps({"name": name, "quantization": spec, **plan.as_dict()}, indent=2))
     else:

@@ -62,10 +62,10 @@ from .kernels.runner import Runner
 from .kv_cache import KVCache
 from .memory import release_free_memory
 from .prefix_cache import MIN_TOKENS, PrefixCache
-from .quantize import QuantLinear, parse_quantize, quantize_model, spec, swap_in_quantized, take_offsets
+from .quantize import QuantLinear, parse_quantize, quantize_model, spec, swap_in_quantized, take_held_blocks
 from .model import MoE, Routing, Transformer
-from .gguf_file import is_gguf
-from .quantize_checkpoint import gguf_q4_scales, quantize_on_meta, stream_quantized
+from .gguf_file import Q8Blocks, is_gguf
+from .quantize_checkpoint import gguf_block_scales, quantize_on_meta, stream_quantized
 from .weights import (_empty_like_quantized, check_stored_takes, gguf_held_as, read_quantization, read_stored,
                       read_weights, resolve_dtype, safetensors_files, skipped, stored_tensors, target)
 
@@ -304,16 +304,16 @@ def _column_step(kind: str, int8: bool, group: int | None) -> int:
 def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, tuple[int, int, int]],
                streamed: dict | None, dtype: torch.dtype, device: str, progress: bool) -> dict[str, torch.Tensor]:
     """This rank's part of a GGUF file's weights, by name: each tensor is read whole (dequantized to the file's
-    values, but for 4-bit blocks held as they are; of merged experts, the rank's only), one at a time, and only the
-    rank's part kept. `streamed`: the quantization spec they are held in (the split model on the meta device already
-    has its modules): quantized as one process quantizes them (quantize_checkpoint.stream_quantized: Q4_0, Q4_1 and
-    Q4_K blocks with their codes, fp16 scales and group offsets as one process holds them, what the file stores
-    finer as int8), then cut as a checkpoint quantized on disk is (_quantized_part); offsets as the group scales
-    are."""
+    values, but for blocks held as they are; of merged experts, the rank's only), one at a time, and only the rank's
+    part kept. `streamed`: the quantization spec they are held in (the split model on the meta device already has
+    its modules): quantized as one process quantizes them (quantize_checkpoint.stream_quantized: Q4_0, Q4_1 and Q4_K
+    blocks with their codes, fp16 scales and group offsets as one process holds them, Q8_0 blocks held as int8 with
+    their codes and scales, what the file stores finer as int8), then cut as a checkpoint quantized on disk is
+    (_quantized_part); offsets and Q8_0 scales as group scales are."""
     layout = {name: (t.dtype if name.endswith((".qweight", ".scales")) else dtype, tuple(t.shape))
               for name, t in model.state_dict().items()}
     if streamed is not None:
-        layout = gguf_q4_scales(path, args, streamed, layout, offsets=True)
+        layout = gguf_block_scales(path, args, streamed, layout, held=True)
     state: dict[str, torch.Tensor] = {}
 
     def put(name: str, rows: torch.Tensor, expert: int | None, first_row: int) -> None:
@@ -338,8 +338,14 @@ def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, 
             return
         if dim == 1:  # columns (at group boundaries: load_shard checked); int8's per-row scales stay whole
             int8 = codes and layout[f"{base}.qweight"][0] == torch.int8
-            if not (int8 and kind == "scales"):
-                step = _column_step(kind, int8, streamed and streamed["group_size"]) if codes else 1
+            grouped = int8 and kind == "scales" and len(layout[name][1]) == len(layout[f"{base}.qweight"][1])
+            if grouped and (start % Q8Blocks.BLOCK or stop % Q8Blocks.BLOCK):  # a GGUF file's Q8_0 blocks
+                raise MixtralError(f"{base}: its columns [{start}, {stop}) on this rank do not start and end at a "
+                                   f"boundary of its Q8_0 blocks of {Q8Blocks.BLOCK}; run with a number of ranks "
+                                   f"that splits it at one")
+            if not (int8 and kind == "scales") or grouped:
+                step = (Q8Blocks.BLOCK if grouped else _column_step(kind, int8, streamed and streamed["group_size"])
+                        if codes else 1)
                 rows = rows[:, start // step:stop // step]
         into[first_row:first_row + rows.shape[0]].copy_(rows)
 
@@ -443,7 +449,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     missing = [n for n in expected if n not in params and not (args.tie_embeddings and n == "lm_head.weight")]
     if missing:
         raise MixtralError(f"{model_dir}: {len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
-    take_offsets(model, params)
+    take_held_blocks(model, params)
     model.load_state_dict(params, strict=False, assign=True)
     del params, expected  # (the model holds its tensors alone: preparing them for the kernels moves, not copies)
     tensor = None  # (nor the last one read)

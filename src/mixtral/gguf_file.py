@@ -6,14 +6,16 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
 - `hf_config`: the config as a Hugging Face config dict, from the `llama.*` metadata (Mixtral, Mistral and Llama
   files all say `llama`), for config.py;
 - `tensors`: every tensor dequantized to fp32 by `gguf.quants` (F32, F16, BF16, Q8_0, Q4_0, the K-quants and the
-  rest of its types), one at a time, under its GGUF name; or, where the caller can take them, Q4_0, Q4_1 and Q4_K
-  tensors as their blocks (`Q4Blocks`); weights.py renames them (weights.gguf_to_hf) and puts the query/key rows that
-  llama.cpp's converter reorders for its RoPE back in Hugging Face order (`unpermute`);
+  rest of its types), one at a time, under its GGUF name; or, where the caller can take them, Q4_0, Q4_1, Q4_K
+  and Q8_0 tensors as their blocks (`Q4Blocks`, `Q8Blocks`); weights.py renames them (weights.gguf_to_hf) and
+  puts the query/key rows that llama.cpp's converter reorders for its RoPE back in Hugging Face order
+  (`unpermute`);
 - `nearest_quantization`: a file of quantized blocks is held in the nearest of our formats (int8 for 5 bits and
   more, int4 in groups of 32 below, the matrices a 4-bit file stores finer as int8: weights.gguf_int8_weights),
   unless the caller asks for another. Q4_0 is our int4 in groups of 32 with fp16 scales, and Q4_1 and Q4_K are
   that with an offset per group (from their minimums): their blocks are held as they are, with fp16 scales and
-  offsets (Q4Blocks.held; quantize_checkpoint.load_quantizing). Other types are quantized again from their values;
+  offsets (Q4Blocks.held; quantize_checkpoint.load_quantizing); Q8_0 is int8 with an fp16 scale per group of 32,
+  held as it is too (Q8Blocks). Other types are quantized again from their values;
 - `tokenizer_parts`: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types)
   rebuilt as a SentencePiece model, so text encodes exactly as with the original `tokenizer.model`, or a
   byte-level BPE one (`gpt2`: tokens, merges, and `tokenizer.ggml.pre`, the way its words are split, as
@@ -21,7 +23,7 @@ written with the `gguf` package, llama.cpp's own code, never by a parser of ours
   rendered in the same sandbox as any other; for tokenizer.py;
 - `write`: a GGUF file from metadata and named tensors (weights.export_gguf gives it a model's).
 
-Not yet: Q8_0, Q6_K and Q5_K blocks as they are (held as int8, one scale per row), BPE pre-tokenizers other than
+Not yet: Q6_K and the 5-bit blocks as they are (held as int8, one scale per row), BPE pre-tokenizers other than
 the GPT-2, Llama 3 and Qwen 2 families, and expert offloading from a GGUF.
 """
 
@@ -166,7 +168,7 @@ def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
     if main in FLOATS:
         return None, ""
     setting = ("int8" if main in EIGHT_BITS else "int4-g32") + ("+head" if head and head not in FLOATS else "")
-    how = "their blocks as they are" if main in Q4Blocks.TYPES else "converted at load"
+    how = "their blocks as they are" if main in BLOCK_TYPES else "converted at load"
     return setting, f"{Path(path).name}: its {types} weights are held as {setting} ({how}; --quantize chooses another)"
 
 
@@ -267,6 +269,46 @@ class Q4Blocks:
         return scales, (8 * scales.float() - self.minimums).to(torch.float16)
 
 
+class Q8Blocks:
+    """A Q8_0 tensor as the file stores it: blocks of 32 weights along a row, each an fp16 scale d and 32 int8 codes;
+    each weight code * d. codes (..., N, K) int8, scales (..., N, K / 32) fp32 (exact: fp16 values). `dequantize`
+    gives the file's values (as gguf.quants does); `held` its scales as the kernels hold them (fp16: exactly the
+    file's), beside the codes as they are (quantize.py's int8 with a scale per group of 32). Indexing and `rows` as
+    for Q4Blocks."""
+
+    BLOCK = 32
+    TYPES = ("Q8_0",)
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        self.codes, self.scales = codes, scales
+        self.minimums = None
+
+    @classmethod
+    def of(cls, raw, kind: str = "Q8_0") -> Q8Blocks:
+        """From a Q8_0 tensor's bytes (..., N, K / 32 * 34): per block d (fp16, little-endian), then 32 int8 codes."""
+        blocks = torch.from_numpy(raw.copy()).unflatten(-1, (-1, 34))
+        return cls(blocks[..., 2:].contiguous().view(torch.int8).flatten(-2), _halves(blocks[..., :2])[..., 0])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def __getitem__(self, index) -> Q8Blocks:
+        return Q8Blocks(self.codes[index], self.scales[index])
+
+    def rows(self, reorder) -> Q8Blocks:
+        return Q8Blocks(reorder(self.codes), reorder(self.scales))
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.codes.float().unflatten(-1, (-1, self.BLOCK)) * self.scales[..., None]).flatten(-2)
+
+    def held(self) -> torch.Tensor:
+        return self.scales.to(torch.float16)
+
+
+BLOCK_TYPES = {**{kind: Q4Blocks for kind in Q4Blocks.TYPES}, "Q8_0": Q8Blocks}  # the types read as their blocks
+
+
 def _halves(pairs: torch.Tensor) -> torch.Tensor:
     """(..., 2n) bytes -> (..., n) fp32: little-endian fp16 values."""
     return pairs.contiguous().view(torch.float16).float()
@@ -277,11 +319,11 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((packed & 15, packed >> 4), dim=-1).flatten(-2)
 
 
-def tensors(path: str | os.PathLike, progress: bool = True, q4_blocks: Collection[str] = (),
-            first_dim=None) -> Iterator[tuple[str, torch.Tensor | Q4Blocks, int]]:
+def tensors(path: str | os.PathLike, progress: bool = True, blocks: Collection[str] = (),
+            first_dim=None) -> Iterator[tuple[str, torch.Tensor | Q4Blocks | Q8Blocks, int]]:
     """(GGUF name, fp32 tensor in row-major order, where it starts along the first dimension) for every tensor of
-    the file, one in memory at a time; tensors of the types named in `q4_blocks` (of Q4Blocks.TYPES) come as their
-    blocks.
+    the file, one in memory at a time; tensors of the types named in `blocks` (of BLOCK_TYPES) come as their
+    blocks (Q4Blocks, Q8Blocks).
     `first_dim(name)`: the range of a 3-D tensor's first dimension to read (None, and without it: all of it, from
     0). Raises MixtralError for a type gguf cannot dequantize."""
     from gguf import quants
@@ -292,13 +334,13 @@ def tensors(path: str | os.PathLike, progress: bool = True, q4_blocks: Collectio
         part = first_dim(tensor.name) if first_dim is not None and tensor.data.ndim == 3 else None
         data, start = (tensor.data, 0) if part is None else (tensor.data[part.start:part.stop], part.start)
         kind = getattr(tensor.tensor_type, "name", None)
-        if kind in q4_blocks and kind in Q4Blocks.TYPES:
+        if kind in blocks and kind in BLOCK_TYPES:
             try:
-                blocks = Q4Blocks.of(data, kind)
+                held = BLOCK_TYPES[kind].of(data, kind)
             except (RuntimeError, ValueError) as exc:
                 raise MixtralError(f"{Path(path).name}: cannot read tensor {tensor.name} of type {kind} "
                                    f"({exc})") from None
-            yield tensor.name, blocks, start
+            yield tensor.name, held, start
             continue
         try:
             values = torch.from_numpy(quants.dequantize(data, tensor.tensor_type).copy())

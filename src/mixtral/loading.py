@@ -24,7 +24,7 @@ from .quantize import parse_quantize
 from .quantize import spec as quantization_spec
 from .quantize_checkpoint import load_quantizing
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import (check_config_matches_files, check_stored_takes, gguf_held_as, gguf_offset_weights,
+from .weights import (check_config_matches_files, check_stored_takes, gguf_held_as, gguf_planned,
                       load_quantized, load_weights, read_quantization, resolve_dtype)
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
@@ -108,9 +108,9 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
         spec = stored
         if spec is None and wanted is not None:  # planned as it will be held once quantized
             spec = quantization_spec(*wanted)
-        offsets = gguf_offset_weights(model_dir, args, spec) if is_gguf(model_dir) else frozenset()
+        held = gguf_planned(model_dir, args, spec) if is_gguf(model_dir) else {}
         plan = memory_plan.plan(args, spec, resolve_dtype(dtype), budget, context, batch, bandwidth=(0.0, 0.0),
-                                int8_weights=int8_weights, offset_weights=offsets)
+                                int8_weights=int8_weights, **held)
         if not plan.fits:
             raise MixtralError(f"a memory budget of {memory_plan.size_text(budget)} is too small for {model_dir.name}: "
                                f"it needs at least {memory_plan.size_text(plan.minimum)} (see `mixtral info --model "

@@ -78,19 +78,22 @@ class Weights:
 
 
 def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype,
-                  int8_weights: frozenset[str] = frozenset(), offset_weights: frozenset[str] = frozenset()) -> Weights:
+                  int8_weights: frozenset[str] = frozenset(), offset_weights: frozenset[str] = frozenset(),
+                  q8_weights: frozenset[str] = frozenset()) -> Weights:
     """Sizes from the architecture and the quantization settings alone (no checkpoint read). `int8_weights`: the
     matrices held as int8 in a model otherwise held as int4 (a GGUF file's finer ones, weights.gguf_int8_weights:
     "layers.0.attn.wk.weight", "layers.0.ffn.w2"); where they make the layers differ, `expert` and `expert_slot`
     are a mean over the layers, so that all experts together are counted exactly. `offset_weights`: int4 matrices
-    that also hold an offset per group (a GGUF file's Q4_K and Q4_1 ones, weights.gguf_offset_weights)."""
+    that also hold an offset per group (a GGUF file's Q4_K and Q4_1 ones, weights.gguf_offset_weights).
+    `q8_weights`: matrices a GGUF file stores in Q8_0 blocks (weights.gguf_q8_weights): those held as int8 keep a
+    scale per group of 32."""
     D, hidden, E = args.dim, args.hidden_dim, max(args.n_experts, 1)
     item = dtype.itemsize
 
-    def matrix(n: int, k: int, bits: int | None, offsets: bool = False) -> tuple[int, int]:
+    def matrix(n: int, k: int, bits: int | None, offsets: bool = False, q8: bool = False) -> tuple[int, int]:
         """(codes or values, scales and offsets) bytes"""
         if bits == 8:
-            return n * k, n * 2
+            return n * k, n * (k // 32 if q8 else 1) * 2
         if bits == 4:
             group = quantization["group_size"]
             groups = math.ceil(k / group)
@@ -102,8 +105,8 @@ def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype
     moe = args.is_moe
     hd = args.head_dim
 
-    def held(name: str) -> tuple[int | None, bool]:  # (bits, offsets)
-        return (8 if bits and name in int8_weights else bits), name in offset_weights
+    def held(name: str) -> tuple[int | None, bool, bool]:  # (bits, offsets, Q8_0 blocks)
+        return (8 if bits and name in int8_weights else bits), name in offset_weights, name in q8_weights
 
     attention, experts, slots = [], [], []
     for i in range(args.n_layers):
@@ -194,11 +197,13 @@ class Plan:
 
 def plan(args: ModelArgs, quantization: dict | None, dtype: torch.dtype, budget: int, context: int | None = None,
          batch: int = 1, runtime: int | None = None, bandwidth: tuple[float, float] | None = None,
-         int8_weights: frozenset[str] = frozenset(), offset_weights: frozenset[str] = frozenset()) -> Plan:
-    """The plan for `args` (quantized as `quantization`, else in `dtype`; `int8_weights`, `offset_weights`: see
-    model_weights) within `budget` bytes. `runtime`: bytes the process holds already (default: this process's
-    now). `bandwidth`: (disk, RAM) GB/s (default: as measured on this machine, once, by `measured_bandwidth`)."""
-    weights = model_weights(args, quantization, dtype, int8_weights, offset_weights)
+         int8_weights: frozenset[str] = frozenset(), offset_weights: frozenset[str] = frozenset(),
+         q8_weights: frozenset[str] = frozenset()) -> Plan:
+    """The plan for `args` (quantized as `quantization`, else in `dtype`; `int8_weights`, `offset_weights`,
+    `q8_weights`: see model_weights) within `budget` bytes. `runtime`: bytes the process holds already (default:
+    this process's now). `bandwidth`: (disk, RAM) GB/s (default: as measured on this machine, once, by
+    `measured_bandwidth`)."""
+    weights = model_weights(args, quantization, dtype, int8_weights, offset_weights, q8_weights)
     context = min(args.max_seq_len, DEFAULT_CONTEXT) if context is None else context
     if context < 1 or batch < 1:
         raise MixtralError("the context and the batch must be at least 1")

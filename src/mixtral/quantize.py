@@ -10,7 +10,8 @@ Scales are bfloat16, rounded *up* from the exact value, so every weight satisfie
 (A GGUF file's Q4_0 blocks are held as they are, int4 in groups of 32 with the file's codes and fp16 scales, which
 may be negative: a QuantLinear's int4 scales are bf16 or fp16, and our kernels read either. Its Q4_1 and Q4_K blocks
 also carry a minimum per group: held as an fp16 offset per group (`offsets`), added to each weight of the group;
-see gguf_file.Q4Blocks.)
+see gguf_file.Q4Blocks. Its Q8_0 blocks held as int8 keep their codes and their fp16 scale per group of 32: such an
+int8 weight's scales are (..., N, K / 32) instead of (..., N); see QuantLinear.scale_group.)
 
 Quantized: attention projections (wq, wk, wv, wo), expert weights (w1, w3, w2; the dense MLP's for `mistral`
 models) and, optionally, lm_head (always int8). The router, the norms and the embedding stay in the model's
@@ -123,6 +124,8 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, gr
                       offsets: torch.Tensor | None = None) -> torch.Tensor:
     """The (..., N, K) weight that canonical (qweight, scales[, offsets]) stand for (computed in fp32: exactly,
     but for the one rounding of adding an int4 group's offset)."""
+    if bits == 8 and scales.dim() == qweight.dim():  # a scale per group of columns (a GGUF file's Q8_0 blocks)
+        return (qweight.float().unflatten(-1, (scales.shape[-1], -1)) * scales.float()[..., None]).flatten(-2).to(dtype)
     if bits == 8:
         return (qweight.float() * scales.float()[..., None]).to(dtype)
     codes = torch.stack((qweight & 15, qweight >> 4), dim=-1).flatten(-2)  # (..., N, Kp)
@@ -189,7 +192,9 @@ class QuantLinear(nn.Module):
     """A weight-only quantized stand-in for a bias-free nn.Linear, or (with `n_experts`) for a stacked
     (E, N, K) expert weight. Buffers: `qweight` and `scales`, canonical form or a kernel's layout, and for int4
     `offsets` (None, or one per group like the scales: each weight is (code - 8) * scale + offset; a GGUF file's
-    Q4_K and Q4_1 blocks, whose weights are code * scale - min, held as they are; such weights stay canonical)."""
+    Q4_K and Q4_1 blocks, whose weights are code * scale - min, held as they are; such weights stay canonical). An
+    int8 weight's scales are one per row, or one per group of `scale_group` columns (a GGUF file's Q8_0 blocks held
+    as they are: fp16, set by take_held_blocks; such weights run on our kernels or dequantized, never torch's)."""
 
     def __init__(self, out_features: int, in_features: int, bits: int, group_size: int | None = None,
                  n_experts: int | None = None, device=None):
@@ -228,13 +233,21 @@ class QuantLinear(nn.Module):
         return layer
 
     @property
+    def scale_group(self) -> int | None:
+        """Columns per scale: int4's group size; int8's None (a scale per row), or the group of a GGUF file's Q8_0
+        blocks held as they are (scales (..., N, K / 32))."""
+        if self.bits == 4:
+            return self.group_size
+        return self.in_features // self.scales.shape[-1] if self.scales.dim() == self.qweight.dim() else None
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the weight this stands for: (N, K), or (E, N, K) for stacked experts."""
         lead = () if self.n_experts is None else (self.n_experts,)
         return (*lead, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.group_size else ""
+        group = f", group_size={self.scale_group}" if self.scale_group else ""
         return f"shape={self.shape}, bits={self.bits}{group}, layout={self.layout}"
 
     # -- layouts
@@ -311,6 +324,8 @@ class QuantLinear(nn.Module):
             return True  # this layout has no other way to run
         if not _kernels_enabled or x.device != self.qweight.device or x.shape[0] > KERNEL_MAX_ROWS:
             return False
+        if self.bits == 8 and self.scale_group:  # torch's int8 kernel takes a scale per row
+            return False
         if self.bits == 8:  # on the CPU, only widths torch_lowbit found safe (others crash or miscompute)
             if x.device.type == "cpu":
                 return torch_lowbit.int8_safe(self.in_features)
@@ -326,7 +341,7 @@ class QuantLinear(nn.Module):
             out = self._kernel(flat, qweight, scales)
         else:  # on the CPU, fp32 matmuls are much faster than bf16 ones here, and exact
             compute = torch.float32 if x.device.type == "cpu" else x.dtype
-            if self.bits == 8:  # per-row scales commute with the matmul: scale the (M, N) output instead
+            if self.bits == 8 and not self.scale_group:  # per-row scales commute with the matmul: scale the output
                 qweight, scales = self.canonical(expert)
                 out = F.linear(flat.to(compute), qweight.to(compute)) * scales.to(compute)
             else:
@@ -339,11 +354,21 @@ class QuantLinear(nn.Module):
 
 # ---- whole models ----------------------------------------------------------------------------------------
 
-def take_offsets(model, state: dict) -> None:
-    """Move the int4 group offsets in `state` (names ending ".offsets", a GGUF file's minimums) onto `model`'s
-    QuantLinear modules: a buffer that starts as None is not one load_state_dict assigns."""
-    for name in [name for name in state if name.endswith(".offsets")]:
-        model.get_submodule(name.removesuffix(".offsets")).offsets = state.pop(name)
+def take_held_blocks(model, state: dict) -> None:
+    """Move what a GGUF file's blocks held as they are add to the scheme from `state` onto `model`'s QuantLinear
+    modules, which load_state_dict would refuse: int4 group offsets (names ending ".offsets", its Q4_K and Q4_1
+    minimums; the buffer starts as None) and int8 scales per group (its Q8_0 blocks' scales, (..., N, K / 32)
+    where a module has one per row)."""
+    for name in list(state):
+        if name.endswith(".offsets"):
+            model.get_submodule(name.removesuffix(".offsets")).offsets = state.pop(name)
+        elif name.endswith(".scales"):
+            module = model.get_submodule(name.removesuffix(".scales"))
+            if module.bits == 8 and state[name].dim() == module.qweight.dim():
+                if module.in_features % state[name].shape[-1]:
+                    raise MixtralError(f"{name}: {state[name].shape[-1]} groups do not divide "
+                                       f"{module.in_features} columns")
+                module.scales = state.pop(name)
 
 
 def _quantizable(model) -> list[tuple[nn.Module, str]]:

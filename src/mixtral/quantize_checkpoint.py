@@ -20,13 +20,13 @@ import torch
 
 from . import quantize
 from .config import ModelArgs, load_config
-from .gguf_file import Q4Blocks, is_gguf, tokenizer_parts
+from .gguf_file import Q4Blocks, Q8Blocks, is_gguf, tokenizer_parts
 from .paths import atomic_path, write_atomic
 from .errors import MixtralError
 from .memory import release_free_memory
 from .model import Transformer
-from .weights import (_empty_like_quantized, check_config_matches_files, gguf_offset_weights, gguf_weight_types,
-                      read_quantization, read_weights, safetensors_header)
+from .weights import (_empty_like_quantized, check_config_matches_files, gguf_offset_weights, gguf_q8_weights,
+                      gguf_weight_types, read_quantization, read_weights, safetensors_header)
 
 COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja")
@@ -162,10 +162,11 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     `kernel_layout`: see quantize.quantize_model. `int8_weights`: weights held as int8 whatever `bits` says (a
     GGUF file's matrices stored in more than 4 bits: weights.gguf_int8_weights). A GGUF file's Q4_0, Q4_1 and Q4_K
     blocks held as int4 in groups of 32 keep their codes, with fp16 scales and (Q4_1, Q4_K) an fp16 offset per
-    group (gguf_file.Q4Blocks.held). Raises MixtralError for weights that do not match config.json."""
+    group (gguf_file.Q4Blocks.held); its Q8_0 blocks held as int8 keep theirs, with an fp16 scale per group of 32
+    (Q8Blocks). Raises MixtralError for weights that do not match config.json."""
     spec = quantize.spec(bits, group_size, lm_head)
     model = _quantized_on_meta(args, spec, int8_weights)
-    layout = gguf_q4_scales(source, args, spec, _layout(model, spec, dtype), offsets=True)
+    layout = gguf_block_scales(source, args, spec, _layout(model, spec, dtype), held=True)
     state = {name: torch.empty(shape, dtype=tensor_dtype, device=device)
              for name, (tensor_dtype, shape) in layout.items()}
 
@@ -174,7 +175,7 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
         target[first_row:first_row + rows.shape[0]].copy_(rows)
 
     stream_quantized(Path(source), args, spec, dtype, layout, put, progress)
-    quantize.take_offsets(model, state)
+    quantize.take_held_blocks(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     state.clear()  # the model holds its tensors now; packing below replaces some of them
     if args.tie_embeddings and not lm_head:
@@ -187,13 +188,20 @@ def load_quantizing(source: str | Path, args: ModelArgs, bits: int, group_size: 
     return model.eval()
 
 
-def gguf_q4_scales(source: str | Path, args: ModelArgs, spec: dict, layout: dict, offsets: bool = False) -> dict:
+def gguf_block_scales(source: str | Path, args: ModelArgs, spec: dict, layout: dict, held: bool = False) -> dict:
     """`layout` with the scales of a GGUF file's 4-bit matrices (gguf_file.Q4Blocks.TYPES) held as int4 in groups
-    of 32 in fp16, so that they are held as the file stores them (stream_quantized); with `offsets`, also the group
-    offsets of those that have a minimum (Q4_1, Q4_K; without it these are quantized again, for a checkpoint or a
-    loader that cannot hold offsets). Unchanged for any other source or spec."""
+    of 32 in fp16, so that they are held as the file stores them (stream_quantized); with `held` (a loader, which
+    can hold what a checkpoint cannot), also the group offsets of those that have a minimum (Q4_1, Q4_K; else they
+    are quantized again), and the scales of its Q8_0 matrices held as int8, one per group of 32 in fp16 (else they
+    are quantized again, a scale per row). Unchanged for any other source or spec."""
+    if held and is_gguf(source) and spec:
+        for name in gguf_q8_weights(Path(source), args):
+            base = name.removesuffix(".weight")
+            if layout.get(f"{base}.qweight", (None,))[0] == torch.int8:
+                *lead, k = layout[f"{base}.qweight"][1]
+                layout[f"{base}.scales"] = (torch.float16, (*lead, k // Q8Blocks.BLOCK))
     if is_gguf(source) and spec["bits"] == 4 and spec["group_size"] == Q4Blocks.BLOCK:
-        with_offsets = gguf_offset_weights(Path(source), args, spec) if offsets else frozenset()
+        with_offsets = gguf_offset_weights(Path(source), args, spec) if held else frozenset()
         for name, kinds in gguf_weight_types(Path(source), args).items():
             base = name.removesuffix(".weight")
             if layout.get(f"{base}.qweight", (None,))[0] != torch.uint8:  # not held as int4
@@ -212,7 +220,7 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
     time. `experts(name)`: the range of a stacked weight's experts wanted (default all; a rank's share: the others
     are neither read, where the file allows, nor quantized). Raises MixtralError for tensors the config does not
     have, misshapen or missing ones (weights.read_weights)."""
-    def place(name: str, expert: int | None, matrix: torch.Tensor | Q4Blocks) -> None:
+    def place(name: str, expert: int | None, matrix: torch.Tensor | Q4Blocks | Q8Blocks) -> None:
         """One weight (or one expert of a stacked one): quantized where the layout says so."""
         base = name.removesuffix(".weight")
         quantized = f"{base}.qweight" in layout
@@ -232,6 +240,16 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
                         expert, 0)
                 return
             matrix = matrix.dequantize().to(dtype)  # the file's values, quantized again below or kept
+        if isinstance(matrix, Q8Blocks):
+            scales = layout.get(f"{base}.scales", (None, ()))
+            if quantized and bits == 8 and len(scales[1]) == len(layout[f"{base}.qweight"][1]):  # held in groups
+                held = matrix.held()
+                if not torch.isfinite(held).all():
+                    raise MixtralError(f"{name}: its Q8_0 blocks' scales are inf or NaN")
+                put(f"{base}.qweight", matrix.codes, expert, 0)  # the file's codes and scales, as they are
+                put(f"{base}.scales", held, expert, 0)
+                return
+            matrix = matrix.dequantize().to(dtype)
         if not quantized:  # kept as it is
             put(name, matrix, expert, 0)
             return
@@ -243,8 +261,11 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
             put(f"{base}.scales", scales, expert, first)
 
     blocks = Q4Blocks.TYPES if any(name.endswith(".offsets") for name in layout) else ("Q4_0",)
+    if any(name.endswith(".scales") and layout[name][0] == torch.float16 and layout[name[:-7] + ".qweight"][0]
+           == torch.int8 for name in layout):
+        blocks += Q8Blocks.TYPES
     for name, expert, piece in read_weights(source, args, progress, blocks, experts):
-        if not isinstance(piece, Q4Blocks):
+        if isinstance(piece, torch.Tensor):
             piece = piece.to(dtype)  # quantized from the values the requested dtype holds, as a load would
         stacked = expert is None and len(piece.shape) == 3  # a whole (E, N, K) weight at once
         for index, matrix in ((i, piece[i]) for i in range(piece.shape[0])) if stacked else [(expert, piece)]:

@@ -275,12 +275,12 @@ def _read_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             raise MixtralError(f"cannot read {path}: {exc}") from None
 
 
-def _read_gguf(path: Path, args: ModelArgs, progress: bool, q4_blocks: Collection[str] = (),
-               experts=None) -> Iterator[tuple[str, torch.Tensor | gguf_file.Q4Blocks]]:
+def _read_gguf(path: Path, args: ModelArgs, progress: bool, blocks: Collection[str] = (),
+               experts=None) -> Iterator[tuple[str, torch.Tensor | gguf_file.Q4Blocks | gguf_file.Q8Blocks]]:
     """(Hugging Face name, fp32 tensor) for every weight of a GGUF file (gguf_file.tensors): query/key rows back in
     Hugging Face order, merged (E, N, K) experts as one tensor per expert (with `experts`, see read_weights, only
-    those of them are read). `q4_blocks`: the 4-bit types ("Q4_0", ...) whose weights come as their blocks
-    (gguf_file.Q4Blocks), for a loader that keeps them as they are."""
+    those of them are read). `blocks`: the types ("Q4_0", "Q8_0", ...) whose weights come as their blocks
+    (gguf_file.BLOCK_TYPES), for a loader that keeps them as they are."""
     def first_dim(name: str):
         found = gguf_to_hf(name)
         if experts is None or found is None or found[1] != "experts":
@@ -288,7 +288,7 @@ def _read_gguf(path: Path, args: ModelArgs, progress: bool, q4_blocks: Collectio
         ours = target(found[0].format(expert=0), args)
         return None if ours is None else experts(ours[0])
 
-    for name, values, start in gguf_file.tensors(path, progress, q4_blocks, first_dim):
+    for name, values, start in gguf_file.tensors(path, progress, blocks, first_dim):
         known = gguf_to_hf(name)
         if known is None:
             raise MixtralError(f"{path.name}: tensor {name} is not one mixtral knows")
@@ -296,7 +296,7 @@ def _read_gguf(path: Path, args: ModelArgs, progress: bool, q4_blocks: Collectio
         heads = {"q": args.n_heads, "k": args.n_kv_heads}.get(layout)
         if heads:
             unpermute = functools.partial(gguf_file.unpermute, heads=heads)
-            values = values.rows(unpermute) if isinstance(values, gguf_file.Q4Blocks) else unpermute(values)
+            values = unpermute(values) if isinstance(values, torch.Tensor) else values.rows(unpermute)
         if layout == "experts":
             for expert in range(values.shape[0]):
                 yield hf.format(expert=start + expert), values[expert]
@@ -338,6 +338,19 @@ def gguf_offset_weights(path: Path, args: ModelArgs, quantization: dict | None) 
     return frozenset(name for name, kinds in gguf_weight_types(path, args).items()
                      if kinds and kinds <= set(gguf_file.Q4Blocks.TYPES) and kinds & minimums
                      and _QUANTIZED.fullmatch(name))
+
+
+def gguf_q8_weights(path: Path, args: ModelArgs) -> frozenset[str]:
+    """The quantized weights a GGUF file stores in Q8_0 blocks (in every expert): those of them held as int8 keep
+    the file's codes and its fp16 scale per group of 32 (quantize_checkpoint.gguf_block_scales)."""
+    return frozenset(name for name, kinds in gguf_weight_types(path, args).items()
+                     if kinds == {"Q8_0"} and _QUANTIZED.fullmatch(name))
+
+
+def gguf_planned(path: Path, args: ModelArgs, quantization: dict | None) -> dict[str, frozenset[str]]:
+    """What the memory planner counts of a GGUF file's blocks held as they are (memory_plan.model_weights'
+    `offset_weights` and `q8_weights`), for a model held as `quantization`."""
+    return {"offset_weights": gguf_offset_weights(path, args, quantization), "q8_weights": gguf_q8_weights(path, args)}
 
 
 def gguf_held_as(path: Path, args: ModelArgs) -> tuple[str | None, str, frozenset[str]]:
@@ -400,11 +413,11 @@ def check_config_matches_files(model_dir: Path, args: ModelArgs) -> None:
                            f"{stored:,} bytes; the config does not match the weights")
 
 
-def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True, q4_blocks: Collection[str] = (),
+def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True, blocks: Collection[str] = (),
                  experts=None) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     """The checkpoint's weights one piece at a time, as (our name, expert index or None, tensor) (see `pieces`),
-    each shape checked against the config. `q4_blocks`: a GGUF file's weights of these 4-bit types ("Q4_0", ...)
-    come as gguf_file.Q4Blocks.
+    each shape checked against the config. `blocks`: a GGUF file's weights of these types ("Q4_0", "Q8_0", ...) come
+    as their blocks (gguf_file.BLOCK_TYPES).
     `experts(name)`: the range of a stacked weight's experts wanted (a rank's: distributed.py); a GGUF file's merged
     experts outside it are not read, and no other expert is missed if absent (default: all are).
     Raises MixtralError for a misshapen tensor (at once), for tensors the config does not have (after the last
@@ -413,7 +426,7 @@ def read_weights(model_dir: Path, args: ModelArgs, progress: bool = True, q4_blo
         shapes = {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
     seen: set[tuple[str, int | None]] = set()
     unexpected = []
-    source = (_read_gguf(model_dir, args, progress, q4_blocks, experts) if gguf_file.is_gguf(model_dir)
+    source = (_read_gguf(model_dir, args, progress, blocks, experts) if gguf_file.is_gguf(model_dir)
               else _read_tensors(safetensors_files(model_dir), progress))
     for hf_name, tensor in source:
         found = pieces(hf_name, tensor, args)
@@ -582,6 +595,10 @@ def save_quantized(model, out_dir: str | Path) -> Path:
         if isinstance(module, quantize.QuantLinear) and module.offsets is not None:
             raise MixtralError(f"{name} holds a GGUF file's int4 blocks with their minimums, which a checkpoint cannot "
                                f"describe; write one with `mixtral quantize FILE.gguf OUT` (it quantizes them again)")
+        if isinstance(module, quantize.QuantLinear) and module.bits == 8 and module.scale_group:
+            raise MixtralError(f"{name} holds a GGUF file's Q8_0 blocks with a scale per group of "
+                               f"{module.scale_group}, which a checkpoint cannot describe; write one with `mixtral "
+                               f"quantize FILE.gguf OUT` (it quantizes them again, a scale per row)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = model.state_dict()

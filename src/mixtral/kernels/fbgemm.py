@@ -190,7 +190,7 @@ def _pack(weights: list, fp16: bool) -> PackedLinear | None:
         if not fp16 or max(max(-t.min(), t.max()) for t in tensors) > torch.finfo(torch.float16).max:
             return None  # (min and max: no temporary the size of the weight, as abs() would make)
         return PackedLinear.fp16(tensors)
-    if all(isinstance(t, QuantLinear) and t.bits == 8 for t in tensors) and int8_available():
+    if all(isinstance(t, QuantLinear) and t.bits == 8 and not t.scale_group for t in tensors) and int8_available():
         codes, scales = zip(*(t.canonical() for t in tensors))
         return PackedLinear.int8(torch.cat(codes, dim=-2), torch.cat(scales, dim=-1).float())
     return None

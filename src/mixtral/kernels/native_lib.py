@@ -244,15 +244,18 @@ def _probe() -> bool:
     held = candidates[-1]  # as a GGUF file's Q4_K blocks are held: fp16 scales and an offset per group
     held.scales = held.scales.half()
     held.offsets = (torch.randn(held.scales.shape, generator=gen) * held.scales.float()).half()
+    # as its Q8_0 blocks are held: int8 with an fp16 scale per group of 32 columns (160: five groups)
+    q8 = QuantLinear.from_weight(torch.randn(2, 36, 160, generator=gen), 8, pack=False)
+    q8.scales = (torch.rand(2, 36, 5, generator=gen) * 0.01 + 0.001).half()
     _state["lib"].mx_set_num_threads(torch.get_num_threads())
     _state["threads"] = torch.get_num_threads()
-    for candidate in candidates:
+    for candidate in [*candidates, q8]:
         reference = (candidate.dequantize() if isinstance(candidate, QuantLinear) else candidate).float()
-        native = NativeWeight(candidate)
+        native, inputs = NativeWeight(candidate), x if candidate is not q8 else torch.randn(3, 160, generator=gen)
         for rows in (3, 1):  # the tiled kernels, and batch 1's
             out = torch.empty(rows, 36)
-            _state["lib"].mx_linear(native.ref, 1, x.data_ptr(), rows, 80, out.data_ptr(), 36, 0)
-            if not torch.allclose(out, x[:rows] @ reference[1].T, atol=1e-4, rtol=1e-4):
+            _state["lib"].mx_linear(native.ref, 1, inputs.data_ptr(), rows, inputs.shape[1], out.data_ptr(), 36, 0)
+            if not torch.allclose(out, inputs[:rows] @ reference[1].T, atol=1e-4, rtol=1e-4):
                 return False
     return True
 
@@ -275,12 +278,13 @@ class NativeWeight:
             weight = weight.weight
         if isinstance(weight, QuantLinear):
             to_canonical(weight)
-            half = weight.bits == 4 and weight.scales.dtype == torch.float16  # a GGUF file's 4-bit blocks' scales
+            group = weight.scale_group or 0  # int8: 0 (a scale per row) or a GGUF file's Q8_0 groups
+            half = group and weight.scales.dtype == torch.float16  # a GGUF file's blocks' scales
             data = weight.qweight.contiguous()
             scales = weight.scales.to(torch.float16 if half else torch.bfloat16).contiguous()
             offsets = None if weight.offsets is None else weight.offsets.to(scales.dtype).contiguous()
             n, k = weight.out_features, weight.in_features
-            fmt, group = (I8, 0) if weight.bits == 8 else (I4, weight.group_size)
+            fmt = I8 if weight.bits == 8 else I4
             stacked = weight.n_experts is not None
         else:
             data, scales, offsets = weight.detach().contiguous(), None, None

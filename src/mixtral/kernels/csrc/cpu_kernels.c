@@ -46,14 +46,15 @@ enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_I8 = 3, FMT_I4 = 4 };
 /* A weight (N, K), or a stack of experts (E, N, K), as the Python side describes it (native.py: Weight). */
 typedef struct {
     const void *data;          /* values, int8 codes (N, K) or int4 code pairs (N, Kp/2) */
-    const uint16_t *scales;    /* bf16 scales: int8 (N,), int4 (N, Kp/G); NULL for float weights */
-    int64_t fmt, n, k, group;  /* format, rows, columns, int4 group size (columns per scale) */
+    const uint16_t *scales;    /* scales: int8 (N,) or, in groups, (N, K/G); int4 (N, Kp/G); NULL for float weights */
+    int64_t fmt, n, k, group;  /* format, rows, columns, group size (columns per scale): int4's; int8's 0 (a scale
+                                * per row) or a multiple of 32 that divides K (a GGUF file's Q8_0 blocks: 32) */
     int64_t expert_stride;     /* elements (fp formats, int8) or bytes (int4) from one expert to the next */
     int64_t scale_stride;      /* scales from one expert to the next */
     const void *const *slots;  /* or, for experts that are not all in memory (an expert cache), expert e's values at
                                 * slots[e] and its scales at slot_scales[e] (kernels/offload.py); NULL: none */
     const uint16_t *const *slot_scales;
-    int64_t scale_fmt;         /* int4 scales: FMT_BF16 (ours) or FMT_F16 (a GGUF file's 4-bit blocks); int8: FMT_BF16 */
+    int64_t scale_fmt;         /* group scales: FMT_BF16 (ours) or FMT_F16 (a GGUF file's blocks); int8 rows': FMT_BF16 */
     const uint16_t *offsets;   /* int4: NULL, or one per group (shape and format of the scales), added to each of the
                                 * group's weights: (code - 8) * scale + offset (a GGUF file's Q4_K / Q4_1 blocks, whose
                                 * weights are code * scale - min); not with slots */
@@ -258,6 +259,14 @@ static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int6
             for (; i + 8 <= kc; i += 8)
                 _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
             for (; i < kc; i++) dst[i] = _cvtsh_ss(src[i]);
+        } else if (w->fmt == FMT_I8 && w->group) { /* a scale per group of G columns (G a multiple of 8) */
+            const int8_t *src = (const int8_t *)expert_data(w, e) + row * K + k0;
+            const uint16_t *scales = expert_scales(w, e) + row * (K / w->group);
+            for (; i < kc; i += 8) {
+                const __m256 scale = _mm256_set1_ps(scale_value(w, scales[(k0 + i) / w->group]));
+                __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)));
+                _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+            }
         } else if (w->fmt == FMT_I8) {
             const int8_t *src = (const int8_t *)expert_data(w, e) + row * K + k0;
             const __m256 scale = _mm256_set1_ps(bf16_to_float(expert_scales(w, e)[row]));
@@ -715,11 +724,12 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     const float *scale = xq->scale;
     const int16_t *q = xq->q;
     __m256 a = _mm256_setzero_ps();
-    if (fmt == FMT_I8) {
+    if (fmt == FMT_I8) { /* one span (I8_SPAN blocks, or a group) at a time; in groups, times the group's scale */
         const int8_t *src = (const int8_t *)expert_data(w, e) + row * K;
         const int8_t *at = src;
-        for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN) {
-            const int64_t n = left < I8_SPAN ? left : I8_SPAN;
+        const uint16_t *group_scale = w->group ? expert_scales(w, e) + row * xq->spans : NULL;
+        for (int64_t left = K / QBLOCK; left > 0; left -= xq->span) {
+            const int64_t n = left < xq->span ? left : xq->span;
             __m256i sum = _mm256_setzero_si256();
             int64_t b = 0;
             for (; b + 2 <= n; b += 2, at += 2 * QBLOCK, q += 2 * QBLOCK) {
@@ -731,7 +741,9 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
                 at += QBLOCK;
                 q += QBLOCK;
             }
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(*scale++), a);
+            const float both = group_scale ? scale_value(w, *group_scale++) * *scale : *scale;
+            scale++;
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(both), a);
         }
         float tail = 0.0f;
         for (int64_t i = at - src; i < K; i++) tail += (float)src[i] * x[i];
@@ -800,9 +812,11 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
     for (int j = 0; j < nm; j++) a[j] = b[j] = _mm256_setzero_ps();
     if (fmt == FMT_I8) {
         const int8_t *src = (const int8_t *)expert_data(w, e) + row * K, *at = src;
+        const int64_t span = xq[0]->span;
+        const uint16_t *group_scale = w->group ? expert_scales(w, e) + row * xq[0]->spans : NULL;
         int64_t col = 0, sp = 0;
-        for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN, sp++) {
-            const int64_t n = left < I8_SPAN ? left : I8_SPAN;
+        for (int64_t left = K / QBLOCK; left > 0; left -= span, sp++) {
+            const int64_t n = left < span ? left : span;
             __m512i s[INT_ROWS];
             for (int j = 0; j < nm; j++) s[j] = _mm512_setzero_si512();
             for (int64_t blk = 0; blk < n; blk++, at += QBLOCK, col += QBLOCK) {
@@ -813,7 +827,8 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
             }
             for (int j = 0; j < nm; j++) {
                 const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s[j]), _mm512_extracti64x4_epi64(s[j], 1));
-                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(xq[j]->scale[sp]), a[j]);
+                const float both = group_scale ? scale_value(w, group_scale[sp]) * xq[j]->scale[sp] : xq[j]->scale[sp];
+                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(both), a[j]);
             }
         }
         for (int j = 0; j < nm; j++) {
@@ -979,7 +994,7 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p, int batched) 
         const int pow2 = (w->group & (w->group - 1)) == 0; /* the 512-bit int4 kernels step through groups of 32,
                                                               * 64 or 128 and more by halves of 128 columns */
         p->wide = avx512_rows && (w->fmt == FMT_I8 || pow2) && (batched || (w->fmt == FMT_I4 && w->group % 64));
-        if (w->fmt == FMT_I8) return quantize_x(x, K, 0, 0, I8_SPAN, &p->xq);
+        if (w->fmt == FMT_I8) return quantize_x(x, K, 0, 0, w->group ? w->group / QBLOCK : I8_SPAN, &p->xq);
         const int64_t chunk = w->group % 64 == 0 ? 64 : 32; /* row_vec_int's chunk; the 512-bit kernels read 128 */
         return quantize_x(x, K, p->wide ? 128 : chunk, chunk, w->group / QBLOCK, &p->xq);
     }
@@ -1032,8 +1047,9 @@ static inline __attribute__((always_inline)) void store4(const int64_t fmt, cons
     for (int i = 0; i < n; i++) {
         /* (the int8 scale's product rounded on its own: a multiply-add the compiler fused at some inlined copies of
          * this and not at others would give a row other numbers in a batch than alone) */
-        const float scale = fmt == FMT_I8 ? bf16_to_float(expert_scales(job->w, job->e)[r + i]) : 1.0f;
-        float v = fmt == FMT_I8 ? _mm_cvtss_f32(_mm_mul_ss(_mm_set_ss(sum[i]), _mm_set_ss(scale))) : sum[i];
+        const int row_scale = fmt == FMT_I8 && !job->w->group;
+        const float scale = row_scale ? bf16_to_float(expert_scales(job->w, job->e)[r + i]) : 1.0f;
+        float v = row_scale ? _mm_cvtss_f32(_mm_mul_ss(_mm_set_ss(sum[i]), _mm_set_ss(scale))) : sum[i];
         if (offsets) v += offsets_dot(job->w, offsets + (r + i) * n_groups, p->sums, n_groups);
         job->y[r + i] = job->accumulate ? job->y[r + i] + v : v;
     }
@@ -1119,11 +1135,14 @@ BF_TARGET static void i4_row_to_bf16(const weight_t *w, const uint8_t *src, cons
     }
 }
 
-/* One row of int8 codes times their bf16 row scale, rounded to the nearest bf16 (ties to even) into dst. */
-BF_TARGET static void i8_row_to_bf16(const int8_t *src, uint16_t scale_bits, int64_t K, uint16_t *dst) {
-    const __m512 scale = _mm512_set1_ps(bf16_to_float(scale_bits));
+/* One row of int8 codes times their bf16 row scale (G = 0) or their group scales (groups of G, a multiple of 32, in
+ * w's scale_fmt), rounded to the nearest bf16 (ties to even) into dst. */
+BF_TARGET static void i8_row_to_bf16(const weight_t *w, const int8_t *src, const uint16_t *scales, int64_t G,
+                                     int64_t K, uint16_t *dst) {
+    __m512 scale = _mm512_set1_ps(bf16_to_float(scales[0]));
     for (int64_t i = 0; i < K; i += 32) {
         const int64_t n = K - i < 32 ? K - i : 32;
+        if (G) scale = _mm512_set1_ps(scale_value(w, scales[i / G]));
         const __m256i b = _mm256_maskz_loadu_epi8((__mmask32)(n == 32 ? ~0u : (1u << n) - 1), src + i);
         const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))), scale);
         const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))), scale);
@@ -1155,7 +1174,9 @@ int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *o
                 continue;
             }
             if (w->fmt == FMT_I8 && fast_bf16) {
-                i8_row_to_bf16((const int8_t *)expert_data(w, e) + row * K, expert_scales(w, e)[row], K, dst);
+                const int64_t G = w->group;
+                i8_row_to_bf16(w, (const int8_t *)expert_data(w, e) + row * K,
+                               expert_scales(w, e) + (G ? row * (K / G) : row), G, K, dst);
                 continue;
             }
             if (w->fmt == FMT_I4 && w->group % 32 == 0 && fast_bf16) {

@@ -474,9 +474,9 @@ def test_q4_0_blocks_are_held_as_they_are_and_finer_matrices_as_int8(hf_dir, tmp
 
 
 def test_the_memory_planner_counts_a_4_bit_files_finer_matrices_as_held(hf_dir, tmp_path):
-    """A Q4_0 file's keys and values are Q8_0 and held as int8: the plan `mixtral info FILE --memory` prints (the
-    one load's budget check makes, from the same weights.gguf_held_as) counts them so, and its weights add up to
-    the bytes of the model a load holds."""
+    """A Q4_0 file's keys and values are Q8_0 and held as int8 (with the file's scale per 32 columns): the plan
+    `mixtral info FILE --memory` prints (the one load's budget check makes, from the same weights.gguf_held_as and
+    weights.gguf_planned) counts them so, and its weights add up to the bytes of the model a load holds."""
     import json
 
     from mixtral import memory_plan
@@ -497,7 +497,8 @@ def test_the_memory_planner_counts_a_4_bit_files_finer_matrices_as_held(hf_dir, 
     assert data["resident"] + data["experts"] * data["expert"] == in_memory + norms
     as_if_int4 = memory_plan.model_weights(args, data["quantization"], torch.bfloat16)
     rows = 2 * args.n_layers * args.n_kv_heads * args.head_dim  # of k and v, all layers
-    int8, int4 = rows * args.dim + rows * 2, rows * args.dim // 2 + rows * (args.dim // 32) * 2  # codes + scales
+    # codes + scales: int8 with the file's Q8_0 scale per 32 columns, against int4 in groups of 32
+    int8, int4 = rows * args.dim + rows * (args.dim // 32) * 2, rows * args.dim // 2 + rows * (args.dim // 32) * 2
     assert data["resident"] - as_if_int4.resident == int8 - int4
     assert "matrices stored finer held as int8" in run_cli("info", str(out), "--memory", "1GiB").stdout
 

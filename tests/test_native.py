@@ -461,7 +461,8 @@ def test_the_cached_library_is_keyed_on_the_compiler(tmp_path, monkeypatch):
     ("int4-g32", 32 * 9), ("int4-g32", 32 * 11),  # four groups a 512-bit load, then one or three left
     ("int4-g64", 64 * 7), ("int4-g64", 64 * 1030 + 5),  # an odd group left; scales multiplied 512 groups at a time
     ("int4-g128", 128 * 3 + 40), ("int4-g256", 256 * 2), ("int4-g32-fp16", 32 * 11), ("int4-g64-fp16", 64 * 7),
-    ("int4-g32-offsets", 32 * 11), ("int4-g64-offsets", 64 * 7), ("int8-g32", 32 * 3), ("int8-g32", 32 * 37)])
+    ("int4-g32-offsets", 32 * 11), ("int4-g64-offsets", 64 * 7), ("int8-g32", 32 * 3), ("int8-g32", 32 * 37),
+    ("int8-g32", 32 * 601)])  # Q8_0 blocks: two groups a 512-bit load, the last of an odd number alone; 512 at a time
 def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batched(name, k):
     """The int8 and int4 decode kernels have an AVX2 and an AVX-512 form, and the batched form unpacks a weight row
     once for up to four activation rows. Every form must give every row the same numbers, bit for bit (integer

@@ -724,12 +724,33 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     const float *scale = xq->scale;
     const int16_t *q = xq->q;
     __m256 a = _mm256_setzero_ps();
-    if (fmt == FMT_I8) { /* one span (I8_SPAN blocks, or a group) at a time; in groups, times the group's scale */
+    if (fmt == FMT_I8 && w->group) { /* a scale per group (a multiple of 32 that divides K): each group's sum times
+                                      * its weight and activation scales, even groups on chain a, odd ones on b */
+        const int64_t per = w->group / QBLOCK, n_groups = xq->spans;
+        const int8_t *at = (const int8_t *)expert_data(w, e) + row * K;
+        const uint16_t *scales = expert_scales(w, e) + row * n_groups;
+        __m256 b = _mm256_setzero_ps();
+        float both[I4_GROUPS_AHEAD];
+        for (int64_t g0 = 0, g = 0; g0 < n_groups; g0 = g) { /* the scales multiplied ahead, as for int4 */
+            const int64_t end = g0 + group_scales(w, both, scales + g0, scale + g0, n_groups - g0);
+            for (; g < end; g++) {
+                __m256i sum = _mm256_setzero_si256();
+                for (int64_t c = 0; c < per; c++, at += QBLOCK, q += QBLOCK) {
+                    if (!((uintptr_t)at & 63)) _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                    sum = _mm256_add_epi32(sum, i8_block(at, q));
+                }
+                const __m256 f = _mm256_cvtepi32_ps(sum), s8 = _mm256_set1_ps(both[g - g0]);
+                if (g & 1) b = _mm256_fmadd_ps(f, s8, b);
+                else a = _mm256_fmadd_ps(f, s8, a);
+            }
+        }
+        return _mm256_add_ps(a, b);
+    }
+    if (fmt == FMT_I8) { /* one span (I8_SPAN blocks) at a time */
         const int8_t *src = (const int8_t *)expert_data(w, e) + row * K;
         const int8_t *at = src;
-        const uint16_t *group_scale = w->group ? expert_scales(w, e) + row * xq->spans : NULL;
-        for (int64_t left = K / QBLOCK; left > 0; left -= xq->span) {
-            const int64_t n = left < xq->span ? left : xq->span;
+        for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN) {
+            const int64_t n = left < I8_SPAN ? left : I8_SPAN;
             __m256i sum = _mm256_setzero_si256();
             int64_t b = 0;
             for (; b + 2 <= n; b += 2, at += 2 * QBLOCK, q += 2 * QBLOCK) {
@@ -741,9 +762,7 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
                 at += QBLOCK;
                 q += QBLOCK;
             }
-            const float both = group_scale ? scale_value(w, *group_scale++) * *scale : *scale;
-            scale++;
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(both), a);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(*scale++), a);
         }
         float tail = 0.0f;
         for (int64_t i = at - src; i < K; i++) tail += (float)src[i] * x[i];
@@ -810,13 +829,60 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
     const int64_t K = w->k;
     __m256 a[INT_ROWS], b[INT_ROWS];
     for (int j = 0; j < nm; j++) a[j] = b[j] = _mm256_setzero_ps();
+    if (fmt == FMT_I8 && w->group) { /* as row_vec_int: groups of 32 two a load, lanes 0-7 its chain a (even
+                                      * groups), lanes 8-15 its chain b (odd ones) */
+        const int64_t per = w->group / QBLOCK, n_groups = xq[0]->spans;
+        const int8_t *at = (const int8_t *)expert_data(w, e) + row * K;
+        const uint16_t *scales = expert_scales(w, e) + row * n_groups;
+        float both[INT_ROWS][I4_GROUPS_AHEAD];
+        __m512 acc[INT_ROWS];
+        for (int j = 0; j < nm; j++) acc[j] = _mm512_setzero_ps();
+        const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        int64_t g = 0;
+        for (int64_t g0 = 0; g0 < n_groups; g0 = g) {
+            int64_t end = g0;
+            for (int j = 0; j < nm; j++) end = g0 + group_scales(w, both[j], scales + g0, xq[j]->scale + g0, n_groups - g0);
+            if (per == 1)
+                for (; g + 2 <= end; g += 2, at += 2 * QBLOCK) {
+                    _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                    const __m512i v = _mm512_loadu_si512(at);
+                    const __m512i c0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v));
+                    const __m512i c1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1));
+                    for (int j = 0; j < nm; j++) {
+                        const __m512i s0 = _mm512_madd_epi16(c0, _mm512_loadu_si512(xq[j]->q + g * QBLOCK));
+                        const __m512i s1 = _mm512_madd_epi16(c1, _mm512_loadu_si512(xq[j]->q + (g + 1) * QBLOCK));
+                        const __m512i t = _mm512_add_epi32(_mm512_shuffle_i64x2(s0, s1, 0x44), _mm512_shuffle_i64x2(s0, s1, 0xEE));
+                        const __m512 scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(
+                            _mm_load_sd((const double *)(both[j] + (g - g0)))))); /* the two groups' scales */
+                        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[j]);
+                    }
+                }
+            for (; g < end && (per > 1 || g == n_groups - 1); g++) { /* wider groups; or the last of an odd number */
+                __m512i sum[INT_ROWS];
+                for (int j = 0; j < nm; j++) sum[j] = _mm512_setzero_si512();
+                for (int64_t c = 0; c < per; c++, at += QBLOCK) {
+                    if (!((uintptr_t)at & 63)) _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)at));
+                    for (int j = 0; j < nm; j++)
+                        sum[j] = _mm512_add_epi32(sum[j], _mm512_madd_epi16(v, _mm512_loadu_si512(xq[j]->q + (g * per + c) * QBLOCK)));
+                }
+                for (int j = 0; j < nm; j++) {
+                    const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(sum[j]), _mm512_extracti64x4_epi64(sum[j], 1));
+                    const __m512 f = _mm512_castps256_ps512(_mm256_cvtepi32_ps(s8)); /* into its chain's lanes: */
+                    acc[j] = _mm512_mask3_fmadd_ps(_mm512_shuffle_f32x4(f, f, 0x44), _mm512_set1_ps(both[j][g - g0]),
+                                                   acc[j], (g & 1) ? 0xFF00 : 0x00FF);
+                }
+            }
+        }
+        for (int j = 0; j < nm; j++)
+            out[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]), _mm512_extractf32x8_ps(acc[j], 1));
+        return;
+    }
     if (fmt == FMT_I8) {
         const int8_t *src = (const int8_t *)expert_data(w, e) + row * K, *at = src;
-        const int64_t span = xq[0]->span;
-        const uint16_t *group_scale = w->group ? expert_scales(w, e) + row * xq[0]->spans : NULL;
         int64_t col = 0, sp = 0;
-        for (int64_t left = K / QBLOCK; left > 0; left -= span, sp++) {
-            const int64_t n = left < span ? left : span;
+        for (int64_t left = K / QBLOCK; left > 0; left -= I8_SPAN, sp++) {
+            const int64_t n = left < I8_SPAN ? left : I8_SPAN;
             __m512i s[INT_ROWS];
             for (int j = 0; j < nm; j++) s[j] = _mm512_setzero_si512();
             for (int64_t blk = 0; blk < n; blk++, at += QBLOCK, col += QBLOCK) {
@@ -827,8 +893,7 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
             }
             for (int j = 0; j < nm; j++) {
                 const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s[j]), _mm512_extracti64x4_epi64(s[j], 1));
-                const float both = group_scale ? scale_value(w, group_scale[sp]) * xq[j]->scale[sp] : xq[j]->scale[sp];
-                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(both), a[j]);
+                a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(xq[j]->scale[sp]), a[j]);
             }
         }
         for (int j = 0; j < nm; j++) {
@@ -993,7 +1058,7 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p, int batched) 
     if (p->integer) {
         const int pow2 = (w->group & (w->group - 1)) == 0; /* the 512-bit int4 kernels step through groups of 32,
                                                               * 64 or 128 and more by halves of 128 columns */
-        p->wide = avx512_rows && (w->fmt == FMT_I8 || pow2) && (batched || (w->fmt == FMT_I4 && w->group % 64));
+        p->wide = avx512_rows && (w->fmt == FMT_I8 || pow2) && (batched || (w->fmt == FMT_I4 && w->group % 64) || (w->fmt == FMT_I8 && w->group));
         if (w->fmt == FMT_I8) return quantize_x(x, K, 0, 0, w->group ? w->group / QBLOCK : I8_SPAN, &p->xq);
         const int64_t chunk = w->group % 64 == 0 ? 64 : 32; /* row_vec_int's chunk; the 512-bit kernels read 128 */
         return quantize_x(x, K, p->wide ? 128 : chunk, chunk, w->group / QBLOCK, &p->xq);

@@ -624,6 +624,7 @@ def test_q8_0_blocks_are_held_as_the_file_stores_them(tmp_path, capsys):
     values, _ = load(out, dtype="float32", quantize="none", progress=False, pack=False)  # gguf.quants' reading
     held, tokenizer = load(out, dtype="float32", progress=True, pack=False)
     assert "Q8_0 weights are held as int8+head (their blocks as they are" in capsys.readouterr().err
+    assert torch.equal(held.embed.weight, values.embed.weight)  # a Q8_0 tensor not held as int8: the file's values
     checked = 0
     for name, module in held.named_modules():
         if not isinstance(module, Q.QuantLinear) or name == "lm_head":  # (the head: a scale per row, as before)

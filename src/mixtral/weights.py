@@ -331,7 +331,7 @@ def gguf_int8_weights(path: Path, args: ModelArgs) -> frozenset[str]:
 def gguf_offset_weights(path: Path, args: ModelArgs, quantization: dict | None) -> frozenset[str]:
     """The quantized weights a GGUF file stores in 4-bit blocks with a minimum (Q4_K, Q4_1; with Q4_0 experts beside
     them): held with an offset per group when the model is held as int4 in groups of 32 (`quantization`), which
-    the file's blocks are (quantize_checkpoint.gguf_q4_scales); else none."""
+    the file's blocks are (quantize_checkpoint.gguf_block_scales); else none."""
     if not quantization or (quantization["bits"], quantization["group_size"]) != (4, gguf_file.Q4Blocks.BLOCK):
         return frozenset()
     minimums = set(gguf_file.Q4Blocks.TYPES) - {"Q4_0"}

@@ -93,7 +93,8 @@ static int threads = 1;
 /* bf16 one-row products (every row of a decode step) on 512-bit vectors: set by mx_use_avx512 where the CPU has
  * AVX-512 F/BW/DQ (native_lib.py). Every row then takes that kernel, so a row's numbers still do not depend on its
  * batch; they differ from the AVX2 kernel's in the order of summation only. The integer rows of batched steps (and
- * int4 in groups of 32) take 512-bit kernels too, whose numbers are the AVX2 kernel's bit for bit (prep_t.wide). */
+ * int4 in groups of 32, int8 with group scales) take 512-bit kernels too, whose numbers are the AVX2 kernel's bit
+ * for bit (prep_t.wide). */
 static int avx512_rows = 0;
 
 /* Let the calling thread's OpenMP worker threads go (omp_pause_resource_all, where the runtime has it; torch's
@@ -1031,9 +1032,9 @@ typedef struct {
  * and for int4 the sum of x over each group (the fp32 kernels' offset of 8; weight_t.offsets). Jobs with the same x
  * and weight layout share one. `wide`: the integer kernels run on 512-bit vectors (int_rows_512), whose int4 columns
  * come in chunks of 128. They are chosen for the rows of a batched step (linear_rows), where they unpack a weight
- * once for several rows, and for int4 groups of 32 (four groups a load); a batch-1 product of int8 or int4 in groups
- * of 64 or more measured no faster on them (and its int4 a few percent slower), so it keeps row_vec_int. Either way
- * the numbers are the same. */
+ * once for several rows, for int4 groups of 32 (four groups a load) and for int8 with group scales (two groups a
+ * load); a batch-1 product of int8 with a scale per row or int4 in groups of 64 or more measured no faster on them
+ * (and its int4 a few percent slower), so it keeps row_vec_int. Either way the numbers are the same. */
 typedef struct {
     int integer, wide;
     xq_t xq;

@@ -236,6 +236,29 @@ def test_a_quantized_checkpoint_that_does_not_split_as_stored_is_refused(split_m
     assert distributed.load_shard(int8, progress=False, quantize="int8").quantization["bits"] == 8
 
 
+def test_a_gguf_file_whose_q8_0_blocks_do_not_split_at_their_groups_is_refused(tmp_path, monkeypatch):
+    """Rank 0 of 2 of a Q8_0 file whose o projection is 96 columns wide (6 heads of 16): 48 columns per rank cut
+    its blocks of 32, refused before any tensor is read; with --quantize int4-g16 (the file's values quantized
+    again, in groups that 48 columns hold whole) it loads."""
+    from mixtral import distributed
+    from mixtral.loading import load_model, load_tokenizer
+    from mixtral.weights import export_gguf
+
+    model = make_hf_model(vocab_size=32000, hidden_size=96, intermediate_size=64, num_attention_heads=6,
+                          num_key_value_heads=2, num_local_experts=2, seed=12)
+    plain = save_hf_model(model, tmp_path / "plain", with_tokenizer=True)
+    out = export_gguf(load_model(plain, dtype="float32", pack=False, progress=False), load_tokenizer(plain),
+                      tmp_path / "x-q8_0.gguf", "q8_0", progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "_gguf_part", lambda *args: pytest.fail("a tensor was read"))
+        with pytest.raises(MixtralError, match=r"layers\.0\.attn\.wo\.weight: its columns \[0, 48\) on this rank do "
+                                               r"not start and end at a boundary of its Q8_0 blocks of 32"):
+            distributed.load_shard(out, progress=False)
+    assert distributed.load_shard(out, progress=False, quantize="int4-g16").layers[0].attn.wo.bits == 4
+
+
 def test_one_expert_per_rank_a_tied_head_quantized_and_an_uneven_vocabulary_split_as_one_process(tmp_path):
     """2 experts over 2 ranks (a token's top-2 spans both), a tied embedding with its head quantized on disk
     (+head, int4 elsewhere) and a vocabulary of 32,001 rows (the last rank's slice one row shorter, padded for the

@@ -66,8 +66,8 @@ from .quantize import QuantLinear, parse_quantize, quantize_model, spec, swap_in
 from .model import MoE, Routing, Transformer
 from .gguf_file import Q8Blocks, is_gguf
 from .quantize_checkpoint import gguf_block_scales, quantize_on_meta, stream_quantized
-from .weights import (_empty_like_quantized, check_stored_takes, gguf_held_as, read_quantization, read_stored,
-                      read_weights, resolve_dtype, safetensors_files, skipped, stored_tensors, target)
+from .weights import (_empty_like_quantized, check_stored_takes, gguf_held_as, gguf_q8_weights, read_quantization,
+                      read_stored, read_weights, resolve_dtype, safetensors_files, skipped, stored_tensors, target)
 
 
 class RankFailed(MixtralError):
@@ -339,10 +339,6 @@ def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, 
         if dim == 1:  # columns (at group boundaries: load_shard checked); int8's per-row scales stay whole
             int8 = codes and layout[f"{base}.qweight"][0] == torch.int8
             grouped = int8 and kind == "scales" and len(layout[name][1]) == len(layout[f"{base}.qweight"][1])
-            if grouped and (start % Q8Blocks.BLOCK or stop % Q8Blocks.BLOCK):  # a GGUF file's Q8_0 blocks
-                raise MixtralError(f"{base}: its columns [{start}, {stop}) on this rank do not start and end at a "
-                                   f"boundary of its Q8_0 blocks of {Q8Blocks.BLOCK}; run with a number of ranks "
-                                   f"that splits it at one")
             if not (int8 and kind == "scales") or grouped:
                 step = (Q8Blocks.BLOCK if grouped else _column_step(kind, int8, streamed and streamed["group_size"])
                         if codes else 1)
@@ -404,6 +400,13 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     if streamed is not None:
         quantize_on_meta(model, streamed, int8_weights)
         wanted = None  # (quantized as it is read)
+        for name in gguf_q8_weights(model_dir, args):  # Q8_0 blocks held as int8: cut at their groups of 32
+            dim, start, stop = keep.get(name, (-1, 0, 0))
+            module = model.get_submodule(name.removesuffix(".weight"))
+            if dim == 1 and module.bits == 8 and (start % Q8Blocks.BLOCK or stop % Q8Blocks.BLOCK):
+                raise MixtralError(f"{name}: its columns [{start}, {stop}) on this rank do not start and end at a "
+                                   f"boundary of its Q8_0 blocks of {Q8Blocks.BLOCK}; run with a number of ranks "
+                                   f"that splits it at one")
     dtype = resolve_dtype(dtype)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     params: dict[str, torch.Tensor] = {}

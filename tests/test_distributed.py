@@ -297,8 +297,8 @@ def test_a_gguf_file_is_split_as_one_process_holds_it(tmp_path, kind):
     if kind.startswith("q4"):
         assert one.layers[0].attn.wq.bits == 4 and one.layers[0].attn.wk.bits == 8 and one.lm_head.bits == 8
         assert (one.layers[0].attn.wo.offsets is not None) == (kind == "q4_1")
-    if kind != "f16":  # the Q8_0 matrices (q4: keys and values) keep their scale per group of 32
-        assert one.layers[0].attn.wk.scale_group == 32 and one.lm_head.scale_group is None
+    if kind != "f16":  # the Q8_0 matrices (q4: keys, values and the output projection) keep their scale per 32
+        assert one.layers[0].attn.wk.scale_group == 32 and one.lm_head.scale_group == 32
 
 
 def test_torchrun_generate_equals_one_process(split_model):

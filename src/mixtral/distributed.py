@@ -400,10 +400,10 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     if streamed is not None:
         quantize_on_meta(model, streamed, int8_weights)
         wanted = None  # (quantized as it is read)
-        for name in gguf_q8_weights(model_dir, args):  # Q8_0 blocks held as int8: cut at their groups of 32
-            dim, start, stop = keep.get(name, (-1, 0, 0))
-            module = model.get_submodule(name.removesuffix(".weight"))
-            if dim == 1 and module.bits == 8 and (start % Q8Blocks.BLOCK or stop % Q8Blocks.BLOCK):
+        q8 = gguf_q8_weights(model_dir, args)  # Q8_0 blocks held as int8: cut at their groups of 32
+        for name, (dim, start, stop) in keep.items():
+            if (name in q8 and dim == 1 and model.get_submodule(name.removesuffix(".weight")).bits == 8
+                    and (start % Q8Blocks.BLOCK or stop % Q8Blocks.BLOCK)):
                 raise MixtralError(f"{name}: its columns [{start}, {stop}) on this rank do not start and end at a "
                                    f"boundary of its Q8_0 blocks of {Q8Blocks.BLOCK}; run with a number of ranks "
                                    f"that splits it at one")

@@ -169,7 +169,7 @@ def nearest_quantization(path: str | os.PathLike) -> tuple[str | None, str]:
         return None, ""
     setting = ("int8" if main in EIGHT_BITS else "int4-g32") + ("+head" if head and head not in FLOATS else "")
     how = "their blocks as they are" if main in BLOCK_TYPES else "converted at load"
-    if head and head not in FLOATS:
+    if head and head not in FLOATS and head != "Q8_0":
         how += ", the output projection's quantized again with a scale per row"
     return setting, f"{Path(path).name}: its {types} weights are held as {setting} ({how}; --quantize chooses another)"
 

@@ -120,7 +120,8 @@ def model_weights(args: ModelArgs, quantization: dict | None, dtype: torch.dtype
     expert, slot = -(-sum(experts) // args.n_layers), -(-sum(slots) // args.n_layers)  # (alike unless int8_weights)
     per_layer = [a + (D * E * item if moe else 0) + 2 * D * 4 for a in attention]
     embedding = args.vocab_size * D * item
-    head = 0 if args.tie_embeddings and not head_bits else sum(matrix(args.vocab_size, D, head_bits))
+    head = 0 if args.tie_embeddings and not head_bits else sum(matrix(args.vocab_size, D, head_bits,
+                                                                      q8="lm_head.weight" in q8_weights))
     resident = sum(per_layer) + embedding + head + D * 4
     if not moe:
         resident += sum(experts)

@@ -341,10 +341,11 @@ def gguf_offset_weights(path: Path, args: ModelArgs, quantization: dict | None) 
 
 
 def gguf_q8_weights(path: Path, args: ModelArgs) -> frozenset[str]:
-    """The quantized weights a GGUF file stores in Q8_0 blocks (in every expert): those of them held as int8 keep
-    the file's codes and its fp16 scale per group of 32 (quantize_checkpoint.gguf_block_scales)."""
+    """The quantized weights a GGUF file stores in Q8_0 blocks (in every expert), and its output projection if it
+    is one (not tied to the embedding): those of them held as int8 keep the file's codes and its fp16 scale per
+    group of 32 (quantize_checkpoint.gguf_block_scales)."""
     return frozenset(name for name, kinds in gguf_weight_types(path, args).items()
-                     if kinds == {"Q8_0"} and _QUANTIZED.fullmatch(name))
+                     if kinds == {"Q8_0"} and (_QUANTIZED.fullmatch(name) or name == "lm_head.weight"))
 
 
 def gguf_planned(path: Path, args: ModelArgs, quantization: dict | None) -> dict[str, frozenset[str]]:

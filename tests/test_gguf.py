@@ -603,6 +603,45 @@ def export_retyped(model, tokenizer, out: Path, types: dict) -> Path:
         gguf.GGUFWriter.add_tensor = add_tensor
 
 
+def assert_plan_counts_what_a_load_holds(out: Path) -> None:
+    """`mixtral info FILE --memory --json`: the planner's weights add up to the bytes of the model a load holds."""
+    import json
+
+    info = run_cli("info", str(out), "--memory", "1GiB", "--json")
+    assert info.returncode == 0, info.stderr
+    plan = json.loads(info.stdout)
+    bf16, _ = load(out, dtype="bfloat16", progress=False, pack=False)
+    norms = (2 * bf16.args.n_layers + 1) * bf16.args.dim * 2  # fp32 in the plan (as our kernels hold them)
+    assert plan["resident"] + plan["experts"] * plan["expert"] == sum(
+        t.nbytes for t in bf16.state_dict().values()) + norms
+
+
+def assert_kernels_compute_as_torch(out: Path, ids: list[int]) -> None:
+    """Our C kernels on a file's weights as a load holds them against torch's matmuls of the same weights
+    dequantized (pack=False): the prompt's last logits, then 8 greedy KV-cache decode steps: the same tokens, logits
+    within 1e-3 of the largest."""
+    from mixtral import kernels
+    from mixtral.kv_cache import KVCache
+
+    ours, _ = load(out, dtype="float32", progress=False, exact=True)
+    plain, _ = load(out, dtype="float32", progress=False, pack=False)
+    assert kernels.runner(ours).name == "native"
+
+    def greedy(model) -> list[torch.Tensor]:
+        cache = KVCache(model.args, 1, 64, torch.float32)
+        steps = [model(torch.tensor([ids]), cache=cache, n_keys=len(ids))[0, -1]]
+        for position in range(len(ids), len(ids) + 8):
+            step = kernels.runner(model).decode_step(cache, [int(steps[-1].argmax())], [position])
+            steps.append(step.logits[0].clone())  # (the runner's own buffer)
+        return steps
+
+    with torch.no_grad(), Q.kernels_disabled():  # (torch's int8 kernel computes in bf16)
+        reference, mine = greedy(plain), greedy(ours)
+    for theirs, got in zip(reference, mine):
+        assert theirs.argmax() == got.argmax()
+        assert (got - theirs).abs().max().item() < 1e-3 * theirs.abs().max().item()
+
+
 def test_q8_0_blocks_are_held_as_the_file_stores_them(tmp_path, capsys):
     """A Q8_0 file (gguf.quants' own quantizer, through our export) loads with its codes and its fp16 scale per
     group of 32 held as they are: every held matrix is exactly what gguf.quants reads from the file (quantizing those
@@ -611,8 +650,6 @@ def test_q8_0_blocks_are_held_as_the_file_stores_them(tmp_path, capsys):
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFReader
 
-    from mixtral import kernels
-    from mixtral.kv_cache import KVCache
     from mixtral.loading import load_model
     from mixtral.weights import export_gguf, save_quantized
 
@@ -640,33 +677,8 @@ def test_q8_0_blocks_are_held_as_the_file_stores_them(tmp_path, capsys):
     assert checked == 2 * 7 + 1  # q, k, v, o and the three expert weights of each layer; the output projection
     with pytest.raises(MixtralError, match="Q8_0"):
         save_quantized(held, tmp_path / "saved")
-    import json  # the memory planner counts the group scales: its weights add up to the bytes a load holds
-
-    info = run_cli("info", str(out), "--memory", "1GiB", "--json")
-    assert info.returncode == 0, info.stderr
-    plan = json.loads(info.stdout)
-    bf16, _ = load(out, dtype="bfloat16", progress=False, pack=False)
-    norms = (2 * bf16.args.n_layers + 1) * bf16.args.dim * 2  # fp32 in the plan (as our kernels hold them)
-    assert plan["resident"] + plan["experts"] * plan["expert"] == sum(
-        t.nbytes for t in bf16.state_dict().values()) + norms
-
-    ours, _ = load(out, dtype="float32", progress=False, exact=True)  # our C kernels on the held weights
-    assert kernels.runner(ours).name == "native"
-    ids = tokenizer.encode("Codes and scales, held as the file stores them.")
-
-    def greedy(model) -> list[torch.Tensor]:  # the prompt's last logits, then 8 decode steps' (kv cache)
-        cache = KVCache(model.args, 1, 64, torch.float32)
-        steps = [model(torch.tensor([ids]), cache=cache, n_keys=len(ids))[0, -1]]
-        for position in range(len(ids), len(ids) + 8):
-            step = kernels.runner(model).decode_step(cache, [int(steps[-1].argmax())], [position])
-            steps.append(step.logits[0].clone())  # (the runner's own buffer)
-        return steps
-
-    with torch.no_grad(), Q.kernels_disabled():  # (torch's int8 kernel computes in bf16)
-        reference, mine = greedy(held), greedy(ours)
-    for theirs, got in zip(reference, mine):
-        assert theirs.argmax() == got.argmax()
-        assert (got - theirs).abs().max().item() < 1e-3 * theirs.abs().max().item()
+    assert_plan_counts_what_a_load_holds(out)  # the group scales
+    assert_kernels_compute_as_torch(out, tokenizer.encode("Codes and scales, held as the file stores them."))
 
 
 def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
@@ -731,36 +743,6 @@ def test_q4_k_and_q4_1_blocks_are_held_with_their_minimums(tmp_path, capsys):
     assert torch.equal(checkpoint.layers[1].attn.wo.dequantize(), Q.dequantize_weight(codes, scales, 4, 32, 256))
     with pytest.raises(MixtralError, match="minimums"):
         save_quantized(held, tmp_path / "saved")
-    # the memory planner counts the offsets: its weights add up to the bytes of the model a load holds
-    import json
-
-    info = run_cli("info", str(out), "--memory", "1GiB", "--json")
-    assert info.returncode == 0, info.stderr
-    plan = json.loads(info.stdout)
-    bf16, _ = load(out, dtype="bfloat16", progress=False, pack=False)
-    norms = (2 * bf16.args.n_layers + 1) * bf16.args.dim * 2  # fp32 in the plan (as our kernels hold them)
-    assert plan["resident"] + plan["experts"] * plan["expert"] == sum(
-        t.nbytes for t in bf16.state_dict().values()) + norms
-
-    # our C kernels on the held weights against torch's matmuls of them dequantized (pack=False): a prompt (the
-    # prompt path's bf16 GEMMs read the offsets too: tests/test_native.py's widening test), then greedy decode steps
-    from mixtral import kernels
-    from mixtral.kv_cache import KVCache
-
-    ours, _ = load(out, dtype="float32", progress=False, exact=True)
-    plain, _ = load(out, dtype="float32", progress=False, pack=False)
-    ids = tokenizer.encode("Minimums and scales, held as the file stores them.")
-
-    def greedy(model) -> list[torch.Tensor]:  # the prompt's last logits, then 8 decode steps' (kv cache)
-        cache = KVCache(model.args, 1, 64, torch.float32)
-        steps = [model(torch.tensor([ids]), cache=cache, n_keys=len(ids))[0, -1]]
-        for position in range(len(ids), len(ids) + 8):
-            step = kernels.runner(model).decode_step(cache, [int(steps[-1].argmax())], [position])
-            steps.append(step.logits[0].clone())  # (the runner's own buffer)
-        return steps
-
-    with torch.no_grad(), Q.kernels_disabled():  # (torch's int8 kernel computes in bf16)
-        reference, mine = greedy(plain), greedy(ours)
-    for theirs, got in zip(reference, mine):
-        assert theirs.argmax() == got.argmax()
-        assert (got - theirs).abs().max().item() < 1e-3 * theirs.abs().max().item()
+    assert_plan_counts_what_a_load_holds(out)  # the offsets
+    # (the prompt path's bf16 GEMMs read the offsets too: tests/test_native.py's widening test)
+    assert_kernels_compute_as_torch(out, tokenizer.encode("Minimums and scales, held as the file stores them."))

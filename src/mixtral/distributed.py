@@ -65,7 +65,7 @@ from .prefix_cache import MIN_TOKENS, PrefixCache
 from .quantize import QuantLinear, parse_quantize, quantize_model, spec, swap_in_quantized, take_held_blocks
 from .model import MoE, Routing, Transformer
 from .gguf_file import Q8Blocks, is_gguf
-from .quantize_checkpoint import gguf_block_scales, quantize_on_meta, stream_quantized
+from .quantize_checkpoint import gguf_block_scales, int8_in_groups, quantize_on_meta, stream_quantized
 from .weights import (_empty_like_quantized, check_stored_takes, gguf_held_as, gguf_q8_weights, read_quantization,
                       read_stored, read_weights, resolve_dtype, safetensors_files, skipped, stored_tensors, target)
 
@@ -338,7 +338,7 @@ def _gguf_part(path: Path, model: Transformer, args: ModelArgs, keep: dict[str, 
             return
         if dim == 1:  # columns (at group boundaries: load_shard checked); int8's per-row scales stay whole
             int8 = codes and layout[f"{base}.qweight"][0] == torch.int8
-            grouped = int8 and kind == "scales" and len(layout[name][1]) == len(layout[f"{base}.qweight"][1])
+            grouped = kind == "scales" and int8_in_groups(layout, base)
             if not (int8 and kind == "scales") or grouped:
                 step = (Q8Blocks.BLOCK if grouped else _column_step(kind, int8, streamed and streamed["group_size"])
                         if codes else 1)

@@ -283,7 +283,6 @@ class Q8Blocks:
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         self.codes, self.scales = codes, scales
-        self.minimums = None
 
     @classmethod
     def of(cls, raw, kind: str = "Q8_0") -> Q8Blocks:

@@ -213,6 +213,13 @@ def gguf_block_scales(source: str | Path, args: ModelArgs, spec: dict, layout: d
     return layout
 
 
+def int8_in_groups(layout: dict, base: str) -> bool:
+    """Whether `layout` holds the weight `base` ("layers.0.attn.wk") as int8 with a scale per group of columns (a
+    GGUF file's Q8_0 blocks: gguf_block_scales) rather than one per row."""
+    codes, scales = layout.get(f"{base}.qweight"), layout.get(f"{base}.scales")
+    return codes is not None and codes[0] == torch.int8 and len(scales[1]) == len(codes[1])
+
+
 def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dtype, layout: dict, put,
                      progress: bool, experts=None) -> None:
     """Read the checkpoint one tensor at a time and hand every output tensor's rows to `put(name, rows, expert,
@@ -241,8 +248,7 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
                 return
             matrix = matrix.dequantize().to(dtype)  # the file's values, quantized again below or kept
         if isinstance(matrix, Q8Blocks):
-            scales = layout.get(f"{base}.scales", (None, ()))
-            if quantized and bits == 8 and len(scales[1]) == len(layout[f"{base}.qweight"][1]):  # held in groups
+            if int8_in_groups(layout, base):
                 held = matrix.held()
                 if not torch.isfinite(held).all():
                     raise MixtralError(f"{name}: its Q8_0 blocks' scales are inf or NaN")
@@ -261,8 +267,7 @@ def stream_quantized(source: Path, args: ModelArgs, spec: dict, dtype: torch.dty
             put(f"{base}.scales", scales, expert, first)
 
     blocks = Q4Blocks.TYPES if any(name.endswith(".offsets") for name in layout) else ("Q4_0",)
-    if any(name.endswith(".scales") and layout[name][0] == torch.float16 and layout[name[:-7] + ".qweight"][0]
-           == torch.int8 for name in layout):
+    if any(int8_in_groups(layout, name.removesuffix(".qweight")) for name in layout if name.endswith(".qweight")):
         blocks += Q8Blocks.TYPES
     for name, expert, piece in read_weights(source, args, progress, blocks, experts):
         if isinstance(piece, torch.Tensor):

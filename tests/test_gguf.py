@@ -603,6 +603,27 @@ def export_retyped(model, tokenizer, out: Path, types: dict) -> Path:
         gguf.GGUFWriter.add_tensor = add_tensor
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_blocks_held_as_they_are_with_a_scale_that_is_not_finite_are_refused(hf_dir, tmp_path, kind):
+    """A file whose Q8_0 or Q4_0 block has an fp16 scale of inf (its first two bytes) cannot be held as it is: a
+    one-line error, before the model runs."""
+    from gguf import GGUFReader
+
+    from mixtral.loading import load_model
+    from mixtral.weights import export_gguf
+
+    out = export_gguf(load_model(hf_dir, dtype="float32", pack=False, progress=False), load_tokenizer(hf_dir),
+                      tmp_path / f"x-{kind}.gguf", kind, progress=False)
+    tensor = next(t for t in GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight")
+    assert tensor.tensor_type.name == kind.upper()
+    data = bytearray(out.read_bytes())
+    data[tensor.data_offset:tensor.data_offset + 2] = b"\x00\x7c"  # fp16 +inf, little-endian
+    out.write_bytes(bytes(data))
+    with pytest.raises(MixtralError, match="layers.0.attn.wq.weight: its .*inf or NaN") as caught:
+        load(out, progress=False)
+    assert "\n" not in str(caught.value)
+
+
 def assert_plan_counts_what_a_load_holds(out: Path) -> None:
     """`mixtral info FILE --memory --json`: the planner's weights add up to the bytes of the model a load holds."""
     import json

@@ -279,8 +279,8 @@ class NativeWeight:
         if isinstance(weight, QuantLinear):
             to_canonical(weight)
             group = weight.scale_group or 0  # int8: 0 (a scale per row) or a GGUF file's Q8_0 groups
-            if weight.bits == 8 and group and (group % 32 or group > 4096):  # (int32 sums of one group)
-                raise TypeError(f"no native kernel for int8 in groups of {group} (a multiple of 32 up to 4096)")
+            if weight.bits == 8 and group not in (0, 32):  # (Q8_0's groups: the only ones the kernels take)
+                raise TypeError(f"no native kernel for int8 in groups of {group} (only 32, a GGUF file's Q8_0)")
             half = group and weight.scales.dtype == torch.float16  # a GGUF file's blocks' scales
             data = weight.qweight.contiguous()
             scales = weight.scales.to(torch.float16 if half else torch.bfloat16).contiguous()

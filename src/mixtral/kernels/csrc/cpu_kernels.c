@@ -48,7 +48,7 @@ typedef struct {
     const void *data;          /* values, int8 codes (N, K) or int4 code pairs (N, Kp/2) */
     const uint16_t *scales;    /* scales: int8 (N,) or, in groups, (N, K/G); int4 (N, Kp/G); NULL for float weights */
     int64_t fmt, n, k, group;  /* format, rows, columns, group size (columns per scale): int4's; int8's 0 (a scale
-                                * per row) or a multiple of 32 that divides K (a GGUF file's Q8_0 blocks: 32) */
+                                * per row) or 32 (a GGUF file's Q8_0 blocks; K a multiple of 32) */
     int64_t expert_stride;     /* elements (fp formats, int8) or bytes (int4) from one expert to the next */
     int64_t scale_stride;      /* scales from one expert to the next */
     const void *const *slots;  /* or, for experts that are not all in memory (an expert cache), expert e's values at
@@ -260,7 +260,7 @@ static const float *widen(const weight_t *w, int64_t e, int64_t r0, int nr, int6
             for (; i + 8 <= kc; i += 8)
                 _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
             for (; i < kc; i++) dst[i] = _cvtsh_ss(src[i]);
-        } else if (w->fmt == FMT_I8 && w->group) { /* a scale per group of G columns (G a multiple of 8) */
+        } else if (w->fmt == FMT_I8 && w->group) { /* a scale per group of 32 columns */
             const int8_t *src = (const int8_t *)expert_data(w, e) + row * K + k0;
             const uint16_t *scales = expert_scales(w, e) + row * (K / w->group);
             for (; i < kc; i += 8) {
@@ -725,22 +725,18 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
     const float *scale = xq->scale;
     const int16_t *q = xq->q;
     __m256 a = _mm256_setzero_ps();
-    if (fmt == FMT_I8 && w->group) { /* a scale per group (a multiple of 32 that divides K): each group's sum times
-                                      * its weight and activation scales, even groups on chain a, odd ones on b */
-        const int64_t per = w->group / QBLOCK, n_groups = xq->spans;
+    if (fmt == FMT_I8 && w->group) { /* a scale per group of 32 (one block): each group's sum times its weight and
+                                      * activation scales, even groups on chain a, odd ones on b */
+        const int64_t n_groups = xq->spans;
         const int8_t *at = (const int8_t *)expert_data(w, e) + row * K;
         const uint16_t *scales = expert_scales(w, e) + row * n_groups;
         __m256 b = _mm256_setzero_ps();
         float both[I4_GROUPS_AHEAD];
         for (int64_t g0 = 0, g = 0; g0 < n_groups; g0 = g) { /* the scales multiplied ahead, as for int4 */
             const int64_t end = g0 + group_scales(w, both, scales + g0, scale + g0, n_groups - g0);
-            for (; g < end; g++) {
-                __m256i sum = _mm256_setzero_si256();
-                for (int64_t c = 0; c < per; c++, at += QBLOCK, q += QBLOCK) {
-                    if (!((uintptr_t)at & 63)) _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
-                    sum = _mm256_add_epi32(sum, i8_block(at, q));
-                }
-                const __m256 f = _mm256_cvtepi32_ps(sum), s8 = _mm256_set1_ps(both[g - g0]);
+            for (; g < end; g++, at += QBLOCK, q += QBLOCK) {
+                if (!(g & 1)) _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                const __m256 f = _mm256_cvtepi32_ps(i8_block(at, q)), s8 = _mm256_set1_ps(both[g - g0]);
                 if (g & 1) b = _mm256_fmadd_ps(f, s8, b);
                 else a = _mm256_fmadd_ps(f, s8, a);
             }
@@ -832,7 +828,7 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
     for (int j = 0; j < nm; j++) a[j] = b[j] = _mm256_setzero_ps();
     if (fmt == FMT_I8 && w->group) { /* as row_vec_int: groups of 32 two a load, lanes 0-7 its chain a (even
                                       * groups), lanes 8-15 its chain b (odd ones) */
-        const int64_t per = w->group / QBLOCK, n_groups = xq[0]->spans;
+        const int64_t n_groups = xq[0]->spans;
         const int8_t *at = (const int8_t *)expert_data(w, e) + row * K;
         const uint16_t *scales = expert_scales(w, e) + row * n_groups;
         float both[INT_ROWS][I4_GROUPS_AHEAD];
@@ -843,36 +839,29 @@ AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_mult
         for (int64_t g0 = 0; g0 < n_groups; g0 = g) {
             int64_t end = g0;
             for (int j = 0; j < nm; j++) end = g0 + group_scales(w, both[j], scales + g0, xq[j]->scale + g0, n_groups - g0);
-            if (per == 1)
-                for (; g + 2 <= end; g += 2, at += 2 * QBLOCK) {
-                    _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
-                    const __m512i v = _mm512_loadu_si512(at);
-                    const __m512i c0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v));
-                    const __m512i c1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1));
-                    for (int j = 0; j < nm; j++) {
-                        const __m512i s0 = _mm512_madd_epi16(c0, _mm512_loadu_si512(xq[j]->q + g * QBLOCK));
-                        const __m512i s1 = _mm512_madd_epi16(c1, _mm512_loadu_si512(xq[j]->q + (g + 1) * QBLOCK));
-                        const __m512i t = _mm512_add_epi32(_mm512_shuffle_i64x2(s0, s1, 0x44), _mm512_shuffle_i64x2(s0, s1, 0xEE));
-                        const __m512 scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(
-                            _mm_load_sd((const double *)(both[j] + (g - g0)))))); /* the two groups' scales */
-                        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[j]);
-                    }
-                }
-            for (; g < end && (per > 1 || g == n_groups - 1); g++) { /* wider groups; or the last of an odd number */
-                __m512i sum[INT_ROWS];
-                for (int j = 0; j < nm; j++) sum[j] = _mm512_setzero_si512();
-                for (int64_t c = 0; c < per; c++, at += QBLOCK) {
-                    if (!((uintptr_t)at & 63)) _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
-                    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)at));
-                    for (int j = 0; j < nm; j++)
-                        sum[j] = _mm512_add_epi32(sum[j], _mm512_madd_epi16(v, _mm512_loadu_si512(xq[j]->q + (g * per + c) * QBLOCK)));
-                }
+            for (; g + 2 <= end; g += 2, at += 2 * QBLOCK) {
+                _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512(at);
+                const __m512i c0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v));
+                const __m512i c1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1));
                 for (int j = 0; j < nm; j++) {
-                    const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(sum[j]), _mm512_extracti64x4_epi64(sum[j], 1));
-                    const __m512 f = _mm512_castps256_ps512(_mm256_cvtepi32_ps(s8)); /* into its chain's lanes: */
-                    acc[j] = _mm512_mask3_fmadd_ps(_mm512_shuffle_f32x4(f, f, 0x44), _mm512_set1_ps(both[j][g - g0]),
-                                                   acc[j], (g & 1) ? 0xFF00 : 0x00FF);
+                    const __m512i s0 = _mm512_madd_epi16(c0, _mm512_loadu_si512(xq[j]->q + g * QBLOCK));
+                    const __m512i s1 = _mm512_madd_epi16(c1, _mm512_loadu_si512(xq[j]->q + (g + 1) * QBLOCK));
+                    const __m512i t = _mm512_add_epi32(_mm512_shuffle_i64x2(s0, s1, 0x44), _mm512_shuffle_i64x2(s0, s1, 0xEE));
+                    const __m512 scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(
+                        _mm_load_sd((const double *)(both[j] + (g - g0)))))); /* the two groups' scales */
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[j]);
                 }
+            }
+            if (g < end) { /* the last of an odd number of groups (g even: chain a, lanes 0-7), alone */
+                const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)at));
+                for (int j = 0; j < nm; j++) {
+                    const __m512i sum = _mm512_madd_epi16(v, _mm512_loadu_si512(xq[j]->q + g * QBLOCK));
+                    const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+                    acc[j] = _mm512_mask3_fmadd_ps(_mm512_castps256_ps512(_mm256_cvtepi32_ps(s8)),
+                                                   _mm512_set1_ps(both[j][g - g0]), acc[j], 0x00FF);
+                }
+                g++, at += QBLOCK;
             }
         }
         for (int j = 0; j < nm; j++)
@@ -1059,7 +1048,8 @@ static int prepare_x(const weight_t *w, const float *x, prep_t *p, int batched) 
     if (p->integer) {
         const int pow2 = (w->group & (w->group - 1)) == 0; /* the 512-bit int4 kernels step through groups of 32,
                                                               * 64 or 128 and more by halves of 128 columns */
-        p->wide = avx512_rows && (w->fmt == FMT_I8 || pow2) && (batched || (w->fmt == FMT_I4 && w->group % 64) || (w->fmt == FMT_I8 && w->group));
+        p->wide = avx512_rows && (w->fmt == FMT_I8 || pow2)
+                  && (batched || (w->fmt == FMT_I4 && w->group % 64) || (w->fmt == FMT_I8 && w->group));
         if (w->fmt == FMT_I8) return quantize_x(x, K, 0, 0, w->group ? w->group / QBLOCK : I8_SPAN, &p->xq);
         const int64_t chunk = w->group % 64 == 0 ? 64 : 32; /* row_vec_int's chunk; the 512-bit kernels read 128 */
         return quantize_x(x, K, p->wide ? 128 : chunk, chunk, w->group / QBLOCK, &p->xq);

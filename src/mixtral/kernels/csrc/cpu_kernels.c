@@ -1303,73 +1303,116 @@ static int run_jobs(const job_t *jobs, int count) {
     return status;
 }
 
-/* y[m] (+)= W_e . x[m] for M activation rows, each computed exactly as at batch 1 (run_jobs' kernel and order of
- * summation), so that a row's result does not depend on the rows beside it: a decode step gives a sequence the
- * same numbers alone or in a batch. The threads split the weight's rows in groups of four; each group is read
- * from memory for the first activation row and from the cache for the others. Returns 0, or -1 when out of
- * memory. */
+/* One product of a batched pass: y[m] (+)= W_e . x[m] for M activation rows (x and y rows ldx and ldy apart). */
+typedef struct {
+    const weight_t *w;
+    int64_t e;
+    const float *x;
+    int64_t M, ldx;
+    float *y;
+    int64_t ldy;
+    int accumulate;
+} product_t;
+
+/* Weight rows [lo, hi) of one product for all of its M activation rows (jobs and preps: one per row), each row
+ * computed exactly as at batch 1 (run_jobs' kernel and order of summation). Where the CPU has AVX-512, a few
+ * activation rows at a time (three for bf16, INT_ROWS for the integer kernels) go over the weight rows, each weight
+ * loaded and widened or unpacked once for them; else each activation row in turn over four weight rows at a time.
+ * Either way the weight rows are read from memory for the first activation rows and from the cache for the others
+ * (linear_rows_many keeps each range under BF16_BLOCK_BYTES). */
+static void rows_range(const weight_t *w, int64_t e, const job_t *jobs, const prep_t *preps, int64_t M, int64_t lo,
+                       int64_t hi) {
+    if (!(avx512_rows && (w->fmt == FMT_BF16 || preps[0].wide))) {
+        for (int64_t r0 = lo; r0 < hi; r0 += 4)
+            for (int64_t m = 0; m < M; m++) rows_dot(&jobs[m], &preps[m], r0, r0 + 4 < hi ? r0 + 4 : hi);
+        return;
+    }
+    const int integer = preps[0].integer, per = integer ? INT_ROWS : 3;
+    const int64_t K = w->k;
+    const uint16_t *data = (const uint16_t *)expert_data(w, e);
+    for (int64_t m0 = 0; m0 < M; m0 += per) {
+        const int nm = M - m0 < per ? (int)(M - m0) : per;
+        const float *xs[INT_ROWS], *xps[INT_ROWS];
+        const xq_t *xqs[INT_ROWS];
+        for (int j = 0; j < nm; j++) {
+            xs[j] = jobs[m0 + j].x; xps[j] = preps[m0 + j].xp; xqs[j] = &preps[m0 + j].xq;
+        }
+        for (int64_t r0 = lo; r0 < hi; r0 += 4) {
+            const int n = (int)(hi - r0 < 4 ? hi - r0 : 4);
+            __m256 v[4][INT_ROWS];
+            if (integer) int_rows_512[w->fmt == FMT_I4][nm - 1](w, e, r0, n, xs, xqs, v);
+            else
+                for (int r = 0; r < n; r++)
+                    (nm == 3 ? row_bf16_512_x3 : nm == 2 ? row_bf16_512_x2 : row_bf16_512_x1)(
+                        data + (r0 + r) * K, xs, xps, K, v[r]);
+            for (int j = 0; j < nm; j++) { /* as rows_of stores them */
+                const __m256 zero = _mm256_setzero_ps();
+                store4(w->fmt, &jobs[m0 + j], &preps[m0 + j], r0, n, v[0][j], n > 1 ? v[1][j] : zero,
+                       n > 2 ? v[2][j] : zero, n > 3 ? v[3][j] : zero);
+            }
+        }
+    }
+}
+
+/* Several products (of any weights and activation rows: a layer's q, k and v, or every expert's gate and up
+ * projections over the tokens routed to it) in one parallel region: the threads take ranges of weight rows of any
+ * of them in turn, so a batched step joins its threads once for all of them, and each thread streams one range of
+ * a weight into its cache and reads it back for every activation row. Each row's numbers are the batch-1 kernel's
+ * (rows_range), whatever the products beside it: a decode step gives a sequence the same numbers alone or in a
+ * batch. Returns 0, or -1 when out of memory. */
+static int linear_rows_many(const product_t *ps, int64_t count) {
+    int64_t rows = 0, units = 0, work = 0;
+    for (int64_t p = 0; p < count; p++) rows += ps[p].M;
+    job_t *jobs = malloc(sizeof(job_t) * (rows ? rows : 1));
+    prep_t *preps = calloc((size_t)(rows ? rows : 1), sizeof(prep_t));
+    int64_t *first = malloc(sizeof(int64_t) * (count ? count : 1)), *span = malloc(sizeof(int64_t) * (count ? count : 1));
+    int64_t *prep_first = malloc(sizeof(int64_t) * (count ? count : 1)), prepared = 0;
+    int status = jobs && preps && first && span && prep_first ? 0 : -1;
+    for (int64_t p = 0, at = 0; p < count && status == 0; p++) {
+        const weight_t *w = ps[p].w;
+        const int64_t row_bytes = w->fmt == FMT_BF16 ? 2 * w->k : w->fmt == FMT_I8 ? w->k
+                                  : w->fmt == FMT_I4 ? (w->k + 1) / 2 : 4 * w->k;
+        /* weight rows per range: a multiple of four, BF16_BLOCK_BYTES at most (a thread's L2 holds it) */
+        span[p] = 4 * (BF16_BLOCK_BYTES / (4 * row_bytes) > 1 ? BF16_BLOCK_BYTES / (4 * row_bytes) : 1);
+        units += (w->n + span[p] - 1) / span[p];
+        work += w->n * w->k;
+        first[p] = at;
+        /* a product on the same activation rows as the one before it, in the same layout (an expert's gate and up
+         * projections; q, k and v), shares its prepared rows */
+        const int shared = p > 0 && ps[p].x == ps[p - 1].x && ps[p].M == ps[p - 1].M && ps[p].ldx == ps[p - 1].ldx
+                           && same_layout(w, ps[p - 1].w);
+        prep_first[p] = shared ? prep_first[p - 1] : prepared;
+        for (int64_t m = 0; m < ps[p].M && status == 0; m++, at++) {
+            jobs[at] = (job_t){w, ps[p].e, ps[p].x + m * ps[p].ldx, ps[p].y + m * ps[p].ldy, ps[p].accumulate};
+            if (!shared && prepare_x(w, jobs[at].x, &preps[prepared++], 1)) status = -1;
+        }
+    }
+    if (status == 0) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (work >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t p = 0, lo = u;
+            while (lo >= (ps[p].w->n + span[p] - 1) / span[p]) lo -= (ps[p].w->n + span[p] - 1) / span[p], p++;
+            lo *= span[p];
+            const int64_t hi = lo + span[p] < ps[p].w->n ? lo + span[p] : ps[p].w->n;
+            if (ps[p].M) rows_range(ps[p].w, ps[p].e, jobs + first[p], preps + prep_first[p], ps[p].M, lo, hi);
+        }
+    }
+    if (preps)
+        for (int64_t m = 0; m < prepared; m++) free_prep(&preps[m]);
+    free(jobs); free(preps); free(first); free(span); free(prep_first);
+    return status;
+}
+
+/* y[m] (+)= W_e . x[m] for M activation rows, each computed exactly as at batch 1 (linear_rows_many), so that a
+ * row's result does not depend on the rows beside it. Returns 0, or -1 when out of memory. */
 static int linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
                        int accumulate) {
     if (M == 1) {
         const job_t job = {w, e, x, y, accumulate};
         return run_jobs(&job, 1);
     }
-    job_t *jobs = malloc(sizeof(job_t) * M);
-    prep_t *preps = calloc((size_t)M, sizeof(prep_t));
-    int status = jobs && preps ? 0 : -1;
-    for (int64_t m = 0; m < M && status == 0; m++) {
-        jobs[m] = (job_t){w, e, x + m * ldx, y + m * ldy, accumulate};
-        if (prepare_x(w, jobs[m].x, &preps[m], 1)) status = -1;
-    }
-    if (status == 0 && avx512_rows && (w->fmt == FMT_BF16 || preps[0].wide)) {
-        /* Each thread takes a range of the weight's rows in blocks that stay in its L2 cache, and runs a few
-         * activation rows at a time over a block (they stay in L1), each weight loaded and widened or unpacked
-         * once for them: three rows for bf16 (24 accumulators), INT_ROWS for the integer kernels. */
-        const int integer = preps[0].integer, per = integer ? INT_ROWS : 3;
-        const int64_t N = w->n, K = w->k;
-        const int64_t row_bytes = w->fmt == FMT_BF16 ? 2 * K : w->fmt == FMT_I8 ? K : (K + 1) / 2;
-        const int64_t block = 4 * (BF16_BLOCK_BYTES / (4 * row_bytes) > 1 ? BF16_BLOCK_BYTES / (4 * row_bytes) : 1);
-        const uint16_t *data = (const uint16_t *)expert_data(w, e);
-#pragma omp parallel num_threads(threads) if (N * K >= PARALLEL_MIN_WORK)
-        {
-            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), groups = (N + 3) / 4;
-            const int64_t lo = 4 * (groups * t / nt), hi = 4 * (groups * (t + 1) / nt) < N ? 4 * (groups * (t + 1) / nt) : N;
-            for (int64_t b0 = lo; b0 < hi; b0 += block)
-                for (int64_t m0 = 0; m0 < M; m0 += per) {
-                    const int nm = M - m0 < per ? (int)(M - m0) : per;
-                    const float *xs[INT_ROWS], *xps[INT_ROWS];
-                    const xq_t *xqs[INT_ROWS];
-                    for (int j = 0; j < nm; j++) {
-                        xs[j] = jobs[m0 + j].x; xps[j] = preps[m0 + j].xp; xqs[j] = &preps[m0 + j].xq;
-                    }
-                    for (int64_t r0 = b0; r0 < b0 + block && r0 < hi; r0 += 4) {
-                        const int n = (int)(hi - r0 < 4 ? hi - r0 : 4);
-                        __m256 v[4][INT_ROWS];
-                        if (integer) int_rows_512[w->fmt == FMT_I4][nm - 1](w, e, r0, n, xs, xqs, v);
-                        else
-                            for (int r = 0; r < n; r++)
-                                (nm == 3 ? row_bf16_512_x3 : nm == 2 ? row_bf16_512_x2 : row_bf16_512_x1)(
-                                    data + (r0 + r) * K, xs, xps, K, v[r]);
-                        for (int j = 0; j < nm; j++) { /* as rows_of stores them */
-                            const __m256 zero = _mm256_setzero_ps();
-                            store4(w->fmt, &jobs[m0 + j], &preps[m0 + j], r0, n, v[0][j], n > 1 ? v[1][j] : zero,
-                                   n > 2 ? v[2][j] : zero, n > 3 ? v[3][j] : zero);
-                        }
-                    }
-                }
-        }
-    } else if (status == 0) {
-        const int64_t N = w->n, groups = (N + 3) / 4;
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * w->k >= PARALLEL_MIN_WORK)
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t r1 = 4 * g + 4 < N ? 4 * g + 4 : N;
-            for (int64_t m = 0; m < M; m++) rows_dot(&jobs[m], &preps[m], 4 * g, r1);
-        }
-    }
-    if (preps)
-        for (int64_t m = 0; m < M; m++) free_prep(&preps[m]);
-    free(jobs); free(preps);
-    return status;
+    const product_t product = {w, e, x, M, ldx, y, ldy, accumulate};
+    return linear_rows_many(&product, 1);
 }
 
 /* ---- the entry points ---- */
@@ -1597,6 +1640,52 @@ int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, fl
  * share when the experts are split over processes, distributed.py): the others' contributions are left out.
  * `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5 when the store
  * failed. */
+/* The experts of a batched decode step (M > 1 tokens, each on the batch-1 kernels): every held expert's gate and
+ * up projections over the tokens routed to it in one parallel region (linear_rows_many), then every down
+ * projection in another; the outputs summed in ascending expert order, as the path below does. */
+static int moe_rows(const float *x, int64_t M, const weight_t *w1, const weight_t *w3, const weight_t *w2,
+                    int64_t topk, int64_t first, int64_t held, float *out, const int64_t *ids, const float *mix) {
+    const int64_t D = w1->k, I = w1->n, R = M * topk; /* at most R (token, expert) pairs */
+    float *xs = malloc(sizeof(float) * R * D), *h1 = malloc(sizeof(float) * R * I);
+    float *h3 = malloc(sizeof(float) * R * I), *ys = malloc(sizeof(float) * R * D);
+    float *sum = calloc((size_t)(M * D), sizeof(float)), *scale = malloc(sizeof(float) * R);
+    int64_t *token = malloc(sizeof(int64_t) * R);
+    product_t *ps = malloc(sizeof(product_t) * 2 * (held ? held : 1));
+    int64_t used = 0, n = 0;
+    int status = -1;
+    if (!xs || !h1 || !h3 || !ys || !sum || !scale || !token || !ps) goto done;
+    for (int64_t e = first; e < first + held; e++) { /* the pairs by expert, ascending; each expert's in token order */
+        const int64_t start = n;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < topk; j++)
+                if (ids[m * topk + j] == e) {
+                    memcpy(xs + n * D, x + m * D, sizeof(float) * D);
+                    token[n] = m; scale[n++] = mix[m * topk + j];
+                }
+        if (n == start) continue;
+        ps[used++] = (product_t){w1, e - first, xs + start * D, n - start, D, h1 + start * I, I, 0};
+        ps[used++] = (product_t){w3, e - first, xs + start * D, n - start, D, h3 + start * I, I, 0};
+    }
+    if (linear_rows_many(ps, used)) goto done;
+    for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
+    for (int64_t p = 0; p < used / 2; p++) { /* the down projection of each expert's pairs: h1 rows to ys rows */
+        const product_t *up = &ps[2 * p];
+        const int64_t start = (up->x - xs) / D;
+        ps[p] = (product_t){w2, up->e, h1 + start * I, up->M, I, ys + start * D, D, 0};
+    }
+    if (linear_rows_many(ps, used / 2)) goto done;
+    for (int64_t i = 0; i < n; i++) {
+        float *dst = sum + token[i] * D;
+        const float *src = ys + i * D;
+        for (int64_t d = 0; d < D; d++) dst[d] += src[d] * scale[i];
+    }
+    for (int64_t i = 0; i < M * D; i++) out[i] += sum[i];
+    status = 0;
+done:
+    free(xs); free(h1); free(h3); free(ys); free(sum); free(scale); free(token); free(ps);
+    return status;
+}
+
 static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
                const weight_t *w2, int64_t topk, int64_t first, int64_t held, float *out, float *logits_out,
                int64_t *ids_out, float *weights_out, int mode, const store_t *store) {
@@ -1615,6 +1704,7 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
             }
         return n ? moe_one_token(x, w1, w3, w2, n, out, ids, mix) : 0;
     }
+    if (mode == ROWS_EXACT) return moe_rows(x, M, w1, w3, w2, topk, first, held, out, ids_out, weights_out);
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
     float *h3 = malloc(sizeof(float) * M * I), *ys = malloc(sizeof(float) * M * D);
     float *sum = calloc((size_t)(M * D), sizeof(float));
@@ -1806,9 +1896,12 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
     /* every product of a decode step as at batch 1 (ROWS_EXACT): a row's numbers do not depend on its batch; a short
      * prompt's (ROWS_SHORT) on whichever kernel suits the shape */
     const linear_fn linear = products(mode);
-    if ((B != 1 || run_jobs(proj, 3))
-        && (linear(&L->q, 0, h, B, D, qkv, width, 0) || linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
-            || linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
+    const product_t qkv_rows[3] = {{&L->q, 0, h, B, D, qkv, width, 0}, {&L->k, 0, h, B, D, qkv + H * Dh, width, 0},
+                                   {&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0}};
+    if (B == 1 ? run_jobs(proj, 3)
+        : mode == ROWS_EXACT ? linear_rows_many(qkv_rows, 3)
+        : (linear(&L->q, 0, h, B, D, qkv, width, 0) || linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
+           || linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
         goto done;
     if (mx_attention(qkv, B, H, G, Dh, pos, rows, k_cache, v_cache, s_max, L->window, (float)L->theta, attn)
         || linear(&L->o, 0, attn, B, H * Dh, x, D, 1))

@@ -9,7 +9,10 @@ model, one with `--prefix-cache-memory 0`: TTFT per turn (the median over the co
 it (from its call, and from the moment its request is sent: the OpenAI client's own preparation of a request,
 which grows with the conversation, is the difference) and as the server measures it (submission to first token,
 from /metrics: what the cache saves, without the fixed cost of HTTP and the client), the cached tokens the server
-reported (usage.prompt_tokens_details.cached_tokens), and whether the replies are identical. Phase 2 (the server with
+reported (usage.prompt_tokens_details.cached_tokens), and whether the replies are identical; then the last
+conversation's final turn is sent again as it was, which leaves nothing to prefill: its TTFT is the floor that the
+client, HTTP and the server's handling of a request set, and the turn's TTFT without the cache over it is the
+largest speed-up any cache could show here. Phase 2 (the server with
 the cache, a small budget): 8 conversations at a time, all sharing one long system prompt, interleaved turn by turn:
 how many prompt tokens came from the cache, evictions, and the cache's peak size against its budget, from
 /metrics.
@@ -115,19 +118,35 @@ def server_ttft_total(url: str) -> float:
 
 
 def conversation(url: str, turns: int, max_tokens: int, system: str | None = None, offset: int = 0,
-                 server_side: bool = False) -> list[tuple]:
-    """(client TTFT, reply, cached tokens, server TTFT or None, TTFT from the request sent) per turn."""
+                 server_side: bool = False, last_prompt: list | None = None) -> list[tuple]:
+    """(client TTFT, reply, cached tokens, server TTFT or None, TTFT from the request sent) per turn; the last turn's
+    messages (before its reply) go into `last_prompt` when it is given."""
     messages = [{"role": "system", "content": system}] if system else []
     results = []
     with openai_client(url) as client:
         for i in range(turns):
             messages.append({"role": "user", "content": QUESTIONS[(i + offset) % len(QUESTIONS)]})
-            before = server_ttft_total(url) if server_side else None
-            ttft, reply, cached, from_sent = turn(client, messages, max_tokens)
-            inside = server_ttft_total(url) - before if server_side else None
-            messages.append({"role": "assistant", "content": reply})
-            results.append((ttft, reply, cached, inside, from_sent))
+            if last_prompt is not None and i == turns - 1:
+                last_prompt[:] = list(messages)
+            results.append(timed_turn(url, client, messages, max_tokens, server_side))
+            messages.append({"role": "assistant", "content": results[-1][1]})
     return results
+
+
+def timed_turn(url: str, client, messages: list[dict], max_tokens: int, server_side: bool) -> tuple:
+    before = server_ttft_total(url) if server_side else None
+    ttft, reply, cached, from_sent = turn(client, messages, max_tokens)
+    inside = server_ttft_total(url) - before if server_side else None
+    return ttft, reply, cached, inside, from_sent
+
+
+def floor(url: str, messages: list[dict], max_tokens: int, repeat: int = 7) -> tuple[float, float, float]:
+    """Median (client, sent, server) TTFT of a prompt sent again as it was: every token but the last comes from the
+    cache, so nothing is left to prefill. What the client, HTTP and the server's own handling cost whatever the
+    cache does: the cache cannot bring a turn's time to first token below it."""
+    with openai_client(url) as client:
+        runs = [timed_turn(url, client, messages, max_tokens, True) for _ in range(repeat)]
+    return tuple(statistics.median(run[k] for run in runs) for k in (0, 4, 3))
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -140,12 +159,14 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def phase_one(model: str, turns: int, max_tokens: int, extra: list[str], repeat: int) -> None:
-    runs = {}
+    runs, last = {}, []
     for label, memory in (("cache", "256MiB"), ("off", "0")):
         with server(model, memory, extra) as url:
             conversation(url, 1, 4)  # warm-up (kernels, first allocations), a different conversation
-            runs[label] = [conversation(url, turns, max_tokens, offset=1 + r, server_side=True)
+            runs[label] = [conversation(url, turns, max_tokens, offset=1 + r, server_side=True, last_prompt=last)
                            for r in range(repeat)]
+            if label == "cache":
+                lowest = floor(url, last, max_tokens)
     print(f"{repeat} conversation(s) of {turns} turns; each TTFT is the median over the conversations: as the "
           f"client saw it (from its call), from the moment its request was sent (without the OpenAI client's own "
           f"preparation of the request), and as the server measured it (submission to first token, /metrics):")
@@ -162,6 +183,11 @@ def phase_one(model: str, turns: int, max_tokens: int, extra: list[str], repeat:
     print(f"turn {turns} client speed-up of each conversation: " + ", ".join(f"{x:.1f}x" for x in last))
     sent = [off[-1][4] / on[-1][4] for on, off in zip(runs["cache"], runs["off"])]
     print(f"turn {turns} speed-up from the request sent, each conversation: " + ", ".join(f"{x:.1f}x" for x in sent))
+    off_last = [statistics.median(run[-1][k] for run in runs["off"]) for k in (0, 4, 3)]
+    print(f"turn {turns} of the last conversation sent again as it was (nothing left to prefill), the cache's floor: "
+          f"client {lowest[0]:.3f} s, sent {lowest[1]:.3f} s, server {lowest[2]:.3f} s; so no cache can make turn "
+          f"{turns} more than " + ", ".join(f"{off / low:.1f}x" for off, low in zip(off_last, lowest))
+          + " faster as the client, the request sent and the server see it")
     same = [on[1] == off[1] for a, b in zip(runs["cache"], runs["off"]) for on, off in zip(a, b)]
     print(f"replies identical with and without the cache: {sum(same)}/{len(same)}")
 

@@ -1370,8 +1370,8 @@ static int linear_rows_many(const product_t *ps, int64_t count) {
     int status = jobs && preps && first && span && prep_first ? 0 : -1;
     for (int64_t p = 0, at = 0; p < count && status == 0; p++) {
         const weight_t *w = ps[p].w;
-        const int64_t row_bytes = w->fmt == FMT_BF16 ? 2 * w->k : w->fmt == FMT_I8 ? w->k
-                                  : w->fmt == FMT_I4 ? (w->k + 1) / 2 : 4 * w->k;
+        const int64_t row_bytes = w->fmt == FMT_I4 ? (w->k + 1) / 2
+                                  : w->k * (w->fmt == FMT_F32 ? 4 : w->fmt == FMT_I8 ? 1 : 2);
         /* weight rows per range: a multiple of four, BF16_BLOCK_BYTES at most (a thread's L2 holds it) */
         span[p] = 4 * (BF16_BLOCK_BYTES / (4 * row_bytes) > 1 ? BF16_BLOCK_BYTES / (4 * row_bytes) : 1);
         units += (w->n + span[p] - 1) / span[p];
@@ -1634,12 +1634,6 @@ int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, fl
     return route(x, M, router, topk, logits_out, ids_out, weights_out, ROWS_TILED, store);
 }
 
-/* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]), routed by
- * `route` (which writes logits_out, ids_out, weights_out). Experts run in ascending order, each once for all of its
- * tokens. w1, w3 and w2 hold experts [first, first + held) of the router's E (all of them in one process; a rank's
- * share when the experts are split over processes, distributed.py): the others' contributions are left out.
- * `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5 when the store
- * failed. */
 /* The experts of a batched decode step (M > 1 tokens, each on the batch-1 kernels): every held expert's gate and
  * up projections over the tokens routed to it in one parallel region (linear_rows_many), then every down
  * projection in another; the outputs summed in ascending expert order, as the path below does. */
@@ -1686,6 +1680,12 @@ done:
     return status;
 }
 
+/* The sparse MoE block for M tokens: out[m] += sum over the top-k experts of weight * expert(x[m]), routed by
+ * `route` (which writes logits_out, ids_out, weights_out). Experts run in ascending order, each once for all of its
+ * tokens. w1, w3 and w2 hold experts [first, first + held) of the router's E (all of them in one process; a rank's
+ * share when the experts are split over processes, distributed.py): the others' contributions are left out.
+ * `store`: see store_t (NULL: every expert in memory). Returns 0, -1 when out of memory, -5 when the store
+ * failed. */
 static int moe(const float *x, int64_t M, const weight_t *router, const weight_t *w1, const weight_t *w3,
                const weight_t *w2, int64_t topk, int64_t first, int64_t held, float *out, float *logits_out,
                int64_t *ids_out, float *weights_out, int mode, const store_t *store) {

@@ -1471,23 +1471,47 @@ int mx_linear_rows(const weight_t *w, int64_t e, const float *x, int64_t M, int6
     return linear_rows(w, e, x, M, ldx, y, ldy, accumulate);
 }
 
-/* A few tokens of a short prompt: the decode rows' kernel for a weight too large to stay in the cache (it streams
- * the weight once per few rows, where the tiled kernel widens every tile to fp32 for rows too few to pay for it),
- * the tiled one for small weights or more rows. Measured on a 2-core Xeon: up to 16 rows of the "small"
- * benchmark model's products (262K-917K weights) ran faster on the rows' kernel, the shipped model's (33K-66K)
- * on the tiled one. */
+/* The products of a pass: ROWS_EXACT (decode: every row as at batch 1, a row's numbers never depend on the rows
+ * beside it), ROWS_TILED (a prompt), ROWS_SHORT (a short prompt: short_linear). */
+enum { ROWS_TILED = 0, ROWS_EXACT = 1, ROWS_SHORT = 2 };
+
+/* Whether a product of M rows of w runs on the batch-1 kernels (linear_rows) under `mode`: always for decode
+ * (ROWS_EXACT). For a few tokens of a short prompt (ROWS_SHORT), where the weight is too large to stay in the cache
+ * (it streams the weight once per few rows, where the tiled kernel widens every tile to fp32 for rows too few to
+ * pay for it); the tiled one for small weights or more rows. Measured on a 2-core Xeon: up to 16 rows of the
+ * "small" benchmark model's products (262K-917K weights) ran faster on the rows' kernel, the shipped model's
+ * (33K-66K) on the tiled one. */
+static int on_batch1_kernels(int mode, const weight_t *w, int64_t M) {
+    return mode == ROWS_EXACT || (mode == ROWS_SHORT && M <= 16 && w->n * w->k >= (1 << 18));
+}
+
 static int short_linear(const weight_t *w, int64_t e, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
                         int accumulate) {
-    return (M <= 16 && w->n * w->k >= (1 << 18) ? linear_rows : mx_linear)(w, e, x, M, ldx, y, ldy, accumulate);
+    return (on_batch1_kernels(ROWS_SHORT, w, M) ? linear_rows : mx_linear)(w, e, x, M, ldx, y, ldy, accumulate);
 }
 
 typedef int (*linear_fn)(const weight_t *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int);
 
-/* The products of a pass: ROWS_EXACT (decode: every row as at batch 1, a row's numbers never depend on the rows
- * beside it), ROWS_TILED (a prompt), ROWS_SHORT (a short prompt: short_linear). */
-enum { ROWS_TILED = 0, ROWS_EXACT = 1, ROWS_SHORT = 2 };
 static linear_fn products(int mode) {
     return mode == ROWS_EXACT ? linear_rows : mode == ROWS_SHORT ? short_linear : mx_linear;
+}
+
+/* Products of a pass under `mode` (ROWS_EXACT or ROWS_SHORT), each on the kernel `products(mode)` gives it: those
+ * on the batch-1 kernels together in one linear_rows_many pass (in their order: neighbours on the same rows share
+ * their prepared rows), the others one by one (mx_linear); so the numbers are those of running them one by one.
+ * Returns 0, or -1 when out of memory. */
+static int run_products(const product_t *ps, int64_t count, int mode) {
+    product_t *batch1 = malloc(sizeof(product_t) * (count ? count : 1));
+    if (!batch1) return -1;
+    int64_t rows = 0;
+    for (int64_t p = 0; p < count; p++)
+        if (on_batch1_kernels(mode, ps[p].w, ps[p].M)) batch1[rows++] = ps[p];
+    int status = linear_rows_many(batch1, rows);
+    free(batch1);
+    for (int64_t p = 0; p < count && status == 0; p++)
+        if (!on_batch1_kernels(mode, ps[p].w, ps[p].M))
+            status = mx_linear(ps[p].w, ps[p].e, ps[p].x, ps[p].M, ps[p].ldx, ps[p].y, ps[p].ldy, ps[p].accumulate);
+    return status;
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -1634,11 +1658,13 @@ int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, fl
     return route(x, M, router, topk, logits_out, ids_out, weights_out, ROWS_TILED, store);
 }
 
-/* The experts of a batched decode step (M > 1 tokens, each on the batch-1 kernels): every held expert's gate and
- * up projections over the tokens routed to it in one parallel region (linear_rows_many), then every down
- * projection in another; the outputs summed in ascending expert order, as the path below does. */
+/* The experts of M > 1 tokens of a decode step or a short prompt (ROWS_EXACT, ROWS_SHORT): every held expert's
+ * gate and up projections over the tokens routed to it in one pass (run_products: those on the batch-1 kernels in
+ * one parallel region), then every down projection in another; the outputs summed in ascending expert order, as
+ * the per-expert path of a long prompt (moe, below) does. */
 static int moe_rows(const float *x, int64_t M, const weight_t *w1, const weight_t *w3, const weight_t *w2,
-                    int64_t topk, int64_t first, int64_t held, float *out, const int64_t *ids, const float *mix) {
+                    int64_t topk, int64_t first, int64_t held, float *out, const int64_t *ids, const float *mix,
+                    int mode) {
     const int64_t D = w1->k, I = w1->n, R = M * topk; /* at most R (token, expert) pairs */
     float *xs = malloc(sizeof(float) * R * D), *h1 = malloc(sizeof(float) * R * I);
     float *h3 = malloc(sizeof(float) * R * I), *ys = malloc(sizeof(float) * R * D);
@@ -1660,14 +1686,14 @@ static int moe_rows(const float *x, int64_t M, const weight_t *w1, const weight_
         ps[used++] = (product_t){w1, e - first, xs + start * D, n - start, D, h1 + start * I, I, 0};
         ps[used++] = (product_t){w3, e - first, xs + start * D, n - start, D, h3 + start * I, I, 0};
     }
-    if (linear_rows_many(ps, used)) goto done;
+    if (run_products(ps, used, mode)) goto done;
     for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
     for (int64_t p = 0; p < used / 2; p++) { /* the down projection of each expert's pairs: h1 rows to ys rows */
         const product_t *up = &ps[2 * p];
         const int64_t start = (up->x - xs) / D;
         ps[p] = (product_t){w2, up->e, h1 + start * I, up->M, I, ys + start * D, D, 0};
     }
-    if (linear_rows_many(ps, used / 2)) goto done;
+    if (run_products(ps, used / 2, mode)) goto done;
     for (int64_t i = 0; i < n; i++) {
         float *dst = sum + token[i] * D;
         const float *src = ys + i * D;
@@ -1704,7 +1730,7 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
             }
         return n ? moe_one_token(x, w1, w3, w2, n, out, ids, mix) : 0;
     }
-    if (mode == ROWS_EXACT) return moe_rows(x, M, w1, w3, w2, topk, first, held, out, ids_out, weights_out);
+    if (mode != ROWS_TILED) return moe_rows(x, M, w1, w3, w2, topk, first, held, out, ids_out, weights_out, mode);
     float *xs = malloc(sizeof(float) * M * D), *h1 = malloc(sizeof(float) * M * I);
     float *h3 = malloc(sizeof(float) * M * I), *ys = malloc(sizeof(float) * M * D);
     float *sum = calloc((size_t)(M * D), sizeof(float));
@@ -1898,11 +1924,7 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
     const linear_fn linear = products(mode);
     const product_t qkv_rows[3] = {{&L->q, 0, h, B, D, qkv, width, 0}, {&L->k, 0, h, B, D, qkv + H * Dh, width, 0},
                                    {&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0}};
-    if (B == 1 ? run_jobs(proj, 3)
-        : mode == ROWS_EXACT ? linear_rows_many(qkv_rows, 3)
-        : (linear(&L->q, 0, h, B, D, qkv, width, 0) || linear(&L->k, 0, h, B, D, qkv + H * Dh, width, 0)
-           || linear(&L->v, 0, h, B, D, qkv + (H + G) * Dh, width, 0)))
-        goto done;
+    if (B == 1 ? run_jobs(proj, 3) : run_products(qkv_rows, 3, mode)) goto done;
     if (mx_attention(qkv, B, H, G, Dh, pos, rows, k_cache, v_cache, s_max, L->window, (float)L->theta, attn)
         || linear(&L->o, 0, attn, B, H * Dh, x, D, 1))
         goto done;

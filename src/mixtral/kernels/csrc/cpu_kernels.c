@@ -1155,7 +1155,7 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
 }
 
 #define MAX_JOBS 16
-#define BF16_BLOCK_BYTES (256 * 1024) /* batched bf16 decode: weight rows per block, in bytes */
+#define BF16_BLOCK_BYTES (256 * 1024) /* batched products (linear_rows_many): the bytes of a range of weight rows */
 #define PARALLEL_MIN_WORK 65536 /* weights: below this a fork and join of the threads costs more than it saves */
 #define PARALLEL_MIN_PRODUCTS (1 << 20) /* multiply-adds of a tiled product: below this, one thread */
 
@@ -1319,7 +1319,7 @@ typedef struct {
  * activation rows at a time (three for bf16, INT_ROWS for the integer kernels) go over the weight rows, each weight
  * loaded and widened or unpacked once for them; else each activation row in turn over four weight rows at a time.
  * Either way the weight rows are read from memory for the first activation rows and from the cache for the others
- * (linear_rows_many keeps each range under BF16_BLOCK_BYTES). */
+ * (linear_rows_many's ranges are BF16_BLOCK_BYTES at most, or four rows where four are larger). */
 static void rows_range(const weight_t *w, int64_t e, const job_t *jobs, const prep_t *preps, int64_t M, int64_t lo,
                        int64_t hi) {
     if (!(avx512_rows && (w->fmt == FMT_BF16 || preps[0].wide))) {
@@ -1658,10 +1658,11 @@ int mx_route(const float *x, int64_t M, const weight_t *router, int64_t topk, fl
     return route(x, M, router, topk, logits_out, ids_out, weights_out, ROWS_TILED, store);
 }
 
-/* The experts of M > 1 tokens of a decode step or a short prompt (ROWS_EXACT, ROWS_SHORT): every held expert's
- * gate and up projections over the tokens routed to it in one pass (run_products: those on the batch-1 kernels in
- * one parallel region), then every down projection in another; the outputs summed in ascending expert order, as
- * the per-expert path of a long prompt (moe, below) does. */
+/* The experts of the tokens of a decode step or a short prompt (ROWS_EXACT, ROWS_SHORT; one token takes
+ * moe_one_token unless top-k is over MAX_JOBS / 2): every held expert's gate and up projections over the tokens
+ * routed to it in one pass (run_products: those on the batch-1 kernels in one parallel region), then every down
+ * projection in another; the outputs summed in ascending expert order, as the per-expert path of a long prompt
+ * (moe, below) does. */
 static int moe_rows(const float *x, int64_t M, const weight_t *w1, const weight_t *w3, const weight_t *w2,
                     int64_t topk, int64_t first, int64_t held, float *out, const int64_t *ids, const float *mix,
                     int mode) {

@@ -163,8 +163,8 @@ def phase_one(model: str, turns: int, max_tokens: int, extra: list[str], repeat:
     for label, memory in (("cache", "256MiB"), ("off", "0")):
         with server(model, memory, extra) as url:
             conversation(url, 1, 4)  # warm-up (kernels, first allocations), a different conversation
-            runs[label] = [conversation(url, turns, max_tokens, offset=1 + r, server_side=True, last_prompt=last)
-                           for r in range(repeat)]
+            runs[label] = [conversation(url, turns, max_tokens, offset=1 + r, server_side=True,
+                                        last_prompt=last if label == "cache" else None) for r in range(repeat)]
             if label == "cache":
                 lowest = floor(url, last, max_tokens)
     print(f"{repeat} conversation(s) of {turns} turns; each TTFT is the median over the conversations: as the "

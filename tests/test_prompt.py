@@ -72,12 +72,23 @@ def _same_routing_so_far(a: list, b: list) -> torch.Tensor:
     return same.cumprod(-1).bool()
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+# The bound on the largest logit error against the exact path, as a share of the largest logit: activations
+# rounded to bf16 (8 significant bits each) measured 0.9-1.2 % here; rounded to int8 with one scale per row (an
+# error up to 1/254 of the row's largest), 1.4-2.5 % (hidden 64: few products average the rounding out).
+BOUND = {"bf16": 0.02, "int8": 0.04}
+
+
+@pytest.mark.parametrize("quantize,form", [("int8", "bf16"), ("int8", "int8"), ("int4-g32", "bf16"),
+                                           ("int4-g32", "int8")])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_quantized_fast_prompts_stay_within_bf16_rounding_of_the_exact_path(bf16_dir, quantize, seed):
+def test_quantized_fast_prompts_stay_within_their_rounding_of_the_exact_path(bf16_dir, quantize, form, seed,
+                                                                                  monkeypatch):
     """Rounding may flip a near-tie between two experts, and that token then differs by far more than rounding
     (on this model about a third of random prompts of 3 x 40 tokens flip one, on either path's rounding): so the
-    bound holds where the routing agreed, and a quarter of the positions at least must agree."""
+    bound holds where the routing agreed, and a quarter of the positions at least must agree. `form`: the weights
+    widened to bf16 (MIXTRAL_PROMPT=bf16) or on the integer GEMMs (=int8; int4 only with AVX512_VNNI), whatever
+    this CPU would take."""
+    monkeypatch.setenv("MIXTRAL_PROMPT", form)
     model = load_model(bf16_dir, dtype="bfloat16", progress=False, quantize=quantize)
     ids = _ids(3, 40, seed=seed)
     runner = kernels.runner(model)
@@ -91,7 +102,47 @@ def test_quantized_fast_prompts_stay_within_bf16_rounding_of_the_exact_path(bf16
     assert agreed.float().mean() > 0.25, agreed
     scale = exact.abs().max().item()
     error = (fast - exact).abs().amax(-1)[agreed].max().item()
-    assert 0 < error < 0.02 * scale, (error, scale)
+    assert 0 < error < BOUND[form] * scale, (error, scale)
+
+
+@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (129, 200), (100, 8192)])
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32", "int4-g128"])
+def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
+    """Weights on the integer GEMMs: each activation row is rounded to int8 with one scale (max |x| / 127; codes
+    x * (127 / max |x|) rounded to the nearest, ties to even; a zero row stays zero), the products are summed
+    exactly (int4: per group, each group's sum times its scale added in fp32), then multiplied by the scales. Held
+    here to float64 arithmetic on the same rounded values, rounded by torch, for an expert of a stacked weight and for
+    rows given transposed (as the experts' hidden rows come). K = 200 pads int4-g128's last group; K = 8192 makes
+    our VNNI kernel take the 100 rows in chunks. int8: our VNNI kernel (up to VNNI_MAX_ROWS rows) and oneDNN's int8
+    GEMM give the same numbers."""
+    from mixtral.kernels.native_lib import NativeWeight
+    from mixtral.quantize import QuantLinear, parse_quantize
+
+    monkeypatch.setenv("MIXTRAL_PROMPT", "int8")
+    assert prompt.integer_gemms()  # oneDNN's int8 GEMM summed exactly on this CPU (checked once)
+    bits, group, _ = parse_quantize(quantize)
+    gen = torch.Generator().manual_seed(M)
+    weight = QuantLinear.from_weight(torch.randn(2, 20 if K > 1000 else 96, K, generator=gen) * 0.05, bits, group)
+    native = NativeWeight(weight)
+    if bits == 4 and not prompt._vnni_takes(native):
+        assert not prompt.integer(native)
+        pytest.skip("int4 takes the integer GEMM only on AVX512_VNNI (ours); here it is widened to bf16")
+    x = torch.randn(M, K, generator=gen) * torch.logspace(-2, 1, M)[:, None]
+    x[1:2] = 0.0  # (a zero row, where there are two or more)
+    top = x.abs().amax(1, keepdim=True)
+    inverse = torch.full_like(top, 127.0) / top  # (an fp32 division; torch's 127 / top rounds otherwise)
+    codes = torch.where(top > 0, torch.round(x * inverse), 0.0)
+    assert codes.abs().max() <= 127 and (codes != 0).any()
+    wanted = ((codes * (top / 127)).double() @ weight.dequantize()[1].double().T).float()  # (float64 sums)
+    got = prompt.linear(native, prompt.Rows(x), expert=1)
+    assert got.dtype == torch.float32 and torch.allclose(got, wanted, rtol=1e-5, atol=1e-6 * wanted.abs().max())
+    assert torch.equal(prompt.linear(native, prompt.Rows(x.t().contiguous().t()), expert=1), got)
+    if bits == 8:
+        monkeypatch.setattr(prompt, "VNNI_MAX_ROWS", 0)  # oneDNN's
+        assert torch.equal(prompt.linear(native, prompt.Rows(x), expert=1), got)
+    monkeypatch.setenv("MIXTRAL_PROMPT", "bf16")  # the same weight widened to bf16: bf16 activations, bf16 out
+    widened = prompt.linear(native, prompt.Rows(x), expert=1)
+    assert widened.dtype == torch.bfloat16 and not torch.equal(widened.float(), got)
 
 
 def test_experts_without_tokens_and_one_expert_with_them_all(bf16_dir):
@@ -163,6 +214,7 @@ def test_shipped_model_greedy_replies_equal_on_both_paths(monkeypatch):
 def test_weights_widened_a_chunk_of_rows_at_a_time_give_the_same_prompt(bf16_dir, quantize, monkeypatch):
     """Large int8/int4 weights are widened and multiplied in chunks of rows (WIDEN_CHUNK_BYTES); forced here down
     to 5 rows a chunk, which leaves a short last chunk for every matrix of this model."""
+    monkeypatch.setenv("MIXTRAL_PROMPT", "bf16")  # int8 weights widened, not on the integer GEMMs
     model = load_model(bf16_dir, dtype="bfloat16", progress=False, quantize=quantize)
     runner = kernels.runner(model)
     ids = _ids(2, 24, seed=3)

@@ -149,6 +149,12 @@ def _load():
     lib.mx_bf16_supported.restype = ctypes.c_int
     lib.mx_to_bf16.argtypes = [p, i64, i64, i64, ptr]
     lib.mx_to_bf16.restype = ctypes.c_int
+    lib.mx_quantize_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
+    lib.mx_quantize_rows.restype = None
+    lib.mx_vnni_supported.argtypes = []
+    lib.mx_vnni_supported.restype = ctypes.c_int
+    lib.mx_gemm_i8.argtypes = [p, i64, ptr, ptr, i64, ptr]
+    lib.mx_gemm_i8.restype = ctypes.c_int
     lib.mx_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.mx_attention.restype = ctypes.c_int
     lib.mx_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]

@@ -59,6 +59,9 @@ TRANSPOSED_MAX_ROWS = 256
 WIDEN_CHUNK_BYTES = 16 << 20
 
 
+FORCED = ("gemm", "int8", "bf16")  # MIXTRAL_PROMPT settings that take the GEMMs on any CPU
+
+
 def unavailable_reason() -> str | None:
     """None when prompts take the GEMM path on this machine (given bf16, int8 or int4 weights), else why not."""
     setting = os.environ.get("MIXTRAL_PROMPT", "")
@@ -66,11 +69,34 @@ def unavailable_reason() -> str | None:
         return "turned off by MIXTRAL_PROMPT=exact"
     if not torch.backends.mkldnn.is_available():
         return "this torch has no oneDNN"
-    if setting == "gemm":
+    if setting in FORCED:
         return None
     if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
         return "this CPU has no bf16 arithmetic (AVX512_BF16 or AMX), so oneDNN's bf16 GEMM would be slower"
     return None
+
+
+_exact_int_mm: list[bool] = []
+
+
+def integer_gemms() -> bool:
+    """Whether int8 weights with a scale per row multiply on oneDNN's int8 GEMM (torch._int_mm), their activations
+    rounded to int8, rather than widened to bf16: where the CPU has AVX512_VNNI and no AMX (on Zen 4, 2 threads, it
+    ran 1.4-2x the bf16 GEMM at the experts' shapes; on an AMX Xeon it was no faster than bf16, which AMX runs at
+    twice the VNNI rate), or with MIXTRAL_PROMPT=int8; never with MIXTRAL_PROMPT=bf16. Used only once checked here
+    to sum exactly (int8 extremes against an int64 matmul)."""
+    setting = os.environ.get("MIXTRAL_PROMPT", "")
+    if setting == "bf16" or (setting != "int8" and ("avx512_vnni" not in cpu_flags() or "amx_bf16" in cpu_flags())):
+        return False
+    if not _exact_int_mm:
+        gen = torch.Generator().manual_seed(0)
+        w, x = (torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8) for shape in ((48, 520), (19, 520)))
+        w[0], x[0] = -128, -128  # the largest sums
+        try:
+            _exact_int_mm.append(torch.equal(torch._int_mm(w, x.t()).long(), w.long() @ x.long().t()))
+        except (RuntimeError, NotImplementedError):
+            _exact_int_mm.append(False)
+    return _exact_int_mm[0]
 
 
 def describe() -> str:
@@ -80,8 +106,9 @@ def describe() -> str:
         flags = cpu_flags()
         unit = ("AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags
                 else "no bf16 arithmetic: MIXTRAL_PROMPT=gemm")
-        return (f"oneDNN bf16 GEMMs ({unit}) for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights of "
-                f"{MIN_WEIGHTS:,}+ elements (kernels/prompt.py)")
+        int8 = "; int8 weights on int8 GEMMs, their activations rounded to int8" if integer_gemms() else ""
+        return (f"oneDNN GEMMs for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights of {MIN_WEIGHTS:,}+ "
+                f"elements: bf16 ({unit}){int8} (kernels/prompt.py)")
     return f"our C kernels (exact fp32), since {reason}"
 
 
@@ -91,7 +118,7 @@ def takes(weights, rows: int) -> bool:
     for."""
     return (rows >= MIN_ROWS and all(hasattr(w, "tensors") and w.struct.fmt in FAST_FORMATS for w in weights)
             and (max(w.struct.n * w.struct.k for w in weights) >= MIN_WEIGHTS
-                 or os.environ.get("MIXTRAL_PROMPT") == "gemm")
+                 or os.environ.get("MIXTRAL_PROMPT") in FORCED)
             and unavailable_reason() is None)
 
 
@@ -122,42 +149,126 @@ def _matrix(weight, expert: int) -> torch.Tensor:
     return _widen(weight, expert, 0, _buffer(n * k).view(n, k))
 
 
-def linear(weight, x: torch.Tensor, expert: int = 0) -> torch.Tensor:
-    """x (M, K) bf16 @ W_expert^T -> (M, N) bf16; up to TRANSPOSED_MAX_ROWS rows as (W x^T)^T, a transposed view,
-    and an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 then widened and multiplied a chunk of rows at a
-    time."""
+class Rows:
+    """A GEMM's activations, rows (M, K) fp32 (any strides), rounded once to each form a weight asks for: bf16, or
+    int8 with one scale per row (`mx_quantize_rows`). `take` gathers rows of every form made so far."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.forms = x, {}
+
+    def bf16(self) -> torch.Tensor:
+        if "bf16" not in self.forms:
+            self.forms["bf16"] = self.x.to(torch.bfloat16)
+        return self.forms["bf16"]
+
+    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes (M, K) int8, scales (M,) fp32): row m is codes[m] * scales[m]."""
+        if "int8" not in self.forms:
+            x = self.x
+            codes, scales = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0])
+            library().mx_quantize_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+                                       codes.data_ptr(), scales.data_ptr())
+            self.forms["int8"] = codes, scales
+        return self.forms["int8"]
+
+    def make(self, weight) -> Rows:
+        """These rows with the form `weight` multiplies already made (before a `take` of many)."""
+        self.int8() if integer(weight) else self.bf16()
+        return self
+
+    def take(self, index) -> Rows:
+        """The rows at `index` (a slice or an index tensor), in every form made so far."""
+        taken = Rows(self.x[index])
+        taken.forms = {name: (tuple(part[index] for part in form) if isinstance(form, tuple) else form[index])
+                       for name, form in self.forms.items()}
+        return taken
+
+
+def integer(weight) -> bool:
+    """Whether this weight multiplies on the integer GEMMs (on a CPU where they win: `integer_gemms`): int8 codes
+    with a scale per row (oneDNN's int8 GEMM, or ours where the CPU has AVX512_VNNI), or int4 in groups of a
+    multiple of 32 without offsets (ours only)."""
+    s = weight.struct
+    if s.fmt == I8 and s.group == 0:
+        return integer_gemms()
+    return s.fmt == I4 and _vnni_takes(weight) and integer_gemms()
+
+
+def _vnni_takes(weight) -> bool:
+    """Whether our VNNI GEMM (csrc/cpu_kernels.c mx_gemm_i8) takes this weight on this CPU."""
+    s = weight.struct
+    if "vnni" not in _vnni_state:
+        _vnni_state["vnni"] = bool(library().mx_vnni_supported())
+    return _vnni_state["vnni"] and (
+        (s.fmt == I8 and s.group == 0 and s.k % 4 == 0) or (s.fmt == I4 and s.group % 32 == 0 and not s.offsets))
+
+
+_vnni_state: dict[str, bool] = {}
+# Rows up to which int8 weights take our VNNI GEMM rather than oneDNN's: ours reads the weight where it lies and
+# oneDNN packs it first, which costs most where few rows share it (an expert's tokens in a short prompt).
+VNNI_MAX_ROWS = 128
+
+
+def _int8_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
+    """rows @ W_expert^T -> (M, N) fp32 (a transposed view) on an integer GEMM: the rows' int8 codes times the
+    weight's codes, summed exactly in int32, then times the weight's scale and the row's."""
+    x_codes, x_scales = rows.int8()
+    M = x_codes.shape[0]
+    if _vnni_takes(weight) and (M <= VNNI_MAX_ROWS or weight.struct.fmt == I4):
+        out = torch.empty(weight.struct.n, M)
+        status = library().mx_gemm_i8(weight.ref, expert, x_codes.data_ptr(), x_scales.data_ptr(), M,
+                                      out.data_ptr())
+        if status:
+            raise MemoryError("the integer GEMM: out of memory")
+        return out.t()
+    codes, scales = weight.tensors[0], weight.tensors[1]
+    if codes.dim() == 3:
+        codes, scales = codes[expert], scales[expert]
+    sums = torch._int_mm(codes, x_codes.t())  # (N, M): the weight as oneDNN's first operand, read where it lies
+    return sums.float().mul_(scales.float()[:, None]).mul_(x_scales).t()
+
+
+def linear(weight, rows: Rows, expert: int = 0) -> torch.Tensor:
+    """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view: int8 weights with a scale per row on the integer
+    GEMMs where they win (fp32 out), the rest on bf16 GEMMs (bf16 out). A bf16 GEMM of up to TRANSPOSED_MAX_ROWS
+    rows runs as (W x^T)^T, and an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then widened and
+    multiplied a chunk of rows at a time."""
+    if integer(weight):
+        return _int8_linear(weight, rows, expert)
+    x = rows.bf16()
     if x.shape[0] > TRANSPOSED_MAX_ROWS:
         return torch.mm(x, _matrix(weight, expert).t())
     n, k = weight.struct.n, weight.struct.k
-    rows = max(1, WIDEN_CHUNK_BYTES // (2 * k))
-    if weight.struct.fmt == BF16 or rows >= n:
+    count = max(1, WIDEN_CHUNK_BYTES // (2 * k))
+    if weight.struct.fmt == BF16 or count >= n:
         return torch.mm(_matrix(weight, expert), x.t()).t()
-    chunks = -(-n // rows)
-    rows = -(-n // chunks)  # chunks of equal size, none left with a few rows
+    chunks = -(-n // count)
+    count = -(-n // chunks)  # chunks of equal size, none left with a few rows
     out, xt = torch.empty(n, x.shape[0], dtype=torch.bfloat16), x.t()
-    buffer = _buffer(rows * k)
-    for first in range(0, n, rows):
-        count = min(rows, n - first)
-        torch.mm(_widen(weight, expert, first, buffer[:count * k].view(count, k)), xt, out=out[first:first + count])
+    buffer = _buffer(count * k)
+    for first in range(0, n, count):
+        part = min(count, n - first)
+        torch.mm(_widen(weight, expert, first, buffer[:part * k].view(part, k)), xt, out=out[first:first + part])
     return out.t()
 
 
 def attention_inputs(layer, h: torch.Tensor, out: torch.Tensor, H: int, G: int, Dh: int) -> None:
     """The q, k, v projections of normed rows h (N, D) fp32 into out (N, (H + 2G) Dh) fp32."""
-    hb = h.to(torch.bfloat16)
-    out[:, :H * Dh] = linear(layer.q, hb)
-    out[:, H * Dh:(H + G) * Dh] = linear(layer.k, hb)
-    out[:, (H + G) * Dh:] = linear(layer.v, hb)
+    rows = Rows(h)
+    out[:, :H * Dh] = linear(layer.q, rows)
+    out[:, H * Dh:(H + G) * Dh] = linear(layer.k, rows)
+    out[:, (H + G) * Dh:] = linear(layer.v, rows)
 
 
 def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
     """x (N, D) += y (N, H Dh) @ o^T."""
-    x += linear(layer.o, y.to(torch.bfloat16))
+    x += linear(layer.o, Rows(y))
 
 
-def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up on bf16 GEMM outputs, in bf16 as transformers does (each op computes in fp32 and rounds)."""
-    return F.silu(gate).mul_(up)
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> Rows:
+    """silu(gate) * up on GEMM outputs: on bf16 ones in bf16 as transformers does (each op computes in fp32 and
+    rounds), on the integer GEMMs' fp32 ones in fp32."""
+    return Rows(F.silu(gate).mul_(up))
 
 
 def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.Tensor, ids: torch.Tensor,
@@ -176,16 +287,16 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     flat = ids.view(-1)
     order = torch.argsort(flat, stable=True)  # the (token, choice) pairs grouped by expert
     counts = torch.bincount(flat, minlength=logits.shape[1]).tolist()
-    hb = h.to(torch.bfloat16)[order // top_k]
-    out = torch.empty(N * top_k, x.shape[1], dtype=torch.bfloat16)
+    rows = Rows(h).make(layer.w1).take(order // top_k)
+    out = torch.empty(N * top_k, x.shape[1], dtype=torch.float32 if integer(layer.w2) else torch.bfloat16)
     start = 0
     for expert, count in enumerate(counts):
         if not count:
             continue
         local = expert - layer.first  # (the layer may hold some of the experts only: a split model's part)
         if 0 <= local < layer.held:
-            rows = hb[start:start + count]
-            hidden = _swiglu(linear(layer.w1, rows, local), linear(layer.w3, rows, local))
+            mine = rows.take(slice(start, start + count))
+            hidden = _swiglu(linear(layer.w1, mine, local), linear(layer.w3, mine, local))
             out[start:start + count] = linear(layer.w2, hidden, local)
         else:
             out[start:start + count] = 0
@@ -199,5 +310,5 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
 def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:
     """A dense SwiGLU block (a layer without experts) on normed rows h (N, D) fp32 -> (N, D) bf16 (maybe a
     transposed view)."""
-    hb = h.to(torch.bfloat16)
-    return linear(layer.w2, _swiglu(linear(layer.w1, hb), linear(layer.w3, hb)))
+    rows = Rows(h)
+    return linear(layer.w2, _swiglu(linear(layer.w1, rows), linear(layer.w3, rows)))

@@ -1266,6 +1266,257 @@ int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *o
     return failed ? -1 : 0;
 }
 
+/* Rows of x (M rows of K, element (m, k) at x[m * sm + k * sk]) rounded to int8 for the prompt path's integer
+ * GEMMs (kernels/prompt.py), one scale per row: scale = max |x| / 127 and q = x * (127 / max |x|) rounded to the
+ * nearest integer (ties to even), so |q| <= 127; a row of zeros gets scale 0 and codes 0. q is (M, K) row-major. */
+void mx_quantize_rows(const float *x, int64_t M, int64_t K, int64_t sm, int64_t sk, int8_t *q, float *scales) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= PARALLEL_MIN_WORK)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * sm;
+        float top = 0.0f;
+        for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(row[k * sk]));
+        const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+        int8_t *out = q + m * K;
+        for (int64_t k = 0; k < K; k++) out[k] = (int8_t)nearbyintf(row[k * sk] * inverse);
+        scales[m] = top / 127.0f;
+    }
+}
+
+/* ---- The prompt path's integer GEMM: AVX512_VNNI, chosen at run time (mx_vnni_supported) -------------------------
+ * out (N, M) = W_e (N, K) @ x^T for M activation rows already rounded to int8 with a scale per row
+ * (mx_quantize_rows), on VNNI's 8-bit dot products (vpdpbusd: four u8 x s8 products summed into each 32-bit lane).
+ * The weight is read where it lies, never repacked: a tile of VNNI_ROWS weight rows meets 16 activation rows per
+ * vector, one activation row per lane with four consecutive columns, and each weight row's same four columns
+ * broadcast to every lane. The activations are laid out that way once per call (quads[k / 4][m][k % 4]).
+ * - int8 weights (a scale per row, K a multiple of 4): the activations go in as u8 (code + 128) against the
+ *   weight's s8 codes, and 128 x the weight row's sum is taken off; the sums are exact in int32. out = (float)sum *
+ *   w scale * x scale, rounded in that order (as kernels/prompt.py's oneDNN int8 GEMM path does: the same numbers).
+ * - int4 weights (groups of G, a multiple of 32; no offsets): the weight's u8 codes (0..15 for values code - 8)
+ *   against the activations' s8 codes, with 8 x the activations' sum over the group taken off; each group's exact
+ *   int32 sum times its scale is added in fp32, group after group (fused multiply-add); out = that total * x scale. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define VNNI_ROWS 4             /* weight rows per tile */
+#define VNNI_X_BYTES (384 << 10) /* activation bytes per pass over the weight (they stay in L2 through it) */
+
+int mx_vnni_supported(void) {
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+/* Store the 16 lanes of v for activation rows m0 .. m0 + 15 of an output row, those below `limit`. */
+VNNI_TARGET static inline void store_lanes(float *row, int64_t m0, int64_t limit, __m512 v) {
+    const int64_t left = limit - m0;
+    _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
+}
+
+/* One tile of int8 weight rows w[0 .. VNNI_ROWS) (the last ones repeat where the weight ends: `rows` are stored)
+ * against V activation vectors from row m0 */
+VNNI_TARGET static inline __attribute__((always_inline)) void i8_tile(
+        const int8_t *const *w, int rows, const uint8_t *quads, int64_t Mp, int64_t m0, int64_t quads_k, const int V,
+        const int32_t *wsum, const float *wscale, const float *xs, int64_t limit, float *out, int64_t ldo) {
+    __m512i acc[VNNI_ROWS][4];
+    for (int i = 0; i < VNNI_ROWS; i++)
+        for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < quads_k; q++) {
+        const uint8_t *a_at = quads + (q * Mp + m0) * 4;
+        __m512i a[4];
+        for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
+        for (int i = 0; i < VNNI_ROWS; i++) {
+            int32_t four;
+            memcpy(&four, w[i] + 4 * q, sizeof four);
+            const __m512i b = _mm512_set1_epi32(four);
+            for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[j], b);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < V; j++) {
+            const __m512i sum = _mm512_sub_epi32(acc[i][j], _mm512_set1_epi32(128 * wsum[i]));
+            __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(wscale[i]));
+            __asm__("" : "+v"(y)); /* each product rounded on its own, as the torch path's two multiplies */
+            store_lanes(out + i * ldo, m0 + 16 * j, limit, _mm512_mul_ps(y, _mm512_loadu_ps(xs + m0 + 16 * j)));
+        }
+}
+
+/* One tile of int4 weight rows, their codes unpacked to one byte each in `codes` (VNNI_ROWS rows of Kp), their
+ * group scales in `scale` (VNNI_ROWS rows of n_groups) */
+VNNI_TARGET static inline __attribute__((always_inline)) void i4_tile(
+        const uint8_t *codes, int64_t Kp, const float *scale, int64_t n_groups, int64_t G, int rows,
+        const uint8_t *quads, const int32_t *xsum, int64_t Mp, int64_t m0, const int V, const float *xs, int64_t limit,
+        float *out, int64_t ldo) {
+    __m512 total[VNNI_ROWS][2];
+    for (int i = 0; i < VNNI_ROWS; i++)
+        for (int j = 0; j < V; j++) total[i][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; g++) {
+        __m512i acc[VNNI_ROWS][2];
+        for (int i = 0; i < VNNI_ROWS; i++)
+            for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
+        for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
+            const uint8_t *a_at = quads + (q * Mp + m0) * 4;
+            __m512i a[2];
+            for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
+            for (int i = 0; i < VNNI_ROWS; i++) {
+                int32_t four;
+                memcpy(&four, codes + i * Kp + 4 * q, sizeof four);
+                const __m512i b = _mm512_set1_epi32(four);
+                for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], b, a[j]);
+            }
+        }
+        __m512i eights[2];
+        for (int j = 0; j < V; j++) eights[j] = _mm512_slli_epi32(_mm512_load_si512(xsum + g * Mp + m0 + 16 * j), 3);
+        for (int i = 0; i < VNNI_ROWS; i++) {
+            const __m512 s = _mm512_set1_ps(scale[i * n_groups + g]);
+            for (int j = 0; j < V; j++)
+                total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], eights[j])), s,
+                                              total[i][j]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < V; j++)
+            store_lanes(out + i * ldo, m0 + 16 * j, limit,
+                        _mm512_mul_ps(total[i][j], _mm512_loadu_ps(xs + m0 + 16 * j)));
+}
+
+/* A row of int4 code pairs (two per byte, low nibble first) as one byte per code (Kp codes, a multiple of 32) */
+VNNI_TARGET static void unpack_i4(const uint8_t *src, int64_t Kp, uint8_t *dst) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t i = 0; i < Kp; i += 32) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)(src + i / 2));
+        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        _mm_storeu_si128((__m128i *)(dst + i), _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128((__m128i *)(dst + i + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+}
+
+/* Sum of an int8 row of K columns (a multiple of 4) */
+VNNI_TARGET static int32_t row_sum_i8(const int8_t *row, int64_t K) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 keep = K - k >= 64 ? ~0ull : (1ull << (K - k)) - 1;
+        acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(keep, row + k));
+    }
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* The activation rows [m0, m0 + rows) of codes (M, K) in quads (Kp / 4, Mp, 4), Mp = rows rounded up to 16, zero
+ * past K and M (xor 0x80 for int8 weights: u8 = code + 128), and for int4 weights their sums per group (n_groups,
+ * Mp). Returns 0, -1 when out of memory. */
+VNNI_TARGET static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, int64_t Kp, int64_t Mp,
+                                 int flip, int64_t G, uint8_t *quads, int32_t *xsum) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (Mp * Kp >= PARALLEL_MIN_WORK)
+    {
+        uint8_t *line = malloc((size_t)Kp);
+        if (!line) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < Mp; m++) {
+            if (!line) continue;
+            memset(line, 0, (size_t)Kp);
+            if (m < rows) memcpy(line, codes + (m0 + m) * K, (size_t)K);
+            for (int64_t q = 0; q < Kp / 4; q++) {
+                uint32_t four;
+                memcpy(&four, line + 4 * q, sizeof four);
+                if (flip) four ^= 0x80808080u;
+                memcpy(quads + (q * Mp + m) * 4, &four, sizeof four);
+            }
+            if (G)
+                for (int64_t g = 0; g < Kp / G; g++) {
+                    int32_t s = 0;
+                    for (int64_t k = g * G; k < (g + 1) * G; k++) s += (int8_t)line[k];
+                    xsum[g * Mp + m] = s;
+                }
+        }
+        free(line);
+    }
+    return failed ? -1 : 0;
+}
+
+/* out (N, M) = expert e of w (int8 with a scale per row, K a multiple of 4; or int4 in groups of a multiple of 32,
+ * no offsets) @ (codes * scales)^T, codes (M, K) int8 with a scale per row. Returns 0, -1 when out of memory, -2
+ * for a weight this kernel does not take. */
+VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, const float *scales, int64_t M,
+                           float *out) {
+    const int int4 = w->fmt == FMT_I4;
+    const int64_t N = w->n, K = w->k, G = int4 ? w->group : 0;
+    if (!(w->fmt == FMT_I8 && w->group == 0 && K % 4 == 0) && !(int4 && G % 32 == 0 && !w->offsets)) return -2;
+    const int64_t n_groups = int4 ? (K + G - 1) / G : 0, Kp = int4 ? n_groups * G : K;
+    const int64_t chunk = VNNI_X_BYTES / Kp / 16 * 16 > 16 ? VNNI_X_BYTES / Kp / 16 * 16 : 16;
+    const int64_t Mp_max = (M < chunk ? M + 15 : chunk) / 16 * 16;
+    uint8_t *quads = aligned_alloc(64, (size_t)(Kp * Mp_max));
+    int32_t *xsum = aligned_alloc(64, sizeof(int32_t) * (size_t)((n_groups ? n_groups : 1) * Mp_max));
+    float *xs = aligned_alloc(64, sizeof(float) * (size_t)Mp_max);
+    int failed = !quads || !xsum || !xs;
+    const int64_t tiles = (N + VNNI_ROWS - 1) / VNNI_ROWS;
+    for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {  /* a pass over the weight per chunk of activations */
+        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
+        if (pack_rows(codes, K, m0, rows, Kp, Mp, !int4, G, quads, xsum)) {
+            failed = 1;
+            break;
+        }
+        for (int64_t m = 0; m < Mp; m++) xs[m] = m < rows ? scales[m0 + m] : 0.0f;
+        float *block = out + m0; /* output column m0; rows of stride M */
+#pragma omp parallel num_threads(threads) if (N * K * Mp >= PARALLEL_MIN_PRODUCTS)
+        {
+            uint8_t *unpacked = int4 ? aligned_alloc(64, (size_t)(VNNI_ROWS * Kp)) : NULL;
+            float *scale = int4 ? malloc(sizeof(float) * (size_t)(VNNI_ROWS * n_groups)) : NULL;
+            if (int4 && (!unpacked || !scale)) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t t = 0; t < tiles; t++) {
+                if (int4 && (!unpacked || !scale)) continue;
+                const int64_t n0 = t * VNNI_ROWS;
+                const int rows_here = N - n0 < VNNI_ROWS ? (int)(N - n0) : VNNI_ROWS;
+                if (int4) {
+                    for (int i = 0; i < VNNI_ROWS; i++) {
+                        const int64_t n = n0 + (i < rows_here ? i : rows_here - 1);
+                        unpack_i4((const uint8_t *)expert_data(w, e) + n * (Kp / 2), Kp, unpacked + i * Kp);
+                        const uint16_t *s = expert_scales(w, e) + n * n_groups;
+                        for (int64_t g = 0; g < n_groups; g++) scale[i * n_groups + g] = scale_value(w, s[g]);
+                    }
+                    for (int64_t v0 = 0; v0 < Mp; v0 += 32) {
+                        if (Mp - v0 >= 32)
+                            i4_tile(unpacked, Kp, scale, n_groups, G, rows_here, quads, xsum, Mp, v0, 2, xs, rows,
+                                    block + n0 * M, M);
+                        else
+                            i4_tile(unpacked, Kp, scale, n_groups, G, rows_here, quads, xsum, Mp, v0, 1, xs, rows,
+                                    block + n0 * M, M);
+                    }
+                } else {
+                    const int8_t *wr[VNNI_ROWS];
+                    int32_t wsum[VNNI_ROWS];
+                    float wscale[VNNI_ROWS];
+                    for (int i = 0; i < VNNI_ROWS; i++) {
+                        const int64_t n = n0 + (i < rows_here ? i : rows_here - 1);
+                        wr[i] = (const int8_t *)expert_data(w, e) + n * K;
+                        wsum[i] = row_sum_i8(wr[i], K);
+                        wscale[i] = bf16_to_float(expert_scales(w, e)[n]);
+                    }
+                    for (int64_t v0 = 0; v0 < Mp;) {
+                        const int V = (Mp - v0) / 16 >= 4 ? 4 : (int)((Mp - v0) / 16);
+                        float *at = block + n0 * M;
+                        if (V == 4) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 4, wsum, wscale, xs, rows, at, M);
+                        else if (V == 3) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 3, wsum, wscale, xs, rows, at, M);
+                        else if (V == 2) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 2, wsum, wscale, xs, rows, at, M);
+                        else i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 1, wsum, wscale, xs, rows, at, M);
+                        v0 += 16 * V;
+                    }
+                }
+            }
+            free(unpacked);
+            free(scale);
+        }
+    }
+    free(quads);
+    free(xsum);
+    free(xs);
+    return failed ? -1 : 0;
+}
+
 
 /* Run `count` jobs (each one activation row) in one parallel pass over all of their weight rows: the projections
  * of q, k and v, or the experts of one token, cost one fork and join. Returns 0, or -1 when out of memory. */

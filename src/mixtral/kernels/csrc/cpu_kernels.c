@@ -1266,19 +1266,59 @@ int mx_to_bf16(const weight_t *w, int64_t e, int64_t r0, int64_t nr, uint16_t *o
     return failed ? -1 : 0;
 }
 
+/* One row of K values rounded to int8 codes as mx_quantize_rows does (x * inverse rounded to the nearest, ties to
+ * even: _mm256_cvtps_epi32 and nearbyintf round so in the default rounding mode); returns max |x|. */
+static float quantize_row(const float *x, int64_t K, int8_t *q) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 top8 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) top8 = _mm256_max_ps(top8, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    float top = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+    for (; k < K; k++) top = fmaxf(top, fabsf(x[k]));
+    const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+    const __m256 inv = _mm256_set1_ps(inverse);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (k = 0; k + 32 <= K; k += 32) { /* |codes| <= 127: the packs never saturate */
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), inv));
+        const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 16), inv));
+        const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 24), inv));
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+    for (; k < K; k++) q[k] = (int8_t)nearbyintf(x[k] * inverse);
+    return top;
+}
+
 /* Rows of x (M rows of K, element (m, k) at x[m * sm + k * sk]) rounded to int8 for the prompt path's integer
  * GEMMs (kernels/prompt.py), one scale per row: scale = max |x| / 127 and q = x * (127 / max |x|) rounded to the
- * nearest integer (ties to even), so |q| <= 127; a row of zeros gets scale 0 and codes 0. q is (M, K) row-major. */
+ * nearest integer (ties to even), so |q| <= 127; a row of zeros gets scale 0 and codes 0. q is (M, K) row-major.
+ * Rows given with sk != 1 (columns of a matrix) are gathered into a contiguous row first. */
 void mx_quantize_rows(const float *x, int64_t M, int64_t K, int64_t sm, int64_t sk, int8_t *q, float *scales) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= PARALLEL_MIN_WORK)
-    for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * sm;
-        float top = 0.0f;
-        for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(row[k * sk]));
-        const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
-        int8_t *out = q + m * K;
-        for (int64_t k = 0; k < K; k++) out[k] = (int8_t)nearbyintf(row[k * sk] * inverse);
-        scales[m] = top / 127.0f;
+#pragma omp parallel num_threads(threads) if (M * K >= PARALLEL_MIN_WORK)
+    {
+        float *line = sk == 1 ? NULL : malloc(sizeof(float) * (size_t)K);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = x + m * sm;
+            if (sk != 1) {
+                if (line) {
+                    for (int64_t k = 0; k < K; k++) line[k] = row[k * sk];
+                    row = line;
+                } else { /* (out of memory for the line: the same numbers, more slowly) */
+                    float top = 0.0f;
+                    for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(row[k * sk]));
+                    const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+                    for (int64_t k = 0; k < K; k++) q[m * K + k] = (int8_t)nearbyintf(row[k * sk] * inverse);
+                    scales[m] = top / 127.0f;
+                    continue;
+                }
+            }
+            scales[m] = quantize_row(row, K, q + m * K) / 127.0f;
+        }
+        free(line);
     }
 }
 
@@ -1295,7 +1335,9 @@ void mx_quantize_rows(const float *x, int64_t M, int64_t K, int64_t sm, int64_t 
  *   against the activations' s8 codes, with 8 x the activations' sum over the group taken off; each group's exact
  *   int32 sum times its scale is added in fp32, group after group (fused multiply-add); out = that total * x scale. */
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-#define VNNI_ROWS 4             /* weight rows per tile */
+#define I8_ROWS 8 /* int8 weight rows per tile (with up to I8_VECTORS vectors of 16 activation rows) */
+#define I8_VECTORS 2
+#define I4_ROWS 4 /* int4 weight rows per tile (with up to 2 vectors: its fp32 totals need registers too) */
 #define VNNI_X_BYTES (384 << 10) /* activation bytes per pass over the weight (they stay in L2 through it) */
 
 int mx_vnni_supported(void) {
@@ -1309,19 +1351,19 @@ VNNI_TARGET static inline void store_lanes(float *row, int64_t m0, int64_t limit
     _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
 }
 
-/* One tile of int8 weight rows w[0 .. VNNI_ROWS) (the last ones repeat where the weight ends: `rows` are stored)
+/* One tile of int8 weight rows w[0 .. I8_ROWS) (the last ones repeat where the weight ends: `rows` are stored)
  * against V activation vectors from row m0 */
 VNNI_TARGET static inline __attribute__((always_inline)) void i8_tile(
         const int8_t *const *w, int rows, const uint8_t *quads, int64_t Mp, int64_t m0, int64_t quads_k, const int V,
         const int32_t *wsum, const float *wscale, const float *xs, int64_t limit, float *out, int64_t ldo) {
-    __m512i acc[VNNI_ROWS][4];
-    for (int i = 0; i < VNNI_ROWS; i++)
+    __m512i acc[I8_ROWS][I8_VECTORS];
+    for (int i = 0; i < I8_ROWS; i++)
         for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
     for (int64_t q = 0; q < quads_k; q++) {
         const uint8_t *a_at = quads + (q * Mp + m0) * 4;
-        __m512i a[4];
+        __m512i a[I8_VECTORS];
         for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
-        for (int i = 0; i < VNNI_ROWS; i++) {
+        for (int i = 0; i < I8_ROWS; i++) {
             int32_t four;
             memcpy(&four, w[i] + 4 * q, sizeof four);
             const __m512i b = _mm512_set1_epi32(four);
@@ -1337,24 +1379,24 @@ VNNI_TARGET static inline __attribute__((always_inline)) void i8_tile(
         }
 }
 
-/* One tile of int4 weight rows, their codes unpacked to one byte each in `codes` (VNNI_ROWS rows of Kp), their
- * group scales in `scale` (VNNI_ROWS rows of n_groups) */
+/* One tile of int4 weight rows, their codes unpacked to one byte each in `codes` (I4_ROWS rows of Kp), their
+ * group scales in `scale` (I4_ROWS rows of n_groups) */
 VNNI_TARGET static inline __attribute__((always_inline)) void i4_tile(
         const uint8_t *codes, int64_t Kp, const float *scale, int64_t n_groups, int64_t G, int rows,
         const uint8_t *quads, const int32_t *xsum, int64_t Mp, int64_t m0, const int V, const float *xs, int64_t limit,
         float *out, int64_t ldo) {
-    __m512 total[VNNI_ROWS][2];
-    for (int i = 0; i < VNNI_ROWS; i++)
+    __m512 total[I4_ROWS][2];
+    for (int i = 0; i < I4_ROWS; i++)
         for (int j = 0; j < V; j++) total[i][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {
-        __m512i acc[VNNI_ROWS][2];
-        for (int i = 0; i < VNNI_ROWS; i++)
+        __m512i acc[I4_ROWS][2];
+        for (int i = 0; i < I4_ROWS; i++)
             for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
         for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
             const uint8_t *a_at = quads + (q * Mp + m0) * 4;
             __m512i a[2];
             for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
-            for (int i = 0; i < VNNI_ROWS; i++) {
+            for (int i = 0; i < I4_ROWS; i++) {
                 int32_t four;
                 memcpy(&four, codes + i * Kp + 4 * q, sizeof four);
                 const __m512i b = _mm512_set1_epi32(four);
@@ -1363,7 +1405,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void i4_tile(
         }
         __m512i eights[2];
         for (int j = 0; j < V; j++) eights[j] = _mm512_slli_epi32(_mm512_load_si512(xsum + g * Mp + m0 + 16 * j), 3);
-        for (int i = 0; i < VNNI_ROWS; i++) {
+        for (int i = 0; i < I4_ROWS; i++) {
             const __m512 s = _mm512_set1_ps(scale[i * n_groups + g]);
             for (int j = 0; j < V; j++)
                 total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], eights[j])), s,
@@ -1449,7 +1491,7 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
     int32_t *xsum = aligned_alloc(64, sizeof(int32_t) * (size_t)((n_groups ? n_groups : 1) * Mp_max));
     float *xs = aligned_alloc(64, sizeof(float) * (size_t)Mp_max);
     int failed = !quads || !xsum || !xs;
-    const int64_t tiles = (N + VNNI_ROWS - 1) / VNNI_ROWS;
+    const int64_t per_tile = int4 ? I4_ROWS : I8_ROWS, tiles = (N + per_tile - 1) / per_tile;
     for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {  /* a pass over the weight per chunk of activations */
         const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
         if (pack_rows(codes, K, m0, rows, Kp, Mp, !int4, G, quads, xsum)) {
@@ -1460,8 +1502,8 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
         float *block = out + m0; /* output column m0; rows of stride M */
 #pragma omp parallel num_threads(threads) if (N * K * Mp >= PARALLEL_MIN_PRODUCTS)
         {
-            uint8_t *unpacked = int4 ? aligned_alloc(64, (size_t)(VNNI_ROWS * Kp)) : NULL;
-            float *scale = int4 ? malloc(sizeof(float) * (size_t)(VNNI_ROWS * n_groups)) : NULL;
+            uint8_t *unpacked = int4 ? aligned_alloc(64, (size_t)(I4_ROWS * Kp)) : NULL;
+            float *scale = int4 ? malloc(sizeof(float) * (size_t)(I4_ROWS * n_groups)) : NULL;
             if (int4 && (!unpacked || !scale)) {
 #pragma omp atomic write
                 failed = 1;
@@ -1469,10 +1511,10 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
 #pragma omp for schedule(dynamic, 4)
             for (int64_t t = 0; t < tiles; t++) {
                 if (int4 && (!unpacked || !scale)) continue;
-                const int64_t n0 = t * VNNI_ROWS;
-                const int rows_here = N - n0 < VNNI_ROWS ? (int)(N - n0) : VNNI_ROWS;
+                const int64_t n0 = t * per_tile;
+                const int rows_here = N - n0 < per_tile ? (int)(N - n0) : (int)per_tile;
                 if (int4) {
-                    for (int i = 0; i < VNNI_ROWS; i++) {
+                    for (int i = 0; i < I4_ROWS; i++) {
                         const int64_t n = n0 + (i < rows_here ? i : rows_here - 1);
                         unpack_i4((const uint8_t *)expert_data(w, e) + n * (Kp / 2), Kp, unpacked + i * Kp);
                         const uint16_t *s = expert_scales(w, e) + n * n_groups;
@@ -1487,21 +1529,19 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                                     block + n0 * M, M);
                     }
                 } else {
-                    const int8_t *wr[VNNI_ROWS];
-                    int32_t wsum[VNNI_ROWS];
-                    float wscale[VNNI_ROWS];
-                    for (int i = 0; i < VNNI_ROWS; i++) {
+                    const int8_t *wr[I8_ROWS];
+                    int32_t wsum[I8_ROWS];
+                    float wscale[I8_ROWS];
+                    for (int i = 0; i < I8_ROWS; i++) {
                         const int64_t n = n0 + (i < rows_here ? i : rows_here - 1);
                         wr[i] = (const int8_t *)expert_data(w, e) + n * K;
                         wsum[i] = row_sum_i8(wr[i], K);
                         wscale[i] = bf16_to_float(expert_scales(w, e)[n]);
                     }
                     for (int64_t v0 = 0; v0 < Mp;) {
-                        const int V = (Mp - v0) / 16 >= 4 ? 4 : (int)((Mp - v0) / 16);
+                        const int V = Mp - v0 >= 32 ? 2 : 1;
                         float *at = block + n0 * M;
-                        if (V == 4) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 4, wsum, wscale, xs, rows, at, M);
-                        else if (V == 3) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 3, wsum, wscale, xs, rows, at, M);
-                        else if (V == 2) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 2, wsum, wscale, xs, rows, at, M);
+                        if (V == 2) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 2, wsum, wscale, xs, rows, at, M);
                         else i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 1, wsum, wscale, xs, rows, at, M);
                         v0 += 16 * V;
                     }

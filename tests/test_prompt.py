@@ -113,7 +113,7 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     exactly (int4: per group, each group's sum times its scale added in fp32), then multiplied by the scales. Held
     here to float64 arithmetic on the same rounded values, rounded by torch, for an expert of a stacked weight and for
     rows given transposed (as the experts' hidden rows come). K = 200 pads int4-g128's last group; K = 8192 makes
-    our VNNI kernel take the 100 rows in chunks. int8: our VNNI kernel (up to VNNI_MAX_ROWS rows) and oneDNN's int8
+    our VNNI kernel take the 100 rows in chunks. int8: our VNNI kernel (up to OURS_MAX_ROWS rows) and oneDNN's int8
     GEMM give the same numbers."""
     from mixtral.kernels.native_lib import NativeWeight
     from mixtral.quantize import QuantLinear, parse_quantize
@@ -124,7 +124,7 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     gen = torch.Generator().manual_seed(M)
     weight = QuantLinear.from_weight(torch.randn(2, 20 if K > 1000 else 96, K, generator=gen) * 0.05, bits, group)
     native = NativeWeight(weight)
-    if bits == 4 and not prompt._vnni_takes(native):
+    if bits == 4 and not prompt._ours(native):
         assert not prompt.integer(native)
         pytest.skip("int4 takes the integer GEMM only on AVX512_VNNI (ours); here it is widened to bf16")
     x = torch.randn(M, K, generator=gen) * torch.logspace(-2, 1, M)[:, None]
@@ -138,11 +138,37 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     assert got.dtype == torch.float32 and torch.allclose(got, wanted, rtol=1e-5, atol=1e-6 * wanted.abs().max())
     assert torch.equal(prompt.linear(native, prompt.Rows(x.t().contiguous().t()), expert=1), got)
     if bits == 8:
-        monkeypatch.setattr(prompt, "VNNI_MAX_ROWS", 0)  # oneDNN's
+        monkeypatch.setattr(prompt, "OURS_MAX_ROWS", 0)  # oneDNN's
         assert torch.equal(prompt.linear(native, prompt.Rows(x), expert=1), got)
     monkeypatch.setenv("MIXTRAL_PROMPT", "bf16")  # the same weight widened to bf16: bf16 activations, bf16 out
     widened = prompt.linear(native, prompt.Rows(x), expert=1)
     assert widened.dtype == torch.bfloat16 and not torch.equal(widened.float(), got)
+
+
+@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (48, 200), (40, 8192)])
+def test_our_bf16_gemm_sums_bf16_products_in_fp32(monkeypatch, M, K):
+    """bf16 weights on our bf16 GEMM (AVX512_BF16, up to BF16_MAX_ROWS rows; oneDNN's beyond and on AMX): the rows
+    rounded to bf16, each product exact, summed in fp32, out in fp32. Held to float64 sums of the same bf16 values,
+    and to oneDNN's bf16 GEMM (whose out is rounded to bf16). K = 8192 takes the rows in chunks (of 16)."""
+    from mixtral.kernels.native_lib import NativeWeight
+
+    gen = torch.Generator().manual_seed(M)
+    weight = (torch.randn(2, 20 if K > 1000 else 96, K, generator=gen) * 0.05).bfloat16()
+    native = NativeWeight(weight)
+    x = torch.randn(M, K, generator=gen) * torch.logspace(-2, 1, M)[:, None]
+    got = prompt.linear(native, prompt.Rows(x), expert=1)
+    if not prompt._ours(native):
+        assert got.dtype == torch.bfloat16
+        pytest.skip("no AVX512_BF16 (or AMX, where oneDNN's bf16 GEMM runs on tiles): oneDNN's bf16 GEMM here")
+    wanted = (x.bfloat16().double() @ weight[1].double().T).float()
+    assert got.dtype == torch.float32 and torch.allclose(got, wanted, rtol=1e-5, atol=1e-6 * wanted.abs().max())
+    assert torch.equal(prompt.linear(native, prompt.Rows(x.t().contiguous().t()), expert=1), got)
+    monkeypatch.setattr(prompt, "BF16_MAX_ROWS", M - 1)  # one row too many for ours: oneDNN's
+    onednn = prompt.linear(native, prompt.Rows(x), expert=1)
+    assert onednn.dtype == torch.bfloat16 and torch.allclose(onednn.float(), got, rtol=2 ** -7, atol=1e-5)
+    monkeypatch.setattr(prompt, "BF16_MAX_ROWS", M)
+    monkeypatch.setenv("MIXTRAL_PROMPT", "bf16")  # every weight on oneDNN's
+    assert torch.equal(prompt.linear(native, prompt.Rows(x), expert=1), onednn)
 
 
 def test_experts_without_tokens_and_one_expert_with_them_all(bf16_dir):

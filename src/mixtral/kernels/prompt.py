@@ -191,22 +191,37 @@ def integer(weight) -> bool:
     s = weight.struct
     if s.fmt == I8 and s.group == 0:
         return integer_gemms()
-    return s.fmt == I4 and _vnni_takes(weight) and integer_gemms()
+    return s.fmt == I4 and _ours(weight) and integer_gemms()
 
 
-def _vnni_takes(weight) -> bool:
-    """Whether our VNNI GEMM (csrc/cpu_kernels.c mx_gemm_i8) takes this weight on this CPU."""
+def _ours(weight) -> bool:
+    """Whether one of our GEMM kernels (csrc/cpu_kernels.c: mx_gemm_i8 on AVX512_VNNI, mx_gemm_bf16 on
+    AVX512_BF16) takes this weight on this CPU: they read the weight where it lies, where oneDNN packs it on every
+    call, which costs most where few rows share it (an expert's tokens in a short prompt). Not on AMX, whose tiles
+    oneDNN uses, nor with MIXTRAL_PROMPT=bf16 (every weight on oneDNN's bf16 GEMMs)."""
     s = weight.struct
-    if "vnni" not in _vnni_state:
-        _vnni_state["vnni"] = bool(library().mx_vnni_supported())
-    return _vnni_state["vnni"] and (
+    if not _kernels:
+        _kernels.update(_find_kernels())
+    if not _kernels or os.environ.get("MIXTRAL_PROMPT") == "bf16" or "amx_bf16" in cpu_flags():
+        return False
+    if s.fmt == BF16:
+        return _kernels["bf16"] and s.k % 2 == 0
+    return _kernels["vnni"] and (
         (s.fmt == I8 and s.group == 0 and s.k % 4 == 0) or (s.fmt == I4 and s.group % 32 == 0 and not s.offsets))
 
 
-_vnni_state: dict[str, bool] = {}
-# Rows up to which int8 weights take our VNNI GEMM rather than oneDNN's: ours reads the weight where it lies and
-# oneDNN packs it first, which costs most where few rows share it (an expert's tokens in a short prompt).
-VNNI_MAX_ROWS = 128
+def _find_kernels() -> dict[str, bool]:
+    lib = library()
+    return {} if lib is None else {"vnni": bool(lib.mx_vnni_supported()), "bf16": bool(lib.mx_bf16_supported())}
+
+
+_kernels: dict[str, bool] = {}
+# Rows up to which our kernels take a product, not oneDNN's GEMMs (which pack the weight, then run as close to the
+# CPU's peak or closer). On Zen 4, 2 threads, at the experts' shapes of "small" and "medium" (weights not in cache):
+# int8 1.1-1.7x oneDNN's int8 GEMM at 32 rows, 1.0-1.3x at 64, 0.9-1.1x at 128; bf16 1.05-1.5x oneDNN's bf16 GEMM at
+# 16-32 rows, 0.9-1.2x at 64 (both then run at the vdpbf16ps peak, ~190 GMAC/s).
+OURS_MAX_ROWS = 128
+BF16_MAX_ROWS = 48
 
 
 def _int8_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
@@ -214,7 +229,7 @@ def _int8_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     weight's codes, summed exactly in int32, then times the weight's scale and the row's."""
     x_codes, x_scales = rows.int8()
     M = x_codes.shape[0]
-    if _vnni_takes(weight) and (M <= VNNI_MAX_ROWS or weight.struct.fmt == I4):
+    if _ours(weight) and (M <= OURS_MAX_ROWS or weight.struct.fmt == I4):
         out = torch.empty(weight.struct.n, M)
         status = library().mx_gemm_i8(weight.ref, expert, x_codes.data_ptr(), x_scales.data_ptr(), M,
                                       out.data_ptr())
@@ -236,6 +251,12 @@ def linear(weight, rows: Rows, expert: int = 0) -> torch.Tensor:
     if integer(weight):
         return _int8_linear(weight, rows, expert)
     x = rows.bf16()
+    if weight.struct.fmt == BF16 and x.shape[0] <= BF16_MAX_ROWS and _ours(weight):
+        x = x.contiguous()
+        out = torch.empty(weight.struct.n, x.shape[0])
+        if library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr()):
+            raise MemoryError("the bf16 GEMM: out of memory")
+        return out.t()
     if x.shape[0] > TRANSPOSED_MAX_ROWS:
         return torch.mm(x, _matrix(weight, expert).t())
     n, k = weight.struct.n, weight.struct.k

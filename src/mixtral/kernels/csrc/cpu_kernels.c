@@ -1345,7 +1345,13 @@ int mx_vnni_supported(void) {
            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
-/* Store the 16 lanes of v for activation rows m0 .. m0 + 15 of an output row, those below `limit`. */
+/* Store the 16 lanes of v for activation rows m0 .. m0 + 15 of an output row, those below `limit` (store_lanes_bf:
+ * the same, for the bf16 GEMM's target). */
+BF_TARGET static inline void store_lanes_bf(float *row, int64_t m0, int64_t limit, __m512 v) {
+    const int64_t left = limit - m0;
+    _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
+}
+
 VNNI_TARGET static inline void store_lanes(float *row, int64_t m0, int64_t limit, __m512 v) {
     const int64_t left = limit - m0;
     _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
@@ -1443,7 +1449,7 @@ VNNI_TARGET static int32_t row_sum_i8(const int8_t *row, int64_t K) {
 /* The activation rows [m0, m0 + rows) of codes (M, K) in quads (Kp / 4, Mp, 4), Mp = rows rounded up to 16, zero
  * past K and M (xor 0x80 for int8 weights: u8 = code + 128), and for int4 weights their sums per group (n_groups,
  * Mp). Returns 0, -1 when out of memory. */
-VNNI_TARGET static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, int64_t Kp, int64_t Mp,
+static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, int64_t Kp, int64_t Mp,
                                  int flip, int64_t G, uint8_t *quads, int32_t *xsum) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (Mp * Kp >= PARALLEL_MIN_WORK)
@@ -1557,6 +1563,74 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
     return failed ? -1 : 0;
 }
 
+
+/* ---- The prompt path's bf16 GEMM: AVX512_BF16 (mx_bf16_supported) ---------------------------------------------
+ * out (N, M) fp32 = W_e (N, K) bf16 @ x^T for M activation rows already rounded to bf16, with the integer GEMM's
+ * scheme: BF_ROWS weight rows read where they lie, each pair of columns broadcast against 16
+ * activation rows per vector (pairs[k / 2][m][k % 2], laid out by pack_rows as 4-byte units), on vdpbf16ps (two
+ * bf16 products added into each fp32 lane). Sums are fp32, column pair after column pair; K even. */
+#define BF_ROWS 8
+
+BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
+        const uint16_t *const *w, int rows, const uint8_t *pairs, int64_t Mp, int64_t m0, int64_t K2, const int V,
+        int64_t limit, float *out, int64_t ldo) {
+    __m512 acc[BF_ROWS][2];
+    for (int i = 0; i < BF_ROWS; i++)
+        for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < K2; q++) {
+        const uint8_t *a_at = pairs + (q * Mp + m0) * 4;
+        __m512bh a[2];
+        for (int j = 0; j < V; j++) a[j] = (__m512bh)_mm512_load_si512(a_at + 64 * j);
+        for (int i = 0; i < BF_ROWS; i++) {
+            int32_t two;
+            memcpy(&two, w[i] + 2 * q, sizeof two);
+            const __m512bh b = (__m512bh)_mm512_set1_epi32(two);
+            for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[j], b);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < V; j++) store_lanes_bf(out + i * ldo, m0 + 16 * j, limit, acc[i][j]);
+}
+
+/* out (N, M) = expert e of w (bf16, K even) @ x^T, x (M, K) bf16. Returns 0, -1 when out of memory, -2 for a weight
+ * this kernel does not take. */
+BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out) {
+    const int64_t N = w->n, K = w->k;
+    if (w->fmt != FMT_BF16 || K % 2) return -2;
+    const int64_t bytes = 2 * K; /* a row's bytes: pack_rows' columns */
+    const int64_t chunk = VNNI_X_BYTES / bytes / 16 * 16 > 16 ? VNNI_X_BYTES / bytes / 16 * 16 : 16;
+    const int64_t Mp_max = (M < chunk ? M + 15 : chunk) / 16 * 16;
+    uint8_t *pairs = aligned_alloc(64, (size_t)(bytes * Mp_max));
+    int failed = !pairs;
+    const int64_t tiles = (N + BF_ROWS - 1) / BF_ROWS;
+    for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
+        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
+        if (pack_rows((const int8_t *)(x + m0 * K), bytes, 0, rows, bytes, Mp, 0, 0, pairs, NULL)) {
+            failed = 1;
+            break;
+        }
+        float *block = out + m0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (N * K * Mp >= PARALLEL_MIN_PRODUCTS)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t n0 = t * BF_ROWS;
+            const int rows_here = N - n0 < BF_ROWS ? (int)(N - n0) : BF_ROWS;
+            const uint16_t *wr[BF_ROWS];
+            for (int i = 0; i < BF_ROWS; i++)
+                wr[i] = (const uint16_t *)expert_data(w, e) + (n0 + (i < rows_here ? i : rows_here - 1)) * K;
+            for (int64_t v0 = 0; v0 < Mp;) {
+                if (Mp - v0 >= 32) {
+                    bf16_tile(wr, rows_here, pairs, Mp, v0, K / 2, 2, rows, block + n0 * M, M);
+                    v0 += 32;
+                } else {
+                    bf16_tile(wr, rows_here, pairs, Mp, v0, K / 2, 1, rows, block + n0 * M, M);
+                    v0 += 16;
+                }
+            }
+        }
+    }
+    free(pairs);
+    return failed ? -1 : 0;
+}
 
 /* Run `count` jobs (each one activation row) in one parallel pass over all of their weight rows: the projections
  * of q, k and v, or the experts of one token, cost one fork and join. Returns 0, or -1 when out of memory. */

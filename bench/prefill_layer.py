@@ -1,6 +1,6 @@
 """Prompt speed of one Mixtral-8x7B decoder layer at its real shapes (hidden 4096, ffn 14336, 8 experts top-2,
-32/8 heads of 128), random weights: ours (bf16 and int4, the prompt path and the exact one) against transformers'
-MixtralForCausalLM in bf16 with the same single layer, in one run, on the same checkpoint.
+32/8 heads of 128), random weights: ours (bf16, int8 and int4, the prompt path and the exact one) against
+transformers' MixtralForCausalLM in bf16 with the same single layer, in one run, on the same checkpoint.
 
 Both engines run a whole one-layer model (embedding, the layer, norm, a 32-token output projection for the last
 position only), so what is timed is the layer. From the per-layer time the projected time to first token of the
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 HIDDEN, FFN, HEADS, KV_HEADS, EXPERTS, LAYERS = 4096, 14336, 32, 8, 8, 32
-RUNS = ["hf:bf16", "ours:bf16", "exact:bf16", "ours:int4", "exact:int4"]  # exact: our fp32 kernels for prompts too
+# exact: our fp32 kernels for prompts too
+RUNS = ["hf:bf16", "ours:bf16", "exact:bf16", "ours:int8", "ours:int4", "exact:int4"]
 
 
 def write_checkpoint(out: Path) -> None:
@@ -57,7 +58,7 @@ def worker(run: str, model_dir: str, tokens: list[int], repeat: int) -> dict:
         from mixtral.loading import load_model
 
         model = load_model(model_dir, dtype="bfloat16", progress=False, exact=engine == "exact",
-                           quantize="int4" if precision == "int4" else None)
+                           quantize=precision if precision in ("int8", "int4") else None)
         runner = kernels.runner(model)
 
         def prefill(ids):

@@ -171,10 +171,11 @@ def test_two_ranks_quantized_as_they_load_are_as_close_as_one_process_quantized(
 @pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float32", "int8")])
 def test_two_ranks_prompt_gemms_on_their_own_experts_are_as_close_as_one_process(split_model, tmp_path, dtype,
                                                                                   quantize, monkeypatch):
-    """A 40-token prompt with bf16 or int8 weights on oneDNN's bf16 GEMMs (kernels/prompt.py; MIXTRAL_PROMPT=gemm:
-    on any CPU, and for weights this small): each rank runs them for its own two experts only (the tokens routed to
-    the other rank's add nothing there) and its part of attention; summed over the ranks, as close to
-    transformers' fp32 logits as one process on the same path (at most 1.5x its error, + 1e-3)."""
+    """A 40-token prompt with bf16 or int8 weights on the prompt path's GEMMs (kernels/prompt.py, whichever this CPU
+    takes; MIXTRAL_PROMPT=gemm: on any CPU, and for weights this small): each rank runs them for its own two
+    experts only (the tokens routed to the other rank's add nothing there) and its part of attention; summed over
+    the ranks, as close to transformers' fp32 logits as one process on the same path (at most 1.5x its error,
+    + 1e-3)."""
     from mixtral import load
     from mixtral.kernels import prompt
 

@@ -1,10 +1,11 @@
-"""The prompt path (kernels/prompt.py): prefills on oneDNN's bf16 GEMMs, held to the exact fp32 kernels and to
-transformers' own bf16 model.
+"""The prompt path (kernels/prompt.py): prefills on GEMMs (oneDNN's bf16 and int8 ones, our VNNI and bf16 ones),
+each held to its contract, and the whole path to the exact fp32 kernels and to transformers' own bf16 model.
 
-The contract (README, "Numbers"): a GEMM's inputs and outputs are rounded to bf16, its sums are fp32, int8 and int4
-weights are rounded to bf16, SiLU x up are bf16 ops; the residual stream, norms, routing and mixing stay fp32. So the
-fast path must be at least as close to the exact result as transformers' bf16 model, which rounds all of that and
-the residual stream too.
+The contract (README, "Prompts on GEMMs"): a bf16 GEMM's inputs are rounded to bf16 and its sums are fp32; an
+integer GEMM's inputs are rounded to int8 with a scale per row and its sums are exact; int8 and int4 weights widened
+for a bf16 GEMM are rounded to bf16; SiLU x up is computed in the GEMMs' output type; the residual stream, norms,
+routing and mixing stay fp32. So the bf16 path must be at least as close to the exact result as transformers' bf16
+model, which rounds all of that and the residual stream too.
 MIXTRAL_PROMPT=gemm runs the path on any CPU (slowly where it has no bf16 arithmetic), so these tests hold
 everywhere; MIN_ROWS is lowered where a test needs short prompts to take it.
 """
@@ -203,7 +204,7 @@ def test_exact_loads_keep_every_prompt_on_the_fp32_kernels(bf16_dir):
 
 
 def test_the_setting_says_which_path_prompts_take(monkeypatch):
-    assert prompt.unavailable_reason() is None and "oneDNN" in prompt.describe()
+    assert prompt.unavailable_reason() is None and "bf16 GEMMs" in prompt.describe()
     monkeypatch.setenv("MIXTRAL_PROMPT", "exact")
     assert "MIXTRAL_PROMPT=exact" in prompt.describe()
 

@@ -1,31 +1,41 @@
-"""The prompt path: a prefill's matmuls as bf16 GEMMs on torch's oneDNN kernels, where this CPU multiplies bf16 in
-hardware (AVX512_BF16 or AMX).
+"""The prompt path: a prefill's matmuls as GEMMs, where this CPU multiplies bf16 or int8 in hardware (AVX512_BF16,
+AVX512_VNNI or AMX): oneDNN's through torch, and two of our own in C for the products with few rows.
 
-A prompt is compute-bound: every weight meets every token. Our C kernels (csrc/cpu_kernels.c) widen each weight to
-fp32 and multiply with AVX2 FMA, exactly (100-120 GFLOP/s on 2 Zen 5 cores); oneDNN's bf16 GEMM reaches 300-380
+A prompt is compute-bound: every weight meets every token. Our exact C kernels (csrc/cpu_kernels.c) widen each
+weight to fp32 and multiply with AVX2 FMA (100-120 GFLOP/s on 2 Zen 5 cores); oneDNN's bf16 GEMM reaches 300-380
 there (AVX512_BF16 dot products). So the native runner (native.py) sends a prefill of at least `MIN_ROWS` tokens here,
 when the weights are bf16, int8 or int4; fp32 and fp16 weights, offloaded experts (offload.py, read by the C side),
-decode steps and the output projection (only the rows that need logits) stay on the C kernels.
+decode steps and the output projection (only the rows that need logits) stay on the exact kernels.
 
 - Attention projections: one GEMM each (q, k, v, o); attention itself is torch's SDPA in fp32, as on the exact path.
 - Experts: the C side routes (`mx_route`, the exact path's routing code), then the tokens are grouped by expert
   (one sort per layer) and each expert runs as three GEMMs on its own tokens, added back with their mixing weights.
-- Weights: bf16 weights are multiplied where they lie (no copy). int8 and int4 codes times their scale are rounded
-  to the nearest bf16 one expert at a time (`mx_to_bf16`, with AVX512_BF16's rounding where the CPU has it), into a
-  scratch buffer reused across calls. (Widening int8 codes exactly and scaling each output column after cost a
-  pass over every output in fp32: int8 prompts on "small" ran ~15 % slower on an AMX Xeon.)
-- A GEMM of up to TRANSPOSED_MAX_ROWS rows is computed as W x^T (below). GEMMs write bf16; the experts' down
-  projections go into one (pairs, D) buffer in expert order, which is then put back in (token, choice) order and
-  added to the residual stream with the mixing weights.
-- A bf16 dot-product GEMM of our own in C (vdpbf16ps, int4 widened in the tile) was measured against this and ran
-  at 60-80 % of oneDNN's speed on these shapes, so it was not kept.
+- Which GEMM (`linear`), by weight format, rows and CPU:
+  - int8 (a scale per row) and int4 (groups of a multiple of 32, no offsets) weights, where the CPU has
+    AVX512_VNNI and no AMX (`integer_gemms`): integer GEMMs. The activations are rounded to int8, one scale per
+    row (`Rows.int8`, `mx_quantize_rows`); our VNNI kernel (`mx_gemm_i8`) reads the weight's codes where they lie,
+    int4 groups included; int8 products of more than OURS_MAX_ROWS rows go to oneDNN's int8 GEMM (torch._int_mm),
+    which gives the same numbers. On Zen 4 this ran 1.3-1.7x the bf16 path on 128-token prompts.
+  - bf16 weights, up to BF16_MAX_ROWS rows, on AVX512_BF16 without AMX: our bf16 GEMM (`mx_gemm_bf16`, the weight
+    read where it lies, where oneDNN packs it on every call).
+  - Otherwise oneDNN's bf16 GEMM: bf16 weights where they lie; int8 and int4 codes times their scale rounded to the
+    nearest bf16 one expert at a time (`mx_to_bf16`), into a scratch buffer reused across calls, WIDEN_CHUNK_BYTES
+    of rows at a time for large weights. A GEMM of up to TRANSPOSED_MAX_ROWS rows is computed as W x^T (below).
+    AMX runs bf16 at twice VNNI's int8 rate, so an AMX Xeon takes this for every weight.
+- The experts' down projections go into one (pairs, D) buffer in expert order, which is then put back in (token,
+  choice) order and added to the residual stream with the mixing weights.
 
-Numbers (the contract): each GEMM's inputs (activations) and outputs are rounded to bf16 and its sums are fp32
-(oneDNN); int8 and int4 weights are rounded to bf16 as above; SiLU and its product with the up projection are bf16
-ops (each computed in fp32, then rounded, as transformers' bf16 model does); the residual stream, norms, routing and
-the mixing sums stay fp32. tests/test_prompt.py holds the result to the exact path and to transformers' bf16 model.
-`exact=True` on the runner (or MIXTRAL_PROMPT=exact) keeps every prefill on the exact path;
-MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 arithmetic: for tests).
+Numbers (the contract), by GEMM: the rows are rounded to bf16 (bf16 GEMMs) or to int8 with one scale per row,
+max |x| / 127 (integer GEMMs); products are exact and summed in fp32 (bf16) or in int32 (integer; int4 per group,
+each group's sum times its scale added in fp32); outputs are fp32 from ours and the integer GEMMs, bf16 from
+oneDNN's bf16 GEMM; int8 and int4 weights widened for a bf16 GEMM are rounded to bf16. SiLU and its product with
+the up projection are computed on the GEMMs' outputs in their type (on bf16 ones as transformers' bf16 model does:
+each op in fp32, then rounded). The residual stream, norms, routing and the mixing sums stay fp32.
+tests/test_prompt.py holds each GEMM to its contract, and the whole path to the exact path and to transformers' bf16
+model. `exact=True` on the runner (or MIXTRAL_PROMPT=exact) keeps every prefill on the exact path;
+MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 arithmetic: for tests),
+MIXTRAL_PROMPT=int8 also puts int8 (and with AVX512_VNNI int4) weights on the integer GEMMs on any CPU, and
+MIXTRAL_PROMPT=bf16 puts every weight on oneDNN's bf16 GEMMs.
 """
 
 from __future__ import annotations
@@ -102,14 +112,20 @@ def integer_gemms() -> bool:
 def describe() -> str:
     """One line for `mixtral info`."""
     reason = unavailable_reason()
-    if reason is None:
-        flags = cpu_flags()
-        unit = ("AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags
-                else "no bf16 arithmetic: MIXTRAL_PROMPT=gemm")
-        int8 = "; int8 weights on int8 GEMMs, their activations rounded to int8" if integer_gemms() else ""
-        return (f"oneDNN GEMMs for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights of {MIN_WEIGHTS:,}+ "
-                f"elements: bf16 ({unit}){int8} (kernels/prompt.py)")
-    return f"our C kernels (exact fp32), since {reason}"
+    if reason is not None:
+        return f"our C kernels (exact fp32), since {reason}"
+    flags = cpu_flags()
+    unit = ("AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags
+            else "no bf16 arithmetic: MIXTRAL_PROMPT=gemm")
+    if not _kernels:
+        _kernels.update(_find_kernels())
+    integer = ""
+    if integer_gemms():
+        vnni = _kernels.get("vnni") and "amx_bf16" not in flags
+        integer = (f"{'int8 and int4' if vnni else 'int8'} weights on integer GEMMs "
+                   f"({'AVX512_VNNI' if vnni else 'oneDNN'}; activations rounded to int8), the rest on ")
+    return (f"GEMMs for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights of {MIN_WEIGHTS:,}+ elements: "
+            f"{integer}bf16 GEMMs ({unit}) (kernels/prompt.py)")
 
 
 def takes(weights, rows: int) -> bool:

@@ -1,8 +1,8 @@
 /* CPU kernels for inference on x86-64 with AVX2, FMA and F16C, threaded with OpenMP (the runtime torch
  * already loaded, so both share one thread pool and torch.set_num_threads governs both). A few functions are
  * built for AVX-512 with target attributes and called only where the CPU has it, chosen at run time: bf16 decode
- * rows and the integer ones of batched steps (mx_use_avx512), and the prompt path's int8/int4 -> bf16 widening
- * (mx_bf16_supported).
+ * rows and the integer ones of batched steps (mx_use_avx512), and the prompt path's int8/int4 -> bf16 widening and
+ * bf16 GEMM (mx_bf16_supported) and integer GEMM (mx_vnni_supported).
  *
  * Weights are read where they lie, in the checkpoint's own format: fp32, bf16 or fp16 values, or our int8
  * (one bf16 scale per row) and int4 (two codes per byte, one bf16 or fp16 scale per group of columns) codes, as
@@ -15,22 +15,27 @@
  * One exception: int8 and int4 (groups of 32 or more) in one-row products (mx_linear with M = 1, and every row
  * of a decode step) round the activation to int16, one scale per span of columns, and sum the products in
  * integers (see "integer codes at batch 1" below). A decode step computes each of its rows exactly as at batch 1
- * (linear_rows), so a row's numbers do not depend on its batch.
+ * (linear_rows), so a row's numbers do not depend on its batch. The prompt path's GEMMs (mx_gemm_i8, mx_gemm_bf16)
+ * are not exact: they round their rows to int8 or bf16 (kernels/prompt.py states their contract).
  *
- * Entry points (all take and return fp32 activations, row-major):
+ * Entry points (fp32 activations, row-major, but where said):
  *   mx_linear      y[M,N] (+)= x[M,K] @ W^T, for one weight or one expert of a stacked weight
  *   mx_linear_rows the same, each row computed as a decode step computes it (the same numbers alone or batched)
  *   mx_moe         router -> top-k -> softmax -> SwiGLU experts -> weighted sum, added to a residual (all the
  *                  experts, or the ones a process holds when they are split over processes)
  *   mx_route       the routing half of mx_moe alone (the prompt path of kernels/prompt.py runs the experts)
  *   mx_to_bf16     an expert's rows as bf16, for the prompt path's bf16 GEMMs
+ *   mx_quantize_rows  activation rows rounded to int8 with a scale per row, for the prompt path's integer GEMMs
+ *   mx_gemm_i8     the prompt path's integer GEMM (AVX512_VNNI): int8 or int4 weights as they lie, int8 rows
+ *   mx_gemm_bf16   the prompt path's bf16 GEMM for few rows (AVX512_BF16): bf16 weights as they lie, bf16 rows
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
  *   mx_rmsnorm     RMS normalization
  *   mx_decode      a whole decode step in one call: the embedding, every decoder block (all of the above), the
  *                  final norm and the output projection, for one new token per sequence
  *   mx_logsumexp   log(sum(exp(x))) of each row: what log-softmax subtracts, for the sampled token's log-prob
  *   mx_argmax      the greedy choice of each row
- *   mx_use_avx512, mx_bf16_supported, mx_release_threads, mx_set_num_threads   run-time settings (see each)
+ *   mx_use_avx512, mx_bf16_supported, mx_vnni_supported, mx_release_threads, mx_set_num_threads   run-time
+ *                  settings and checks (see each)
  *   mx_struct_sizes the sizes of the structures above, for the Python side's check
  */
 #include <immintrin.h>

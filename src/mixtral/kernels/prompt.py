@@ -223,7 +223,8 @@ def _ours(weight) -> bool:
     if s.fmt == BF16:
         return _kernels["bf16"] and s.k % 2 == 0
     return _kernels["vnni"] and (
-        (s.fmt == I8 and s.group == 0 and s.k % 4 == 0) or (s.fmt == I4 and s.group % 32 == 0 and not s.offsets))
+        (s.fmt == I8 and s.group == 0 and s.k % 4 == 0 and s.k <= 65536)
+        or (s.fmt == I4 and s.group % 32 == 0 and s.k <= 65536 and not s.offsets))
 
 
 def _find_kernels() -> dict[str, bool]:

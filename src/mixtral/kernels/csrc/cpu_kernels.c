@@ -1487,14 +1487,16 @@ static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, i
     return failed ? -1 : 0;
 }
 
-/* out (N, M) = expert e of w (int8 with a scale per row, K a multiple of 4; or int4 in groups of a multiple of 32,
- * no offsets) @ (codes * scales)^T, codes (M, K) int8 with a scale per row. Returns 0, -1 when out of memory, -2
+/* out (N, M) = expert e of w (int8 with a scale per row, K a multiple of 4 up to 65,536; or int4 in groups of a
+ * multiple of 32, no offsets) @ (codes * scales)^T, codes (M, K) int8 with a scale per row. Returns 0, -1 when out of memory, -2
  * for a weight this kernel does not take. */
 VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, const float *scales, int64_t M,
                            float *out) {
     const int int4 = w->fmt == FMT_I4;
     const int64_t N = w->n, K = w->k, G = int4 ? w->group : 0;
     if (!(w->fmt == FMT_I8 && w->group == 0 && K % 4 == 0) && !(int4 && G % 32 == 0 && !w->offsets)) return -2;
+    if (K > 65536) return -2; /* (an int8 row's int32 sum holds K x 255 x 128) */
+    if (M <= 0) return 0;
     const int64_t n_groups = int4 ? (K + G - 1) / G : 0, Kp = int4 ? n_groups * G : K;
     const int64_t chunk = VNNI_X_BYTES / Kp / 16 * 16 > 16 ? VNNI_X_BYTES / Kp / 16 * 16 : 16;
     const int64_t Mp_max = (M < chunk ? M + 15 : chunk) / 16 * 16;
@@ -1602,6 +1604,7 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
 BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out) {
     const int64_t N = w->n, K = w->k;
     if (w->fmt != FMT_BF16 || K % 2) return -2;
+    if (M <= 0) return 0;
     const int64_t bytes = 2 * K; /* a row's bytes: pack_rows' columns */
     const int64_t chunk = VNNI_X_BYTES / bytes / 16 * 16 > 16 ? VNNI_X_BYTES / bytes / 16 * 16 : 16;
     const int64_t Mp_max = (M < chunk ? M + 15 : chunk) / 16 * 16;

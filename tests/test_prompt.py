@@ -106,16 +106,17 @@ def test_quantized_fast_prompts_stay_within_their_rounding_of_the_exact_path(bf1
     assert 0 < error < BOUND[form] * scale, (error, scale)
 
 
-@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (129, 200), (100, 8192)])
+@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (128, 200), (100, 8192)])
 @pytest.mark.parametrize("quantize", ["int8", "int4-g32", "int4-g128"])
 def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     """Weights on the integer GEMMs: each activation row is rounded to int8 with one scale (max |x| / 127; codes
     x * (127 / max |x|) rounded to the nearest, ties to even; a zero row stays zero), the products are summed
     exactly (int4: per group, each group's sum times its scale added in fp32), then multiplied by the scales. Held
     here to float64 arithmetic on the same rounded values, rounded by torch, for an expert of a stacked weight and for
-    rows given transposed (as the experts' hidden rows come). K = 200 pads int4-g128's last group; K = 8192 makes
-    our VNNI kernel take the 100 rows in chunks. int8: our VNNI kernel (up to OURS_MAX_ROWS rows) and oneDNN's int8
-    GEMM give the same numbers."""
+    rows given transposed (as the experts' hidden rows come) or in bf16 (a bf16 GEMM's outputs). K = 200 pads
+    int4-g128's last group; K = 8192 makes our VNNI kernel take the 100 rows in chunks; 94 and 21 weight rows leave a
+    partial last tile (of 4 int4 rows, of 8 int8 ones). int8: our VNNI kernel (up to OURS_MAX_ROWS = 128 rows) and
+    oneDNN's int8 GEMM give the same numbers."""
     from mixtral.kernels.native_lib import NativeWeight
     from mixtral.quantize import QuantLinear, parse_quantize
 
@@ -123,7 +124,7 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     assert prompt.integer_gemms()  # oneDNN's int8 GEMM summed exactly on this CPU (checked once)
     bits, group, _ = parse_quantize(quantize)
     gen = torch.Generator().manual_seed(M)
-    weight = QuantLinear.from_weight(torch.randn(2, 20 if K > 1000 else 96, K, generator=gen) * 0.05, bits, group)
+    weight = QuantLinear.from_weight(torch.randn(2, 21 if K > 1000 else 94, K, generator=gen) * 0.05, bits, group)
     native = NativeWeight(weight)
     if bits == 4 and not prompt._ours(native):
         assert not prompt.integer(native)
@@ -138,7 +139,11 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     got = prompt.linear(native, prompt.Rows(x), expert=1)
     assert got.dtype == torch.float32 and torch.allclose(got, wanted, rtol=1e-5, atol=1e-6 * wanted.abs().max())
     assert torch.equal(prompt.linear(native, prompt.Rows(x.t().contiguous().t()), expert=1), got)
+    rounded = x.bfloat16()
+    assert torch.equal(prompt.linear(native, prompt.Rows(rounded), expert=1),
+                       prompt.linear(native, prompt.Rows(rounded.float()), expert=1))
     if bits == 8:
+        assert M <= prompt.OURS_MAX_ROWS
         monkeypatch.setattr(prompt, "OURS_MAX_ROWS", 0)  # oneDNN's
         assert torch.equal(prompt.linear(native, prompt.Rows(x), expert=1), got)
     monkeypatch.setenv("MIXTRAL_PROMPT", "bf16")  # the same weight widened to bf16: bf16 activations, bf16 out
@@ -150,11 +155,12 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
 def test_our_bf16_gemm_sums_bf16_products_in_fp32(monkeypatch, M, K):
     """bf16 weights on our bf16 GEMM (AVX512_BF16, up to BF16_MAX_ROWS rows; oneDNN's beyond and on AMX): the rows
     rounded to bf16, each product exact, summed in fp32, out in fp32. Held to float64 sums of the same bf16 values,
-    and to oneDNN's bf16 GEMM (whose out is rounded to bf16). K = 8192 takes the rows in chunks (of 16)."""
+    and to oneDNN's bf16 GEMM (whose out is rounded to bf16). K = 8192 takes the rows in chunks (of 16); 94 and 21
+    weight rows leave a partial last tile of 8."""
     from mixtral.kernels.native_lib import NativeWeight
 
     gen = torch.Generator().manual_seed(M)
-    weight = (torch.randn(2, 20 if K > 1000 else 96, K, generator=gen) * 0.05).bfloat16()
+    weight = (torch.randn(2, 21 if K > 1000 else 94, K, generator=gen) * 0.05).bfloat16()
     native = NativeWeight(weight)
     x = torch.randn(M, K, generator=gen) * torch.logspace(-2, 1, M)[:, None]
     got = prompt.linear(native, prompt.Rows(x), expert=1)

@@ -26,15 +26,17 @@ decode steps and the output projection (only the rows that need logits) stay on 
   choice) order and added to the residual stream with the mixing weights.
 
 Numbers (the contract), by GEMM: the rows are rounded to bf16 (bf16 GEMMs) or to int8 with one scale per row,
-max |x| / 127 (integer GEMMs); products are exact and summed in fp32 (bf16) or in int32 (integer; int4 per group,
-each group's sum times its scale added in fp32); outputs are fp32 from ours and the integer GEMMs, bf16 from
+max |x| / 127 (integer GEMMs); products are exact and summed in fp32 (bf16; our kernel's vdpbf16ps flushes
+subnormals to zero) or in int32 (integer; int4 per group, each group's sum times its scale added to an fp32 total
+in a fused multiply-add); outputs are fp32 from ours and the integer GEMMs, bf16 from
 oneDNN's bf16 GEMM; int8 and int4 weights widened for a bf16 GEMM are rounded to bf16. SiLU and its product with
 the up projection are computed on the GEMMs' outputs in their type (on bf16 ones as transformers' bf16 model does:
 each op in fp32, then rounded). The residual stream, norms, routing and the mixing sums stay fp32.
 tests/test_prompt.py holds each GEMM to its contract, and the whole path to the exact path and to transformers' bf16
 model. `exact=True` on the runner (or MIXTRAL_PROMPT=exact) keeps every prefill on the exact path;
 MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 arithmetic: for tests),
-MIXTRAL_PROMPT=int8 also puts int8 (and with AVX512_VNNI int4) weights on the integer GEMMs on any CPU, and
+MIXTRAL_PROMPT=int8 also puts int8 (and, with AVX512_VNNI and no AMX, int4) weights on the integer GEMMs on any
+CPU, and
 MIXTRAL_PROMPT=bf16 puts every weight on oneDNN's bf16 GEMMs.
 """
 
@@ -90,11 +92,12 @@ _exact_int_mm: list[bool] = []
 
 
 def integer_gemms() -> bool:
-    """Whether int8 weights with a scale per row multiply on oneDNN's int8 GEMM (torch._int_mm), their activations
-    rounded to int8, rather than widened to bf16: where the CPU has AVX512_VNNI and no AMX (on Zen 4, 2 threads, it
-    ran 1.4-2x the bf16 GEMM at the experts' shapes; on an AMX Xeon it was no faster than bf16, which AMX runs at
-    twice the VNNI rate), or with MIXTRAL_PROMPT=int8; never with MIXTRAL_PROMPT=bf16. Used only once checked here
-    to sum exactly (int8 extremes against an int64 matmul)."""
+    """Whether int8 weights with a scale per row (and, with our VNNI kernel, int4: `integer`) multiply on integer
+    GEMMs, their activations rounded to int8, rather than widened to bf16: where the CPU has AVX512_VNNI and no AMX
+    (on Zen 4, 2 threads, oneDNN's int8 GEMM ran 1.4-2x its bf16 one at the experts' shapes; on an AMX Xeon it was
+    no faster than bf16, which AMX runs at twice the VNNI rate), or with MIXTRAL_PROMPT=int8; never with
+    MIXTRAL_PROMPT=bf16. Used only once oneDNN's (torch._int_mm, for int8 products of many rows) is checked here to
+    sum exactly (int8 extremes against an int64 matmul)."""
     setting = os.environ.get("MIXTRAL_PROMPT", "")
     if setting == "bf16" or (setting != "int8" and ("avx512_vnni" not in cpu_flags() or "amx_bf16" in cpu_flags())):
         return False
@@ -180,7 +183,7 @@ class Rows:
     def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (M, K) int8, scales (M,) fp32): row m is codes[m] * scales[m]."""
         if "int8" not in self.forms:
-            x = self.x
+            x = self.x if self.x.dtype == torch.float32 else self.x.float()  # (e.g. a bf16 GEMM's outputs)
             codes, scales = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0])
             library().mx_quantize_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), x.stride(1),
                                        codes.data_ptr(), scales.data_ptr())
@@ -224,7 +227,7 @@ def _ours(weight) -> bool:
         return _kernels["bf16"] and s.k % 2 == 0
     return _kernels["vnni"] and (
         (s.fmt == I8 and s.group == 0 and s.k % 4 == 0 and s.k <= 65536)
-        or (s.fmt == I4 and s.group % 32 == 0 and s.k <= 65536 and not s.offsets))
+        or (s.fmt == I4 and s.group > 0 and s.group % 32 == 0 and s.k <= 65536 and not s.offsets))
 
 
 def _find_kernels() -> dict[str, bool]:
@@ -251,7 +254,8 @@ def _int8_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
         status = library().mx_gemm_i8(weight.ref, expert, x_codes.data_ptr(), x_scales.data_ptr(), M,
                                       out.data_ptr())
         if status:
-            raise MemoryError("the integer GEMM: out of memory")
+            raise MemoryError("the integer GEMM: out of memory") if status == -1 else RuntimeError(
+                f"the integer GEMM does not take this weight (status {status})")
         return out.t()
     codes, scales = weight.tensors[0], weight.tensors[1]
     if codes.dim() == 3:
@@ -271,8 +275,10 @@ def linear(weight, rows: Rows, expert: int = 0) -> torch.Tensor:
     if weight.struct.fmt == BF16 and x.shape[0] <= BF16_MAX_ROWS and _ours(weight):
         x = x.contiguous()
         out = torch.empty(weight.struct.n, x.shape[0])
-        if library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr()):
-            raise MemoryError("the bf16 GEMM: out of memory")
+        status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr())
+        if status:
+            raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
+                f"the bf16 GEMM does not take this weight (status {status})")
         return out.t()
     if x.shape[0] > TRANSPOSED_MAX_ROWS:
         return torch.mm(x, _matrix(weight, expert).t())
@@ -346,7 +352,7 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
 
 
 def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:
-    """A dense SwiGLU block (a layer without experts) on normed rows h (N, D) fp32 -> (N, D) bf16 (maybe a
-    transposed view)."""
+    """A dense SwiGLU block (a layer without experts) on normed rows h (N, D) fp32 -> (N, D) bf16 or fp32, by the
+    GEMM (maybe a transposed view)."""
     rows = Rows(h)
     return linear(layer.w2, _swiglu(linear(layer.w1, rows), linear(layer.w3, rows)))

@@ -1494,7 +1494,8 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                            float *out) {
     const int int4 = w->fmt == FMT_I4;
     const int64_t N = w->n, K = w->k, G = int4 ? w->group : 0;
-    if (!(w->fmt == FMT_I8 && w->group == 0 && K % 4 == 0) && !(int4 && G % 32 == 0 && !w->offsets)) return -2;
+    if (!(w->fmt == FMT_I8 && w->group == 0 && K % 4 == 0) && !(int4 && G > 0 && G % 32 == 0 && !w->offsets))
+        return -2;
     if (K > 65536) return -2; /* (an int8 row's int32 sum holds K x 255 x 128) */
     if (M <= 0) return 0;
     const int64_t n_groups = int4 ? (K + G - 1) / G : 0, Kp = int4 ? n_groups * G : K;

@@ -67,9 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     from mixtral.sampling import Sampler, SamplingParams
     from mixtral.train import reply_chars_tensor, reply_nats_per_char
 
+    from mixtral.errors import MixtralError
+
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    ids, mask, meta = load_split(Path(opts.data), "val")
+    try:
+        ids, mask, meta = load_split(Path(opts.data), "val")
+    except MixtralError as e:  # (no prepared text: one line, not a traceback)
+        print(f"error: {e}; `mixtral prepare-data --out DIR` makes it, then --data DIR", file=sys.stderr)
+        return 2
     chars = reply_chars_tensor(ids, mask, meta)
     prompts = validation_prompts(Path(opts.data), opts.prompts)
     rows, greedy = [], {}

@@ -36,8 +36,7 @@ tests/test_prompt.py holds each GEMM to its contract, and the whole path to the 
 model. `exact=True` on the runner (or MIXTRAL_PROMPT=exact) keeps every prefill on the exact path;
 MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 arithmetic: for tests),
 MIXTRAL_PROMPT=int8 also puts int8 (and, with AVX512_VNNI and no AMX, int4) weights on the integer GEMMs on any
-CPU, and
-MIXTRAL_PROMPT=bf16 puts every weight on oneDNN's bf16 GEMMs.
+CPU, and MIXTRAL_PROMPT=bf16 puts every weight on oneDNN's bf16 GEMMs.
 """
 
 from __future__ import annotations
@@ -265,10 +264,11 @@ def _int8_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
 
 
 def linear(weight, rows: Rows, expert: int = 0) -> torch.Tensor:
-    """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view: int8 weights with a scale per row on the integer
-    GEMMs where they win (fp32 out), the rest on bf16 GEMMs (bf16 out). A bf16 GEMM of up to TRANSPOSED_MAX_ROWS
-    rows runs as (W x^T)^T, and an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then widened and
-    multiplied a chunk of rows at a time."""
+    """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view: int8/int4 weights the integer GEMMs take
+    (`integer`) there, fp32 out; bf16 weights of up to BF16_MAX_ROWS rows on our bf16 GEMM where it runs, fp32 out;
+    the rest on oneDNN's bf16 GEMM, bf16 out. A oneDNN GEMM of up to TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and
+    an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then widened and multiplied a chunk of rows at a
+    time."""
     if integer(weight):
         return _int8_linear(weight, rows, expert)
     x = rows.bf16()
@@ -332,7 +332,7 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     order = torch.argsort(flat, stable=True)  # the (token, choice) pairs grouped by expert
     counts = torch.bincount(flat, minlength=logits.shape[1]).tolist()
     rows = Rows(h).make(layer.w1).take(order // top_k)
-    out = torch.empty(N * top_k, x.shape[1], dtype=torch.float32 if integer(layer.w2) else torch.bfloat16)
+    out = torch.empty(N * top_k, x.shape[1])  # (fp32: what each GEMM gave, bf16 or fp32, as it is)
     start = 0
     for expert, count in enumerate(counts):
         if not count:

@@ -1330,9 +1330,9 @@ void mx_quantize_rows(const float *x, int64_t M, int64_t K, int64_t sm, int64_t 
 /* ---- The prompt path's integer GEMM: AVX512_VNNI, chosen at run time (mx_vnni_supported) -------------------------
  * out (N, M) = W_e (N, K) @ x^T for M activation rows already rounded to int8 with a scale per row
  * (mx_quantize_rows), on VNNI's 8-bit dot products (vpdpbusd: four u8 x s8 products summed into each 32-bit lane).
- * The weight is read where it lies, never repacked: a tile of VNNI_ROWS weight rows meets 16 activation rows per
- * vector, one activation row per lane with four consecutive columns, and each weight row's same four columns
- * broadcast to every lane. The activations are laid out that way once per call (quads[k / 4][m][k % 4]).
+ * The weight is read where it lies, never repacked: a tile of weight rows (I8_ROWS, I4_ROWS) meets 16 activation
+ * rows per vector, one activation row per lane with four consecutive columns, and each weight row's same four
+ * columns broadcast to every lane. The activations are laid out that way once per call (quads[k / 4][m][k % 4]).
  * - int8 weights (a scale per row, K a multiple of 4): the activations go in as u8 (code + 128) against the
  *   weight's s8 codes, and 128 x the weight row's sum is taken off; the sums are exact in int32. out = (float)sum *
  *   w scale * x scale, rounded in that order (as kernels/prompt.py's oneDNN int8 GEMM path does: the same numbers).
@@ -1351,13 +1351,13 @@ int mx_vnni_supported(void) {
 }
 
 /* Store the 16 lanes of v for activation rows m0 .. m0 + 15 of an output row, those below `limit` (store_lanes_bf:
- * the same, for the bf16 GEMM's target). */
-BF_TARGET static inline void store_lanes_bf(float *row, int64_t m0, int64_t limit, __m512 v) {
+ * the same, built for the bf16 GEMM's target). */
+VNNI_TARGET static inline void store_lanes(float *row, int64_t m0, int64_t limit, __m512 v) {
     const int64_t left = limit - m0;
     _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
 }
 
-VNNI_TARGET static inline void store_lanes(float *row, int64_t m0, int64_t limit, __m512 v) {
+BF_TARGET static inline void store_lanes_bf(float *row, int64_t m0, int64_t limit, __m512 v) {
     const int64_t left = limit - m0;
     _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
 }
@@ -1454,8 +1454,8 @@ VNNI_TARGET static int32_t row_sum_i8(const int8_t *row, int64_t K) {
 /* The activation rows [m0, m0 + rows) of codes (M, K) in quads (Kp / 4, Mp, 4), Mp = rows rounded up to 16, zero
  * past K and M (xor 0x80 for int8 weights: u8 = code + 128), and for int4 weights their sums per group (n_groups,
  * Mp). Returns 0, -1 when out of memory. */
-static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, int64_t Kp, int64_t Mp,
-                                 int flip, int64_t G, uint8_t *quads, int32_t *xsum) {
+static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, int64_t Kp, int64_t Mp, int flip,
+                     int64_t G, uint8_t *quads, int32_t *xsum) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (Mp * Kp >= PARALLEL_MIN_WORK)
     {
@@ -1488,8 +1488,8 @@ static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, i
 }
 
 /* out (N, M) = expert e of w (int8 with a scale per row, K a multiple of 4 up to 65,536; or int4 in groups of a
- * multiple of 32, no offsets) @ (codes * scales)^T, codes (M, K) int8 with a scale per row. Returns 0, -1 when out of memory, -2
- * for a weight this kernel does not take. */
+ * multiple of 32, no offsets) @ (codes * scales)^T, codes (M, K) int8 with a scale per row. Returns 0, -1 when out
+ * of memory, -2 for a weight this kernel does not take. */
 VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, const float *scales, int64_t M,
                            float *out) {
     const int int4 = w->fmt == FMT_I4;
@@ -1506,7 +1506,7 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
     float *xs = aligned_alloc(64, sizeof(float) * (size_t)Mp_max);
     int failed = !quads || !xsum || !xs;
     const int64_t per_tile = int4 ? I4_ROWS : I8_ROWS, tiles = (N + per_tile - 1) / per_tile;
-    for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {  /* a pass over the weight per chunk of activations */
+    for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) { /* a pass over the weight per chunk of activations */
         const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
         if (pack_rows(codes, K, m0, rows, Kp, Mp, !int4, G, quads, xsum)) {
             failed = 1;
@@ -1571,12 +1571,11 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
     return failed ? -1 : 0;
 }
 
-
 /* ---- The prompt path's bf16 GEMM: AVX512_BF16 (mx_bf16_supported) ---------------------------------------------
  * out (N, M) fp32 = W_e (N, K) bf16 @ x^T for M activation rows already rounded to bf16, with the integer GEMM's
- * scheme: BF_ROWS weight rows read where they lie, each pair of columns broadcast against 16
- * activation rows per vector (pairs[k / 2][m][k % 2], laid out by pack_rows as 4-byte units), on vdpbf16ps (two
- * bf16 products added into each fp32 lane). Sums are fp32, column pair after column pair; K even. */
+ * scheme: BF_ROWS weight rows read where they lie, each pair of columns broadcast against 16 activation rows per
+ * vector (pairs[k / 2][m][k % 2], laid out by pack_rows as 4-byte units), on vdpbf16ps (two bf16 products added
+ * into each fp32 lane; subnormals flushed to zero). Sums are fp32, column pair after column pair; K even. */
 #define BF_ROWS 8
 
 BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(

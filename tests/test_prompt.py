@@ -121,11 +121,13 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     from mixtral.quantize import QuantLinear, parse_quantize
 
     monkeypatch.setenv("MIXTRAL_PROMPT", "int8")
-    assert prompt.integer_gemms()  # oneDNN's int8 GEMM summed exactly on this CPU (checked once)
     bits, group, _ = parse_quantize(quantize)
     gen = torch.Generator().manual_seed(M)
     weight = QuantLinear.from_weight(torch.randn(2, 21 if K > 1000 else 94, K, generator=gen) * 0.05, bits, group)
     native = NativeWeight(weight)
+    if not prompt.integer_gemms():  # oneDNN's int8 GEMM did not sum exactly here (checked once): not used
+        assert not prompt.integer(native)
+        pytest.skip("oneDNN's int8 GEMM does not sum exactly on this CPU: int8/int4 weights are widened to bf16")
     if bits == 4 and not prompt._ours(native):
         assert not prompt.integer(native)
         pytest.skip("int4 takes the integer GEMM only on AVX512_VNNI (ours); here it is widened to bf16")

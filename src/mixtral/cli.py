@@ -26,7 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model directory or Hugging Face id (default: the model shipped with mixtral)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16); on the CPU they are multiplied in fp32 by our own "
-                        "kernels (or fbgemm's) unless --no-pack, prompts in bf16 by oneDNN unless --exact")
+                        "kernels (or fbgemm's) unless --no-pack, prompts on GEMMs in bf16 or int8 unless --exact")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--quantize", default=None, metavar="int8|int4|int4-gG[+head]|none",
                    help="quantize the weights while loading (weight-only int8, or int4 in groups of G, default 64; "
@@ -35,8 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="CPU: plain torch ops instead of our own kernels (or fbgemm's where those cannot run)")
     p.add_argument("--exact", action="store_true",
-                   help="prompts on our exact fp32 kernels too, not oneDNN's bf16 GEMMs (which round activations "
-                        "to bf16; used on CPUs with bf16 arithmetic for prompts of 32+ tokens)")
+                   help="prompts on our exact fp32 kernels too, not the GEMMs (which round activations to bf16, "
+                        "or to int8 for int8/int4 weights on CPUs with AVX512_VNNI; used on CPUs with bf16 "
+                        "arithmetic for prompts of 32+ tokens)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 16GB or 12GiB: experts that do not fit stay on "
                         "disk and an expert cache holds the rest (see `mixtral info --memory SIZE`)")

@@ -367,7 +367,7 @@ def load_shard(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     columns only; "+head" quantizes its vocabulary rows, int8 per row). A checkpoint quantized on disk is split as
     stored: each rank holds exactly the codes and scales one process would (`_quantized_part`).
     pack: run the rank's passes on our C kernels where they run here (`_prepare_kernels`), else the torch code;
-    exact: their prompts on our exact fp32 kernels, not oneDNN's bf16 GEMMs (as `load(exact=True)`)."""
+    exact: their prompts on our exact fp32 kernels, not the GEMMs of kernels/prompt.py (as `load(exact=True)`)."""
     model_dir = Path(model_dir)
     args = load_config(model_dir)
     shard = Shard(rank(), world())

@@ -89,8 +89,8 @@ def load_model(path: str | os.PathLike | None, dtype: str | torch.dtype = "bfloa
     all fit, they stay on disk and an expert cache holds as many as fit (kernels/offload.py); when even the rest
     does not fit, MixtralError says the minimum, before anything is read. context, batch: the KV cache the
     budget keeps room for: `batch` sequences of `context` positions (default min(the model's context, 4096)).
-    exact: prompts stay on our exact fp32 kernels instead of oneDNN's faster bf16 GEMMs (kernels/prompt.py, where
-    the CPU multiplies bf16 in hardware: the README's "Numbers" says what the GEMMs round).
+    exact: prompts stay on our exact fp32 kernels instead of the faster GEMMs (kernels/prompt.py, where the CPU
+    multiplies bf16 or int8 in hardware: the README's "Prompts on GEMMs" says what they round).
     """
     model_dir = resolve_model(path)
     args: ModelArgs = load_config(model_dir)

@@ -6,7 +6,7 @@
 
 Runners (runner.py: the interface and the torch reference):
 - native.py: our C kernels (csrc/cpu_kernels.c) run the whole pass, in one C call per decode step (prompts of
-  bf16/int8/int4 weights: prompt.py's oneDNN bf16 GEMMs, where the CPU multiplies bf16 in hardware); the weights
+  bf16/int8/int4 weights: prompt.py's GEMMs, where the CPU multiplies bf16 or int8 in hardware); the weights
   stay as loaded (native_lib.py builds and checks the library, native_weights.py describes the weights to it);
   experts that do not fit in memory are read from disk into an expert cache by offload.py's store, which the
   C side asks for each layer's experts; a rank's part of a model split over processes (distributed.py) runs on
@@ -41,7 +41,7 @@ def prepare(model, store=None, exact: bool = False) -> Runner:
     """Set a model up, in place, for the fastest runner this machine has for it, and return that runner: our C
     kernels on the CPU where they run, else fbgemm's packed weights on the CPU, else the torch reference.
     `store`: an expert store (offload.py) holding the experts the model does not; only our C kernels run one.
-    `exact`: prompts stay on our exact fp32 kernels rather than oneDNN's bf16 GEMMs (prompt.py).
+    `exact`: prompts stay on our exact fp32 kernels rather than the bf16 and integer GEMMs (prompt.py).
     Inference only: a prepared model cannot be trained, re-quantized or saved."""
     if getattr(model, "runner", None) is not None or isinstance(_runners.get(model), FbgemmRunner):
         return runner(model)  # prepared already

@@ -59,7 +59,7 @@ class NativeRunner(Runner):
 
     def __init__(self, model, store=None, exact: bool = False, split: Split | None = None):
         super().__init__(model)
-        self.exact = exact  # every prefill on the exact fp32 kernels, never the bf16 GEMMs of prompt.py
+        self.exact = exact  # every prefill on the exact fp32 kernels, never the GEMMs of prompt.py
         # a process's part of a split model: every pass op by op (_prefill_layers, decode steps too), joining the
         # parts where the model's own code does; the one-call decode step does not join them
         self.split = split
@@ -355,7 +355,7 @@ def store_error(store) -> Exception:
 def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix, gemms,
                     split: Split | None = None) -> None:
     """Several tokens per sequence: attention by torch (SDPA); every matmul and the experts by the C side, or, for
-    prompts long enough and weights it takes (`gemms`), by oneDNN's bf16 GEMMs (prompt.py). `split`: x is one
+    prompts long enough and weights it takes (`gemms`), by the GEMMs of prompt.py. `split`: x is one
     process's part of a split model; the attention and MoE/MLP outputs are summed over the processes before they
     are added to x, and one new token per sequence (a decode step) is computed as a decode step computes it."""
     lib, args = library(), model.args

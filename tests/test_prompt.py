@@ -106,7 +106,7 @@ def test_quantized_fast_prompts_stay_within_their_rounding_of_the_exact_path(bf1
     assert 0 < error < BOUND[form] * scale, (error, scale)
 
 
-@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (128, 200), (100, 8192)])
+@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (128, 200), (100, 32768)])
 @pytest.mark.parametrize("quantize", ["int8", "int4-g32", "int4-g128"])
 def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     """Weights on the integer GEMMs: each activation row is rounded to int8 with one scale (max |x| / 127; codes
@@ -114,9 +114,9 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     exactly (int4: per group, each group's sum times its scale added in fp32), then multiplied by the scales. Held
     here to float64 arithmetic on the same rounded values, rounded by torch, for an expert of a stacked weight and for
     rows given transposed (as the experts' hidden rows come) or in bf16 (a bf16 GEMM's outputs). K = 200 pads
-    int4-g128's last group; K = 8192 makes our VNNI kernel take the 100 rows in chunks; 94 and 21 weight rows leave a
-    partial last tile (of 4 int4 rows, of 8 int8 ones). int8: our VNNI kernel (up to OURS_MAX_ROWS = 128 rows) and
-    oneDNN's int8 GEMM give the same numbers."""
+    int4-g128's last group; K = 32768 makes our VNNI kernel take the 100 rows in chunks (of 64); 94 and 21 weight
+    rows leave a partial last tile (of 4 int4 rows, of 8 int8 ones). int8: our VNNI kernel (up to OURS_MAX_ROWS =
+    128 rows) and oneDNN's int8 GEMM give the same numbers."""
     from mixtral.kernels.native_lib import NativeWeight
     from mixtral.quantize import QuantLinear, parse_quantize
 
@@ -153,11 +153,11 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     assert widened.dtype == torch.bfloat16 and not torch.equal(widened.float(), got)
 
 
-@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (48, 200), (40, 8192)])
+@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (48, 200), (40, 32768)])
 def test_our_bf16_gemm_sums_bf16_products_in_fp32(monkeypatch, M, K):
     """bf16 weights on our bf16 GEMM (AVX512_BF16, up to BF16_MAX_ROWS rows; oneDNN's beyond and on AMX): the rows
     rounded to bf16, each product exact, summed in fp32, out in fp32. Held to float64 sums of the same bf16 values,
-    and to oneDNN's bf16 GEMM (whose out is rounded to bf16). K = 8192 takes the rows in chunks (of 16); 94 and 21
+    and to oneDNN's bf16 GEMM (whose out is rounded to bf16). K = 32768 takes the rows in chunks (of 32); 94 and 21
     weight rows leave a partial last tile of 8."""
     from mixtral.kernels.native_lib import NativeWeight
 

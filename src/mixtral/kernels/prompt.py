@@ -41,6 +41,7 @@ CPU, and MIXTRAL_PROMPT=bf16 puts every weight on oneDNN's bf16 GEMMs.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -119,11 +120,9 @@ def describe() -> str:
     flags = cpu_flags()
     unit = ("AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags
             else "no bf16 arithmetic: MIXTRAL_PROMPT=gemm")
-    if not _kernels:
-        _kernels.update(_find_kernels())
     integer = ""
     if integer_gemms():
-        vnni = _kernels.get("vnni") and "amx_bf16" not in flags
+        vnni = _our_kernels().get("vnni") and "amx_bf16" not in flags
         integer = (f"{'int8 and int4' if vnni else 'int8'} weights on integer GEMMs "
                    f"({'AVX512_VNNI' if vnni else 'oneDNN'}; activations rounded to int8), the rest on ")
     return (f"GEMMs for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights of {MIN_WEIGHTS:,}+ elements: "
@@ -217,24 +216,23 @@ def _ours(weight) -> bool:
     AVX512_BF16) takes this weight on this CPU: they read the weight where it lies, where oneDNN packs it on every
     call, which costs most where few rows share it (an expert's tokens in a short prompt). Not on AMX, whose tiles
     oneDNN uses, nor with MIXTRAL_PROMPT=bf16 (every weight on oneDNN's bf16 GEMMs)."""
-    s = weight.struct
-    if not _kernels:
-        _kernels.update(_find_kernels())
-    if not _kernels or os.environ.get("MIXTRAL_PROMPT") == "bf16" or "amx_bf16" in cpu_flags():
+    s, kernels = weight.struct, _our_kernels()
+    if not kernels or os.environ.get("MIXTRAL_PROMPT") == "bf16" or "amx_bf16" in cpu_flags():
         return False
     if s.fmt == BF16:
-        return _kernels["bf16"] and s.k % 2 == 0
-    return _kernels["vnni"] and (
+        return kernels["bf16"] and s.k % 2 == 0
+    return kernels["vnni"] and (
         (s.fmt == I8 and s.group == 0 and s.k % 4 == 0 and s.k <= 65536)
         or (s.fmt == I4 and s.group > 0 and s.group % 32 == 0 and s.k <= 65536 and not s.offsets))
 
 
-def _find_kernels() -> dict[str, bool]:
+@functools.cache
+def _our_kernels() -> dict[str, bool]:
+    """Which of our GEMM kernels this CPU runs (empty without the library)."""
     lib = library()
     return {} if lib is None else {"vnni": bool(lib.mx_vnni_supported()), "bf16": bool(lib.mx_bf16_supported())}
 
 
-_kernels: dict[str, bool] = {}
 # Rows up to which our kernels take a product, not oneDNN's GEMMs (which pack the weight, then run as close to the
 # CPU's peak or closer). On Zen 4, 2 threads, at the experts' shapes of "small" and "medium" (weights not in cache):
 # int8 1.1-1.7x oneDNN's int8 GEMM at 32 rows, 1.0-1.3x at 64, 0.9-1.1x at 128; bf16 1.05-1.5x oneDNN's bf16 GEMM at
@@ -243,7 +241,7 @@ OURS_MAX_ROWS = 128
 BF16_MAX_ROWS = 48
 
 
-def _int8_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
+def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     """rows @ W_expert^T -> (M, N) fp32 (a transposed view) on an integer GEMM: the rows' int8 codes times the
     weight's codes, summed exactly in int32, then times the weight's scale and the row's."""
     x_codes, x_scales = rows.int8()
@@ -270,7 +268,7 @@ def linear(weight, rows: Rows, expert: int = 0) -> torch.Tensor:
     an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then widened and multiplied a chunk of rows at a
     time."""
     if integer(weight):
-        return _int8_linear(weight, rows, expert)
+        return _integer_linear(weight, rows, expert)
     x = rows.bf16()
     if weight.struct.fmt == BF16 and x.shape[0] <= BF16_MAX_ROWS and _ours(weight):
         x = x.contiguous()

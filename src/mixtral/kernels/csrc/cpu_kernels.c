@@ -1353,14 +1353,9 @@ int mx_vnni_supported(void) {
            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
-/* Store the 16 lanes of v for activation rows m0 .. m0 + 15 of an output row, those below `limit` (store_lanes_bf:
- * the same, built for the bf16 GEMM's target). */
-VNNI_TARGET static inline void store_lanes(float *row, int64_t m0, int64_t limit, __m512 v) {
-    const int64_t left = limit - m0;
-    _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
-}
-
-BF_TARGET static inline void store_lanes_bf(float *row, int64_t m0, int64_t limit, __m512 v) {
+/* Store the 16 lanes of v for activation rows m0 .. m0 + 15 of an output row, those below `limit` (AVX-512 F only,
+ * so it inlines into both GEMMs' targets). */
+__attribute__((target("avx512f"))) static inline void store_lanes(float *row, int64_t m0, int64_t limit, __m512 v) {
     const int64_t left = limit - m0;
     _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
 }
@@ -1599,7 +1594,7 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
         }
     }
     for (int i = 0; i < rows; i++)
-        for (int j = 0; j < V; j++) store_lanes_bf(out + i * ldo, m0 + 16 * j, limit, acc[i][j]);
+        for (int j = 0; j < V; j++) store_lanes(out + i * ldo, m0 + 16 * j, limit, acc[i][j]);
 }
 
 /* out (N, M) = expert e of w (bf16, K even) @ x^T, x (M, K) bf16. Returns 0, -1 when out of memory, -2 for a weight

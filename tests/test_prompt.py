@@ -153,7 +153,7 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     assert widened.dtype == torch.bfloat16 and not torch.equal(widened.float(), got)
 
 
-@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (17, 200), (48, 200), (40, 32768)])
+@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (8, 200), (17, 200), (48, 200), (40, 32768)])
 def test_our_bf16_gemm_sums_bf16_products_in_fp32(monkeypatch, M, K):
     """bf16 weights on our bf16 GEMM (AVX512_BF16, up to BF16_MAX_ROWS rows; oneDNN's beyond and on AMX): the rows
     rounded to bf16, each product exact, summed in fp32, out in fp32. Held to float64 sums of the same bf16 values,
@@ -178,6 +178,46 @@ def test_our_bf16_gemm_sums_bf16_products_in_fp32(monkeypatch, M, K):
     monkeypatch.setattr(prompt, "BF16_MAX_ROWS", M)
     monkeypatch.setenv("MIXTRAL_PROMPT", "bf16")  # every weight on oneDNN's
     assert torch.equal(prompt.linear(native, prompt.Rows(x), expert=1), onednn)
+
+
+@pytest.mark.parametrize("M", [1, 5, 8])
+def test_our_bf16_gemm_gives_few_rows_the_numbers_it_gives_many(M):
+    """Up to 8 rows take 256-bit tiles (a 512-bit one would be half empty): the same sums in the same order, so a
+    row's numbers are those it gets among 40 rows (512-bit tiles). 74 weight rows leave a partial last tile."""
+    from mixtral.kernels.native_lib import NativeWeight
+
+    gen = torch.Generator().manual_seed(M)
+    native = NativeWeight((torch.randn(74, 202, generator=gen) * 0.05).bfloat16())
+    x = torch.randn(40, 202, generator=gen)
+    if not prompt._ours(native):
+        pytest.skip("no AVX512_BF16 (or AMX): oneDNN's bf16 GEMM here")
+    assert torch.equal(prompt.linear(native, prompt.Rows(x[:M])), prompt.linear(native, prompt.Rows(x))[:M])
+
+
+@pytest.mark.parametrize("D,F,M", [(64, 96, 1), (94, 84, 8), (94, 84, 9), (200, 84, 40), (96, 32768, 40)])
+def test_our_bf16_expert_is_its_three_gemms_with_swiglu_between(D, F, M):
+    """One expert in one call (mx_expert_bf16): h = silu(x W1^T) * (x W3^T) from the fp32 sums of bf16 products, in
+    fp32, rounded to the nearest bf16; out = h W2^T summed in fp32. Held to float64 for all of it, h rounded to bf16
+    (a few of our h may round the other way, from the fp32 sums and silu: a bf16 step each). 94 and 84 leave
+    partial tiles; 8 rows take 256-bit tiles; F = 32768 takes the rows in chunks (of 32)."""
+    import types
+
+    from mixtral.kernels.native_lib import NativeWeight
+
+    gen = torch.Generator().manual_seed(D + M)
+    w1, w3, w2 = ((torch.randn(2, n, k, generator=gen) / k ** 0.5).bfloat16() for n, k in ((F, D), (F, D), (D, F)))
+    layer = types.SimpleNamespace(w1=NativeWeight(w1), w3=NativeWeight(w3), w2=NativeWeight(w2))
+    x = torch.randn(M, D, generator=gen) * torch.logspace(-1, 1, M)[:, None]
+    if not prompt._ours(layer.w1):
+        pytest.skip("no AVX512_BF16 (or AMX): oneDNN's bf16 GEMMs here")
+    got = prompt.one_expert(layer, prompt.Rows(x), 1)
+    xs = x.bfloat16().double()
+    gate, up = xs @ w1[1].double().T, xs @ w3[1].double().T
+    h = (gate * torch.sigmoid(gate) * up).bfloat16()
+    wanted = h.double() @ w2[1].double().T
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), wanted, rtol=1e-3, atol=2e-3 * wanted.abs().max())
+    assert torch.equal(prompt.one_expert(layer, prompt.Rows(x[:1]), 1), got[:1])  # (a row's numbers: its own)
 
 
 def test_experts_without_tokens_and_one_expert_with_them_all(bf16_dir):

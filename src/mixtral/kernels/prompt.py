@@ -17,7 +17,12 @@ decode steps and the output projection (only the rows that need logits) stay on 
     int4 groups included; int8 products of more than OURS_MAX_ROWS rows go to oneDNN's int8 GEMM (torch._int_mm),
     which gives the same numbers. On Zen 4 this ran 1.3-1.7x the bf16 path on 128-token prompts.
   - bf16 weights, up to BF16_MAX_ROWS rows, on AVX512_BF16 without AMX: our bf16 GEMM (`mx_gemm_bf16`, the weight
-    read where it lies, where oneDNN packs it on every call).
+    read where it lies, where oneDNN packs it on every call), an expert's three GEMMs and the SwiGLU between them in
+    one call (`mx_expert_bf16`: its h goes from the first two to the third in the layout the third reads, rounded
+    to bf16 as `Rows.bf16` rounds).
+  - Our GEMMs prefetch as they compute: the weight rows they read next, and the start of the weight the next call
+    reads (`ahead`: k after q, an expert's w3 and w2 after its w1, the next expert's w1 after its w2), so a
+    product of few rows, which would wait on memory, finds its weight in cache.
   - Otherwise oneDNN's bf16 GEMM: bf16 weights where they lie; int8 and int4 codes times their scale rounded to the
     nearest bf16 one expert at a time (`mx_to_bf16`), into a scratch buffer reused across calls, WIDEN_CHUNK_BYTES
     of rows at a time for large weights. A GEMM of up to TRANSPOSED_MAX_ROWS rows is computed as W x^T (below).
@@ -236,12 +241,20 @@ def _our_kernels() -> dict[str, bool]:
 # Rows up to which our kernels take a product, not oneDNN's GEMMs (which pack the weight, then run as close to the
 # CPU's peak or closer). On Zen 4, 2 threads, at the experts' shapes of "small" and "medium" (weights not in cache):
 # int8 1.1-1.7x oneDNN's int8 GEMM at 32 rows, 1.0-1.3x at 64, 0.9-1.1x at 128; bf16 1.05-1.5x oneDNN's bf16 GEMM at
-# 16-32 rows, 0.9-1.2x at 64 (both then run at the vdpbf16ps peak, ~190 GMAC/s).
+# 16-32 rows, 0.9-1.2x at 64 (both then run at the vdpbf16ps peak, ~190 GMAC/s). With its prefetches and an expert in
+# one call (mx_expert_bf16), a whole 128-token prompt of "small" ran 2,414 tok/s with bf16 up to 128 or 256 rows on
+# ours against 2,225 up to 48 (medium: 309-315 against 289; medium at 512 tokens: 383 at 256 rows, 364 at 128, 371 at
+# 1,024), in one process.
 OURS_MAX_ROWS = 128
-BF16_MAX_ROWS = 48
+BF16_MAX_ROWS = 256
 
 
-def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
+def _ahead(ahead) -> tuple:
+    """The (weight struct pointer, expert) our GEMMs prefetch the start of while they compute, or (None, 0)."""
+    return (None, 0) if ahead is None else (ahead[0].ref, ahead[1])
+
+
+def _integer_linear(weight, rows: Rows, expert: int, ahead=None) -> torch.Tensor:
     """rows @ W_expert^T -> (M, N) fp32 (a transposed view) on an integer GEMM: the rows' int8 codes times the
     weight's codes, summed exactly in int32, then times the weight's scale and the row's."""
     x_codes, x_scales = rows.int8()
@@ -249,7 +262,7 @@ def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     if _ours(weight) and (M <= OURS_MAX_ROWS or weight.struct.fmt == I4):
         out = torch.empty(weight.struct.n, M)
         status = library().mx_gemm_i8(weight.ref, expert, x_codes.data_ptr(), x_scales.data_ptr(), M,
-                                      out.data_ptr())
+                                      out.data_ptr(), *_ahead(ahead))
         if status:
             raise MemoryError("the integer GEMM: out of memory") if status == -1 else RuntimeError(
                 f"the integer GEMM does not take this weight (status {status})")
@@ -261,19 +274,20 @@ def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     return sums.float().mul_(scales.float()[:, None]).mul_(x_scales).t()
 
 
-def linear(weight, rows: Rows, expert: int = 0) -> torch.Tensor:
+def linear(weight, rows: Rows, expert: int = 0, ahead=None) -> torch.Tensor:
     """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view: int8/int4 weights the integer GEMMs take
     (`integer`) there, fp32 out; bf16 weights of up to BF16_MAX_ROWS rows on our bf16 GEMM where it runs, fp32 out;
     the rest on oneDNN's bf16 GEMM, bf16 out. A oneDNN GEMM of up to TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and
     an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then widened and multiplied a chunk of rows at a
     time."""
     if integer(weight):
-        return _integer_linear(weight, rows, expert)
+        return _integer_linear(weight, rows, expert, ahead)
     x = rows.bf16()
     if weight.struct.fmt == BF16 and x.shape[0] <= BF16_MAX_ROWS and _ours(weight):
         x = x.contiguous()
         out = torch.empty(weight.struct.n, x.shape[0])
-        status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr())
+        status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr(),
+                                        *_ahead(ahead))
         if status:
             raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
                 f"the bf16 GEMM does not take this weight (status {status})")
@@ -297,9 +311,9 @@ def linear(weight, rows: Rows, expert: int = 0) -> torch.Tensor:
 def attention_inputs(layer, h: torch.Tensor, out: torch.Tensor, H: int, G: int, Dh: int) -> None:
     """The q, k, v projections of normed rows h (N, D) fp32 into out (N, (H + 2G) Dh) fp32."""
     rows = Rows(h)
-    out[:, :H * Dh] = linear(layer.q, rows)
-    out[:, H * Dh:(H + G) * Dh] = linear(layer.k, rows)
-    out[:, (H + G) * Dh:] = linear(layer.v, rows)
+    out[:, :H * Dh] = linear(layer.q, rows, ahead=(layer.k, 0))
+    out[:, H * Dh:(H + G) * Dh] = linear(layer.k, rows, ahead=(layer.v, 0))
+    out[:, (H + G) * Dh:] = linear(layer.v, rows, ahead=(layer.o, 0))
 
 
 def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
@@ -332,14 +346,17 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     rows = Rows(h).make(layer.w1).take(order // top_k)
     out = torch.empty(N * top_k, x.shape[1])  # (fp32: what each GEMM gave, bf16 or fp32, as it is)
     start = 0
+    held = [expert - layer.first for expert, count in enumerate(counts)  # (the layer may hold some of the experts
+            if count and 0 <= expert - layer.first < layer.held]       # only: a split model's part)
+    after = dict(zip(held, held[1:]))
     for expert, count in enumerate(counts):
         if not count:
             continue
-        local = expert - layer.first  # (the layer may hold some of the experts only: a split model's part)
+        local = expert - layer.first
         if 0 <= local < layer.held:
-            mine = rows.take(slice(start, start + count))
-            hidden = _swiglu(linear(layer.w1, mine, local), linear(layer.w3, mine, local))
-            out[start:start + count] = linear(layer.w2, hidden, local)
+            nxt = after.get(local)
+            out[start:start + count] = one_expert(layer, rows.take(slice(start, start + count)), local,
+                                                  None if nxt is None else (layer.w1, nxt))
         else:
             out[start:start + count] = 0
         start += count
@@ -347,6 +364,25 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     for choice in range(top_k):
         x.addcmul_(pairs[:, choice], mix[:, choice, None])
     return 0
+
+
+def one_expert(layer, rows: Rows, local: int, ahead=None) -> torch.Tensor:
+    """Expert `local` of the layer on its rows -> (M, D), maybe a transposed view: bf16 weights on our bf16 GEMM in
+    one call (mx_expert_bf16: the three GEMMs and the SwiGLU between them, as `linear` and `_swiglu` compute them),
+    others as three `linear`s. `ahead`: the (weight, expert) read next, which our GEMMs prefetch."""
+    w1, w3, w2 = layer.w1, layer.w3, layer.w2
+    x = rows.bf16() if not integer(w1) else None
+    if (x is not None and x.shape[0] <= BF16_MAX_ROWS and all(w.struct.fmt == BF16 and _ours(w) for w in (w1, w3, w2))):
+        x = x.contiguous()
+        out = torch.empty(w2.struct.n, x.shape[0])
+        status = library().mx_expert_bf16(w1.ref, w3.ref, w2.ref, local, x.data_ptr(), x.shape[0], out.data_ptr(),
+                                          *_ahead(ahead))
+        if status:
+            raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
+                f"the bf16 GEMM does not take these weights (status {status})")
+        return out.t()
+    hidden = _swiglu(linear(w1, rows, local, (w3, local)), linear(w3, rows, local, (w2, local)))
+    return linear(w2, hidden, local, ahead)
 
 
 def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@
  *   mx_quantize_rows  activation rows rounded to int8 with a scale per row, for the prompt path's integer GEMMs
  *   mx_gemm_i8     the prompt path's integer GEMM (AVX512_VNNI): int8 or int4 weights as they lie, int8 rows
  *   mx_gemm_bf16   the prompt path's bf16 GEMM for few rows (AVX512_BF16): bf16 weights as they lie, bf16 rows
+ *   mx_expert_bf16 the same for an expert's three GEMMs and the SwiGLU between them, in one call
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
  *   mx_rmsnorm     RMS normalization
  *   mx_decode      a whole decode step in one call: the embedding, every decoder block (all of the above), the
@@ -1360,15 +1361,55 @@ __attribute__((target("avx512f"))) static inline void store_lanes(float *row, in
     _mm512_mask_storeu_ps(row + m0, (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1), v);
 }
 
+/* Weight bytes a tile asks the cache for while it multiplies (prefetch, spread over its columns), so that the next
+ * reads find them there: the rows this thread multiplies next (likely the next tile), and the tile's share of the
+ * start of the weight that the next GEMM reads (`ahead` of mx_gemm_i8 / mx_gemm_bf16), which a product of many
+ * rows has time to fetch while it computes and one of few rows then finds in cache. */
+typedef struct {
+    const char *at;
+    int64_t lines; /* of 64 bytes */
+} ahead_t;
+
+#define AHEAD_MAX_BYTES (8 << 20) /* of the next GEMM's weight: what a cache may hold until it is read */
+
+/* Ask for the lines of a that are due by column step q of `steps` (each tile spreads them evenly) */
+static inline __attribute__((always_inline)) void ahead_step(const ahead_t *a, int64_t *done, int64_t q,
+                                                             int64_t steps) {
+    while (*done < a->lines && *done * steps < (q + 1) * a->lines) _mm_prefetch(a->at + 64 * (*done)++, _MM_HINT_T1);
+}
+
+/* The regions a tile of weight rows [n0, n0 + per_tile) of (N, row_bytes) at `data` prefetches: the next tile's
+ * rows, and tile t's share (of `tiles`) of next_lines lines at `next`. */
+static inline void tile_ahead(ahead_t a[2], const char *data, int64_t row_bytes, int64_t N, int64_t n0,
+                              int64_t per_tile, const char *next, int64_t next_lines, int64_t t, int64_t tiles) {
+    const int64_t n1 = n0 + per_tile, rows = N - n1 < per_tile ? N - n1 : per_tile;
+    a[0].at = data + n1 * row_bytes;
+    a[0].lines = rows > 0 ? rows * row_bytes / 64 : 0;
+    const int64_t first = next_lines * t / tiles;
+    a[1].at = next ? next + 64 * first : NULL;
+    a[1].lines = next ? next_lines * (t + 1) / tiles - first : 0; /* (none without `next`) */
+}
+
+/* Lines of expert e of weight w that the next GEMM reads first (its codes or values; up to AHEAD_MAX_BYTES) */
+static int64_t ahead_lines(const weight_t *w, int64_t e) {
+    if (!w) return 0;
+    static const int64_t bits[] = {32, 16, 16, 8, 4};
+    const int64_t bytes = w->n * w->k * bits[w->fmt] / 8;
+    return (bytes < AHEAD_MAX_BYTES ? bytes : AHEAD_MAX_BYTES) / 64;
+}
+
 /* One tile of int8 weight rows w[0 .. I8_ROWS) (the last ones repeat where the weight ends: `rows` are stored)
  * against V activation vectors from row m0 */
 VNNI_TARGET static inline __attribute__((always_inline)) void i8_tile(
         const int8_t *const *w, int rows, const uint8_t *quads, int64_t Mp, int64_t m0, int64_t quads_k, const int V,
-        const int32_t *wsum, const float *wscale, const float *xs, int64_t limit, float *out, int64_t ldo) {
+        const int32_t *wsum, const float *wscale, const float *xs, int64_t limit, float *out, int64_t ldo,
+        const ahead_t *ahead) {
     __m512i acc[I8_ROWS][I8_VECTORS];
+    int64_t done[2] = {0, 0};
     for (int i = 0; i < I8_ROWS; i++)
         for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
     for (int64_t q = 0; q < quads_k; q++) {
+        for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q, quads_k);
         const uint8_t *a_at = quads + (q * Mp + m0) * 4;
         __m512i a[I8_VECTORS];
         for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
@@ -1393,8 +1434,9 @@ VNNI_TARGET static inline __attribute__((always_inline)) void i8_tile(
 VNNI_TARGET static inline __attribute__((always_inline)) void i4_tile(
         const uint8_t *codes, int64_t Kp, const float *scale, int64_t n_groups, int64_t G, int rows,
         const uint8_t *quads, const int32_t *xsum, int64_t Mp, int64_t m0, const int V, const float *xs, int64_t limit,
-        float *out, int64_t ldo) {
+        float *out, int64_t ldo, const ahead_t *ahead) {
     __m512 total[I4_ROWS][2];
+    int64_t done[2] = {0, 0};
     for (int i = 0; i < I4_ROWS; i++)
         for (int j = 0; j < V; j++) total[i][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {
@@ -1402,6 +1444,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void i4_tile(
         for (int i = 0; i < I4_ROWS; i++)
             for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
         for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
+            for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q, n_groups * G / 4);
             const uint8_t *a_at = quads + (q * Mp + m0) * 4;
             __m512i a[2];
             for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
@@ -1489,7 +1532,7 @@ static int pack_rows(const int8_t *codes, int64_t K, int64_t m0, int64_t rows, i
  * multiple of 32, no offsets) @ (codes * scales)^T, codes (M, K) int8 with a scale per row. Returns 0, -1 when out
  * of memory, -2 for a weight this kernel does not take. */
 VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, const float *scales, int64_t M,
-                           float *out) {
+                           float *out, const weight_t *next, int64_t next_e) {
     const int int4 = w->fmt == FMT_I4;
     const int64_t N = w->n, K = w->k, G = int4 ? w->group : 0;
     if (!(w->fmt == FMT_I8 && w->group == 0 && K % 4 == 0) && !(int4 && G > 0 && G % 32 == 0 && !w->offsets))
@@ -1504,7 +1547,10 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
     float *xs = aligned_alloc(64, sizeof(float) * (size_t)Mp_max);
     int failed = !quads || !xsum || !xs;
     const int64_t per_tile = int4 ? I4_ROWS : I8_ROWS, tiles = (N + per_tile - 1) / per_tile;
+    const int64_t next_lines = ahead_lines(next, next_e), row_bytes = int4 ? Kp / 2 : K;
+    const char *next_at = next_lines ? expert_data(next, next_e) : NULL; /* (NULL: an expert not in memory) */
     for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) { /* a pass over the weight per chunk of activations */
+        const int last = m0 + chunk >= M; /* (the next weight is asked for in the last pass) */
         const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
         if (pack_rows(codes, K, m0, rows, Kp, Mp, !int4, G, quads, xsum)) {
             failed = 1;
@@ -1525,6 +1571,9 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                 if (int4 && (!unpacked || !scale)) continue;
                 const int64_t n0 = t * per_tile;
                 const int rows_here = N - n0 < per_tile ? (int)(N - n0) : (int)per_tile;
+                ahead_t ahead[2], none[2] = {{NULL, 0}, {NULL, 0}};
+                tile_ahead(ahead, expert_data(w, e), row_bytes, N, n0, per_tile, last ? next_at : NULL, next_lines, t,
+                           tiles);
                 if (int4) {
                     for (int i = 0; i < I4_ROWS; i++) {
                         const int64_t n = n0 + (i < rows_here ? i : rows_here - 1);
@@ -1533,12 +1582,13 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                         for (int64_t g = 0; g < n_groups; g++) scale[i * n_groups + g] = scale_value(w, s[g]);
                     }
                     for (int64_t v0 = 0; v0 < Mp; v0 += 32) {
+                        const ahead_t *asks = v0 ? none : ahead;
                         if (Mp - v0 >= 32)
                             i4_tile(unpacked, Kp, scale, n_groups, G, rows_here, quads, xsum, Mp, v0, 2, xs, rows,
-                                    block + n0 * M, M);
+                                    block + n0 * M, M, asks);
                         else
                             i4_tile(unpacked, Kp, scale, n_groups, G, rows_here, quads, xsum, Mp, v0, 1, xs, rows,
-                                    block + n0 * M, M);
+                                    block + n0 * M, M, asks);
                     }
                 } else {
                     const int8_t *wr[I8_ROWS];
@@ -1553,8 +1603,11 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                     for (int64_t v0 = 0; v0 < Mp;) {
                         const int V = Mp - v0 >= 32 ? 2 : 1;
                         float *at = block + n0 * M;
-                        if (V == 2) i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 2, wsum, wscale, xs, rows, at, M);
-                        else i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 1, wsum, wscale, xs, rows, at, M);
+                        const ahead_t *asks = v0 ? none : ahead;
+                        if (V == 2)
+                            i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 2, wsum, wscale, xs, rows, at, M, asks);
+                        else
+                            i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 1, wsum, wscale, xs, rows, at, M, asks);
                         v0 += 16 * V;
                     }
                 }
@@ -1576,30 +1629,95 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
  * into each fp32 lane; subnormals flushed to zero). Sums are fp32, column pair after column pair; K even. */
 #define BF_ROWS 8
 
+/* (Rows are read at one stride from one pointer, and the prefetches are asked for every AHEAD_EVERY column pairs:
+ * with a pointer per row and a check per pair, the loop ran out of registers and was bound by its loads.) */
+#define AHEAD_EVERY 8
+
 BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
-        const uint16_t *const *w, int rows, const uint8_t *pairs, int64_t Mp, int64_t m0, int64_t K2, const int V,
-        int64_t limit, float *out, int64_t ldo) {
+        const uint16_t *w, int64_t ld, int rows, const uint8_t *pairs, int64_t Mp, int64_t m0, int64_t K2, const int V,
+        int64_t limit, float *out, int64_t ldo, const ahead_t *ahead) {
     __m512 acc[BF_ROWS][2];
+    int64_t done[2] = {0, 0};
     for (int i = 0; i < BF_ROWS; i++)
         for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t q = 0; q < K2; q++) {
-        const uint8_t *a_at = pairs + (q * Mp + m0) * 4;
-        __m512bh a[2];
-        for (int j = 0; j < V; j++) a[j] = (__m512bh)_mm512_load_si512(a_at + 64 * j);
-        for (int i = 0; i < BF_ROWS; i++) {
-            int32_t two;
-            memcpy(&two, w[i] + 2 * q, sizeof two);
-            const __m512bh b = (__m512bh)_mm512_set1_epi32(two);
-            for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[j], b);
+    for (int64_t q0 = 0; q0 < K2; q0 += AHEAD_EVERY) {
+        const int64_t q1 = q0 + AHEAD_EVERY < K2 ? q0 + AHEAD_EVERY : K2;
+        for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q1 - 1, K2);
+        for (int64_t q = q0; q < q1; q++) {
+            const uint8_t *a_at = pairs + (q * Mp + m0) * 4;
+            __m512bh a[2];
+            for (int j = 0; j < V; j++) a[j] = (__m512bh)_mm512_load_si512(a_at + 64 * j);
+            const uint16_t *at = w + 2 * q;
+            for (int i = 0; i < BF_ROWS; i++) {
+                int32_t two;
+                memcpy(&two, at + i * ld, sizeof two);
+                const __m512bh b = (__m512bh)_mm512_set1_epi32(two);
+                for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[j], b);
+            }
         }
     }
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < V; j++) store_lanes(out + i * ldo, m0 + 16 * j, limit, acc[i][j]);
 }
 
+/* The same for at most 8 activation rows (m0 = 0) on 256-bit vectors, 2 x BF_ROWS weight rows: at few rows a
+ * 512-bit vector would be half empty. The same sums in the same order. (On Zen 4, 16 chains of 256-bit vdpbf16ps
+ * ran at the 512-bit ones' peak, 8 chains at 2/3 of it.) */
+BF_TARGET static inline __attribute__((always_inline)) void bf16_tile_narrow(
+        const uint16_t *w, int64_t ld, int rows, const uint8_t *pairs, int64_t Mp, int64_t K2, int64_t limit,
+        float *out, int64_t ldo, const ahead_t *ahead) {
+    __m256 acc[2 * BF_ROWS];
+    int64_t done[2] = {0, 0};
+    for (int i = 0; i < 2 * BF_ROWS; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t q0 = 0; q0 < K2; q0 += AHEAD_EVERY) {
+        const int64_t q1 = q0 + AHEAD_EVERY < K2 ? q0 + AHEAD_EVERY : K2;
+        for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q1 - 1, K2);
+        for (int64_t q = q0; q < q1; q++) {
+            const __m256bh a = (__m256bh)_mm256_load_si256((const __m256i *)(pairs + q * Mp * 4));
+            const uint16_t *at = w + 2 * q;
+            for (int i = 0; i < 2 * BF_ROWS; i++) {
+                int32_t two;
+                memcpy(&two, at + i * ld, sizeof two);
+                acc[i] = _mm256_dpbf16_ps(acc[i], a, (__m256bh)_mm256_set1_epi32(two));
+            }
+        }
+    }
+    const __mmask8 keep = (__mmask8)(limit >= 8 ? 0xFF : (1u << limit) - 1);
+    for (int i = 0; i < rows; i++) _mm256_mask_storeu_ps(out + i * ldo, keep, acc[i]);
+}
+
+/* Weight rows [n0, n0 + rows) of W (bf16, rows of K) against the Mp activation rows in pairs, into out (those rows'
+ * outputs, rows of ldo; columns below `limit` stored): up to BF_ROWS rows on 512-bit tiles, or, `narrow` (at most 8
+ * activation rows), up to 2 x BF_ROWS on 256-bit ones. The first tile asks for `ahead`. A last tile of fewer rows
+ * reads a copy of them, its last row repeated. Returns 0, -1 when out of memory. */
+BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int rows, int narrow, const uint8_t *pairs,
+                               int64_t Mp, int64_t limit, float *out, int64_t ldo, const ahead_t *ahead) {
+    const int per_tile = narrow ? 2 * BF_ROWS : BF_ROWS;
+    const uint16_t *w = W + n0 * K;
+    uint16_t *copy = NULL;
+    if (rows < per_tile) {
+        copy = malloc(sizeof(uint16_t) * (size_t)(per_tile * K));
+        if (!copy) return -1;
+        for (int i = 0; i < per_tile; i++) memcpy(copy + i * K, w + (i < rows ? i : rows - 1) * K, 2 * (size_t)K);
+        w = copy;
+    }
+    if (narrow) {
+        bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, ahead);
+    } else {
+        const ahead_t none[2] = {{NULL, 0}, {NULL, 0}};
+        for (int64_t v0 = 0; v0 < Mp; v0 += 32) {
+            if (Mp - v0 >= 32) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 2, limit, out, ldo, v0 ? none : ahead);
+            else bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 1, limit, out, ldo, v0 ? none : ahead);
+        }
+    }
+    free(copy);
+    return 0;
+}
+
 /* out (N, M) = expert e of w (bf16, K even) @ x^T, x (M, K) bf16. Returns 0, -1 when out of memory, -2 for a weight
  * this kernel does not take. */
-BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out) {
+BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out,
+                           const weight_t *next, int64_t next_e) {
     const int64_t N = w->n, K = w->k;
     if (w->fmt != FMT_BF16 || K % 2) return -2;
     if (M <= 0) return 0;
@@ -1608,8 +1726,13 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
     const int64_t Mp_max = (M < chunk ? M + 15 : chunk) / 16 * 16;
     uint8_t *pairs = aligned_alloc(64, (size_t)(bytes * Mp_max));
     int failed = !pairs;
-    const int64_t tiles = (N + BF_ROWS - 1) / BF_ROWS;
+    const int narrow = M <= 8;
+    const int64_t per_tile = narrow ? 2 * BF_ROWS : BF_ROWS, tiles = (N + per_tile - 1) / per_tile;
+    const int64_t next_lines = ahead_lines(next, next_e);
+    const char *next_at = next_lines ? expert_data(next, next_e) : NULL; /* (NULL: an expert not in memory) */
+    const uint16_t *W = expert_data(w, e);
     for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
+        const int last = m0 + chunk >= M; /* (the next weight is asked for in the last pass) */
         const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
         if (pack_rows((const int8_t *)(x + m0 * K), bytes, 0, rows, bytes, Mp, 0, 0, pairs, NULL)) {
             failed = 1;
@@ -1618,23 +1741,114 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
         float *block = out + m0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (N * K * Mp >= PARALLEL_MIN_PRODUCTS)
         for (int64_t t = 0; t < tiles; t++) {
-            const int64_t n0 = t * BF_ROWS;
-            const int rows_here = N - n0 < BF_ROWS ? (int)(N - n0) : BF_ROWS;
-            const uint16_t *wr[BF_ROWS];
-            for (int i = 0; i < BF_ROWS; i++)
-                wr[i] = (const uint16_t *)expert_data(w, e) + (n0 + (i < rows_here ? i : rows_here - 1)) * K;
-            for (int64_t v0 = 0; v0 < Mp;) {
-                if (Mp - v0 >= 32) {
-                    bf16_tile(wr, rows_here, pairs, Mp, v0, K / 2, 2, rows, block + n0 * M, M);
-                    v0 += 32;
-                } else {
-                    bf16_tile(wr, rows_here, pairs, Mp, v0, K / 2, 1, rows, block + n0 * M, M);
-                    v0 += 16;
+            const int64_t n0 = t * per_tile;
+            const int rows_here = N - n0 < per_tile ? (int)(N - n0) : (int)per_tile;
+            ahead_t ahead[2];
+            tile_ahead(ahead, (const char *)W, 2 * K, N, n0, per_tile, last ? next_at : NULL, next_lines, t, tiles);
+            if (bf16_rows(W, K, n0, rows_here, narrow, pairs, Mp, rows, block + n0 * M, M, ahead)) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+    }
+    free(pairs);
+    return failed ? -1 : 0;
+}
+
+/* silu(g) * u for 16 lanes: g * sigmoid(g), sigmoid from e = exp(-|g|) (1 / (1 + e) where g >= 0, e / (1 + e) where
+ * not); NaN stays NaN, silu(-inf) is NaN as g / (1 + exp(-g)) gives */
+BF_TARGET static inline __m512 swiglu16(const __m512 g, const __m512 u) {
+    const __m512 minus_abs = _mm512_or_ps(g, _mm512_set1_ps(-0.0f));
+    const __m256 e_lo = exp_nonpositive(_mm512_castps512_ps256(minus_abs));
+    const __m256 e_hi = exp_nonpositive(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(minus_abs), 1)));
+    const __m512 e = _mm512_insertf32x8(_mm512_castps256_ps512(e_lo), e_hi, 1);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 top = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
+    return _mm512_mul_ps(_mm512_mul_ps(g, _mm512_div_ps(top, _mm512_add_ps(one, e))), u);
+}
+
+/* The prompt path's bf16 expert, one call: out (D, M) fp32 = w2_e @ h^T, h = silu(w1_e @ x^T) * (w3_e @ x^T) computed
+ * in fp32 on the two GEMMs' fp32 sums and rounded to the nearest bf16 (ties to even), for M rows x (M, D) already
+ * rounded to bf16 (w1, w3 (F, D), w2 (D, F), all bf16, D and F even). The numbers of mx_gemm_bf16 for the three
+ * products, with h laid out for the down projection as it is made (no fp32 h in memory, no second packing) and two
+ * parallel passes per chunk of rows instead of three calls. `next` as mx_gemm_bf16's. Returns 0, -1 when out of
+ * memory, -2 for weights this kernel does not take. */
+BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weight_t *w2, int64_t e, const uint16_t *x,
+                             int64_t M, float *out, const weight_t *next, int64_t next_e) {
+    const int64_t D = w1->k, F = w1->n;
+    if (w1->fmt != FMT_BF16 || w3->fmt != FMT_BF16 || w2->fmt != FMT_BF16 || w3->n != F || w3->k != D
+        || w2->n != D || w2->k != F || D % 2 || F % 2)
+        return -2;
+    if (M <= 0) return 0;
+    const int64_t widest = 2 * (D > F ? D : F); /* a row's bytes in the wider of the two packed inputs */
+    const int64_t chunk = VNNI_X_BYTES / widest / 16 * 16 > 16 ? VNNI_X_BYTES / widest / 16 * 16 : 16;
+    const int64_t Mp_max = (M < chunk ? M + 15 : chunk) / 16 * 16;
+    uint8_t *pairs = aligned_alloc(64, (size_t)(2 * D * Mp_max)), *hidden = aligned_alloc(64, (size_t)(2 * F * Mp_max));
+    int failed = !pairs || !hidden;
+    const int narrow = M <= 8;
+    const int64_t per_tile = narrow ? 2 * BF_ROWS : BF_ROWS;
+    const int64_t up_tiles = (F + per_tile - 1) / per_tile, down_tiles = (D + per_tile - 1) / per_tile;
+    const int64_t next_lines = ahead_lines(next, next_e), w2_lines = ahead_lines(w2, e);
+    const char *next_at = next_lines ? expert_data(next, next_e) : NULL; /* (NULL: an expert not in memory) */
+    const uint16_t *W1 = expert_data(w1, e), *W3 = expert_data(w3, e), *W2 = expert_data(w2, e);
+    /* interleave two rows of 16 bf16 values (lanes 0-15 and 16-31) as 16 pairs: h's layout for the down GEMM */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
+        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
+        const int last = m0 + chunk >= M;
+        if (pack_rows((const int8_t *)(x + m0 * D), 2 * D, 0, rows, 2 * D, Mp, 0, 0, pairs, NULL)) {
+            failed = 1;
+            break;
+        }
+        const int parallel = F * D * Mp >= PARALLEL_MIN_PRODUCTS;
+#pragma omp parallel num_threads(threads) if (parallel)
+        {
+            /* one tile's gate and up sums (lanes a narrow tile leaves are zero: h's padding rows stay finite) */
+            float *gate = calloc((size_t)(2 * per_tile * Mp), sizeof(float)), *up = gate + per_tile * Mp;
+            if (!gate) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t t = 0; t < up_tiles; t++) {
+                if (!gate) continue;
+                const int64_t n0 = t * per_tile;
+                const int rows_here = F - n0 < per_tile ? (int)(F - n0) : (int)per_tile;
+                ahead_t a1[2], a3[2];
+                tile_ahead(a1, (const char *)W1, 2 * D, F, n0, per_tile, (const char *)W2, w2_lines, t, up_tiles);
+                tile_ahead(a3, (const char *)W3, 2 * D, F, n0, per_tile, NULL, 0, t, up_tiles);
+                if (bf16_rows(W1, D, n0, rows_here, narrow, pairs, Mp, Mp, gate, Mp, a1)
+                    || bf16_rows(W3, D, n0, rows_here, narrow, pairs, Mp, Mp, up, Mp, a3)) {
+#pragma omp atomic write
+                    failed = 1;
+                }
+                for (int i = 0; i < rows_here; i += 2) /* (rows_here is even: F is) */
+                    for (int64_t m = 0; m < Mp; m += 16) {
+                        const __m512 h0 = swiglu16(_mm512_loadu_ps(gate + i * Mp + m), _mm512_loadu_ps(up + i * Mp + m));
+                        const __m512 h1 = swiglu16(_mm512_loadu_ps(gate + (i + 1) * Mp + m),
+                                                   _mm512_loadu_ps(up + (i + 1) * Mp + m));
+                        const __m512i two = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(h1, h0));
+                        _mm512_store_si512(hidden + (((n0 + i) / 2) * Mp + m) * 4, two);
+                    }
+            }
+            free(gate); /* (the loop's end waits for every thread: h is whole below) */
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t t = 0; t < down_tiles; t++) {
+                const int64_t n0 = t * per_tile;
+                const int rows_here = D - n0 < per_tile ? (int)(D - n0) : (int)per_tile;
+                ahead_t a2[2];
+                tile_ahead(a2, (const char *)W2, 2 * F, D, n0, per_tile, last ? next_at : NULL, next_lines, t,
+                           down_tiles);
+                if (bf16_rows(W2, F, n0, rows_here, narrow, hidden, Mp, rows, out + m0 + n0 * M, M, a2)) {
+#pragma omp atomic write
+                    failed = 1;
                 }
             }
         }
     }
     free(pairs);
+    free(hidden);
     return failed ? -1 : 0;
 }
 

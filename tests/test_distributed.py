@@ -65,17 +65,17 @@ prompt_ids = [int(t) for t in sys.argv[6].split(",")] if len(sys.argv) > 6 else 
                                                                                   28723, 851, 349, 264]
 model = distributed.load_shard(sys.argv[1], dtype, progress=False, quantize=quantize, pack=pack)
 runs = "torch" if model.runner is None else model.runner.name  # what runs this rank's passes
-gemm_experts = []  # per MoE layer a prompt's GEMMs ran for (kernels/prompt.py): its experts, and how many GEMMs ran
-experts, linear, products = prompt.experts, prompt.linear, []
+gemm_experts = []  # per MoE layer a prompt's GEMMs ran for (kernels/prompt.py): its experts, and the ones that ran
+experts, one_expert, ran = prompt.experts, prompt.one_expert, []
 def counted(layer, *rest):
-    products.clear()
+    ran.clear()
     status = experts(layer, *rest)
-    gemm_experts.append((layer.first, layer.held, len(products)))
+    gemm_experts.append((layer.first, layer.held, sorted(ran)))
     return status
-def counting(weight, x, expert=0):
-    products.append(expert)
-    return linear(weight, x, expert)
-prompt.experts, prompt.linear = counted, counting
+def counting(layer, rows, local, *rest, **named):
+    ran.append(local)
+    return one_expert(layer, rows, local, *rest, **named)
+prompt.experts, prompt.one_expert = counted, counting
 if distributed.rank() == 0:
     distributed.lead(model)
     ids = torch.tensor([prompt_ids])
@@ -190,9 +190,9 @@ def test_two_ranks_prompt_gemms_on_their_own_experts_are_as_close_as_one_process
     assert got["runs"] == ("native" if native_kernels_run_here() else "torch")
     gemms = native_kernels_run_here() and prompt.unavailable_reason() is None
     # rank 0 holds experts 0 and 1 of 4; both layers, for the prompt, generate's prefill of it and the batched
-    # prefill of it beside a second sequence: three GEMMs for each of its two experts (every expert gets tokens),
-    # none for the other rank's
-    assert got["gemm_experts"] == ([(0, 2, 6)] * 6 if gemms else [])
+    # prefill of it beside a second sequence: each of its two experts ran (every expert gets tokens), none of the
+    # other rank's
+    assert got["gemm_experts"] == ([(0, 2, [0, 1])] * 6 if gemms else [])
     one, _ = load(model_dir, dtype=dtype, quantize=None if quantize == "none" else quantize, progress=False)
     with torch.no_grad():
         want = reference(ids).logits

@@ -175,8 +175,17 @@ class Rows:
     """A GEMM's activations, rows (M, K) fp32 (any strides), rounded once to each form a weight asks for: bf16, or
     int8 with one scale per row (`mx_quantize_rows`). `take` gathers rows of every form made so far."""
 
-    def __init__(self, x: torch.Tensor):
-        self.x, self.forms = x, {}
+    def __init__(self, x: torch.Tensor | None, source: tuple[Rows, object] | None = None):
+        self._x, self._source, self.forms = x, source, {}
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The fp32 rows (those of a `take`, gathered when first asked for: a weight whose form was made before
+        the take never needs them)."""
+        if self._x is None:
+            rows, index = self._source
+            self._x, self._source = rows.x[index], None
+        return self._x
 
     def bf16(self) -> torch.Tensor:
         if "bf16" not in self.forms:
@@ -200,7 +209,7 @@ class Rows:
 
     def take(self, index) -> Rows:
         """The rows at `index` (a slice or an index tensor), in every form made so far."""
-        taken = Rows(self.x[index])
+        taken = Rows(None, (self, index))
         taken.forms = {name: (tuple(part[index] for part in form) if isinstance(form, tuple) else form[index])
                        for name, form in self.forms.items()}
         return taken
@@ -274,24 +283,30 @@ def _integer_linear(weight, rows: Rows, expert: int, ahead=None) -> torch.Tensor
     return sums.float().mul_(scales.float()[:, None]).mul_(x_scales).t()
 
 
-def linear(weight, rows: Rows, expert: int = 0, ahead=None) -> torch.Tensor:
-    """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view: int8/int4 weights the integer GEMMs take
-    (`integer`) there, fp32 out; bf16 weights of up to BF16_MAX_ROWS rows on our bf16 GEMM where it runs, fp32 out;
-    the rest on oneDNN's bf16 GEMM, bf16 out. A oneDNN GEMM of up to TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and
+def linear(weight, rows: Rows, expert: int = 0, ahead=None, into: torch.Tensor | None = None) -> torch.Tensor:
+    """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view, or written into `into` (M, N) fp32: int8/int4
+    weights the integer GEMMs take (`integer`) there, fp32 out; bf16 weights of up to BF16_MAX_ROWS rows on our bf16
+    GEMM where it runs, fp32 out, written where `into` lies; the rest on oneDNN's bf16 GEMM, bf16 out. A oneDNN GEMM of up to TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and
     an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then widened and multiplied a chunk of rows at a
     time."""
+    if into is not None and not (weight.struct.fmt == BF16 and _in_place(into)):
+        into.copy_(linear(weight, rows, expert, ahead))
+        return into
     if integer(weight):
         return _integer_linear(weight, rows, expert, ahead)
     x = rows.bf16()
     if weight.struct.fmt == BF16 and x.shape[0] <= BF16_MAX_ROWS and _ours(weight):
         x = x.contiguous()
-        out = torch.empty(weight.struct.n, x.shape[0])
-        status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr(),
+        out = torch.empty(x.shape[0], weight.struct.n) if into is None else into
+        status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr(), out.stride(0),
                                         *_ahead(ahead))
         if status:
             raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
                 f"the bf16 GEMM does not take this weight (status {status})")
-        return out.t()
+        return out
+    if into is not None:  # (not ours: oneDNN's, then copied)
+        into.copy_(linear(weight, rows, expert, ahead))
+        return into
     if x.shape[0] > TRANSPOSED_MAX_ROWS:
         return torch.mm(x, _matrix(weight, expert).t())
     n, k = weight.struct.n, weight.struct.k
@@ -308,12 +323,17 @@ def linear(weight, rows: Rows, expert: int = 0, ahead=None) -> torch.Tensor:
     return out.t()
 
 
+def _in_place(into: torch.Tensor) -> bool:
+    """Whether our kernels can write these fp32 rows where they lie (each row contiguous)."""
+    return into.dtype == torch.float32 and into.stride(1) == 1
+
+
 def attention_inputs(layer, h: torch.Tensor, out: torch.Tensor, H: int, G: int, Dh: int) -> None:
     """The q, k, v projections of normed rows h (N, D) fp32 into out (N, (H + 2G) Dh) fp32."""
     rows = Rows(h)
-    out[:, :H * Dh] = linear(layer.q, rows, ahead=(layer.k, 0))
-    out[:, H * Dh:(H + G) * Dh] = linear(layer.k, rows, ahead=(layer.v, 0))
-    out[:, (H + G) * Dh:] = linear(layer.v, rows, ahead=(layer.o, 0))
+    linear(layer.q, rows, ahead=(layer.k, 0), into=out[:, :H * Dh])
+    linear(layer.k, rows, ahead=(layer.v, 0), into=out[:, H * Dh:(H + G) * Dh])
+    linear(layer.v, rows, ahead=(layer.o, 0), into=out[:, (H + G) * Dh:])
 
 
 def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
@@ -355,8 +375,8 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
         local = expert - layer.first
         if 0 <= local < layer.held:
             nxt = after.get(local)
-            out[start:start + count] = one_expert(layer, rows.take(slice(start, start + count)), local,
-                                                  None if nxt is None else (layer.w1, nxt))
+            one_expert(layer, rows.take(slice(start, start + count)), local,
+                       None if nxt is None else (layer.w1, nxt), into=out[start:start + count])
         else:
             out[start:start + count] = 0
         start += count
@@ -366,23 +386,24 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     return 0
 
 
-def one_expert(layer, rows: Rows, local: int, ahead=None) -> torch.Tensor:
-    """Expert `local` of the layer on its rows -> (M, D), maybe a transposed view: bf16 weights on our bf16 GEMM in
-    one call (mx_expert_bf16: the three GEMMs and the SwiGLU between them, as `linear` and `_swiglu` compute them),
-    others as three `linear`s. `ahead`: the (weight, expert) read next, which our GEMMs prefetch."""
+def one_expert(layer, rows: Rows, local: int, ahead=None, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert `local` of the layer on its rows -> (M, D), maybe a transposed view, or written into `into`: bf16
+    weights on our bf16 GEMM in one call (mx_expert_bf16: the three GEMMs and the SwiGLU between them, as `linear`
+    and `_swiglu` compute them), others as three `linear`s. `ahead`: the (weight, expert) read next, which our
+    GEMMs prefetch."""
     w1, w3, w2 = layer.w1, layer.w3, layer.w2
     x = rows.bf16() if not integer(w1) else None
     if (x is not None and x.shape[0] <= BF16_MAX_ROWS and all(w.struct.fmt == BF16 and _ours(w) for w in (w1, w3, w2))):
         x = x.contiguous()
-        out = torch.empty(w2.struct.n, x.shape[0])
+        out = into if into is not None and _in_place(into) else torch.empty(x.shape[0], w2.struct.n)
         status = library().mx_expert_bf16(w1.ref, w3.ref, w2.ref, local, x.data_ptr(), x.shape[0], out.data_ptr(),
-                                          *_ahead(ahead))
+                                          out.stride(0), *_ahead(ahead))
         if status:
             raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
                 f"the bf16 GEMM does not take these weights (status {status})")
-        return out.t()
+        return out if into is None or out is into else into.copy_(out)
     hidden = _swiglu(linear(w1, rows, local, (w3, local)), linear(w3, rows, local, (w2, local)))
-    return linear(w2, hidden, local, ahead)
+    return linear(w2, hidden, local, ahead, into)
 
 
 def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:

@@ -1623,11 +1623,62 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
 }
 
 /* ---- The prompt path's bf16 GEMM: AVX512_BF16 (mx_bf16_supported) ---------------------------------------------
- * out (N, M) fp32 = W_e (N, K) bf16 @ x^T for M activation rows already rounded to bf16, with the integer GEMM's
+ * out (M, N) fp32 = x @ W_e^T, W_e (N, K) bf16, for M activation rows already rounded to bf16, with the integer GEMM's
  * scheme: BF_ROWS weight rows read where they lie, each pair of columns broadcast against 16 activation rows per
  * vector (pairs[k / 2][m][k % 2], laid out by pack_rows as 4-byte units), on vdpbf16ps (two bf16 products added
  * into each fp32 lane; subnormals flushed to zero). Sums are fp32, column pair after column pair; K even. */
 #define BF_ROWS 8
+
+/* Row-major stores of a tile: r[i] holds weight row i's sums for 16 (8) consecutive activation rows; out row m
+ * (of stride ldo) gets r[0..rows)[m] side by side, for the activation rows m < limit. Transposed in registers. */
+BF_TARGET static inline __attribute__((always_inline)) void store_transposed16(const __m512 r[8], int rows,
+                                                                               float *out, int64_t ldo, int64_t limit) {
+    __m512 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);     /* per 128-bit lane k: r_i[4k], r_i+1[4k], r_i[4k+1], .. */
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]); /* r_i[4k+2], r_i+1[4k+2], r_i[4k+3], .. */
+    }
+    for (int h = 0; h < 8; h += 4) { /* rows h .. h + 3 */
+        u[h + 0] = _mm512_shuffle_ps(t[h], t[h + 2], 0x44);     /* lane k: activation row 4k */
+        u[h + 1] = _mm512_shuffle_ps(t[h], t[h + 2], 0xEE);     /* 4k + 1 */
+        u[h + 2] = _mm512_shuffle_ps(t[h + 1], t[h + 3], 0x44); /* 4k + 2 */
+        u[h + 3] = _mm512_shuffle_ps(t[h + 1], t[h + 3], 0xEE); /* 4k + 3 */
+    }
+    const __mmask8 keep = (__mmask8)((1u << rows) - 1);
+    for (int c = 0; c < 4; c++) {
+        /* lanes 0 and 2 of rows 0-3 and 4-7 -> activation rows c, 8 + c; lanes 1 and 3 -> 4 + c, 12 + c */
+        const __m512 even = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512 odd = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+        const __m512 a = _mm512_shuffle_f32x4(even, even, _MM_SHUFFLE(3, 1, 2, 0));
+        const __m512 b = _mm512_shuffle_f32x4(odd, odd, _MM_SHUFFLE(3, 1, 2, 0));
+        const int64_t m[4] = {c, 8 + c, 4 + c, 12 + c};
+        const __m256 v[4] = {_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),
+                             _mm512_castps512_ps256(b), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))};
+        for (int q = 0; q < 4; q++)
+            if (m[q] < limit) _mm256_mask_storeu_ps(out + m[q] * ldo, keep, v[q]);
+    }
+}
+
+/* 8 vectors of 8 activation rows (weight rows i0 .. i0 + 7 of a narrow tile) -> out rows m < limit, columns i0 .. */
+BF_TARGET static inline __attribute__((always_inline)) void store_transposed8(const __m256 r[8], int rows,
+                                                                              float *out, int64_t ldo, int64_t limit) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {
+        u[h + 0] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+        u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+        u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+        u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+    }
+    const __mmask8 keep = (__mmask8)(rows >= 8 ? 0xFF : (1u << rows) - 1);
+    for (int c = 0; c < 4; c++) { /* 128-bit lane 0: activation row c; lane 1: 4 + c */
+        if (c < limit) _mm256_mask_storeu_ps(out + c * ldo, keep, _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+        if (4 + c < limit) _mm256_mask_storeu_ps(out + (4 + c) * ldo, keep, _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+    }
+}
 
 /* (Rows are read at one stride from one pointer, and the prefetches are asked for every AHEAD_EVERY column pairs:
  * with a pointer per row and a check per pair, the loop ran out of registers and was bound by its loads.) */
@@ -1635,7 +1686,7 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
 
 BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
         const uint16_t *w, int64_t ld, int rows, const uint8_t *pairs, int64_t Mp, int64_t m0, int64_t K2, const int V,
-        int64_t limit, float *out, int64_t ldo, const ahead_t *ahead) {
+        int64_t limit, float *out, int64_t ldo, const int row_major, const ahead_t *ahead) {
     __m512 acc[BF_ROWS][2];
     int64_t done[2] = {0, 0};
     for (int i = 0; i < BF_ROWS; i++)
@@ -1656,6 +1707,14 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
             }
         }
     }
+    if (row_major) {
+        for (int j = 0; j < V; j++) {
+            __m512 r[BF_ROWS];
+            for (int i = 0; i < BF_ROWS; i++) r[i] = acc[i][j];
+            store_transposed16(r, rows, out + (m0 + 16 * j) * ldo, ldo, limit - m0 - 16 * j);
+        }
+        return;
+    }
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < V; j++) store_lanes(out + i * ldo, m0 + 16 * j, limit, acc[i][j]);
 }
@@ -1665,7 +1724,7 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
  * ran at the 512-bit ones' peak, 8 chains at 2/3 of it.) */
 BF_TARGET static inline __attribute__((always_inline)) void bf16_tile_narrow(
         const uint16_t *w, int64_t ld, int rows, const uint8_t *pairs, int64_t Mp, int64_t K2, int64_t limit,
-        float *out, int64_t ldo, const ahead_t *ahead) {
+        float *out, int64_t ldo, const int row_major, const ahead_t *ahead) {
     __m256 acc[2 * BF_ROWS];
     int64_t done[2] = {0, 0};
     for (int i = 0; i < 2 * BF_ROWS; i++) acc[i] = _mm256_setzero_ps();
@@ -1682,16 +1741,23 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile_narrow(
             }
         }
     }
+    if (row_major) {
+        store_transposed8(acc, rows, out, ldo, limit);
+        if (rows > 8) store_transposed8(acc + 8, rows - 8, out + 8, ldo, limit);
+        return;
+    }
     const __mmask8 keep = (__mmask8)(limit >= 8 ? 0xFF : (1u << limit) - 1);
     for (int i = 0; i < rows; i++) _mm256_mask_storeu_ps(out + i * ldo, keep, acc[i]);
 }
 
-/* Weight rows [n0, n0 + rows) of W (bf16, rows of K) against the Mp activation rows in pairs, into out (those rows'
- * outputs, rows of ldo; columns below `limit` stored): up to BF_ROWS rows on 512-bit tiles, or, `narrow` (at most 8
- * activation rows), up to 2 x BF_ROWS on 256-bit ones. The first tile asks for `ahead`. A last tile of fewer rows
+/* Weight rows [n0, n0 + rows) of W (bf16, rows of K) against the Mp activation rows in pairs, into out: those weight
+ * rows' outputs, rows of ldo, columns below `limit` stored; or, `row_major`, out's columns n0 .. of its activation
+ * rows below `limit` (out at column n0 of activation row 0, rows of ldo). Up to BF_ROWS rows on 512-bit tiles, or,
+ * `narrow` (at most 8 activation rows), up to 2 x BF_ROWS on 256-bit ones. The first tile asks for `ahead`. A last tile of fewer rows
  * reads a copy of them, its last row repeated. Returns 0, -1 when out of memory. */
 BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int rows, int narrow, const uint8_t *pairs,
-                               int64_t Mp, int64_t limit, float *out, int64_t ldo, const ahead_t *ahead) {
+                               int64_t Mp, int64_t limit, float *out, int64_t ldo, int row_major,
+                               const ahead_t *ahead) {
     const int per_tile = narrow ? 2 * BF_ROWS : BF_ROWS;
     const uint16_t *w = W + n0 * K;
     uint16_t *copy = NULL;
@@ -1701,22 +1767,23 @@ BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int row
         for (int i = 0; i < per_tile; i++) memcpy(copy + i * K, w + (i < rows ? i : rows - 1) * K, 2 * (size_t)K);
         w = copy;
     }
-    if (narrow) {
-        bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, ahead);
-    } else {
-        const ahead_t none[2] = {{NULL, 0}, {NULL, 0}};
-        for (int64_t v0 = 0; v0 < Mp; v0 += 32) {
-            if (Mp - v0 >= 32) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 2, limit, out, ldo, v0 ? none : ahead);
-            else bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 1, limit, out, ldo, v0 ? none : ahead);
-        }
+    const ahead_t none[2] = {{NULL, 0}, {NULL, 0}};
+    if (narrow && row_major) bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, 1, ahead);
+    else if (narrow) bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, 0, ahead);
+    for (int64_t v0 = 0; v0 < Mp && !narrow; v0 += 32) {
+        const ahead_t *asks = v0 ? none : ahead;
+        if (Mp - v0 >= 32 && row_major) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 2, limit, out, ldo, 1, asks);
+        else if (Mp - v0 >= 32) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 2, limit, out, ldo, 0, asks);
+        else if (row_major) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 1, limit, out, ldo, 1, asks);
+        else bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 1, limit, out, ldo, 0, asks);
     }
     free(copy);
     return 0;
 }
 
-/* out (N, M) = expert e of w (bf16, K even) @ x^T, x (M, K) bf16. Returns 0, -1 when out of memory, -2 for a weight
- * this kernel does not take. */
-BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out,
+/* out (M, N), rows of ldo >= N, = x @ (expert e of w)^T, x (M, K) bf16, w bf16 with K even. Returns 0, -1 when out
+ * of memory, -2 for a weight this kernel does not take. */
+BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out, int64_t ldo,
                            const weight_t *next, int64_t next_e) {
     const int64_t N = w->n, K = w->k;
     if (w->fmt != FMT_BF16 || K % 2) return -2;
@@ -1738,14 +1805,13 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
             failed = 1;
             break;
         }
-        float *block = out + m0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (N * K * Mp >= PARALLEL_MIN_PRODUCTS)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * per_tile;
             const int rows_here = N - n0 < per_tile ? (int)(N - n0) : (int)per_tile;
             ahead_t ahead[2];
             tile_ahead(ahead, (const char *)W, 2 * K, N, n0, per_tile, last ? next_at : NULL, next_lines, t, tiles);
-            if (bf16_rows(W, K, n0, rows_here, narrow, pairs, Mp, rows, block + n0 * M, M, ahead)) {
+            if (bf16_rows(W, K, n0, rows_here, narrow, pairs, Mp, rows, out + m0 * ldo + n0, ldo, 1, ahead)) {
 #pragma omp atomic write
                 failed = 1;
             }
@@ -1767,14 +1833,15 @@ BF_TARGET static inline __m512 swiglu16(const __m512 g, const __m512 u) {
     return _mm512_mul_ps(_mm512_mul_ps(g, _mm512_div_ps(top, _mm512_add_ps(one, e))), u);
 }
 
-/* The prompt path's bf16 expert, one call: out (D, M) fp32 = w2_e @ h^T, h = silu(w1_e @ x^T) * (w3_e @ x^T) computed
+/* The prompt path's bf16 expert, one call: out (M, D) fp32, rows of ldo >= D, = h @ w2_e^T, h = silu(x @ w1_e^T) *
+ * (x @ w3_e^T) computed
  * in fp32 on the two GEMMs' fp32 sums and rounded to the nearest bf16 (ties to even), for M rows x (M, D) already
  * rounded to bf16 (w1, w3 (F, D), w2 (D, F), all bf16, D and F even). The numbers of mx_gemm_bf16 for the three
  * products, with h laid out for the down projection as it is made (no fp32 h in memory, no second packing) and two
  * parallel passes per chunk of rows instead of three calls. `next` as mx_gemm_bf16's. Returns 0, -1 when out of
  * memory, -2 for weights this kernel does not take. */
 BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weight_t *w2, int64_t e, const uint16_t *x,
-                             int64_t M, float *out, const weight_t *next, int64_t next_e) {
+                             int64_t M, float *out, int64_t ldo, const weight_t *next, int64_t next_e) {
     const int64_t D = w1->k, F = w1->n;
     if (w1->fmt != FMT_BF16 || w3->fmt != FMT_BF16 || w2->fmt != FMT_BF16 || w3->n != F || w3->k != D
         || w2->n != D || w2->k != F || D % 2 || F % 2)
@@ -1818,8 +1885,8 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
                 ahead_t a1[2], a3[2];
                 tile_ahead(a1, (const char *)W1, 2 * D, F, n0, per_tile, (const char *)W2, w2_lines, t, up_tiles);
                 tile_ahead(a3, (const char *)W3, 2 * D, F, n0, per_tile, NULL, 0, t, up_tiles);
-                if (bf16_rows(W1, D, n0, rows_here, narrow, pairs, Mp, Mp, gate, Mp, a1)
-                    || bf16_rows(W3, D, n0, rows_here, narrow, pairs, Mp, Mp, up, Mp, a3)) {
+                if (bf16_rows(W1, D, n0, rows_here, narrow, pairs, Mp, Mp, gate, Mp, 0, a1)
+                    || bf16_rows(W3, D, n0, rows_here, narrow, pairs, Mp, Mp, up, Mp, 0, a3)) {
 #pragma omp atomic write
                     failed = 1;
                 }
@@ -1840,7 +1907,7 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
                 ahead_t a2[2];
                 tile_ahead(a2, (const char *)W2, 2 * F, D, n0, per_tile, last ? next_at : NULL, next_lines, t,
                            down_tiles);
-                if (bf16_rows(W2, F, n0, rows_here, narrow, hidden, Mp, rows, out + m0 + n0 * M, M, a2)) {
+                if (bf16_rows(W2, F, n0, rows_here, narrow, hidden, Mp, rows, out + m0 * ldo + n0, ldo, 1, a2)) {
 #pragma omp atomic write
                     failed = 1;
                 }

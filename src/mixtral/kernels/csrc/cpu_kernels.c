@@ -217,6 +217,29 @@ static inline __m256 exp_nonpositive(const __m256 t_in) {
     return _mm256_blendv_ps(e, t_in, _mm256_cmp_ps(t_in, t_in, _CMP_UNORD_Q));
 }
 
+/* silu(g) * u, 8 at a time: g * sigmoid(g), the sigmoid from e = exp(-|g|) (1 / (1 + e) where g >= 0, e / (1 + e)
+ * where not), so exp never overflows; NaN stays NaN, silu(-inf) is NaN as g / (1 + exp(-g)) gives. */
+static inline __m256 silu_times8(const __m256 g, const __m256 u) {
+    const __m256 e = exp_nonpositive(_mm256_or_ps(g, _mm256_set1_ps(-0.0f)));
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 top = _mm256_blendv_ps(e, one, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ));
+    return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_div_ps(top, _mm256_add_ps(one, e))), u);
+}
+
+/* g[i] = silu(g[i]) * u[i] for n elements; the last n % 8 through the same code, so an element's value does not
+ * depend on where it lies (a decode row's numbers alone and in a batch). */
+static void silu_times(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(g + i, silu_times8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+    if (i < n) {
+        float a[8] = {0}, b[8] = {0};
+        memcpy(a, g + i, sizeof(float) * (size_t)(n - i));
+        memcpy(b, u + i, sizeof(float) * (size_t)(n - i));
+        _mm256_storeu_ps(a, silu_times8(_mm256_loadu_ps(a), _mm256_loadu_ps(b)));
+        memcpy(g + i, a, sizeof(float) * (size_t)(n - i));
+    }
+}
+
 /* The largest of x[0, n) (of |x| with `absolute`), NaN left out; *nan says whether there was one. */
 static float max_of(const float *x, int64_t n, int absolute, int *nan) {
     const __m256 sign = _mm256_set1_ps(absolute ? -0.0f : 0.0f);
@@ -375,6 +398,7 @@ static void split_even_odd(const float *x, int64_t K, float *xp) {
  * xp is x split by split_even_odd; group_sums[g] = sum of x over int4 group g (int4 codes carry an offset of 8,
  * taken out once per group instead of once per code). */
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq")))
+#define INT_ROWS 4 /* activation rows per pass of the 512-bit integer row kernels (row_int_512_multi) */
 
 /* x split for the 512-bit bf16 rows: per 32 columns, the 16 even ones then the 16 odd ones (a 32-bit lane of bf16
  * pairs widens to its even column by a shift and to its odd one by a mask); the columns past the last 32 as they
@@ -386,102 +410,64 @@ static void split_even_odd32(const float *x, int64_t K, float *xp) {
     for (; i < K; i++) xp[i] = x[i];
 }
 
-/* One bf16 weight row . x on 512-bit vectors (eight FMA chains, 128 columns a step), returned as 8 partial sums
- * for rows_of's reduction. */
-AVX512_TARGET static __m256 row_bf16_512(const uint16_t *src, const float *x, const float *xp, int64_t K) {
+/* Four bf16 weight rows (src, rows of K; n of them, the last repeated past n) . each of nm activation rows (nm <=
+ * 2), on 512-bit vectors, 32 columns a step: per weight row and activation row two FMA chains (the even columns of
+ * each 32, the odd ones: xp's split), added and folded to 8 partial sums at the end, the columns past the last 32
+ * added to lane 0 in order. A pair's numbers are the same for any nm and any rows beside it, so a sequence's numbers
+ * do not depend on the rows beside it, and a decode step's rows alone (nm = 1, every bf16 row on these kernels)
+ * are the batch's. The weight rows are loaded and widened once for the nm activation rows, and the 8 x nm chains
+ * (16 at most, plus the two activation vectors) stay in registers. (One row at a time with eight chains per
+ * activation row, as before, ran batched steps at 25-35% of the FMA peak on Zen 4: 28 loads per 24 FMAs, a call
+ * and a reduction per weight row; these ran 16 rows of "small"'s shapes at 1.4-2.2x its speed with the weights in
+ * memory, one row at 0.9-1.5x.) */
+AVX512_TARGET static inline __attribute__((always_inline)) void quad_bf16_512(
+    const int nm, const uint16_t *src, int64_t K, int n, const float *const *x, const float *const *xp, int prefetch,
+    __m256 out[4][INT_ROWS]) {
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a, a2 = a, b2 = a, c2 = a, d2 = a;
+    const uint16_t *w[4];
+    for (int r = 0; r < 4; r++) w[r] = src + (r < n ? r : n - 1) * K;
+    /* (the next four rows are prefetched in memory order, four lines a step: the rows' bytes in one stream) */
+    const char *next = (const char *)(src + 4 * K);
+    __m512 even[4][2], odd[4][2];
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < nm; j++) even[r][j] = odd[r][j] = _mm512_setzero_ps();
     int64_t i = 0;
-#define EVEN(v) _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
-#define ODD(v) _mm512_castsi512_ps(_mm512_and_si512(v, high))
-    for (; i + 128 <= K; i += 128) {
-        _mm_prefetch((const char *)(src + i) + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)(src + i) + PREFETCH + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)(src + i) + PREFETCH + 128, _MM_HINT_T0);
-        _mm_prefetch((const char *)(src + i) + PREFETCH + 192, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(src + i), u = _mm512_loadu_si512(src + i + 32);
-        const __m512i v2 = _mm512_loadu_si512(src + i + 64), u2 = _mm512_loadu_si512(src + i + 96);
-        a = _mm512_fmadd_ps(EVEN(v), _mm512_loadu_ps(xp + i), a);
-        b = _mm512_fmadd_ps(ODD(v), _mm512_loadu_ps(xp + i + 16), b);
-        c = _mm512_fmadd_ps(EVEN(u), _mm512_loadu_ps(xp + i + 32), c);
-        d = _mm512_fmadd_ps(ODD(u), _mm512_loadu_ps(xp + i + 48), d);
-        a2 = _mm512_fmadd_ps(EVEN(v2), _mm512_loadu_ps(xp + i + 64), a2);
-        b2 = _mm512_fmadd_ps(ODD(v2), _mm512_loadu_ps(xp + i + 80), b2);
-        c2 = _mm512_fmadd_ps(EVEN(u2), _mm512_loadu_ps(xp + i + 96), c2);
-        d2 = _mm512_fmadd_ps(ODD(u2), _mm512_loadu_ps(xp + i + 112), d2);
-    }
-    a = _mm512_add_ps(a, a2); b = _mm512_add_ps(b, b2); c = _mm512_add_ps(c, c2); d = _mm512_add_ps(d, d2);
     for (; i + 32 <= K; i += 32) {
-        const __m512i v = _mm512_loadu_si512(src + i);
-        a = _mm512_fmadd_ps(EVEN(v), _mm512_loadu_ps(xp + i), a);
-        b = _mm512_fmadd_ps(ODD(v), _mm512_loadu_ps(xp + i + 16), b);
-    }
-#undef EVEN
-#undef ODD
-    float tail = 0.0f;
-    for (; i < K; i++) tail += bf16_to_float(src[i]) * x[i];
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d));
-    const __m256 r = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-    return _mm256_add_ps(r, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
-}
-
-/* One bf16 weight row . each of nm activation rows (nm <= 3: 24 accumulators in registers), for batched decode:
- * each pair's eight FMA chains, order of summation and tail are exactly row_bf16_512's, so a sequence's numbers do
- * not depend on the rows beside it; the weights are loaded and widened once for all nm. */
-AVX512_TARGET static inline __attribute__((always_inline)) void row_bf16_512_multi(
-    const int nm, const uint16_t *src, const float *const *x, const float *const *xp, int64_t K, __m256 *out) {
-    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    __m512 a[3], b[3], c[3], d[3], a2[3], b2[3], c2[3], d2[3];
-    for (int j = 0; j < nm; j++) a[j] = b[j] = c[j] = d[j] = a2[j] = b2[j] = c2[j] = d2[j] = _mm512_setzero_ps();
-    int64_t i = 0;
-#define EVEN(v) _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
-#define ODD(v) _mm512_castsi512_ps(_mm512_and_si512(v, high))
-    for (; i + 128 <= K; i += 128) {
-        const __m512i v = _mm512_loadu_si512(src + i), u = _mm512_loadu_si512(src + i + 32);
-        const __m512i v2 = _mm512_loadu_si512(src + i + 64), u2 = _mm512_loadu_si512(src + i + 96);
-        const __m512 ev = EVEN(v), ov = ODD(v), eu = EVEN(u), ou = ODD(u);
-        const __m512 ev2 = EVEN(v2), ov2 = ODD(v2), eu2 = EVEN(u2), ou2 = ODD(u2);
+        __m512 xe[2], xo[2];
         for (int j = 0; j < nm; j++) {
-            const float *p = xp[j] + i;
-            a[j] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(p), a[j]);
-            b[j] = _mm512_fmadd_ps(ov, _mm512_loadu_ps(p + 16), b[j]);
-            c[j] = _mm512_fmadd_ps(eu, _mm512_loadu_ps(p + 32), c[j]);
-            d[j] = _mm512_fmadd_ps(ou, _mm512_loadu_ps(p + 48), d[j]);
-            a2[j] = _mm512_fmadd_ps(ev2, _mm512_loadu_ps(p + 64), a2[j]);
-            b2[j] = _mm512_fmadd_ps(ov2, _mm512_loadu_ps(p + 80), b2[j]);
-            c2[j] = _mm512_fmadd_ps(eu2, _mm512_loadu_ps(p + 96), c2[j]);
-            d2[j] = _mm512_fmadd_ps(ou2, _mm512_loadu_ps(p + 112), d2[j]);
+            xe[j] = _mm512_loadu_ps(xp[j] + i);
+            xo[j] = _mm512_loadu_ps(xp[j] + i + 16);
+        }
+        for (int r = 0; r < 4; r++) {
+            if (prefetch) _mm_prefetch(next + 2 * (4 * i + 32 * r), _MM_HINT_T1);
+            const __m512i v = _mm512_loadu_si512(w[r] + i);
+            const __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 ov = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+            for (int j = 0; j < nm; j++) {
+                even[r][j] = _mm512_fmadd_ps(ev, xe[j], even[r][j]);
+                odd[r][j] = _mm512_fmadd_ps(ov, xo[j], odd[r][j]);
+            }
         }
     }
-    for (int j = 0; j < nm; j++) {
-        a[j] = _mm512_add_ps(a[j], a2[j]); b[j] = _mm512_add_ps(b[j], b2[j]);
-        c[j] = _mm512_add_ps(c[j], c2[j]); d[j] = _mm512_add_ps(d[j], d2[j]);
-    }
-    for (; i + 32 <= K; i += 32) {
-        const __m512i v = _mm512_loadu_si512(src + i);
-        const __m512 ev = EVEN(v), ov = ODD(v);
+    for (int r = 0; r < 4; r++)
         for (int j = 0; j < nm; j++) {
-            a[j] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(xp[j] + i), a[j]);
-            b[j] = _mm512_fmadd_ps(ov, _mm512_loadu_ps(xp[j] + i + 16), b[j]);
+            float tail = 0.0f;
+            for (int64_t t = i; t < K; t++) tail += bf16_to_float(w[r][t]) * x[j][t];
+            const __m512 s = _mm512_add_ps(even[r][j], odd[r][j]);
+            const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+            out[r][j] = _mm256_add_ps(h, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
         }
-    }
-#undef EVEN
-#undef ODD
-    for (int j = 0; j < nm; j++) {
-        float tail = 0.0f;
-        for (int64_t t = i; t < K; t++) tail += bf16_to_float(src[t]) * x[j][t];
-        const __m512 s = _mm512_add_ps(_mm512_add_ps(a[j], b[j]), _mm512_add_ps(c[j], d[j]));
-        const __m256 r = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-        out[j] = _mm256_add_ps(r, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
-    }
 }
 
-AVX512_TARGET static void row_bf16_512_x1(const uint16_t *s, const float *const *x, const float *const *xp, int64_t K,
-                                          __m256 *out) { row_bf16_512_multi(1, s, x, xp, K, out); }
-AVX512_TARGET static void row_bf16_512_x2(const uint16_t *s, const float *const *x, const float *const *xp, int64_t K,
-                                          __m256 *out) { row_bf16_512_multi(2, s, x, xp, K, out); }
-AVX512_TARGET static void row_bf16_512_x3(const uint16_t *s, const float *const *x, const float *const *xp, int64_t K,
-                                          __m256 *out) { row_bf16_512_multi(3, s, x, xp, K, out); }
+/* (prefetch: the first activation rows over these weight rows, which stream them from memory) */
+AVX512_TARGET static void quad_bf16_512_x1(const uint16_t *src, int64_t K, int n, const float *const *x,
+                                           const float *const *xp, int prefetch, __m256 out[4][INT_ROWS]) {
+    quad_bf16_512(1, src, K, n, x, xp, prefetch, out);
+}
+AVX512_TARGET static void quad_bf16_512_x2(const uint16_t *src, int64_t K, int n, const float *const *x,
+                                           const float *const *xp, int prefetch, __m256 out[4][INT_ROWS]) {
+    quad_bf16_512(2, src, K, n, x, xp, prefetch, out);
+}
 
 static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, const weight_t *w, int64_t e,
                                                             int64_t row, const float *x, const float *xp,
@@ -490,8 +476,6 @@ static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, c
     __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
     float tail = 0.0f;
     int64_t i = 0;
-    if (fmt == FMT_BF16 && avx512_rows)
-        return row_bf16_512((const uint16_t *)expert_data(w, e) + row * K, x, xp, K);
     if (fmt == FMT_BF16) {
         const uint16_t *src = (const uint16_t *)expert_data(w, e) + row * K;
         const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -824,7 +808,6 @@ static inline __attribute__((always_inline)) __m256 row_vec_int(const int64_t fm
  * lanes folded to its 8, or its 4 for groups of 32) and the same fp32 steps after it, so every result is bit for
  * bit row_vec_int's. A weight row's codes are loaded and unpacked once for nm activation rows (nm <= INT_ROWS):
  * batched decode reuses the unpacking, which is most of the work. */
-#define INT_ROWS 4
 
 AVX512_TARGET static inline __attribute__((always_inline)) void row_int_512_multi(
     const int64_t fmt, const int nm, const weight_t *w, int64_t e, int64_t row, const float *const *x,
@@ -1123,6 +1106,16 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
     const weight_t *w = job->w;
     const int64_t e = job->e;
 #define ROW(r) (p->integer ? row_vec_int(fmt, w, e, (r), job->x, &p->xq) : row_vec(fmt, w, e, (r), job->x, p->xp, p->sums))
+    if (fmt == FMT_BF16 && avx512_rows) { /* four weight rows at a time (quad_bf16_512) */
+        for (int64_t r = r0; r < r1; r += 4) {
+            const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
+            __m256 v[4][INT_ROWS];
+            quad_bf16_512_x1((const uint16_t *)expert_data(w, e) + r * w->k, w->k, n, &job->x,
+                             (const float *const *)&p->xp, 1, v);
+            store4(fmt, job, p, r, n, v[0][0], v[1][0], v[2][0], v[3][0]);
+        }
+        return;
+    }
     for (int64_t r = r0; r < r1; r += 4) {
         const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
         const __m256 zero = _mm256_setzero_ps();
@@ -1821,16 +1814,11 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
     return failed ? -1 : 0;
 }
 
-/* silu(g) * u for 16 lanes: g * sigmoid(g), sigmoid from e = exp(-|g|) (1 / (1 + e) where g >= 0, e / (1 + e) where
- * not); NaN stays NaN, silu(-inf) is NaN as g / (1 + exp(-g)) gives */
+/* silu(g) * u for 16 lanes: silu_times8's numbers */
 BF_TARGET static inline __m512 swiglu16(const __m512 g, const __m512 u) {
-    const __m512 minus_abs = _mm512_or_ps(g, _mm512_set1_ps(-0.0f));
-    const __m256 e_lo = exp_nonpositive(_mm512_castps512_ps256(minus_abs));
-    const __m256 e_hi = exp_nonpositive(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(minus_abs), 1)));
-    const __m512 e = _mm512_insertf32x8(_mm512_castps256_ps512(e_lo), e_hi, 1);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 top = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
-    return _mm512_mul_ps(_mm512_mul_ps(g, _mm512_div_ps(top, _mm512_add_ps(one, e))), u);
+    const __m256 lo = silu_times8(_mm512_castps512_ps256(g), _mm512_castps512_ps256(u));
+    const __m256 hi = silu_times8(_mm512_extractf32x8_ps(g, 1), _mm512_extractf32x8_ps(u, 1));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
 }
 
 /* The prompt path's bf16 expert, one call: out (M, D) fp32, rows of ldo >= D, = h @ w2_e^T, h = silu(x @ w1_e^T) *
@@ -1967,10 +1955,11 @@ typedef struct {
 } product_t;
 
 /* Weight rows [lo, hi) of one product for all of its M activation rows (jobs and preps: one per row), each row
- * computed exactly as at batch 1 (run_jobs' kernel and order of summation). Where the CPU has AVX-512, a few
- * activation rows at a time (three for bf16, INT_ROWS for the integer kernels) go over the weight rows, each weight
- * loaded and widened or unpacked once for them; else each activation row in turn over four weight rows at a time.
- * Either way the weight rows are read from memory for the first activation rows and from the cache for the others
+ * computed exactly as at batch 1 (run_jobs' kernel and order of summation). Where the CPU has AVX-512, each four
+ * weight rows go over all activation rows, a few at a time (two for bf16, INT_ROWS for the integer kernels), the
+ * weight loaded and widened or unpacked once for them and read from the L1 cache after the first, while the next
+ * four rows stream in (prefetched by the first); else each activation row in turn over four weight rows at a time,
+ * the weight rows read from memory for the first activation rows and from the cache for the others
  * (linear_rows_many's ranges are BF16_BLOCK_BYTES at most, or four rows where four are larger). */
 static void rows_range(const weight_t *w, int64_t e, const job_t *jobs, const prep_t *preps, int64_t M, int64_t lo,
                        int64_t hi) {
@@ -1979,24 +1968,22 @@ static void rows_range(const weight_t *w, int64_t e, const job_t *jobs, const pr
             for (int64_t m = 0; m < M; m++) rows_dot(&jobs[m], &preps[m], r0, r0 + 4 < hi ? r0 + 4 : hi);
         return;
     }
-    const int integer = preps[0].integer, per = integer ? INT_ROWS : 3;
+    const int integer = preps[0].integer, per = integer ? INT_ROWS : 2;
     const int64_t K = w->k;
     const uint16_t *data = (const uint16_t *)expert_data(w, e);
-    for (int64_t m0 = 0; m0 < M; m0 += per) {
-        const int nm = M - m0 < per ? (int)(M - m0) : per;
-        const float *xs[INT_ROWS], *xps[INT_ROWS];
-        const xq_t *xqs[INT_ROWS];
-        for (int j = 0; j < nm; j++) {
-            xs[j] = jobs[m0 + j].x; xps[j] = preps[m0 + j].xp; xqs[j] = &preps[m0 + j].xq;
-        }
-        for (int64_t r0 = lo; r0 < hi; r0 += 4) {
-            const int n = (int)(hi - r0 < 4 ? hi - r0 : 4);
+    for (int64_t r0 = lo; r0 < hi; r0 += 4) { /* each four weight rows for all activation rows: the weight streams in
+                                               * (prefetched ahead) while the rows are multiplied, from the L1 cache */
+        const int n = (int)(hi - r0 < 4 ? hi - r0 : 4);
+        for (int64_t m0 = 0; m0 < M; m0 += per) {
+            const int nm = M - m0 < per ? (int)(M - m0) : per;
+            const float *xs[INT_ROWS], *xps[INT_ROWS];
+            const xq_t *xqs[INT_ROWS];
+            for (int j = 0; j < nm; j++) {
+                xs[j] = jobs[m0 + j].x; xps[j] = preps[m0 + j].xp; xqs[j] = &preps[m0 + j].xq;
+            }
             __m256 v[4][INT_ROWS];
             if (integer) int_rows_512[w->fmt == FMT_I4][nm - 1](w, e, r0, n, xs, xqs, v);
-            else
-                for (int r = 0; r < n; r++)
-                    (nm == 3 ? row_bf16_512_x3 : nm == 2 ? row_bf16_512_x2 : row_bf16_512_x1)(
-                        data + (r0 + r) * K, xs, xps, K, v[r]);
+            else (nm == 2 ? quad_bf16_512_x2 : quad_bf16_512_x1)(data + r0 * K, K, n, xs, xps, m0 == 0, v);
             for (int j = 0; j < nm; j++) { /* as rows_of stores them */
                 const __m256 zero = _mm256_setzero_ps();
                 store4(w->fmt, &jobs[m0 + j], &preps[m0 + j], r0, n, v[0][j], n > 1 ? v[1][j] : zero,
@@ -2166,7 +2153,6 @@ static int run_products(const product_t *ps, int64_t count, int mode) {
     return status;
 }
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* One token's experts (decode at batch 1): with top-k a multiple of the threads, each thread runs whole experts;
  * else all of their w1 and w3 rows in one parallel pass, then all of their w2 rows in another. Outputs are summed
@@ -2202,7 +2188,7 @@ static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3,
             float *gate = h + 2 * j * I, *up = gate + I;
             rows_dot(&jobs[2 * j], &shared, 0, I);
             rows_dot(&jobs[2 * j + 1], apart ? &own3 : &shared, 0, I);
-            for (int64_t i = 0; i < I; i++) gate[i] = silu(gate[i]) * up[i];
+            silu_times(gate, up, I);
             const job_t down = {w2, ids[order[j]], gate, ys + j * D, 0};
             prep_t own;
             if (prepare_x(w2, gate, &own, 0) == 0) rows_dot(&down, &own, 0, D);
@@ -2219,7 +2205,7 @@ static int moe_one_token(const float *x, const weight_t *w1, const weight_t *w3,
         if (run_jobs(jobs, (int)(2 * topk))) goto done;
         for (int64_t j = 0; j < topk; j++) {
             float *gate = h + 2 * j * I, *up = gate + I;
-            for (int64_t i = 0; i < I; i++) gate[i] = silu(gate[i]) * up[i];
+            silu_times(gate, up, I);
             jobs[j] = (job_t){w2, ids[order[j]], gate, ys + j * D, 0};
         }
         if (run_jobs(jobs, (int)topk)) goto done;
@@ -2340,7 +2326,7 @@ static int moe_rows(const float *x, int64_t M, const weight_t *w1, const weight_
         ps[used++] = (product_t){w3, e - first, xs + start * D, n - start, D, h3 + start * I, I, 0};
     }
     if (run_products(ps, used, mode)) goto done;
-    for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
+    silu_times(h1, h3, n * I);
     for (int64_t p = 0; p < used / 2; p++) { /* the down projection of each expert's pairs: h1 rows to ys rows */
         const product_t *up = &ps[2 * p];
         const int64_t start = (up->x - xs) / D;
@@ -2402,7 +2388,7 @@ static int moe(const float *x, int64_t M, const weight_t *router, const weight_t
             status = -1;
             goto done;
         }
-        for (int64_t i = 0; i < n * I; i++) h1[i] = silu(h1[i]) * h3[i];
+        silu_times(h1, h3, n * I);
         if (linear(w2, e - first, h1, n, I, ys, D, 0)) { status = -1; goto done; }
         for (int64_t i = 0; i < n; i++) {
             float *dst = sum + token[i] * D;
@@ -2588,7 +2574,7 @@ static int decode_layer(const layer_t *L, float *x, int64_t B, const int64_t *po
         if (failed) { status = failed; goto done; }
     } else {
         if (linear(&L->w1, 0, h, B, D, h1, I, 0) || linear(&L->w3, 0, h, B, D, h3, I, 0)) goto done;
-        for (int64_t i = 0; i < B * I; i++) h1[i] = silu(h1[i]) * h3[i];
+        silu_times(h1, h3, B * I);
         if (linear(&L->w2, 0, h1, B, I, x, D, 1)) goto done;
     }
     status = 0;

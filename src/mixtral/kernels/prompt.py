@@ -286,9 +286,10 @@ def _integer_linear(weight, rows: Rows, expert: int, ahead=None) -> torch.Tensor
 def linear(weight, rows: Rows, expert: int = 0, ahead=None, into: torch.Tensor | None = None) -> torch.Tensor:
     """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view, or written into `into` (M, N) fp32: int8/int4
     weights the integer GEMMs take (`integer`) there, fp32 out; bf16 weights of up to BF16_MAX_ROWS rows on our bf16
-    GEMM where it runs, fp32 out, written where `into` lies; the rest on oneDNN's bf16 GEMM, bf16 out. A oneDNN GEMM of up to TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and
-    an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then widened and multiplied a chunk of rows at a
-    time."""
+    GEMM where it runs, fp32 out, written where `into` lies; the rest on oneDNN's bf16 GEMM, bf16 out. A oneDNN
+    GEMM of up to TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and an int8/int4 weight larger than WIDEN_CHUNK_BYTES
+    in bf16 is then widened and multiplied a chunk of rows at a time. Elsewhere, with `into`, the product is copied
+    there."""
     if into is not None and not (weight.struct.fmt == BF16 and _in_place(into)):
         into.copy_(linear(weight, rows, expert, ahead))
         return into

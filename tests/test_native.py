@@ -492,6 +492,31 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
     assert torch.allclose(results[0], wanted, rtol=1e-5, atol=5e-5)  # (int32 span sums to fp32: ~2^-24 of each)
 
 
+@pytest.mark.parametrize("k", [32, 200, 1100])
+def test_bf16_decode_rows_are_the_same_alone_or_batched(k):
+    """bf16 decode rows on the 512-bit kernel take four weight rows at a time, read in memory order for the first
+    activation rows and side by side from the cache for the others (two activation rows at a time): every row gets
+    the numbers it gets alone, bit for bit, near the float64 product. 10 weight rows leave a partial last four; k =
+    200 and 1100 a tail past the last 32 columns; 11 activation rows take every way of reading."""
+    lib = native_lib.library()
+    was = int(native_lib.avx512_rows())
+    weight = (torch.randn(2, 10, k, generator=_gen(k)) * 0.05).bfloat16()
+    native = native_lib.NativeWeight(weight)
+    x = torch.randn(11, k, generator=_gen(k + 1))
+    x[3] *= 1e-3  # rows of different scales in one batch
+    try:
+        for avx512 in (0, 1):
+            if lib.mx_use_avx512(avx512) != avx512:
+                continue  # this CPU has no AVX-512
+            alone = torch.cat([native.linear(x[m:m + 1], expert=1, per_row=True) for m in range(11)])
+            for rows in (2, 3, 5, 11):
+                assert torch.equal(native.linear(x[:rows], expert=1, per_row=True), alone[:rows]), (avx512, rows)
+            wanted = (x.double() @ weight[1].double().T).float()
+            assert torch.allclose(alone, wanted, rtol=1e-5, atol=1e-5 * wanted.abs().max()), avx512
+    finally:
+        lib.mx_use_avx512(was)
+
+
 def test_an_expert_layer_of_mixed_formats_decodes_alike_on_one_thread_or_two(tiny_dir):
     """A GGUF file can hold an expert layer's gate projections in one format and its up projections in another
     (int8 beside int4): each gets its x prepared for its own kernel. A batch-1 step on two threads (whole experts per

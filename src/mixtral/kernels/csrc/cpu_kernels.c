@@ -415,59 +415,90 @@ static void split_even_odd32(const float *x, int64_t K, float *xp) {
  * each 32, the odd ones: xp's split), added and folded to 8 partial sums at the end, the columns past the last 32
  * added to lane 0 in order. A pair's numbers are the same for any nm and any rows beside it, so a sequence's numbers
  * do not depend on the rows beside it, and a decode step's rows alone (nm = 1, every bf16 row on these kernels)
- * are the batch's. The weight rows are loaded and widened once for the nm activation rows, and the 8 x nm chains
- * (16 at most, plus the two activation vectors) stay in registers. (One row at a time with eight chains per
+ * are the batch's. Read as `mode` says (QUAD_STREAM and the others): the weight rows are loaded and widened once
+ * for the nm activation rows, and the 8 x nm chains (16 at most, plus the two activation vectors) stay in
+ * registers. (One row at a time with eight chains per
  * activation row, as before, ran batched steps at 25-35% of the FMA peak on Zen 4: 28 loads per 24 FMAs, a call
  * and a reduction per weight row; these ran 16 rows of "small"'s shapes at 1.4-2.2x its speed with the weights in
  * memory, one row at 0.9-1.5x.) */
+/* How quad_bf16_512 reads its four weight rows: */
+enum {
+    QUAD_STREAM = 0, /* from memory, in memory order (row after row), for the first (or only) activation rows: the
+                      * rows are one sequential stream for the hardware's prefetcher, which four rows read side by
+                      * side are not (a decode step of two rows on "small", Zen 4: 7.6 ms side by side with our
+                      * prefetches, 6.8 row after row with them, 5.7 without them; 6.2 before the quads) */
+    QUAD_CACHED = 1, /* from the L1 cache, side by side (each activation vector loaded once for all four) */
+    QUAD_CACHED_AHEAD = 2, /* the same, asking for the next four rows meanwhile (in memory order, into L2) */
+};
+
 AVX512_TARGET static inline __attribute__((always_inline)) void quad_bf16_512(
-    const int nm, const uint16_t *src, int64_t K, int n, const float *const *x, const float *const *xp, int prefetch,
-    __m256 out[4][INT_ROWS]) {
+    const int nm, const int mode, const uint16_t *src, int64_t K, int n, const float *const *x,
+    const float *const *xp, __m256 out[4][INT_ROWS]) {
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     const uint16_t *w[4];
     for (int r = 0; r < 4; r++) w[r] = src + (r < n ? r : n - 1) * K;
-    /* (the next four rows are prefetched in memory order, four lines a step: the rows' bytes in one stream) */
     const char *next = (const char *)(src + 4 * K);
     __m512 even[4][2], odd[4][2];
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < nm; j++) even[r][j] = odd[r][j] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= K; i += 32) {
-        __m512 xe[2], xo[2];
-        for (int j = 0; j < nm; j++) {
-            xe[j] = _mm512_loadu_ps(xp[j] + i);
-            xo[j] = _mm512_loadu_ps(xp[j] + i + 16);
-        }
-        for (int r = 0; r < 4; r++) {
-            if (prefetch) _mm_prefetch(next + 2 * (4 * i + 32 * r), _MM_HINT_T1);
-            const __m512i v = _mm512_loadu_si512(w[r] + i);
-            const __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            const __m512 ov = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    const int64_t body = K / 32 * 32; /* columns in whole steps of 32 */
+#define STEP(r, i, xe, xo)                                                                                           \
+    do {                                                                                                             \
+        const __m512i v = _mm512_loadu_si512(w[r] + (i));                                                            \
+        const __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                                             \
+        const __m512 ov = _mm512_castsi512_ps(_mm512_and_si512(v, high));                                           \
+        for (int j = 0; j < nm; j++) {                                                                               \
+            even[r][j] = _mm512_fmadd_ps(ev, xe[j], even[r][j]);                                                     \
+            odd[r][j] = _mm512_fmadd_ps(ov, xo[j], odd[r][j]);                                                       \
+        }                                                                                                            \
+    } while (0)
+    if (mode == QUAD_STREAM) {
+        for (int r = 0; r < 4; r++)
+            for (int64_t i = 0; i < body; i += 32) {
+                __m512 xe[2], xo[2];
+                for (int j = 0; j < nm; j++) {
+                    xe[j] = _mm512_loadu_ps(xp[j] + i);
+                    xo[j] = _mm512_loadu_ps(xp[j] + i + 16);
+                }
+                STEP(r, i, xe, xo);
+            }
+    } else {
+        for (int64_t i = 0; i < body; i += 32) {
+            __m512 xe[2], xo[2];
             for (int j = 0; j < nm; j++) {
-                even[r][j] = _mm512_fmadd_ps(ev, xe[j], even[r][j]);
-                odd[r][j] = _mm512_fmadd_ps(ov, xo[j], odd[r][j]);
+                xe[j] = _mm512_loadu_ps(xp[j] + i);
+                xo[j] = _mm512_loadu_ps(xp[j] + i + 16);
+            }
+            for (int r = 0; r < 4; r++) {
+                if (mode == QUAD_CACHED_AHEAD) _mm_prefetch(next + 2 * (4 * i + 32 * r), _MM_HINT_T1);
+                STEP(r, i, xe, xo);
             }
         }
     }
+#undef STEP
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < nm; j++) {
             float tail = 0.0f;
-            for (int64_t t = i; t < K; t++) tail += bf16_to_float(w[r][t]) * x[j][t];
+            for (int64_t t = body; t < K; t++) tail += bf16_to_float(w[r][t]) * x[j][t];
             const __m512 s = _mm512_add_ps(even[r][j], odd[r][j]);
             const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
             out[r][j] = _mm256_add_ps(h, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
         }
 }
 
-/* (prefetch: the first activation rows over these weight rows, which stream them from memory) */
-AVX512_TARGET static void quad_bf16_512_x1(const uint16_t *src, int64_t K, int n, const float *const *x,
-                                           const float *const *xp, int prefetch, __m256 out[4][INT_ROWS]) {
-    quad_bf16_512(1, src, K, n, x, xp, prefetch, out);
-}
-AVX512_TARGET static void quad_bf16_512_x2(const uint16_t *src, int64_t K, int n, const float *const *x,
-                                           const float *const *xp, int prefetch, __m256 out[4][INT_ROWS]) {
-    quad_bf16_512(2, src, K, n, x, xp, prefetch, out);
-}
+/* quad_bf16_512 for one or two activation rows, read as `mode` says (a constant in each copy) */
+#define QUAD(nm, mode)                                                                                               \
+    AVX512_TARGET static void quad_bf16_512_##nm##_##mode(const uint16_t *src, int64_t K, int n,                     \
+                                                          const float *const *x, const float *const *xp,             \
+                                                          __m256 out[4][INT_ROWS]) {                                 \
+        quad_bf16_512(nm, mode, src, K, n, x, xp, out);                                                              \
+    }
+QUAD(1, 0) QUAD(1, 1) QUAD(1, 2) QUAD(2, 0) QUAD(2, 1) QUAD(2, 2)
+#undef QUAD
+typedef void (*quad_fn)(const uint16_t *, int64_t, int, const float *const *, const float *const *,
+                        __m256 (*)[INT_ROWS]);
+static const quad_fn quads[2][3] = {{quad_bf16_512_1_0, quad_bf16_512_1_1, quad_bf16_512_1_2},
+                                    {quad_bf16_512_2_0, quad_bf16_512_2_1, quad_bf16_512_2_2}};
 
 static inline __attribute__((always_inline)) __m256 row_vec(const int64_t fmt, const weight_t *w, int64_t e,
                                                             int64_t row, const float *x, const float *xp,
@@ -1110,8 +1141,8 @@ static inline __attribute__((always_inline)) void rows_of(const int64_t fmt, con
         for (int64_t r = r0; r < r1; r += 4) {
             const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
             __m256 v[4][INT_ROWS];
-            quad_bf16_512_x1((const uint16_t *)expert_data(w, e) + r * w->k, w->k, n, &job->x,
-                             (const float *const *)&p->xp, 1, v);
+            quads[0][QUAD_STREAM]((const uint16_t *)expert_data(w, e) + r * w->k, w->k, n, &job->x,
+                                  (const float *const *)&p->xp, v);
             store4(fmt, job, p, r, n, v[0][0], v[1][0], v[2][0], v[3][0]);
         }
         return;
@@ -1983,7 +2014,8 @@ static void rows_range(const weight_t *w, int64_t e, const job_t *jobs, const pr
             }
             __m256 v[4][INT_ROWS];
             if (integer) int_rows_512[w->fmt == FMT_I4][nm - 1](w, e, r0, n, xs, xqs, v);
-            else (nm == 2 ? quad_bf16_512_x2 : quad_bf16_512_x1)(data + r0 * K, K, n, xs, xps, m0 == 0, v);
+            else quads[nm - 1][m0 == 0 ? QUAD_STREAM : m0 == per ? QUAD_CACHED_AHEAD : QUAD_CACHED](
+                data + r0 * K, K, n, xs, xps, v);
             for (int j = 0; j < nm; j++) { /* as rows_of stores them */
                 const __m256 zero = _mm256_setzero_ps();
                 store4(w->fmt, &jobs[m0 + j], &preps[m0 + j], r0, n, v[0][j], n > 1 ? v[1][j] : zero,

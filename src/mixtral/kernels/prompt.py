@@ -20,9 +20,9 @@ decode steps and the output projection (only the rows that need logits) stay on 
     read where it lies, where oneDNN packs it on every call), an expert's three GEMMs and the SwiGLU between them in
     one call (`mx_expert_bf16`: its h goes from the first two to the third in the layout the third reads, rounded
     to bf16 as `Rows.bf16` rounds).
-  - Our GEMMs prefetch as they compute: the weight rows they read next, and the start of the weight the next call
-    reads (`ahead`: k after q, an expert's w3 and w2 after its w1, the next expert's w1 after its w2), so a
-    product of few rows, which would wait on memory, finds its weight in cache.
+  - Our GEMMs prefetch as they compute the weight rows they read next, and the bf16 ones the start of the weight
+    the next call reads (`ahead`: k after q, an expert's w2 while its w1 and w3 run, the next expert's w1 after
+    its w2), so a product of few rows, which would wait on memory, finds its weight in cache.
   - Otherwise oneDNN's bf16 GEMM: bf16 weights where they lie; int8 and int4 codes times their scale rounded to the
     nearest bf16 one expert at a time (`mx_to_bf16`), into a scratch buffer reused across calls, WIDEN_CHUNK_BYTES
     of rows at a time for large weights. A GEMM of up to TRANSPOSED_MAX_ROWS rows is computed as W x^T (below).
@@ -263,15 +263,17 @@ def _ahead(ahead) -> tuple:
     return (None, 0) if ahead is None else (ahead[0].ref, ahead[1])
 
 
-def _integer_linear(weight, rows: Rows, expert: int, ahead=None) -> torch.Tensor:
+def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     """rows @ W_expert^T -> (M, N) fp32 (a transposed view) on an integer GEMM: the rows' int8 codes times the
     weight's codes, summed exactly in int32, then times the weight's scale and the row's."""
     x_codes, x_scales = rows.int8()
     M = x_codes.shape[0]
     if _ours(weight) and (M <= OURS_MAX_ROWS or weight.struct.fmt == I4):
         out = torch.empty(weight.struct.n, M)
+        # (without `ahead`: on Zen 4 asking for the next weight cost the integer GEMM 0-7% at the 8x7B shapes and
+        # gained nothing measurable on "small" and "medium")
         status = library().mx_gemm_i8(weight.ref, expert, x_codes.data_ptr(), x_scales.data_ptr(), M,
-                                      out.data_ptr(), *_ahead(ahead))
+                                      out.data_ptr(), None, 0)
         if status:
             raise MemoryError("the integer GEMM: out of memory") if status == -1 else RuntimeError(
                 f"the integer GEMM does not take this weight (status {status})")
@@ -294,7 +296,7 @@ def linear(weight, rows: Rows, expert: int = 0, ahead=None, into: torch.Tensor |
         into.copy_(linear(weight, rows, expert, ahead))
         return into
     if integer(weight):
-        return _integer_linear(weight, rows, expert, ahead)
+        return _integer_linear(weight, rows, expert)
     x = rows.bf16()
     if weight.struct.fmt == BF16 and x.shape[0] <= BF16_MAX_ROWS and _ours(weight):
         x = x.contiguous()

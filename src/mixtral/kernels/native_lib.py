@@ -153,7 +153,7 @@ def _load():
     lib.mx_quantize_rows.restype = None
     lib.mx_vnni_supported.argtypes = []
     lib.mx_vnni_supported.restype = ctypes.c_int
-    lib.mx_gemm_i8.argtypes = [p, i64, ptr, ptr, i64, ptr, p, i64]
+    lib.mx_gemm_i8.argtypes = [p, i64, ptr, ptr, i64, ptr]
     lib.mx_gemm_i8.restype = ctypes.c_int
     lib.mx_gemm_bf16.argtypes = [p, i64, ptr, i64, ptr, i64, p, i64]
     lib.mx_gemm_bf16.restype = ctypes.c_int

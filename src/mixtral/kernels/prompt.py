@@ -270,10 +270,8 @@ def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     M = x_codes.shape[0]
     if _ours(weight) and (M <= OURS_MAX_ROWS or weight.struct.fmt == I4):
         out = torch.empty(weight.struct.n, M)
-        # (without `ahead`: on Zen 4 asking for the next weight cost the integer GEMM 0-7% at the 8x7B shapes and
-        # gained nothing measurable on "small" and "medium")
         status = library().mx_gemm_i8(weight.ref, expert, x_codes.data_ptr(), x_scales.data_ptr(), M,
-                                      out.data_ptr(), None, 0)
+                                      out.data_ptr())
         if status:
             raise MemoryError("the integer GEMM: out of memory") if status == -1 else RuntimeError(
                 f"the integer GEMM does not take this weight (status {status})")
@@ -288,28 +286,27 @@ def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
 def linear(weight, rows: Rows, expert: int = 0, ahead=None, into: torch.Tensor | None = None) -> torch.Tensor:
     """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view, or written into `into` (M, N) fp32: int8/int4
     weights the integer GEMMs take (`integer`) there, fp32 out; bf16 weights of up to BF16_MAX_ROWS rows on our bf16
-    GEMM where it runs, fp32 out, written where `into` lies; the rest on oneDNN's bf16 GEMM, bf16 out. A oneDNN
-    GEMM of up to TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and an int8/int4 weight larger than WIDEN_CHUNK_BYTES
-    in bf16 is then widened and multiplied a chunk of rows at a time. Elsewhere, with `into`, the product is copied
-    there."""
-    if into is not None and not (weight.struct.fmt == BF16 and _in_place(into)):
-        into.copy_(linear(weight, rows, expert, ahead))
-        return into
+    GEMM where it runs, fp32 out, written where `into` lies (`ahead`: the (weight, expert) it prefetches); the rest
+    on oneDNN's bf16 GEMM, bf16 out. A product that cannot be written where `into` lies is copied there."""
     if integer(weight):
-        return _integer_linear(weight, rows, expert)
-    x = rows.bf16()
-    if weight.struct.fmt == BF16 and x.shape[0] <= BF16_MAX_ROWS and _ours(weight):
-        x = x.contiguous()
-        out = torch.empty(x.shape[0], weight.struct.n) if into is None else into
+        out = _integer_linear(weight, rows, expert)
+    elif weight.struct.fmt == BF16 and rows.bf16().shape[0] <= BF16_MAX_ROWS and _ours(weight):
+        x = rows.bf16().contiguous()
+        out = torch.empty(x.shape[0], weight.struct.n) if into is None or not _in_place(into) else into
         status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr(), out.stride(0),
                                         *_ahead(ahead))
         if status:
             raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
                 f"the bf16 GEMM does not take this weight (status {status})")
-        return out
-    if into is not None:  # (not ours: oneDNN's, then copied)
-        into.copy_(linear(weight, rows, expert, ahead))
-        return into
+    else:
+        out = _onednn_linear(weight, rows.bf16(), expert)
+    return out if into is None or out is into else into.copy_(out)
+
+
+def _onednn_linear(weight, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """x (M, K) bf16 @ W_expert^T -> (M, N) bf16, maybe a transposed view, on oneDNN's bf16 GEMM. One of up to
+    TRANSPOSED_MAX_ROWS rows runs as (W x^T)^T, and an int8/int4 weight larger than WIDEN_CHUNK_BYTES in bf16 is then
+    widened and multiplied a chunk of rows at a time."""
     if x.shape[0] > TRANSPOSED_MAX_ROWS:
         return torch.mm(x, _matrix(weight, expert).t())
     n, k = weight.struct.n, weight.struct.k
@@ -395,18 +392,17 @@ def one_expert(layer, rows: Rows, local: int, ahead=None, into: torch.Tensor | N
     and `_swiglu` compute them), others as three `linear`s. `ahead`: the (weight, expert) read next, which our
     GEMMs prefetch."""
     w1, w3, w2 = layer.w1, layer.w3, layer.w2
-    x = rows.bf16() if not integer(w1) else None
-    if (x is not None and x.shape[0] <= BF16_MAX_ROWS and all(w.struct.fmt == BF16 and _ours(w) for w in (w1, w3, w2))):
-        x = x.contiguous()
-        out = into if into is not None and _in_place(into) else torch.empty(x.shape[0], w2.struct.n)
-        status = library().mx_expert_bf16(w1.ref, w3.ref, w2.ref, local, x.data_ptr(), x.shape[0], out.data_ptr(),
-                                          out.stride(0), *_ahead(ahead))
-        if status:
-            raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
-                f"the bf16 GEMM does not take these weights (status {status})")
-        return out if into is None or out is into else into.copy_(out)
-    hidden = _swiglu(linear(w1, rows, local, (w3, local)), linear(w3, rows, local, (w2, local)))
-    return linear(w2, hidden, local, ahead, into)
+    if not all(w.struct.fmt == BF16 and _ours(w) for w in (w1, w3, w2)) or rows.bf16().shape[0] > BF16_MAX_ROWS:
+        hidden = _swiglu(linear(w1, rows, local, (w3, local)), linear(w3, rows, local, (w2, local)))
+        return linear(w2, hidden, local, ahead, into)
+    x = rows.bf16().contiguous()
+    out = into if into is not None and _in_place(into) else torch.empty(x.shape[0], w2.struct.n)
+    status = library().mx_expert_bf16(w1.ref, w3.ref, w2.ref, local, x.data_ptr(), x.shape[0], out.data_ptr(),
+                                      out.stride(0), *_ahead(ahead))
+    if status:
+        raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
+            f"the bf16 GEMM does not take these weights (status {status})")
+    return out if into is None or out is into else into.copy_(out)
 
 
 def dense_mlp(layer, h: torch.Tensor) -> torch.Tensor:

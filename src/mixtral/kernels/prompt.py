@@ -258,6 +258,13 @@ OURS_MAX_ROWS = 128
 BF16_MAX_ROWS = 256
 
 
+def _check(status: int, kernel: str) -> None:
+    """Our GEMMs' status as an error: -1 out of memory, any other nonzero a weight the kernel does not take."""
+    if status:
+        raise MemoryError(f"{kernel}: out of memory") if status == -1 else RuntimeError(
+            f"{kernel} does not take this weight (status {status})")
+
+
 def _ahead(ahead) -> tuple:
     """The (weight struct pointer, expert) our GEMMs prefetch the start of while they compute, or (None, 0)."""
     return (None, 0) if ahead is None else (ahead[0].ref, ahead[1])
@@ -272,9 +279,7 @@ def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
         out = torch.empty(weight.struct.n, M)
         status = library().mx_gemm_i8(weight.ref, expert, x_codes.data_ptr(), x_scales.data_ptr(), M,
                                       out.data_ptr())
-        if status:
-            raise MemoryError("the integer GEMM: out of memory") if status == -1 else RuntimeError(
-                f"the integer GEMM does not take this weight (status {status})")
+        _check(status, "the integer GEMM")
         return out.t()
     codes, scales = weight.tensors[0], weight.tensors[1]
     if codes.dim() == 3:
@@ -295,9 +300,7 @@ def linear(weight, rows: Rows, expert: int = 0, ahead=None, into: torch.Tensor |
         out = torch.empty(x.shape[0], weight.struct.n) if into is None or not _in_place(into) else into
         status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr(), out.stride(0),
                                         *_ahead(ahead))
-        if status:
-            raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
-                f"the bf16 GEMM does not take this weight (status {status})")
+        _check(status, "the bf16 GEMM")
     else:
         out = _onednn_linear(weight, rows.bf16(), expert)
     return out if into is None or out is into else into.copy_(out)
@@ -399,9 +402,7 @@ def one_expert(layer, rows: Rows, local: int, ahead=None, into: torch.Tensor | N
     out = into if into is not None and _in_place(into) else torch.empty(x.shape[0], w2.struct.n)
     status = library().mx_expert_bf16(w1.ref, w3.ref, w2.ref, local, x.data_ptr(), x.shape[0], out.data_ptr(),
                                       out.stride(0), *_ahead(ahead))
-    if status:
-        raise MemoryError("the bf16 GEMM: out of memory") if status == -1 else RuntimeError(
-            f"the bf16 GEMM does not take these weights (status {status})")
+    _check(status, "the bf16 GEMM")
     return out if into is None or out is into else into.copy_(out)
 
 

@@ -380,13 +380,16 @@ def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, log
             layer.k.linear(h, out=qkv[:, H * Dh:(H + G) * Dh], per_row=step)
             layer.v.linear(h, out=qkv[:, (H + G) * Dh:], per_row=step)
         qkv = qkv.view(B, T, H + 2 * G, Dh)
-        q, k = apply_rope(qkv[:, :, :H + G], cos, sin).split((H, G), dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + G:].transpose(1, 2)
+        q, k = apply_rope(qkv[:, :, :H + G], cos, sin).split((H, G), dim=2)  # (B, T, H|G, Dh)
+        k, v = k.transpose(1, 2), qkv[:, :, H + G:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(index, input_pos, k, v, n_keys, slots)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=G != H)  # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(N, H * Dh)
+        if attention_gemms and prompt.attends(q, k, v):
+            y = prompt.attention(q, k, v, input_pos, args.sliding_window)
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=G != H)  # (B, H, T, Dh)
+            y = y.transpose(1, 2).reshape(N, H * Dh)
         out = x if split is None else torch.zeros_like(x)  # what the block adds to x (a split model's part first)
         if attention_gemms:
             prompt.attention_output(layer, y, out)

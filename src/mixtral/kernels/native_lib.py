@@ -161,6 +161,8 @@ def _load():
     lib.mx_expert_bf16.restype = ctypes.c_int
     lib.mx_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.mx_attention.restype = ctypes.c_int
+    lib.mx_prompt_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr]
+    lib.mx_prompt_attention.restype = ctypes.c_int
     lib.mx_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.mx_rmsnorm.restype = None
     lib.mx_decode.argtypes = [ctypes.POINTER(Layer), i64, p, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr,

@@ -344,6 +344,32 @@ def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
     x += linear(layer.o, Rows(y))
 
 
+def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether our attention kernel (`attention`) takes these: fp32 queries (B, T, H, Dh) and keys and values
+    (B, G, S, Dh), each row of Dh (a multiple of 32) contiguous, on a CPU with AVX512_BF16 and no AMX."""
+    return (bool(_our_kernels().get("bf16")) and "amx_bf16" not in cpu_flags() and q.shape[-1] % 32 == 0
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
+            and q.stride(2) == q.shape[-1])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+              window: int | None) -> torch.Tensor:
+    """Attention of queries q (B, T, H, Dh) at positions (B, T) over keys and values (B, G, S, Dh) (a sequence's
+    positions 0 .. S-1), each query seeing the keys at or before its position (the last `window` of them, given one)
+    -> (B * T, H * Dh) fp32, on our kernel (cpu_kernels.c: mx_prompt_attention). Its numbers: q, k and v rounded to
+    bf16, scores summed in fp32, the softmax in fp32, its weights rounded to bf16 for the sum over v (fp32)."""
+    B, T, H, Dh = q.shape
+    G, S = k.shape[1], k.shape[2]
+    out = torch.empty(B * T, H * Dh)
+    positions = positions.expand(B, T).to(torch.int64).contiguous()
+    strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
+    status = library().mx_prompt_attention(q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(),
+                                           v.data_ptr(), strides[2].data_ptr(), positions.data_ptr(), B, T, H, G, S,
+                                           Dh, window or 0, out.data_ptr())
+    _check(status, "our attention")
+    return out
+
+
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> Rows:
     """silu(gate) * up on GEMM outputs: on bf16 ones in bf16 as transformers does (each op computes in fp32 and
     rounds), on the integer GEMMs' fp32 ones in fp32."""

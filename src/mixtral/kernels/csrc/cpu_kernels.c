@@ -30,6 +30,7 @@
  *   mx_gemm_bf16   the prompt path's bf16 GEMM for few rows (AVX512_BF16): bf16 weights as they lie, bf16 rows
  *   mx_expert_bf16 the same for an expert's three GEMMs and the SwiGLU between them, in one call
  *   mx_attention   rotary embedding, key/value cache write and attention for one new token per sequence
+ *   mx_prompt_attention  attention for a prompt's tokens on AVX512_BF16 (the prompt path's; bf16 products)
  *   mx_rmsnorm     RMS normalization
  *   mx_decode      a whole decode step in one call: the embedding, every decoder block (all of the above), the
  *                  final norm and the output projection, for one new token per sequence
@@ -2544,6 +2545,232 @@ int mx_attention(float *qkv, int64_t M, int64_t H, int64_t G, int64_t Dh, const 
         }
         free(scores);
     }
+    return status;
+}
+
+/* ---- prompt attention on AVX512_BF16 (kernels/prompt.py: attention) ------------------------------------
+ * Attention for the T new tokens of each of B sequences (a prompt or a chunk of one), their keys and values
+ * already in the cache: query t of sequence b at position pos[b, t] sees keys [0, S) up to that position (the last
+ * `window` of them when window > 0), as SDPA with model.attention_mask computes it. The numbers (torch's bf16 flash
+ * attention's contract): q, k and v rounded to bf16 (ties to even); each score the fp32 sum of exact products
+ * (vdpbf16ps), times 1/sqrt(Dh); the softmax in fp32, 64 keys at a time against the running maximum (online); its
+ * weights rounded to bf16 for the product with v, summed in fp32; divided by the fp32 sum of the unrounded weights.
+ *
+ * For each (sequence, key/value head), its keys are packed in blocks of 16 for the scores (PA_KEYS: 16 keys' pairs
+ * of columns side by side) and its values in pairs of keys (PA_VALUES: the two keys' values of each column side by
+ * side), then the R query heads that read them are taken 4 rows at a time (position-major: row i is position i / R,
+ * head i % R), each row group over the 64-key chunks its rows may see: 16 score sums (4 rows x 64 keys) in
+ * registers, then 16 output sums (4 rows x 64 columns) per 64 columns (8 for a last 32), rescaled at each chunk. */
+#define PA_ROWS 4
+#define PA_CHUNK 64
+
+/* exp(t) for t <= 0, 16 at a time: exp_nonpositive's method on 512-bit vectors (0 below -87 and for -inf). */
+BF_TARGET static inline __m512 exp16_nonpositive(const __m512 t_in) {
+    const __m512 low = _mm512_set1_ps(-87.0f);
+    const __mmask16 keep = _mm512_cmp_ps_mask(t_in, low, _CMP_GE_OQ);
+    const __m512 t = _mm512_max_ps(t_in, low);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), t));
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
+}
+
+/* Keys [0, S) of one head (row stride ss floats) into 16-key blocks: block b, column pair c holds keys 16b .. 16b + 15's
+ * columns 2c, 2c + 1 (as one 32-bit pair each); keys past S are zero, up to Sp (a multiple of PA_CHUNK). */
+BF_TARGET static void pack_keys(const float *k, int64_t ss, int64_t S, int64_t Sp, int64_t Dh, uint32_t *out) {
+    const int64_t C = Dh / 2;
+    for (int64_t j = 0; j < Sp; j++) {
+        uint32_t *dst = out + (j / 16) * C * 16 + j % 16;
+        if (j >= S) {
+            for (int64_t c = 0; c < C; c++) dst[c * 16] = 0;
+            continue;
+        }
+        for (int64_t d = 0; d < Dh; d += 32) { /* Dh is a multiple of 32 */
+            uint32_t two[16];
+            const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(k + j * ss + d + 16), _mm512_loadu_ps(k + j * ss + d));
+            _mm512_storeu_si512(two, b);
+            for (int c = 0; c < 16; c++) dst[(d / 2 + c) * 16] = two[c];
+        }
+    }
+}
+
+/* Values [0, S) of one head into pairs of keys: pair p, column d holds keys 2p and 2p + 1's column d (the first in
+ * the low half); keys past S are zero, up to Sp. */
+BF_TARGET static void pack_values(const float *v, int64_t ss, int64_t S, int64_t Sp, int64_t Dh, uint16_t *out) {
+    __m512i order = _mm512_setzero_si512(); /* 2c <- a's c, 2c + 1 <- b's c */
+    {
+        uint16_t idx[32];
+        for (int c = 0; c < 16; c++) idx[2 * c] = (uint16_t)c, idx[2 * c + 1] = (uint16_t)(32 + c);
+        order = _mm512_loadu_si512(idx);
+    }
+    for (int64_t j = 0; j < Sp; j += 2) {
+        uint16_t *dst = out + j * Dh;
+        for (int64_t d = 0; d < Dh; d += 16) {
+            const __m512 zero = _mm512_setzero_ps();
+            const __m512 a = j < S ? _mm512_loadu_ps(v + j * ss + d) : zero;
+            const __m512 b = j + 1 < S ? _mm512_loadu_ps(v + (j + 1) * ss + d) : zero;
+            const __m512i ab = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(a));
+            const __m512i bb = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(b));
+            _mm512_storeu_si512(dst + 2 * d, _mm512_permutex2var_epi16(ab, order, bb));
+        }
+    }
+}
+
+/* o[r][d0 .. d0 + 16 V) = o[r][..] * rescale[r] + the chunk's values (vc, pairs of keys) weighted by weights[r]. */
+BF_TARGET static inline __attribute__((always_inline)) void weigh_values(
+        const uint16_t *vc, int64_t Dh, int64_t d0, const int V, const uint32_t weights[PA_ROWS][PA_CHUNK / 2],
+        const float *rescale, float *o) {
+    __m512 acc[PA_ROWS][4];
+    for (int r = 0; r < PA_ROWS; r++)
+        for (int u = 0; u < V; u++)
+            acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dh + d0 + 16 * u), _mm512_set1_ps(rescale[r]));
+    for (int p = 0; p < PA_CHUNK / 2; p++) {
+        __m512bh v[4];
+        for (int u = 0; u < V; u++) v[u] = (__m512bh)_mm512_loadu_si512(vc + (p * Dh + d0 + 16 * u) * 2);
+        for (int r = 0; r < PA_ROWS; r++) {
+            const __m512bh w = (__m512bh)_mm512_set1_epi32((int32_t)weights[r][p]);
+            for (int u = 0; u < V; u++) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], v[u], w);
+        }
+    }
+    for (int r = 0; r < PA_ROWS; r++)
+        for (int u = 0; u < V; u++) _mm512_storeu_ps(o + r * Dh + d0 + 16 * u, acc[r][u]);
+}
+
+/* PA_ROWS query rows (qs: their bf16 column pairs, Dh / 2 each) over the chunks [c0, c1] of one head's packed keys
+ * and values: each row r sees keys [lo[r], hi[r]] (none where hi < lo). Writes each row's normalized output to
+ * out[r] (Dh floats; zero for a row that sees no key). o: PA_ROWS * Dh floats of scratch. */
+BF_TARGET static void attend_rows(const uint32_t *qs, const uint32_t *keys, const uint16_t *values, int64_t Dh,
+                                  float scale, const int64_t *lo, const int64_t *hi, int64_t c0, int64_t c1,
+                                  float *o, float *const *out) {
+    const int64_t C = Dh / 2;
+    float top[PA_ROWS], total[PA_ROWS];
+    uint32_t weights[PA_ROWS][PA_CHUNK / 2]; /* the chunk's softmax weights in bf16, pairs of keys */
+    for (int r = 0; r < PA_ROWS; r++) top[r] = -INFINITY, total[r] = 0.0f;
+    memset(o, 0, sizeof(float) * PA_ROWS * Dh);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t c = c0; c <= c1; c++) {
+        __m512 s[PA_ROWS][4];
+        for (int r = 0; r < PA_ROWS; r++)
+            for (int b = 0; b < 4; b++) s[r][b] = _mm512_setzero_ps();
+        const uint32_t *kc = keys + c * 4 * C * 16;
+        for (int64_t p = 0; p < C; p++) {
+            __m512bh k[4];
+            for (int b = 0; b < 4; b++) k[b] = (__m512bh)_mm512_loadu_si512(kc + (b * C + p) * 16);
+            for (int r = 0; r < PA_ROWS; r++) {
+                const __m512bh q = (__m512bh)_mm512_set1_epi32((int32_t)qs[r * C + p]);
+                for (int b = 0; b < 4; b++) s[r][b] = _mm512_dpbf16_ps(s[r][b], k[b], q);
+            }
+        }
+        float rescale[PA_ROWS];
+        for (int r = 0; r < PA_ROWS; r++) {
+            __m512 m = _mm512_set1_ps(-INFINITY);
+            for (int b = 0; b < 4; b++) {
+                const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(c * PA_CHUNK + 16 * b)));
+                const __mmask16 seen = _mm512_cmp_epi32_mask(key, _mm512_set1_epi32((int32_t)lo[r]), _MM_CMPINT_NLT)
+                                     & _mm512_cmp_epi32_mask(key, _mm512_set1_epi32((int32_t)hi[r]), _MM_CMPINT_LE);
+                s[r][b] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen, s[r][b], _mm512_set1_ps(scale));
+                m = _mm512_max_ps(m, s[r][b]);
+            }
+            const float chunk_top = _mm512_reduce_max_ps(m);
+            const float new_top = chunk_top > top[r] ? chunk_top : top[r];
+            if (new_top == -INFINITY) { /* nothing seen yet */
+                rescale[r] = 1.0f;
+                memset(weights[r], 0, sizeof weights[r]);
+                continue;
+            }
+            rescale[r] = top[r] == -INFINITY ? 0.0f : expf(top[r] - new_top);
+            top[r] = new_top;
+            __m512 sum = _mm512_setzero_ps();
+            for (int b = 0; b < 4; b++) {
+                const __m512 e = exp16_nonpositive(_mm512_sub_ps(s[r][b], _mm512_set1_ps(new_top)));
+                sum = _mm512_add_ps(sum, e);
+                _mm256_storeu_si256((__m256i *)(weights[r] + 8 * b), (__m256i)_mm512_cvtneps_pbh(e));
+            }
+            total[r] = total[r] * rescale[r] + _mm512_reduce_add_ps(sum);
+        }
+        const uint16_t *vc = values + c * PA_CHUNK * Dh;
+        for (int64_t d0 = 0; d0 < Dh; d0 += 64) {
+            if (Dh - d0 >= 64) weigh_values(vc, Dh, d0, 4, weights, rescale, o);
+            else weigh_values(vc, Dh, d0, 2, weights, rescale, o);
+        }
+    }
+    for (int r = 0; r < PA_ROWS; r++) {
+        if (!out[r]) continue;
+        const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+        for (int64_t d = 0; d < Dh; d++) out[r][d] = o[r * Dh + d] * inv;
+    }
+}
+
+/* q: (B, T, H, Dh) at strides (qs[0], qs[1], Dh, 1); k, v: (B, G, S, Dh) at strides (ks[0], ks[1], ks[2], 1) and
+ * (vs[0], vs[1], vs[2], 1); pos: (B, T); out: (B, T, H, Dh) contiguous. Dh a multiple of 32. Returns 0, -1 when out
+ * of memory, -2 for a shape it does not take. */
+BF_TARGET int mx_prompt_attention(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v,
+                                  const int64_t *vs, const int64_t *pos, int64_t B, int64_t T, int64_t H, int64_t G,
+                                  int64_t S, int64_t Dh, int64_t window, float *out) {
+    if (Dh % 32 || H % G) return -2;
+    const int64_t R = H / G, Sp = (S + PA_CHUNK - 1) / PA_CHUNK * PA_CHUNK, C = Dh / 2;
+    const int64_t groups = (T * R + PA_ROWS - 1) / PA_ROWS;
+    const float scale = 1.0f / sqrtf((float)Dh);
+    uint32_t *keys = aligned_alloc(64, sizeof(uint32_t) * Sp * C);
+    uint16_t *values = aligned_alloc(64, sizeof(uint16_t) * Sp * Dh);
+    int status = keys && values ? 0 : -1;
+    for (int64_t bg = 0; bg < B * G && !status; bg++) {
+        const int64_t b = bg / G, g = bg % G;
+        const int64_t blocks = Sp / 16;
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < blocks; i++) {
+                const int64_t j0 = 16 * i, n = S - j0 < 0 ? 0 : (S - j0 < 16 ? S - j0 : 16);
+                pack_keys(k + b * ks[0] + g * ks[1] + j0 * ks[2], ks[2], n, 16, Dh, keys + i * 16 * C);
+                pack_values(v + b * vs[0] + g * vs[1] + j0 * vs[2], vs[2], n, 16, Dh, values + j0 * Dh);
+            }
+            uint32_t *rows = aligned_alloc(64, sizeof(uint32_t) * PA_ROWS * C);
+            float *o = aligned_alloc(64, sizeof(float) * PA_ROWS * Dh);
+            if (!rows || !o) {
+#pragma omp atomic write
+                status = -1;
+            }
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t i = 0; i < groups; i++) {
+                if (!rows || !o) continue;
+                int64_t lo[PA_ROWS], hi[PA_ROWS], c0 = INT64_MAX, c1 = -1;
+                float *dst[PA_ROWS];
+                for (int r = 0; r < PA_ROWS; r++) {
+                    const int64_t row = i * PA_ROWS + r;
+                    if (row >= T * R) {
+                        lo[r] = 0, hi[r] = -1, dst[r] = NULL;
+                        memset(rows + r * C, 0, sizeof(uint32_t) * C);
+                        continue;
+                    }
+                    const int64_t t = row / R, h = g * R + row % R, p = pos[b * T + t];
+                    hi[r] = p < S - 1 ? p : S - 1;
+                    lo[r] = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+                    dst[r] = out + ((b * T + t) * H + h) * Dh;
+                    const float *src = q + b * qs[0] + t * qs[1] + h * Dh;
+                    for (int64_t d = 0; d < Dh; d += 32)
+                        _mm512_storeu_si512(rows + r * C + d / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + d + 16), _mm512_loadu_ps(src + d)));
+                    if (hi[r] >= lo[r]) {
+                        c0 = lo[r] / PA_CHUNK < c0 ? lo[r] / PA_CHUNK : c0;
+                        c1 = hi[r] / PA_CHUNK > c1 ? hi[r] / PA_CHUNK : c1;
+                    }
+                }
+                attend_rows(rows, keys, values, Dh, scale, lo, hi, c0, c1, o, dst);
+            }
+            free(rows);
+            free(o);
+        }
+    }
+    free(keys);
+    free(values);
     return status;
 }
 

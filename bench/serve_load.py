@@ -2,7 +2,7 @@
 
     python bench/serve_load.py --url http://127.0.0.1:8080            # a server that is already running
     python bench/serve_load.py --model path/to/model --dtype float32  # start one here, in this process
-    python bench/serve_load.py --config small                         # a random model of the shipped shape
+    python bench/serve_load.py --config small                         # a random model of decode.py's "small"
 
 Each concurrency level runs `--requests` streamed TGI requests (greedy, `--max-new-tokens` each; short
 prompts of different lengths) from that many client threads at once, and reports the generated tokens per
@@ -28,9 +28,14 @@ import httpx
 
 WORDS = ("Now is the winter of our discontent made glorious summer by this sun of York and all the clouds "
          "that lour'd upon our house in the deep bosom of the ocean buried").split()
-SHAPES = {  # random models for --config: no download needed (the tokenizer comes from mistral-common)
+SHAPES = {  # random models for --config: no download needed (the tokenizer comes from mistral-common); "small" and
+    # "medium" are decode.py's (hidden 512 / 1024, ffn 1792 / 3584, 8 / 16 layers, 8 experts top-2), "shipped" the
+    # shipped model's shape
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, n_experts=4, top_k=2),
-    "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=128, n_experts=8, top_k=2),
+    "shipped": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=128, n_experts=8, top_k=2),
+    "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1792, n_experts=8, top_k=2),
+    "medium": dict(dim=1024, n_layers=16, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=3584, n_experts=8,
+                   top_k=2),
 }
 
 
@@ -81,6 +86,7 @@ def local_server(args):
         model, tokenizer = load(args.model, dtype=args.dtype, progress=False)
         name = str(args.model)
     else:
+        from mixtral import kernels
         from mixtral.config import ModelArgs
         from mixtral.model import Transformer
         from mixtral.tokenizer import load_tokenizer, mistral_v1_tokenizer_path
@@ -90,6 +96,7 @@ def local_server(args):
         for param in model.parameters():
             torch.nn.init.normal_(param, std=0.05)
         model = model.to(getattr(torch, args.dtype)).eval()
+        kernels.prepare(model)  # on our kernels, as `load` puts a model it loads (without this: torch's reference)
         tokenizer = load_tokenizer(mistral_v1_tokenizer_path())
         name = f"random-{args.config}"
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=256)

@@ -60,6 +60,41 @@ def test_greedy_batched_equals_alone_and_library(engine, loaded):
     assert first["count"] == 12 and first["sum"] > queued["sum"]  # admission comes before the first token
 
 
+def test_short_prompts_ride_in_the_decode_pass_with_their_own_numbers(engine, loaded, monkeypatch):
+    """On our kernels a short prompt rides in the pass of the running requests' decode tokens (no pass of its own),
+    each of its tokens computed as a decode row: its tokens and log-probs are the same, bit for bit, as alone."""
+    model, tokenizer = loaded
+    rides = engine.runner.feeds(engine.cache, 8)
+    assert rides == (engine.runner.name == "native")  # (torch's runner prefills each prompt in a pass of its own)
+    passes, real_feed = [], engine.runner.feed
+
+    def feed(cache, inputs, starts, rows):
+        passes.append([len(ids) for ids in inputs])
+        return real_feed(cache, inputs, starts, rows)
+
+    monkeypatch.setattr(engine.runner, "feed", feed)
+    prompts = [tokenizer.encode(p, add_bos=True) for p in PROMPTS[:5]]
+    lengths = [4, 9, 14, 6, 11]  # 5 requests, 3 slots: the last two start while the others decode
+
+    def logprobs(events):
+        return [e.logprob for e in events if e.token_id is not None]
+
+    alone = []
+    for p, n in zip(prompts, lengths):
+        alone.append([e for e in engine.submit(p, SamplingParams(temperature=0, max_new_tokens=n)).events(60)])
+    assert passes == ([[len(p)] for p in prompts] if rides else [])  # alone: each prompt a pass of its own
+    passes.clear()
+    handles = [engine.submit(p, SamplingParams(temperature=0, max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+    together = [list(h.events(60)) for h in handles]
+    if not rides:
+        assert passes == []
+        return
+    for a, b in zip(alone, together):
+        assert [e.token_id for e in a] == [e.token_id for e in b] and logprobs(a) == logprobs(b)
+    assert any(1 in sizes and max(sizes) > 1 for sizes in passes), passes  # a prompt beside decode tokens
+    assert sum(size for sizes in passes for size in sizes if size > 1) == sum(map(len, prompts))
+
+
 def test_seeded_sampling_and_stop_rules_match_the_library(engine, loaded):
     model, tokenizer = loaded
     prompt = tokenizer.encode("Who goes there?", add_bos=True)
@@ -166,10 +201,10 @@ def test_a_failing_request_fails_alone(engine, loaded, monkeypatch):
     poison = tokenizer.encode("poison", add_bos=True)
     real_forward = engine._forward_decode
 
-    def forward(rows):  # a decode step that breaks whenever the poisoned prompt is in the batch
-        if any(r.prompt_ids == poison for r in rows):
+    def forward(rows, riders=()):  # a decode pass that breaks whenever the poisoned prompt is in it
+        if any(r.prompt_ids == poison for r in [*rows, *riders]):
             raise RuntimeError("simulated device error")
-        return real_forward(rows)
+        return real_forward(rows, riders)
 
     monkeypatch.setattr(engine, "_forward_decode", forward)
     good = [tokenizer.encode(p, add_bos=True) for p in PROMPTS[:2]]
@@ -183,8 +218,14 @@ def test_a_failing_request_fails_alone(engine, loaded, monkeypatch):
     monkeypatch.setattr(engine, "_forward_decode", real_forward)
     real_sampler = engine_module.Sampler
 
-    def sampler(params):  # the request with seed 666 gets a sampler that divides by zero
-        return (lambda *args: 1 / 0) if params.seed == 666 else real_sampler(params)
+    class Broken:  # a sampler that divides by zero (and does not take the greedy choice the step computed)
+        picks_argmax = False
+
+        def __call__(self, *args):
+            return 1 / 0
+
+    def sampler(params):  # the request with seed 666 gets the broken sampler
+        return Broken() if params.seed == 666 else real_sampler(params)
 
     monkeypatch.setattr(engine_module, "Sampler", sampler)
     bad = engine.submit(good[0], SamplingParams(temperature=0, max_new_tokens=8, seed=666))

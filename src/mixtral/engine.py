@@ -10,7 +10,9 @@ are admitted into free rows of one shared `KVCache`; prompts are prefilled alone
 of `prefill_chunk` (whatever else runs, so a prompt's numbers never depend on its neighbours), at most
 `prefill_chunk` prompt tokens per step so a long prompt never stalls the others for long; then ONE batched
 decode step runs for every sequence that has a token to feed (`slots=` picks the cache rows, each row at its
-own position); each row samples with its own `Sampler` and stops by `stopping.TextTracker`, the rules every
+own position), and the rests of short prompts that the runner computes token by token as it computes decode
+tokens (`Runner.feeds`: on our kernels, those it would run as one call alone) ride in that same pass, so a new
+request costs the others no pass of its own; each row samples with its own `Sampler` and stops by `stopping.TextTracker`, the rules every
 front end shares. A failure inside a step fails only the requests it touched (a failed batch is retried row by
 row to find them); the worker thread never dies of it. With a prefix cache (prefix_cache.py), an admitted prompt
 starts from the longest prefix of it whose keys and values an earlier request left (copied into its row), and
@@ -405,12 +407,25 @@ class Engine:
             self._reuse_prefix(request)
         # A prompt is cut into chunks at multiples of prefill_chunk whatever else runs, so its numbers do not depend
         # on its neighbours; a step prefills whole chunks while they fit in prefill_chunk tokens (the first always).
-        budget = self.prefill_chunk
+        budget, riders = self.prefill_chunk, []
         for request in [r for r in self._active if r.prefilled < len(r.prompt_ids)]:
-            if self._chunk_end(request) - request.prefilled > budget:
+            rides = self._rides(request)  # the whole rest in the decode pass (its numbers do not depend on chunks)
+            cost = len(request.prompt_ids) - request.prefilled if rides else self._chunk_end(request) - request.prefilled
+            if cost > budget:
                 break
-            budget -= self._prefill(request)
-        self._decode([r for r in self._active if r.pending is not None])
+            if rides:
+                riders.append(request)
+                budget -= cost
+            else:
+                budget -= self._prefill(request)
+        self._decode([r for r in self._active if r.pending is not None], riders)
+
+    def _rides(self, request: _Request) -> bool:
+        """Whether the rest of this request's prompt rides in the decode pass (`Runner.feeds`), rather than being
+        prefilled in a pass of its own: not when it asked for prompt log-probs (every position's logits), nor when
+        it is longer than a step's prompt budget (prefill_chunk)."""
+        rest = len(request.prompt_ids) - request.prefilled
+        return not request.want_prompt_logprobs and rest <= self.prefill_chunk and self.runner.feeds(self.cache, rest)
 
     def _reuse_prefix(self, request: _Request) -> None:
         """Start an admitted request from the longest cached prefix of its prompt (not when it asked for prompt
@@ -471,25 +486,39 @@ class Engine:
         following = torch.tensor(request.prompt_ids[start + 1:end + 1], device=logprobs.device)
         request.prompt_logprobs += logprobs[: len(following)].gather(1, following[:, None])[:, 0].tolist()
 
-    def _decode(self, rows: list[_Request]) -> None:
-        """One decode step for every row with a pending token; a failed batch is retried row by row."""
-        if not rows:
+    def _decode(self, rows: list[_Request], riders: Sequence[_Request] = ()) -> None:
+        """One decode step for every row with a pending token, and the rests of the riders' prompts in the same
+        pass; a failed batch is retried request by request."""
+        if not rows and not riders:
             return
         try:
-            step = self._forward_decode(rows)
+            step = self._forward_decode(rows, riders)
         except Exception as exc:
-            if len(rows) == 1:
-                self._fail(rows[0], exc)
+            if len(rows) + len(riders) == 1:
+                self._fail([*rows, *riders][0], exc)
             else:  # find the culprit(s): rewriting a row's cache entry at the same position is harmless
                 for request in rows:
                     self._decode([request])
+                for request in riders:
+                    self._decode([], [request])
             return
         for row, request in enumerate(rows):
             self._sample(request, step, row)
+        for row, request in enumerate(riders, len(rows)):
+            request.prefilled = len(request.prompt_ids)
+            with self._cond:
+                self._prompt_tokens += len(request.prompt_ids)
+            self._sample(request, step, row)
+            if request in self._active:  # as after a prefill: for requests that start the same way
+                self._leave_prefix(request)
 
-    def _forward_decode(self, rows: list[_Request]) -> kernels.Step:
-        return self.runner.decode_step(self.cache, [r.pending for r in rows], [r.position for r in rows],
-                                       [r.slot for r in rows])
+    def _forward_decode(self, rows: list[_Request], riders: Sequence[_Request] = ()) -> kernels.Step:
+        if not riders:
+            return self.runner.decode_step(self.cache, [r.pending for r in rows], [r.position for r in rows],
+                                           [r.slot for r in rows])
+        return self.runner.feed(self.cache, [[r.pending] for r in rows] + [r.prompt_ids[r.prefilled:] for r in riders],
+                                [r.position for r in rows] + [r.prefilled for r in riders],
+                                [r.slot for r in [*rows, *riders]])
 
     def _sample(self, request: _Request, step: kernels.Step, row: int = 0) -> None:
         """Pick the next token of one request from row `row` of a step (its logits, log-normalizers and, where

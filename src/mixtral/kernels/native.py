@@ -4,9 +4,10 @@ native_lib.py; weights described by native_weights.py).
 A decode step is one C call (`DecodeSession.step`: the embedding, every block, the final norm, the output
 projection, and each row's log-normalizer and argmax), because whatever Python runs between steps runs on caches
 the step's weights have just flushed. A short prompt is one such call too (`DecodeSession.prompt`: its tokens are
-rows of their sequence's cache row); longer prompts run every matmul and the experts in C or on oneDNN's GEMMs
-(prompt.py) and attention in torch (SDPA). A rank's part of a split model (`Split`, distributed.py) runs every pass
-that way, decode steps too, its parts summed over the ranks between the ops.
+rows of their sequence's cache row); longer prompts run every matmul and the experts in C or on the GEMMs of
+prompt.py, and attention in torch (SDPA) or, with the GEMMs, on our bf16 kernel (prompt.attention). A rank's part
+of a split model (`Split`, distributed.py) runs every pass that way, decode steps too, its parts summed over the
+ranks between the ops.
 
 Numbers: every weight is widened to its exact fp32 value and multiplied in fp32, so the result equals an fp32
 matmul with the dequantized weights up to the order of summation; except that int8 and int4 weights in
@@ -20,6 +21,7 @@ torch.topk, whose order for ties is unspecified.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +91,25 @@ class NativeRunner(Runner):
         session = self.session(cache)
         logits = session.step(tokens, positions, rows, routing)
         return Step(logits, session.lse, session.best, session._out_array)
+
+    def feeds(self, cache, tokens: int) -> bool:
+        """Prompts (or their rests) that would be one C call alone (_forward: not on the GEMMs, at most
+        PROMPT_ROWS_MAX tokens) ride in a step's C call, each token a row computed as a decode row is (ROWS_EXACT:
+        its numbers do not depend on the rows beside it)."""
+        return (tokens <= PROMPT_ROWS_MAX and self.split is None and not hooked(self.model) and decodes(cache)
+                and (self.exact or not _takes_gemms(self.native, tokens)))
+
+    def feed(self, cache, inputs, starts, rows) -> Step:
+        """One C call for every sequence's tokens, where each rides (`feeds`), else as the reference runs them."""
+        if not all(self.feeds(cache, len(ids)) for ids in inputs):
+            return super().feed(cache, inputs, starts, rows)
+        tokens = [token for ids in inputs for token in ids]
+        positions = [start + i for ids, start in zip(inputs, starts) for i in range(len(ids))]
+        wanted = list(itertools.accumulate(len(ids) for ids in inputs))
+        logits, lse, best = self.session(cache, own_logits=False).run_rows(
+            tokens, positions, [row for ids, row in zip(inputs, rows) for _ in ids], [end - 1 for end in wanted],
+            mode=ROWS_EXACT)
+        return Step(logits, lse, best, logits.numpy())
 
 
 def prepare(model, store=None, exact: bool = False, split: Split | None = None) -> NativeRunner | None:
@@ -291,6 +312,12 @@ class DecodeSession:
         """Short prompts, or chunks of them, in one C call: token i at positions[i] of cache row rows[i] (the
         tokens of one sequence share its row, at consecutive positions). Returns fresh logits (len(wanted), V) of
         the tokens listed in `wanted` only. `routing` as for `step`, shaped (sequences, tokens of each)."""
+        return self.run_rows(tokens, positions, rows, wanted, routing, sequences)[0]
+
+    def run_rows(self, tokens, positions, rows, wanted, routing: list | None = None, sequences: int = 1,
+             mode: int = ROWS_SHORT) -> tuple[torch.Tensor, list[float], list[int]]:
+        """`prompt`'s pass, its products by `mode` (cpu_kernels.c: ROWS_SHORT, by shape; ROWS_EXACT, each row as a
+        decode row) -> (logits, log-normalizers, greedy choices) of the `wanted` tokens."""
         N = len(tokens)
         if len(positions) != N or len(rows) != N or N % sequences:
             raise ValueError(f"{N} tokens, {len(positions)} positions and {len(rows)} rows for {sequences} sequences")
@@ -303,13 +330,13 @@ class DecodeSession:
         lse, best = (ctypes.c_double * len(wanted))(), (ctypes.c_int64 * len(wanted))()
         status = self._run(ints(*tokens), x.data_ptr(), N, ints(*positions), ints(*rows),
                            [t.data_ptr() for t in (logits, ids, mix)], out.data_ptr(), lse, best,
-                           (ctypes.c_int64 * len(wanted))(*wanted), len(wanted), ROWS_SHORT)
+                           (ctypes.c_int64 * len(wanted))(*wanted), len(wanted), mode)
         if status:
             raise _decode_error(status, tokens, positions, rows, self)
         if routing is not None:
             routing.extend(_routing(self.native, logits.view(L, N, E), ids.view(L, N, K), mix.view(L, N, K),
                                     sequences, N // sequences))
-        return out
+        return out, list(lse), list(best)
 
     def _ready(self) -> None:
         """Before a call: the cache still lives, its tensors are the ones the C side writes, the threads are set."""
@@ -355,7 +382,7 @@ def store_error(store) -> Exception:
 def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix, gemms,
                     split: Split | None = None) -> None:
     """Several tokens per sequence: attention by torch (SDPA); every matmul and the experts by the C side, or, for
-    prompts long enough and weights it takes (`gemms`), by the GEMMs of prompt.py. `split`: x is one
+    prompts long enough and weights it takes (`gemms`), by the GEMMs of prompt.py and attention by its kernel. `split`: x is one
     process's part of a split model; the attention and MoE/MLP outputs are summed over the processes before they
     are added to x, and one new token per sequence (a decode step) is computed as a decode step computes it."""
     lib, args = library(), model.args

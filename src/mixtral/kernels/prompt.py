@@ -7,7 +7,8 @@ there (AVX512_BF16 dot products). So the native runner (native.py) sends a prefi
 when the weights are bf16, int8 or int4; fp32 and fp16 weights, offloaded experts (offload.py, read by the C side),
 decode steps and the output projection (only the rows that need logits) stay on the exact kernels.
 
-- Attention projections: one GEMM each (q, k, v, o); attention itself is torch's SDPA in fp32, as on the exact path.
+- Attention projections: one GEMM each (q, k, v, o); attention itself on our bf16 kernel (`attention`) where the
+  CPU has AVX512_BF16 and no AMX, else torch's SDPA in fp32, as on the exact path.
 - Experts: the C side routes (`mx_route`, the exact path's routing code), then the tokens are grouped by expert
   (one sort per layer) and each expert runs as three GEMMs on its own tokens, added back with their mixing weights.
 - Which GEMM (`linear`), by weight format, rows and CPU:
@@ -36,7 +37,8 @@ subnormals to zero) or in int32 (integer; int4 per group, each group's sum times
 in a fused multiply-add); outputs are fp32 from ours and the integer GEMMs, bf16 from
 oneDNN's bf16 GEMM; int8 and int4 weights widened for a bf16 GEMM are rounded to bf16. SiLU and its product with
 the up projection are computed on the GEMMs' outputs in their type (on bf16 ones as transformers' bf16 model does:
-each op in fp32, then rounded). The residual stream, norms, routing and the mixing sums stay fp32.
+each op in fp32, then rounded). Our attention rounds q, k, v and the softmax's weights to bf16 (`attention`). The
+residual stream, norms, routing and the mixing sums stay fp32.
 tests/test_prompt.py holds each GEMM to its contract, and the whole path to the exact path and to transformers' bf16
 model. `exact=True` on the runner (or MIXTRAL_PROMPT=exact) keeps every prefill on the exact path;
 MIXTRAL_PROMPT=gemm takes this path on any CPU (slow where the CPU has no bf16 arithmetic: for tests),

@@ -6,6 +6,8 @@ Callers (generate.py, engine.py, eval, bench) step a runner and never branch on 
   the (B, V) logits, each row's log-normalizer (a token's log-prob is its logit minus it) and, where the runner
   computed it on the way, each row's greedy choice;
 - `step_of(logits)`: the same for logits the caller already has (the last prompt position after a prefill);
+- `feed(cache, inputs, starts, rows)`: several tokens for each of B sequences (a prompt's rest, or one decode
+  token) in one pass where the runner can (`feeds`) -> a `Step` of each sequence's last token;
 - `prefix_cache(budget)`: a prefix cache for the model's KV caches.
 """
 
@@ -82,6 +84,31 @@ class Runner:
 
     def step_of(self, logits: torch.Tensor) -> Step:
         return Step(logits, log_normalizers(logits))
+
+    def feeds(self, cache, tokens: int) -> bool:
+        """Whether `feed` runs `tokens` prompt tokens of a sequence in the pass of other sequences' decode tokens,
+        each token's numbers its own whatever runs beside it. Here: never (`feed` runs each prompt alone)."""
+        return False
+
+    def feed(self, cache, inputs: Sequence[Sequence[int]], starts: Sequence[int], rows: Sequence[int]) -> Step:
+        """inputs[b] (token ids) at positions starts[b], starts[b] + 1, ... of cache row rows[b], for each of B
+        sequences -> a Step of each sequence's last token. Here the one-token sequences are one decode step and
+        each longer one a prefill of its own."""
+        device, logits = self.model.device, [None] * len(inputs)
+        single = [b for b, ids in enumerate(inputs) if len(ids) == 1]
+        if single:
+            step = self.decode_step(cache, [inputs[b][0] for b in single], [starts[b] for b in single],
+                                    [rows[b] for b in single])
+            for i, b in enumerate(single):
+                logits[b] = step.logits[i].clone()  # (a runner's own buffer: valid until its next step)
+        for b, ids in enumerate(inputs):
+            if len(ids) > 1:
+                end = starts[b] + len(ids)
+                logits[b] = self.model(torch.tensor([list(ids)], device=device),
+                                       torch.arange(starts[b], end, device=device)[None], cache, n_keys=end,
+                                       slots=torch.tensor([rows[b]], device=device),
+                                       logits_at=torch.tensor([len(ids) - 1], device=device))[0, -1]
+        return self.step_of(torch.stack(logits))
 
     def prefix_cache(self, budget_bytes: int):
         """A prefix cache (prefix_cache.py) for KV caches of this runner's model (a split model's runner makes one

@@ -5,18 +5,18 @@
     for event in handle.events():          # or: async for event in handle.aevents()
         print(event.text, end="")
 
-How a step works (`Engine._step`): cancelled requests are dropped and their cache rows freed; waiting requests
-are admitted into free rows of one shared `KVCache`; prompts are prefilled alone, in chunks cut at multiples
-of `prefill_chunk` (whatever else runs, so a prompt's numbers never depend on its neighbours), at most
-`prefill_chunk` prompt tokens per step so a long prompt never stalls the others for long; then ONE batched
-decode step runs for every sequence that has a token to feed (`slots=` picks the cache rows, each row at its
-own position), and the rests of short prompts that the runner computes token by token as it computes decode
-tokens (`Runner.feeds`: on our kernels, those it would run as one call alone) ride in that same pass, so a new
-request costs the others no pass of its own; each row samples with its own `Sampler` and stops by `stopping.TextTracker`, the rules every
-front end shares. A failure inside a step fails only the requests it touched (a failed batch is retried row by
-row to find them); the worker thread never dies of it. With a prefix cache (prefix_cache.py), an admitted prompt
-starts from the longest prefix of it whose keys and values an earlier request left (copied into its row), and
-each request leaves its own when its prompt is in and when it ends.
+How a step works (`Engine._step`): cancelled requests are dropped and their cache rows freed; waiting requests are
+admitted into free rows of one shared `KVCache`; prompts are prefilled alone, in chunks cut at multiples of
+`prefill_chunk` (whatever else runs, so a prompt's numbers never depend on its neighbours), at most `prefill_chunk`
+prompt tokens per step so a long prompt never stalls the others for long; then ONE batched decode step runs for
+every sequence that has a token to feed (`slots=` picks the cache rows, each row at its own position), and the rests
+of short prompts that the runner computes token by token as it computes decode tokens (`Runner.feeds`: on our
+kernels, those it would run as one call alone) ride in that same pass, so a new request costs the others no pass of
+its own; each row samples with its own `Sampler` and stops by `stopping.TextTracker`, the rules every front end
+shares. A failure inside a step fails only the requests it touched (a failed batch is retried row by row to find
+them); the worker thread never dies of it. With a prefix cache (prefix_cache.py), an admitted prompt starts from the
+longest prefix of it whose keys and values an earlier request left (copied into its row), and each request leaves
+its own when its prompt is in and when it ends.
 """
 
 from __future__ import annotations
@@ -410,7 +410,7 @@ class Engine:
         budget, riders = self.prefill_chunk, []
         for request in [r for r in self._active if r.prefilled < len(r.prompt_ids)]:
             rides = self._rides(request)  # the whole rest in the decode pass (its numbers do not depend on chunks)
-            cost = len(request.prompt_ids) - request.prefilled if rides else self._chunk_end(request) - request.prefilled
+            cost = (len(request.prompt_ids) if rides else self._chunk_end(request)) - request.prefilled
             if cost > budget:
                 break
             if rides:

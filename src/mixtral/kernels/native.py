@@ -382,9 +382,10 @@ def store_error(store) -> Exception:
 def _prefill_layers(model, native, x, B, T, input_pos, cache, n_keys, slots, logits, ids, mix, gemms,
                     split: Split | None = None) -> None:
     """Several tokens per sequence: attention by torch (SDPA); every matmul and the experts by the C side, or, for
-    prompts long enough and weights it takes (`gemms`), by the GEMMs of prompt.py and attention by its kernel. `split`: x is one
-    process's part of a split model; the attention and MoE/MLP outputs are summed over the processes before they
-    are added to x, and one new token per sequence (a decode step) is computed as a decode step computes it."""
+    prompts long enough and weights it takes (`gemms`), by the GEMMs of prompt.py and attention by its kernel.
+    `split`: x is one process's part of a split model; the attention and MoE/MLP outputs are summed over the
+    processes before they are added to x, and one new token per sequence (a decode step) is computed as a decode
+    step computes it."""
     lib, args = library(), model.args
     step = split is not None and T == 1  # (each row as at batch 1: its numbers do not depend on the rows beside it)
     gemms = gemms and not step

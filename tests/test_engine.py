@@ -14,6 +14,7 @@ import mixtral.engine as engine_module
 from mixtral.engine import Engine, Overloaded
 from mixtral.errors import MixtralError
 from mixtral.generate import stream_generate
+from mixtral.kernels.native import PROMPT_ROWS_MAX
 from mixtral.sampling import SamplingParams
 
 PROMPTS = ["To be", "Now is the winter of our discontent", "O", "Friends, Romans, countrymen, lend me your ears",
@@ -86,6 +87,8 @@ def test_short_prompts_ride_in_the_decode_pass_with_their_own_numbers(engine, lo
     passes.clear()
     handles = [engine.submit(p, SamplingParams(temperature=0, max_new_tokens=n)) for p, n in zip(prompts, lengths)]
     together = [list(h.events(60)) for h in handles]
+    with pytest.raises(ValueError if rides else NotImplementedError):  # more tokens than a pass of decode rows takes
+        real_feed(engine.cache, [[5] * (PROMPT_ROWS_MAX + 1), [5]], [0, 0], [0, 1])
     if not rides:
         assert passes == []
         return

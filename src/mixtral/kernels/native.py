@@ -100,9 +100,10 @@ class NativeRunner(Runner):
                 and (self.exact or not _takes_gemms(self.native, tokens)))
 
     def feed(self, cache, inputs, starts, rows) -> Step:
-        """One C call for every sequence's tokens, where each rides (`feeds`), else as the reference runs them."""
+        """One C call for every sequence's tokens (each sequence's count one that `feeds` takes)."""
         if not all(self.feeds(cache, len(ids)) for ids in inputs):
-            return super().feed(cache, inputs, starts, rows)
+            raise ValueError(f"feed takes up to {PROMPT_ROWS_MAX} tokens per sequence, of a count that would not "
+                             f"run on the prompt GEMMs, on a cache the C side writes; got {[len(i) for i in inputs]}")
         tokens = [token for ids in inputs for token in ids]
         positions = [start + i for ids, start in zip(inputs, starts) for i in range(len(ids))]
         wanted = list(itertools.accumulate(len(ids) for ids in inputs))
@@ -315,7 +316,7 @@ class DecodeSession:
         return self.run_rows(tokens, positions, rows, wanted, routing, sequences)[0]
 
     def run_rows(self, tokens, positions, rows, wanted, routing: list | None = None, sequences: int = 1,
-             mode: int = ROWS_SHORT) -> tuple[torch.Tensor, list[float], list[int]]:
+                 mode: int = ROWS_SHORT) -> tuple[torch.Tensor, list[float], list[int]]:
         """`prompt`'s pass, its products by `mode` (cpu_kernels.c: ROWS_SHORT, by shape; ROWS_EXACT, each row as a
         decode row) -> (logits, log-normalizers, greedy choices) of the `wanted` tokens."""
         N = len(tokens)

@@ -87,28 +87,13 @@ class Runner:
 
     def feeds(self, cache, tokens: int) -> bool:
         """Whether `feed` runs `tokens` prompt tokens of a sequence in the pass of other sequences' decode tokens,
-        each token's numbers its own whatever runs beside it. Here: never (`feed` runs each prompt alone)."""
+        each token's numbers its own whatever runs beside it. Here: never."""
         return False
 
     def feed(self, cache, inputs: Sequence[Sequence[int]], starts: Sequence[int], rows: Sequence[int]) -> Step:
         """inputs[b] (token ids) at positions starts[b], starts[b] + 1, ... of cache row rows[b], for each of B
-        sequences -> a Step of each sequence's last token. Here the one-token sequences are one decode step and
-        each longer one a prefill of its own."""
-        device, logits = self.model.device, [None] * len(inputs)
-        single = [b for b, ids in enumerate(inputs) if len(ids) == 1]
-        if single:
-            step = self.decode_step(cache, [inputs[b][0] for b in single], [starts[b] for b in single],
-                                    [rows[b] for b in single])
-            for i, b in enumerate(single):
-                logits[b] = step.logits[i].clone()  # (a runner's own buffer: valid until its next step)
-        for b, ids in enumerate(inputs):
-            if len(ids) > 1:
-                end = starts[b] + len(ids)
-                logits[b] = self.model(torch.tensor([list(ids)], device=device),
-                                       torch.arange(starts[b], end, device=device)[None], cache, n_keys=end,
-                                       slots=torch.tensor([rows[b]], device=device),
-                                       logits_at=torch.tensor([len(ids) - 1], device=device))[0, -1]
-        return self.step_of(torch.stack(logits))
+        sequences, in one pass -> a Step of each sequence's last token; for sequences whose count `feeds` takes."""
+        raise NotImplementedError("this runner prefills each prompt in a pass of its own")
 
     def prefix_cache(self, budget_bytes: int):
         """A prefix cache (prefix_cache.py) for KV caches of this runner's model (a split model's runner makes one

@@ -132,8 +132,9 @@ def describe() -> str:
         vnni = _our_kernels().get("vnni") and "amx_bf16" not in flags
         integer = (f"{'int8 and int4' if vnni else 'int8'} weights on integer GEMMs "
                    f"({'AVX512_VNNI' if vnni else 'oneDNN'}; activations rounded to int8), the rest on ")
+    attention = "our bf16 kernel (AVX512_BF16)" if _our_attention() else "torch's SDPA (fp32)"
     return (f"GEMMs for prefills of {MIN_ROWS}+ tokens with bf16/int8/int4 weights of {MIN_WEIGHTS:,}+ elements: "
-            f"{integer}bf16 GEMMs ({unit}) (kernels/prompt.py)")
+            f"{integer}bf16 GEMMs ({unit}), attention on {attention} (kernels/prompt.py)")
 
 
 def takes(weights, rows: int) -> bool:
@@ -348,10 +349,16 @@ def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
 
 def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether our attention kernel (`attention`) takes these: fp32 queries (B, T, H, Dh) and keys and values
-    (B, G, S, Dh), each row of Dh (a multiple of 32) contiguous, on a CPU with AVX512_BF16 and no AMX."""
-    return (bool(_our_kernels().get("bf16")) and "amx_bf16" not in cpu_flags() and q.shape[-1] % 32 == 0
+    (B, G, S, Dh), each row of Dh (a multiple of 32) contiguous, on a CPU where it runs (`_our_attention`)."""
+    return (_our_attention() and q.shape[-1] % 32 == 0
             and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
             and q.stride(2) == q.shape[-1])
+
+
+def _our_attention() -> bool:
+    """Whether our attention kernel runs on this CPU: AVX512_BF16, and no AMX (not measured on one: an AMX Xeon's
+    prompts keep torch's SDPA, as its other products keep oneDNN's GEMMs)."""
+    return bool(_our_kernels().get("bf16")) and "amx_bf16" not in cpu_flags()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

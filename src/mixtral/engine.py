@@ -407,9 +407,10 @@ class Engine:
             self._reuse_prefix(request)
         # A prompt is cut into chunks at multiples of prefill_chunk whatever else runs, so its numbers do not depend
         # on its neighbours; a step prefills whole chunks while they fit in prefill_chunk tokens (the first always).
+        # A rider's whole rest counts against the same budget; its tokens are decode rows, whatever their chunks.
         budget, riders = self.prefill_chunk, []
         for request in [r for r in self._active if r.prefilled < len(r.prompt_ids)]:
-            rides = self._rides(request)  # the whole rest in the decode pass (its numbers do not depend on chunks)
+            rides = self._rides(request)
             cost = (len(request.prompt_ids) if rides else self._chunk_end(request)) - request.prefilled
             if cost > budget:
                 break

@@ -266,6 +266,15 @@ def test_our_attention_is_attention_on_bf16_rounded_inputs(B, T, S, H, G, Dh, wi
     assert (got != sdpa(q.double(), k.double(), v.double())).any()  # (rounded inputs: the kernel ran)
 
 
+def test_our_attention_keeps_a_nan_in_its_own_row():
+    q, k, v = torch.randn(1, 3, 4, 64), torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)
+    if not prompt.attends(q, k, v):
+        pytest.skip("this CPU has no AVX512_BF16 (or has AMX): our attention kernel does not run here")
+    q[0, 2, 1, 5] = float("nan")  # position 2, head 1
+    got = prompt.attention(q, k, v, torch.arange(3)[None], None).view(3, 4, 64)
+    assert got[2, 1].isnan().all() and not got[:2].isnan().any() and not got[2, [0, 2, 3]].isnan().any()
+
+
 def test_experts_without_tokens_and_one_expert_with_them_all(bf16_dir):
     model = load_model(bf16_dir, dtype="bfloat16", progress=False)
     for block in model.layers:  # equal router logits: every token goes to experts 0 and 1 (ties: lower index)

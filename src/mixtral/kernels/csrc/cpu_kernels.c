@@ -2556,15 +2556,16 @@ int mx_attention(float *qkv, int64_t M, int64_t H, int64_t G, int64_t Dh, const 
  * (vdpbf16ps), times 1/sqrt(Dh); the softmax in fp32, 64 keys at a time against the running maximum (online); its
  * weights rounded to bf16 for the product with v, summed in fp32; divided by the fp32 sum of the unrounded weights.
  *
- * For each (sequence, key/value head), its keys are packed in blocks of 16 for the scores (PA_KEYS: 16 keys' pairs
- * of columns side by side) and its values in pairs of keys (PA_VALUES: the two keys' values of each column side by
- * side), then the R query heads that read them are taken 4 rows at a time (position-major: row i is position i / R,
+ * For each (sequence, key/value head), its keys are packed in blocks of 16 for the scores (pack_keys: 16 keys'
+ * pairs of columns side by side) and its values in pairs of keys (pack_values: the two keys' values of each column
+ * side by side), then the R query heads that read them are taken 4 rows at a time (position-major: row i is position i / R,
  * head i % R), each row group over the 64-key chunks its rows may see: 16 score sums (4 rows x 64 keys) in
  * registers, then 16 output sums (4 rows x 64 columns) per 64 columns (8 for a last 32), rescaled at each chunk. */
 #define PA_ROWS 4
 #define PA_CHUNK 64
 
-/* exp(t) for t <= 0, 16 at a time: exp_nonpositive's method on 512-bit vectors (0 below -87 and for -inf). */
+/* exp(t) for t <= 0, 16 at a time: exp_nonpositive's method on 512-bit vectors (0 below -87 and for -inf; NaN stays
+ * NaN, so a NaN score makes its row's output NaN, as in SDPA). */
 BF_TARGET static inline __m512 exp16_nonpositive(const __m512 t_in) {
     const __m512 low = _mm512_set1_ps(-87.0f);
     const __mmask16 keep = _mm512_cmp_ps_mask(t_in, low, _CMP_GE_OQ);
@@ -2580,11 +2581,12 @@ BF_TARGET static inline __m512 exp16_nonpositive(const __m512 t_in) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
+    const __m512 e = _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t_in, t_in, _CMP_UNORD_Q), e, t_in);
 }
 
-/* Keys [0, S) of one head (row stride ss floats) into 16-key blocks: block b, column pair c holds keys 16b .. 16b + 15's
- * columns 2c, 2c + 1 (as one 32-bit pair each); keys past S are zero, up to Sp (a multiple of PA_CHUNK). */
+/* Keys [0, S) of one head (row stride ss floats) into 16-key blocks: block b, column pair c holds keys 16b .. 16b +
+ * 15's columns 2c, 2c + 1 (as one 32-bit pair each); keys past S are zero, up to Sp (a multiple of PA_CHUNK). */
 BF_TARGET static void pack_keys(const float *k, int64_t ss, int64_t S, int64_t Sp, int64_t Dh, uint32_t *out) {
     const int64_t C = Dh / 2;
     for (int64_t j = 0; j < Sp; j++) {
@@ -2672,15 +2674,17 @@ BF_TARGET static void attend_rows(const uint32_t *qs, const uint32_t *keys, cons
         float rescale[PA_ROWS];
         for (int r = 0; r < PA_ROWS; r++) {
             __m512 m = _mm512_set1_ps(-INFINITY);
+            __mmask16 nan = 0; /* (max drops NaN: a NaN score is looked for on its own, and kept as the maximum) */
             for (int b = 0; b < 4; b++) {
                 const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(c * PA_CHUNK + 16 * b)));
                 const __mmask16 seen = _mm512_cmp_epi32_mask(key, _mm512_set1_epi32((int32_t)lo[r]), _MM_CMPINT_NLT)
                                      & _mm512_cmp_epi32_mask(key, _mm512_set1_epi32((int32_t)hi[r]), _MM_CMPINT_LE);
                 s[r][b] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen, s[r][b], _mm512_set1_ps(scale));
                 m = _mm512_max_ps(m, s[r][b]);
+                nan |= _mm512_cmp_ps_mask(s[r][b], s[r][b], _CMP_UNORD_Q);
             }
-            const float chunk_top = _mm512_reduce_max_ps(m);
-            const float new_top = chunk_top > top[r] ? chunk_top : top[r];
+            const float chunk_top = nan ? NAN : _mm512_reduce_max_ps(m);
+            const float new_top = chunk_top > top[r] || chunk_top != chunk_top ? chunk_top : top[r];
             if (new_top == -INFINITY) { /* nothing seen yet */
                 rescale[r] = 1.0f;
                 memset(weights[r], 0, sizeof weights[r]);
@@ -2704,7 +2708,7 @@ BF_TARGET static void attend_rows(const uint32_t *qs, const uint32_t *keys, cons
     }
     for (int r = 0; r < PA_ROWS; r++) {
         if (!out[r]) continue;
-        const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+        const float inv = total[r] > 0.0f || total[r] != total[r] ? 1.0f / total[r] : 0.0f; /* (NaN stays NaN) */
         for (int64_t d = 0; d < Dh; d++) out[r][d] = o[r * Dh + d] * inv;
     }
 }

@@ -197,22 +197,22 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 /* exp(t) for t <= 0 (t = x - max), 8 at a time: t = n ln 2 + r with |r| <= ln(2)/2, e^r by its Taylor series to r^7
- * (relative error < 2e-8 before rounding), 2^n put into the exponent bits; below -87 the result is 0, NaN stays NaN. */
+ * (relative error < 2e-8 before rounding), 2^n put into the exponent bits; below -87 the result is 0, NaN stays NaN.
+ * EXP_REMAINDER and EXP_SERIES are its steps at any vector width (FNMADD, FMADD, SET1: that width's intrinsics), so
+ * the 512-bit copy (exp16_nonpositive) computes the same values. */
+#define EXP_REMAINDER(FNMADD, SET1, t, n) FNMADD(n, SET1(1.42860677e-6f), FNMADD(n, SET1(0.693145752f), t))
+#define EXP_SERIES(FMADD, SET1, r)                                                                                   \
+    FMADD(FMADD(FMADD(FMADD(FMADD(FMADD(FMADD(SET1(1.0f / 5040.0f), r, SET1(1.0f / 720.0f)), r, SET1(1.0f / 120.0f)), \
+                                  r, SET1(1.0f / 24.0f)), r, SET1(1.0f / 6.0f)), r, SET1(0.5f)), r, SET1(1.0f)), r,   \
+          SET1(1.0f))
 static inline __m256 exp_nonpositive(const __m256 t_in) {
     __m256 t = t_in;
-    const __m256 low = _mm256_set1_ps(-87.0f), ln2_hi = _mm256_set1_ps(0.693145752f), ln2_lo = _mm256_set1_ps(1.42860677e-6f);
+    const __m256 low = _mm256_set1_ps(-87.0f);
     const __m256 keep = _mm256_cmp_ps(t, low, _CMP_GE_OQ);
     t = _mm256_max_ps(t, low);
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 r = _mm256_fnmadd_ps(n, ln2_lo, _mm256_fnmadd_ps(n, ln2_hi, t));
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256 r = EXP_REMAINDER(_mm256_fnmadd_ps, _mm256_set1_ps, t, n);
+    const __m256 p = EXP_SERIES(_mm256_fmadd_ps, _mm256_set1_ps, r);
     const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const __m256 e = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), keep);
     return _mm256_blendv_ps(e, t_in, _mm256_cmp_ps(t_in, t_in, _CMP_UNORD_Q));
@@ -2571,15 +2571,8 @@ BF_TARGET static inline __m512 exp16_nonpositive(const __m512 t_in) {
     const __mmask16 keep = _mm512_cmp_ps_mask(t_in, low, _CMP_GE_OQ);
     const __m512 t = _mm512_max_ps(t_in, low);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), t));
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512 r = EXP_REMAINDER(_mm512_fnmadd_ps, _mm512_set1_ps, t, n);
+    const __m512 p = EXP_SERIES(_mm512_fmadd_ps, _mm512_set1_ps, r);
     const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     const __m512 e = _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t_in, t_in, _CMP_UNORD_Q), e, t_in);

@@ -3,7 +3,10 @@
 The library is compiled on first use with the system C compiler (about a second) into the cache directory
 (paths.cache_dir), keyed by everything the build depends on, checked against torch on a probe, and used only
 where it passed: otherwise models run on fbgemm (fbgemm.py) or plain torch. `MIXTRAL_NATIVE=0` turns it off;
-`MIXTRAL_AVX512=0` keeps bf16 decode rows on the AVX2 kernel where the CPU has AVX-512.
+`MIXTRAL_AVX512=0` takes the paths of a CPU without AVX-512 (AVX2 only) on one that has it: bf16 decode rows and
+batched int8/int4 rows on the AVX2 kernels, and none of the AVX-512 flags (`cpu_flags`), so prompts stay on the exact
+kernels and none of the prompt path's AVX512_BF16/VNNI kernels runs (prompt.py). With ATEN_CPU_CAPABILITY=avx2 and
+ONEDNN_MAX_CPU_ISA=AVX2 for torch, a whole process then runs as on an AVX2-only CPU (how the tests are run for one).
 """
 
 from __future__ import annotations
@@ -65,13 +68,20 @@ class Layer(ctypes.Structure):
                 ("store", ctypes.c_void_p)]
 
 
+def avx512_allowed() -> bool:
+    """False with MIXTRAL_AVX512=0: our kernels then take an AVX2-only CPU's paths (the module's docstring)."""
+    return os.environ.get("MIXTRAL_AVX512", "1") != "0"
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), without the AVX-512 and AMX ones
+    where those are turned off (`avx512_allowed`)."""
     try:
-        return frozenset(Path("/proc/cpuinfo").read_text().split())
+        flags = frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return frozenset()
+    return flags if avx512_allowed() else frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
 
 
 def _cpu_supported() -> str | None:
@@ -180,7 +190,7 @@ def _load():
     lib.mx_release_threads.restype = None
     lib.mx_use_avx512.argtypes = [ctypes.c_int]
     lib.mx_use_avx512.restype = ctypes.c_int
-    _state["avx512"] = bool(lib.mx_use_avx512(int(os.environ.get("MIXTRAL_AVX512", "1") != "0")))
+    _state["avx512"] = bool(lib.mx_use_avx512(int(avx512_allowed())))
     lib.mx_set_num_threads.argtypes = [ctypes.c_int]
     lib.mx_set_num_threads.restype = None
     return lib

@@ -55,7 +55,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .native_lib import BF16, I4, I8, cpu_flags, library, sync_threads
+from .native_lib import BF16, I4, I8, avx512_allowed, cpu_flags, library, sync_threads
 
 # Rows (tokens x sequences) in a prefill from which the GEMMs win: on Zen 5, 2 threads, "small", they were even with
 # the exact kernels at 16 and 1.1-1.4x ahead at 32 (bench/decode.py --prompt-tokens N --runs ours:bf16,exact:bf16)
@@ -245,9 +245,12 @@ def _ours(weight) -> bool:
 
 @functools.cache
 def _our_kernels() -> dict[str, bool]:
-    """Which of our GEMM kernels this CPU runs (empty without the library)."""
+    """Which of our GEMM kernels this CPU runs (empty without the library; none with MIXTRAL_AVX512=0)."""
     lib = library()
-    return {} if lib is None else {"vnni": bool(lib.mx_vnni_supported()), "bf16": bool(lib.mx_bf16_supported())}
+    if lib is None:
+        return {}
+    allowed = avx512_allowed()
+    return {"vnni": allowed and bool(lib.mx_vnni_supported()), "bf16": allowed and bool(lib.mx_bf16_supported())}
 
 
 # Rows up to which our kernels take a product, not oneDNN's GEMMs (which pack the weight, then run as close to the

@@ -584,6 +584,30 @@ def test_bf16_decode_rows_on_either_vector_width_match_fp32_and_do_not_depend_on
         lib.mx_use_avx512(was)
 
 
+def test_avx512_off_takes_an_avx2_only_cpus_paths():
+    """MIXTRAL_AVX512=0 (how `make test` runs the kernels' tests as on a CPU without AVX-512): in a fresh process no
+    AVX-512 or AMX flag is seen, none of our AVX-512 kernels is chosen, prompts stay on the exact kernels, and
+    `mixtral info` says so."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from mixtral.kernels import native_lib, prompt; "
+            "print(sorted(f for f in native_lib.cpu_flags() if f.startswith(('avx512', 'amx')))); "
+            "print(native_lib.avx512_rows(), prompt._our_kernels(), prompt._our_attention()); "
+            "print(prompt.unavailable_reason())")
+    env = {**os.environ, "MIXTRAL_AVX512": "0"}
+    env.pop("MIXTRAL_PROMPT", None)
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert lines[0] == "[]"
+    assert lines[1] == "False {'vnni': False, 'bf16': False} False"
+    assert "MIXTRAL_AVX512=0" in lines[2]
+    info = subprocess.run([sys.executable, "-m", "mixtral", "info"], env=env, capture_output=True, text=True,
+                          check=True).stdout
+    assert "AVX2 kernels, compiled on first use); prompts: our C kernels (exact fp32)" in info
+
+
 @pytest.mark.parametrize("window,head_dim", [(None, 32), (9, 32), (None, 128)])  # window 9: each token sees its
 def test_a_short_prompt_after_a_cached_prefix_is_one_c_call_and_matches_transformers(  # last 9; Dh as Mixtral's
         tmp_path, monkeypatch, window, head_dim):

@@ -90,6 +90,8 @@ def unavailable_reason() -> str | None:
         return "this torch has no oneDNN"
     if setting in FORCED:
         return None
+    if not avx512_allowed():
+        return "AVX-512 (and with it AVX512_BF16 and AMX) is turned off by MIXTRAL_AVX512=0"
     if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
         return "this CPU has no bf16 arithmetic (AVX512_BF16 or AMX), so oneDNN's bf16 GEMM would be slower"
     return None

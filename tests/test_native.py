@@ -478,7 +478,7 @@ def test_integer_decode_rows_are_the_same_on_either_vector_width_alone_or_batche
     try:
         for avx512 in (0, 1):
             if lib.mx_use_avx512(avx512) != avx512:
-                continue  # this CPU has no AVX-512
+                continue  # no AVX-512 here (this CPU, or MIXTRAL_AVX512=0)
             alone = torch.cat([weight.linear(x[m:m + 1], expert=1, per_row=True) for m in range(9)])
             batched = weight.linear(x, expert=1, per_row=True)  # rows 4 + 4 + 1
             pairs = weight.linear(x[:6], expert=1, per_row=True)  # 4 + 2
@@ -507,7 +507,7 @@ def test_bf16_decode_rows_are_the_same_alone_or_batched(k):
     try:
         for avx512 in (0, 1):
             if lib.mx_use_avx512(avx512) != avx512:
-                continue  # this CPU has no AVX-512
+                continue  # no AVX-512 here (this CPU, or MIXTRAL_AVX512=0)
             alone = torch.cat([native.linear(x[m:m + 1], expert=1, per_row=True) for m in range(11)])
             for rows in (2, 3, 5, 11):
                 assert torch.equal(native.linear(x[:rows], expert=1, per_row=True), alone[:rows]), (avx512, rows)
@@ -565,7 +565,7 @@ def test_bf16_decode_rows_on_either_vector_width_match_fp32_and_do_not_depend_on
     was = int(native_lib.avx512_rows())
     try:
         if lib.mx_use_avx512(avx512) != avx512:
-            pytest.skip("this CPU has no AVX-512")
+            pytest.skip("no AVX-512 here (this CPU, or MIXTRAL_AVX512=0)")
         model = load_model(tiny_dir, dtype="bfloat16", progress=False, exact=True)
         plain = load_model(tiny_dir, dtype="bfloat16", progress=False, pack=False).float()
         prompts = torch.randint(3, 256, (3, 6), generator=_gen(21))
@@ -592,19 +592,21 @@ def test_avx512_off_takes_an_avx2_only_cpus_paths():
     import subprocess
     import sys
 
-    code = ("from mixtral.kernels import native_lib, prompt; "
+    code = ("from mixtral.kernels import native_lib, prompt; lib = native_lib.library(); "
             "print(sorted(f for f in native_lib.cpu_flags() if f.startswith(('avx512', 'amx')))); "
             "print(native_lib.avx512_rows(), prompt._our_kernels(), prompt._our_attention()); "
-            "print(prompt.unavailable_reason())")
+            "print(lib.mx_use_avx512(1), lib.mx_bf16_supported(), lib.mx_vnni_supported()); "  # (the C side's own
+            "print(prompt.unavailable_reason())")                                              # checks: mx_to_bf16)
     env = {**os.environ, "MIXTRAL_AVX512": "0"}
     env.pop("MIXTRAL_PROMPT", None)
-    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                           timeout=120).stdout.splitlines()
     assert lines[0] == "[]"
     assert lines[1] == "False {'vnni': False, 'bf16': False} False"
-    assert "MIXTRAL_AVX512=0" in lines[2]
+    assert lines[2] == "0 0 0"
+    assert "MIXTRAL_AVX512=0" in lines[3]
     info = subprocess.run([sys.executable, "-m", "mixtral", "info"], env=env, capture_output=True, text=True,
-                          check=True).stdout
+                          check=True, timeout=120).stdout
     assert "AVX2 kernels, compiled on first use); prompts: our C kernels (exact fp32)" in info
 
 

@@ -80,11 +80,13 @@ def test_fast_prompts_are_as_close_to_fp32_as_transformers_bf16(bf16_dir, wide_h
     # then differ by far more than rounding: on the wide model at T = 129 one sequence flips at its 26th token)
     agreed = _same_routing_so_far(*routing)
     assert agreed.float().mean() > 0.5, agreed
-    # each position's largest error, averaged over the positions: the largest over a few positions can go either
-    # way where both round every GEMM's output to bf16 (oneDNN's GEMMs: on AVX2-only and AMX CPUs; under
-    # MIXTRAL_AVX512=0 on Zen 4, heads of 64 at T = 17: largest 0.064 against 0.054, average 0.030 against 0.037)
-    ours, theirs = ((got - fp32).abs().amax(-1)[agreed].mean().item() for got in (fast, bf16))
-    assert 0 < ours <= max(theirs, 1e-2), (ours, theirs)  # rounded (so the path was taken), and no worse
+    # each position's largest error: on average no larger, and nowhere more than twice transformers' largest (the
+    # largest over a few positions can go either way where both round every GEMM's output to bf16, as oneDNN's
+    # GEMMs do on AVX2-only and AMX CPUs: under MIXTRAL_AVX512=0 on Zen 4, heads of 64 at T = 17, largest 0.064
+    # against 0.054, average 0.030 against 0.037)
+    ours, theirs = ((got - fp32).abs().amax(-1)[agreed] for got in (fast, bf16))
+    assert 0 < ours.mean() <= max(theirs.mean(), 1e-2), (ours, theirs)  # rounded (the path was taken), no worse
+    assert ours.max() <= 2 * max(theirs.max(), 1e-2), (ours, theirs)
 
 
 def _same_routing_so_far(a: list, b: list) -> torch.Tensor:

@@ -3,10 +3,12 @@
 The library is compiled on first use with the system C compiler (about a second) into the cache directory
 (paths.cache_dir), keyed by everything the build depends on, checked against torch on a probe, and used only
 where it passed: otherwise models run on fbgemm (fbgemm.py) or plain torch. `MIXTRAL_NATIVE=0` turns it off;
-`MIXTRAL_AVX512=0` takes the paths of a CPU without AVX-512 (AVX2 only) on one that has it: bf16 decode rows and
-batched int8/int4 rows on the AVX2 kernels, and none of the AVX-512 flags (`cpu_flags`), so prompts stay on the exact
-kernels and none of the prompt path's AVX512_BF16/VNNI kernels runs (prompt.py). With ATEN_CPU_CAPABILITY=avx2 and
-ONEDNN_MAX_CPU_ISA=AVX2 for torch, a whole process then runs as on an AVX2-only CPU (how the tests are run for one).
+`MIXTRAL_AVX512=0` takes our kernels' paths of a CPU without AVX-512 (AVX2 only) on one that has it, read once per
+process: no AVX-512 flag is seen (`cpu_flags`), so prompts stay on the exact kernels unless MIXTRAL_PROMPT forces the
+GEMMs (then oneDNN's), and the C side runs none of its AVX-512 kernels (mx_forbid_avx512: decode rows, the prompt
+path's GEMMs, attention and int8/int4 widening). ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 hold ATen's
+kernels and oneDNN to AVX2 as well (MKL and fbgemm still choose their own): how `make test` runs the kernels' tests
+as on an AVX2-only CPU.
 """
 
 from __future__ import annotations
@@ -190,6 +192,10 @@ def _load():
     lib.mx_release_threads.restype = None
     lib.mx_use_avx512.argtypes = [ctypes.c_int]
     lib.mx_use_avx512.restype = ctypes.c_int
+    if not avx512_allowed() and hasattr(lib, "mx_forbid_avx512"):  # (an older source, timed by a bench, has none)
+        lib.mx_forbid_avx512.argtypes = []
+        lib.mx_forbid_avx512.restype = None
+        lib.mx_forbid_avx512()  # (the C side's own checks too: mx_to_bf16 asks mx_bf16_supported)
     _state["avx512"] = bool(lib.mx_use_avx512(int(avx512_allowed())))
     lib.mx_set_num_threads.argtypes = [ctypes.c_int]
     lib.mx_set_num_threads.restype = None

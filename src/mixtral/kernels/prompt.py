@@ -249,10 +249,7 @@ def _ours(weight) -> bool:
 def _our_kernels() -> dict[str, bool]:
     """Which of our GEMM kernels this CPU runs (empty without the library; none with MIXTRAL_AVX512=0)."""
     lib = library()
-    if lib is None:
-        return {}
-    allowed = avx512_allowed()
-    return {"vnni": allowed and bool(lib.mx_vnni_supported()), "bf16": allowed and bool(lib.mx_bf16_supported())}
+    return {} if lib is None else {"vnni": bool(lib.mx_vnni_supported()), "bf16": bool(lib.mx_bf16_supported())}
 
 
 # Rows up to which our kernels take a product, not oneDNN's GEMMs (which pack the weight, then run as close to the

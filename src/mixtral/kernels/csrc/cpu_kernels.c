@@ -36,7 +36,8 @@
  *                  final norm and the output projection, for one new token per sequence
  *   mx_logsumexp   log(sum(exp(x))) of each row: what log-softmax subtracts, for the sampled token's log-prob
  *   mx_argmax      the greedy choice of each row
- *   mx_use_avx512, mx_bf16_supported, mx_vnni_supported, mx_release_threads, mx_set_num_threads   run-time
+ *   mx_use_avx512, mx_forbid_avx512, mx_bf16_supported, mx_vnni_supported, mx_release_threads,
+ *   mx_set_num_threads   run-time
  *                  settings and checks (see each)
  *   mx_struct_sizes the sizes of the structures above, for the Python side's check
  */
@@ -104,6 +105,15 @@ static int threads = 1;
  * for bit (prep_t.wide). */
 static int avx512_rows = 0;
 
+/* Set once by native_lib.py where MIXTRAL_AVX512=0: no AVX-512 kernel of any kind runs (mx_use_avx512,
+ * mx_bf16_supported and mx_vnni_supported say no), as on a CPU without AVX-512. */
+static int avx512_forbidden = 0;
+
+void mx_forbid_avx512(void) {
+    avx512_forbidden = 1;
+    avx512_rows = 0;
+}
+
 /* Let the calling thread's OpenMP worker threads go (omp_pause_resource_all, where the runtime has it; torch's
  * libgomp does). libgomp spins its idle workers only while it manages no more threads than there are CPUs: a
  * model run on a thread of its own (the engine's) beside the idle workers of the thread that loaded it got 100
@@ -116,7 +126,7 @@ void mx_release_threads(void) {
 }
 
 int mx_use_avx512(int on) {
-    avx512_rows = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+    avx512_rows = on && !avx512_forbidden && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
                   && __builtin_cpu_supports("avx512dq");
     return avx512_rows;
 }
@@ -1196,7 +1206,7 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
 #define BF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 int mx_bf16_supported(void) {
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    return !avx512_forbidden && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
 /* One row of int4 codes (K columns, groups of G, a multiple of 32) times their group scales (w's scale_fmt), plus
@@ -1375,7 +1385,7 @@ void mx_quantize_rows(const float *x, int64_t M, int64_t K, int64_t sm, int64_t 
 #define VNNI_X_BYTES (2 << 20)
 
 int mx_vnni_supported(void) {
-    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
+    return !avx512_forbidden && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 

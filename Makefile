@@ -29,7 +29,7 @@ chat: $(VENV)/.runtime
 	$(VENV)/bin/mixtral chat
 
 # The kernels' tests once more as on a CPU without AVX-512 (AVX2 only), whatever this one has: our kernels' AVX-512
-# paths off (MIXTRAL_AVX512=0), torch's and oneDNN's held to AVX2.
+# paths off (MIXTRAL_AVX512=0), ATen's kernels and oneDNN held to AVX2 (MKL and fbgemm choose their own).
 AVX2_ONLY  := MIXTRAL_AVX512=0 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 AVX2_TESTS := tests/test_native.py tests/test_prompt.py tests/test_engine.py tests/test_generate.py \
               tests/test_kernels.py tests/test_parity.py tests/test_offload.py

@@ -70,8 +70,10 @@ class Layer(ctypes.Structure):
                 ("store", ctypes.c_void_p)]
 
 
+@functools.cache
 def avx512_allowed() -> bool:
-    """False with MIXTRAL_AVX512=0: our kernels then take an AVX2-only CPU's paths (the module's docstring)."""
+    """False with MIXTRAL_AVX512=0 (read once): our kernels then take an AVX2-only CPU's paths (the module's
+    docstring)."""
     return os.environ.get("MIXTRAL_AVX512", "1") != "0"
 
 

@@ -126,8 +126,8 @@ void mx_release_threads(void) {
 }
 
 int mx_use_avx512(int on) {
-    avx512_rows = on && !avx512_forbidden && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-                  && __builtin_cpu_supports("avx512dq");
+    avx512_rows = on && !avx512_forbidden && __builtin_cpu_supports("avx512f")
+                  && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
     return avx512_rows;
 }
 
@@ -1206,7 +1206,8 @@ static void rows_dot(const job_t *job, const prep_t *p, int64_t r0, int64_t r1) 
 #define BF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 int mx_bf16_supported(void) {
-    return !avx512_forbidden && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    return !avx512_forbidden && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl");
 }
 
 /* One row of int4 codes (K columns, groups of G, a multiple of 32) times their group scales (w's scale_fmt), plus

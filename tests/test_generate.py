@@ -29,6 +29,29 @@ def test_cached_logprobs_match_rescoring_without_cache(tmp_path):
     assert (rescored - cached_logprobs).abs().max().item() < 1e-4
 
 
+def test_a_prompt_in_chunks_gives_what_it_gives_in_one_pass(tmp_path, monkeypatch):
+    """generate_step prefills a long prompt PREFILL_CHUNK tokens at a time (the memory planner plans for the same
+    size): two sequences of different lengths in chunks of 4 against one pass, the same tokens and log-probs."""
+    import importlib
+
+    from mixtral import memory_plan
+
+    module = importlib.import_module("mixtral.generate")  # (the package's `generate` is the function)
+    assert memory_plan.PROMPT_CHUNK == module.PREFILL_CHUNK
+    save_hf_model(make_hf_model(num_key_value_heads=2, sliding_window=12), tmp_path)
+    model = load_weights(tmp_path, load_config(tmp_path), torch.float32, progress=False)
+    prompts = torch.randint(3, 256, (2, 19), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts[1] = prompts[1][:10]
+    runs = []
+    for chunk in (1 << 20, 4):
+        monkeypatch.setattr(module, "PREFILL_CHUNK", chunk)
+        samplers = [Sampler(SamplingParams(temperature=0)) for _ in prompts]
+        runs.append(list(generate_step(model, prompts, samplers, 6)))
+    whole, chunked = runs
+    assert [[t for t, _ in step] for step in whole] == [[t for t, _ in step] for step in chunked]
+    assert max(abs(a[1] - b[1]) for s, c in zip(whole, chunked) for a, b in zip(s, c)) < 1e-4
+
+
 def test_same_seed_same_text_and_stream_matches_generate(tiny_chat_model):
     model, tokenizer = load(tiny_chat_model, dtype="float32", progress=False)
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=42, max_new_tokens=24)

@@ -29,7 +29,7 @@ from .config import ModelArgs
 from .errors import MixtralError
 from .paths import cache_dir
 
-PROMPT_CHUNK = 512  # prompt tokens per forward pass (generate.py; the engine takes 256)
+PROMPT_CHUNK = 1024  # prompt tokens per forward pass (generate.PREFILL_CHUNK; the engine takes 256)
 DEFAULT_CONTEXT = 4096  # KV-cache positions planned for when a budget is set and no context is given
 PAGE = 4096  # expert slots keep each tensor page-aligned (kernels/offload.py)
 

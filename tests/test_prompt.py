@@ -178,7 +178,8 @@ def test_integer_gemms_compute_their_contract(monkeypatch, quantize, M, K):
     assert widened.dtype == torch.bfloat16 and not torch.equal(widened.float(), got)
 
 
-@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (8, 200), (17, 200), (48, 200), (40, 32768)])
+@pytest.mark.parametrize("M,K", [(1, 200), (2, 200), (8, 200), (17, 200), (48, 200), (56, 200), (104, 200),
+                                 (40, 32768)])
 def test_our_bf16_gemm_sums_bf16_products_in_fp32(monkeypatch, M, K):
     """bf16 weights on our bf16 GEMM (AVX512_BF16, up to BF16_MAX_ROWS rows; oneDNN's beyond and on AMX): the rows
     rounded to bf16, each product exact, summed in fp32, out in fp32. Held to float64 sums of the same bf16 values,
@@ -205,22 +206,25 @@ def test_our_bf16_gemm_sums_bf16_products_in_fp32(monkeypatch, M, K):
     assert torch.equal(prompt.linear(native, prompt.Rows(x), expert=1), onednn)
 
 
-@pytest.mark.parametrize("M", [1, 5, 8])
+@pytest.mark.parametrize("M", [1, 5, 8, 17, 24, 40, 56, 64, 72, 104])
 def test_our_bf16_gemm_gives_few_rows_the_numbers_it_gives_many(M):
-    """Up to 8 rows take 256-bit tiles (a 512-bit one would be half empty): the same sums in the same order, so a
-    row's numbers are those it gets among 40 rows (512-bit tiles). 74 weight rows leave a partial last tile."""
+    """Up to 8 rows take 256-bit tiles (a 512-bit one would be half empty), and more rows go in blocks of 48, 40,
+    32, 24, 16 or 8 rows (vectors of 16, the last 8 in a 256-bit half): the same sums in the same order, so a row's
+    numbers are those it gets among 120 rows, whatever block it falls in. 74 weight rows leave a partial last
+    tile."""
     from mixtral.kernels.native_lib import NativeWeight
 
     gen = torch.Generator().manual_seed(M)
     native = NativeWeight((torch.randn(74, 202, generator=gen) * 0.05).bfloat16())
-    x = torch.randn(40, 202, generator=gen)
+    x = torch.randn(120, 202, generator=gen)
     if not prompt._ours(native):
         pytest.skip("no AVX512_BF16 (or AMX): oneDNN's bf16 GEMM here")
     assert torch.equal(prompt.linear(native, prompt.Rows(x[:M])), prompt.linear(native, prompt.Rows(x))[:M])
 
 
-@pytest.mark.parametrize("D,F,M", [(64, 96, 1), (94, 84, 8), (94, 84, 9), (200, 84, 40), (96, 32768, 40)])
-def test_our_bf16_expert_is_its_three_gemms_with_swiglu_between(D, F, M):
+@pytest.mark.parametrize("D,F,M", [(64, 96, 1), (94, 84, 8), (94, 84, 9), (200, 84, 40), (94, 84, 56), (94, 84, 72),
+                                   (96, 32768, 40)])
+def test_our_bf16_expert_is_its_three_gemms_with_swiglu_between(D, F, M, monkeypatch):
     """One expert in one call (mx_expert_bf16): h = silu(x W1^T) * (x W3^T) from the fp32 sums of bf16 products, in
     fp32, rounded to the nearest bf16; out = h W2^T summed in fp32. Held to float64 for all of it, h rounded to bf16
     (a few of our h may round the other way, from the fp32 sums and silu: a bf16 step each). 94 and 84 leave
@@ -243,6 +247,9 @@ def test_our_bf16_expert_is_its_three_gemms_with_swiglu_between(D, F, M):
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), wanted, rtol=1e-3, atol=2e-3 * wanted.abs().max())
     assert torch.equal(prompt.one_expert(layer, prompt.Rows(x[:1]), 1), got[:1])  # (a row's numbers: its own)
+    monkeypatch.setattr(prompt, "EXPERT_MAX_ROWS", M - 1)  # one row too many for one call: three GEMMs
+    apart = prompt.one_expert(layer, prompt.Rows(x), 1).float()
+    assert torch.allclose(apart.double(), wanted, rtol=1e-3, atol=2e-3 * wanted.abs().max())
 
 
 @pytest.mark.parametrize("B,T,S,H,G,Dh,window", [

@@ -17,10 +17,10 @@ decode steps and the output projection (only the rows that need logits) stay on 
     row (`Rows.int8`, `mx_quantize_rows`); our VNNI kernel (`mx_gemm_i8`) reads the weight's codes where they lie,
     int4 groups included; int8 products of more than OURS_MAX_ROWS rows go to oneDNN's int8 GEMM (torch._int_mm),
     which gives the same numbers. On Zen 4 this ran 1.3-1.7x the bf16 path on 128-token prompts.
-  - bf16 weights, up to BF16_MAX_ROWS rows, on AVX512_BF16 without AMX: our bf16 GEMM (`mx_gemm_bf16`, the weight
-    read where it lies, where oneDNN packs it on every call), an expert's three GEMMs and the SwiGLU between them in
-    one call (`mx_expert_bf16`: its h goes from the first two to the third in the layout the third reads, rounded
-    to bf16 as `Rows.bf16` rounds).
+  - bf16 weights on AVX512_BF16 without AMX: our bf16 GEMM (`mx_gemm_bf16`, the weight read where it lies, where
+    oneDNN packs it on every call) for products of up to BF16_MAX_ROWS rows, and an expert's three GEMMs and the
+    SwiGLU between them in one call for up to EXPERT_MAX_ROWS (`mx_expert_bf16`: its h goes from the first two to
+    the third in the layout the third reads, rounded to bf16 as `Rows.bf16` rounds).
   - Our GEMMs prefetch as they compute the weight rows they read next, and the bf16 ones the start of the weight
     the next call reads (`ahead`: k after q, an expert's w2 while its w1 and w3 run, the next expert's w1 after
     its w2), so a product of few rows, which would wait on memory, finds its weight in cache.
@@ -261,6 +261,12 @@ def _our_kernels() -> dict[str, bool]:
 # 1,024), in one process.
 OURS_MAX_ROWS = 128
 BF16_MAX_ROWS = 256
+# An expert's rows up to which its three bf16 GEMMs run in one call on ours (`one_expert`), not on oneDNN's. On Zen 4,
+# 2 threads, medium's experts (8 in turn, weights from memory) ran 195-205 GMAC/s on ours at 260-1,024 rows against
+# 182-197 on oneDNN's, and a 2,048-token prompt (passes of 1,024 tokens: about 256 rows an expert) 426-433 tok/s with
+# up to 512 rows on ours against 413-422 with up to 256, in one process. (BF16_MAX_ROWS stays for the projections: a
+# 512-token prompt's ran 435-454 tok/s on oneDNN's against 431-445 on ours.)
+EXPERT_MAX_ROWS = 1024
 
 
 def _check(status: int, kernel: str) -> None:
@@ -432,7 +438,7 @@ def one_expert(layer, rows: Rows, local: int, ahead=None, into: torch.Tensor | N
     and `_swiglu` compute them), others as three `linear`s. `ahead`: the (weight, expert) read next, which our
     GEMMs prefetch."""
     w1, w3, w2 = layer.w1, layer.w3, layer.w2
-    if not all(w.struct.fmt == BF16 and _ours(w) for w in (w1, w3, w2)) or rows.bf16().shape[0] > BF16_MAX_ROWS:
+    if not all(w.struct.fmt == BF16 and _ours(w) for w in (w1, w3, w2)) or rows.bf16().shape[0] > EXPERT_MAX_ROWS:
         hidden = _swiglu(linear(w1, rows, local, (w3, local)), linear(w3, rows, local, (w2, local)))
         return linear(w2, hidden, local, ahead, into)
     x = rows.bf16().contiguous()

@@ -1718,39 +1718,53 @@ BF_TARGET static inline __attribute__((always_inline)) void store_transposed8(co
  * with a pointer per row and a check per pair, the loop ran out of registers and was bound by its loads.) */
 #define AHEAD_EVERY 8
 
+/* BF_ROWS weight rows against V (up to 3) vectors of 16 activation rows from row m0 and, with H, a 256-bit half of 8
+ * rows after them (the same sums, lane by lane, as a 512-bit vector's) */
 BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
         const uint16_t *w, int64_t ld, int rows, const uint8_t *pairs, int64_t Mp, int64_t m0, int64_t K2, const int V,
-        int64_t limit, float *out, int64_t ldo, const int row_major, const ahead_t *ahead) {
-    __m512 acc[BF_ROWS][2];
+        const int H, int64_t limit, float *out, int64_t ldo, const int row_major, const ahead_t *ahead) {
+    __m512 acc[BF_ROWS][3];
+    __m256 half[BF_ROWS];
     int64_t done[2] = {0, 0};
-    for (int i = 0; i < BF_ROWS; i++)
+    for (int i = 0; i < BF_ROWS; i++) {
         for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_ps();
+        if (H) half[i] = _mm256_setzero_ps();
+    }
     for (int64_t q0 = 0; q0 < K2; q0 += AHEAD_EVERY) {
         const int64_t q1 = q0 + AHEAD_EVERY < K2 ? q0 + AHEAD_EVERY : K2;
         for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q1 - 1, K2);
         for (int64_t q = q0; q < q1; q++) {
             const uint8_t *a_at = pairs + (q * Mp + m0) * 4;
-            __m512bh a[2];
+            __m512bh a[3];
+            __m256bh a_half;
             for (int j = 0; j < V; j++) a[j] = (__m512bh)_mm512_load_si512(a_at + 64 * j);
+            if (H) a_half = (__m256bh)_mm256_load_si256((const __m256i *)(a_at + 64 * V));
             const uint16_t *at = w + 2 * q;
             for (int i = 0; i < BF_ROWS; i++) {
                 int32_t two;
                 memcpy(&two, at + i * ld, sizeof two);
-                const __m512bh b = (__m512bh)_mm512_set1_epi32(two);
-                for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[j], b);
+                const __m512i b = _mm512_set1_epi32(two);
+                for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[j], (__m512bh)b);
+                if (H) half[i] = _mm256_dpbf16_ps(half[i], a_half, (__m256bh)_mm512_castsi512_si256(b));
             }
         }
     }
+    const int64_t m_half = m0 + 16 * V; /* the 8 rows of the half vector */
     if (row_major) {
         for (int j = 0; j < V; j++) {
             __m512 r[BF_ROWS];
             for (int i = 0; i < BF_ROWS; i++) r[i] = acc[i][j];
             store_transposed16(r, rows, out + (m0 + 16 * j) * ldo, ldo, limit - m0 - 16 * j);
         }
+        if (H && m_half < limit) store_transposed8(half, rows, out + m_half * ldo, ldo, limit - m_half);
         return;
     }
-    for (int i = 0; i < rows; i++)
+    const int64_t left = limit - m_half;
+    const __mmask8 keep = (__mmask8)(left >= 8 ? 0xFF : left <= 0 ? 0 : (1u << left) - 1);
+    for (int i = 0; i < rows; i++) {
         for (int j = 0; j < V; j++) store_lanes(out + i * ldo, m0 + 16 * j, limit, acc[i][j]);
+        if (H) _mm256_mask_storeu_ps(out + i * ldo + m_half, keep, half[i]);
+    }
 }
 
 /* The same for at most 8 activation rows (m0 = 0) on 256-bit vectors, 2 x BF_ROWS weight rows: at few rows a
@@ -1784,13 +1798,15 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile_narrow(
     for (int i = 0; i < rows; i++) _mm256_mask_storeu_ps(out + i * ldo, keep, acc[i]);
 }
 
-/* Weight rows [n0, n0 + rows) of W (bf16, rows of K) against the Mp activation rows in pairs, into out: those weight
- * rows' outputs, rows of ldo, columns below `limit` stored; or, `row_major`, out's columns n0 .. of its activation
- * rows below `limit` (out at column n0 of activation row 0, rows of ldo). Up to BF_ROWS rows on 512-bit tiles, or,
- * `narrow` (at most 8 activation rows), up to 2 x BF_ROWS on 256-bit ones. The first tile asks for `ahead`. A last tile of fewer rows
- * reads a copy of them, its last row repeated. Returns 0, -1 when out of memory. */
+/* Weight rows [n0, n0 + rows) of W (bf16, rows of K) against the first `cover` (a multiple of 8) of the Mp activation
+ * rows in pairs, into out: those weight rows' outputs, rows of ldo, columns below `limit` stored; or, `row_major`,
+ * out's columns n0 .. of its activation rows below `limit` (out at column n0 of activation row 0, rows of ldo). Up to
+ * BF_ROWS rows on 512-bit tiles of up to 3 vectors and a 256-bit half (on Zen 4, 2 threads, medium's experts: 3
+ * vectors against 2 and the half against rows padded to 16 took a 512-token prefill from 394-430 to 437-454 tok/s),
+ * or, `narrow` (at most 8 activation rows), up to 2 x BF_ROWS on 256-bit ones. The first tile asks for `ahead`. A
+ * last tile of fewer rows reads a copy of them, its last row repeated. Returns 0, -1 when out of memory. */
 BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int rows, int narrow, const uint8_t *pairs,
-                               int64_t Mp, int64_t limit, float *out, int64_t ldo, int row_major,
+                               int64_t Mp, int64_t cover, int64_t limit, float *out, int64_t ldo, int row_major,
                                const ahead_t *ahead) {
     const int per_tile = narrow ? 2 * BF_ROWS : BF_ROWS;
     const uint16_t *w = W + n0 * K;
@@ -1804,12 +1820,25 @@ BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int row
     const ahead_t none[2] = {{NULL, 0}, {NULL, 0}};
     if (narrow && row_major) bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, 1, ahead);
     else if (narrow) bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, 0, ahead);
-    for (int64_t v0 = 0; v0 < Mp && !narrow; v0 += 32) {
+    for (int64_t v0 = 0, step; v0 < cover && !narrow; v0 += step) {
+        /* blocks of 48 rows (3 vectors of 16) while they fit, then 40, 32, 24, 16 or 8 (a 256-bit half vector for
+         * the last 8), so at most 7 padding rows are computed; 56 goes as 32 + 24 (a lone half vector has only 8
+         * chains of sums: 2/3 of the peak) */
+        const int64_t rest = cover - v0;
         const ahead_t *asks = v0 ? none : ahead;
-        if (Mp - v0 >= 32 && row_major) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 2, limit, out, ldo, 1, asks);
-        else if (Mp - v0 >= 32) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 2, limit, out, ldo, 0, asks);
-        else if (row_major) bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 1, limit, out, ldo, 1, asks);
-        else bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, 1, limit, out, ldo, 0, asks);
+        step = rest >= 64 || rest == 48 ? 48 : rest == 56 ? 32 : rest;
+#define BF16_BLOCK(V, H)                                                                                              \
+    (row_major ? bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, V, H, limit, out, ldo, 1, asks)                           \
+               : bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, V, H, limit, out, ldo, 0, asks))
+        switch (step) {
+        case 48: BF16_BLOCK(3, 0); break;
+        case 40: BF16_BLOCK(2, 1); break;
+        case 32: BF16_BLOCK(2, 0); break;
+        case 24: BF16_BLOCK(1, 1); break;
+        case 16: BF16_BLOCK(1, 0); break;
+        default: BF16_BLOCK(0, 1); break; /* 8 */
+        }
+#undef BF16_BLOCK
     }
     free(copy);
     return 0;
@@ -1834,7 +1863,7 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
     const uint16_t *W = expert_data(w, e);
     for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
         const int last = m0 + chunk >= M; /* (the next weight is asked for in the last pass) */
-        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
+        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16, cover = (rows + 7) / 8 * 8;
         if (pack_rows((const int8_t *)(x + m0 * K), bytes, 0, rows, bytes, Mp, 0, 0, pairs, NULL)) {
             failed = 1;
             break;
@@ -1845,7 +1874,7 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
             const int rows_here = N - n0 < per_tile ? (int)(N - n0) : (int)per_tile;
             ahead_t ahead[2];
             tile_ahead(ahead, (const char *)W, 2 * K, N, n0, per_tile, last ? next_at : NULL, next_lines, t, tiles);
-            if (bf16_rows(W, K, n0, rows_here, narrow, pairs, Mp, rows, out + m0 * ldo + n0, ldo, 1, ahead)) {
+            if (bf16_rows(W, K, n0, rows_here, narrow, pairs, Mp, cover, rows, out + m0 * ldo + n0, ldo, 1, ahead)) {
 #pragma omp atomic write
                 failed = 1;
             }
@@ -1891,7 +1920,7 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
-        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16;
+        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16, cover = (rows + 7) / 8 * 8;
         const int last = m0 + chunk >= M;
         if (pack_rows((const int8_t *)(x + m0 * D), 2 * D, 0, rows, 2 * D, Mp, 0, 0, pairs, NULL)) {
             failed = 1;
@@ -1914,8 +1943,8 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
                 ahead_t a1[2], a3[2];
                 tile_ahead(a1, (const char *)W1, 2 * D, F, n0, per_tile, (const char *)W2, w2_lines, t, up_tiles);
                 tile_ahead(a3, (const char *)W3, 2 * D, F, n0, per_tile, NULL, 0, t, up_tiles);
-                if (bf16_rows(W1, D, n0, rows_here, narrow, pairs, Mp, Mp, gate, Mp, 0, a1)
-                    || bf16_rows(W3, D, n0, rows_here, narrow, pairs, Mp, Mp, up, Mp, 0, a3)) {
+                if (bf16_rows(W1, D, n0, rows_here, narrow, pairs, Mp, cover, Mp, gate, Mp, 0, a1)
+                    || bf16_rows(W3, D, n0, rows_here, narrow, pairs, Mp, cover, Mp, up, Mp, 0, a3)) {
 #pragma omp atomic write
                     failed = 1;
                 }
@@ -1936,7 +1965,7 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
                 ahead_t a2[2];
                 tile_ahead(a2, (const char *)W2, 2 * F, D, n0, per_tile, last ? next_at : NULL, next_lines, t,
                            down_tiles);
-                if (bf16_rows(W2, F, n0, rows_here, narrow, hidden, Mp, rows, out + m0 * ldo + n0, ldo, 1, a2)) {
+                if (bf16_rows(W2, F, n0, rows_here, narrow, hidden, Mp, cover, rows, out + m0 * ldo + n0, ldo, 1, a2)) {
 #pragma omp atomic write
                     failed = 1;
                 }

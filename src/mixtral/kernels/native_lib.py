@@ -169,9 +169,9 @@ def _load():
     lib.mx_vnni_supported.restype = ctypes.c_int
     lib.mx_gemm_i8.argtypes = [p, i64, ptr, ptr, i64, ptr]
     lib.mx_gemm_i8.restype = ctypes.c_int
-    lib.mx_gemm_bf16.argtypes = [p, i64, ptr, i64, ptr, i64, p, i64]
+    lib.mx_gemm_bf16.argtypes = [p, i64, ptr, i64, ptr, i64]
     lib.mx_gemm_bf16.restype = ctypes.c_int
-    lib.mx_expert_bf16.argtypes = [p, p, p, i64, ptr, i64, ptr, i64, p, i64]
+    lib.mx_expert_bf16.argtypes = [p, p, p, i64, ptr, i64, ptr, i64]
     lib.mx_expert_bf16.restype = ctypes.c_int
     lib.mx_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.mx_attention.restype = ctypes.c_int

@@ -21,9 +21,8 @@ decode steps and the output projection (only the rows that need logits) stay on 
     oneDNN packs it on every call) for products of up to BF16_MAX_ROWS rows, and an expert's three GEMMs and the
     SwiGLU between them in one call for up to EXPERT_MAX_ROWS (`mx_expert_bf16`: its h goes from the first two to
     the third in the layout the third reads, rounded to bf16 as `Rows.bf16` rounds).
-  - Our GEMMs prefetch as they compute the weight rows they read next, and the bf16 ones the start of the weight
-    the next call reads (`ahead`: k after q, an expert's w2 while its w1 and w3 run, the next expert's w1 after
-    its w2), so a product of few rows, which would wait on memory, finds its weight in cache.
+  - Our GEMMs prefetch as they compute the weight rows they read next. (They no longer ask for the start of the
+    weight the next call reads: on Zen 4 that slowed bf16 prompts, most those of few rows an expert.)
   - Otherwise oneDNN's bf16 GEMM: bf16 weights where they lie; int8 and int4 codes times their scale rounded to the
     nearest bf16 one expert at a time (`mx_to_bf16`), into a scratch buffer reused across calls, WIDEN_CHUNK_BYTES
     of rows at a time for large weights. A GEMM of up to TRANSPOSED_MAX_ROWS rows is computed as W x^T (below).
@@ -276,11 +275,6 @@ def _check(status: int, kernel: str) -> None:
             f"{kernel} does not take this weight (status {status})")
 
 
-def _ahead(ahead) -> tuple:
-    """The (weight struct pointer, expert) our GEMMs prefetch the start of while they compute, or (None, 0)."""
-    return (None, 0) if ahead is None else (ahead[0].ref, ahead[1])
-
-
 def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     """rows @ W_expert^T -> (M, N) fp32 (a transposed view) on an integer GEMM: the rows' int8 codes times the
     weight's codes, summed exactly in int32, then times the weight's scale and the row's."""
@@ -299,18 +293,17 @@ def _integer_linear(weight, rows: Rows, expert: int) -> torch.Tensor:
     return sums.float().mul_(scales.float()[:, None]).mul_(x_scales).t()
 
 
-def linear(weight, rows: Rows, expert: int = 0, ahead=None, into: torch.Tensor | None = None) -> torch.Tensor:
+def linear(weight, rows: Rows, expert: int = 0, into: torch.Tensor | None = None) -> torch.Tensor:
     """rows (M, K) @ W_expert^T -> (M, N), maybe a transposed view, or written into `into` (M, N) fp32: int8/int4
     weights the integer GEMMs take (`integer`) there, fp32 out; bf16 weights of up to BF16_MAX_ROWS rows on our bf16
-    GEMM where it runs, fp32 out, written where `into` lies (`ahead`: the (weight, expert) it prefetches); the rest
-    on oneDNN's bf16 GEMM, bf16 out. A product that cannot be written where `into` lies is copied there."""
+    GEMM where it runs, fp32 out, written where `into` lies; the rest on oneDNN's bf16 GEMM, bf16 out. A product
+    that cannot be written where `into` lies is copied there."""
     if integer(weight):
         out = _integer_linear(weight, rows, expert)
     elif weight.struct.fmt == BF16 and rows.bf16().shape[0] <= BF16_MAX_ROWS and _ours(weight):
         x = rows.bf16().contiguous()
         out = torch.empty(x.shape[0], weight.struct.n) if into is None or not _in_place(into) else into
-        status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr(), out.stride(0),
-                                        *_ahead(ahead))
+        status = library().mx_gemm_bf16(weight.ref, expert, x.data_ptr(), x.shape[0], out.data_ptr(), out.stride(0))
         _check(status, "the bf16 GEMM")
     else:
         out = _onednn_linear(weight, rows.bf16(), expert)
@@ -345,9 +338,9 @@ def _in_place(into: torch.Tensor) -> bool:
 def attention_inputs(layer, h: torch.Tensor, out: torch.Tensor, H: int, G: int, Dh: int) -> None:
     """The q, k, v projections of normed rows h (N, D) fp32 into out (N, (H + 2G) Dh) fp32."""
     rows = Rows(h)
-    linear(layer.q, rows, ahead=(layer.k, 0), into=out[:, :H * Dh])
-    linear(layer.k, rows, ahead=(layer.v, 0), into=out[:, H * Dh:(H + G) * Dh])
-    linear(layer.v, rows, ahead=(layer.o, 0), into=out[:, (H + G) * Dh:])
+    linear(layer.q, rows, into=out[:, :H * Dh])
+    linear(layer.k, rows, into=out[:, H * Dh:(H + G) * Dh])
+    linear(layer.v, rows, into=out[:, (H + G) * Dh:])
 
 
 def attention_output(layer, y: torch.Tensor, x: torch.Tensor) -> None:
@@ -412,17 +405,12 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     rows = Rows(h).make(layer.w1).take(order // top_k)
     out = torch.empty(N * top_k, x.shape[1])  # (fp32: what each GEMM gave, bf16 or fp32, as it is)
     start = 0
-    held = [expert - layer.first for expert, count in enumerate(counts)  # (the layer may hold some of the experts
-            if count and 0 <= expert - layer.first < layer.held]       # only: a split model's part)
-    after = dict(zip(held, held[1:]))
     for expert, count in enumerate(counts):
         if not count:
             continue
         local = expert - layer.first
-        if 0 <= local < layer.held:
-            nxt = after.get(local)
-            one_expert(layer, rows.take(slice(start, start + count)), local,
-                       None if nxt is None else (layer.w1, nxt), into=out[start:start + count])
+        if 0 <= local < layer.held:  # (the layer may hold some of the experts only: a split model's part)
+            one_expert(layer, rows.take(slice(start, start + count)), local, into=out[start:start + count])
         else:
             out[start:start + count] = 0
         start += count
@@ -432,19 +420,18 @@ def experts(layer, h: torch.Tensor, x: torch.Tensor, top_k: int, logits: torch.T
     return 0
 
 
-def one_expert(layer, rows: Rows, local: int, ahead=None, into: torch.Tensor | None = None) -> torch.Tensor:
+def one_expert(layer, rows: Rows, local: int, into: torch.Tensor | None = None) -> torch.Tensor:
     """Expert `local` of the layer on its rows -> (M, D), maybe a transposed view, or written into `into`: bf16
     weights on our bf16 GEMM in one call (mx_expert_bf16: the three GEMMs and the SwiGLU between them, as `linear`
-    and `_swiglu` compute them), others as three `linear`s. `ahead`: the (weight, expert) read next, which our
-    GEMMs prefetch."""
+    and `_swiglu` compute them), others as three `linear`s."""
     w1, w3, w2 = layer.w1, layer.w3, layer.w2
     if not all(w.struct.fmt == BF16 and _ours(w) for w in (w1, w3, w2)) or rows.bf16().shape[0] > EXPERT_MAX_ROWS:
-        hidden = _swiglu(linear(w1, rows, local, (w3, local)), linear(w3, rows, local, (w2, local)))
-        return linear(w2, hidden, local, ahead, into)
+        hidden = _swiglu(linear(w1, rows, local), linear(w3, rows, local))
+        return linear(w2, hidden, local, into)
     x = rows.bf16().contiguous()
     out = into if into is not None and _in_place(into) else torch.empty(x.shape[0], w2.struct.n)
     status = library().mx_expert_bf16(w1.ref, w3.ref, w2.ref, local, x.data_ptr(), x.shape[0], out.data_ptr(),
-                                      out.stride(0), *_ahead(ahead))
+                                      out.stride(0))
     _check(status, "the bf16 GEMM")
     return out if into is None or out is into else into.copy_(out)
 

@@ -1398,15 +1398,15 @@ __attribute__((target("avx512f"))) static inline void store_lanes(float *row, in
 }
 
 /* Weight bytes a tile asks the cache for while it multiplies (prefetch, spread over its columns), so that the next
- * reads find them there: the rows this thread multiplies next (likely the next tile), and the tile's share of the
- * start of the weight that the next GEMM reads (`next` of mx_gemm_bf16 / mx_expert_bf16), which a product of many
- * rows has time to fetch while it computes and one of few rows then finds in cache. */
+ * reads find them there: the rows this thread multiplies next (likely the next tile). (Asking also for the start of
+ * the weight the next GEMM reads, as this did before, so that an expert with few tokens would find its weight in
+ * cache, cost the bf16 GEMMs on Zen 4, 2 threads: without it "medium" prefilled 128 tokens at 346-391 tok/s against
+ * 278-375 with it, in four alternating pairs of runs, and 512 tokens at 444-457 against 432-447; "small" at 128 was
+ * even or ahead.) */
 typedef struct {
     const char *at;
     int64_t lines; /* of 64 bytes */
 } ahead_t;
-
-#define AHEAD_MAX_BYTES (8 << 20) /* of the next GEMM's weight: what a cache may hold until it is read */
 
 /* Ask for the lines of a that are due by column step q of `steps` (each tile spreads them evenly) */
 static inline __attribute__((always_inline)) void ahead_step(const ahead_t *a, int64_t *done, int64_t q,
@@ -1414,24 +1414,10 @@ static inline __attribute__((always_inline)) void ahead_step(const ahead_t *a, i
     while (*done < a->lines && *done * steps < (q + 1) * a->lines) _mm_prefetch(a->at + 64 * (*done)++, _MM_HINT_T1);
 }
 
-/* The regions a tile of weight rows [n0, n0 + per_tile) of (N, row_bytes) at `data` prefetches: the next tile's
- * rows, and tile t's share (of `tiles`) of next_lines lines at `next`. */
-static inline void tile_ahead(ahead_t a[2], const char *data, int64_t row_bytes, int64_t N, int64_t n0,
-                              int64_t per_tile, const char *next, int64_t next_lines, int64_t t, int64_t tiles) {
+/* What a tile of weight rows [n0, n0 + per_tile) of (N, row_bytes) at `data` prefetches: the next tile's rows */
+static inline ahead_t tile_ahead(const char *data, int64_t row_bytes, int64_t N, int64_t n0, int64_t per_tile) {
     const int64_t n1 = n0 + per_tile, rows = N - n1 < per_tile ? N - n1 : per_tile;
-    a[0].at = data + n1 * row_bytes;
-    a[0].lines = rows > 0 ? rows * row_bytes / 64 : 0;
-    const int64_t first = next_lines * t / tiles;
-    a[1].at = next ? next + 64 * first : NULL;
-    a[1].lines = next ? next_lines * (t + 1) / tiles - first : 0; /* (none without `next`) */
-}
-
-/* Lines of expert e of weight w that the next GEMM reads first (its codes or values; up to AHEAD_MAX_BYTES) */
-static int64_t ahead_lines(const weight_t *w, int64_t e) {
-    if (!w) return 0;
-    static const int64_t bits[] = {32, 16, 16, 8, 4};
-    const int64_t bytes = w->n * w->k * bits[w->fmt] / 8;
-    return (bytes < AHEAD_MAX_BYTES ? bytes : AHEAD_MAX_BYTES) / 64;
+    return (ahead_t){data + n1 * row_bytes, rows > 0 ? rows * row_bytes / 64 : 0};
 }
 
 /* One tile of int8 weight rows w[0 .. I8_ROWS) (the last ones repeat where the weight ends: `rows` are stored)
@@ -1441,11 +1427,11 @@ VNNI_TARGET static inline __attribute__((always_inline)) void i8_tile(
         const int32_t *wsum, const float *wscale, const float *xs, int64_t limit, float *out, int64_t ldo,
         const ahead_t *ahead) {
     __m512i acc[I8_ROWS][I8_VECTORS];
-    int64_t done[2] = {0, 0};
+    int64_t done = 0;
     for (int i = 0; i < I8_ROWS; i++)
         for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
     for (int64_t q = 0; q < quads_k; q++) {
-        for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q, quads_k);
+        ahead_step(ahead, &done, q, quads_k);
         const uint8_t *a_at = quads + (q * Mp + m0) * 4;
         __m512i a[I8_VECTORS];
         for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
@@ -1472,7 +1458,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void i4_tile(
         const uint8_t *quads, const int32_t *xsum, int64_t Mp, int64_t m0, const int V, const float *xs, int64_t limit,
         float *out, int64_t ldo, const ahead_t *ahead) {
     __m512 total[I4_ROWS][2];
-    int64_t done[2] = {0, 0};
+    int64_t done = 0;
     for (int i = 0; i < I4_ROWS; i++)
         for (int j = 0; j < V; j++) total[i][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {
@@ -1480,7 +1466,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void i4_tile(
         for (int i = 0; i < I4_ROWS; i++)
             for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_si512();
         for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
-            for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q, n_groups * G / 4);
+            ahead_step(ahead, &done, q, n_groups * G / 4);
             const uint8_t *a_at = quads + (q * Mp + m0) * 4;
             __m512i a[2];
             for (int j = 0; j < V; j++) a[j] = _mm512_load_si512(a_at + 64 * j);
@@ -1606,8 +1592,7 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                 if (int4 && (!unpacked || !scale)) continue;
                 const int64_t n0 = t * per_tile;
                 const int rows_here = N - n0 < per_tile ? (int)(N - n0) : (int)per_tile;
-                ahead_t ahead[2], none[2] = {{NULL, 0}, {NULL, 0}};
-                tile_ahead(ahead, expert_data(w, e), row_bytes, N, n0, per_tile, NULL, 0, t, tiles);
+                const ahead_t ahead = tile_ahead(expert_data(w, e), row_bytes, N, n0, per_tile), none = {NULL, 0};
                 if (int4) {
                     for (int i = 0; i < I4_ROWS; i++) {
                         const int64_t n = n0 + (i < rows_here ? i : rows_here - 1);
@@ -1616,7 +1601,7 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                         for (int64_t g = 0; g < n_groups; g++) scale[i * n_groups + g] = scale_value(w, s[g]);
                     }
                     for (int64_t v0 = 0; v0 < Mp; v0 += 32) {
-                        const ahead_t *asks = v0 ? none : ahead;
+                        const ahead_t *asks = v0 ? &none : &ahead;
                         if (Mp - v0 >= 32)
                             i4_tile(unpacked, Kp, scale, n_groups, G, rows_here, quads, xsum, Mp, v0, 2, xs, rows,
                                     block + n0 * M, M, asks);
@@ -1637,7 +1622,7 @@ VNNI_TARGET int mx_gemm_i8(const weight_t *w, int64_t e, const int8_t *codes, co
                     for (int64_t v0 = 0; v0 < Mp;) {
                         const int V = Mp - v0 >= 32 ? 2 : 1;
                         float *at = block + n0 * M;
-                        const ahead_t *asks = v0 ? none : ahead;
+                        const ahead_t *asks = v0 ? &none : &ahead;
                         if (V == 2)
                             i8_tile(wr, rows_here, quads, Mp, v0, Kp / 4, 2, wsum, wscale, xs, rows, at, M, asks);
                         else
@@ -1725,14 +1710,14 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile(
         const int H, int64_t limit, float *out, int64_t ldo, const int row_major, const ahead_t *ahead) {
     __m512 acc[BF_ROWS][3];
     __m256 half[BF_ROWS];
-    int64_t done[2] = {0, 0};
+    int64_t done = 0;
     for (int i = 0; i < BF_ROWS; i++) {
         for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_ps();
         if (H) half[i] = _mm256_setzero_ps();
     }
     for (int64_t q0 = 0; q0 < K2; q0 += AHEAD_EVERY) {
         const int64_t q1 = q0 + AHEAD_EVERY < K2 ? q0 + AHEAD_EVERY : K2;
-        for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q1 - 1, K2);
+        ahead_step(ahead, &done, q1 - 1, K2);
         for (int64_t q = q0; q < q1; q++) {
             const uint8_t *a_at = pairs + (q * Mp + m0) * 4;
             __m512bh a[3];
@@ -1774,11 +1759,11 @@ BF_TARGET static inline __attribute__((always_inline)) void bf16_tile_narrow(
         const uint16_t *w, int64_t ld, int rows, const uint8_t *pairs, int64_t Mp, int64_t K2, int64_t limit,
         float *out, int64_t ldo, const int row_major, const ahead_t *ahead) {
     __m256 acc[2 * BF_ROWS];
-    int64_t done[2] = {0, 0};
+    int64_t done = 0;
     for (int i = 0; i < 2 * BF_ROWS; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t q0 = 0; q0 < K2; q0 += AHEAD_EVERY) {
         const int64_t q1 = q0 + AHEAD_EVERY < K2 ? q0 + AHEAD_EVERY : K2;
-        for (int r = 0; r < 2; r++) ahead_step(&ahead[r], &done[r], q1 - 1, K2);
+        ahead_step(ahead, &done, q1 - 1, K2);
         for (int64_t q = q0; q < q1; q++) {
             const __m256bh a = (__m256bh)_mm256_load_si256((const __m256i *)(pairs + q * Mp * 4));
             const uint16_t *at = w + 2 * q;
@@ -1817,7 +1802,7 @@ BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int row
         for (int i = 0; i < per_tile; i++) memcpy(copy + i * K, w + (i < rows ? i : rows - 1) * K, 2 * (size_t)K);
         w = copy;
     }
-    const ahead_t none[2] = {{NULL, 0}, {NULL, 0}};
+    const ahead_t none = {NULL, 0};
     if (narrow && row_major) bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, 1, ahead);
     else if (narrow) bf16_tile_narrow(w, K, rows, pairs, Mp, K / 2, limit, out, ldo, 0, ahead);
     for (int64_t v0 = 0, step; v0 < cover && !narrow; v0 += step) {
@@ -1825,7 +1810,7 @@ BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int row
          * the last 8), so at most 7 padding rows are computed; 56 goes as 32 + 24 (a lone half vector has only 8
          * chains of sums: 2/3 of the peak) */
         const int64_t rest = cover - v0;
-        const ahead_t *asks = v0 ? none : ahead;
+        const ahead_t *asks = v0 ? &none : ahead;
         step = rest >= 64 || rest == 48 ? 48 : rest == 56 ? 32 : rest;
 #define BF16_BLOCK(V, H)                                                                                              \
     (row_major ? bf16_tile(w, K, rows, pairs, Mp, v0, K / 2, V, H, limit, out, ldo, 1, asks)                           \
@@ -1846,8 +1831,7 @@ BF_TARGET static int bf16_rows(const uint16_t *W, int64_t K, int64_t n0, int row
 
 /* out (M, N), rows of ldo >= N, = x @ (expert e of w)^T, x (M, K) bf16, w bf16 with K even. Returns 0, -1 when out
  * of memory, -2 for a weight this kernel does not take. */
-BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out, int64_t ldo,
-                           const weight_t *next, int64_t next_e) {
+BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int64_t M, float *out, int64_t ldo) {
     const int64_t N = w->n, K = w->k;
     if (w->fmt != FMT_BF16 || K % 2) return -2;
     if (M <= 0) return 0;
@@ -1858,11 +1842,8 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
     int failed = !pairs;
     const int narrow = M <= 8;
     const int64_t per_tile = narrow ? 2 * BF_ROWS : BF_ROWS, tiles = (N + per_tile - 1) / per_tile;
-    const int64_t next_lines = ahead_lines(next, next_e);
-    const char *next_at = next_lines ? expert_data(next, next_e) : NULL; /* (NULL: an expert not in memory) */
     const uint16_t *W = expert_data(w, e);
     for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
-        const int last = m0 + chunk >= M; /* (the next weight is asked for in the last pass) */
         const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16, cover = (rows + 7) / 8 * 8;
         if (pack_rows((const int8_t *)(x + m0 * K), bytes, 0, rows, bytes, Mp, 0, 0, pairs, NULL)) {
             failed = 1;
@@ -1872,9 +1853,8 @@ BF_TARGET int mx_gemm_bf16(const weight_t *w, int64_t e, const uint16_t *x, int6
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * per_tile;
             const int rows_here = N - n0 < per_tile ? (int)(N - n0) : (int)per_tile;
-            ahead_t ahead[2];
-            tile_ahead(ahead, (const char *)W, 2 * K, N, n0, per_tile, last ? next_at : NULL, next_lines, t, tiles);
-            if (bf16_rows(W, K, n0, rows_here, narrow, pairs, Mp, cover, rows, out + m0 * ldo + n0, ldo, 1, ahead)) {
+            const ahead_t ahead = tile_ahead((const char *)W, 2 * K, N, n0, per_tile);
+            if (bf16_rows(W, K, n0, rows_here, narrow, pairs, Mp, cover, rows, out + m0 * ldo + n0, ldo, 1, &ahead)) {
 #pragma omp atomic write
                 failed = 1;
             }
@@ -1896,10 +1876,10 @@ BF_TARGET static inline __m512 swiglu16(const __m512 g, const __m512 u) {
  * in fp32 on the two GEMMs' fp32 sums and rounded to the nearest bf16 (ties to even), for M rows x (M, D) already
  * rounded to bf16 (w1, w3 (F, D), w2 (D, F), all bf16, D and F even). The numbers of mx_gemm_bf16 for the three
  * products, with h laid out for the down projection as it is made (no fp32 h in memory, no second packing) and two
- * parallel passes per chunk of rows instead of three calls. `next` as mx_gemm_bf16's. Returns 0, -1 when out of
- * memory, -2 for weights this kernel does not take. */
+ * parallel passes per chunk of rows instead of three calls. Returns 0, -1 when out of memory, -2 for weights
+ * this kernel does not take. */
 BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weight_t *w2, int64_t e, const uint16_t *x,
-                             int64_t M, float *out, int64_t ldo, const weight_t *next, int64_t next_e) {
+                             int64_t M, float *out, int64_t ldo) {
     const int64_t D = w1->k, F = w1->n;
     if (w1->fmt != FMT_BF16 || w3->fmt != FMT_BF16 || w2->fmt != FMT_BF16 || w3->n != F || w3->k != D
         || w2->n != D || w2->k != F || D % 2 || F % 2)
@@ -1913,15 +1893,12 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
     const int narrow = M <= 8;
     const int64_t per_tile = narrow ? 2 * BF_ROWS : BF_ROWS;
     const int64_t up_tiles = (F + per_tile - 1) / per_tile, down_tiles = (D + per_tile - 1) / per_tile;
-    const int64_t next_lines = ahead_lines(next, next_e), w2_lines = ahead_lines(w2, e);
-    const char *next_at = next_lines ? expert_data(next, next_e) : NULL; /* (NULL: an expert not in memory) */
     const uint16_t *W1 = expert_data(w1, e), *W3 = expert_data(w3, e), *W2 = expert_data(w2, e);
     /* interleave two rows of 16 bf16 values (lanes 0-15 and 16-31) as 16 pairs: h's layout for the down GEMM */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
         const int64_t rows = M - m0 < chunk ? M - m0 : chunk, Mp = (rows + 15) / 16 * 16, cover = (rows + 7) / 8 * 8;
-        const int last = m0 + chunk >= M;
         if (pack_rows((const int8_t *)(x + m0 * D), 2 * D, 0, rows, 2 * D, Mp, 0, 0, pairs, NULL)) {
             failed = 1;
             break;
@@ -1940,11 +1917,10 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
                 if (!gate) continue;
                 const int64_t n0 = t * per_tile;
                 const int rows_here = F - n0 < per_tile ? (int)(F - n0) : (int)per_tile;
-                ahead_t a1[2], a3[2];
-                tile_ahead(a1, (const char *)W1, 2 * D, F, n0, per_tile, (const char *)W2, w2_lines, t, up_tiles);
-                tile_ahead(a3, (const char *)W3, 2 * D, F, n0, per_tile, NULL, 0, t, up_tiles);
-                if (bf16_rows(W1, D, n0, rows_here, narrow, pairs, Mp, cover, Mp, gate, Mp, 0, a1)
-                    || bf16_rows(W3, D, n0, rows_here, narrow, pairs, Mp, cover, Mp, up, Mp, 0, a3)) {
+                const ahead_t a1 = tile_ahead((const char *)W1, 2 * D, F, n0, per_tile),
+                              a3 = tile_ahead((const char *)W3, 2 * D, F, n0, per_tile);
+                if (bf16_rows(W1, D, n0, rows_here, narrow, pairs, Mp, cover, Mp, gate, Mp, 0, &a1)
+                    || bf16_rows(W3, D, n0, rows_here, narrow, pairs, Mp, cover, Mp, up, Mp, 0, &a3)) {
 #pragma omp atomic write
                     failed = 1;
                 }
@@ -1962,10 +1938,8 @@ BF_TARGET int mx_expert_bf16(const weight_t *w1, const weight_t *w3, const weigh
             for (int64_t t = 0; t < down_tiles; t++) {
                 const int64_t n0 = t * per_tile;
                 const int rows_here = D - n0 < per_tile ? (int)(D - n0) : (int)per_tile;
-                ahead_t a2[2];
-                tile_ahead(a2, (const char *)W2, 2 * F, D, n0, per_tile, last ? next_at : NULL, next_lines, t,
-                           down_tiles);
-                if (bf16_rows(W2, F, n0, rows_here, narrow, hidden, Mp, cover, rows, out + m0 * ldo + n0, ldo, 1, a2)) {
+                const ahead_t a2 = tile_ahead((const char *)W2, 2 * F, D, n0, per_tile);
+                if (bf16_rows(W2, F, n0, rows_here, narrow, hidden, Mp, cover, rows, out + m0 * ldo + n0, ldo, 1, &a2)) {
 #pragma omp atomic write
                     failed = 1;
                 }

@@ -1401,8 +1401,8 @@ __attribute__((target("avx512f"))) static inline void store_lanes(float *row, in
  * reads find them there: the rows this thread multiplies next (likely the next tile). (Asking also for the start of
  * the weight the next GEMM reads, as this did before, so that an expert with few tokens would find its weight in
  * cache, cost the bf16 GEMMs on Zen 4, 2 threads: without it "medium" prefilled 128 tokens at 346-391 tok/s against
- * 278-375 with it, in four alternating pairs of runs, and 512 tokens at 444-457 against 432-447; "small" at 128 was
- * even or ahead.) */
+ * 278-375 with it, ahead in each of four alternating pairs of runs; at 512 tokens it was ahead in two pairs of three
+ * (444-457 against 420-447) and behind in the third (413-447 against 432-438); "small" at 128 was even or ahead.) */
 typedef struct {
     const char *at;
     int64_t lines; /* of 64 bytes */

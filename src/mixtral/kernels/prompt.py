@@ -262,7 +262,7 @@ OURS_MAX_ROWS = 128
 BF16_MAX_ROWS = 256
 # An expert's rows up to which its three bf16 GEMMs run in one call on ours (`one_expert`), not on oneDNN's. On Zen 4,
 # 2 threads, medium's experts (8 in turn, weights from memory) ran 195-205 GMAC/s on ours at 260-1,024 rows against
-# 182-197 on oneDNN's, and a 2,048-token prompt (passes of 1,024 tokens: about 256 rows an expert) 426-433 tok/s with
+# 172-197 on oneDNN's, and a 2,048-token prompt (passes of 1,024 tokens: about 256 rows an expert) 426-433 tok/s with
 # up to 512 rows on ours against 413-422 with up to 256, in one process. (BF16_MAX_ROWS stays for the projections: a
 # 512-token prompt's ran 435-454 tok/s on oneDNN's against 431-445 on ours.)
 EXPERT_MAX_ROWS = 1024

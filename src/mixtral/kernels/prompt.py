@@ -22,7 +22,8 @@ decode steps and the output projection (only the rows that need logits) stay on 
     SwiGLU between them in one call for up to EXPERT_MAX_ROWS (`mx_expert_bf16`: its h goes from the first two to
     the third in the layout the third reads, rounded to bf16 as `Rows.bf16` rounds).
   - Our GEMMs prefetch as they compute the weight rows they read next. (They no longer ask for the start of the
-    weight the next call reads: on Zen 4 that slowed bf16 prompts, most those of few rows an expert.)
+    weight the next call reads: on Zen 4 that slowed bf16 prompts, most of all short ones, where each expert has
+    few rows and waits on memory.)
   - Otherwise oneDNN's bf16 GEMM: bf16 weights where they lie; int8 and int4 codes times their scale rounded to the
     nearest bf16 one expert at a time (`mx_to_bf16`), into a scratch buffer reused across calls, WIDEN_CHUNK_BYTES
     of rows at a time for large weights. A GEMM of up to TRANSPOSED_MAX_ROWS rows is computed as W x^T (below).

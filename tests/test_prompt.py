@@ -248,7 +248,10 @@ def test_our_bf16_expert_is_its_three_gemms_with_swiglu_between(D, F, M, monkeyp
     assert torch.allclose(got.double(), wanted, rtol=1e-3, atol=2e-3 * wanted.abs().max())
     assert torch.equal(prompt.one_expert(layer, prompt.Rows(x[:1]), 1), got[:1])  # (a row's numbers: its own)
     monkeypatch.setattr(prompt, "EXPERT_MAX_ROWS", M - 1)  # one row too many for one call: three GEMMs
+    calls, linear = [], prompt.linear
+    monkeypatch.setattr(prompt, "linear", lambda *a, **k: calls.append(a[0]) or linear(*a, **k))
     apart = prompt.one_expert(layer, prompt.Rows(x), 1).float()
+    assert calls == [layer.w1, layer.w3, layer.w2]
     assert torch.allclose(apart.double(), wanted, rtol=1e-3, atol=2e-3 * wanted.abs().max())
 
 

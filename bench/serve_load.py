@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16, help="engine slots, for a server started here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads, for a server started here")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--requests", type=int, default=None, help="requests per level (default 2 x concurrency, >= 4)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per level (default 4 x concurrency, 16 at least)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
 
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(one_request(where.hostname, where.port or 80, "warm up", 4))
         rows = []
         for level in args.concurrency:
-            rows.append(asyncio.run(run_level(url, level, args.requests or max(4, 2 * level), args.max_new_tokens)))
+            rows.append(asyncio.run(run_level(url, level, args.requests or max(16, 4 * level), args.max_new_tokens)))
             r = rows[-1]
             print(f"  concurrency {level:>3}: {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr, flush=True)
     base = rows[0]["tokens_per_s"]

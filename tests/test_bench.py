@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
+import pytest
 
 from mixtral.kernels import native_lib
 from mixtral.data import prepare
@@ -60,3 +66,28 @@ def test_quality_bench_reports_quantized_perplexity(tmp_path):
     assert rows["bf16"]["perplexity_change"] == 0 and rows["bf16"]["greedy_token_agreement"] == 1
     for row in rows.values():
         assert 1 < row["perplexity"] < 1000 and 0 <= row["greedy_identical_prefix"] <= 1
+
+
+def test_serve_load_client_counts_what_the_server_streamed():
+    """bench/serve_load.py's own HTTP client (one asyncio thread, plain HTTP/1.1) against a real server: the tokens it
+    counts are the ones the server says it generated, and a request the server refuses fails with the server's
+    reason instead of counting nothing."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import serve_load
+    finally:
+        sys.path.remove(str(BENCH))
+    args = argparse.Namespace(threads=None, model=None, config="tiny", dtype="float32", max_batch_size=4)
+
+    def generated(url: str) -> float:
+        metrics = httpx.get(f"{url}/metrics").text
+        return float(re.search(r"^mixtral_generated_tokens_total (\S+)$", metrics, re.M).group(1))
+
+    with serve_load.local_server(args) as (url, _):
+        before = generated(url)
+        row = asyncio.run(serve_load.run_level(url, 3, 5, 6))
+        assert row["requests"] == 5 and 5 <= row["tokens"] <= 30 and row["ttft_p50"] > 0
+        assert row["tokens"] == generated(url) - before
+        host, port = url.removeprefix("http://").split(":")
+        with pytest.raises(RuntimeError, match="422.*max_new_tokens"):
+            asyncio.run(serve_load.one_request(host, int(port), "hi", 10**7))

@@ -9,11 +9,12 @@ prompts of different lengths), that many at once, and reports the generated toke
 the p50/p95 time to first token. The last line is the 8-vs-1 throughput ratio: what continuous batching buys over
 serving one request at a time, measured side by side in one run.
 
-The client is one asyncio thread speaking plain HTTP/1.1 (each event counted as its line arrives; only a line that
-names an error is parsed), because it shares the machine with the server: 16 httpx streams in threads took a
-third of a core on 2 cores and the server's throughput with it (16 streams of "small" bf16 on Zen 4: 520-575
-tokens/s with them, 713 with this client, which takes 4% of a core). A server started here shares this process
-(and its GIL) with the client; for numbers about the server alone, run `mixtral serve` separately and pass --url.
+The client is one asyncio thread speaking plain HTTP/1.1 to an http:// URL (each event counted as its line arrives;
+only a line that names an error is parsed; a request fails after 600 s), because it shares the machine with the
+server: 16 httpx streams in threads took a third of a core on 2 cores, and the server's throughput with it (16
+streams of "small" bf16 on Zen 4, the same server: 504-575 tokens/s with them, 666-724 with this client, which
+takes 4% of a core). A server started here shares this process (and its GIL) with the client; for numbers about
+the server alone, run `mixtral serve` separately and pass --url.
 """
 
 from __future__ import annotations
@@ -42,32 +43,62 @@ SHAPES = {  # random models for --config: no download needed (the tokenizer come
 }
 
 
-async def one_request(host: str, port: int, prompt: str, max_new_tokens: int) -> tuple[float | None, int]:
+def endpoint(url: str) -> tuple[str, int, str, str]:
+    """(host, port, route, Host header) of a server's TGI streaming route, from its base URL (plain http only)."""
+    where = urlsplit(url)
+    if where.scheme != "http" or not where.hostname:
+        raise ValueError(f"--url must be an http:// URL such as http://127.0.0.1:8080 (got {url!r}); this client "
+                         "speaks plain HTTP only")
+    return where.hostname, where.port or 80, where.path.rstrip("/") + "/generate_stream", where.netloc
+
+
+async def _body(reader: asyncio.StreamReader, headers: dict, chunked: bool):
+    """The response body's pieces as they arrive: chunked (as uvicorn streams), Content-Length, or to the end."""
+    if chunked:
+        while True:
+            line = await reader.readline()
+            if not line.strip():
+                raise ConnectionError("the server closed the connection in the middle of the stream")
+            size = int(line.split(b";")[0], 16)
+            if size == 0:  # the last chunk (any trailers are left unread: the connection closes)
+                return
+            yield (await reader.readexactly(size + 2))[:-2]
+    left = int(headers["content-length"]) if "content-length" in headers else None
+    while left is None or left > 0:
+        data = await reader.read(1 << 16 if left is None else min(left, 1 << 16))
+        if not data:
+            if left:
+                raise ConnectionError("the server closed the connection before the end of the body")
+            return
+        left = None if left is None else left - len(data)
+        yield data
+
+
+async def one_request(url: str, prompt: str, max_new_tokens: int) -> tuple[float | None, int]:
     """Stream one request over its own connection; return (seconds to the first token, tokens received)."""
+    host, port, route, host_header = endpoint(url)
     body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}).encode()
     start, first, tokens = time.perf_counter(), None, 0
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(b"POST /generate_stream HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(body), body))
-        status = await reader.readline()
+        writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (route.encode(), host_header.encode(), len(body), body))
+        status = (await reader.readline()).decode("latin-1").strip()
         headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
+        while (line := await reader.readline()).strip():
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip().lower()
         chunked = "chunked" in headers.get("transfer-encoding", "")
-        if status.split(b" ")[1:2] != [b"200"]:
-            raise RuntimeError(f"server answered {status.decode().strip()}: {(await reader.read(2000)).decode()}")
+        if status.split(" ")[1:2] != ["200"]:
+            text = b""
+            async for data in _body(reader, headers, chunked):
+                text += data
+                if len(text) > 4000:
+                    break
+            raise RuntimeError(f"server answered {status or 'nothing'}: {text[:4000].decode(errors='replace')}")
         pending = b""
-        while True:
-            if chunked:  # Transfer-Encoding: chunked, as uvicorn streams
-                size = int((await reader.readline()).split(b";")[0], 16)
-                data = (await reader.readexactly(size + 2))[:-2] if size else b""
-            else:
-                data = await reader.read(1 << 16)
-            if not data:
-                break
-            *lines, pending = (pending + data).split(b"\n")
+        async for data in _body(reader, headers, chunked):
+            *lines, pending = (pending + data).split(b"\n")  # SSE lines end in LF or CRLF (CR alone: not handled)
             for line in lines:
                 if not line.startswith(b"data:"):
                     continue
@@ -77,18 +108,19 @@ async def one_request(host: str, port: int, prompt: str, max_new_tokens: int) ->
                 tokens += 1
     finally:
         writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
     return first, tokens
 
 
-async def run_level(url: str, concurrency: int, n_requests: int, max_new_tokens: int) -> dict:
-    where = urlsplit(url)
-    host, port = where.hostname, where.port or 80
+async def run_level(url: str, concurrency: int, n_requests: int, max_new_tokens: int, timeout: float = 600) -> dict:
+    """`n_requests` requests, `concurrency` at a time; a request that takes longer than `timeout` seconds fails."""
     prompts = [" ".join(WORDS[: 3 + (7 * i) % (len(WORDS) - 3)]) for i in range(n_requests)]
     slots = asyncio.Semaphore(concurrency)
 
     async def limited(prompt: str) -> tuple[float | None, int]:
         async with slots:
-            return await one_request(host, port, prompt, max_new_tokens)
+            return await asyncio.wait_for(one_request(url, prompt, max_new_tokens), timeout)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(limited(p) for p in prompts))
@@ -161,10 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
 
+    if args.url:
+        try:
+            endpoint(args.url)
+        except ValueError as exc:
+            parser.error(str(exc))
     server = contextlib.nullcontext((args.url.rstrip("/"), args.url)) if args.url else local_server(args)
     with server as (url, name):
-        where = urlsplit(url)
-        asyncio.run(one_request(where.hostname, where.port or 80, "warm up", 4))
+        asyncio.run(asyncio.wait_for(one_request(url, "warm up", 4), 600))
         rows = []
         for level in args.concurrency:
             rows.append(asyncio.run(run_level(url, level, args.requests or max(16, 4 * level), args.max_new_tokens)))

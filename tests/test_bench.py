@@ -68,15 +68,20 @@ def test_quality_bench_reports_quantized_perplexity(tmp_path):
         assert 1 < row["perplexity"] < 1000 and 0 <= row["greedy_identical_prefix"] <= 1
 
 
-def test_serve_load_client_counts_what_the_server_streamed():
-    """bench/serve_load.py's own HTTP client (one asyncio thread, plain HTTP/1.1) against a real server: the tokens it
-    counts are the ones the server says it generated, and a request the server refuses fails with the server's
-    reason instead of counting nothing."""
+def _serve_load():
     sys.path.insert(0, str(BENCH))
     try:
         import serve_load
     finally:
         sys.path.remove(str(BENCH))
+    return serve_load
+
+
+def test_serve_load_client_counts_what_the_server_streamed():
+    """bench/serve_load.py's own HTTP client (one asyncio thread, plain HTTP/1.1) against a real server: the tokens it
+    counts are the ones the server says it generated, and a request the server refuses fails with the server's
+    reason instead of counting nothing."""
+    serve_load = _serve_load()
     args = argparse.Namespace(threads=None, model=None, config="tiny", dtype="float32", max_batch_size=4)
 
     def generated(url: str) -> float:
@@ -85,9 +90,66 @@ def test_serve_load_client_counts_what_the_server_streamed():
 
     with serve_load.local_server(args) as (url, _):
         before = generated(url)
-        row = asyncio.run(serve_load.run_level(url, 3, 5, 6))
+        row = asyncio.run(serve_load.run_level(url, 3, 5, 6, timeout=120))
         assert row["requests"] == 5 and 5 <= row["tokens"] <= 30 and row["ttft_p50"] > 0
         assert row["tokens"] == generated(url) - before
-        host, port = url.removeprefix("http://").split(":")
         with pytest.raises(RuntimeError, match="422.*max_new_tokens"):
-            asyncio.run(serve_load.one_request(host, int(port), "hi", 10**7))
+            asyncio.run(asyncio.wait_for(serve_load.one_request(url, "hi", 10**7), 120))
+
+
+def _chunked(*pieces: bytes, trailer: bytes = b"") -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n" + trailer + b"\r\n"
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+EVENT = b'data:{"token":{"id":5,"text":"\\"error\\"","logprob":-1.0,"special":false}}\r\n\r\n'
+
+
+@pytest.mark.parametrize("response, outcome", [
+    # chunked, with chunk extensions, an event split across chunks, CRLF line ends and a trailer after the last chunk
+    (SSE_HEAD + b"transfer-encoding: chunked\r\n\r\n"
+     + _chunked(EVENT + EVENT[:20], EVENT[20:], EVENT, trailer=b"x-trailer: 1\r\n"), 3),
+    (SSE_HEAD + b"content-length: %d\r\n\r\n" % (2 * len(EVENT)) + 2 * EVENT, 2),  # a Content-Length body
+    (SSE_HEAD + b"\r\n" + 2 * EVENT, 2),  # a body that ends when the connection closes
+    (SSE_HEAD + b"transfer-encoding: chunked\r\n\r\n"
+     + _chunked(EVENT, b'data:{"error":"boom","error_type":"generation"}\n\n'), "server error: boom"),
+    (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 16\r\n\r\n{\"error\":\"busy\"}", "503.*busy"),
+    (SSE_HEAD + b"transfer-encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(EVENT), EVENT), "in the middle"),
+])
+def test_serve_load_client_reads_http_as_servers_may_send_it(response, outcome):
+    """The client against hand-made responses: what it counts is the number of events sent, whatever the framing,
+    and an error (in the stream, as a status, or a connection cut short) is raised with its reason."""
+    serve_load = _serve_load()
+    requests = []
+
+    async def handler(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+        requests.append((head, await reader.readexactly(length)))
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await asyncio.wait_for(serve_load.one_request(f"http://127.0.0.1:{port}/prefix/", "hi", 4), 30)
+
+    if isinstance(outcome, int):
+        first, tokens = asyncio.run(run())
+        assert tokens == outcome and first is not None
+    else:
+        with pytest.raises((RuntimeError, ConnectionError), match=outcome):
+            asyncio.run(run())
+    head, body = requests[0]
+    assert head.startswith(b"POST /prefix/generate_stream HTTP/1.1\r\n") and b"\r\nHost: 127.0.0.1:" in head
+    assert json.loads(body) == {"inputs": "hi", "parameters": {"max_new_tokens": 4}}
+
+
+def test_serve_load_refuses_urls_it_cannot_speak_to():
+    serve_load = _serve_load()
+    for url in ("https://example.com", "127.0.0.1:8080"):
+        with pytest.raises(ValueError, match="http://"):
+            serve_load.endpoint(url)
+    assert serve_load.endpoint("http://[::1]:9000/v") == ("::1", 9000, "/v/generate_stream", "[::1]:9000")

@@ -74,15 +74,18 @@ async def _body(reader: asyncio.StreamReader, headers: dict, chunked: bool):
         yield data
 
 
-async def one_request(url: str, prompt: str, max_new_tokens: int) -> tuple[float | None, int]:
-    """Stream one request over its own connection; return (seconds to the first token, tokens received)."""
+async def one_request(url: str, prompt: str, max_new_tokens: int, api_key: str | None = None
+                      ) -> tuple[float | None, int]:
+    """Stream one request over its own connection (with `Authorization: Bearer api_key` where given); return
+    (seconds to the first token, tokens received)."""
     host, port, route, host_header = endpoint(url)
     body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}).encode()
     start, first, tokens = time.perf_counter(), None, 0
     reader, writer = await asyncio.open_connection(host, port)
     try:
+        auth = b"Authorization: Bearer %s\r\n" % api_key.encode() if api_key else b""
         writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                     b"Connection: close\r\n\r\n%s" % (route.encode(), host_header.encode(), len(body), body))
+                     b"%sConnection: close\r\n\r\n%s" % (route.encode(), host_header.encode(), len(body), auth, body))
         status = (await reader.readline()).decode("latin-1").strip()
         headers = {}
         while (line := await reader.readline()).strip():
@@ -113,14 +116,15 @@ async def one_request(url: str, prompt: str, max_new_tokens: int) -> tuple[float
     return first, tokens
 
 
-async def run_level(url: str, concurrency: int, n_requests: int, max_new_tokens: int, timeout: float = 600) -> dict:
+async def run_level(url: str, concurrency: int, n_requests: int, max_new_tokens: int, timeout: float = 600,
+                    api_key: str | None = None) -> dict:
     """`n_requests` requests, `concurrency` at a time; a request that takes longer than `timeout` seconds fails."""
     prompts = [" ".join(WORDS[: 3 + (7 * i) % (len(WORDS) - 3)]) for i in range(n_requests)]
     slots = asyncio.Semaphore(concurrency)
 
     async def limited(prompt: str) -> tuple[float | None, int]:
         async with slots:
-            return await asyncio.wait_for(one_request(url, prompt, max_new_tokens), timeout)
+            return await asyncio.wait_for(one_request(url, prompt, max_new_tokens, api_key), timeout)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(limited(p) for p in prompts))
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per level (default 4 x concurrency, 16 at least)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--api-key", default=None, help="for a server started with --api-key: sent as a bearer token")
     args = parser.parse_args(argv)
 
     if args.url:
@@ -200,12 +205,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     server = contextlib.nullcontext((args.url.rstrip("/"), args.url)) if args.url else local_server(args)
     with server as (url, name):
-        asyncio.run(asyncio.wait_for(one_request(url, "warm up", 4), 600))
-        rows = []
-        for level in args.concurrency:
-            rows.append(asyncio.run(run_level(url, level, args.requests or max(16, 4 * level), args.max_new_tokens)))
-            r = rows[-1]
-            print(f"  concurrency {level:>3}: {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr, flush=True)
+        try:
+            asyncio.run(asyncio.wait_for(one_request(url, "warm up", 4, args.api_key), 600))
+            rows = []
+            for level in args.concurrency:
+                rows.append(asyncio.run(run_level(url, level, args.requests or max(16, 4 * level),
+                                                  args.max_new_tokens, api_key=args.api_key)))
+                r = rows[-1]
+                print(f"  concurrency {level:>3}: {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr, flush=True)
+        except (RuntimeError, OSError, EOFError, asyncio.TimeoutError) as exc:  # the server's answer, or no server
+            print(f"serve_load.py: error: {exc or type(exc).__name__}", file=sys.stderr)
+            return 1
     base = rows[0]["tokens_per_s"]
     print(f"\nserving {name}: {args.max_new_tokens} new tokens per request\n")
     print(f"{'concurrency':>11} {'requests':>8} {'tokens':>7} {'tok/s':>9} {'vs c=1':>7} {'TTFT p50':>9} "

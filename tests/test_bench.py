@@ -134,7 +134,8 @@ def test_serve_load_client_reads_http_as_servers_may_send_it(response, outcome):
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
-            return await asyncio.wait_for(serve_load.one_request(f"http://127.0.0.1:{port}/prefix/", "hi", 4), 30)
+            return await asyncio.wait_for(serve_load.one_request(f"http://127.0.0.1:{port}/prefix/", "hi", 4,
+                                                                 api_key="s3cret"), 30)
 
     if isinstance(outcome, int):
         first, tokens = asyncio.run(run())
@@ -144,6 +145,7 @@ def test_serve_load_client_reads_http_as_servers_may_send_it(response, outcome):
             asyncio.run(run())
     head, body = requests[0]
     assert head.startswith(b"POST /prefix/generate_stream HTTP/1.1\r\n") and b"\r\nHost: 127.0.0.1:" in head
+    assert b"\r\nAuthorization: Bearer s3cret\r\n" in head
     assert json.loads(body) == {"inputs": "hi", "parameters": {"max_new_tokens": 4}}
 
 

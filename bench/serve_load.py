@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = rows[-1]
                 print(f"  concurrency {level:>3}: {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr, flush=True)
         except (RuntimeError, OSError, EOFError, asyncio.TimeoutError) as exc:  # the server's answer, or no server
-            print(f"serve_load.py: error: {exc or type(exc).__name__}", file=sys.stderr)
+            print(f"serve_load.py: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
             return 1
     base = rows[0]["tokens_per_s"]
     print(f"\nserving {name}: {args.max_new_tokens} new tokens per request\n")

@@ -111,6 +111,7 @@ EVENT = b'data:{"token":{"id":5,"text":"\\"error\\"","logprob":-1.0,"special":fa
      + _chunked(EVENT + EVENT[:20], EVENT[20:], EVENT, trailer=b"x-trailer: 1\r\n"), 3),
     (SSE_HEAD + b"content-length: %d\r\n\r\n" % (2 * len(EVENT)) + 2 * EVENT, 2),  # a Content-Length body
     (SSE_HEAD + b"\r\n" + 2 * EVENT, 2),  # a body that ends when the connection closes
+    (SSE_HEAD + b"content-length: %d\r\n\r\n" % (2 * len(EVENT)) + EVENT, "before the end"),  # a body cut short
     (SSE_HEAD + b"transfer-encoding: chunked\r\n\r\n"
      + _chunked(EVENT, b'data:{"error":"boom","error_type":"generation"}\n\n'), "server error: boom"),
     (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 16\r\n\r\n{\"error\":\"busy\"}", "503.*busy"),
